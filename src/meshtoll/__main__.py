@@ -1,0 +1,5 @@
+import sys
+
+from meshtoll.cli import main
+
+sys.exit(main())

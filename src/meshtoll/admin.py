@@ -1,0 +1,62 @@
+"""The admin HTTP port: liveness, readiness and the state of the policy."""
+
+from __future__ import annotations
+
+import json
+
+from meshtoll.httpserver import response
+from meshtoll.policy.reload import PolicyHolder
+
+_JSON = (("content-type", "application/json"),)
+_NOT_FOUND = response(404, "Not Found", _JSON, b'{"error":"not_found","message":"no such admin endpoint"}')
+_NOT_READY = response(
+    503,
+    "Service Unavailable",
+    _JSON,
+    b'{"error":"not_ready","message":"the policy is not loaded yet"}',
+)
+_HEALTHY = response(200, "OK", _JSON, b'{"status":"ok"}')
+
+
+class AdminHandler:
+    def __init__(self) -> None:
+        self.policy: PolicyHolder | None = None  # set once the first policy has loaded
+        self.redis_reachable: bool | None = None  # None: no Redis configured
+
+    def __call__(self, method: str, target: str, headers: dict[str, str], peer: str) -> bytes:
+        path = target.partition("?")[0]
+        if path == "/healthz":
+            return _HEALTHY
+        if path == "/readyz":
+            return self._ready()
+        if path == "/api/policy":
+            return self._policy_summary()
+        return _NOT_FOUND
+
+    def _ready(self) -> bytes:
+        if self.policy is None:
+            return _NOT_READY
+        document: dict[str, object] = {"status": "ready", "policy_version": self.policy.version}
+        if self.redis_reachable is not None:
+            document["redis"] = "ok" if self.redis_reachable else "unreachable"
+        return _json(200, document)
+
+    def _policy_summary(self) -> bytes:
+        if self.policy is None:
+            return _NOT_READY
+        current = self.policy.current.policy
+        return _json(
+            200,
+            {
+                "file": current.source,
+                "version": self.policy.version,
+                "rejected_versions": self.policy.rejected_versions,
+                "plans": len(current.plans),
+                "tenants": len(current.tenants),
+                "routes": len(current.routes),
+            },
+        )
+
+
+def _json(status: int, document: dict[str, object]) -> bytes:
+    return response(status, "OK" if status == 200 else "Error", _JSON, json.dumps(document).encode())

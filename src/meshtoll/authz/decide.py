@@ -1,0 +1,188 @@
+"""The authz decision: request attributes and the compiled policy in, Allow or Deny out.
+
+Pure: no I/O, no clock of its own (`now` is passed in), no transport types.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from collections.abc import Mapping
+from urllib.parse import parse_qs
+
+import jwt
+
+from meshtoll.authz.tokens import TokenRejected, looks_like_jwt, verify_token
+from meshtoll.authz.verdict import (
+    CONSUMER_HEADER,
+    HEADER_PREFIX,
+    IDENTITY_HEADERS,
+    PLAN_HEADER,
+    ROUTE_HEADER,
+    TENANT_HEADER,
+    Allow,
+    CheckRequest,
+    Deny,
+    Verdict,
+)
+from meshtoll.policy import CompiledPolicy, CompiledTenant
+
+_REALM = 'Bearer realm="meshtoll"'
+MISSING_CREDENTIALS = Deny(
+    401,
+    "missing_credentials",
+    "no API key, bearer token or client certificate was presented",
+    (("www-authenticate", _REALM),),
+)
+INVALID_API_KEY = Deny(401, "invalid_api_key", "the API key is not valid", (("www-authenticate", _REALM),))
+REVOKED_API_KEY = Deny(
+    401, "revoked_api_key", "the API key has been revoked", (("www-authenticate", _REALM),)
+)
+UNKNOWN_CERTIFICATE = Deny(
+    401,
+    "unknown_client_certificate",
+    "the client certificate's identity belongs to no tenant",
+    (("www-authenticate", _REALM),),
+)
+TENANT_SUSPENDED = Deny(403, "tenant_suspended", "the tenant is suspended")
+IP_NOT_ALLOWED = Deny(403, "ip_not_allowed", "the client address is not allowed for this tenant")
+ROUTE_NOT_ALLOWED = Deny(403, "route_not_allowed", "the tenant may not call this route")
+METHOD_NOT_ALLOWED = Deny(403, "method_not_allowed", "the tenant may not use this method on this route")
+
+
+class Identity:
+    __slots__ = ("consumer", "tenant")
+
+    def __init__(self, tenant: CompiledTenant, consumer: str) -> None:
+        self.tenant = tenant
+        self.consumer = consumer
+
+
+def decide(
+    request: CheckRequest,
+    policy: CompiledPolicy,
+    remote_jwks: Mapping[str, jwt.PyJWKSet],
+    now: float,
+) -> Verdict:
+    identity = identify(request, policy, remote_jwks, now)
+    if isinstance(identity, Deny):
+        return identity
+    return authorize(request, policy, identity)
+
+
+def identify(
+    request: CheckRequest,
+    policy: CompiledPolicy,
+    remote_jwks: Mapping[str, jwt.PyJWKSet],
+    now: float,
+) -> Identity | Deny:
+    """Who is calling. Explicit credentials win over the transport's client certificate."""
+    settings = policy.policy.auth
+    headers = request.headers
+    api_key = headers.get(settings.api_key_header)
+    if api_key is None:
+        authorization = headers.get("authorization")
+        if authorization is not None and authorization[:7].lower() == "bearer ":
+            bearer = authorization[7:].strip()
+            if looks_like_jwt(bearer):
+                return _token_identity(bearer, policy, remote_jwks, now)
+            api_key = bearer
+    if api_key is None and settings.api_key_query_param is not None and "?" in request.path:
+        values = parse_qs(request.path.partition("?")[2]).get(settings.api_key_query_param)
+        api_key = values[0] if values else None
+    if api_key is not None:
+        return _api_key_identity(api_key, policy)
+    for uri in request.peer_uri_sans:
+        tenant = policy.tenants_by_spiffe_id.get(uri)
+        if tenant is not None:
+            return Identity(tenant, uri)
+    return UNKNOWN_CERTIFICATE if request.peer_uri_sans else MISSING_CREDENTIALS
+
+
+def _api_key_identity(api_key: str, policy: CompiledPolicy) -> Identity | Deny:
+    digest = hashlib.sha256(api_key.encode()).digest()
+    entry = policy.keys_by_sha256.get(digest)
+    # The dict probe compares SHA-256 digests, which reveal nothing about the key; the final
+    # comparison is constant-time anyway, so no code path compares key material otherwise.
+    if entry is None or not hmac.compare_digest(entry.key.sha256, digest):
+        return INVALID_API_KEY
+    if entry.key.revoked:
+        return REVOKED_API_KEY
+    return Identity(entry.tenant, entry.key.id)
+
+
+def _token_identity(
+    token: str, policy: CompiledPolicy, remote_jwks: Mapping[str, jwt.PyJWKSet], now: float
+) -> Identity | Deny:
+    try:
+        found = verify_token(token, policy, remote_jwks, now)
+    except TokenRejected as rejected:
+        if rejected.unavailable:
+            # 503, not 401: the token may be fine, meshtoll just cannot check it yet.
+            return Deny(503, rejected.code, rejected.message)
+        challenge = f'{_REALM}, error="invalid_token", error_description="{rejected.message}"'
+        return Deny(401, rejected.code, rejected.message, (("www-authenticate", challenge),))
+    return Identity(found.tenant, found.consumer)
+
+
+def authorize(request: CheckRequest, policy: CompiledPolicy, identity: Identity) -> Verdict:
+    """May this identity make this request."""
+    compiled = identity.tenant
+    tenant = compiled.tenant
+    if tenant.status != "active":
+        return TENANT_SUSPENDED
+    if tenant.access.ip and not _address_allowed(request, policy, compiled):
+        return IP_NOT_ALLOWED
+    path = request.path.partition("?")[0]
+    if compiled.routes is not None:
+        method_sets = compiled.routes.match(path)
+        if not method_sets:
+            return ROUTE_NOT_ALLOWED
+        if not any(not methods or request.method in methods for methods in method_sets):
+            return METHOD_NOT_ALLOWED
+    routes = policy.routes.match(path)
+    route = routes[0].name if routes else ""
+    headers: tuple[tuple[str, str], ...] = (
+        (TENANT_HEADER, tenant.name),
+        (PLAN_HEADER, tenant.plan),
+        (CONSUMER_HEADER, identity.consumer),
+    )
+    if route:
+        headers += ((ROUTE_HEADER, route),)
+    # Headers meshtoll sets replace the client's value; any other x-meshtoll-* the client
+    # sent is removed, so upstreams can trust every x-meshtoll-* header they see.
+    spoofed = tuple(
+        name
+        for name in request.headers
+        if (name.startswith(HEADER_PREFIX) and name not in IDENTITY_HEADERS)
+        or (name == ROUTE_HEADER and not route)
+    )
+    metadata = {
+        "tenant": tenant.name,
+        "plan": tenant.plan,
+        "consumer": identity.consumer,
+        "route": route,
+    }
+    return Allow(tenant.name, tenant.plan, identity.consumer, route, headers, spoofed, metadata)
+
+
+def client_address(request: CheckRequest, trusted_proxy_hops: int) -> str:
+    """The client's address: the peer, or with N trusted proxies the Nth X-Forwarded-For hop
+    from the right (the peer is appended when the proxy in front did not add it itself)."""
+    if trusted_proxy_hops == 0:
+        return request.source_address
+    forwarded = request.headers.get("x-forwarded-for", "")
+    chain = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+    if not chain or chain[-1] != request.source_address:
+        chain.append(request.source_address)
+    return chain[max(0, len(chain) - 1 - trusted_proxy_hops)]
+
+
+def _address_allowed(request: CheckRequest, policy: CompiledPolicy, tenant: CompiledTenant) -> bool:
+    text = client_address(request, policy.policy.auth.trusted_proxy_hops)
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return any(address in network for network in tenant.tenant.access.ip)

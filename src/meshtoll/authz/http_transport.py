@@ -1,0 +1,77 @@
+"""Envoy's HTTP ext_authz contract over meshtoll's lean HTTP server.
+
+Envoy sends the client's method, path and headers; a 200 lets the request through and
+Envoy copies the `x-meshtoll-*` response headers onto the upstream request and removes
+those named in `x-envoy-auth-headers-to-remove`; any other status goes back to the client
+with its headers and body.
+"""
+
+from __future__ import annotations
+
+from meshtoll.authz.authorizer import Authorizer
+from meshtoll.authz.verdict import PEER_ADDRESS_HEADER, Allow, CheckRequest, Deny
+from meshtoll.httpserver import response
+
+_REASONS = {
+    401: "Unauthorized",
+    403: "Forbidden",
+    429: "Too Many Requests",
+    503: "Service Unavailable",
+}
+_JSON = ("content-type", "application/json")
+_ALLOW_CACHE_LIMIT = 50_000
+
+
+class HttpAuthzHandler:
+    def __init__(self, authorizer: Authorizer) -> None:
+        self._authorizer = authorizer
+        # An allow response depends only on its headers, so each distinct one is built once.
+        self._allow_responses: dict[tuple[object, ...], bytes] = {}
+
+    def __call__(self, method: str, target: str, headers: dict[str, str], peer: str) -> bytes:
+        request = CheckRequest(
+            method=method,
+            path=target,
+            headers=headers,
+            source_address=headers.get(PEER_ADDRESS_HEADER, peer),
+            peer_uri_sans=uri_sans_from_xfcc(headers.get("x-forwarded-client-cert", "")),
+        )
+        verdict = self._authorizer.check(request)
+        if isinstance(verdict, Allow):
+            return self._allow(verdict)
+        return self._deny(verdict, request.request_id)
+
+    def _allow(self, allow: Allow) -> bytes:
+        key = (allow.headers, allow.remove_headers)
+        cached = self._allow_responses.get(key)
+        if cached is None:
+            headers = allow.headers
+            if allow.remove_headers:
+                headers += (("x-envoy-auth-headers-to-remove", ",".join(allow.remove_headers)),)
+            cached = response(200, "OK", headers)
+            if len(self._allow_responses) >= _ALLOW_CACHE_LIMIT:
+                self._allow_responses.clear()
+            self._allow_responses[key] = cached
+        return cached
+
+    @staticmethod
+    def _deny(deny: Deny, request_id: str) -> bytes:
+        reason = _REASONS.get(deny.status, "Denied")
+        return response(deny.status, reason, (_JSON, *deny.headers), deny.body(request_id))
+
+
+def uri_sans_from_xfcc(value: str) -> tuple[str, ...]:
+    """The URI SANs of the nearest client certificate in an X-Forwarded-Client-Cert header.
+
+    Envoy is configured to sanitize the header and set it itself, so only its own element
+    (the last one) speaks for the connection Envoy verified.
+    """
+    if not value:
+        return ()
+    element = value.rsplit(",", 1)[-1]
+    uris = []
+    for pair in element.split(";"):
+        name, _, text = pair.partition("=")
+        if name.strip().lower() == "uri":
+            uris.append(text.strip().strip('"'))
+    return tuple(uris)

@@ -1,0 +1,60 @@
+"""What goes into an authz decision and what comes out, as plain values."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+# The one place that knows the names of meshtoll's identity headers.
+HEADER_PREFIX = "x-meshtoll-"
+TENANT_HEADER = "x-meshtoll-tenant"
+PLAN_HEADER = "x-meshtoll-plan"
+CONSUMER_HEADER = "x-meshtoll-consumer"
+ROUTE_HEADER = "x-meshtoll-route"
+# Set by Envoy (never by the client) on the HTTP authz request: the downstream peer address.
+PEER_ADDRESS_HEADER = "x-meshtoll-peer-address"
+IDENTITY_HEADERS = frozenset({TENANT_HEADER, PLAN_HEADER, CONSUMER_HEADER, ROUTE_HEADER})
+
+Headers = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRequest:
+    """The request attributes a decision needs, whichever transport brought them."""
+
+    method: str
+    path: str  # as sent, query string included
+    headers: Mapping[str, str]  # names lower-case
+    source_address: str  # the downstream peer as Envoy saw it
+    peer_uri_sans: tuple[str, ...] = ()  # URI SANs of a verified client certificate
+
+    @property
+    def request_id(self) -> str:
+        return self.headers.get("x-request-id", "")
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    tenant: str
+    plan: str
+    consumer: str
+    route: str
+    headers: Headers  # set on the upstream request, replacing any value the client sent
+    remove_headers: tuple[str, ...]  # client-sent x-meshtoll-* headers meshtoll does not set
+    metadata: Mapping[str, str]  # dynamic metadata for rate-limit descriptors and access logs
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    status: int
+    code: str  # stable, machine-readable: clients may switch on it
+    message: str
+    headers: Headers = ()
+
+    def body(self, request_id: str) -> bytes:
+        document = {"error": self.code, "message": self.message, "request_id": request_id}
+        return json.dumps(document, separators=(",", ":")).encode()
+
+
+Verdict = Allow | Deny

@@ -1,0 +1,126 @@
+"""Command-line parsing only: every command calls into the module that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import logging
+import secrets
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from meshtoll.errors import MeshtollError, PolicyError
+from meshtoll.policy import load_policy
+from meshtoll.settings import Settings, settings_from
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "command"):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    try:
+        result: int = args.command(args)
+    except PolicyError as exc:
+        print(f"policy rejected:\n{exc}", file=sys.stderr)
+        return 1
+    except MeshtollError as exc:
+        print(f"meshtoll: {exc}", file=sys.stderr)
+        return 1
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshtoll", description=__doc__)
+    commands = parser.add_subparsers(title="commands")
+
+    serve = commands.add_parser("serve", help="run the services Envoy calls")
+    defaults = Settings()
+    for flag, field, kind, help_text in (
+        ("--policy", "policy", Path, "the tenant policy file"),
+        ("--host", "host", str, "address to listen on"),
+        ("--grpc-port", "grpc_port", int, "gRPC port: ext_authz Check and health"),
+        ("--http-authz-port", "http_authz_port", int, "HTTP ext_authz port (the fast path)"),
+        ("--admin-port", "admin_port", int, "admin HTTP port: /healthz, /readyz, /api/*"),
+        ("--redis-url", "redis_url", str, "Redis URL for shared state"),
+        ("--workers", "workers", int, "worker processes sharing the ports"),
+        (
+            "--policy-poll-seconds",
+            "policy_poll_seconds",
+            float,
+            "how often to check the policy file",
+        ),
+    ):
+        default = getattr(defaults, field)
+        serve.add_argument(
+            flag,
+            dest=field,
+            type=kind,
+            default=None,
+            help=f"{help_text} (env {Settings.env_name(field)}, default {default})",
+        )
+    serve.set_defaults(command=_serve)
+
+    policy = commands.add_parser("policy", help="work with policy files").add_subparsers(
+        title="policy commands"
+    )
+    check = policy.add_parser("check", help="validate a policy file")
+    check.add_argument("file", type=Path)
+    check.set_defaults(command=_policy_check)
+
+    keys = commands.add_parser("keys", help="work with API keys").add_subparsers(title="keys commands")
+    new = keys.add_parser("new", help="make a new API key and print its policy entry")
+    new.add_argument("--tenant", required=True)
+    new.add_argument("--id", dest="key_id", default=None, help="the key's name (default: TENANT-<random>)")
+    new.set_defaults(command=_keys_new)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = settings_from(vars(args))
+    # Validate before any worker starts: a bad policy is one clear error, not a restart loop.
+    load_policy(settings.policy)
+    if settings.workers == 1:
+        from meshtoll.app import run
+
+        asyncio.run(run(settings))
+        return 0
+    from meshtoll.workers import supervise
+
+    return supervise(settings)
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    try:
+        compiled = load_policy(args.file)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{args.file}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        return 1
+    policy = compiled.policy
+    print(
+        f"{args.file}: ok ({len(policy.plans)} plans, {len(policy.tenants)} tenants, "
+        f"{len(compiled.keys_by_sha256)} API keys, {len(policy.routes)} routes)"
+    )
+    return 0
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    key = "mt_" + secrets.token_urlsafe(32)
+    key_id = args.key_id or f"{args.tenant}-{secrets.token_hex(3)}"
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    print(f"API key (shown once, store it now): {key}")
+    print(f"# add under tenants.{args.tenant}.api_keys:")
+    print(f"- {{id: {key_id}, sha256: {digest}}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Compile a validated Policy into the indexes decisions use: every lookup is a dict hit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import jwt
+
+from meshtoll.policy.document import Document
+from meshtoll.policy.model import ApiKey, Policy, Route, RouteRule, Tenant
+
+T = TypeVar("T")
+
+
+class PathMatcher(Generic[T]):
+    """Exact and longest-prefix path matching without scanning the rules.
+
+    Prefixes are grouped by length, so a lookup costs one dict probe per distinct prefix
+    length (a handful), however many rules there are.
+    """
+
+    def __init__(self, rules: Iterable[tuple[RouteRule, T]]) -> None:
+        self._exact: dict[str, list[T]] = {}
+        self._prefix: dict[str, list[T]] = {}
+        for rule, value in rules:
+            table = self._exact if rule.exact else self._prefix
+            table.setdefault(rule.path, []).append(value)
+        self._lengths = sorted({len(prefix) for prefix in self._prefix}, reverse=True)
+
+    def match(self, path: str) -> list[T]:
+        """Values of the most specific rule matching `path`: exact first, then longest prefix."""
+        found = self._exact.get(path)
+        if found is not None:
+            return found
+        for length in self._lengths:
+            if length <= len(path):
+                found = self._prefix.get(path[:length])
+                if found is not None:
+                    return found
+        return []
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledTenant:
+    tenant: Tenant
+    # Routes the tenant may call: None means every route.
+    routes: PathMatcher[frozenset[str]] | None
+
+    @property
+    def name(self) -> str:
+        return self.tenant.name
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    tenant: CompiledTenant
+    key: ApiKey
+
+
+class CompiledPolicy:
+    """A policy plus its lookup indexes; immutable once built, shared by every decision."""
+
+    def __init__(self, policy: Policy, document: Document) -> None:
+        self.policy = policy
+        self.tenants = {
+            name: CompiledTenant(tenant, _tenant_routes(tenant)) for name, tenant in policy.tenants.items()
+        }
+        self.keys_by_sha256: dict[bytes, KeyEntry] = {}
+        self.tenants_by_issuer: dict[str, list[CompiledTenant]] = {}
+        self.tenants_by_spiffe_id: dict[str, CompiledTenant] = {}
+        self.inline_jwks: dict[str, jwt.PyJWKSet] = {}
+        self.routes: PathMatcher[Route] = PathMatcher((route.rule, route) for route in policy.routes)
+        for compiled in self.tenants.values():
+            self._index(compiled, document)
+        self._check_shared_issuers(document)
+
+    def _index(self, compiled: CompiledTenant, document: Document) -> None:
+        tenant = compiled.tenant
+        base = ("tenants", tenant.name)
+        for index, key in enumerate(tenant.api_keys):
+            other = self.keys_by_sha256.setdefault(key.sha256, KeyEntry(compiled, key))
+            if other.key is not key:
+                document.problem(
+                    (*base, "api_keys", index, "sha256"),
+                    f"duplicate key hash: already used by tenants.{other.tenant.name} key {other.key.id!r}",
+                )
+        for index, spiffe_id in enumerate(tenant.spiffe_ids):
+            owner = self.tenants_by_spiffe_id.setdefault(spiffe_id, compiled)
+            if owner is not compiled:
+                document.problem(
+                    (*base, "mtls", "spiffe_ids", index), f"already used by tenants.{owner.name}"
+                )
+        if tenant.jwt is not None:
+            self.tenants_by_issuer.setdefault(tenant.jwt.issuer, []).append(compiled)
+            if tenant.jwt.jwks is not None:
+                try:
+                    self.inline_jwks[tenant.name] = jwt.PyJWKSet.from_dict(tenant.jwt.jwks)
+                except jwt.PyJWTError as exc:
+                    document.problem((*base, "jwt", "jwks"), f"not a usable JWK Set: {exc}")
+
+    def _check_shared_issuers(self, document: Document) -> None:
+        # Several tenants may trust one issuer (a shared IdP) only if a claim tells them apart.
+        for issuer, tenants in self.tenants_by_issuer.items():
+            if len(tenants) < 2:
+                continue
+            for compiled in tenants:
+                assert compiled.tenant.jwt is not None
+                if not compiled.tenant.jwt.match_claims:
+                    document.problem(
+                        ("tenants", compiled.name, "jwt"),
+                        f"issuer {issuer!r} is shared by {len(tenants)} tenants: "
+                        "each of them needs 'match_claims' to tell its tokens apart",
+                    )
+
+
+def _tenant_routes(tenant: Tenant) -> PathMatcher[frozenset[str]] | None:
+    rules = tenant.access.routes
+    if rules is None:
+        return None
+    return PathMatcher((rule, rule.methods) for rule in rules)

@@ -1,0 +1,101 @@
+"""Typed readers over a parsed document: each checks one value and records what is wrong.
+
+A reader never raises on bad input: it records a problem at the field path and returns
+None, so that one pass reports every problem in the document, not just the first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from meshtoll.policy.document import Document, FieldPath
+
+
+class Fields:
+    def __init__(self, document: Document) -> None:
+        self.document = document
+
+    def problem(self, path: FieldPath, message: str) -> None:
+        self.document.problem(path, message)
+
+    def mapping(
+        self,
+        value: object,
+        path: FieldPath,
+        *,
+        required: tuple[str, ...] = (),
+        optional: tuple[str, ...] = (),
+    ) -> dict[str, object] | None:
+        """A mapping whose keys are all known; unknown and missing keys are problems."""
+        if not isinstance(value, dict):
+            self.problem(path, f"expected a mapping, got {_kind(value)}")
+            return None
+        known = (*required, *optional)
+        for key in value:
+            if key not in known:
+                self.problem((*path, key), f"unknown field (expected one of: {', '.join(known)})")
+        for key in required:
+            if key not in value:
+                self.problem(path, f"missing required field '{key}'")
+        return value
+
+    def entries(self, value: object, path: FieldPath) -> Iterator[tuple[str, object, FieldPath]]:
+        """The entries of a name -> value mapping (plans, tenants)."""
+        if value is None:
+            return
+        if not isinstance(value, dict):
+            self.problem(path, f"expected a mapping of names, got {_kind(value)}")
+            return
+        for name, item in value.items():
+            if not isinstance(name, str):
+                self.problem(path, f"names must be strings, got {name!r}")
+                continue
+            yield name, item, (*path, name)
+
+    def items(self, value: object, path: FieldPath) -> Iterator[tuple[object, FieldPath]]:
+        if value is None:
+            return
+        if not isinstance(value, list):
+            self.problem(path, f"expected a list, got {_kind(value)}")
+            return
+        for index, item in enumerate(value):
+            yield item, (*path, index)
+
+    def string(self, value: object, path: FieldPath) -> str | None:
+        if isinstance(value, str) and value:
+            return value
+        self.problem(path, f"expected a non-empty string, got {_kind(value)}")
+        return None
+
+    def strings(self, value: object, path: FieldPath) -> tuple[str, ...]:
+        found = (self.string(item, item_path) for item, item_path in self.items(value, path))
+        return tuple(item for item in found if item is not None)
+
+    def integer(self, value: object, path: FieldPath, *, minimum: int = 0) -> int | None:
+        # bool is an int subclass in Python; `requests: true` is a mistake, not 1.
+        if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+            return value
+        self.problem(path, f"expected an integer >= {minimum}, got {_kind(value)}")
+        return None
+
+    def boolean(self, value: object, path: FieldPath) -> bool | None:
+        if isinstance(value, bool):
+            return value
+        self.problem(path, f"expected true or false, got {_kind(value)}")
+        return None
+
+    def choice(self, value: object, path: FieldPath, options: tuple[str, ...]) -> str | None:
+        if isinstance(value, str) and value in options:
+            return value
+        self.problem(path, f"expected one of {', '.join(options)}, got {_kind(value)}")
+        return None
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)

@@ -1,0 +1,79 @@
+"""Hot reload: watch the policy file and swap in each new version that validates.
+
+Decisions read `PolicyHolder.current` once and keep that object, so a swap never changes
+a policy under a decision in flight. The file is polled by its resolved path and inode,
+which also catches a Kubernetes ConfigMap update (an atomic swap of the `..data` symlink
+that leaves the mounted file's own path and mtime looking unchanged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from meshtoll.errors import PolicyError
+from meshtoll.policy.compiled import CompiledPolicy
+from meshtoll.policy.load import load_policy
+
+log = logging.getLogger("meshtoll.policy")
+
+Fingerprint = tuple[str, int, int, int]
+
+
+class PolicyHolder:
+    """The active policy; replaced whole, never mutated."""
+
+    def __init__(self, path: Path, policy: CompiledPolicy, loaded: Fingerprint | None) -> None:
+        self.path = path
+        self.current = policy
+        self.loaded = loaded  # the file version `current` came from
+        self.version = 1
+        self.rejected_versions = 0
+        self._listeners: list[Callable[[CompiledPolicy], None]] = []
+
+    @classmethod
+    def from_file(cls, path: Path) -> PolicyHolder:
+        # Fingerprint first: a change that lands while loading is then seen as a change.
+        loaded = fingerprint(path)
+        return cls(path, load_policy(path), loaded)
+
+    def on_change(self, listener: Callable[[CompiledPolicy], None]) -> None:
+        self._listeners.append(listener)
+
+    def replace(self, policy: CompiledPolicy) -> None:
+        self.current = policy
+        self.version += 1
+        for listener in self._listeners:
+            listener(policy)
+
+
+def fingerprint(path: Path) -> Fingerprint | None:
+    try:
+        resolved = os.path.realpath(path)
+        stat = os.stat(resolved)
+    except OSError:
+        return None
+    return (resolved, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+async def watch_policy(holder: PolicyHolder, interval: float) -> None:
+    """Poll the file every `interval` seconds and reload it when it changes; runs forever."""
+    seen = holder.loaded
+    while True:
+        await asyncio.sleep(interval)
+        current = fingerprint(holder.path)
+        if current is None or current == seen:
+            continue
+        seen = holder.loaded = current
+        try:
+            # Off the event loop: a large policy takes seconds to compile.
+            policy = await asyncio.to_thread(load_policy, holder.path)
+        except PolicyError as exc:
+            holder.rejected_versions += 1
+            log.error("policy reload rejected, keeping version %d:\n%s", holder.version, exc)
+            continue
+        holder.replace(policy)
+        log.info("policy reloaded: version %d, %d tenants", holder.version, len(policy.tenants))

@@ -1,0 +1,243 @@
+"""The policy document's schema: plain values from a Document in, a Policy model out."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from meshtoll.policy.document import Document, FieldPath
+from meshtoll.policy.fields import Fields
+from meshtoll.policy.model import (
+    HTTP_METHODS,
+    JWT_ALGORITHMS,
+    PERIODS,
+    Access,
+    ApiKey,
+    AuthSettings,
+    IPNetwork,
+    JwtSettings,
+    Limit,
+    Plan,
+    Policy,
+    Route,
+    RouteRule,
+    Tenant,
+)
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def build_policy(document: Document) -> Policy:
+    """Validate the whole document; every problem is recorded on `document`."""
+    fields = Fields(document)
+    root = fields.mapping(document.root, (), optional=("auth", "plans", "tenants", "routes")) or {}
+    auth = _auth(fields, root.get("auth"), ("auth",))
+    plans = {
+        name: plan
+        for name, value, path in fields.entries(root.get("plans"), ("plans",))
+        if (plan := _plan(fields, name, value, path)) is not None
+    }
+    tenants: dict[str, Tenant] = {}
+    for name, value, path in fields.entries(root.get("tenants"), ("tenants",)):
+        tenant = _tenant(fields, name, value, path, plans)
+        if tenant is not None:
+            tenants[name] = tenant
+    routes = tuple(
+        route
+        for value, path in fields.items(root.get("routes"), ("routes",))
+        if (route := _route(fields, value, path)) is not None
+    )
+    return Policy(document.file, auth, plans, tenants, routes)
+
+
+def _auth(fields: Fields, value: object, path: FieldPath) -> AuthSettings:
+    defaults = AuthSettings()
+    if value is None:
+        return defaults
+    known = ("api_key_header", "api_key_query_param", "trusted_proxy_hops", "jwt_leeway_seconds")
+    raw = fields.mapping(value, path, optional=(*known, "jwks_refresh_seconds")) or {}
+    header = raw.get("api_key_header", defaults.api_key_header)
+    if not isinstance(header, str) or not _HEADER_NAME.fullmatch(header):
+        fields.problem((*path, "api_key_header"), f"{header!r} is not an HTTP header name")
+        header = defaults.api_key_header
+    query = raw.get("api_key_query_param")
+    if query is not None:
+        query = fields.string(query, (*path, "api_key_query_param"))
+
+    def number(key: str, default: int, minimum: int) -> int:
+        if key not in raw:
+            return default
+        found = fields.integer(raw[key], (*path, key), minimum=minimum)
+        return default if found is None else found
+
+    return AuthSettings(
+        api_key_header=header.lower(),
+        api_key_query_param=query,
+        trusted_proxy_hops=number("trusted_proxy_hops", defaults.trusted_proxy_hops, 0),
+        jwt_leeway_seconds=number("jwt_leeway_seconds", defaults.jwt_leeway_seconds, 0),
+        jwks_refresh_seconds=number("jwks_refresh_seconds", defaults.jwks_refresh_seconds, 1),
+    )
+
+
+def _name(fields: Fields, name: str, path: FieldPath) -> bool:
+    if _NAME.fullmatch(name):
+        return True
+    fields.problem(path, f"{name!r} is not a valid name (letters, digits, '.', '_', '-')")
+    return False
+
+
+def _plan(fields: Fields, name: str, value: object, path: FieldPath) -> Plan | None:
+    raw = fields.mapping(value, path, optional=("limits",))
+    if raw is None or not _name(fields, name, path):
+        return None
+    limits = tuple(
+        limit
+        for item, item_path in fields.items(raw.get("limits"), (*path, "limits"))
+        if (limit := _limit(fields, item, item_path)) is not None
+    )
+    return Plan(name, limits)
+
+
+def _limit(fields: Fields, value: object, path: FieldPath) -> Limit | None:
+    raw = fields.mapping(value, path, required=("requests", "per"), optional=("name",))
+    if raw is None or "requests" not in raw or "per" not in raw:
+        return None
+    requests = fields.integer(raw["requests"], (*path, "requests"))
+    per = fields.choice(raw["per"], (*path, "per"), PERIODS)
+    if requests is None or per is None:
+        return None
+    name = fields.string(raw["name"], (*path, "name")) if "name" in raw else None
+    return Limit(requests, per, name or f"{requests}/{per}")
+
+
+def _tenant(
+    fields: Fields, name: str, value: object, path: FieldPath, plans: dict[str, Plan]
+) -> Tenant | None:
+    optional = ("status", "api_keys", "jwt", "mtls", "allow")
+    raw = fields.mapping(value, path, required=("plan",), optional=optional)
+    if raw is None or not _name(fields, name, path) or "plan" not in raw:
+        return None
+    plan = fields.string(raw["plan"], (*path, "plan"))
+    if plan is not None and plan not in plans:
+        known = ", ".join(sorted(plans)) or "none defined"
+        fields.problem((*path, "plan"), f"unknown plan {plan!r} (plans: {known})")
+    status = fields.choice(raw.get("status", "active"), (*path, "status"), ("active", "suspended"))
+    api_keys = tuple(
+        key
+        for item, item_path in fields.items(raw.get("api_keys"), (*path, "api_keys"))
+        if (key := _api_key(fields, item, item_path)) is not None
+    )
+    jwt = _jwt(fields, raw["jwt"], (*path, "jwt")) if "jwt" in raw else None
+    spiffe_ids: tuple[str, ...] = ()
+    if "mtls" in raw:
+        mtls = fields.mapping(raw["mtls"], (*path, "mtls"), required=("spiffe_ids",)) or {}
+        spiffe_ids = fields.strings(mtls.get("spiffe_ids"), (*path, "mtls", "spiffe_ids"))
+        for index, spiffe_id in enumerate(spiffe_ids):
+            if not spiffe_id.startswith("spiffe://"):
+                fields.problem((*path, "mtls", "spiffe_ids", index), f"{spiffe_id!r} is not a spiffe:// URI")
+    access = _access(fields, raw["allow"], (*path, "allow")) if "allow" in raw else Access()
+    if plan is None or status is None:
+        return None
+    return Tenant(name, plan, status, api_keys, jwt, spiffe_ids, access)  # type: ignore[arg-type]
+
+
+def _api_key(fields: Fields, value: object, path: FieldPath) -> ApiKey | None:
+    raw = fields.mapping(value, path, required=("id", "sha256"), optional=("revoked",))
+    if raw is None or "id" not in raw or "sha256" not in raw:
+        return None
+    key_id = fields.string(raw["id"], (*path, "id"))
+    digest = raw["sha256"]
+    if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
+        fields.problem((*path, "sha256"), "expected 64 lowercase hex digits (the SHA-256 of the key)")
+        return None
+    revoked = fields.boolean(raw.get("revoked", False), (*path, "revoked"))
+    if key_id is None or revoked is None:
+        return None
+    return ApiKey(key_id, bytes.fromhex(digest), revoked)
+
+
+def _jwt(fields: Fields, value: object, path: FieldPath) -> JwtSettings | None:
+    optional = ("audiences", "algorithms", "jwks", "jwks_uri", "consumer_claim", "match_claims")
+    raw = fields.mapping(value, path, required=("issuer",), optional=optional)
+    if raw is None or "issuer" not in raw:
+        return None
+    issuer = fields.string(raw["issuer"], (*path, "issuer"))
+    audiences = fields.strings(raw.get("audiences"), (*path, "audiences"))
+    algorithms = fields.strings(raw.get("algorithms", ["RS256"]), (*path, "algorithms"))
+    for index, algorithm in enumerate(algorithms):
+        if algorithm not in JWT_ALGORITHMS:
+            fields.problem(
+                (*path, "algorithms", index),
+                f"{algorithm!r} is not allowed (asymmetric only: {', '.join(sorted(JWT_ALGORITHMS))})",
+            )
+    jwks = raw.get("jwks")
+    jwks_uri = fields.string(raw["jwks_uri"], (*path, "jwks_uri")) if "jwks_uri" in raw else None
+    if (jwks is None) == (jwks_uri is None):
+        fields.problem(path, "exactly one of 'jwks' or 'jwks_uri' is required")
+    if jwks is not None and not (isinstance(jwks, dict) and isinstance(jwks.get("keys"), list)):
+        fields.problem((*path, "jwks"), "expected a JWK Set: a mapping with a 'keys' list")
+        jwks = None
+    if jwks_uri is not None and not jwks_uri.startswith(("https://", "http://")):
+        fields.problem((*path, "jwks_uri"), f"{jwks_uri!r} is not an http(s) URL")
+    consumer_claim = fields.string(raw.get("consumer_claim", "sub"), (*path, "consumer_claim"))
+    match_claims: list[tuple[str, str]] = []
+    for claim, claim_value, claim_path in fields.entries(raw.get("match_claims"), (*path, "match_claims")):
+        text = fields.string(claim_value, claim_path)
+        if text is not None:
+            match_claims.append((claim, text))
+    if issuer is None or consumer_claim is None:
+        return None
+    return JwtSettings(issuer, audiences, algorithms, jwks, jwks_uri, consumer_claim, tuple(match_claims))
+
+
+def _access(fields: Fields, value: object, path: FieldPath) -> Access:
+    raw = fields.mapping(value, path, optional=("ip", "routes")) or {}
+    networks: list[IPNetwork] = []
+    for item, item_path in fields.items(raw.get("ip"), (*path, "ip")):
+        try:
+            networks.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            fields.problem(item_path, f"{item!r} is not a CIDR")
+    routes: tuple[RouteRule, ...] | None = None
+    if "routes" in raw:
+        routes = tuple(
+            rule
+            for item, item_path in fields.items(raw["routes"], (*path, "routes"))
+            if (rule := _route_rule(fields, item, item_path, with_methods=True)) is not None
+        )
+    return Access(tuple(networks), routes)
+
+
+def _route(fields: Fields, value: object, path: FieldPath) -> Route | None:
+    rule = _route_rule(fields, value, path, with_methods=False)
+    if rule is None or not isinstance(value, dict):
+        return None
+    cost = fields.integer(value.get("cost", 1), (*path, "cost"))
+    name = fields.string(value["name"], (*path, "name")) if "name" in value else rule.path
+    if cost is None or name is None:
+        return None
+    return Route(name, rule, cost)
+
+
+def _route_rule(fields: Fields, value: object, path: FieldPath, *, with_methods: bool) -> RouteRule | None:
+    extra = ("methods",) if with_methods else ("name", "cost")
+    raw = fields.mapping(value, path, optional=("prefix", "exact", *extra))
+    if raw is None:
+        return None
+    if ("prefix" in raw) == ("exact" in raw):
+        fields.problem(path, "exactly one of 'prefix' or 'exact' is required")
+        return None
+    key = "prefix" if "prefix" in raw else "exact"
+    matched = fields.string(raw[key], (*path, key))
+    if matched is None:
+        return None
+    if not matched.startswith("/"):
+        fields.problem((*path, key), f"{matched!r} must start with '/'")
+        return None
+    methods = fields.strings(raw.get("methods"), (*path, "methods"))
+    for index, method in enumerate(methods):
+        if method not in HTTP_METHODS:
+            fields.problem((*path, "methods", index), f"{method!r} is not an HTTP method")
+    return RouteRule(matched, key == "exact", frozenset(methods))

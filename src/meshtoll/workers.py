@@ -1,0 +1,65 @@
+"""Run `meshtoll serve` as several worker processes sharing ports (SO_REUSEPORT).
+
+The parent only supervises: it starts the workers, restarts one that dies, and passes
+SIGTERM/SIGINT on so that each worker drains its servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import signal
+import time
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from meshtoll.app import run
+from meshtoll.settings import Settings
+
+log = logging.getLogger("meshtoll.workers")
+
+RESTART_BACKOFF_SECONDS = 1.0
+STOP_GRACE_SECONDS = 10.0
+
+
+def serve_worker(settings: Settings) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"
+    )
+    asyncio.run(run(settings))
+
+
+def supervise(settings: Settings) -> int:
+    context = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    def start() -> BaseProcess:
+        process = context.Process(target=serve_worker, args=(settings,), daemon=False)
+        process.start()
+        return process
+
+    workers = [start() for _ in range(settings.workers)]
+    while not stopping:
+        time.sleep(0.2)
+        for index, worker in enumerate(workers):
+            if not worker.is_alive() and not stopping:
+                log.error("worker %d exited with %s; restarting it", worker.pid, worker.exitcode)
+                time.sleep(RESTART_BACKOFF_SECONDS)
+                workers[index] = start()
+    for worker in workers:
+        if worker.pid is not None and worker.is_alive():
+            worker.terminate()  # SIGTERM: the worker stops its servers gracefully
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+        if worker.is_alive():
+            worker.kill()
+    return 0

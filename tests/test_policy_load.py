@@ -1,0 +1,171 @@
+"""Loading, validating and compiling the tenant policy."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pytest
+
+from meshtoll.cli import main
+from meshtoll.errors import PolicyError
+from meshtoll.policy import load_policy, load_policy_text
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "policy.yaml"
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def problems_of(text: str) -> list[str]:
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "policy.yaml")
+    return [str(problem) for problem in caught.value.problems]
+
+
+def test_the_example_policy_loads_and_indexes_every_credential() -> None:
+    policy = load_policy(EXAMPLE)
+    assert set(policy.tenants) == {"acme", "globex", "initech"}
+    assert policy.keys_by_sha256[bytes.fromhex(sha("mt_demo_acme_5f0c1e9a7b2d4e6f"))].tenant.name == "acme"
+    assert policy.tenants_by_spiffe_id["spiffe://acme.test/ns/ci/sa/bot"].name == "acme"
+
+
+def test_a_bad_cidr_is_named_with_file_line_and_field_path() -> None:
+    text = """\
+plans:
+  pro: {}
+tenants:
+  acme:
+    plan: pro
+    allow:
+      ip:
+        - 10.0.0.0/8
+        - 10.0.0/8
+"""
+    assert problems_of(text) == ["policy.yaml:9 tenants.acme.allow.ip[1]: '10.0.0/8' is not a CIDR"]
+
+
+def test_every_problem_is_reported_in_one_pass() -> None:
+    text = """\
+plans:
+  free: {limits: [{requests: five, per: fortnight}]}
+tenants:
+  acme:
+    plan: pro
+    colour: blue
+    api_keys: [{id: a, sha256: nothex}]
+    status: sleeping
+"""
+    assert problems_of(text) == [
+        "policy.yaml:2 plans.free.limits[0].requests: expected an integer >= 0, got 'five'",
+        "policy.yaml:2 plans.free.limits[0].per: expected one of second, minute, hour, day, week, "
+        "month, year, got 'fortnight'",
+        "policy.yaml:6 tenants.acme.colour: unknown field (expected one of: plan, status, api_keys, "
+        "jwt, mtls, allow)",
+        "policy.yaml:5 tenants.acme.plan: unknown plan 'pro' (plans: free)",
+        "policy.yaml:8 tenants.acme.status: expected one of active, suspended, got 'sleeping'",
+        "policy.yaml:7 tenants.acme.api_keys[0].sha256: expected 64 lowercase hex digits (the SHA-256 of the key)",
+    ]
+
+
+def test_duplicate_key_hashes_across_tenants_are_rejected() -> None:
+    digest = sha("same-key")
+    text = f"""\
+plans: {{free: {{}}}}
+tenants:
+  a: {{plan: free, api_keys: [{{id: one, sha256: {digest}}}]}}
+  b:
+    plan: free
+    api_keys:
+      - {{id: two, sha256: {digest}}}
+"""
+    assert problems_of(text) == [
+        "policy.yaml:7 tenants.b.api_keys[0].sha256: duplicate key hash: already used by tenants.a key 'one'"
+    ]
+
+
+def test_yaml_syntax_errors_and_duplicate_mapping_keys_name_their_line() -> None:
+    assert problems_of("plans:\n  free: [1\n") == [
+        "policy.yaml:3: invalid YAML: did not find expected ',' or ']'"
+    ]
+    assert problems_of("plans: {}\nplans: {}\n") == ["policy.yaml:2 plans: duplicate key"]
+
+
+def test_jwt_settings_refuse_symmetric_algorithms_and_need_one_key_source() -> None:
+    text = """\
+plans: {free: {}}
+tenants:
+  acme:
+    plan: free
+    jwt: {issuer: "https://id.acme.test", algorithms: [HS256]}
+"""
+    found = problems_of(text)
+    assert found[0].startswith("policy.yaml:5 tenants.acme.jwt.algorithms[0]: 'HS256' is not allowed")
+    assert found[1] == "policy.yaml:5 tenants.acme.jwt: exactly one of 'jwks' or 'jwks_uri' is required"
+
+
+def test_tenants_sharing_an_issuer_must_say_which_claim_tells_them_apart() -> None:
+    text = """\
+plans: {free: {}}
+tenants:
+  a: {plan: free, jwt: {issuer: "https://idp.test", jwks_uri: "https://idp.test/jwks"}}
+  b: {plan: free, jwt: {issuer: "https://idp.test", jwks_uri: "https://idp.test/jwks", match_claims: {org: b}}}
+"""
+    assert problems_of(text) == [
+        "policy.yaml:3 tenants.a.jwt: issuer 'https://idp.test' is shared by 2 tenants: "
+        "each of them needs 'match_claims' to tell its tokens apart"
+    ]
+
+
+def test_route_rules_need_a_leading_slash_and_real_methods() -> None:
+    text = """\
+plans: {free: {}}
+tenants:
+  acme: {plan: free, allow: {routes: [{prefix: v1, methods: [GET]}, {exact: /x, methods: [FETCH]}]}}
+routes:
+  - {prefix: /v1/, exact: /v1/x}
+"""
+    assert problems_of(text) == [
+        "policy.yaml:3 tenants.acme.allow.routes[0].prefix: 'v1' must start with '/'",
+        "policy.yaml:3 tenants.acme.allow.routes[1].methods[0]: 'FETCH' is not an HTTP method",
+        "policy.yaml:5 routes[0]: exactly one of 'prefix' or 'exact' is required",
+    ]
+
+
+def test_policy_check_command_prints_problems_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "policy.yaml"
+    bad.write_text("plans: {free: {}}\ntenants: {acme: {plan: gold}}\n")
+    assert main(["policy", "check", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:2 tenants.acme.plan: unknown plan 'gold' (plans: free)" in err
+
+
+def test_policy_check_command_summarises_a_good_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["policy", "check", str(EXAMPLE)]) == 0
+    assert capsys.readouterr().out.strip() == (f"{EXAMPLE}: ok (2 plans, 3 tenants, 3 API keys, 2 routes)")
+
+
+def test_keys_new_prints_a_key_whose_hash_is_the_policy_entry(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["keys", "new", "--tenant", "acme", "--id", "acme-ci"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    key = out[0].rsplit(" ", 1)[1]
+    assert out[-1] == f"- {{id: acme-ci, sha256: {sha(key)}}}"
+
+
+def test_a_policy_of_100000_tenants_loads_in_seconds() -> None:
+    lines = ["plans: {free: {limits: [{requests: 5, per: second}]}}", "tenants:"]
+    for index in range(100_000):
+        lines.append(f"  t{index}:")
+        lines.append("    plan: free")
+        lines.append(f"    api_keys: [{{id: k{index}, sha256: {sha(str(index))}}}]")
+    started = time.perf_counter()
+    policy = load_policy_text("\n".join(lines), "big.yaml")
+    elapsed = time.perf_counter() - started
+    assert len(policy.tenants) == 100_000
+    assert elapsed < 20, f"loading took {elapsed:.1f}s"
