@@ -68,10 +68,23 @@ def uri_sans_from_xfcc(value: str) -> tuple[str, ...]:
     """
     if not value:
         return ()
-    element = value.rsplit(",", 1)[-1]
+    element = _split_unquoted(value, ",")[-1]
     uris = []
-    for pair in element.split(";"):
+    for pair in _split_unquoted(element, ";"):
         name, _, text = pair.partition("=")
         if name.strip().lower() == "uri":
             uris.append(text.strip().strip('"'))
     return tuple(uris)
+
+
+def _split_unquoted(text: str, separator: str) -> list[str]:
+    # XFCC values such as Subject="CN=a,O=b" quote the separators they contain.
+    parts, start, quoted = [], 0, False
+    for index, char in enumerate(text):
+        if char == '"':
+            quoted = not quoted
+        elif char == separator and not quoted:
+            parts.append(text[start:index])
+            start = index + 1
+    parts.append(text[start:])
+    return parts

@@ -1,0 +1,76 @@
+"""The lean HTTP/1.1 server under the HTTP ext_authz fast path, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from meshtoll.authz.http_transport import uri_sans_from_xfcc
+from meshtoll.httpserver import response, reuse_port_socket, serve_http
+
+SEEN: list[tuple[str, str, dict[str, str]]] = []
+
+
+def echo_path(method: str, target: str, headers: dict[str, str], peer: str) -> bytes:
+    SEEN.append((method, target, headers))
+    return response(200, "OK", (("x-target", target),))
+
+
+@pytest.fixture
+async def port() -> AsyncIterator[int]:
+    SEEN.clear()
+    sock = reuse_port_socket("127.0.0.1", 0)
+    server = await serve_http(echo_path, sock)
+    yield sock.getsockname()[1]
+    server.close()
+    await server.wait_closed()
+
+
+async def exchange(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    writer.write_eof()
+    received = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return received
+
+
+async def test_keep_alive_and_pipelined_requests_are_answered_in_order(port: int) -> None:
+    requests = b"".join(f"GET /r{i} HTTP/1.1\r\nhost: x\r\n\r\n".encode() for i in range(3))
+    received = await exchange(port, requests)
+    assert received.count(b"HTTP/1.1 200 OK") == 3
+    assert [line for line in received.split(b"\r\n") if line.startswith(b"x-target")] == [
+        b"x-target: /r0",
+        b"x-target: /r1",
+        b"x-target: /r2",
+    ]
+
+
+async def test_header_names_are_lower_case_and_repeated_headers_are_joined(port: int) -> None:
+    await exchange(port, b"GET / HTTP/1.1\r\nX-Api-Key: a\r\nVia: one\r\nvia: two\r\n\r\n")
+    assert SEEN[0][2] == {"x-api-key": "a", "via": "one,two"}
+
+
+async def test_oversized_headers_get_431_and_the_connection_closes(port: int) -> None:
+    big = b"x-big: " + b"a" * 70_000 + b"\r\n"
+    received = await exchange(port, b"GET / HTTP/1.1\r\n" + big + b"\r\n")
+    assert received.startswith(b"HTTP/1.1 431 ")
+    assert b'"error":"headers_too_large"' in received
+    assert SEEN == []
+
+
+async def test_malformed_requests_get_400(port: int) -> None:
+    received = await exchange(port, b"NOT HTTP AT ALL\r\n\r\n")
+    assert received.startswith(b"HTTP/1.1 400 ")
+
+
+def test_xfcc_uri_sans_come_from_envoys_own_element_only() -> None:
+    value = 'By=spiffe://gw;URI=spiffe://evil.test/x,By=spiffe://gw;Hash=ab;Subject="CN=a,O=b";URI=spiffe://acme.test/bot'
+    assert uri_sans_from_xfcc(value) == ("spiffe://acme.test/bot",)
+    assert uri_sans_from_xfcc('By=spiffe://gw;URI=spiffe://acme.test/bot;Subject="CN=a,O=b"') == (
+        "spiffe://acme.test/bot",
+    )
+    assert uri_sans_from_xfcc("") == ()
