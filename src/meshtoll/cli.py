@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
         )
     serve.set_defaults(command=_serve)
 
+    dev = commands.add_parser("dev", help="run the whole local stack: Envoy, meshtoll, Redis, demo upstream")
+    dev.add_argument("--policy", type=Path, default=None, help="policy file (default: examples/policy.yaml)")
+    dev.add_argument("--port", type=int, default=8080, help="Envoy's port for clients (HTTP ext_authz)")
+    dev.add_argument("--admin-port", type=int, default=8090, help="meshtoll's admin port")
+    dev.set_defaults(command=_dev)
+
     policy = commands.add_parser("policy", help="work with policy files").add_subparsers(
         title="policy commands"
     )
@@ -94,6 +100,12 @@ def _serve(args: argparse.Namespace) -> int:
     from meshtoll.workers import supervise
 
     return supervise(settings)
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from meshtoll.dev import run_dev
+
+    return run_dev(policy=args.policy, port=args.port, admin_port=args.admin_port)
 
 
 def _policy_check(args: argparse.Namespace) -> int:

@@ -6,7 +6,8 @@
     ├── ConfigError               a command-line / environment setting is invalid
     ├── StorageUnavailable        the shared store did not answer in time (transient: retry,
     │                             or apply the configured failure policy)
-    └── EnvoyNotFound             no Envoy binary to run the local stack with
+    ├── EnvoyNotFound             no Envoy binary to run the local stack with
+    └── ProcessStartError         a child of the local stack exited or was not ready in time
 
 Foreign exceptions (redis, grpc, OS, YAML) are translated into these at the module that
 talks to the foreign library; nothing above that layer sees them.
@@ -53,3 +54,7 @@ class StorageUnavailable(MeshtollError):
 
 class EnvoyNotFound(MeshtollError):
     """No Envoy binary was found to run the local stack with."""
+
+
+class ProcessStartError(MeshtollError):
+    """A child process of the local stack exited or did not become ready in time."""

