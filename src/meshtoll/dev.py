@@ -1,0 +1,104 @@
+"""`meshtoll dev`: the whole local stack in the foreground, with a banner of what to try."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshtoll.devstack import LocalStack, RedisServer, StackConfig, find_redis_server
+
+log = logging.getLogger("meshtoll.dev")
+
+# Packaged with meshtoll (a link to the repository's examples/ in a checkout).
+EXAMPLE_POLICY = (Path(__file__).parent / "examples" / "policy.yaml").resolve()
+
+# The demo credentials of examples/policy.yaml (which stores only their hashes); a test
+# checks that each still gets the answer the banner promises.
+DEMO_ACME_KEY = "mt_demo_acme_5f0c1e9a7b2d4e6f"
+DEMO_GLOBEX_KEY = "mt_demo_globex_8a3b6c1d0e2f4a5b"
+DEMO_REVOKED_KEY = "mt_demo_revoked_1a2b3c4d5e6f7a8b"
+
+
+@dataclass(frozen=True, slots=True)
+class DemoRequest:
+    expect: str  # the status, and the error code of a denial
+    method: str
+    url: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def demo_requests(http: str, grpc: str) -> list[DemoRequest]:
+    """What the banner suggests trying against examples/policy.yaml."""
+    acme = (("x-api-key", DEMO_ACME_KEY),)
+    return [
+        DemoRequest(
+            "200: the upstream's echo shows the x-meshtoll-* headers",
+            "GET",
+            f"{http}/v1/search?q=envoy",
+            acme,
+        ),
+        DemoRequest(
+            "200, through the gRPC ext_authz listener",
+            "GET",
+            f"{grpc}/anything",
+            (("authorization", f"Bearer {DEMO_GLOBEX_KEY}"),),
+        ),
+        DemoRequest("401 missing_credentials", "GET", f"{http}/v1/search"),
+        DemoRequest("401 revoked_api_key", "GET", f"{http}/v1/search", (("x-api-key", DEMO_REVOKED_KEY),)),
+        DemoRequest("403 route_not_allowed", "GET", f"{http}/v2/items", acme),
+        DemoRequest("403 method_not_allowed", "DELETE", f"{http}/v1/items", acme),
+    ]
+
+
+def run_dev(policy: Path | None, port: int, admin_port: int) -> int:
+    policy = policy or EXAMPLE_POLICY
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with ExitStack() as running:
+        redis_url = None
+        if find_redis_server() is not None:
+            redis_url = running.enter_context(RedisServer()).url
+            log.info("Redis: %s", redis_url)
+        else:
+            log.info("Redis: redis-server not found, so meshtoll keeps its state in memory")
+        fixed = {
+            "listen_http_authz_port": port,
+            "listen_grpc_authz_port": port + 1,
+            "meshtoll_admin_port": admin_port,
+        }
+        stack = running.enter_context(
+            LocalStack(StackConfig(policy=policy, redis_url=redis_url, fixed_ports=fixed))
+        )
+        print(banner(stack, policy, redis_url), flush=True)
+        stop.wait()
+        log.info("stopping the local stack")
+    return 0
+
+
+def banner(stack: LocalStack, policy: Path, redis_url: str | None) -> str:
+    http = stack.url("listen_http_authz_port", "")
+    grpc = stack.url("listen_grpc_authz_port", "")
+    lines = [
+        "",
+        "meshtoll dev: the local stack is ready (Ctrl-C stops everything)",
+        f"  Envoy, HTTP ext_authz   {http}",
+        f"  Envoy, gRPC ext_authz   {grpc}",
+        f"  meshtoll admin          {stack.meshtoll_admin_url}/readyz",
+        f"  policy                  {policy}  (edit it: changes apply within a second)",
+        f"  Redis                   {redis_url or 'none (in-memory state)'}",
+        "",
+    ]
+    if policy.resolve() != EXAMPLE_POLICY:
+        lines.append(f"Try: curl -i -H 'x-api-key: <a key of your policy>' {http}/")
+        return "\n".join(lines)
+    lines.append("Try:")
+    for demo in demo_requests(http, grpc):
+        flags = "".join(f" -H '{name}: {value}'" for name, value in demo.headers)
+        method = "" if demo.method == "GET" else f" -X {demo.method}"
+        lines += [f"  # {demo.expect}", f"  curl -i{method}{flags} {demo.url}"]
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""`meshtoll dev`: the demo requests its banner suggests get the answers it promises."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from meshtoll.dev import DEMO_ACME_KEY, EXAMPLE_POLICY, demo_requests
+from meshtoll.processes import free_ports
+from tests.client import fetch
+from tests.conftest import StartStack
+
+pytestmark = pytest.mark.integration
+
+
+def test_every_suggested_demo_request_gets_the_promised_answer(start_stack: StartStack) -> None:
+    stack = start_stack(EXAMPLE_POLICY)
+    http, grpc = stack.url("listen_http_authz_port", ""), stack.url("listen_grpc_authz_port", "")
+    for demo in demo_requests(http, grpc):
+        reply = fetch(demo.url, method=demo.method, headers=dict(demo.headers))
+        status, _, code = demo.expect.partition(" ")
+        assert reply.status == int(status[:3]), (demo, reply)
+        if reply.status != 200:
+            assert reply.json()["error"] == code, (demo, reply)
+        else:
+            assert reply.json()["headers"]["x-meshtoll-tenant"] in ("acme", "globex")
+
+
+def test_meshtoll_dev_serves_and_stops_every_child_on_sigterm(tmp_path: Path) -> None:
+    port, admin_port = free_ports(2)  # the gRPC listener takes port + 1
+    log = (tmp_path / "dev.log").open("w")
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "meshtoll", "dev", "--port", str(port), "--admin-port", str(admin_port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while "the local stack is ready" not in (tmp_path / "dev.log").read_text():
+            assert dev.poll() is None, (tmp_path / "dev.log").read_text()
+            assert time.monotonic() < deadline, "meshtoll dev never became ready"
+            time.sleep(0.1)
+        reply = fetch(f"http://127.0.0.1:{port}/v1/items", headers={"x-api-key": DEMO_ACME_KEY})
+        assert reply.status == 200
+        children = _descendants(dev.pid)
+        assert len(children) >= 4  # redis, upstream, meshtoll, envoy
+        dev.send_signal(signal.SIGTERM)
+        assert dev.wait(timeout=20) == 0
+        assert not [pid for pid in children if _alive(pid)], "a child outlived meshtoll dev"
+    finally:
+        if dev.poll() is None:
+            os.killpg(dev.pid, signal.SIGKILL)
+        log.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        found += [int(child), *_descendants(int(child))]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
