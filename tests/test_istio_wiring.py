@@ -1,0 +1,92 @@
+"""The Istio wiring in deploy/istio: valid against Istio's CRD schemas, and asking Envoy for
+exactly what envoy/local.yaml (tested end to end) asks for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from meshtoll.devstack import StackPorts
+from meshtoll.envoy_config import render_bootstrap
+
+ROOT = Path(__file__).parent.parent
+ISTIO = ROOT / "deploy" / "istio"
+CRDS = ROOT.parent / "shared" / "schemas" / "istio-crds.yaml"
+
+
+def crd_schema(kind: str, version: str) -> dict[str, Any]:
+    for document in yaml.safe_load_all(CRDS.read_text()):
+        if not document or document["spec"]["names"]["kind"] != kind:
+            continue
+        for served in document["spec"]["versions"]:
+            if served["name"] == version:
+                schema: dict[str, Any] = served["schema"]["openAPIV3Schema"]
+                return schema
+    raise LookupError(f"{kind} {version} is not in {CRDS}")
+
+
+@pytest.fixture(scope="module")
+def http_ext_authz() -> dict[str, Any]:
+    bootstrap = yaml.safe_load(render_bootstrap(StackPorts.allocate({}).envoy))
+    listener = next(
+        item for item in bootstrap["static_resources"]["listeners"] if item["name"] == "http_authz"
+    )
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    config: dict[str, Any] = next(
+        item["typed_config"]
+        for item in manager["http_filters"]
+        if item["name"] == "envoy.filters.http.ext_authz"
+    )
+    return config
+
+
+@pytest.fixture(scope="module")
+def http_provider() -> dict[str, Any]:
+    mesh = yaml.safe_load((ISTIO / "mesh-config.yaml").read_text())
+    provider: dict[str, Any] = next(
+        item["envoyExtAuthzHttp"] for item in mesh["extensionProviders"] if item["name"] == "meshtoll-http"
+    )
+    return provider
+
+
+def istio_patterns(names: list[str]) -> list[dict[str, str]]:
+    return [{"prefix": name[:-1]} if name.endswith("*") else {"exact": name} for name in names]
+
+
+def test_authorization_policy_is_valid_against_istios_crd_schema() -> None:
+    policy = yaml.safe_load((ISTIO / "authorization-policy.yaml").read_text())
+    jsonschema.validate(policy["spec"], crd_schema("AuthorizationPolicy", "v1")["properties"]["spec"])
+    assert policy["spec"]["action"] == "CUSTOM"
+    assert policy["spec"]["provider"]["name"] == "meshtoll-http"
+
+
+def test_a_misspelt_authorization_policy_would_be_caught() -> None:
+    schema = crd_schema("AuthorizationPolicy", "v1")["properties"]["spec"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"action": "CUSTOMISED"}, schema)
+
+
+def test_istio_provider_sends_and_returns_the_headers_the_local_envoy_does(
+    http_ext_authz: dict[str, Any], http_provider: dict[str, Any]
+) -> None:
+    service = http_ext_authz["http_service"]
+    assert (
+        istio_patterns(http_provider["includeRequestHeadersInCheck"])
+        == http_ext_authz["allowed_headers"]["patterns"]
+    )
+    assert (
+        istio_patterns(http_provider["headersToUpstreamOnAllow"])
+        == (service["authorization_response"]["allowed_upstream_headers"]["patterns"])
+    )
+    assert (
+        istio_patterns(http_provider["headersToDownstreamOnDeny"])
+        == (service["authorization_response"]["allowed_client_headers"]["patterns"])
+    )
+    added = {item["key"]: item["value"] for item in service["authorization_request"]["headers_to_add"]}
+    assert http_provider["includeAdditionalHeadersInCheck"] == added
+    assert http_provider["failOpen"] is http_ext_authz["failure_mode_allow"] is False
+    assert http_provider["timeout"] == service["server_uri"]["timeout"]
