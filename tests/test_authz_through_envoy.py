@@ -227,3 +227,24 @@ def test_client_certificate_spiffe_id_identifies_the_tenant(
     assert reply.status == 200, reply
     assert reply.json()["headers"]["x-meshtoll-consumer"] == BOT_SPIFFE_ID
     assert_denied(fetch(url, client_cert=pki.other, ca_file=ca), 401, "unknown_client_certificate")
+
+
+def test_decisions_are_counted_by_transport_and_outcome_on_the_metrics_endpoint(stack: LocalStack) -> None:
+    def decisions() -> dict[str, float]:
+        text = fetch(f"{stack.meshtoll_admin_url}/metrics").body.decode()
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("meshtoll_authz_decisions_total{")
+        }
+
+    before = decisions()
+    call(stack, "listen_http_authz_port", headers={"x-api-key": ACME_KEY})
+    call(stack, "listen_grpc_authz_port", headers={"x-api-key": "not-a-key"})
+    after = decisions()
+    allowed = 'meshtoll_authz_decisions_total{outcome="allow",transport="http"}'
+    rejected = 'meshtoll_authz_decisions_total{outcome="invalid_api_key",transport="grpc"}'
+    assert after[allowed] == before.get(allowed, 0) + 1
+    assert after[rejected] == before.get(rejected, 0) + 1
+    text = fetch(f"{stack.meshtoll_admin_url}/metrics").body.decode()
+    assert "meshtoll_policy_tenants 4" in text

@@ -6,6 +6,7 @@ import json
 
 from meshtoll.httpserver import response
 from meshtoll.policy.reload import PolicyHolder
+from meshtoll.telemetry.metrics import DecisionCounts, Metrics
 
 _JSON = (("content-type", "application/json"),)
 _NOT_FOUND = response(404, "Not Found", _JSON, b'{"error":"not_found","message":"no such admin endpoint"}')
@@ -19,9 +20,10 @@ _HEALTHY = response(200, "OK", _JSON, b'{"status":"ok"}')
 
 
 class AdminHandler:
-    def __init__(self) -> None:
+    def __init__(self, decisions: DecisionCounts) -> None:
         self.policy: PolicyHolder | None = None  # set once the first policy has loaded
         self.redis_reachable: bool | None = None  # None: no Redis configured
+        self.metrics = Metrics(decisions, lambda: self.policy)
 
     def __call__(self, method: str, target: str, headers: dict[str, str], peer: str) -> bytes:
         path = target.partition("?")[0]
@@ -31,6 +33,9 @@ class AdminHandler:
             return self._ready()
         if path == "/api/policy":
             return self._policy_summary()
+        if path == "/metrics":
+            body = self.metrics.prometheus_text().encode()
+            return response(200, "OK", (("content-type", "text/plain; version=0.0.4"),), body)
         return _NOT_FOUND
 
     def _ready(self) -> bytes:

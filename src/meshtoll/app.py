@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from functools import partial
 
 import grpc
 import redis.asyncio
@@ -22,6 +23,7 @@ from meshtoll.authz.jwks import JwksCache
 from meshtoll.httpserver import reuse_port_socket, serve_http
 from meshtoll.policy.reload import PolicyHolder, watch_policy
 from meshtoll.settings import Settings
+from meshtoll.telemetry.metrics import DecisionCounts
 
 log = logging.getLogger("meshtoll")
 
@@ -32,7 +34,8 @@ REDIS_PROBE_SECONDS = 2.0
 class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.admin = AdminHandler()
+        self.decisions = DecisionCounts()
+        self.admin = AdminHandler(self.decisions)
         self._servers: list[asyncio.Server] = []
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -47,18 +50,18 @@ class App:
         policy = holder.current
         jwks = JwksCache()
         holder.on_change(jwks.policy_changed)
-        authorizer = Authorizer(holder, jwks)
+        authorizer_for = partial(Authorizer, holder, jwks, counts=self.decisions)
         self._tasks += [
             asyncio.create_task(watch_policy(holder, settings.policy_poll_seconds)),
             asyncio.create_task(jwks.refresh_forever(lambda: holder.current)),
         ]
         self._servers.append(
             await serve_http(
-                HttpAuthzHandler(authorizer),
+                HttpAuthzHandler(authorizer_for(transport="http")),
                 reuse_port_socket(settings.host, settings.http_authz_port),
             )
         )
-        self._grpc = await self._start_grpc(authorizer)
+        self._grpc = await self._start_grpc(authorizer_for(transport="grpc"))
         if settings.redis_url is not None:
             self._tasks.append(asyncio.create_task(self._probe_redis(settings.redis_url)))
         self.admin.policy = holder

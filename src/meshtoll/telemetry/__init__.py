@@ -1,0 +1,1 @@
+"""Telemetry: counters kept cheaply on the hot path, published through OpenTelemetry."""

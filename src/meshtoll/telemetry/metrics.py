@@ -1,0 +1,95 @@
+"""Metrics: plain counters on the hot path, read by OpenTelemetry only when collected.
+
+A decision costs one dict increment (tens of nanoseconds) instead of an OpenTelemetry
+`Counter.add` with attributes (microseconds): the SDK sees the counts through observable
+instruments whose callbacks run at collection time. `/metrics` on the admin port renders
+a collection in the Prometheus text format; an OTLP or other reader can be attached to
+the same MeterProvider.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import Gauge, InMemoryMetricReader, Sum
+
+from meshtoll.policy.reload import PolicyHolder
+
+
+class DecisionCounts:
+    """Decisions by transport and outcome ("allow" or the denial's error code)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def observe(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(count, {"transport": transport, "outcome": outcome})
+            for (transport, outcome), count in list(self.counts.items())
+        ]
+
+
+class Metrics:
+    def __init__(self, decisions: DecisionCounts, policy: Callable[[], PolicyHolder | None]) -> None:
+        self.reader = InMemoryMetricReader()
+        self.provider = MeterProvider(metric_readers=[self.reader])
+        meter = self.provider.get_meter("meshtoll")
+        meter.create_observable_counter(
+            "meshtoll_authz_decisions", callbacks=[decisions.observe], description="authz decisions"
+        )
+
+        policy_gauges: tuple[tuple[str, str, Callable[[PolicyHolder], int]], ...] = (
+            ("meshtoll_policy_version", "active policy version (1 at start, +1 per reload)", _version),
+            ("meshtoll_policy_tenants", "tenants in the active policy", _tenants),
+            ("meshtoll_policy_rejected_reloads", "policy versions rejected since start", _rejected),
+        )
+        for name, description, read in policy_gauges:
+            meter.create_observable_gauge(
+                name, callbacks=[_observe_policy(policy, read)], description=description
+            )
+
+    def prometheus_text(self) -> str:
+        collected = self.reader.get_metrics_data()
+        lines: list[str] = []
+        for resource in collected.resource_metrics if collected else ():
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    lines += _prometheus_lines(metric.name, metric.description, metric.data)
+        return "\n".join(lines) + "\n"
+
+
+def _prometheus_lines(name: str, description: str | None, data: object) -> list[str]:
+    if not isinstance(data, Sum | Gauge):
+        return []
+    kind = "counter" if isinstance(data, Sum) else "gauge"
+    sample = f"{name}_total" if kind == "counter" else name
+    lines = [f"# HELP {name} {description or name}", f"# TYPE {name} {kind}"]
+    for point in data.data_points:
+        labels = ",".join(f'{key}="{value!s}"' for key, value in sorted((point.attributes or {}).items()))
+        lines.append(f"{sample}{{{labels}}} {point.value}" if labels else f"{sample} {point.value}")
+    return lines
+
+
+def _observe_policy(
+    policy: Callable[[], PolicyHolder | None], read: Callable[[PolicyHolder], int]
+) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        holder = policy()
+        return [] if holder is None else [Observation(read(holder))]
+
+    return observe
+
+
+def _version(holder: PolicyHolder) -> int:
+    return holder.version
+
+
+def _tenants(holder: PolicyHolder) -> int:
+    return len(holder.current.tenants)
+
+
+def _rejected(holder: PolicyHolder) -> int:
+    return holder.rejected_versions
