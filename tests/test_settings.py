@@ -1,0 +1,48 @@
+"""Settings of `meshtoll serve`: flags over environment over defaults, bad values named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meshtoll.admin import AdminHandler
+from meshtoll.errors import ConfigError
+from meshtoll.policy.reload import PolicyHolder
+from meshtoll.settings import Settings, settings_from
+from meshtoll.telemetry.metrics import DecisionCounts
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "policy.yaml"
+
+
+def test_flags_win_over_environment_which_wins_over_defaults() -> None:
+    environ = {"MESHTOLL_GRPC_PORT": "9001", "MESHTOLL_WORKERS": "3", "MESHTOLL_POLICY": "/etc/p.yaml"}
+    settings = settings_from({"grpc_port": 7001, "workers": None}, environ)
+    assert settings.grpc_port == 7001
+    assert settings.workers == 3
+    assert settings.policy == Path("/etc/p.yaml")
+    assert settings.http_authz_port == Settings().http_authz_port
+
+
+def test_bad_environment_values_name_the_variable() -> None:
+    with pytest.raises(ConfigError, match=r"MESHTOLL_ADMIN_PORT='eighty' is not a number"):
+        settings_from({}, {"MESHTOLL_ADMIN_PORT": "eighty"})
+    with pytest.raises(ConfigError, match=r"grpc_port: 70000 is not a TCP port"):
+        settings_from({"grpc_port": 70000}, {})
+    with pytest.raises(ConfigError, match=r"workers: 0 must be at least 1"):
+        settings_from({"workers": 0}, {})
+
+
+def respond(handler: AdminHandler, path: str) -> bytes:
+    return handler("GET", path, {}, "127.0.0.1")
+
+
+def test_readyz_is_503_until_the_policy_has_loaded_then_200() -> None:
+    handler = AdminHandler(DecisionCounts())
+    assert respond(handler, "/healthz").startswith(b"HTTP/1.1 200 ")
+    assert respond(handler, "/readyz").startswith(b"HTTP/1.1 503 ")
+    handler.policy = PolicyHolder.from_file(EXAMPLE)
+    ready = respond(handler, "/readyz")
+    assert ready.startswith(b"HTTP/1.1 200 ")
+    assert ready.endswith(b'{"status": "ready", "policy_version": 1}')
+    assert respond(handler, "/nope").startswith(b"HTTP/1.1 404 ")
