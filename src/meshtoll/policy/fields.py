@@ -7,8 +7,11 @@ None, so that one pass reports every problem in the document, not just the first
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TypeVar
 
 from meshtoll.policy.document import Document, FieldPath
+
+Choice = TypeVar("Choice", bound=str)
 
 
 class Fields:
@@ -84,9 +87,10 @@ class Fields:
         self.problem(path, f"expected true or false, got {_kind(value)}")
         return None
 
-    def choice(self, value: object, path: FieldPath, options: tuple[str, ...]) -> str | None:
-        if isinstance(value, str) and value in options:
-            return value
+    def choice(self, value: object, path: FieldPath, options: tuple[Choice, ...]) -> Choice | None:
+        for option in options:
+            if value == option:
+                return option
         self.problem(path, f"expected one of {', '.join(options)}, got {_kind(value)}")
         return None
 

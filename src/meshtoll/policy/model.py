@@ -6,19 +6,11 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from typing import Literal
 
+from meshtoll.ratelimit.limits import RateLimit
+
 IPNetwork = IPv4Network | IPv6Network
 TenantStatus = Literal["active", "suspended"]
-
-# Fixed-length periods in seconds; month and year are calendar periods (UTC) whose length
-# depends on the date, so they have no entry here.
-PERIOD_SECONDS: dict[str, int] = {
-    "second": 1,
-    "minute": 60,
-    "hour": 3600,
-    "day": 86400,
-    "week": 7 * 86400,
-}
-PERIODS: tuple[str, ...] = (*PERIOD_SECONDS, "month", "year")
+TENANT_STATUSES: tuple[TenantStatus, ...] = ("active", "suspended")
 
 HTTP_METHODS: frozenset[str] = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
@@ -31,17 +23,14 @@ JWT_ALGORITHMS: frozenset[str] = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Limit:
-    requests: int
-    per: str
-    name: str
+EnforcedIn = Literal["authz", "service"]
+ENFORCED_IN: tuple[EnforcedIn, ...] = ("authz", "service")
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
     name: str
-    limits: tuple[Limit, ...]
+    limits: tuple[RateLimit, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +75,16 @@ class Tenant:
     jwt: JwtSettings | None = None
     spiffe_ids: tuple[str, ...] = ()
     access: Access = field(default_factory=Access)
+    limits: tuple[RateLimit, ...] | None = None  # None: the plan's limits
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSettings:
+    # Where route limits are enforced unless a route says otherwise: in the authz call
+    # itself (one hop) or by Envoy's ratelimit filter calling the rate-limit service.
+    enforced_in: EnforcedIn = "authz"
+    domain: str = "meshtoll"  # the RLS domain whose descriptors name tenants and routes
+    headers: bool = True  # RateLimit-* headers on fused decisions
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +92,8 @@ class Route:
     name: str
     rule: RouteRule
     cost: int = 1
+    limits: tuple[RateLimit, ...] = ()  # per tenant, on top of the tenant's own limits
+    enforced_in: EnforcedIn | None = None  # None: RateLimitSettings.enforced_in
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,3 +112,4 @@ class Policy:
     plans: dict[str, Plan]
     tenants: dict[str, Tenant]
     routes: tuple[Route, ...]
+    ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)

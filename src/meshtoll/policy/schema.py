@@ -8,21 +8,24 @@ import re
 from meshtoll.policy.document import Document, FieldPath
 from meshtoll.policy.fields import Fields
 from meshtoll.policy.model import (
+    ENFORCED_IN,
     HTTP_METHODS,
     JWT_ALGORITHMS,
-    PERIODS,
+    TENANT_STATUSES,
     Access,
     ApiKey,
     AuthSettings,
     IPNetwork,
     JwtSettings,
-    Limit,
     Plan,
     Policy,
+    RateLimitSettings,
     Route,
     RouteRule,
     Tenant,
 )
+from meshtoll.ratelimit.limits import ALGORITHMS, RateLimit
+from meshtoll.ratelimit.periods import PERIOD_SECONDS, PERIODS
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -32,8 +35,10 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 def build_policy(document: Document) -> Policy:
     """Validate the whole document; every problem is recorded on `document`."""
     fields = Fields(document)
-    root = fields.mapping(document.root, (), optional=("auth", "plans", "tenants", "routes")) or {}
+    sections = ("auth", "ratelimit", "plans", "tenants", "routes")
+    root = fields.mapping(document.root, (), optional=sections) or {}
     auth = _auth(fields, root.get("auth"), ("auth",))
+    ratelimit = _ratelimit_settings(fields, root.get("ratelimit"), ("ratelimit",))
     plans = {
         name: plan
         for name, value, path in fields.entries(root.get("plans"), ("plans",))
@@ -49,7 +54,7 @@ def build_policy(document: Document) -> Policy:
         for value, path in fields.items(root.get("routes"), ("routes",))
         if (route := _route(fields, value, path)) is not None
     )
-    return Policy(document.file, auth, plans, tenants, routes)
+    return Policy(document.file, auth, plans, tenants, routes, ratelimit)
 
 
 def _auth(fields: Fields, value: object, path: FieldPath) -> AuthSettings:
@@ -92,30 +97,63 @@ def _plan(fields: Fields, name: str, value: object, path: FieldPath) -> Plan | N
     raw = fields.mapping(value, path, optional=("limits",))
     if raw is None or not _name(fields, name, path):
         return None
+    return Plan(name, _limits(fields, raw.get("limits"), (*path, "limits")))
+
+
+def _limits(fields: Fields, value: object, path: FieldPath) -> tuple[RateLimit, ...]:
     limits = tuple(
-        limit
-        for item, item_path in fields.items(raw.get("limits"), (*path, "limits"))
-        if (limit := _limit(fields, item, item_path)) is not None
+        limit for item, item_path in fields.items(value, path) if (limit := _limit(fields, item, item_path))
     )
-    return Plan(name, limits)
+    seen: set[str] = set()
+    for index, limit in enumerate(limits):
+        if limit.name in seen:
+            fields.problem((*path, index), f"two limits are named {limit.name!r}: give one a distinct 'name'")
+        seen.add(limit.name)
+    return limits
 
 
-def _limit(fields: Fields, value: object, path: FieldPath) -> Limit | None:
-    raw = fields.mapping(value, path, required=("requests", "per"), optional=("name",))
+def _limit(fields: Fields, value: object, path: FieldPath) -> RateLimit | None:
+    optional = ("name", "algorithm", "burst", "shadow")
+    raw = fields.mapping(value, path, required=("requests", "per"), optional=optional)
     if raw is None or "requests" not in raw or "per" not in raw:
         return None
     requests = fields.integer(raw["requests"], (*path, "requests"))
     per = fields.choice(raw["per"], (*path, "per"), PERIODS)
-    if requests is None or per is None:
-        return None
+    algorithm = fields.choice(raw.get("algorithm", "fixed_window"), (*path, "algorithm"), ALGORITHMS)
+    burst = fields.integer(raw["burst"], (*path, "burst"), minimum=1) if "burst" in raw else None
+    shadow = fields.boolean(raw.get("shadow", False), (*path, "shadow"))
     name = fields.string(raw["name"], (*path, "name")) if "name" in raw else None
-    return Limit(requests, per, name or f"{requests}/{per}")
+    if algorithm != "token_bucket" and "burst" in raw:
+        fields.problem((*path, "burst"), "only a token_bucket limit has a burst")
+    if algorithm == "token_bucket" and per is not None and per not in PERIOD_SECONDS:
+        # A bucket refills at a constant rate; a calendar month has no constant length.
+        fields.problem((*path, "per"), f"a token_bucket needs a fixed period, not {per!r}")
+    if requests is None or per is None or algorithm is None or shadow is None:
+        return None
+    return RateLimit(requests, per, algorithm, burst, name or f"{requests}/{per}", shadow)
+
+
+def _ratelimit_settings(fields: Fields, value: object, path: FieldPath) -> RateLimitSettings:
+    defaults = RateLimitSettings()
+    if value is None:
+        return defaults
+    raw = fields.mapping(value, path, optional=("enforced_in", "domain", "headers")) or {}
+    enforced_in = fields.choice(
+        raw.get("enforced_in", defaults.enforced_in), (*path, "enforced_in"), ENFORCED_IN
+    )
+    domain = fields.string(raw.get("domain", defaults.domain), (*path, "domain"))
+    headers = fields.boolean(raw.get("headers", defaults.headers), (*path, "headers"))
+    return RateLimitSettings(
+        enforced_in=enforced_in or defaults.enforced_in,
+        domain=domain or defaults.domain,
+        headers=defaults.headers if headers is None else headers,
+    )
 
 
 def _tenant(
     fields: Fields, name: str, value: object, path: FieldPath, plans: dict[str, Plan]
 ) -> Tenant | None:
-    optional = ("status", "api_keys", "jwt", "mtls", "allow")
+    optional = ("status", "api_keys", "jwt", "mtls", "allow", "limits")
     raw = fields.mapping(value, path, required=("plan",), optional=optional)
     if raw is None or not _name(fields, name, path) or "plan" not in raw:
         return None
@@ -123,7 +161,7 @@ def _tenant(
     if plan is not None and plan not in plans:
         known = ", ".join(sorted(plans)) or "none defined"
         fields.problem((*path, "plan"), f"unknown plan {plan!r} (plans: {known})")
-    status = fields.choice(raw.get("status", "active"), (*path, "status"), ("active", "suspended"))
+    status = fields.choice(raw.get("status", "active"), (*path, "status"), TENANT_STATUSES)
     api_keys = tuple(
         key
         for item, item_path in fields.items(raw.get("api_keys"), (*path, "api_keys"))
@@ -138,9 +176,10 @@ def _tenant(
             if not spiffe_id.startswith("spiffe://"):
                 fields.problem((*path, "mtls", "spiffe_ids", index), f"{spiffe_id!r} is not a spiffe:// URI")
     access = _access(fields, raw["allow"], (*path, "allow")) if "allow" in raw else Access()
+    limits = _limits(fields, raw["limits"], (*path, "limits")) if "limits" in raw else None
     if plan is None or status is None:
         return None
-    return Tenant(name, plan, status, api_keys, jwt, spiffe_ids, access)  # type: ignore[arg-type]
+    return Tenant(name, plan, status, api_keys, jwt, spiffe_ids, access, limits)
 
 
 def _api_key(fields: Fields, value: object, path: FieldPath) -> ApiKey | None:
@@ -216,13 +255,17 @@ def _route(fields: Fields, value: object, path: FieldPath) -> Route | None:
         return None
     cost = fields.integer(value.get("cost", 1), (*path, "cost"))
     name = fields.string(value["name"], (*path, "name")) if "name" in value else rule.path
+    limits = _limits(fields, value.get("limits"), (*path, "limits"))
+    enforced_in = None
+    if "enforced_in" in value:
+        enforced_in = fields.choice(value["enforced_in"], (*path, "enforced_in"), ENFORCED_IN)
     if cost is None or name is None:
         return None
-    return Route(name, rule, cost)
+    return Route(name, rule, cost, limits, enforced_in)
 
 
 def _route_rule(fields: Fields, value: object, path: FieldPath, *, with_methods: bool) -> RouteRule | None:
-    extra = ("methods",) if with_methods else ("name", "cost")
+    extra = ("methods",) if with_methods else ("name", "cost", "limits", "enforced_in")
     raw = fields.mapping(value, path, optional=("prefix", "exact", *extra))
     if raw is None:
         return None

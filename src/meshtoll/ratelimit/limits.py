@@ -1,0 +1,50 @@
+"""Limits and the counter checks a decision makes, as plain values shared by the decision
+code and every CounterStore."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Algorithm = Literal["fixed_window", "sliding_window", "token_bucket"]
+ALGORITHMS: tuple[Algorithm, ...] = ("fixed_window", "sliding_window", "token_bucket")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """`requests` per `period` (a PERIODS name). For a token bucket, `requests` per `period`
+    is the refill rate and `burst` the capacity (default `requests`)."""
+
+    requests: int
+    period: str
+    algorithm: Algorithm = "fixed_window"
+    burst: int | None = None
+    name: str = ""
+    shadow: bool = False  # evaluated and counted, never enforced
+
+    @property
+    def capacity(self) -> int:
+        return self.requests if self.burst is None else self.burst
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One limit to evaluate in a decision.
+
+    `key` identifies the counter (stores add the window to it); keys of one tenant carry
+    the same Redis hash tag so that one decision's checks live on one shard. `cost` is the
+    number of hits to consume; 0 looks without consuming.
+    """
+
+    key: str
+    limit: RateLimit
+    cost: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    allowed: bool  # this limit alone admits the cost (a cost of 0: admits one more hit)
+    used: int  # hits counted in the current window (bucket: capacity minus tokens left)
+    remaining: int  # hits still admitted before the limit refuses
+    reset_seconds: float  # until the window ends (bucket: until it is full again)
+    retry_after: float  # until this limit could admit a hit again; 0 when it admits now

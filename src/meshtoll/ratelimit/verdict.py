@@ -1,0 +1,57 @@
+"""What a set of counter results means for the request: admitted or not, with which error
+code and which RateLimit headers. Pure."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from meshtoll.ratelimit.limits import Check, CheckResult
+from meshtoll.ratelimit.periods import QUOTA_PERIODS
+
+Headers = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LimitVerdict:
+    admitted: bool
+    code: str  # "" when admitted; "rate_limited" or "quota_exceeded" when not
+    headers: Headers  # RateLimit-* (and Retry-After when refused) for the client
+    deciding: tuple[Check, CheckResult] | None  # the most restrictive limit, if any
+
+
+ADMITTED_WITHOUT_LIMITS = LimitVerdict(True, "", (), None)
+
+
+def limit_verdict(
+    checks: Sequence[Check], results: Sequence[CheckResult], *, enforce: bool = True
+) -> LimitVerdict:
+    """`enforce=False` is global shadow mode: everything is evaluated, nothing refused."""
+    if not checks:
+        return ADMITTED_WITHOUT_LIMITS
+    pairs = list(zip(checks, results, strict=True))
+    enforced = [(check, result) for check, result in pairs if not check.limit.shadow]
+    refusing = [(check, result) for check, result in enforced if not result.allowed]
+    if refusing and enforce:
+        # The client may retry once the last refusing limit admits again.
+        check, result = max(refusing, key=lambda pair: pair[1].retry_after)
+        code = "quota_exceeded" if check.limit.period in QUOTA_PERIODS else "rate_limited"
+        return LimitVerdict(False, code, rate_limit_headers(check, result, refused=True), (check, result))
+    candidates = enforced or pairs
+    check, result = min(candidates, key=lambda pair: (pair[1].remaining, -pair[1].reset_seconds))
+    return LimitVerdict(True, "", rate_limit_headers(check, result, refused=False), (check, result))
+
+
+def rate_limit_headers(check: Check, result: CheckResult, *, refused: bool) -> Headers:
+    """The draft IETF RateLimit header fields (draft 03, as Envoy's ratelimit filter sends
+    them), for the most restrictive limit; Retry-After too when the request is refused."""
+    reset = math.ceil(result.retry_after if refused else result.reset_seconds)
+    headers: Headers = (
+        ("ratelimit-limit", str(check.limit.capacity)),
+        ("ratelimit-remaining", str(result.remaining)),
+        ("ratelimit-reset", str(reset)),
+    )
+    if refused:
+        headers += (("retry-after", str(max(1, reset))),)
+    return headers

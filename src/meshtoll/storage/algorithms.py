@@ -1,0 +1,119 @@
+"""The counting algorithms, as pure functions over stored numbers, in integer milliseconds.
+
+`storage/lua/check.lua` is the same code for Redis; keep the two in step (the contract
+tests in tests/test_counter_store_contract.py run both). Every check has two counter slots:
+fixed window uses the first (the current window's count), sliding window both (current,
+previous window), token bucket the first (its theoretical arrival time, TAT).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from meshtoll.ratelimit.limits import Check, CheckResult
+from meshtoll.ratelimit.periods import nominal_seconds, previous_window, window
+
+FIXED, SLIDING, BUCKET = 1, 2, 3
+ALGORITHM_CODES = {"fixed_window": FIXED, "sliding_window": SLIDING, "token_bucket": BUCKET}
+EXPIRY_SLACK_MS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A check made concrete at one moment: its keys and the numbers the algorithm needs."""
+
+    keys: tuple[str, str]
+    algorithm: int
+    requests: int
+    cost: int
+    shadow: bool
+    a: int  # fixed: window end; sliding: window start; bucket: emission interval (ms)
+    b: int  # fixed: unused; sliding: window end; bucket: capacity
+    expire_ms: int  # how long the first key must live after a write, from now
+
+    def arguments(self) -> list[int]:
+        return [self.algorithm, self.requests, self.cost, int(self.shadow), self.a, self.b, self.expire_ms]
+
+
+def plan(check: Check, now_ms: int) -> Plan:
+    limit = check.limit
+    algorithm = ALGORITHM_CODES[limit.algorithm]
+    now = now_ms / 1000
+    if algorithm == BUCKET:
+        interval = max(1, round(nominal_seconds(limit.period) * 1000 / max(limit.requests, 1)))
+        expire = interval * limit.capacity + EXPIRY_SLACK_MS
+        key = f"{check.key}_tb"
+        return Plan(
+            (key, key), BUCKET, limit.requests, check.cost, limit.shadow, interval, limit.capacity, expire
+        )
+    start, end = window(limit.period, now)
+    current = f"{check.key}_{start}"
+    if algorithm == FIXED:
+        expire = end * 1000 - now_ms + EXPIRY_SLACK_MS
+        return Plan(
+            (current, current), FIXED, limit.requests, check.cost, limit.shadow, end * 1000, 0, expire
+        )
+    previous_start, _ = previous_window(limit.period, now)
+    # The current window's count is read again as the previous one during the next window.
+    expire = (end - start) * 2000 - (now_ms - start * 1000) + EXPIRY_SLACK_MS
+    keys = (current, f"{check.key}_{previous_start}")
+    return Plan(keys, SLIDING, limit.requests, check.cost, limit.shadow, start * 1000, end * 1000, expire)
+
+
+def admits(p: Plan, first: int, second: int, now_ms: int) -> bool:
+    """Would this check admit its cost (a cost of 0: one more hit) given its stored values."""
+    want = max(p.cost, 1)
+    if p.algorithm == FIXED:
+        return first + want <= p.requests
+    if p.algorithm == SLIDING:
+        return _estimate(p, first, second, now_ms) + want <= p.requests
+    tat = max(first, now_ms)
+    return tat + want * p.a - p.b * p.a <= now_ms
+
+
+def consumed(p: Plan, first: int, now_ms: int) -> int:
+    """The first slot's value after consuming the cost."""
+    if p.algorithm == BUCKET:
+        return max(first, now_ms) + p.cost * p.a
+    return first + p.cost
+
+
+def result(p: Plan, first: int, second: int, allowed: bool, now_ms: int) -> CheckResult:
+    """The result after the decision; `first` is the value after any consumption."""
+    if p.algorithm == FIXED:
+        reset = p.a - now_ms
+        remaining = max(0, p.requests - first)
+        return CheckResult(allowed, first, remaining, reset / 1000, 0.0 if allowed else reset / 1000)
+    if p.algorithm == SLIDING:
+        estimate = _estimate(p, first, second, now_ms)
+        remaining = max(0, math.floor(p.requests - estimate))
+        reset = p.b - now_ms
+        return CheckResult(
+            allowed,
+            math.ceil(estimate),
+            remaining,
+            reset / 1000,
+            _sliding_retry(p, first, second, allowed, now_ms),
+        )
+    tat = max(first, now_ms)
+    remaining = min(p.b, max(0, (now_ms - (tat - p.b * p.a)) // p.a))
+    retry = 0 if allowed else tat + max(p.cost, 1) * p.a - p.b * p.a - now_ms
+    return CheckResult(allowed, p.b - remaining, remaining, (tat - now_ms) / 1000, max(0, retry) / 1000)
+
+
+def _estimate(p: Plan, current: int, previous: int, now_ms: int) -> float:
+    # The previous window still counts for the share of it the sliding period covers.
+    weight = (p.b - now_ms) / (p.b - p.a)
+    return previous * weight + current
+
+
+def _sliding_retry(p: Plan, current: int, previous: int, allowed: bool, now_ms: int) -> float:
+    if allowed:
+        return 0.0
+    room = p.requests - current - max(p.cost, 1)
+    if room < 0 or previous == 0:
+        return (p.b - now_ms) / 1000  # the current window alone is full: wait for the next
+    # previous * (end - t) / length <= room  <=>  t >= end - room * length / previous
+    moment = p.b - room * (p.b - p.a) / previous
+    return max(0.0, moment - now_ms) / 1000

@@ -1,0 +1,67 @@
+-- One decision's counter checks, atomically: evaluate every check; when every non-shadow
+-- check admits its cost, consume every cost; otherwise consume nothing.
+-- The same algorithms as meshtoll/storage/algorithms.py (keep the two in step).
+--
+-- KEYS[2i-1]  check i's first counter: fixed window -> the current window's count;
+--             sliding window -> the current window's count; token bucket -> its TAT (ms)
+-- KEYS[2i]    check i's second counter: sliding window -> the previous window's count;
+--             otherwise the same key as KEYS[2i-1] (unused)
+-- ARGV[1]     now, Unix time in milliseconds (the caller's clock: decisions are testable)
+-- ARGV[2+7(i-1) .. 8+7(i-1)], for check i:
+--   +0 algorithm  1 fixed window, 2 sliding window, 3 token bucket
+--   +1 requests   the limit per window (bucket: unused here, its rate is in `a`)
+--   +2 cost       hits to consume; 0 only looks
+--   +3 shadow     1: never refuses, still counted
+--   +4 a          fixed: window end (ms); sliding: window start (ms); bucket: emission interval (ms)
+--   +5 b          fixed: unused; sliding: window end (ms); bucket: capacity
+--   +6 expire     how long KEYS[2i-1] lives after a write, in ms from now
+-- Returns, per check: {admits (0/1), first counter after the decision, second counter}.
+
+local now = tonumber(ARGV[1])
+local count = #KEYS / 2
+local plans = {}
+local admitted = true
+
+for i = 1, count do
+  local at = 2 + 7 * (i - 1)
+  local p = {
+    algorithm = tonumber(ARGV[at]), requests = tonumber(ARGV[at + 1]), cost = tonumber(ARGV[at + 2]),
+    shadow = ARGV[at + 3] == '1', a = tonumber(ARGV[at + 4]), b = tonumber(ARGV[at + 5]),
+    expire = tonumber(ARGV[at + 6]),
+  }
+  p.first = tonumber(redis.call('GET', KEYS[2 * i - 1]) or '0')
+  p.second = 0
+  local want = math.max(p.cost, 1)
+  if p.algorithm == 1 then
+    p.admits = p.first + want <= p.requests
+  elseif p.algorithm == 2 then
+    p.second = tonumber(redis.call('GET', KEYS[2 * i]) or '0')
+    local weight = (p.b - now) / (p.b - p.a)
+    p.admits = p.second * weight + p.first + want <= p.requests
+  else
+    local tat = math.max(p.first, now)
+    p.admits = tat + want * p.a - p.b * p.a <= now
+  end
+  if not p.admits and not p.shadow then
+    admitted = false
+  end
+  plans[i] = p
+end
+
+local answer = {}
+for i = 1, count do
+  local p = plans[i]
+  if admitted and p.cost > 0 then
+    if p.algorithm == 3 then
+      p.first = math.max(p.first, now) + p.cost * p.a
+      redis.call('SET', KEYS[2 * i - 1], p.first, 'PX', p.expire)
+    else
+      p.first = redis.call('INCRBY', KEYS[2 * i - 1], p.cost)
+      redis.call('PEXPIRE', KEYS[2 * i - 1], p.expire)
+    end
+  end
+  answer[3 * i - 2] = p.admits and 1 or 0
+  answer[3 * i - 1] = p.first
+  answer[3 * i] = p.second
+end
+return answer

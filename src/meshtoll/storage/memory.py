@@ -1,0 +1,53 @@
+"""The in-memory counter store: one process, no Redis (the local stack without redis-server,
+and the reference the Redis store is tested against). Atomic because the event loop runs
+one `check` at a time and `check` never awaits in between."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from meshtoll.ratelimit.limits import Check, CheckResult
+from meshtoll.storage import algorithms
+
+_PURGE_EVERY = 10_000  # writes between sweeps of expired counters
+
+
+class MemoryCounterStore:
+    def __init__(self) -> None:
+        self._values: dict[str, tuple[int, int]] = {}  # key -> (value, expires at, ms)
+        self._writes = 0
+
+    async def check(self, checks: Sequence[Check], now: float) -> list[CheckResult]:
+        now_ms = int(now * 1000)
+        plans = [algorithms.plan(check, now_ms) for check in checks]
+        stored = [(self._get(p.keys[0], now_ms), self._get(p.keys[1], now_ms)) for p in plans]
+        verdicts = [
+            algorithms.admits(p, first, second, now_ms)
+            for p, (first, second) in zip(plans, stored, strict=True)
+        ]
+        admitted = all(ok or p.shadow for p, ok in zip(plans, verdicts, strict=True))
+        results = []
+        for p, (first, second), ok in zip(plans, stored, verdicts, strict=True):
+            if admitted and p.cost > 0:
+                first = algorithms.consumed(p, first, now_ms)
+                self._set(p.keys[0], first, now_ms + p.expire_ms, now_ms)
+            results.append(algorithms.result(p, first, second, ok, now_ms))
+        return results
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        self._values.clear()
+
+    def _get(self, key: str, now_ms: int) -> int:
+        found = self._values.get(key)
+        if found is None or found[1] <= now_ms:
+            return 0
+        return found[0]
+
+    def _set(self, key: str, value: int, expires_ms: int, now_ms: int) -> None:
+        self._values[key] = (value, expires_ms)
+        self._writes += 1
+        if self._writes % _PURGE_EVERY == 0:
+            self._values = {k: v for k, v in self._values.items() if v[1] > now_ms}

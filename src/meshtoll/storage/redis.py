@@ -1,0 +1,114 @@
+"""The Redis counter store: standalone, Sentinel or Cluster, one Lua call per decision.
+
+Every decision is one EVALSHA of storage/lua/check.lua (redis-py falls back to loading the
+script on NOSCRIPT). In a Cluster the keys of one script call must share a slot: a
+tenant's keys share its hash tag, so a decision is one call; checks whose keys hash to
+several slots (envoyproxy/ratelimit descriptors) go out as one call per slot, concurrently,
+and are atomic per slot. Every Redis or network error becomes StorageUnavailable here,
+calls are bounded by the configured timeout, and a circuit breaker stops waiting on a Redis
+that keeps failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import redis.asyncio
+import redis.exceptions
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.crc import key_slot
+
+from meshtoll.errors import StorageUnavailable
+from meshtoll.ratelimit.limits import Check, CheckResult
+from meshtoll.storage import algorithms
+from meshtoll.storage.breaker import CircuitBreaker
+from meshtoll.storage.urls import RedisTarget, parse_redis_url
+
+_FAILURES = (redis.exceptions.RedisError, OSError, TimeoutError, ssl.SSLError)
+CHECK_SCRIPT = (resources.files("meshtoll") / "storage" / "lua" / "check.lua").read_text
+
+
+class RedisCounterStore:
+    def __init__(self, url: str, *, timeout_ms: int = 50, breaker: CircuitBreaker | None = None) -> None:
+        self.target = parse_redis_url(url)
+        self.timeout = timeout_ms / 1000
+        self.breaker = breaker or CircuitBreaker()
+        self._client = _client(self.target, self.timeout)
+        self._script = self._client.register_script(CHECK_SCRIPT())
+        self._cluster = self.target.topology == "cluster"
+
+    async def check(self, checks: Sequence[Check], now: float) -> list[CheckResult]:
+        if not checks:
+            return []
+        now_ms = int(now * 1000)
+        plans = [algorithms.plan(check, now_ms) for check in checks]
+        groups = _by_slot(plans) if self._cluster else [list(range(len(plans)))]
+        replies = await self._guarded(*(self._run(plans, group, now_ms) for group in groups))
+        results: list[CheckResult] = [None] * len(plans)  # type: ignore[list-item]
+        for group, reply in zip(groups, replies, strict=True):
+            for n, i in enumerate(group):
+                allowed, first, second = (int(value) for value in reply[3 * n : 3 * n + 3])
+                results[i] = algorithms.result(plans[i], first, second, bool(allowed), now_ms)
+        return results
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self._client.ping(), self.timeout * 4))
+        except _FAILURES:
+            return False
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _run(self, plans: list[algorithms.Plan], group: list[int], now_ms: int) -> list[Any]:
+        keys = [key for i in group for key in plans[i].keys]
+        arguments = [now_ms, *(value for i in group for value in plans[i].arguments())]
+        reply: list[Any] = await self._script(keys=keys, args=arguments)
+        return reply
+
+    async def _guarded(self, *calls: Any) -> list[list[Any]]:
+        if not self.breaker.allows():
+            for call in calls:
+                call.close()
+            raise StorageUnavailable("Redis is failing: the circuit breaker is open")
+        try:
+            # The client's own socket timeouts bound each read; this bounds the whole call,
+            # connection set-up and retries included.
+            async with asyncio.timeout(self.timeout * 2):
+                replies = await asyncio.gather(*calls)
+        except _FAILURES as exc:
+            self.breaker.failed()
+            raise StorageUnavailable(f"Redis did not answer: {type(exc).__name__}: {exc}") from None
+        except BaseException:
+            self.breaker.failed()
+            raise
+        self.breaker.succeeded()
+        return list(replies)
+
+
+def _by_slot(plans: list[algorithms.Plan]) -> list[list[int]]:
+    groups: dict[int, list[int]] = {}
+    for index, plan in enumerate(plans):
+        groups.setdefault(key_slot(plan.keys[0].encode()), []).append(index)
+    return list(groups.values())
+
+
+def _client(target: RedisTarget, timeout: float) -> Any:
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "password": target.password,
+        "username": target.username,
+    }
+    if target.topology == "standalone":
+        return redis.asyncio.Redis.from_url(target.url, retry_on_timeout=False, **options)
+    if target.topology == "sentinel":
+        sentinel = Sentinel(list(target.nodes), sentinel_kwargs={"socket_timeout": timeout}, **options)  # type: ignore[no-untyped-call]
+        return sentinel.master_for(target.service, db=target.db)
+    nodes = [ClusterNode(host, port) for host, port in target.nodes]
+    return RedisCluster(startup_nodes=nodes, ssl=target.tls, **options)

@@ -1,0 +1,75 @@
+"""Redis connection URLs, for standalone, Sentinel and Cluster deployments.
+
+redis://[user:password@]host:port[/db]                 standalone
+rediss://...                                            standalone over TLS
+redis+sentinel://[password@]host:port[,host:port...]/service[/db]
+redis+cluster://[password@]host:port[,host:port...]    cluster (seed nodes)
+redis://host:port?cluster=true                          cluster too
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from meshtoll.errors import ConfigError
+
+Topology = Literal["standalone", "sentinel", "cluster"]
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    topology: Topology
+    url: str  # for standalone: the redis(s):// URL itself
+    nodes: tuple[tuple[str, int], ...]  # sentinel or cluster seed nodes
+    service: str = ""  # the Sentinel's master name
+    db: int = 0
+    password: str | None = None
+    username: str | None = None
+    tls: bool = False
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss", "redis+sentinel", "redis+cluster"):
+        raise ConfigError(f"Redis URL {url!r}: scheme must be redis, rediss, redis+sentinel or redis+cluster")
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    username, _, password = credentials.partition(":") if ":" in credentials else ("", "", credentials)
+    nodes = tuple(_node(url, item) for item in hosts.split(",") if item)
+    if not nodes:
+        raise ConfigError(f"Redis URL {url!r}: no host")
+    path = [unquote(piece) for piece in parts.path.split("/") if piece]
+    cluster = scheme == "redis+cluster" or parse_qs(parts.query).get("cluster", ["false"])[0] == "true"
+    common = {
+        "password": unquote(password) or None,
+        "username": unquote(username) or None,
+        "tls": scheme == "rediss",
+    }
+    if scheme == "redis+sentinel":
+        if not path:
+            raise ConfigError(f"Redis URL {url!r}: a Sentinel URL names the service: .../service_name[/db]")
+        return RedisTarget("sentinel", url, nodes, service=path[0], db=_db(url, path[1:]), **common)  # type: ignore[arg-type]
+    if cluster:
+        return RedisTarget("cluster", url, nodes, **common)  # type: ignore[arg-type]
+    if len(nodes) > 1:
+        raise ConfigError(f"Redis URL {url!r}: several hosts need redis+sentinel:// or redis+cluster://")
+    return RedisTarget("standalone", url, nodes, db=_db(url, path), **common)  # type: ignore[arg-type]
+
+
+def _node(url: str, text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
+    try:
+        return (host.strip("[]") or "localhost", int(port or 6379))
+    except ValueError:
+        raise ConfigError(f"Redis URL {url!r}: {text!r} is not host:port") from None
+
+
+def _db(url: str, path: list[str]) -> int:
+    if not path:
+        return 0
+    try:
+        return int(path[0])
+    except ValueError:
+        raise ConfigError(f"Redis URL {url!r}: database {path[0]!r} is not a number") from None
