@@ -4,6 +4,7 @@ listeners that need no meshtoll answer as the benchmark expects."""
 from __future__ import annotations
 
 import subprocess
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from tests.certs import TestPki
 from tests.client import fetch
 from tests.conftest import StartStack
 
-PORTS = EnvoyPorts(*range(20000, 20011))
+PORTS = EnvoyPorts(*range(20000, 20000 + len(fields(EnvoyPorts))))
 MTLS_LISTENERS = {"mtls_grpc_authz", "mtls_http_authz"}
 
 

@@ -86,7 +86,32 @@ def test_istio_provider_sends_and_returns_the_headers_the_local_envoy_does(
         istio_patterns(http_provider["headersToDownstreamOnDeny"])
         == (service["authorization_response"]["allowed_client_headers"]["patterns"])
     )
+    assert (
+        istio_patterns(http_provider["headersToDownstreamOnAllow"])
+        == (service["authorization_response"]["allowed_client_headers_on_success"]["patterns"])
+    )
     added = {item["key"]: item["value"] for item in service["authorization_request"]["headers_to_add"]}
     assert http_provider["includeAdditionalHeadersInCheck"] == added
     assert http_provider["failOpen"] is http_ext_authz["failure_mode_allow"] is False
     assert http_provider["timeout"] == service["server_uri"]["timeout"]
+
+
+def test_ratelimit_envoyfilter_is_valid_and_matches_the_local_envoy() -> None:
+    document = yaml.safe_load((ISTIO / "ratelimit-envoyfilter.yaml").read_text())
+    jsonschema.validate(document["spec"], crd_schema("EnvoyFilter", "v1alpha3")["properties"]["spec"])
+    bootstrap = yaml.safe_load(render_bootstrap(StackPorts.allocate({}).envoy))
+    listener = next(item for item in bootstrap["static_resources"]["listeners"] if item["name"] == "rls")
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    local_filter = next(
+        item for item in manager["http_filters"] if item["name"] == "envoy.filters.http.ratelimit"
+    )
+    istio_filter = document["spec"]["configPatches"][0]["patch"]["value"]
+    local_config = {
+        key: value for key, value in local_filter["typed_config"].items() if key != "rate_limit_service"
+    }
+    istio_config = {
+        key: value for key, value in istio_filter["typed_config"].items() if key != "rate_limit_service"
+    }
+    assert istio_config == local_config
+    actions = document["spec"]["configPatches"][1]["patch"]["value"]["rate_limits"]
+    assert actions == manager["route_config"]["virtual_hosts"][0]["rate_limits"]

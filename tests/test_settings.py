@@ -25,7 +25,7 @@ def test_flags_win_over_environment_which_wins_over_defaults() -> None:
 
 
 def test_bad_environment_values_name_the_variable() -> None:
-    with pytest.raises(ConfigError, match=r"MESHTOLL_ADMIN_PORT='eighty' is not a number"):
+    with pytest.raises(ConfigError, match=r"MESHTOLL_ADMIN_PORT='eighty' is not a valid admin port"):
         settings_from({}, {"MESHTOLL_ADMIN_PORT": "eighty"})
     with pytest.raises(ConfigError, match=r"grpc_port: 70000 is not a TCP port"):
         settings_from({"grpc_port": 70000}, {})
@@ -34,7 +34,9 @@ def test_bad_environment_values_name_the_variable() -> None:
 
 
 def respond(handler: AdminHandler, path: str) -> bytes:
-    return handler("GET", path, {}, "127.0.0.1")
+    answer = handler("GET", path, {}, "127.0.0.1")
+    assert isinstance(answer, bytes)
+    return answer
 
 
 def test_readyz_is_503_until_the_policy_has_loaded_then_200() -> None:

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
 
+from meshtoll.errors import StorageUnavailable
 from meshtoll.httpserver import response
 from meshtoll.policy.reload import PolicyHolder
+from meshtoll.ratelimit.quota import UnknownTenant, tenant_quota
 from meshtoll.telemetry.metrics import DecisionCounts, Metrics
+
+if TYPE_CHECKING:
+    from meshtoll.storage.base import CounterStore
 
 _JSON = (("content-type", "application/json"),)
 _NOT_FOUND = response(404, "Not Found", _JSON, b'{"error":"not_found","message":"no such admin endpoint"}')
@@ -24,9 +32,17 @@ class AdminHandler:
         self.policy: PolicyHolder | None = None  # set once the first policy has loaded
         self.redis_reachable: bool | None = None  # None: no Redis configured
         self.metrics = Metrics(decisions, lambda: self.policy)
+        self.store: CounterStore | None = None  # set with the policy
 
-    def __call__(self, method: str, target: str, headers: dict[str, str], peer: str) -> bytes:
+    def __call__(
+        self, method: str, target: str, headers: dict[str, str], peer: str
+    ) -> bytes | Awaitable[bytes]:
         path = target.partition("?")[0]
+        if path.startswith("/api/tenants/") and path.endswith("/quota"):
+            return self._quota(path.removeprefix("/api/tenants/").removesuffix("/quota"))
+        return self._answer(path)
+
+    def _answer(self, path: str) -> bytes:
         if path == "/healthz":
             return _HEALTHY
         if path == "/readyz":
@@ -37,6 +53,17 @@ class AdminHandler:
             body = self.metrics.prometheus_text().encode()
             return response(200, "OK", (("content-type", "text/plain; version=0.0.4"),), body)
         return _NOT_FOUND
+
+    async def _quota(self, tenant: str) -> bytes:
+        if self.policy is None or self.store is None:
+            return _NOT_READY
+        try:
+            quota = await tenant_quota(self.policy.current, self.store, tenant, time.time())
+        except UnknownTenant:
+            return _json(404, {"error": "unknown_tenant", "message": f"no tenant {tenant!r} in the policy"})
+        except StorageUnavailable as exc:
+            return _json(503, {"error": "store_unavailable", "message": str(exc)})
+        return _json(200, quota)
 
     def _ready(self) -> bytes:
         if self.policy is None:
@@ -63,5 +90,8 @@ class AdminHandler:
         )
 
 
+_REASONS = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}
+
+
 def _json(status: int, document: dict[str, object]) -> bytes:
-    return response(status, "OK" if status == 200 else "Error", _JSON, json.dumps(document).encode())
+    return response(status, _REASONS.get(status, "Error"), _JSON, json.dumps(document).encode())

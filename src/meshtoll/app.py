@@ -1,5 +1,5 @@
-"""The composition root: builds the policy, services and servers of `meshtoll serve` from
-Settings, and runs them until told to stop."""
+"""The composition root: builds the policy, stores, services and servers of `meshtoll serve`
+from Settings, and runs them until told to stop."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Coroutine
 from functools import partial
+from typing import Any
 
 import grpc
-import redis.asyncio
-import redis.exceptions
 from envoy.service.auth.v3 import external_auth_pb2_grpc
+from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshtoll.admin import AdminHandler
@@ -22,13 +23,19 @@ from meshtoll.authz.http_transport import HttpAuthzHandler
 from meshtoll.authz.jwks import JwksCache
 from meshtoll.httpserver import reuse_port_socket, serve_http
 from meshtoll.policy.reload import PolicyHolder, watch_policy
+from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder, watch_descriptor_configs
+from meshtoll.ratelimit.limiter import Limiter
+from meshtoll.ratelimit.rls import RateLimitServicer
+from meshtoll.ratelimit.service import RateLimitService
 from meshtoll.settings import Settings
+from meshtoll.storage import CounterStore, open_counter_store
 from meshtoll.telemetry.metrics import DecisionCounts
 
 log = logging.getLogger("meshtoll")
 
 GRPC_STOP_GRACE_SECONDS = 5.0
 REDIS_PROBE_SECONDS = 2.0
+SERVICES = ("envoy.service.auth.v3.Authorization", "envoy.service.ratelimit.v3.RateLimitService")
 
 
 class App:
@@ -39,6 +46,7 @@ class App:
         self._servers: list[asyncio.Server] = []
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._store: CounterStore | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -47,26 +55,35 @@ class App:
             await serve_http(self.admin, reuse_port_socket(settings.host, settings.admin_port))
         )
         holder = await asyncio.to_thread(PolicyHolder.from_file, settings.policy)
-        policy = holder.current
+        configs = None
+        if settings.ratelimit_config is not None:
+            configs = await asyncio.to_thread(DescriptorConfigHolder, settings.ratelimit_config)
+            self._background(watch_descriptor_configs(configs, settings.policy_poll_seconds))
+        self._store = store = open_counter_store(settings.redis_url, timeout_ms=settings.redis_timeout_ms)
+        limiter = Limiter(
+            store,
+            failure_mode=settings.ratelimit_failure_mode,  # type: ignore[arg-type]
+            shadow=settings.ratelimit_shadow_mode,
+        )
         jwks = JwksCache()
         holder.on_change(jwks.policy_changed)
-        authorizer_for = partial(Authorizer, holder, jwks, counts=self.decisions)
-        self._tasks += [
-            asyncio.create_task(watch_policy(holder, settings.policy_poll_seconds)),
-            asyncio.create_task(jwks.refresh_forever(lambda: holder.current)),
-        ]
+        self._background(watch_policy(holder, settings.policy_poll_seconds))
+        self._background(jwks.refresh_forever(lambda: holder.current))
+        authorizer_for = partial(Authorizer, holder, jwks, counts=self.decisions, limiter=limiter)
+        http_authz = HttpAuthzHandler(authorizer_for(transport="http"))
         self._servers.append(
-            await serve_http(
-                HttpAuthzHandler(authorizer_for(transport="http")),
-                reuse_port_socket(settings.host, settings.http_authz_port),
-            )
+            await serve_http(http_authz, reuse_port_socket(settings.host, settings.http_authz_port))
         )
-        self._grpc = await self._start_grpc(authorizer_for(transport="grpc"))
+        ratelimit = RateLimitService(holder, limiter, lambda: None if configs is None else configs.current)
+        self._grpc = await self._start_grpc(
+            AuthorizationServicer(authorizer_for(transport="grpc")), ratelimit
+        )
         if settings.redis_url is not None:
-            self._tasks.append(asyncio.create_task(self._probe_redis(settings.redis_url)))
+            self._background(self._probe_redis(store))
+        self.admin.store = store
         self.admin.policy = holder
         log.info(
-            "meshtoll serving: gRPC %s:%d, HTTP authz %s:%d, admin %s:%d; policy %s (%d tenants)",
+            "meshtoll serving: gRPC %s:%d, HTTP authz %s:%d, admin %s:%d; policy %s (%d tenants); %s",
             settings.host,
             settings.grpc_port,
             settings.host,
@@ -74,37 +91,33 @@ class App:
             settings.host,
             settings.admin_port,
             settings.policy,
-            len(policy.tenants),
+            len(holder.current.tenants),
+            "counters in Redis" if settings.redis_url else "counters in memory (no --redis-url)",
         )
 
-    async def _start_grpc(self, authorizer: Authorizer) -> grpc.aio.Server:
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        self._tasks.append(asyncio.create_task(work))
+
+    async def _start_grpc(self, authz: AuthorizationServicer, ratelimit: RateLimitService) -> grpc.aio.Server:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer), server)
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authz, server)
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(ratelimit), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         address = f"{self.settings.host}:{self.settings.grpc_port}"
         if server.add_insecure_port(address) == 0:
             raise OSError(f"cannot listen for gRPC on {address}")
         await server.start()
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        await health_servicer.set(
-            "envoy.service.auth.v3.Authorization", health_pb2.HealthCheckResponse.SERVING
-        )
+        for service in ("", *SERVICES):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         return server
 
-    async def _probe_redis(self, url: str) -> None:
+    async def _probe_redis(self, store: CounterStore) -> None:
         """Keep the admin port's view of Redis current; readiness does not depend on it,
-        since what a dead Redis means is each service's configured failure policy."""
-        client = redis.asyncio.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        try:
-            while True:
-                try:
-                    self.admin.redis_reachable = bool(await client.ping())
-                except (redis.exceptions.RedisError, OSError):
-                    self.admin.redis_reachable = False
-                await asyncio.sleep(REDIS_PROBE_SECONDS)
-        finally:
-            await client.aclose()
+        since what a dead Redis means is the configured failure policy."""
+        while True:
+            self.admin.redis_reachable = await store.ping()
+            await asyncio.sleep(REDIS_PROBE_SECONDS)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -117,6 +130,8 @@ class App:
         for server in self._servers:
             server.close()
             await server.wait_closed()
+        if self._store is not None:
+            await self._store.close()
 
 
 async def run(settings: Settings) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import logging
 import secrets
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from meshtoll.errors import MeshtollError, PolicyError
+from meshtoll.errors import ConfigError, MeshtollError, PolicyError
 from meshtoll.policy import load_policy
 from meshtoll.settings import Settings, settings_from
 
@@ -65,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help=f"{help_text} (env {Settings.env_name(field)}, default {default})",
         )
+    serve.add_argument(
+        "--ratelimit-shadow-mode",
+        dest="ratelimit_shadow_mode",
+        action="store_true",
+        default=None,
+        help="evaluate and count every limit but enforce none (env MESHTOLL_RATELIMIT_SHADOW_MODE)",
+    )
     serve.set_defaults(command=_serve)
 
     dev = commands.add_parser("dev", help="run the whole local stack: Envoy, meshtoll, Redis, demo upstream")
@@ -79,6 +88,18 @@ def _parser() -> argparse.ArgumentParser:
     check = policy.add_parser("check", help="validate a policy file")
     check.add_argument("file", type=Path)
     check.set_defaults(command=_policy_check)
+
+    quota = commands.add_parser("quota", help="tenants' limits and their use").add_subparsers(
+        title="quota commands"
+    )
+    show = quota.add_parser("show", help="each limit of a tenant with used / remaining / reset")
+    show.add_argument("--tenant", required=True)
+    show.add_argument("--policy", type=Path, default=None, help="policy file (env MESHTOLL_POLICY)")
+    show.add_argument(
+        "--redis-url", default=None, help="the Redis meshtoll serve uses (env MESHTOLL_REDIS_URL)"
+    )
+    show.add_argument("--format", choices=("table", "json"), default="table")
+    show.set_defaults(command=_quota_show)
 
     keys = commands.add_parser("keys", help="work with API keys").add_subparsers(title="keys commands")
     new = keys.add_parser("new", help="make a new API key and print its policy entry")
@@ -121,6 +142,31 @@ def _policy_check(args: argparse.Namespace) -> int:
         f"{args.file}: ok ({len(policy.plans)} plans, {len(policy.tenants)} tenants, "
         f"{len(compiled.keys_by_sha256)} API keys, {len(policy.routes)} routes)"
     )
+    return 0
+
+
+def _quota_show(args: argparse.Namespace) -> int:
+    from meshtoll.ratelimit.quota import UnknownTenant, quota_table, tenant_quota
+    from meshtoll.storage import open_counter_store
+
+    settings = settings_from({"policy": args.policy, "redis_url": args.redis_url})
+    if settings.redis_url is None:
+        raise ConfigError("quota show reads the shared counters: give --redis-url or MESHTOLL_REDIS_URL")
+    policy = load_policy(settings.policy)
+
+    async def read() -> dict[str, object]:
+        store = open_counter_store(settings.redis_url, timeout_ms=settings.redis_timeout_ms)
+        try:
+            return await tenant_quota(policy, store, args.tenant, time.time())
+        finally:
+            await store.close()
+
+    try:
+        quota = asyncio.run(read())
+    except UnknownTenant:
+        print(f"meshtoll: no tenant {args.tenant!r} in {settings.policy}", file=sys.stderr)
+        return 1
+    print(json.dumps(quota, indent=2) if args.format == "json" else quota_table(quota))
     return 0
 
 

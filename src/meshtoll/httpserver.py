@@ -11,18 +11,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httptools
 
 log = logging.getLogger("meshtoll.http")
 
-Handler = Callable[[str, str, dict[str, str], str], bytes]
-"""(method, target, headers, peer address) -> complete HTTP/1.1 response bytes."""
+Handler = Callable[[str, str, dict[str, str], str], bytes | Awaitable[bytes]]
+"""(method, target, headers, peer address) -> complete HTTP/1.1 response bytes, or an
+awaitable of them when the answer needs I/O (answers still go out in request order)."""
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 1024 * 1024
+# Requests in flight on one connection before it stops reading more (Envoy does not
+# pipeline, but a client talking to the port directly may).
+MAX_PENDING = 64
 
 
 def response(status: int, reason: str, headers: tuple[tuple[str, str], ...], body: bytes = b"") -> bytes:
@@ -65,6 +70,7 @@ class HttpProtocol(asyncio.Protocol):
         "_headers",
         "_parser",
         "_peer",
+        "_pending",
         "_transport",
         "_url",
     )
@@ -78,6 +84,7 @@ class HttpProtocol(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._header_bytes = 0
         self._body_bytes = 0
+        self._pending: deque[tuple[asyncio.Future[bytes], bool]] = deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -96,6 +103,11 @@ class HttpProtocol(asyncio.Protocol):
             self._fail(refused.response if isinstance(refused, _Refused) else INTERNAL_ERROR)
         except httptools.HttpParserError:
             self._fail(BAD_REQUEST)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for future, _ in self._pending:
+            future.cancel()
+        self._pending.clear()
 
     def _fail(self, reply: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -128,17 +140,53 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         method = self._parser.get_method().decode("latin-1")
         reply = self._handler(method, self._url.decode("latin-1"), self._headers, self._peer)
+        keep_alive = self._parser.should_keep_alive()
+        if isinstance(reply, bytes) and not self._pending:
+            self._send(reply, keep_alive)
+            return
+        future = asyncio.ensure_future(reply) if not isinstance(reply, bytes) else _done(reply)
+        self._pending.append((future, keep_alive))
+        future.add_done_callback(self._flush)
+        if len(self._pending) >= MAX_PENDING and self._transport is not None:
+            self._transport.pause_reading()
+
+    def _flush(self, _: object = None) -> None:
+        """Send every answer that is ready, in request order."""
+        while self._pending and self._pending[0][0].done():
+            future, keep_alive = self._pending.popleft()
+            if future.cancelled():
+                return
+            error = future.exception()
+            if error is not None:
+                log.error("HTTP handler failed", exc_info=error)
+                self._fail(INTERNAL_ERROR)
+                return
+            self._send(future.result(), keep_alive)
+        if (
+            len(self._pending) < MAX_PENDING
+            and self._transport is not None
+            and not self._transport.is_closing()
+        ):
+            self._transport.resume_reading()
+
+    def _send(self, reply: bytes, keep_alive: bool) -> None:
         transport = self._transport
         if transport is None or transport.is_closing():
             return
         transport.write(reply)
-        if not self._parser.should_keep_alive():
+        if not keep_alive:
             transport.close()
 
     def _count_header_bytes(self, size: int) -> None:
         self._header_bytes += size
         if self._header_bytes > MAX_HEADER_BYTES:
             raise _Refused(HEADERS_TOO_LARGE)
+
+
+def _done(reply: bytes) -> asyncio.Future[bytes]:
+    future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    future.set_result(reply)
+    return future
 
 
 @dataclass(slots=True)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from meshtoll.errors import ConfigError
+
+FAILURE_MODES = ("open", "closed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +22,10 @@ class Settings:
     redis_url: str | None = None
     workers: int = 1
     policy_poll_seconds: float = 1.0
+    ratelimit_config: Path | None = None  # a directory of envoyproxy/ratelimit YAML files
+    ratelimit_failure_mode: str = "open"  # when the store cannot answer: allow, or refuse
+    ratelimit_shadow_mode: bool = False  # evaluate and count every limit, enforce none
+    redis_timeout_ms: int = 50
 
     @staticmethod
     def env_name(field: str) -> str:
@@ -34,6 +40,34 @@ class Settings:
             raise ConfigError(f"workers: {self.workers} must be at least 1")
         if self.policy_poll_seconds <= 0:
             raise ConfigError("policy_poll_seconds must be positive")
+        if self.ratelimit_failure_mode not in FAILURE_MODES:
+            raise ConfigError(
+                f"ratelimit_failure_mode: {self.ratelimit_failure_mode!r} is not one of open, closed"
+            )
+        if self.redis_timeout_ms < 1:
+            raise ConfigError("redis_timeout_ms must be at least 1")
+
+
+def _boolean(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+# How each setting is read from an environment variable's text.
+_PARSERS: dict[str, Callable[[str], object]] = {
+    "policy": Path,
+    "ratelimit_config": Path,
+    "grpc_port": int,
+    "http_authz_port": int,
+    "admin_port": int,
+    "workers": int,
+    "redis_timeout_ms": int,
+    "policy_poll_seconds": float,
+    "ratelimit_shadow_mode": _boolean,
+}
 
 
 def settings_from(flags: Mapping[str, object], environ: Mapping[str, str] = os.environ) -> Settings:
@@ -44,23 +78,12 @@ def settings_from(flags: Mapping[str, object], environ: Mapping[str, str] = os.e
         if flag is not None:
             values[field.name] = flag
             continue
-        raw = environ.get(Settings.env_name(field.name))
+        name = Settings.env_name(field.name)
+        raw = environ.get(name)
         if raw is None or raw == "":
             continue
-        values[field.name] = _parse(field.name, raw, field.default)
+        try:
+            values[field.name] = _PARSERS.get(field.name, str)(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a valid {field.name.replace('_', ' ')}") from None
     return Settings(**values)  # type: ignore[arg-type]
-
-
-def _parse(name: str, raw: str, default: object) -> object:
-    try:
-        if isinstance(default, bool):
-            return raw.lower() in ("1", "true", "yes")
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-    except ValueError:
-        raise ConfigError(f"{Settings.env_name(name)}={raw!r} is not a number") from None
-    if isinstance(default, Path):
-        return Path(raw)
-    return raw

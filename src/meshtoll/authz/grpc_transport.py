@@ -11,7 +11,7 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from meshtoll.authz.authorizer import Authorizer
-from meshtoll.authz.verdict import Allow, CheckRequest, Deny
+from meshtoll.authz.verdict import Allow, CheckRequest, Deny, Headers
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _RESPONSE_CACHE_LIMIT = 50_000
@@ -31,9 +31,17 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
     ) -> external_auth_pb2.CheckResponse:
         check = check_request_from_envoy(request.attributes)
         verdict = self._authorizer.check(check)
-        if isinstance(verdict, Allow):
-            return self._allow(verdict)
-        return denied_response(verdict, check.request_id)
+        if not isinstance(verdict, Allow | Deny):
+            verdict = await verdict
+        if isinstance(verdict, Deny):
+            return denied_response(verdict, check.request_id)
+        if verdict.response_headers:
+            # Per-request RateLimit-* values: copied onto the shared response, never into it.
+            answer = external_auth_pb2.CheckResponse()
+            answer.CopyFrom(self._allow(verdict))
+            answer.ok_response.response_headers_to_add.extend(_header_options(verdict.response_headers))
+            return answer
+        return self._allow(verdict)
 
     def _allow(self, allow: Allow) -> external_auth_pb2.CheckResponse:
         key = (allow.headers, allow.remove_headers, allow.route)
@@ -71,12 +79,7 @@ def allowed_response(allow: Allow) -> external_auth_pb2.CheckResponse:
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
         ok_response=external_auth_pb2.OkHttpResponse(
-            headers=[
-                base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE
-                )
-                for name, value in allow.headers
-            ],
+            headers=_header_options(allow.headers),
             headers_to_remove=list(allow.remove_headers),
         ),
         dynamic_metadata=metadata,
@@ -89,12 +92,16 @@ def denied_response(deny: Deny, request_id: str) -> external_auth_pb2.CheckRespo
         status=status_pb2.Status(code=_GRPC_CODES.get(deny.status, code_pb2.PERMISSION_DENIED)),
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=deny.status),
-            headers=[
-                base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE
-                )
-                for name, value in headers
-            ],
+            headers=_header_options(headers),
             body=deny.body(request_id).decode(),
         ),
     )
+
+
+def _header_options(headers: Headers) -> list[base_pb2.HeaderValueOption]:
+    return [
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE
+        )
+        for name, value in headers
+    ]

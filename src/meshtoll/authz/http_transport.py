@@ -8,6 +8,8 @@ with its headers and body.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from meshtoll.authz.authorizer import Authorizer
 from meshtoll.authz.verdict import PEER_ADDRESS_HEADER, Allow, CheckRequest, Deny
 from meshtoll.httpserver import response
@@ -28,7 +30,9 @@ class HttpAuthzHandler:
         # An allow response depends only on its headers, so each distinct one is built once.
         self._allow_responses: dict[tuple[object, ...], bytes] = {}
 
-    def __call__(self, method: str, target: str, headers: dict[str, str], peer: str) -> bytes:
+    def __call__(
+        self, method: str, target: str, headers: dict[str, str], peer: str
+    ) -> bytes | Awaitable[bytes]:
         request = CheckRequest(
             method=method,
             path=target,
@@ -37,22 +41,34 @@ class HttpAuthzHandler:
             peer_uri_sans=uri_sans_from_xfcc(headers.get("x-forwarded-client-cert", "")),
         )
         verdict = self._authorizer.check(request)
-        if isinstance(verdict, Allow):
-            return self._allow(verdict)
-        return self._deny(verdict, request.request_id)
+        if isinstance(verdict, Allow | Deny):
+            return self._respond(verdict, request.request_id)
+        return self._respond_later(verdict, request.request_id)
 
-    def _allow(self, allow: Allow) -> bytes:
-        key = (allow.headers, allow.remove_headers)
+    async def _respond_later(self, pending: Awaitable[Allow | Deny], request_id: str) -> bytes:
+        return self._respond(await pending, request_id)
+
+    def _respond(self, verdict: Allow | Deny, request_id: str) -> bytes:
+        if isinstance(verdict, Deny):
+            return self._deny(verdict, request_id)
+        if verdict.response_headers:
+            # Per-request RateLimit-* values: Envoy adds these to the client's response
+            # (allowed_client_headers_on_success), so the cached form cannot carry them.
+            return response(200, "OK", self._allow_headers(verdict) + verdict.response_headers)
+        key = (verdict.headers, verdict.remove_headers)
         cached = self._allow_responses.get(key)
         if cached is None:
-            headers = allow.headers
-            if allow.remove_headers:
-                headers += (("x-envoy-auth-headers-to-remove", ",".join(allow.remove_headers)),)
-            cached = response(200, "OK", headers)
+            cached = response(200, "OK", self._allow_headers(verdict))
             if len(self._allow_responses) >= _ALLOW_CACHE_LIMIT:
                 self._allow_responses.clear()
             self._allow_responses[key] = cached
         return cached
+
+    @staticmethod
+    def _allow_headers(allow: Allow) -> tuple[tuple[str, str], ...]:
+        if not allow.remove_headers:
+            return allow.headers
+        return (*allow.headers, ("x-envoy-auth-headers-to-remove", ",".join(allow.remove_headers)))
 
     @staticmethod
     def _deny(deny: Deny, request_id: str) -> bytes:

@@ -43,6 +43,7 @@ class Allow:
     headers: Headers  # set on the upstream request, replacing any value the client sent
     remove_headers: tuple[str, ...]  # client-sent x-meshtoll-* headers meshtoll does not set
     metadata: Mapping[str, str]  # dynamic metadata for rate-limit descriptors and access logs
+    response_headers: Headers = ()  # added to the client's response (RateLimit-*)
 
 
 @dataclass(frozen=True, slots=True)

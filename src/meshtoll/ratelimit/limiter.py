@@ -1,0 +1,105 @@
+"""The limiter: one store round trip per decision, refusals remembered locally, and the
+configured failure policy when the store cannot answer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+from meshtoll.errors import StorageUnavailable
+from meshtoll.ratelimit.limits import Check, CheckResult, RateLimit
+from meshtoll.ratelimit.verdict import ADMITTED_WITHOUT_LIMITS, LimitVerdict, limit_verdict
+from meshtoll.storage.base import CounterStore
+
+log = logging.getLogger("meshtoll.ratelimit")
+
+FailureMode = Literal["open", "closed"]
+FAILURE_MODES: tuple[FailureMode, ...] = ("open", "closed")
+# Admitted without a store answer: the failure policy was "open".
+ADMITTED_BLIND = ADMITTED_WITHOUT_LIMITS
+_REFUSAL_CACHE_LIMIT = 100_000
+_FAILURE_LOG_INTERVAL_SECONDS = 5.0
+
+
+class Limiter:
+    def __init__(
+        self,
+        store: CounterStore,
+        *,
+        failure_mode: FailureMode = "open",
+        shadow: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.failure_mode = failure_mode
+        self.shadow = shadow  # global shadow mode: evaluate and count, never refuse
+        self._clock = clock
+        # Refused counters, until they could admit again: a client hammering a closed limit
+        # costs no store traffic until then.
+        self._refused_until: dict[tuple[str, RateLimit], float] = {}
+        self.outcomes: Counter[str] = Counter()
+        self._last_failure_log = 0.0
+
+    async def check(self, checks: Sequence[Check]) -> LimitVerdict:
+        """The verdict of one decision. Raises StorageUnavailable only under the "closed"
+        failure policy; under "open" an unanswered decision is admitted."""
+        if not checks:
+            return ADMITTED_WITHOUT_LIMITS
+        results = await self.results(checks)
+        if results is None:
+            return ADMITTED_BLIND
+        verdict = limit_verdict(checks, results, enforce=not self.shadow)
+        self.outcomes["admitted" if verdict.admitted else verdict.code] += 1
+        return verdict
+
+    async def results(self, checks: Sequence[Check]) -> list[CheckResult] | None:
+        """Each check's result, in one store round trip or none at all when a refused
+        counter is remembered; None when the store is unavailable under the "open" policy."""
+        now = self._clock()
+        cached = self._cached_refusal(checks, now)
+        if cached is not None:
+            self.outcomes["refused_from_cache"] += 1
+            return cached
+        try:
+            results = await self.store.check(checks, now)
+        except StorageUnavailable as exc:
+            self._store_failed(exc, now)
+            return None
+        self._remember_refusals(checks, results, now)
+        return results
+
+    def _cached_refusal(self, checks: Sequence[Check], now: float) -> list[CheckResult] | None:
+        if self.shadow or not self._refused_until:
+            return None
+        refused = False
+        results = []
+        for check in checks:
+            until = self._refused_until.get((check.key, check.limit))
+            if until is not None and until > now and not check.limit.shadow:
+                refused = True
+                results.append(CheckResult(False, check.limit.capacity, 0, until - now, until - now))
+            else:
+                # Not asked: the request is refused without a store round trip either way.
+                results.append(CheckResult(True, 0, check.limit.capacity, 0.0, 0.0))
+        return results if refused else None
+
+    def _remember_refusals(self, checks: Sequence[Check], results: Sequence[CheckResult], now: float) -> None:
+        for check, result in zip(checks, results, strict=True):
+            # Only a limit with nothing left, refusing a single hit: then no request of this
+            # counter can pass before retry_after, whatever its cost.
+            exhausted = result.remaining == 0 and check.cost <= 1
+            if exhausted and not result.allowed and result.retry_after > 0 and not check.limit.shadow:
+                if len(self._refused_until) >= _REFUSAL_CACHE_LIMIT:
+                    self._refused_until = {key: t for key, t in self._refused_until.items() if t > now}
+                self._refused_until[(check.key, check.limit)] = now + result.retry_after
+
+    def _store_failed(self, exc: StorageUnavailable, now: float) -> None:
+        self.outcomes[f"store_unavailable_{self.failure_mode}"] += 1
+        if now - self._last_failure_log >= _FAILURE_LOG_INTERVAL_SECONDS:
+            self._last_failure_log = now
+            log.warning("rate-limit store unavailable (failure policy %s): %s", self.failure_mode, exc)
+        if self.failure_mode == "closed":
+            raise exc

@@ -1,0 +1,71 @@
+"""`envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit` on grpc.aio: Envoy's
+protobufs in and out, the rate-limit service's decision in between."""
+
+from __future__ import annotations
+
+import grpc
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from envoy.type.v3 import ratelimit_unit_pb2
+from google.protobuf import duration_pb2
+
+from meshtoll.errors import StorageUnavailable
+from meshtoll.ratelimit.limits import RateLimit
+from meshtoll.ratelimit.service import Descriptor, DescriptorStatus, RateLimitService
+
+_Response = rls_pb2.RateLimitResponse
+_OK = _Response.OK
+_OVER_LIMIT = _Response.OVER_LIMIT
+
+
+class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
+    def __init__(self, service: RateLimitService) -> None:
+        self._service = service
+
+    async def ShouldRateLimit(
+        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
+    ) -> rls_pb2.RateLimitResponse:
+        descriptors = [descriptor_from_envoy(descriptor) for descriptor in request.descriptors]
+        # proto3 cannot tell an unset request-level hits_addend from 0: unset means 1.
+        hits = request.hits_addend or 1
+        try:
+            decision = await self._service.decide(request.domain, descriptors, hits)
+        except StorageUnavailable:
+            # The "closed" failure policy: UNAVAILABLE lets Envoy's failure_mode_deny refuse.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "rate-limit store unavailable")
+            raise  # abort raises; this line only tells the type checker
+        return _Response(
+            overall_code=_OVER_LIMIT if decision.over_limit else _OK,
+            statuses=[status_to_envoy(status) for status in decision.statuses],
+        )
+
+
+def descriptor_from_envoy(descriptor: ratelimit_pb2.RateLimitDescriptor) -> Descriptor:
+    entries = tuple((entry.key, entry.value) for entry in descriptor.entries)
+    override = None
+    if descriptor.HasField("limit"):
+        limit = descriptor.limit
+        period = ratelimit_unit_pb2.RateLimitUnit.Name(limit.unit).lower()
+        override = RateLimit(limit.requests_per_unit, period, name=f"{limit.requests_per_unit}/{period}")
+    hits = descriptor.hits_addend.value if descriptor.HasField("hits_addend") else None
+    return Descriptor(entries, override, hits)
+
+
+def status_to_envoy(status: DescriptorStatus) -> rls_pb2.RateLimitResponse.DescriptorStatus:
+    answer = _Response.DescriptorStatus(code=_OVER_LIMIT if status.over_limit else _OK)
+    if status.limit is not None:
+        answer.current_limit.CopyFrom(
+            _Response.RateLimit(
+                name=status.limit.name,
+                requests_per_unit=status.limit.capacity,
+                unit=_Response.RateLimit.Unit.Value(status.limit.period.upper()),
+            )
+        )
+        answer.limit_remaining = status.remaining
+        answer.duration_until_reset.CopyFrom(_duration(status.reset_seconds))
+    return answer
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    whole = int(seconds)
+    return duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))

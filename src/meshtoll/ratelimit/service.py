@@ -1,0 +1,150 @@
+"""The rate-limit service's decision, for Envoy's RLS requests: descriptors in, one status per
+descriptor out. Transport-free: the gRPC adapter (rls.py) translates Envoy's protobufs.
+
+Descriptors of the policy's domain (`ratelimit.domain`, "meshtoll" by default) name a tenant
+and optionally its route: each stands for one request of that tenant, checked against every
+limit the policy gives the tenant on that route, unless the route's limits are enforced in
+the authz call (then the descriptor is not counted again here). Descriptors of any other
+domain are matched against envoyproxy/ratelimit configuration files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from meshtoll.policy.reload import PolicyHolder
+from meshtoll.ratelimit.descriptor_config import (
+    UNLIMITED_REMAINING,
+    DescriptorConfigs,
+    counter_key,
+    resolve_replaces,
+)
+from meshtoll.ratelimit.limiter import Limiter
+from meshtoll.ratelimit.limits import Check, CheckResult, RateLimit
+from meshtoll.ratelimit.policy_limits import PolicyLimits
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    entries: tuple[tuple[str, str], ...]
+    override: RateLimit | None = None  # the limit Envoy sent with the descriptor, if any
+    hits_addend: int | None = None  # None: the request's
+
+
+@dataclass(frozen=True, slots=True)
+class DescriptorStatus:
+    over_limit: bool
+    limit: RateLimit | None  # the most restrictive limit that applied; None: no limit
+    remaining: int
+    reset_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitDecision:
+    over_limit: bool
+    statuses: tuple[DescriptorStatus, ...]
+
+
+NO_LIMIT = DescriptorStatus(False, None, 0, 0.0)
+UNLIMITED = DescriptorStatus(False, None, UNLIMITED_REMAINING, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """One descriptor's counter checks; `unlimited` when configured so (nothing counted)."""
+
+    checks: tuple[Check, ...] = ()
+    unlimited: bool = False
+
+    @property
+    def empty_status(self) -> DescriptorStatus:
+        return UNLIMITED if self.unlimited else NO_LIMIT
+
+
+class RateLimitService:
+    def __init__(
+        self,
+        policy: PolicyHolder,
+        limiter: Limiter,
+        descriptor_configs: Callable[[], DescriptorConfigs | None] = lambda: None,
+    ) -> None:
+        self._policy = policy
+        self._limiter = limiter
+        self._descriptor_configs = descriptor_configs
+        self._limits = PolicyLimits(policy.current)
+
+    async def decide(
+        self, domain: str, descriptors: Sequence[Descriptor], hits_addend: int
+    ) -> RateLimitDecision:
+        """Raises StorageUnavailable only under the "closed" failure policy."""
+        planned = self._plan(domain, descriptors, hits_addend)
+        checks = [check for each in planned for check in each.checks]
+        results = await self._limiter.results(checks) if checks else []
+        if results is None:  # the store is down and the failure policy is open
+            return RateLimitDecision(False, tuple(each.empty_status for each in planned))
+        statuses = []
+        position = 0
+        for each in planned:
+            statuses.append(self._status(each, results[position : position + len(each.checks)]))
+            position += len(each.checks)
+        return RateLimitDecision(any(status.over_limit for status in statuses), tuple(statuses))
+
+    def _plan(self, domain: str, descriptors: Sequence[Descriptor], hits_addend: int) -> list[_Planned]:
+        policy = self._policy.current
+        if domain == policy.policy.ratelimit.domain:
+            if self._limits.policy is not policy:
+                self._limits = PolicyLimits(policy)
+            return [
+                _Planned(_with_cost(self._policy_checks(descriptor), _hits(descriptor, hits_addend)))
+                for descriptor in descriptors
+            ]
+        configs = self._descriptor_configs()
+        matches = [None if configs is None else configs.match(domain, d.entries) for d in descriptors]
+        planned: list[_Planned] = []
+        for descriptor, match in zip(descriptors, resolve_replaces(matches), strict=True):
+            cost = _hits(descriptor, hits_addend)
+            if descriptor.override is not None:
+                # Envoy's own limit for this descriptor wins over any configured one.
+                override = Check(counter_key(domain, descriptor.entries), descriptor.override, cost)
+                planned.append(_Planned((override,)))
+            elif match is None:
+                planned.append(_Planned())
+            elif match.limit is None:
+                planned.append(_Planned(unlimited=True))
+            else:
+                planned.append(_Planned((Check(match.key, match.limit, cost),)))
+        return planned
+
+    def _policy_checks(self, descriptor: Descriptor) -> tuple[Check, ...]:
+        entries = dict(descriptor.entries)
+        tenant = entries.get("tenant")
+        if tenant is None:
+            return ()
+        checks = self._limits.checks(tenant, entries.get("route", ""), where="service")
+        if descriptor.override is not None:
+            # Envoy's per-descriptor limit replaces the policy's for this descriptor.
+            return tuple(Check(f"{check.key}_override", descriptor.override) for check in checks[:1])
+        return checks
+
+    def _status(self, planned: _Planned, results: Sequence[CheckResult]) -> DescriptorStatus:
+        if not planned.checks:
+            return planned.empty_status
+        enforce = not self._limiter.shadow
+        pairs = list(zip(planned.checks, results, strict=True))
+        refusing = [pair for pair in pairs if not pair[1].allowed and not pair[0].limit.shadow and enforce]
+        if refusing:
+            check, result = max(refusing, key=lambda pair: pair[1].retry_after)
+            return DescriptorStatus(True, check.limit, 0, result.retry_after)
+        check, result = min(pairs, key=lambda pair: pair[1].remaining)
+        return DescriptorStatus(False, check.limit, result.remaining, result.reset_seconds)
+
+
+def _hits(descriptor: Descriptor, request_hits: int) -> int:
+    return request_hits if descriptor.hits_addend is None else descriptor.hits_addend
+
+
+def _with_cost(checks: tuple[Check, ...], cost: int) -> tuple[Check, ...]:
+    if cost == 1:
+        return checks
+    return tuple(Check(check.key, check.limit, cost) for check in checks)

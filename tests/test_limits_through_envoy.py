@@ -1,0 +1,158 @@
+"""Limits and quotas through a real Envoy and a real Redis: the fused authz path on both
+transports, and Envoy's ratelimit filter calling meshtoll's rate-limit service."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from meshtoll.devstack import LocalStack
+from tests.client import Reply, fetch
+from tests.conftest import StartStack
+
+pytestmark = pytest.mark.integration
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+TENANTS = {
+    # tenant: (plan, key)
+    "fused-http": ("five-a-minute", "k-fused-http"),
+    "fused-grpc": ("five-a-minute", "k-fused-grpc"),
+    "monthly": ("three-a-month", "k-monthly"),
+    "bucket": ("bucket", "k-bucket"),
+    "rls": ("five-a-minute", "k-rls"),
+    "shared": ("twenty-an-hour", "k-shared"),
+    "shared-bucket": ("bucket-twenty", "k-shared-bucket"),
+    "shadowed": ("shadowed", "k-shadowed"),
+}
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tenants = "".join(
+        f"  {name}: {{plan: {plan}, api_keys: [{{id: {name}-key, sha256: {sha(key)}}}]}}\n"
+        for name, (plan, key) in TENANTS.items()
+    )
+    path = tmp_path_factory.mktemp("limits") / "policy.yaml"
+    path.write_text(f"""
+plans:
+  five-a-minute: {{limits: [{{requests: 5, per: minute}}]}}
+  three-a-month: {{limits: [{{requests: 100, per: second}}, {{requests: 3, per: month, name: monthly}}]}}
+  bucket: {{limits: [{{requests: 1, per: hour, algorithm: token_bucket, burst: 4}}]}}
+  twenty-an-hour: {{limits: [{{requests: 20, per: hour}}]}}
+  bucket-twenty: {{limits: [{{requests: 1, per: hour, algorithm: token_bucket, burst: 20}}]}}
+  shadowed: {{limits: [{{requests: 1, per: hour, shadow: true}}]}}
+tenants:
+{tenants}
+routes:
+  - {{prefix: /rls/, name: rls-route, enforced_in: service, limits: [{{requests: 2, per: minute}}]}}
+""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(start_stack: StartStack, policy: Path) -> LocalStack:
+    return start_stack(policy)
+
+
+def call(stack: LocalStack, listener: str, tenant: str, path: str = "/v1/items") -> Reply:
+    return fetch(stack.url(listener, path), headers={"x-api-key": TENANTS[tenant][1]})
+
+
+@pytest.mark.parametrize(
+    ("listener", "tenant"),
+    [("listen_http_authz_port", "fused-http"), ("listen_grpc_authz_port", "fused-grpc")],
+)
+def test_fused_path_gives_exactly_five_then_429_with_ratelimit_headers(
+    stack: LocalStack, listener: str, tenant: str
+) -> None:
+    replies = [call(stack, listener, tenant) for _ in range(7)]
+    assert [reply.status for reply in replies] == [200] * 5 + [429] * 2
+    assert [reply.headers["ratelimit-remaining"] for reply in replies[:5]] == ["4", "3", "2", "1", "0"]
+    assert replies[0].headers["ratelimit-limit"] == "5"
+    refused = replies[5]
+    assert refused.json()["error"] == "rate_limited"
+    assert refused.json()["request_id"]
+    assert refused.headers["ratelimit-remaining"] == "0"
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.headers["retry-after"] == refused.headers["ratelimit-reset"]
+
+
+def test_a_monthly_quota_answers_quota_exceeded(stack: LocalStack) -> None:
+    replies = [call(stack, "listen_http_authz_port", "monthly") for _ in range(4)]
+    assert [reply.status for reply in replies] == [200, 200, 200, 429]
+    assert replies[3].json()["error"] == "quota_exceeded"
+    assert "monthly" in replies[3].json()["message"]
+
+
+def test_a_token_bucket_admits_its_burst(stack: LocalStack) -> None:
+    statuses = [call(stack, "listen_grpc_authz_port", "bucket").status for _ in range(6)]
+    assert statuses == [200] * 4 + [429] * 2
+
+
+def test_shadow_limits_are_counted_but_never_refuse(stack: LocalStack) -> None:
+    assert {call(stack, "listen_http_authz_port", "shadowed").status for _ in range(4)} == {200}
+    quota = fetch(f"{stack.meshtoll_admin_url}/api/tenants/shadowed/quota").json()
+    assert quota["limits"][0]["used"] == 4
+
+
+def test_the_rls_filter_enforces_routes_the_policy_gives_to_the_service(stack: LocalStack) -> None:
+    replies = [call(stack, "listen_rls_port", "rls", "/rls/x") for _ in range(4)]
+    assert [reply.status for reply in replies] == [200, 200, 429, 429]
+    # Envoy's ratelimit filter adds the draft RateLimit headers from meshtoll's statuses.
+    assert replies[0].headers["x-ratelimit-limit"].startswith("2")
+    assert replies[1].headers["x-ratelimit-remaining"] == "0"
+    # The fused path did not count these requests a second time.
+    quota = fetch(f"{stack.meshtoll_admin_url}/api/tenants/rls/quota").json()
+    assert {entry["scope"]: entry["used"] for entry in quota["limits"]} == {"tenant": 2, "route:rls-route": 2}
+
+
+def test_quota_api_reports_each_limit(stack: LocalStack) -> None:
+    for _ in range(2):
+        call(stack, "listen_http_authz_port", "shared")
+    quota = fetch(f"{stack.meshtoll_admin_url}/api/tenants/shared/quota").json()
+    assert quota["tenant"] == "shared"
+    limit, route_limit = quota["limits"]
+    assert (route_limit["scope"], route_limit["used"]) == ("route:rls-route", 0)
+    assert {key: limit[key] for key in ("name", "algorithm", "limit", "per", "used", "remaining")} == {
+        "name": "20/hour",
+        "algorithm": "fixed_window",
+        "limit": 20,
+        "per": "hour",
+        "used": 2,
+        "remaining": 18,
+    }
+    assert 0 < limit["reset_seconds"] <= 3600
+    missing = fetch(f"{stack.meshtoll_admin_url}/api/tenants/nobody/quota")
+    assert (missing.status, missing.json()["error"]) == (404, "unknown_tenant")
+
+
+@pytest.mark.parametrize("tenant", ["shared", "shared-bucket"])
+def test_two_worker_processes_on_one_redis_never_overshoot(
+    start_stack: StartStack, policy: Path, tenant: str
+) -> None:
+    stack = start_stack(policy, workers=2)
+    already = fetch(f"{stack.meshtoll_admin_url}/api/tenants/{tenant}/quota").json()["limits"][0]["used"]
+    statuses: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    def client() -> None:
+        for _ in range(10):
+            status = call(stack, "listen_http_authz_port", tenant).status
+            with lock:
+                statuses[status] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses[200] == 20 - already
+    assert statuses[429] == 80 - (20 - already)
