@@ -27,8 +27,11 @@ class StartStack(Protocol):
         authz_stub: bool = False,
         redis: bool = True,
         workers: int = 1,
+        redis_url: str | None = None,
+        serve_args: tuple[str, ...] = (),
     ) -> LocalStack:
-        """A running stack; `policy=None` runs no meshtoll, `redis=False` its in-memory store."""
+        """A running stack; `policy=None` runs no meshtoll, `redis=False` its in-memory store;
+        `redis_url` another Redis than the session's; `serve_args` more serve flags."""
         ...
 
 
@@ -58,6 +61,7 @@ def start_stack(
     redis_url: str,
     pki: TestPki,
 ) -> Iterator[StartStack]:
+    session_redis_url = redis_url
     running: dict[tuple[object, ...], LocalStack] = {}
     with ExitStack() as cleanup:
 
@@ -68,12 +72,15 @@ def start_stack(
             authz_stub: bool = False,
             redis: bool = True,
             workers: int = 1,
+            redis_url: str | None = None,
+            serve_args: tuple[str, ...] = (),
         ) -> LocalStack:
-            key = (policy, mtls, authz_stub, redis, workers)
+            key = (policy, mtls, authz_stub, redis, workers, redis_url, serve_args)
             if key not in running:
                 config = StackConfig(
                     policy=policy,
-                    redis_url=redis_url if redis else None,
+                    redis_url=(redis_url or session_redis_url) if redis else None,
+                    serve_args=serve_args,
                     mtls=pki.server if mtls else None,
                     authz_stub=authz_stub,
                     workers=workers,

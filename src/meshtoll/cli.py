@@ -52,12 +52,15 @@ def _parser() -> argparse.ArgumentParser:
         ("--admin-port", "admin_port", int, "admin HTTP port: /healthz, /readyz, /api/*"),
         ("--redis-url", "redis_url", str, "Redis URL for shared state"),
         ("--workers", "workers", int, "worker processes sharing the ports"),
+        ("--policy-poll-seconds", "policy_poll_seconds", float, "how often to check the policy file"),
+        ("--ratelimit-config", "ratelimit_config", Path, "directory of envoyproxy/ratelimit YAML files"),
         (
-            "--policy-poll-seconds",
-            "policy_poll_seconds",
-            float,
-            "how often to check the policy file",
+            "--ratelimit-failure-mode",
+            "ratelimit_failure_mode",
+            str,
+            "without Redis: open (allow) or closed (refuse)",
         ),
+        ("--redis-timeout-ms", "redis_timeout_ms", int, "bound on each Redis round trip"),
     ):
         default = getattr(defaults, field)
         serve.add_argument(

@@ -54,11 +54,13 @@ def _make_work_dir(given: Path | None, prefix: str, cleanup: ExitStack) -> Path:
 class RedisServer:
     """A throwaway redis-server on a free loopback port, persisting nothing."""
 
-    def __init__(self, work_dir: Path | None = None, binary: Path | None = None) -> None:
+    def __init__(
+        self, work_dir: Path | None = None, binary: Path | None = None, port: int | None = None
+    ) -> None:
         self._binary = binary or find_redis_server()
         self._work_dir = work_dir
         self._cleanup = ExitStack()
-        self.port = 0
+        self.port = port or 0
 
     @property
     def url(self) -> str:
@@ -69,7 +71,8 @@ class RedisServer:
             raise ProcessStartError("redis-server is not installed (e.g. apt-get install redis-server)")
         with self._cleanup:
             directory = _make_work_dir(self._work_dir, "meshtoll-redis-", self._cleanup)
-            (self.port,) = free_ports(1)
+            if not self.port:
+                (self.port,) = free_ports(1)
             argv = [str(self._binary), "--bind", "127.0.0.1", "--port", str(self.port)]
             argv += ["--save", "", "--appendonly", "no", "--dir", str(directory)]
             child = Child("redis-server", argv, directory / "redis.log")
@@ -96,6 +99,7 @@ class StackConfig:
     fixed_ports: dict[str, int] = field(default_factory=dict)  # EnvoyPorts field or "meshtoll_admin_port"
     envoy_log_level: str = "warn"
     envoy_concurrency: int = 1  # worker threads; one makes benchmark rows comparable
+    serve_args: tuple[str, ...] = ()  # more `meshtoll serve` flags
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +178,7 @@ class LocalStack:
         argv += ["--admin-port", str(ports.meshtoll_admin_port), "--workers", str(self.config.workers)]
         if self.config.redis_url is not None:
             argv += ["--redis-url", self.config.redis_url]
+        argv += self.config.serve_args
         return self._spawn("meshtoll", argv), http_ok(f"{self.meshtoll_admin_url}/readyz")
 
     def _start_envoy(self) -> tuple[Child, Probe]:

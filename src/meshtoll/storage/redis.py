@@ -12,6 +12,9 @@ that keeps failing.
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
+import secrets
 import ssl
 from collections.abc import Sequence
 from importlib import resources
@@ -20,7 +23,9 @@ from typing import Any
 import redis.asyncio
 import redis.exceptions
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
 from meshtoll.errors import StorageUnavailable
@@ -38,7 +43,7 @@ class RedisCounterStore:
         self.target = parse_redis_url(url)
         self.timeout = timeout_ms / 1000
         self.breaker = breaker or CircuitBreaker()
-        self._client = _client(self.target, self.timeout)
+        self._client, self._sentinels = _client(self.target, self.timeout)
         self._script = self._client.register_script(CHECK_SCRIPT())
         self._cluster = self.target.topology == "cluster"
 
@@ -64,9 +69,12 @@ class RedisCounterStore:
 
     async def close(self) -> None:
         await self._client.aclose()
+        for sentinel in self._sentinels:
+            await sentinel.aclose()
 
     async def _run(self, plans: list[algorithms.Plan], group: list[int], now_ms: int) -> list[Any]:
         keys = [key for i in group for key in plans[i].keys]
+        keys.append(decision_marker(keys[0]))
         arguments = [now_ms, *(value for i in group for value in plans[i].arguments())]
         reply: list[Any] = await self._script(keys=keys, args=arguments)
         return reply
@@ -91,6 +99,25 @@ class RedisCounterStore:
         return list(replies)
 
 
+def decision_marker(first_key: str) -> str:
+    """A fresh key in the same Cluster slot as `first_key`, naming one decision."""
+    start = first_key.find("{")
+    end = first_key.find("}", start + 1) if start != -1 else -1
+    if start != -1 and end > start + 1:
+        base = first_key  # its hash tag decides the slot, suffix or not
+    elif "}" not in first_key:
+        base = f"{{{first_key}}}"  # an untagged key hashes whole: as a tag it hashes the same
+    else:
+        base = f"{{{_tag_for_slot(key_slot(first_key.encode()))}}}"
+    return f"{base}_decision_{secrets.token_hex(8)}"
+
+
+@functools.cache
+def _tag_for_slot(slot: int) -> str:
+    # For the rare untagged key with a stray '}': the first short text hashing to its slot.
+    return next(text for text in map(str, itertools.count()) if key_slot(text.encode()) == slot)
+
+
 def _by_slot(plans: list[algorithms.Plan]) -> list[list[int]]:
     groups: dict[int, list[int]] = {}
     for index, plan in enumerate(plans):
@@ -98,17 +125,21 @@ def _by_slot(plans: list[algorithms.Plan]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _client(target: RedisTarget, timeout: float) -> Any:
+def _client(target: RedisTarget, timeout: float) -> tuple[Any, list[Any]]:
+    """The client, and the Sentinel connections it was found through (closed with it)."""
     options: dict[str, Any] = {
+        # One quick retry inside redis-py (a stale cluster slot map, a dropped connection):
+        # safe, because the script recognises a decision that already ran by its marker.
+        "retry": Retry(NoBackoff(), 1),
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "password": target.password,
         "username": target.username,
     }
     if target.topology == "standalone":
-        return redis.asyncio.Redis.from_url(target.url, retry_on_timeout=False, **options)
+        return redis.asyncio.Redis.from_url(target.url, **options), []
     if target.topology == "sentinel":
         sentinel = Sentinel(list(target.nodes), sentinel_kwargs={"socket_timeout": timeout}, **options)  # type: ignore[no-untyped-call]
-        return sentinel.master_for(target.service, db=target.db)
+        return sentinel.master_for(target.service, db=target.db), list(sentinel.sentinels)
     nodes = [ClusterNode(host, port) for host, port in target.nodes]
-    return RedisCluster(startup_nodes=nodes, ssl=target.tls, **options)
+    return RedisCluster(startup_nodes=nodes, ssl=target.tls, **options), []

@@ -1,0 +1,83 @@
+"""Redis stopped mid-traffic, then restarted: the "open" policy keeps admitting, the
+"closed" one refuses with 503, no request waits longer than the bound, and service comes
+back without a restart."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pytest
+
+from meshtoll.devstack import LocalStack, RedisServer
+from meshtoll.processes import free_ports
+from tests.client import fetch
+from tests.conftest import StartStack
+
+pytestmark = pytest.mark.integration
+
+KEY = "k-failure"
+BOUND_SECONDS = 0.25  # Envoy's ext_authz timeout; meshtoll answers well inside it
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("failure") / "policy.yaml"
+    digest = hashlib.sha256(KEY.encode()).hexdigest()
+    path.write_text(
+        "plans: {roomy: {limits: [{requests: 100000, per: hour}]}}\n"
+        f"tenants: {{acme: {{plan: roomy, api_keys: [{{id: k, sha256: {digest}}}]}}}}\n"
+        "routes: [{prefix: /rls/, name: rls, enforced_in: service}]\n"
+    )
+    return path
+
+
+@pytest.fixture
+def redis_port() -> int:
+    (port,) = free_ports(1)
+    return port
+
+
+def timed(stack: LocalStack, listener: str, path: str = "/v1/x") -> tuple[int, str, float]:
+    started = time.monotonic()
+    reply = fetch(stack.url(listener, path), headers={"x-api-key": KEY})
+    error = reply.json().get("error", "") if reply.headers.get("content-type") == "application/json" else ""
+    return reply.status, error, time.monotonic() - started
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_redis_outage_follows_the_failure_policy_and_recovers(
+    start_stack: StartStack, policy: Path, tmp_path: Path, redis_port: int, mode: str
+) -> None:
+    redis = RedisServer(tmp_path / "redis", port=redis_port)
+    redis.__enter__()
+    try:
+        stack = start_stack(
+            policy,
+            redis_url=redis.url,
+            serve_args=("--ratelimit-failure-mode", mode, "--redis-timeout-ms", "50"),
+        )
+        assert timed(stack, "listen_http_authz_port")[0] == 200
+    finally:
+        redis.__exit__(None, None, None)
+
+    http = [timed(stack, "listen_http_authz_port") for _ in range(10)]
+    grpc = [timed(stack, "listen_grpc_authz_port") for _ in range(10)]
+    rls = [timed(stack, "listen_rls_port", "/rls/x") for _ in range(5)]
+    assert max(elapsed for _, _, elapsed in http + grpc + rls) < BOUND_SECONDS
+    if mode == "open":
+        assert {status for status, _, _ in http + grpc + rls} == {200}
+    else:
+        # Envoy turns any 5xx of an HTTP authz service into its own status_on_error (503),
+        # without the body; the gRPC transport carries meshtoll's JSON error through.
+        assert {status for status, _, _ in http} == {503}
+        assert {(status, error) for status, error, _ in grpc} == {(503, "ratelimit_unavailable")}
+        assert {status for status, _, _ in rls} == {503}  # the ratelimit filter's failure_mode_deny
+
+    with RedisServer(tmp_path / "redis-again", port=redis_port):
+        deadline = time.monotonic() + 10
+        while timed(stack, "listen_http_authz_port")[0] != 200:
+            assert time.monotonic() < deadline, "meshtoll did not recover when Redis came back"
+            time.sleep(0.1)
+        assert timed(stack, "listen_rls_port", "/rls/x")[0] == 200
