@@ -126,6 +126,7 @@ class LocalStack:
         self.config = config
         self.ports = StackPorts.allocate(config.fixed_ports)
         self.work_dir = Path()
+        self.children: dict[str, Child] = {}
         self._cleanup = ExitStack()
 
     def url(self, port_name: str, path: str = "/") -> str:
@@ -163,6 +164,7 @@ class LocalStack:
     def _spawn(self, name: str, argv: list[str]) -> Child:
         child = Child(name, argv, self.work_dir / f"{name}.log")
         self._cleanup.callback(child.stop)
+        self.children[name] = child
         return child
 
     def _start_upstream(self) -> tuple[Child, Probe]:
