@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import itertools
 import secrets
 import ssl
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
+import hiredis
 import redis.asyncio
 import redis.exceptions
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -32,6 +34,7 @@ from meshtoll.errors import StorageUnavailable
 from meshtoll.ratelimit.limits import Check, CheckResult
 from meshtoll.storage import algorithms
 from meshtoll.storage.breaker import CircuitBreaker
+from meshtoll.storage.resp import LeanRedis, encode
 from meshtoll.storage.urls import RedisTarget, parse_redis_url
 
 _FAILURES = (redis.exceptions.RedisError, OSError, TimeoutError, ssl.SSLError)
@@ -43,9 +46,12 @@ class RedisCounterStore:
         self.target = parse_redis_url(url)
         self.timeout = timeout_ms / 1000
         self.breaker = breaker or CircuitBreaker()
-        self._client, self._sentinels = _client(self.target, self.timeout)
-        self._script = self._client.register_script(CHECK_SCRIPT())
         self._cluster = self.target.topology == "cluster"
+        self._runner: _LeanRunner | _RedisPyRunner
+        if self.target.topology == "standalone":
+            self._runner = _LeanRunner(self.target, self.timeout)
+        else:
+            self._runner = _RedisPyRunner(self.target, self.timeout)
 
     async def check(self, checks: Sequence[Check], now: float) -> list[CheckResult]:
         if not checks:
@@ -63,21 +69,20 @@ class RedisCounterStore:
 
     async def ping(self) -> bool:
         try:
-            return bool(await asyncio.wait_for(self._client.ping(), self.timeout * 4))
+            async with asyncio.timeout(self.timeout * 4):
+                return await self._runner.ping()
         except _FAILURES:
             return False
 
     async def close(self) -> None:
-        await self._client.aclose()
-        for sentinel in self._sentinels:
-            await sentinel.aclose()
+        await self._runner.close()
 
     async def _run(self, plans: list[algorithms.Plan], group: list[int], now_ms: int) -> list[Any]:
         keys = [key for i in group for key in plans[i].keys]
-        keys.append(decision_marker(keys[0]))
+        if self._runner.retries:
+            keys.append(decision_marker(keys[0]))
         arguments = [now_ms, *(value for i in group for value in plans[i].arguments())]
-        reply: list[Any] = await self._script(keys=keys, args=arguments)
-        return reply
+        return await self._runner.run(keys, arguments)
 
     async def _guarded(self, *calls: Any) -> list[list[Any]]:
         if not self.breaker.allows():
@@ -88,7 +93,7 @@ class RedisCounterStore:
             # The client's own socket timeouts bound each read; this bounds the whole call,
             # connection set-up and retries included.
             async with asyncio.timeout(self.timeout * 2):
-                replies = await asyncio.gather(*calls)
+                replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         except _FAILURES as exc:
             self.breaker.failed()
             raise StorageUnavailable(f"Redis did not answer: {type(exc).__name__}: {exc}") from None
@@ -125,8 +130,66 @@ def _by_slot(plans: list[algorithms.Plan]) -> list[list[int]]:
     return list(groups.values())
 
 
+class _LeanRunner:
+    """Standalone Redis through the pipelining client (storage/resp.py): the hot path."""
+
+    # Never resends a decision that may have run (a timeout drops the connection instead),
+    # so its calls need no decision marker.
+    retries = False
+
+    def __init__(self, target: RedisTarget, timeout: float) -> None:
+        host, port = target.nodes[0]
+        self._redis = LeanRedis(
+            host, port, timeout=timeout, db=target.db, password=target.password, username=target.username,
+            tls=target.tls,
+        )  # fmt: skip
+        self._script = CHECK_SCRIPT().encode()
+        self._sha = hashlib.sha1(self._script).hexdigest()
+
+    async def run(self, keys: list[str], arguments: list[int]) -> list[Any]:
+        command = encode(["EVALSHA", self._sha, len(keys), *keys, *arguments])
+        reply = await self._redis.call(command)
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            # A restarted or flushed Redis forgot the script; the decision marker makes the
+            # second attempt safe even if the first had run.
+            await self._redis.call(encode(["SCRIPT", "LOAD", self._script]))
+            reply = await self._redis.call(command)
+        if isinstance(reply, hiredis.ReplyError):
+            raise StorageUnavailable(f"Redis refused the decision script: {reply}")
+        assert isinstance(reply, list)
+        return reply
+
+    async def ping(self) -> bool:
+        return await self._redis.call(encode(["PING"])) == b"PONG"
+
+    async def close(self) -> None:
+        await self._redis.close()
+
+
+class _RedisPyRunner:
+    """Sentinel and Cluster through redis-py, which finds the master or the slot's node."""
+
+    retries = True  # redis-py may resend after a lost reply: every call carries a marker
+
+    def __init__(self, target: RedisTarget, timeout: float) -> None:
+        self._client, self._sentinels = _client(target, timeout)
+        self._script = self._client.register_script(CHECK_SCRIPT())
+
+    async def run(self, keys: list[str], arguments: list[int]) -> list[Any]:
+        reply: list[Any] = await self._script(keys=keys, args=arguments)
+        return reply
+
+    async def ping(self) -> bool:
+        return bool(await self._client.ping())
+
+    async def close(self) -> None:
+        await self._client.aclose()
+        for sentinel in self._sentinels:
+            await sentinel.aclose()
+
+
 def _client(target: RedisTarget, timeout: float) -> tuple[Any, list[Any]]:
-    """The client, and the Sentinel connections it was found through (closed with it)."""
+    """A redis-py client, and the Sentinel connections it was found through (closed with it)."""
     options: dict[str, Any] = {
         # One quick retry inside redis-py (a stale cluster slot map, a dropped connection):
         # safe, because the script recognises a decision that already ran by its marker.

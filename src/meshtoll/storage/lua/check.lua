@@ -2,9 +2,10 @@
 -- check admits its cost, consume every cost; otherwise consume nothing.
 -- The same algorithms as meshtoll/storage/algorithms.py (keep the two in step).
 --
--- KEYS[#KEYS] this decision's marker: when present the decision already ran (a client
---             retried after a lost reply) and its stored answer is returned unchanged, so a
---             retry never counts twice. It lives in the same slot as KEYS[1].
+-- KEYS[#KEYS] only when #KEYS is odd: this decision's marker. When present the decision
+--             already ran (a client retried after a lost reply) and its stored answer is
+--             returned unchanged, so a retry never counts twice. Same slot as KEYS[1].
+--             Clients that never retry a decision that may have run send no marker.
 -- KEYS[2i-1]  check i's first counter: fixed window -> the current window's count;
 --             sliding window -> the current window's count; token bucket -> its TAT (ms)
 -- KEYS[2i]    check i's second counter: sliding window -> the previous window's count;
@@ -21,14 +22,17 @@
 -- Returns, per check: {admits (0/1), first counter after the decision, second counter}.
 
 local MARKER_TTL_MS = 10000
-local marker = KEYS[#KEYS]
-local done = redis.call('GET', marker)
-if done then
-  return cjson.decode(done)
+local marker = nil
+if #KEYS % 2 == 1 then
+  marker = KEYS[#KEYS]
+  local done = redis.call('GET', marker)
+  if done then
+    return cjson.decode(done)
+  end
 end
 
 local now = tonumber(ARGV[1])
-local count = (#KEYS - 1) / 2
+local count = math.floor(#KEYS / 2)
 local plans = {}
 local admitted = true
 
@@ -74,5 +78,7 @@ for i = 1, count do
   answer[3 * i - 1] = p.first
   answer[3 * i] = p.second
 end
-redis.call('SET', marker, cjson.encode(answer), 'PX', MARKER_TTL_MS)
+if marker then
+  redis.call('SET', marker, cjson.encode(answer), 'PX', MARKER_TTL_MS)
+end
 return answer

@@ -1,0 +1,155 @@
+"""A lean Redis client for the decision hot path: one connection, automatic pipelining.
+
+Every command issued during one turn of the event loop goes out in a single write, and
+hiredis (C) parses the replies, so concurrent decisions share syscalls and parsing costs a
+few microseconds. redis-py's asyncio client spends about 100 µs of CPU per command on this
+machine, more than the whole HTTP authz decision; this costs a fraction of that. Replies
+come back in order, so a request that times out breaks the connection: it is closed, every
+pending request fails, and the next call reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import Sequence
+
+import hiredis
+
+Argument = bytes | str | int
+
+
+class ConnectionLost(ConnectionError):
+    pass
+
+
+def encode(arguments: Sequence[Argument]) -> bytes:
+    """A RESP array of bulk strings. Built as text when it can be: one encode at the end is
+    several times cheaper than formatting every argument as bytes."""
+    texts = [
+        argument if isinstance(argument, str) else str(argument)
+        for argument in arguments
+        if not isinstance(argument, bytes)
+    ]
+    if len(texts) == len(arguments) and all(text.isascii() for text in texts):
+        body = "".join(f"${len(text)}\r\n{text}\r\n" for text in texts)
+        return f"*{len(texts)}\r\n{body}".encode()
+    parts = [b"*%d\r\n" % len(arguments)]
+    for argument in arguments:
+        data = argument if isinstance(argument, bytes) else str(argument).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class RespProtocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self._reader = hiredis.Reader()
+        self._pending: deque[asyncio.Future[object]] = deque()
+        self._outgoing: list[bytes] = []
+        self._transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while (reply := self._reader.gets()) is not False:
+            future = self._pending.popleft()
+            if not future.done():
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(ConnectionLost(f"connection to Redis lost: {exc or 'closed by the server'}"))
+
+    def send(self, command: bytes) -> asyncio.Future[object]:
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        if self.closed:
+            future.set_exception(ConnectionLost("connection to Redis closed"))
+            return future
+        self._pending.append(future)
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outgoing.append(command)
+        return future
+
+    def fail(self, error: Exception) -> None:
+        self.closed = True
+        while self._pending:
+            future = self._pending.popleft()
+            if not future.done():
+                future.set_exception(error)
+        if self._transport is not None:
+            self._transport.close()
+
+    def _flush(self) -> None:
+        if self._transport is not None and not self.closed:
+            self._transport.write(b"".join(self._outgoing))
+        self._outgoing.clear()
+
+
+class LeanRedis:
+    """One pipelined connection to a standalone Redis, opened on first use."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float,
+        db: int = 0,
+        password: str | None = None,
+        username: str | None = None,
+        tls: bool = False,
+    ) -> None:
+        self._address = (host, port)
+        self._timeout = timeout
+        self._setup = []
+        if password is not None:
+            self._setup.append(encode(["AUTH", username, password] if username else ["AUTH", password]))
+        if db:
+            self._setup.append(encode(["SELECT", db]))
+        self._tls = ssl.create_default_context() if tls else None
+        self._protocol: RespProtocol | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    async def call(self, command: bytes) -> object:
+        """Send one encoded command; its reply (a hiredis.ReplyError for an error reply)."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            protocol = await self._connect()
+        future = protocol.send(command)
+        timer = asyncio.get_running_loop().call_later(self._timeout, self._expire, protocol, future)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    async def close(self) -> None:
+        if self._protocol is not None:
+            self._protocol.fail(ConnectionLost("client closed"))
+            self._protocol = None
+
+    def _expire(self, protocol: RespProtocol, future: asyncio.Future[object]) -> None:
+        if not future.done():
+            # The reply may still come, out of step with the next request's: drop the connection.
+            protocol.fail(TimeoutError(f"Redis did not answer within {self._timeout * 1000:.0f} ms"))
+
+    async def _connect(self) -> RespProtocol:
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._protocol is not None and not self._protocol.closed:
+                return self._protocol
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(self._timeout):
+                _, protocol = await loop.create_connection(RespProtocol, *self._address, ssl=self._tls)
+                for command in self._setup:
+                    reply = await protocol.send(command)
+                    if isinstance(reply, hiredis.ReplyError):
+                        protocol.fail(ConnectionLost(str(reply)))
+                        raise ConnectionLost(f"Redis refused the connection set-up: {reply}")
+            self._protocol = protocol
+            return protocol
