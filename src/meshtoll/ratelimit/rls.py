@@ -52,7 +52,9 @@ def descriptor_from_envoy(descriptor: ratelimit_pb2.RateLimitDescriptor) -> Desc
 
 
 def status_to_envoy(status: DescriptorStatus) -> rls_pb2.RateLimitResponse.DescriptorStatus:
-    answer = _Response.DescriptorStatus(code=_OVER_LIMIT if status.over_limit else _OK)
+    answer = _Response.DescriptorStatus(
+        code=_OVER_LIMIT if status.over_limit else _OK, limit_remaining=status.remaining
+    )
     if status.limit is not None:
         answer.current_limit.CopyFrom(
             _Response.RateLimit(
@@ -61,7 +63,6 @@ def status_to_envoy(status: DescriptorStatus) -> rls_pb2.RateLimitResponse.Descr
                 unit=_Response.RateLimit.Unit.Value(status.limit.period.upper()),
             )
         )
-        answer.limit_remaining = status.remaining
         answer.duration_until_reset.CopyFrom(_duration(status.reset_seconds))
     return answer
 

@@ -145,9 +145,10 @@ class _LeanRunner:
         )  # fmt: skip
         self._script = CHECK_SCRIPT().encode()
         self._sha = hashlib.sha1(self._script).hexdigest()
+        self._head = f"$7\r\nEVALSHA\r\n$40\r\n{self._sha}\r\n"
 
     async def run(self, keys: list[str], arguments: list[int]) -> list[Any]:
-        command = encode(["EVALSHA", self._sha, len(keys), *keys, *arguments])
+        command = self._evalsha(keys, arguments)
         reply = await self._redis.call(command)
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             # A restarted or flushed Redis forgot the script; the decision marker makes the
@@ -158,6 +159,15 @@ class _LeanRunner:
             raise StorageUnavailable(f"Redis refused the decision script: {reply}")
         assert isinstance(reply, list)
         return reply
+
+    def _evalsha(self, keys: list[str], arguments: list[int]) -> bytes:
+        # The hot path's one allocation-heavy step, so built as one text: the fixed head
+        # once, each key and number as a RESP bulk string, encoded in a single call.
+        items = [*keys, *map(str, arguments)]
+        body = "".join([f"${len(item)}\r\n{item}\r\n" for item in items])
+        if not body.isascii():  # a key with non-ASCII text: lengths must count bytes
+            return encode(["EVALSHA", self._sha, len(keys), *keys, *arguments])
+        return f"*{len(items) + 3}\r\n{self._head}${len(str(len(keys)))}\r\n{len(keys)}\r\n{body}".encode()
 
     async def ping(self) -> bool:
         return await self._redis.call(encode(["PING"])) == b"PONG"

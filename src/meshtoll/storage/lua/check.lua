@@ -71,7 +71,10 @@ for i = 1, count do
       redis.call('SET', KEYS[2 * i - 1], p.first, 'PX', p.expire)
     else
       p.first = redis.call('INCRBY', KEYS[2 * i - 1], p.cost)
-      redis.call('PEXPIRE', KEYS[2 * i - 1], p.expire)
+      if p.first == p.cost then
+        -- A new counter: one window's key, so its expiry is set once.
+        redis.call('PEXPIRE', KEYS[2 * i - 1], p.expire)
+      end
     end
   end
   answer[3 * i - 2] = p.admits and 1 or 0

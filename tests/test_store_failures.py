@@ -1,0 +1,100 @@
+"""A slow or failing Redis: bounded waits, a circuit breaker that stops waiting, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis.asyncio
+
+from meshtoll.errors import ConfigError, StorageUnavailable
+from meshtoll.ratelimit.limits import Check, RateLimit
+from meshtoll.storage.breaker import CircuitBreaker
+from meshtoll.storage.redis import RedisCounterStore
+from meshtoll.storage.urls import parse_redis_url
+
+# Redis runs one script at a time: a busy one stalls every other client.
+BUSY_FOR_400_MS = """
+local start = redis.call('TIME')
+repeat
+  local now = redis.call('TIME')
+until (now[1] - start[1]) * 1000000 + (now[2] - start[2]) > 400000
+"""
+CHECK = Check("meshtoll_{slow}_tenant_x", RateLimit(100, "minute"))
+
+
+async def test_a_stalled_redis_fails_the_call_within_the_timeout(redis_url: str) -> None:
+    store = RedisCounterStore(redis_url, timeout_ms=50)
+    blocker = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await store.check([CHECK], time.time())  # connected and the script loaded
+        stall = asyncio.ensure_future(blocker.eval(BUSY_FOR_400_MS, 0))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable):
+            await store.check([CHECK], time.time())
+        assert time.monotonic() - started < 0.15
+        await stall
+        (result,) = await store.check([CHECK], time.time())  # reconnects by itself
+        assert result.allowed
+    finally:
+        await store.close()
+        await blocker.aclose()
+
+
+def test_the_breaker_opens_after_repeated_failures_and_probes_after_the_cooldown() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(threshold=3, cooldown=1.0, clock=lambda: now[0])
+    for _ in range(3):
+        assert breaker.allows()
+        breaker.failed()
+    assert not breaker.allows()
+    now[0] = 1.01
+    assert breaker.allows()  # one probe
+    assert not breaker.allows()  # and only one
+    breaker.succeeded()
+    assert breaker.allows()
+
+
+async def test_an_open_breaker_fails_fast_without_touching_the_network() -> None:
+    store = RedisCounterStore("redis://127.0.0.1:1/0", timeout_ms=50)
+    try:
+        for _ in range(3):
+            with pytest.raises(StorageUnavailable):
+                await store.check([CHECK], time.time())
+        assert store.breaker.is_open
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable, match="circuit breaker is open"):
+            await store.check([CHECK], time.time())
+        assert time.monotonic() - started < 0.005
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "topology", "nodes"),
+    [
+        ("redis://localhost:6380/2", "standalone", (("localhost", 6380),)),
+        ("redis+sentinel://s1:26379,s2:26379/mymaster/1", "sentinel", (("s1", 26379), ("s2", 26379))),
+        ("redis+cluster://a:7000,b:7001", "cluster", (("a", 7000), ("b", 7001))),
+        ("redis://a:7000?cluster=true", "cluster", (("a", 7000),)),
+    ],
+)
+def test_redis_urls_name_the_topology(url: str, topology: str, nodes: tuple[tuple[str, int], ...]) -> None:
+    target = parse_redis_url(url)
+    assert (target.topology, target.nodes) == (topology, nodes)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://x", "scheme must be redis"),
+        ("redis+sentinel://s1:26379", "names the service"),
+        ("redis://a:1,b:2", "several hosts need"),
+        ("redis://a:port", "is not host:port"),
+    ],
+)
+def test_bad_redis_urls_say_what_is_wrong(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_redis_url(url)
