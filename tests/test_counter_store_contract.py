@@ -137,3 +137,20 @@ async def test_concurrent_callers_on_two_connections_never_overshoot(redis_url: 
         for each in stores:
             await each.close()
     assert sum(result.allowed for (result,) in results) == 50
+
+
+async def test_every_redis_counter_expires(redis_url: str) -> None:
+    store = RedisCounterStore(redis_url, timeout_ms=500)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await client.flushdb()
+        for algorithm in ("fixed_window", "sliding_window", "token_bucket"):
+            await store.check([Check(key(), RateLimit(5, "minute", algorithm))], T0 + 10)
+        await store.check([Check(key(), RateLimit(5, "month"))], T0)
+        names = await client.keys("*")
+        assert len(names) == 4
+        ttls = [await client.pttl(name) for name in names]
+        assert all(ttl > 0 for ttl in ttls), ttls
+    finally:
+        await store.close()
+        await client.aclose()

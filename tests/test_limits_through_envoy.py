@@ -31,6 +31,7 @@ TENANTS = {
     "shared": ("twenty-an-hour", "k-shared"),
     "shared-bucket": ("bucket-twenty", "k-shared-bucket"),
     "shadowed": ("shadowed", "k-shadowed"),
+    "sliding": ("sliding-three", "k-sliding"),
 }
 
 
@@ -49,6 +50,7 @@ plans:
   twenty-an-hour: {{limits: [{{requests: 20, per: hour}}]}}
   bucket-twenty: {{limits: [{{requests: 1, per: hour, algorithm: token_bucket, burst: 20}}]}}
   shadowed: {{limits: [{{requests: 1, per: hour, shadow: true}}]}}
+  sliding-three: {{limits: [{{requests: 3, per: hour, algorithm: sliding_window}}]}}
 tenants:
 {tenants}
 routes:
@@ -95,6 +97,12 @@ def test_a_monthly_quota_answers_quota_exceeded(stack: LocalStack) -> None:
 def test_a_token_bucket_admits_its_burst(stack: LocalStack) -> None:
     statuses = [call(stack, "listen_grpc_authz_port", "bucket").status for _ in range(6)]
     assert statuses == [200] * 4 + [429] * 2
+
+
+def test_a_sliding_window_admits_its_limit(stack: LocalStack) -> None:
+    replies = [call(stack, "listen_http_authz_port", "sliding") for _ in range(5)]
+    assert [reply.status for reply in replies] == [200] * 3 + [429] * 2
+    assert replies[3].json()["error"] == "rate_limited"
 
 
 def test_shadow_limits_are_counted_but_never_refuse(stack: LocalStack) -> None:

@@ -3,6 +3,8 @@ configured failure policy when the store cannot answer."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import time
 from collections import Counter
@@ -59,6 +61,9 @@ class Limiter:
         """Each check's result, in one store round trip or none at all when a refused
         counter is remembered; None when the store is unavailable under the "open" policy."""
         now = self._clock()
+        if self.shadow:
+            # Every limit becomes a shadow one, so the store keeps counting past the limit.
+            checks = [Check(check.key, _shadow_of(check.limit), check.cost) for check in checks]
         cached = self._cached_refusal(checks, now)
         if cached is not None:
             self.outcomes["refused_from_cache"] += 1
@@ -103,3 +108,8 @@ class Limiter:
             log.warning("rate-limit store unavailable (failure policy %s): %s", self.failure_mode, exc)
         if self.failure_mode == "closed":
             raise exc
+
+
+@functools.cache
+def _shadow_of(limit: RateLimit) -> RateLimit:
+    return dataclasses.replace(limit, shadow=True)
