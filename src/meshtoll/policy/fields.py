@@ -7,6 +7,7 @@ None, so that one pass reports every problem in the document, not just the first
 from __future__ import annotations
 
 from collections.abc import Iterator
+from decimal import Decimal, InvalidOperation
 from typing import TypeVar
 
 from meshtoll.policy.document import Document, FieldPath
@@ -80,6 +81,21 @@ class Fields:
             return value
         self.problem(path, f"expected an integer >= {minimum}, got {_kind(value)}")
         return None
+
+    def money(self, value: object, path: FieldPath) -> Decimal | None:
+        """A non-negative amount written as a string ("49.00"): a YAML float would already
+        have lost the exact value, so numbers are refused, not converted."""
+        if not isinstance(value, str):
+            self.problem(path, f'money is written as a string, e.g. "49.00", got {_kind(value)}')
+            return None
+        try:
+            amount = Decimal(value)
+        except InvalidOperation:
+            amount = None
+        if amount is None or not amount.is_finite() or amount < 0:
+            self.problem(path, f"{value!r} is not a non-negative decimal amount")
+            return None
+        return amount
 
     def boolean(self, value: object, path: FieldPath) -> bool | None:
         if isinstance(value, bool):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import Decimal
 from ipaddress import IPv4Network, IPv6Network
 from typing import Literal
 
@@ -27,10 +28,32 @@ EnforcedIn = Literal["authz", "service"]
 ENFORCED_IN: tuple[EnforcedIn, ...] = ("authz", "service")
 
 
+PricingMode = Literal["graduated", "volume"]
+PRICING_MODES: tuple[PricingMode, ...] = ("graduated", "volume")
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    up_to: int | None  # billable units (after the included ones) this tier reaches; None: no bound
+    unit_price: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """A plan's price per billing period (a calendar month, UTC). Money is Decimal, always."""
+
+    currency: str
+    base_fee: Decimal = Decimal(0)
+    included_units: int = 0
+    mode: PricingMode = "graduated"
+    tiers: tuple[Tier, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     name: str
     limits: tuple[RateLimit, ...]
+    price: Price | None = None
 
 
 @dataclass(frozen=True, slots=True)

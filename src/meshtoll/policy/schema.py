@@ -11,6 +11,7 @@ from meshtoll.policy.model import (
     ENFORCED_IN,
     HTTP_METHODS,
     JWT_ALGORITHMS,
+    PRICING_MODES,
     TENANT_STATUSES,
     Access,
     ApiKey,
@@ -19,16 +20,19 @@ from meshtoll.policy.model import (
     JwtSettings,
     Plan,
     Policy,
+    Price,
     RateLimitSettings,
     Route,
     RouteRule,
     Tenant,
+    Tier,
 )
 from meshtoll.ratelimit.limits import ALGORITHMS, RateLimit
 from meshtoll.ratelimit.periods import PERIOD_SECONDS, PERIODS
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_CURRENCY = re.compile(r"[A-Z]{3}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
@@ -94,10 +98,57 @@ def _name(fields: Fields, name: str, path: FieldPath) -> bool:
 
 
 def _plan(fields: Fields, name: str, value: object, path: FieldPath) -> Plan | None:
-    raw = fields.mapping(value, path, optional=("limits",))
+    raw = fields.mapping(value, path, optional=("limits", "price"))
     if raw is None or not _name(fields, name, path):
         return None
-    return Plan(name, _limits(fields, raw.get("limits"), (*path, "limits")))
+    price = _price(fields, raw["price"], (*path, "price")) if "price" in raw else None
+    return Plan(name, _limits(fields, raw.get("limits"), (*path, "limits")), price)
+
+
+def _price(fields: Fields, value: object, path: FieldPath) -> Price | None:
+    optional = ("base_fee", "included_units", "mode", "tiers")
+    raw = fields.mapping(value, path, required=("currency",), optional=optional)
+    if raw is None or "currency" not in raw:
+        return None
+    currency = raw["currency"]
+    if not (isinstance(currency, str) and _CURRENCY.fullmatch(currency)):
+        fields.problem((*path, "currency"), f"{currency!r} is not an ISO 4217 code such as EUR or USD")
+    base_fee = fields.money(raw.get("base_fee", "0"), (*path, "base_fee"))
+    included = fields.integer(raw.get("included_units", 0), (*path, "included_units"))
+    mode = fields.choice(raw.get("mode", "graduated"), (*path, "mode"), PRICING_MODES)
+    tiers = _tiers(fields, raw.get("tiers"), (*path, "tiers"))
+    if base_fee is None or included is None or mode is None or tiers is None or not isinstance(currency, str):
+        return None
+    return Price(currency, base_fee, included, mode, tiers)
+
+
+def _tiers(fields: Fields, value: object, path: FieldPath) -> tuple[Tier, ...] | None:
+    tiers: list[Tier] = []
+    for item, item_path in fields.items(value, path):
+        raw = fields.mapping(item, item_path, required=("up_to", "unit_price"))
+        if raw is None or "up_to" not in raw or "unit_price" not in raw:
+            return None
+        up_to = (
+            None if raw["up_to"] is None else fields.integer(raw["up_to"], (*item_path, "up_to"), minimum=1)
+        )
+        price = fields.money(raw["unit_price"], (*item_path, "unit_price"))
+        if price is None or (raw["up_to"] is not None and up_to is None):
+            return None
+        if tiers and (tiers[-1].up_to is None or (up_to is not None and up_to <= tiers[-1].up_to)):
+            fields.problem(
+                (*item_path, "up_to"), "tiers must rise: each up_to above the one before, null last"
+            )
+            return None
+        tiers.append(Tier(up_to, price))
+    if not tiers:
+        fields.problem(path, 'at least one tier is required (e.g. [{up_to: null, unit_price: "0.001"}])')
+        return None
+    if tiers[-1].up_to is not None:
+        fields.problem(
+            (*path, len(tiers) - 1, "up_to"), "the last tier needs up_to: null, so every unit has a price"
+        )
+        return None
+    return tuple(tiers)
 
 
 def _limits(fields: Fields, value: object, path: FieldPath) -> tuple[RateLimit, ...]:

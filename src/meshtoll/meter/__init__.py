@@ -1,0 +1,1 @@
+"""Metering and billing: usage records, the usage store, invoices and exports."""
