@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qs
 
 from meshtoll.errors import StorageUnavailable
 from meshtoll.httpserver import response
+from meshtoll.meter.usage_report import current_month, usage_document
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.quota import UnknownTenant, tenant_quota
 from meshtoll.telemetry.metrics import DecisionCounts, Metrics
 
 if TYPE_CHECKING:
     from meshtoll.storage.base import CounterStore
+    from meshtoll.storage.usage import UsageStore
 
 _JSON = (("content-type", "application/json"),)
 _NOT_FOUND = response(404, "Not Found", _JSON, b'{"error":"not_found","message":"no such admin endpoint"}')
@@ -33,6 +37,7 @@ class AdminHandler:
         self.redis_reachable: bool | None = None  # None: no Redis configured
         self.metrics = Metrics(decisions, lambda: self.policy)
         self.store: CounterStore | None = None  # set with the policy
+        self.usage: UsageStore | None = None  # likewise
 
     def __call__(
         self, method: str, target: str, headers: dict[str, str], peer: str
@@ -40,6 +45,9 @@ class AdminHandler:
         path = target.partition("?")[0]
         if path.startswith("/api/tenants/") and path.endswith("/quota"):
             return self._quota(path.removeprefix("/api/tenants/").removesuffix("/quota"))
+        if path.startswith("/api/tenants/") and path.endswith("/usage"):
+            period = parse_qs(target.partition("?")[2]).get("period", [current_month()])[0]
+            return self._usage(path.removeprefix("/api/tenants/").removesuffix("/usage"), period)
         return self._answer(path)
 
     def _answer(self, path: str) -> bytes:
@@ -64,6 +72,19 @@ class AdminHandler:
         except StorageUnavailable as exc:
             return _json(503, {"error": "store_unavailable", "message": str(exc)})
         return _json(200, quota)
+
+    async def _usage(self, tenant: str, period: str) -> bytes:
+        if self.policy is None or self.usage is None:
+            return _NOT_READY
+        if tenant not in self.policy.current.tenants:
+            return _json(404, {"error": "unknown_tenant", "message": f"no tenant {tenant!r} in the policy"})
+        if not _PERIOD.fullmatch(period):
+            return _json(400, {"error": "bad_period", "message": f"period {period!r} is not YYYY-MM"})
+        try:
+            usage = await self.usage.usage(tenant, period)
+        except StorageUnavailable as exc:
+            return _json(503, {"error": "store_unavailable", "message": str(exc)})
+        return _json(200, usage_document(usage))
 
     def _ready(self) -> bytes:
         if self.policy is None:
@@ -90,7 +111,8 @@ class AdminHandler:
         )
 
 
-_REASONS = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 503: "Service Unavailable"}
+_PERIOD = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
 
 
 def _json(status: int, document: dict[str, object]) -> bytes:

@@ -12,6 +12,7 @@ from functools import partial
 from typing import Any
 
 import grpc
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,6 +23,7 @@ from meshtoll.authz.grpc_transport import AuthorizationServicer
 from meshtoll.authz.http_transport import HttpAuthzHandler
 from meshtoll.authz.jwks import JwksCache
 from meshtoll.httpserver import reuse_port_socket, serve_http
+from meshtoll.meter.als import AccessLogServicer
 from meshtoll.policy.reload import PolicyHolder, watch_policy
 from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder, watch_descriptor_configs
 from meshtoll.ratelimit.limiter import Limiter
@@ -29,13 +31,18 @@ from meshtoll.ratelimit.rls import RateLimitServicer
 from meshtoll.ratelimit.service import RateLimitService
 from meshtoll.settings import Settings
 from meshtoll.storage import CounterStore, open_counter_store
+from meshtoll.storage.usage import UsageStore, open_usage_store
 from meshtoll.telemetry.metrics import DecisionCounts
 
 log = logging.getLogger("meshtoll")
 
 GRPC_STOP_GRACE_SECONDS = 5.0
 REDIS_PROBE_SECONDS = 2.0
-SERVICES = ("envoy.service.auth.v3.Authorization", "envoy.service.ratelimit.v3.RateLimitService")
+SERVICES = (
+    "envoy.service.auth.v3.Authorization",
+    "envoy.service.ratelimit.v3.RateLimitService",
+    "envoy.service.accesslog.v3.AccessLogService",
+)
 
 
 class App:
@@ -47,6 +54,7 @@ class App:
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._store: CounterStore | None = None
+        self._usage: UsageStore | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -75,12 +83,14 @@ class App:
             await serve_http(http_authz, reuse_port_socket(settings.host, settings.http_authz_port))
         )
         ratelimit = RateLimitService(holder, limiter, lambda: None if configs is None else configs.current)
-        self._grpc = await self._start_grpc(
-            AuthorizationServicer(authorizer_for(transport="grpc")), ratelimit
-        )
+        self._usage = open_usage_store(settings.redis_url)
+        meter = AccessLogServicer(self._usage, lambda: holder.current)
+        authz = AuthorizationServicer(authorizer_for(transport="grpc"))
+        self._grpc = await self._start_grpc(authz, ratelimit, meter)
         if settings.redis_url is not None:
             self._background(self._probe_redis(store))
         self.admin.store = store
+        self.admin.usage = self._usage
         self.admin.policy = holder
         log.info(
             "meshtoll serving: gRPC %s:%d, HTTP authz %s:%d, admin %s:%d; policy %s (%d tenants); %s",
@@ -98,10 +108,13 @@ class App:
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         self._tasks.append(asyncio.create_task(work))
 
-    async def _start_grpc(self, authz: AuthorizationServicer, ratelimit: RateLimitService) -> grpc.aio.Server:
+    async def _start_grpc(
+        self, authz: AuthorizationServicer, ratelimit: RateLimitService, meter: AccessLogServicer
+    ) -> grpc.aio.Server:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authz, server)
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(ratelimit), server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(meter, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         address = f"{self.settings.host}:{self.settings.grpc_port}"
@@ -132,6 +145,8 @@ class App:
             await server.wait_closed()
         if self._store is not None:
             await self._store.close()
+        if self._usage is not None:
+            await self._usage.close()
 
 
 async def run(settings: Settings) -> None:

@@ -104,6 +104,16 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--format", choices=("table", "json"), default="table")
     show.set_defaults(command=_quota_show)
 
+    usage = commands.add_parser("usage", help="metered usage").add_subparsers(title="usage commands")
+    usage_show = usage.add_parser("show", help="a tenant's requests and units in a period")
+    usage_show.add_argument("--tenant", required=True)
+    usage_show.add_argument("--period", default=None, help="YYYY-MM (default: the current month, UTC)")
+    usage_show.add_argument(
+        "--redis-url", default=None, help="the Redis meshtoll serve uses (env MESHTOLL_REDIS_URL)"
+    )
+    usage_show.add_argument("--format", choices=("table", "json"), default="table")
+    usage_show.set_defaults(command=_usage_show)
+
     keys = commands.add_parser("keys", help="work with API keys").add_subparsers(title="keys commands")
     new = keys.add_parser("new", help="make a new API key and print its policy entry")
     new.add_argument("--tenant", required=True)
@@ -170,6 +180,26 @@ def _quota_show(args: argparse.Namespace) -> int:
         print(f"meshtoll: no tenant {args.tenant!r} in {settings.policy}", file=sys.stderr)
         return 1
     print(json.dumps(quota, indent=2) if args.format == "json" else quota_table(quota))
+    return 0
+
+
+def _usage_show(args: argparse.Namespace) -> int:
+    from meshtoll.meter.usage_report import current_month, usage_document, usage_table
+    from meshtoll.storage.usage import TenantUsage, open_usage_store
+
+    settings = settings_from({"redis_url": args.redis_url})
+    if settings.redis_url is None:
+        raise ConfigError("usage show reads the shared usage store: give --redis-url or MESHTOLL_REDIS_URL")
+
+    async def read() -> TenantUsage:
+        store = open_usage_store(settings.redis_url)
+        try:
+            return await store.usage(args.tenant, args.period or current_month())
+        finally:
+            await store.close()
+
+    usage = asyncio.run(read())
+    print(json.dumps(usage_document(usage), indent=2) if args.format == "json" else usage_table(usage))
     return 0
 
 

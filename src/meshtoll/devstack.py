@@ -145,11 +145,14 @@ class LocalStack:
         with self._cleanup:
             self.work_dir = _make_work_dir(self.config.work_dir, "meshtoll-stack-", self._cleanup)
             # Start everything, then wait: startups overlap instead of adding up.
-            starting = [self._start_upstream(), self._start_envoy()]
+            starting = [self._start_upstream()]
             if self.config.policy is not None:
                 starting.append(self._start_meshtoll(self.config.policy))
             if self.config.authz_stub:
                 starting.append(self._start_authz_stub())
+            # Envoy last, so that it stops first: it holds meshtoll's access-log stream,
+            # which meshtoll would otherwise wait out for its whole shutdown grace.
+            starting.append(self._start_envoy())
             for child, probe in starting:
                 child.wait_ready(probe, START_TIMEOUT_SECONDS)
             self._cleanup = self._cleanup.pop_all()

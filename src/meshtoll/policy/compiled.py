@@ -72,6 +72,7 @@ class CompiledPolicy:
         self.tenants_by_spiffe_id: dict[str, CompiledTenant] = {}
         self.inline_jwks: dict[str, jwt.PyJWKSet] = {}
         self.routes: PathMatcher[Route] = PathMatcher((route.rule, route) for route in policy.routes)
+        self.route_costs = {route.name: route.cost for route in policy.routes}
         for compiled in self.tenants.values():
             self._index(compiled, document)
         self._check_shared_issuers(document)

@@ -182,7 +182,7 @@ class _RedisPyRunner:
     retries = True  # redis-py may resend after a lost reply: every call carries a marker
 
     def __init__(self, target: RedisTarget, timeout: float) -> None:
-        self._client, self._sentinels = _client(target, timeout)
+        self._client, self._sentinels = redis_py_client(target, timeout)
         self._script = self._client.register_script(CHECK_SCRIPT())
 
     async def run(self, keys: list[str], arguments: list[int]) -> list[Any]:
@@ -198,7 +198,7 @@ class _RedisPyRunner:
             await sentinel.aclose()
 
 
-def _client(target: RedisTarget, timeout: float) -> tuple[Any, list[Any]]:
+def redis_py_client(target: RedisTarget, timeout: float) -> tuple[Any, list[Any]]:
     """A redis-py client, and the Sentinel connections it was found through (closed with it)."""
     options: dict[str, Any] = {
         # One quick retry inside redis-py (a stale cluster slot map, a dropped connection):

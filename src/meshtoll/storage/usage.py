@@ -1,0 +1,180 @@
+"""The usage store: counters per tenant / route / status class / period, and a ledger of
+every record, each request counted once however often its record arrives.
+
+Counters live in one hash per tenant and period (month, day, hour), keyed with the
+tenant's hash tag so that one tenant's batch is one Lua call on one Cluster shard.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from typing import Any, Protocol
+
+import redis.asyncio
+import redis.exceptions
+
+from meshtoll.errors import StorageUnavailable
+from meshtoll.meter.records import UsageRecord
+from meshtoll.storage.redis import redis_py_client
+from meshtoll.storage.urls import parse_redis_url
+
+SEEN_SECONDS = 7 * 86400  # a replayed batch is recognised for a week
+LEDGER_MAX_LENGTH = 1_000_000  # records per tenant kept in the ledger (approximate)
+RETENTION_SECONDS = {"month": 3 * 366 * 86400, "day": 400 * 86400, "hour": 8 * 86400}
+USAGE_SCRIPT = (resources.files("meshtoll") / "storage" / "lua" / "usage.lua").read_text
+
+
+@dataclass(frozen=True, slots=True)
+class RouteUsage:
+    route: str
+    requests: int
+    units: int
+
+
+@dataclass(frozen=True, slots=True)
+class TenantUsage:
+    tenant: str
+    period: str  # YYYY-MM, YYYY-MM-DD or YYYY-MM-DDTHH
+    requests: int = 0
+    units: int = 0
+    by_route: tuple[RouteUsage, ...] = ()
+    by_status: dict[str, int] = field(default_factory=dict)
+    unreconciled: int = 0
+
+
+class UsageStore(Protocol):
+    async def record(self, records: Sequence[UsageRecord]) -> int:
+        """Count each record once; return how many were new."""
+        ...
+
+    async def usage(self, tenant: str, period: str) -> TenantUsage: ...
+
+    async def close(self) -> None: ...
+
+
+def usage_key(tenant: str, period: str) -> str:
+    return f"meshtoll_{{{tenant}}}_usage_{period}"
+
+
+def seen_key(tenant: str, request_id: str) -> str:
+    return f"meshtoll_{{{tenant}}}_seen_{request_id}"
+
+
+def ledger_key(tenant: str) -> str:
+    return f"meshtoll_{{{tenant}}}_ledger"
+
+
+def tenant_usage(tenant: str, period: str, fields: dict[str, int]) -> TenantUsage:
+    routes: dict[str, dict[str, int]] = {}
+    statuses: dict[str, int] = {}
+    for name, value in fields.items():
+        if name.startswith("route:"):
+            route, _, what = name[6:].rpartition(":")
+            routes.setdefault(route, {})[what] = value
+        elif name.startswith("status:"):
+            statuses[name[7:]] = value
+    by_route = tuple(
+        RouteUsage(route, counts.get("requests", 0), counts.get("units", 0))
+        for route, counts in sorted(routes.items())
+    )
+    return TenantUsage(
+        tenant,
+        period,
+        fields.get("requests", 0),
+        fields.get("units", 0),
+        by_route,
+        statuses,
+        fields.get("unreconciled", 0),
+    )
+
+
+class MemoryUsageStore:
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, str]] = set()
+        self._hashes: dict[str, dict[str, int]] = {}
+        self.ledger: list[UsageRecord] = []
+
+    async def record(self, records: Sequence[UsageRecord]) -> int:
+        counted = 0
+        for record in records:
+            if (record.tenant, record.request_id) in self._seen:
+                continue
+            self._seen.add((record.tenant, record.request_id))
+            for period in record.periods():
+                counts = self._hashes.setdefault(usage_key(record.tenant, period), {})
+                for name, amount in _increments(record):
+                    counts[name] = counts.get(name, 0) + amount
+            self.ledger.append(record)
+            counted += 1
+        return counted
+
+    async def usage(self, tenant: str, period: str) -> TenantUsage:
+        return tenant_usage(tenant, period, dict(self._hashes.get(usage_key(tenant, period), {})))
+
+    async def close(self) -> None:
+        return None
+
+
+def _increments(record: UsageRecord) -> list[tuple[str, int]]:
+    # What usage.lua adds for one record; the memory store's copy of it.
+    found = [
+        ("requests", 1),
+        ("units", record.units),
+        (f"route:{record.route}:requests", 1),
+        (f"route:{record.route}:units", record.units),
+        (f"status:{record.status_class}", 1),
+    ]
+    if record.source == "admission":
+        found.append(("unreconciled", 1))
+    return found
+
+
+class RedisUsageStore:
+    def __init__(self, url: str, *, timeout_ms: int = 1000) -> None:
+        self._client, self._sentinels = redis_py_client(parse_redis_url(url), timeout_ms / 1000)
+        self._script = self._client.register_script(USAGE_SCRIPT())
+
+    async def record(self, records: Sequence[UsageRecord]) -> int:
+        by_tenant: dict[str, list[UsageRecord]] = {}
+        for record in records:
+            by_tenant.setdefault(record.tenant, []).append(record)
+        counted = 0
+        try:
+            for tenant, batch in by_tenant.items():
+                keys = [key for record in batch for key in _record_keys(record)] + [ledger_key(tenant)]
+                arguments: list[Any] = [SEEN_SECONDS, LEDGER_MAX_LENGTH, *RETENTION_SECONDS.values()]
+                arguments += [json.dumps(asdict(r) | {"status_class": r.status_class}) for r in batch]
+                counted += int(await self._script(keys=keys, args=arguments))
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise StorageUnavailable(f"Redis did not take the usage batch: {exc}") from None
+        return counted
+
+    async def usage(self, tenant: str, period: str) -> TenantUsage:
+        try:
+            raw = await self._client.hgetall(usage_key(tenant, period))
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise StorageUnavailable(f"Redis did not answer: {exc}") from None
+        return tenant_usage(tenant, period, {name.decode(): int(value) for name, value in raw.items()})
+
+    async def close(self) -> None:
+        await self._client.aclose()
+        for sentinel in self._sentinels:
+            await sentinel.aclose()
+
+
+def _record_keys(record: UsageRecord) -> list[str]:
+    month, day, hour = record.periods()
+    tenant = record.tenant
+    return [
+        seen_key(tenant, record.request_id),
+        usage_key(tenant, month),
+        usage_key(tenant, day),
+        usage_key(tenant, hour),
+    ]
+
+
+def open_usage_store(url: str | None) -> UsageStore:
+    return MemoryUsageStore() if url is None else RedisUsageStore(url)

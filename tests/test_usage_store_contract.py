@@ -1,0 +1,92 @@
+"""One contract for both usage stores: every request counted once, by route, status class
+and period, however often its record arrives."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+import redis.asyncio
+
+from meshtoll.meter.records import Source, UsageRecord
+from meshtoll.storage.usage import MemoryUsageStore, RedisUsageStore, UsageStore, ledger_key
+
+T = datetime(2026, 11, 30, 23, 30, tzinfo=UTC).timestamp()
+_tenants = itertools.count()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[UsageStore]:
+    if request.param == "memory":
+        yield MemoryUsageStore()
+        return
+    found = RedisUsageStore(request.getfixturevalue("redis_url"))
+    yield found
+    await found.close()
+
+
+def record(
+    tenant: str,
+    request_id: str,
+    *,
+    route: str = "search",
+    status: int = 200,
+    units: int = 5,
+    at: float = T,
+    source: Source = "access_log",
+) -> UsageRecord:
+    return UsageRecord(
+        request_id, at, tenant, "ci", "pro", route, "GET", status, 100, 2000, 3.5, units, source
+    )
+
+
+async def test_records_count_by_route_status_and_period(store: UsageStore) -> None:
+    tenant = f"usage{next(_tenants)}"
+    batch = [
+        record(tenant, "r1"),
+        record(tenant, "r2", status=429, units=0),
+        record(tenant, "r3", route="export", units=1),
+        record(tenant, "r4", at=T + 3600),  # the next day and month: 2026-12-01 00:30
+    ]
+    assert await store.record(batch) == 4
+    november = await store.usage(tenant, "2026-11")
+    assert (november.requests, november.units) == (3, 6)
+    assert [(r.route, r.requests, r.units) for r in november.by_route] == [("export", 1, 1), ("search", 2, 5)]
+    assert november.by_status == {"2xx": 2, "4xx": 1}
+    assert (await store.usage(tenant, "2026-12")).requests == 1
+    assert (await store.usage(tenant, "2026-11-30")).requests == 3
+    assert (await store.usage(tenant, "2026-11-30T23")).requests == 3
+    assert (await store.usage(tenant, "2026-10")).requests == 0
+
+
+async def test_a_replayed_or_duplicated_batch_never_counts_twice(store: UsageStore) -> None:
+    tenant = f"usage{next(_tenants)}"
+    batch = [record(tenant, "a"), record(tenant, "b")]
+    assert await store.record(batch) == 2
+    assert await store.record([*batch, record(tenant, "a"), record(tenant, "c")]) == 1
+    assert (await store.usage(tenant, "2026-11")).requests == 3
+
+
+async def test_admissions_billed_without_an_access_log_are_marked_unreconciled(store: UsageStore) -> None:
+    tenant = f"usage{next(_tenants)}"
+    await store.record([record(tenant, "x", status=0, source="admission")])
+    usage = await store.usage(tenant, "2026-11")
+    assert (usage.requests, usage.unreconciled, usage.by_status) == (1, 1, {"unknown": 1})
+
+
+async def test_the_redis_ledger_holds_each_record_once_and_keys_expire(redis_url: str) -> None:
+    tenant = f"usage{next(_tenants)}"
+    store = RedisUsageStore(redis_url)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await store.record([record(tenant, "l1"), record(tenant, "l2")])
+        await store.record([record(tenant, "l1")])
+        assert await client.xlen(ledger_key(tenant)) == 2
+        names = await client.keys(f"meshtoll_{{{tenant}}}_usage_*")
+        assert len(names) == 3
+        assert all([await client.ttl(name) > 0 for name in names])
+    finally:
+        await store.close()
+        await client.aclose()
