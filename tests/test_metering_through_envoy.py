@@ -10,6 +10,7 @@ import time
 import pytest
 import redis
 
+from meshtoll.cli import main
 from meshtoll.devstack import LocalStack
 from meshtoll.storage.usage import ledger_key
 from tests.client import fetch
@@ -25,7 +26,8 @@ def stack(start_stack: StartStack, tmp_path_factory: pytest.TempPathFactory) -> 
     path = tmp_path_factory.mktemp("metering") / "policy.yaml"
     digest = hashlib.sha256(KEY.encode()).hexdigest()
     path.write_text(
-        "plans: {pro: {}}\n"
+        "plans: {pro: {price: {currency: EUR, base_fee: '10.00', included_units: 10, tiers: "
+        "[{up_to: 20, unit_price: '0.10'}, {up_to: null, unit_price: '0.05'}]}}}\n"
         f"tenants: {{metered: {{plan: pro, api_keys: [{{id: ci, sha256: {digest}}}], allow: {{routes: [{{prefix: /v1/}}]}}}}}}\n"
         "routes: [{prefix: /v1/search, name: search, cost: 5}, {prefix: /v1/, name: v1}]\n"
     )
@@ -91,3 +93,30 @@ def test_the_usage_api_names_unknown_tenants_and_bad_periods(stack: LocalStack) 
     assert (missing.status, missing.json()["error"]) == (404, "unknown_tenant")
     bad = fetch(f"{stack.meshtoll_admin_url}/api/tenants/metered/usage?period=2026-13")
     assert (bad.status, bad.json()["error"]) == (400, "bad_period")
+
+
+def test_the_invoice_prices_metered_units_by_tier(
+    stack: LocalStack, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert usage(stack, 10)["requests"] == 10  # after the test above
+    bill = fetch(f"{stack.meshtoll_admin_url}/api/tenants/metered/invoice").json()
+    assert [
+        (line["description"], line["route"], line["units"], line["amount"]) for line in bill["lines"]
+    ] == [
+        ("base fee", "", 0, "10.00"),
+        ("included units", "search", 10, "0"),
+        ("tier 1", "search", 20, "2.00"),
+        ("tier 2", "search", 5, "0.25"),
+        ("tier 2", "v1", 3, "0.15"),
+    ]
+    assert (bill["currency"], bill["total"], bill["unreconciled"]) == ("EUR", "12.40", 0)
+    policy = str(stack.config.policy)
+    arguments = ["billing", "invoice", "--tenant", "metered", "--policy", policy, "--redis-url", redis_url]
+    assert main([*arguments, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == bill
+    assert main([*arguments, "--format", "csv"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0] == "tenant,period,currency,description,route,units,tier,unit_price,amount"
+    assert rows[-1].endswith(",total,,,,,12.40")
+    assert main([*arguments]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "total EUR 12.40"

@@ -5,20 +5,24 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from meshtoll.errors import StorageUnavailable
 from meshtoll.httpserver import response
+from meshtoll.meter.billing import NotBillable, invoice_document, tenant_invoice
 from meshtoll.meter.usage_report import current_month, usage_document
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.quota import UnknownTenant, tenant_quota
 from meshtoll.telemetry.metrics import DecisionCounts, Metrics
 
 if TYPE_CHECKING:
+    from meshtoll.policy import CompiledPolicy
     from meshtoll.storage.base import CounterStore
     from meshtoll.storage.usage import UsageStore
+
+    Report = Callable[[UsageStore, CompiledPolicy, str, str], Awaitable[dict[str, Any]]]
 
 _JSON = (("content-type", "application/json"),)
 _NOT_FOUND = response(404, "Not Found", _JSON, b'{"error":"not_found","message":"no such admin endpoint"}')
@@ -45,9 +49,11 @@ class AdminHandler:
         path = target.partition("?")[0]
         if path.startswith("/api/tenants/") and path.endswith("/quota"):
             return self._quota(path.removeprefix("/api/tenants/").removesuffix("/quota"))
-        if path.startswith("/api/tenants/") and path.endswith("/usage"):
-            period = parse_qs(target.partition("?")[2]).get("period", [current_month()])[0]
-            return self._usage(path.removeprefix("/api/tenants/").removesuffix("/usage"), period)
+        for report, build in (("usage", self._usage_document), ("invoice", self._invoice_document)):
+            if path.startswith("/api/tenants/") and path.endswith(f"/{report}"):
+                period = parse_qs(target.partition("?")[2]).get("period", [current_month()])[0]
+                tenant = path.removeprefix("/api/tenants/").removesuffix(f"/{report}")
+                return self._tenant_report(tenant, period, build)
         return self._answer(path)
 
     def _answer(self, path: str) -> bytes:
@@ -73,7 +79,7 @@ class AdminHandler:
             return _json(503, {"error": "store_unavailable", "message": str(exc)})
         return _json(200, quota)
 
-    async def _usage(self, tenant: str, period: str) -> bytes:
+    async def _tenant_report(self, tenant: str, period: str, build: Report) -> bytes:
         if self.policy is None or self.usage is None:
             return _NOT_READY
         if tenant not in self.policy.current.tenants:
@@ -81,10 +87,23 @@ class AdminHandler:
         if not _PERIOD.fullmatch(period):
             return _json(400, {"error": "bad_period", "message": f"period {period!r} is not YYYY-MM"})
         try:
-            usage = await self.usage.usage(tenant, period)
+            return _json(200, await build(self.usage, self.policy.current, tenant, period))
+        except NotBillable as exc:
+            return _json(404, {"error": "not_billable", "message": str(exc)})
         except StorageUnavailable as exc:
             return _json(503, {"error": "store_unavailable", "message": str(exc)})
-        return _json(200, usage_document(usage))
+
+    @staticmethod
+    async def _usage_document(
+        usage: UsageStore, policy: CompiledPolicy, tenant: str, period: str
+    ) -> dict[str, Any]:
+        return usage_document(await usage.usage(tenant, period))
+
+    @staticmethod
+    async def _invoice_document(
+        usage: UsageStore, policy: CompiledPolicy, tenant: str, period: str
+    ) -> dict[str, Any]:
+        return invoice_document(await tenant_invoice(policy, usage, tenant, period))
 
     def _ready(self) -> bytes:
         if self.policy is None:

@@ -114,6 +114,19 @@ def _parser() -> argparse.ArgumentParser:
     usage_show.add_argument("--format", choices=("table", "json"), default="table")
     usage_show.set_defaults(command=_usage_show)
 
+    billing = commands.add_parser("billing", help="invoices").add_subparsers(title="billing commands")
+    bill = billing.add_parser("invoice", help="a tenant's invoice for a month, from metered usage")
+    who = bill.add_mutually_exclusive_group(required=True)
+    who.add_argument("--tenant")
+    who.add_argument("--all", action="store_true", help="every tenant whose plan has a price")
+    bill.add_argument("--period", default=None, help="YYYY-MM (default: the current month, UTC)")
+    bill.add_argument("--policy", type=Path, default=None, help="policy file (env MESHTOLL_POLICY)")
+    bill.add_argument(
+        "--redis-url", default=None, help="the Redis meshtoll serve uses (env MESHTOLL_REDIS_URL)"
+    )
+    bill.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    bill.set_defaults(command=_billing_invoice)
+
     keys = commands.add_parser("keys", help="work with API keys").add_subparsers(title="keys commands")
     new = keys.add_parser("new", help="make a new API key and print its policy entry")
     new.add_argument("--tenant", required=True)
@@ -200,6 +213,48 @@ def _usage_show(args: argparse.Namespace) -> int:
 
     usage = asyncio.run(read())
     print(json.dumps(usage_document(usage), indent=2) if args.format == "json" else usage_table(usage))
+    return 0
+
+
+def _billing_invoice(args: argparse.Namespace) -> int:
+    from meshtoll.meter.billing import (
+        NotBillable,
+        billable_tenants,
+        invoice_document,
+        invoice_table,
+        invoices_csv,
+        tenant_invoice,
+    )
+    from meshtoll.meter.pricing import Invoice
+    from meshtoll.meter.usage_report import current_month
+    from meshtoll.storage.usage import open_usage_store
+
+    settings = settings_from({"policy": args.policy, "redis_url": args.redis_url})
+    if settings.redis_url is None:
+        raise ConfigError("billing reads the shared usage store: give --redis-url or MESHTOLL_REDIS_URL")
+    policy = load_policy(settings.policy)
+    period = args.period or current_month()
+    tenants = billable_tenants(policy) if args.all else [args.tenant]
+
+    async def bills() -> list[Invoice]:
+        store = open_usage_store(settings.redis_url)
+        try:
+            return [await tenant_invoice(policy, store, tenant, period) for tenant in tenants]
+        finally:
+            await store.close()
+
+    try:
+        found = asyncio.run(bills())
+    except NotBillable as exc:
+        print(f"meshtoll: {exc}", file=sys.stderr)
+        return 1
+    if args.format == "csv":
+        print(invoices_csv(found), end="")
+    elif args.format == "json":
+        documents = [invoice_document(bill) for bill in found]
+        print(json.dumps(documents if args.all else documents[0], indent=2))
+    else:
+        print("\n\n".join(invoice_table(bill) for bill in found))
     return 0
 
 
