@@ -120,3 +120,45 @@ def test_the_invoice_prices_metered_units_by_tier(
     assert rows[-1].endswith(",total,,,,,12.40")
     assert main([*arguments]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "total EUR 12.40"
+
+
+@pytest.mark.parametrize("form", ["cloudevents", "lago", "csv"])
+def test_usage_export_writes_every_metered_request_once_with_each_formats_required_fields(
+    stack: LocalStack, redis_url: str, capsys: pytest.CaptureFixture[str], form: str
+) -> None:
+    assert usage(stack, 10)["requests"] == 10
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    tomorrow = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 86400))
+    arguments = ["usage", "export", "--since", today, "--until", tomorrow, "--format", form]
+    assert main([*arguments, "--tenant", "metered", "--redis-url", redis_url]) == 0
+    out = capsys.readouterr().out
+    if form == "csv":
+        rows = out.splitlines()
+        assert rows[0].startswith("request_id,time,tenant,consumer,plan,route,method,status")
+        assert len(rows) == 11
+        return
+    events = [json.loads(line) for line in out.splitlines()]
+    assert len(events) == 10
+    if form == "cloudevents":
+        # CloudEvents 1.0 required attributes, and OpenMeter's subject.
+        assert all(
+            {"specversion", "id", "source", "type", "subject", "time", "data"} <= set(e) for e in events
+        )
+        assert {e["subject"] for e in events} == {"metered"}
+        assert len({e["id"] for e in events}) == 10
+        assert all(e["time"].endswith("Z") for e in events)
+    else:
+        # Lago: transaction_id (idempotency), external_subscription_id, code; timestamp.
+        inner = [e["event"] for e in events]
+        assert all(
+            {"transaction_id", "external_subscription_id", "code", "timestamp", "properties"} <= set(e)
+            for e in inner
+        )
+        assert len({e["transaction_id"] for e in inner}) == 10
+        assert sum(e["properties"]["units"] for e in inner) == 38
+
+
+def test_usage_export_refuses_a_bad_time(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    arguments = ["usage", "export", "--since", "yesterday", "--until", "2026-12-01", "--tenant", "metered"]
+    assert main([*arguments, "--redis-url", redis_url]) == 1
+    assert "--since 'yesterday' is not an ISO date or time" in capsys.readouterr().err

@@ -113,6 +113,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     usage_show.add_argument("--format", choices=("table", "json"), default="table")
     usage_show.set_defaults(command=_usage_show)
+    usage_export = usage.add_parser(
+        "export", help="the usage ledger as JSON lines or CSV, for billing systems"
+    )
+    usage_export.add_argument("--since", required=True, help="ISO date or time, UTC (inclusive)")
+    usage_export.add_argument("--until", required=True, help="ISO date or time, UTC (exclusive)")
+    usage_export.add_argument("--format", choices=("cloudevents", "lago", "csv"), default="cloudevents")
+    usage_export.add_argument(
+        "--tenant", default=None, help="one tenant (default: every tenant of the policy)"
+    )
+    usage_export.add_argument("--policy", type=Path, default=None, help="policy file (env MESHTOLL_POLICY)")
+    usage_export.add_argument(
+        "--redis-url", default=None, help="the Redis meshtoll serve uses (env MESHTOLL_REDIS_URL)"
+    )
+    usage_export.set_defaults(command=_usage_export)
 
     billing = commands.add_parser("billing", help="invoices").add_subparsers(title="billing commands")
     bill = billing.add_parser("invoice", help="a tenant's invoice for a month, from metered usage")
@@ -214,6 +228,40 @@ def _usage_show(args: argparse.Namespace) -> int:
     usage = asyncio.run(read())
     print(json.dumps(usage_document(usage), indent=2) if args.format == "json" else usage_table(usage))
     return 0
+
+
+def _usage_export(args: argparse.Namespace) -> int:
+    from meshtoll.meter.export import export
+    from meshtoll.meter.records import UsageRecord
+    from meshtoll.storage.usage import open_usage_store
+
+    settings = settings_from({"policy": args.policy, "redis_url": args.redis_url})
+    if settings.redis_url is None:
+        raise ConfigError("usage export reads the shared ledger: give --redis-url or MESHTOLL_REDIS_URL")
+    since, until = _utc_time(args.since, "--since"), _utc_time(args.until, "--until")
+    tenants = [args.tenant] if args.tenant else sorted(load_policy(settings.policy).tenants)
+
+    async def read() -> list[UsageRecord]:
+        store = open_usage_store(settings.redis_url)
+        try:
+            return [record for tenant in tenants for record in await store.ledger(tenant, since, until)]
+        finally:
+            await store.close()
+
+    sys.stdout.write(export(asyncio.run(read()), args.format))
+    return 0
+
+
+def _utc_time(text: str, flag: str) -> float:
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(
+            f"{flag} {text!r} is not an ISO date or time (e.g. 2026-11-01 or 2026-11-01T12:00)"
+        ) from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _billing_invoice(args: argparse.Namespace) -> int:

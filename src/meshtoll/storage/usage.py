@@ -52,6 +52,10 @@ class UsageStore(Protocol):
 
     async def usage(self, tenant: str, period: str) -> TenantUsage: ...
 
+    async def ledger(self, tenant: str, since: float, until: float) -> list[UsageRecord]:
+        """The tenant's records with since <= time < until, oldest first."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -95,7 +99,7 @@ class MemoryUsageStore:
     def __init__(self) -> None:
         self._seen: set[tuple[str, str]] = set()
         self._hashes: dict[str, dict[str, int]] = {}
-        self.ledger: list[UsageRecord] = []
+        self.ledger_records: list[UsageRecord] = []
 
     async def record(self, records: Sequence[UsageRecord]) -> int:
         counted = 0
@@ -107,12 +111,15 @@ class MemoryUsageStore:
                 counts = self._hashes.setdefault(usage_key(record.tenant, period), {})
                 for name, amount in _increments(record):
                     counts[name] = counts.get(name, 0) + amount
-            self.ledger.append(record)
+            self.ledger_records.append(record)
             counted += 1
         return counted
 
     async def usage(self, tenant: str, period: str) -> TenantUsage:
         return tenant_usage(tenant, period, dict(self._hashes.get(usage_key(tenant, period), {})))
+
+    async def ledger(self, tenant: str, since: float, until: float) -> list[UsageRecord]:
+        return [r for r in self.ledger_records if r.tenant == tenant and since <= r.time < until]
 
     async def close(self) -> None:
         return None
@@ -159,10 +166,25 @@ class RedisUsageStore:
             raise StorageUnavailable(f"Redis did not answer: {exc}") from None
         return tenant_usage(tenant, period, {name.decode(): int(value) for name, value in raw.items()})
 
+    async def ledger(self, tenant: str, since: float, until: float) -> list[UsageRecord]:
+        # Stream ids are insertion times, never earlier than a record's own time: start there.
+        try:
+            entries = await self._client.xrange(ledger_key(tenant), min=f"{int(since * 1000)}-0", max="+")
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise StorageUnavailable(f"Redis did not answer: {exc}") from None
+        records = [record_from_json(fields[b"record"]) for _, fields in entries]
+        return [record for record in records if since <= record.time < until]
+
     async def close(self) -> None:
         await self._client.aclose()
         for sentinel in self._sentinels:
             await sentinel.aclose()
+
+
+def record_from_json(text: bytes | str) -> UsageRecord:
+    document = json.loads(text)
+    document.pop("status_class", None)
+    return UsageRecord(**document)
 
 
 def _record_keys(record: UsageRecord) -> list[str]:
