@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Coroutine
 from functools import partial
 from typing import Any
@@ -24,6 +25,7 @@ from meshtoll.authz.http_transport import HttpAuthzHandler
 from meshtoll.authz.jwks import JwksCache
 from meshtoll.httpserver import reuse_port_socket, serve_http
 from meshtoll.meter.als import AccessLogServicer
+from meshtoll.meter.reconcile import AdmissionRecorder, reconcile_forever
 from meshtoll.policy.reload import PolicyHolder, watch_policy
 from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder, watch_descriptor_configs
 from meshtoll.ratelimit.limiter import Limiter
@@ -36,7 +38,9 @@ from meshtoll.telemetry.metrics import DecisionCounts
 
 log = logging.getLogger("meshtoll")
 
-GRPC_STOP_GRACE_SECONDS = 5.0
+# Unary calls (authz, RLS) finish within Envoy's 0.25-0.5 s timeouts; the access-log stream
+# never ends by itself, so a longer grace would only delay every shutdown by all of it.
+GRPC_STOP_GRACE_SECONDS = 1.0
 REDIS_PROBE_SECONDS = 2.0
 SERVICES = (
     "envoy.service.auth.v3.Authorization",
@@ -55,6 +59,7 @@ class App:
         self._tasks: list[asyncio.Task[None]] = []
         self._store: CounterStore | None = None
         self._usage: UsageStore | None = None
+        self._authorizers: list[Authorizer] = []
 
     async def start(self) -> None:
         settings = self.settings
@@ -77,15 +82,21 @@ class App:
         holder.on_change(jwks.policy_changed)
         self._background(watch_policy(holder, settings.policy_poll_seconds))
         self._background(jwks.refresh_forever(lambda: holder.current))
-        authorizer_for = partial(Authorizer, holder, jwks, counts=self.decisions, limiter=limiter)
-        http_authz = HttpAuthzHandler(authorizer_for(transport="http"))
+        self._usage = usage = open_usage_store(settings.redis_url)
+        recorder = AdmissionRecorder(usage)
+        self._background(recorder.flush_forever())
+        self._background(reconcile_forever(usage, settings.reconcile_grace_seconds, time.time))
+        authorizer_for = partial(
+            Authorizer, holder, jwks, counts=self.decisions, limiter=limiter, recorder=recorder
+        )
+        self._authorizers = [authorizer_for(transport="http"), authorizer_for(transport="grpc")]
+        http_authz = HttpAuthzHandler(self._authorizers[0])
         self._servers.append(
             await serve_http(http_authz, reuse_port_socket(settings.host, settings.http_authz_port))
         )
         ratelimit = RateLimitService(holder, limiter, lambda: None if configs is None else configs.current)
-        self._usage = open_usage_store(settings.redis_url)
-        meter = AccessLogServicer(self._usage, lambda: holder.current)
-        authz = AuthorizationServicer(authorizer_for(transport="grpc"))
+        meter = AccessLogServicer(usage, lambda: holder.current)
+        authz = AuthorizationServicer(self._authorizers[1])
         self._grpc = await self._start_grpc(authz, ratelimit, meter)
         if settings.redis_url is not None:
             self._background(self._probe_redis(store))
@@ -133,16 +144,20 @@ class App:
             await asyncio.sleep(REDIS_PROBE_SECONDS)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Refuse first, then stop serving, then let the background work (the last flush of
+        # admissions among it) finish: every admitted request reaches the store.
+        for authorizer in self._authorizers:
+            authorizer.stop_admitting()
         if self._grpc is not None:
             await self._grpc.stop(GRPC_STOP_GRACE_SECONDS)
         for server in self._servers:
             server.close()
             await server.wait_closed()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._store is not None:
             await self._store.close()
         if self._usage is not None:

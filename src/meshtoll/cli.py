@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
             "without Redis: open (allow) or closed (refuse)",
         ),
         ("--redis-timeout-ms", "redis_timeout_ms", int, "bound on each Redis round trip"),
+        (
+            "--reconcile-grace-seconds",
+            "reconcile_grace_seconds",
+            float,
+            "wait before billing from admissions",
+        ),
     ):
         default = getattr(defaults, field)
         serve.add_argument(

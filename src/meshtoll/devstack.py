@@ -164,6 +164,17 @@ class LocalStack:
     def close(self) -> None:
         self._cleanup.close()
 
+    def restart(self, name: str) -> None:
+        """Stop one child ("meshtoll" or "envoy") and start it again on the same ports."""
+        policy = self.config.policy
+        if name == "meshtoll" and policy is None:
+            raise ProcessStartError("this stack runs no meshtoll")
+        self.children[name].stop()
+        child, probe = (
+            self._start_envoy() if policy is None or name == "envoy" else self._start_meshtoll(policy)
+        )
+        child.wait_ready(probe, START_TIMEOUT_SECONDS)
+
     def _spawn(self, name: str, argv: list[str]) -> Child:
         child = Child(name, argv, self.work_dir / f"{name}.log")
         self._cleanup.callback(child.stop)

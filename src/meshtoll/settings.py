@@ -26,6 +26,7 @@ class Settings:
     ratelimit_failure_mode: str = "open"  # when the store cannot answer: allow, or refuse
     ratelimit_shadow_mode: bool = False  # evaluate and count every limit, enforce none
     redis_timeout_ms: int = 50
+    reconcile_grace_seconds: float = 30.0  # how long an admission waits for its access-log record
 
     @staticmethod
     def env_name(field: str) -> str:
@@ -44,6 +45,8 @@ class Settings:
             raise ConfigError(
                 f"ratelimit_failure_mode: {self.ratelimit_failure_mode!r} is not one of open, closed"
             )
+        if self.reconcile_grace_seconds <= 0:
+            raise ConfigError("reconcile_grace_seconds must be positive")
         if self.redis_timeout_ms < 1:
             raise ConfigError("redis_timeout_ms must be at least 1")
 
@@ -66,6 +69,7 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "workers": int,
     "redis_timeout_ms": int,
     "policy_poll_seconds": float,
+    "reconcile_grace_seconds": float,
     "ratelimit_shadow_mode": _boolean,
 }
 

@@ -16,14 +16,17 @@ from meshtoll.authz.decide import decide
 from meshtoll.authz.jwks import JwksCache
 from meshtoll.authz.verdict import Allow, CheckRequest, Deny, Verdict
 from meshtoll.errors import StorageUnavailable
+from meshtoll.meter.records import Admission
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.limits import Check
 from meshtoll.ratelimit.policy_limits import PolicyLimits
 from meshtoll.telemetry.metrics import DecisionCounts
 
 if TYPE_CHECKING:
+    from meshtoll.meter.reconcile import AdmissionRecorder
     from meshtoll.ratelimit.limiter import Limiter
 
+SHUTTING_DOWN = Deny(503, "shutting_down", "this meshtoll process is stopping; retry")
 LIMITS_UNAVAILABLE = Deny(
     503, "ratelimit_unavailable", "limits cannot be checked right now and the failure policy is closed"
 )
@@ -40,6 +43,7 @@ class Authorizer:
         transport: str = "direct",
         counts: DecisionCounts | None = None,
         limiter: Limiter | None = None,
+        recorder: AdmissionRecorder | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._policy = policy
@@ -47,10 +51,19 @@ class Authorizer:
         self._transport = transport
         self._counts = (counts or DecisionCounts()).counts
         self._limiter = limiter
+        self._recorder = recorder
         self._clock = clock
         self._limits = PolicyLimits(policy.current)
+        self._admitting = True
+
+    def stop_admitting(self) -> None:
+        """From now on refuse every request (503): a process that is stopping must not admit
+        a request after its last admissions have been handed to the store."""
+        self._admitting = False
 
     def check(self, request: CheckRequest) -> Verdict | Awaitable[Verdict]:
+        if not self._admitting:
+            return SHUTTING_DOWN
         policy = self._policy.current
         verdict = decide(request, policy, self._jwks.key_sets, self._clock())
         if isinstance(verdict, Allow) and self._limiter is not None:
@@ -58,18 +71,20 @@ class Authorizer:
                 self._limits = PolicyLimits(policy)
             checks = self._limits.checks(verdict.tenant, verdict.route, where="authz")
             if checks:
-                return self._limited(verdict, checks, self._limiter)
-        return self._counted(verdict)
+                return self._limited(request, verdict, checks, self._limiter)
+        return self._counted(request, verdict)
 
-    async def _limited(self, allow: Allow, checks: Sequence[Check], limiter: Limiter) -> Verdict:
+    async def _limited(
+        self, request: CheckRequest, allow: Allow, checks: Sequence[Check], limiter: Limiter
+    ) -> Verdict:
         try:
             limits = await limiter.check(checks)
         except StorageUnavailable:
-            return self._counted(LIMITS_UNAVAILABLE)
+            return self._counted(request, LIMITS_UNAVAILABLE)
         if limits.admitted:
             if limits.headers and self._policy.current.policy.ratelimit.headers:
-                return self._counted(dataclasses.replace(allow, response_headers=limits.headers))
-            return self._counted(allow)
+                return self._counted(request, dataclasses.replace(allow, response_headers=limits.headers))
+            return self._counted(request, allow)
         assert limits.deciding is not None
         name = limits.deciding[0].limit.name
         message = (
@@ -77,9 +92,17 @@ class Authorizer:
             if limits.code == "quota_exceeded"
             else f"the rate limit {name!r} is exceeded"
         )
-        return self._counted(Deny(429, limits.code, message, limits.headers))
+        return self._counted(request, Deny(429, limits.code, message, limits.headers))
 
-    def _counted(self, verdict: Verdict) -> Verdict:
-        outcome = verdict.code if isinstance(verdict, Deny) else "allow"
-        self._counts[(self._transport, outcome)] += 1
+    def _counted(self, request: CheckRequest, verdict: Verdict) -> Verdict:
+        if isinstance(verdict, Deny):
+            self._counts[(self._transport, verdict.code)] += 1
+            return verdict
+        self._counts[(self._transport, "allow")] += 1
+        if self._recorder is not None:
+            units = self._policy.current.route_costs.get(verdict.route, 1)
+            request_id, method = request.request_id, request.method
+            tenant, consumer, plan, route = verdict.tenant, verdict.consumer, verdict.plan, verdict.route
+            admission = Admission(request_id, self._clock(), tenant, consumer, plan, route, method, units)
+            self._recorder.admit(admission)
         return verdict

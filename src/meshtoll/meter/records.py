@@ -37,3 +37,26 @@ class UsageRecord:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What authz knows of a request it let through: enough to bill it if its access-log
+    record never arrives."""
+
+    request_id: str
+    time: float
+    tenant: str
+    consumer: str
+    plan: str
+    route: str
+    method: str
+    units: int
+
+    def as_record(self) -> UsageRecord:
+        # Status, bytes and duration are what the access log would have told: unknown here.
+        return UsageRecord(
+            self.request_id, self.time, self.tenant, self.consumer, self.plan, self.route, self.method,
+            status=0, request_bytes=0, response_bytes=0, duration_ms=0.0,
+            units=self.units, source="admission",
+        )  # fmt: skip

@@ -184,8 +184,17 @@ class _RedisPyRunner:
     def __init__(self, target: RedisTarget, timeout: float) -> None:
         self._client, self._sentinels = redis_py_client(target, timeout)
         self._script = self._client.register_script(CHECK_SCRIPT())
+        self._initialized = not isinstance(self._client, RedisCluster)
+        self._initializing = asyncio.Lock()
 
     async def run(self, keys: list[str], arguments: list[int]) -> list[Any]:
+        if not self._initialized:
+            # A burst of first calls would each start the cluster client's slot discovery,
+            # which resets connections the others are using: discover once, first.
+            async with self._initializing:
+                if not self._initialized:
+                    await self._client.initialize()
+                    self._initialized = True
         reply: list[Any] = await self._script(keys=keys, args=arguments)
         return reply
 

@@ -17,7 +17,7 @@ import redis.asyncio
 import redis.exceptions
 
 from meshtoll.errors import StorageUnavailable
-from meshtoll.meter.records import UsageRecord
+from meshtoll.meter.records import Admission, UsageRecord
 from meshtoll.storage.redis import redis_py_client
 from meshtoll.storage.urls import parse_redis_url
 
@@ -56,6 +56,14 @@ class UsageStore(Protocol):
         """The tenant's records with since <= time < until, oldest first."""
         ...
 
+    async def admit(self, admissions: Sequence[Admission]) -> None:
+        """Remember admitted requests until their usage record settles them."""
+        ...
+
+    async def overdue(self, before: float, limit: int = 1000) -> list[Admission]:
+        """Admissions made before `before` that no usage record has settled yet."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -69,6 +77,18 @@ def seen_key(tenant: str, request_id: str) -> str:
 
 def ledger_key(tenant: str) -> str:
     return f"meshtoll_{{{tenant}}}_ledger"
+
+
+def admissions_key(tenant: str) -> str:
+    return f"meshtoll_{{{tenant}}}_admissions"
+
+
+def pending_key(tenant: str) -> str:
+    return f"meshtoll_{{{tenant}}}_pending"
+
+
+# The tenants with admissions awaiting settlement, so reconciliation never scans them all.
+PENDING_TENANTS_KEY = "meshtoll_pending_tenants"
 
 
 def tenant_usage(tenant: str, period: str, fields: dict[str, int]) -> TenantUsage:
@@ -100,10 +120,12 @@ class MemoryUsageStore:
         self._seen: set[tuple[str, str]] = set()
         self._hashes: dict[str, dict[str, int]] = {}
         self.ledger_records: list[UsageRecord] = []
+        self._pending: dict[tuple[str, str], Admission] = {}
 
     async def record(self, records: Sequence[UsageRecord]) -> int:
         counted = 0
         for record in records:
+            self._pending.pop((record.tenant, record.request_id), None)
             if (record.tenant, record.request_id) in self._seen:
                 continue
             self._seen.add((record.tenant, record.request_id))
@@ -120,6 +142,15 @@ class MemoryUsageStore:
 
     async def ledger(self, tenant: str, since: float, until: float) -> list[UsageRecord]:
         return [r for r in self.ledger_records if r.tenant == tenant and since <= r.time < until]
+
+    async def admit(self, admissions: Sequence[Admission]) -> None:
+        for admission in admissions:
+            if (admission.tenant, admission.request_id) not in self._seen:
+                self._pending[(admission.tenant, admission.request_id)] = admission
+
+    async def overdue(self, before: float, limit: int = 1000) -> list[Admission]:
+        found = sorted((a for a in self._pending.values() if a.time < before), key=lambda a: a.time)
+        return found[:limit]
 
     async def close(self) -> None:
         return None
@@ -151,7 +182,8 @@ class RedisUsageStore:
         counted = 0
         try:
             for tenant, batch in by_tenant.items():
-                keys = [key for record in batch for key in _record_keys(record)] + [ledger_key(tenant)]
+                keys = [key for record in batch for key in _record_keys(record)]
+                keys += [admissions_key(tenant), pending_key(tenant), ledger_key(tenant)]
                 arguments: list[Any] = [SEEN_SECONDS, LEDGER_MAX_LENGTH, *RETENTION_SECONDS.values()]
                 arguments += [json.dumps(asdict(r) | {"status_class": r.status_class}) for r in batch]
                 counted += int(await self._script(keys=keys, args=arguments))
@@ -174,6 +206,36 @@ class RedisUsageStore:
             raise StorageUnavailable(f"Redis did not answer: {exc}") from None
         records = [record_from_json(fields[b"record"]) for _, fields in entries]
         return [record for record in records if since <= record.time < until]
+
+    async def admit(self, admissions: Sequence[Admission]) -> None:
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for admission in admissions:
+                    tenant = admission.tenant
+                    pipe.hset(admissions_key(tenant), admission.request_id, json.dumps(asdict(admission)))
+                    pipe.zadd(pending_key(tenant), {admission.request_id: admission.time})
+                for tenant in {admission.tenant for admission in admissions}:
+                    pipe.sadd(PENDING_TENANTS_KEY, tenant)
+                await pipe.execute()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise StorageUnavailable(f"Redis did not take the admissions: {exc}") from None
+
+    async def overdue(self, before: float, limit: int = 1000) -> list[Admission]:
+        found: list[Admission] = []
+        try:
+            for raw in await self._client.smembers(PENDING_TENANTS_KEY):
+                tenant = raw.decode()
+                ids = await self._client.zrangebyscore(
+                    pending_key(tenant), "-inf", f"({before}", start=0, num=limit
+                )
+                if not ids and not await self._client.zcard(pending_key(tenant)):
+                    await self._client.srem(PENDING_TENANTS_KEY, tenant)
+                    continue
+                texts = await self._client.hmget(admissions_key(tenant), ids) if ids else []
+                found += [Admission(**json.loads(text)) for text in texts if text is not None]
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise StorageUnavailable(f"Redis did not answer: {exc}") from None
+        return sorted(found, key=lambda admission: admission.time)[:limit]
 
     async def close(self) -> None:
         await self._client.aclose()

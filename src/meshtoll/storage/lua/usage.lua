@@ -5,19 +5,25 @@
 --   KEYS[4i-2]  the tenant's usage hash for the record's month
 --   KEYS[4i-1]  ... for its day
 --   KEYS[4i]    ... for its hour
--- and last, KEYS[#KEYS]: the tenant's ledger stream.
+-- and last, three keys of the tenant's:
+--   KEYS[#KEYS-2]  admissions hash (request id -> what authz admitted), awaiting their record
+--   KEYS[#KEYS-1]  pending admissions, a sorted set of request ids by admission time
+--   KEYS[#KEYS]    the ledger stream
+-- A record, new or replayed, settles its admission: it leaves the hash and the set.
 -- ARGV[1]  how long a seen marker lives, in seconds (the replay window)
 -- ARGV[2]  the ledger's approximate maximum length (XADD MAXLEN ~)
 -- ARGV[3], ARGV[4], ARGV[5]  how long a month, day and hour hash lives, in seconds
 -- ARGV[5+i] record i as JSON: route, units, status_class, source, and the rest for the ledger
 -- Returns the number of records counted now (replays count 0).
 
-local ledger = KEYS[#KEYS]
+local admissions, pending, ledger = KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS]
 local counted = 0
-for i = 1, (#KEYS - 1) / 4 do
+for i = 1, (#KEYS - 3) / 4 do
   local text = ARGV[5 + i]
+  local record = cjson.decode(text)
+  redis.call('HDEL', admissions, record.request_id)
+  redis.call('ZREM', pending, record.request_id)
   if redis.call('SET', KEYS[4 * i - 3], '1', 'NX', 'EX', ARGV[1]) then
-    local record = cjson.decode(text)
     local route = record.route
     local units = tonumber(record.units)
     local class = record.status_class

@@ -1,0 +1,74 @@
+"""Nothing billable is lost: authz remembers every request it admits, and admissions whose
+access-log record never arrives are billed from what authz knew, marked unreconciled.
+
+Envoy's access-log stream is best effort (entries buffered in Envoy are dropped when the
+stream breaks), so the admissions are the ground truth of what was let through. Recording
+one costs authz a list append; a background task hands them to the store in batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from meshtoll.errors import StorageUnavailable
+from meshtoll.meter.records import Admission
+from meshtoll.storage.usage import UsageStore
+
+log = logging.getLogger("meshtoll.meter")
+
+FLUSH_SECONDS = 0.5
+MAX_BUFFERED = 1_000_000  # admissions kept in memory while the store is away
+
+
+class AdmissionRecorder:
+    def __init__(self, store: UsageStore) -> None:
+        self._store = store
+        self._buffer: list[Admission] = []
+        self.dropped = 0
+
+    def admit(self, admission: Admission) -> None:
+        if len(self._buffer) < MAX_BUFFERED:
+            self._buffer.append(admission)
+        else:
+            self.dropped += 1
+
+    async def flush(self) -> None:
+        batch, self._buffer = self._buffer, []
+        if not batch:
+            return
+        try:
+            await self._store.admit(batch)
+        except StorageUnavailable as exc:
+            self._buffer[:0] = batch  # kept, oldest first, for the next flush
+            log.warning("admissions not stored yet (%d waiting): %s", len(self._buffer), exc)
+
+    async def flush_forever(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(FLUSH_SECONDS)
+                await self.flush()
+        finally:
+            # On shutdown, what is buffered still goes out: these are billable requests.
+            await self.flush()
+
+
+async def reconcile(store: UsageStore, now: float, grace: float) -> int:
+    """Bill every admission older than `grace` seconds that no access-log record settled."""
+    overdue = await store.overdue(now - grace)
+    if not overdue:
+        return 0
+    return await store.record([admission.as_record() for admission in overdue])
+
+
+async def reconcile_forever(store: UsageStore, grace: float, clock: Callable[[], float]) -> None:
+    while True:
+        await asyncio.sleep(max(0.2, grace / 4))
+        try:
+            billed = await reconcile(store, clock(), grace)
+        except StorageUnavailable as exc:
+            log.warning("reconciliation skipped: %s", exc)
+            continue
+        if billed:
+            log.info("billed %d admitted requests from authz records (no access-log record)", billed)

@@ -1,0 +1,140 @@
+"""Nothing billable is lost: admissions without an access-log record are billed once, marked
+unreconciled; through a real Envoy, a meshtoll restart mid-traffic bills exactly what was
+admitted."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import threading
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from meshtoll.devstack import LocalStack
+from meshtoll.meter.reconcile import AdmissionRecorder, reconcile
+from meshtoll.meter.records import Admission
+from meshtoll.storage.usage import MemoryUsageStore
+from tests.client import fetch
+from tests.conftest import StartStack
+
+T = 1_795_000_000.0
+
+
+def admission(request_id: str, at: float = T) -> Admission:
+    return Admission(request_id, at, "acme", "ci", "pro", "search", "GET", 5)
+
+
+async def test_overdue_admissions_are_billed_once_and_marked_unreconciled() -> None:
+    store = MemoryUsageStore()
+    recorder = AdmissionRecorder(store)
+    for request_id, at in (("first", T), ("second", T), ("recent", T + 25)):
+        recorder.admit(admission(request_id, at))
+    await recorder.flush()
+    assert await reconcile(store, now=T + 30, grace=10) == 2  # no access-log record settled them
+    assert await reconcile(store, now=T + 30, grace=10) == 0  # billed once
+    usage = await store.usage("acme", "2026-11")
+    assert (usage.requests, usage.units, usage.unreconciled) == (2, 10, 2)
+    assert await reconcile(store, now=T + 40, grace=10) == 1  # "recent" once it is overdue
+
+
+async def test_an_access_log_record_settles_its_admission() -> None:
+    store = MemoryUsageStore()
+    await store.admit([admission("r1"), admission("r2")])
+    logged = admission("r1").as_record()
+    await store.record([replace(logged, status=200, source="access_log")])
+    assert [a.request_id for a in await store.overdue(T + 100)] == ["r2"]
+    assert await reconcile(store, now=T + 100, grace=10) == 1
+    # A late access-log record of an admission already billed never counts twice.
+    assert await store.record([replace(admission("r2").as_record(), status=200, source="access_log")]) == 0
+    usage = await store.usage("acme", "2026-11")
+    assert (usage.requests, usage.unreconciled) == (2, 1)
+
+
+@pytest.mark.integration
+def test_a_meshtoll_restart_mid_traffic_bills_exactly_what_was_admitted(
+    start_stack: StartStack, tmp_path: Path
+) -> None:
+    key = "k-reconcile"
+    policy = tmp_path / "policy.yaml"
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    policy.write_text(
+        f"plans: {{pro: {{}}}}\ntenants: {{recon: {{plan: pro, api_keys: [{{id: k, sha256: {digest}}}]}}}}\n"
+    )
+    stack = start_stack(policy, serve_args=("--reconcile-grace-seconds", "1"))
+    url = stack.url("listen_http_authz_port", "/v1/items")
+    statuses: Counter[int] = Counter()
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            statuses[fetch(url, headers={"x-api-key": key}).status] += 1
+
+    client = threading.Thread(target=traffic)
+    client.start()
+    try:
+        time.sleep(1.0)
+        stack.restart("meshtoll")
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        client.join()
+    admitted = statuses[200]
+    assert admitted > 50, statuses
+    assert set(statuses) <= {200, 503}, statuses  # 503: the moments meshtoll was down
+    deadline = time.monotonic() + 15
+    while True:
+        usage = fetch(f"{stack.meshtoll_admin_url}/api/tenants/recon/usage").json()
+        if usage["requests"] == admitted or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert usage["requests"] == admitted, (usage, statuses)
+
+
+def allowed_so_far(stack: LocalStack) -> float:
+    text = fetch(f"{stack.meshtoll_admin_url}/metrics").body.decode()
+    prefix = 'meshtoll_authz_decisions_total{outcome="allow",transport="http"} '
+    return sum(float(line.removeprefix(prefix)) for line in text.splitlines() if line.startswith(prefix))
+
+
+@pytest.mark.integration
+def test_an_envoy_restart_cutting_the_access_log_stream_loses_no_billable_request(
+    start_stack: StartStack, tmp_path: Path
+) -> None:
+    key = "k-cut"
+    policy = tmp_path / "policy.yaml"
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    policy.write_text(
+        f"plans: {{pro: {{}}}}\ntenants: {{cut: {{plan: pro, api_keys: [{{id: k, sha256: {digest}}}]}}}}\n"
+    )
+    stack = start_stack(policy, serve_args=("--reconcile-grace-seconds", "1"))
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                fetch(stack.url("listen_http_authz_port", "/v1/items"), headers={"x-api-key": key})
+            except (OSError, http.client.HTTPException):
+                time.sleep(0.01)  # Envoy is restarting
+
+    client = threading.Thread(target=traffic)
+    client.start()
+    try:
+        time.sleep(1.0)
+        stack.restart("envoy")  # its buffered access-log entries die with it
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        client.join()
+    admitted = allowed_so_far(stack)
+    deadline = time.monotonic() + 15
+    while True:
+        usage = fetch(f"{stack.meshtoll_admin_url}/api/tenants/cut/usage").json()
+        if usage["requests"] == admitted or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert usage["requests"] == admitted, usage
+    assert usage["unreconciled"] > 0, "no access-log entry was lost: the test proved nothing"
