@@ -62,7 +62,7 @@ def test_a_meshtoll_restart_mid_traffic_bills_exactly_what_was_admitted(
     policy = tmp_path / "policy.yaml"
     digest = hashlib.sha256(key.encode()).hexdigest()
     policy.write_text(
-        f"plans: {{pro: {{}}}}\ntenants: {{recon: {{plan: pro, api_keys: [{{id: k, sha256: {digest}}}]}}}}\n"
+        f"plans: {{pro: {{price: {{currency: EUR, tiers: [{{up_to: null, unit_price: '0.01'}}]}}}}}}\ntenants: {{recon: {{plan: pro, api_keys: [{{id: k, sha256: {digest}}}]}}}}\n"
     )
     stack = start_stack(policy, serve_args=("--reconcile-grace-seconds", "1"))
     url = stack.url("listen_http_authz_port", "/v1/items")
@@ -108,7 +108,7 @@ def test_an_envoy_restart_cutting_the_access_log_stream_loses_no_billable_reques
     policy = tmp_path / "policy.yaml"
     digest = hashlib.sha256(key.encode()).hexdigest()
     policy.write_text(
-        f"plans: {{pro: {{}}}}\ntenants: {{cut: {{plan: pro, api_keys: [{{id: k, sha256: {digest}}}]}}}}\n"
+        f"plans: {{pro: {{price: {{currency: EUR, tiers: [{{up_to: null, unit_price: '0.01'}}]}}}}}}\ntenants: {{cut: {{plan: pro, api_keys: [{{id: k, sha256: {digest}}}]}}}}\n"
     )
     stack = start_stack(policy, serve_args=("--reconcile-grace-seconds", "1"))
     stop = threading.Event()

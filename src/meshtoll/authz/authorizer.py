@@ -99,8 +99,10 @@ class Authorizer:
             self._counts[(self._transport, verdict.code)] += 1
             return verdict
         self._counts[(self._transport, "allow")] += 1
-        if self._recorder is not None:
-            units = self._policy.current.route_costs.get(verdict.route, 1)
+        policy = self._policy.current
+        # Admissions back billing: only requests of tenants on a priced plan are recorded.
+        if self._recorder is not None and verdict.plan in policy.priced_plans:
+            units = policy.route_costs.get(verdict.route, 1)
             request_id, method = request.request_id, request.method
             tenant, consumer, plan, route = verdict.tenant, verdict.consumer, verdict.plan, verdict.route
             admission = Admission(request_id, self._clock(), tenant, consumer, plan, route, method, units)

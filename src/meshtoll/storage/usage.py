@@ -209,13 +209,18 @@ class RedisUsageStore:
 
     async def admit(self, admissions: Sequence[Admission]) -> None:
         try:
+            by_tenant: dict[str, list[Admission]] = {}
+            for admission in admissions:
+                by_tenant.setdefault(admission.tenant, []).append(admission)
+            # Two commands per tenant and flush, not per admission: the flush carries a
+            # second's worth of requests.
             async with self._client.pipeline(transaction=False) as pipe:
-                for admission in admissions:
-                    tenant = admission.tenant
-                    pipe.hset(admissions_key(tenant), admission.request_id, json.dumps(asdict(admission)))
-                    pipe.zadd(pending_key(tenant), {admission.request_id: admission.time})
-                for tenant in {admission.tenant for admission in admissions}:
-                    pipe.sadd(PENDING_TENANTS_KEY, tenant)
+                for tenant, batch in by_tenant.items():
+                    pipe.hset(
+                        admissions_key(tenant), mapping={a.request_id: json.dumps(asdict(a)) for a in batch}
+                    )
+                    pipe.zadd(pending_key(tenant), {a.request_id: a.time for a in batch})
+                pipe.sadd(PENDING_TENANTS_KEY, *by_tenant)
                 await pipe.execute()
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StorageUnavailable(f"Redis did not take the admissions: {exc}") from None
