@@ -185,7 +185,7 @@ class RedisUsageStore:
                 keys = [key for record in batch for key in _record_keys(record)]
                 keys += [admissions_key(tenant), pending_key(tenant), ledger_key(tenant)]
                 arguments: list[Any] = [SEEN_SECONDS, LEDGER_MAX_LENGTH, *RETENTION_SECONDS.values()]
-                arguments += [json.dumps(asdict(r) | {"status_class": r.status_class}) for r in batch]
+                arguments += [r.to_json() for r in batch]
                 counted += int(await self._script(keys=keys, args=arguments))
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StorageUnavailable(f"Redis did not take the usage batch: {exc}") from None

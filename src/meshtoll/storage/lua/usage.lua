@@ -9,14 +9,32 @@
 --   KEYS[#KEYS-2]  admissions hash (request id -> what authz admitted), awaiting their record
 --   KEYS[#KEYS-1]  pending admissions, a sorted set of request ids by admission time
 --   KEYS[#KEYS]    the ledger stream
--- A record, new or replayed, settles its admission: it leaves the hash and the set.
 -- ARGV[1]  how long a seen marker lives, in seconds (the replay window)
 -- ARGV[2]  the ledger's approximate maximum length (XADD MAXLEN ~)
 -- ARGV[3], ARGV[4], ARGV[5]  how long a month, day and hour hash lives, in seconds
--- ARGV[5+i] record i as JSON: route, units, status_class, source, and the rest for the ledger
+-- ARGV[5+i] record i as JSON: request_id, route, units, status_class, source, and the rest
+--           for the ledger
+-- A record, new or replayed, settles its admission: it leaves the hash and the set. The
+-- counters of the new records are summed here first, so a batch costs one HINCRBY per
+-- distinct counter instead of fifteen per record.
 -- Returns the number of records counted now (replays count 0).
 
 local admissions, pending, ledger = KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS]
+local sums, order, lifetimes = {}, {}, {}
+-- k: the index of one of a record's period keys; sums are kept per hash name, since the
+-- records of one batch mostly share their month, day and hour.
+local function add(k, field, amount)
+  local name = KEYS[k]
+  local slot = sums[name]
+  if not slot then
+    slot = {}
+    sums[name] = slot
+    order[#order + 1] = name
+    lifetimes[name] = ARGV[3 + (k - 2) % 4]  -- month, day or hour retention
+  end
+  slot[field] = (slot[field] or 0) + amount
+end
+
 local counted = 0
 for i = 1, (#KEYS - 3) / 4 do
   local text = ARGV[5 + i]
@@ -24,23 +42,28 @@ for i = 1, (#KEYS - 3) / 4 do
   redis.call('HDEL', admissions, record.request_id)
   redis.call('ZREM', pending, record.request_id)
   if redis.call('SET', KEYS[4 * i - 3], '1', 'NX', 'EX', ARGV[1]) then
-    local route = record.route
     local units = tonumber(record.units)
-    local class = record.status_class
     for k = 4 * i - 2, 4 * i do
-      if redis.call('HINCRBY', KEYS[k], 'requests', 1) == 1 then
-        redis.call('EXPIRE', KEYS[k], ARGV[3 + (k - (4 * i - 2))])
-      end
-      redis.call('HINCRBY', KEYS[k], 'units', units)
-      redis.call('HINCRBY', KEYS[k], 'route:' .. route .. ':requests', 1)
-      redis.call('HINCRBY', KEYS[k], 'route:' .. route .. ':units', units)
-      redis.call('HINCRBY', KEYS[k], 'status:' .. class, 1)
+      add(k, 'requests', 1)
+      add(k, 'units', units)
+      add(k, 'route:' .. record.route .. ':requests', 1)
+      add(k, 'route:' .. record.route .. ':units', units)
+      add(k, 'status:' .. record.status_class, 1)
       if record.source == 'admission' then
-        redis.call('HINCRBY', KEYS[k], 'unreconciled', 1)
+        add(k, 'unreconciled', 1)
       end
     end
     redis.call('XADD', ledger, 'MAXLEN', '~', ARGV[2], '*', 'record', text)
     counted = counted + 1
+  end
+end
+
+for _, name in ipairs(order) do
+  for field, amount in pairs(sums[name]) do
+    local value = redis.call('HINCRBY', name, field, amount)
+    if field == 'requests' and value == amount then
+      redis.call('EXPIRE', name, lifetimes[name])  -- a new hash
+    end
   end
 end
 return counted
