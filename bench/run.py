@@ -5,9 +5,11 @@ measured in the same run (the machine is shared and noisy, absolute numbers drif
 
 Rows: (a) Envoy alone, direct response; (b) Envoy + a zero-cost HTTP authz stub (a second
 Envoy answering 200: the limit of any one-hop design); (c) meshtoll HTTP authz and (d)
-meshtoll gRPC authz, API keys against a policy of 10,000 tenants; (e) gRPC authz + Envoy's
-ratelimit filter calling meshtoll's RLS; (f) the fused HTTP authz with a per-second limit
-and a daily quota on Redis. Each row runs wrk with one thread against Envoy with one worker.
+meshtoll gRPC authz, API keys against a policy of 10,000 tenants; (e) gRPC authz +
+Envoy's ratelimit filter calling meshtoll's RLS; (f) the fused HTTP authz with a
+per-second limit and a daily quota on Redis; (g) Envoy + the meter, every request
+metered; (h) the full chain: fused HTTP authz with limits + the meter. Each row runs wrk
+with one thread against Envoy with one worker.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Row:
     path: str = "/v1/items"
     key: str | None = BENCH_KEY
     meshtoll: bool = True  # whether meshtoll's CPU time belongs to this row
+    headers: tuple[str, ...] = ()  # more request headers, "name: value"
 
 
 ROWS = [
@@ -56,6 +59,16 @@ ROWS = [
         "listen_http_authz_port",
         key=LIMITED_KEY,
     ),
+    # No authz in front: the identity headers come from the client, so that every request
+    # becomes a usage record.
+    Row(
+        "g",
+        "Envoy + meter, every request metered (Redis)",
+        "listen_metered_direct_port",
+        key=None,
+        headers=("x-meshtoll-tenant: t4242", "x-meshtoll-plan: pro", "x-meshtoll-route: v1"),
+    ),
+    Row("h", "full chain: fused HTTP authz with limits + meter (Redis)", "listen_full_port", key=LIMITED_KEY),
 ]
 TARGETS: dict[str, tuple[str, float]] = {
     "c": ("b", 0.80),
@@ -98,10 +111,10 @@ def write_policy(directory: Path) -> Path:
     return path
 
 
-def wrk(url: str, key: str | None, seconds: float, connections: int) -> dict[str, float]:
+def wrk(url: str, headers: list[str], seconds: float, connections: int) -> dict[str, float]:
     command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", url]
-    if key is not None:
-        command += ["-H", f"x-api-key: {key}"]
+    for header in headers:
+        command += ["-H", header]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     latency = _latencies(output)
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
@@ -147,10 +160,11 @@ def process_tree_cpu_seconds(pid: int) -> float:
 
 def measure(stack: LocalStack, row: Row, seconds: float, connections: int) -> Measurement:
     url = stack.url(row.listener, row.path)
-    wrk(url, row.key, min(2.0, seconds), connections)  # warm-up: connections and caches
+    headers = [*row.headers, *([f"x-api-key: {row.key}"] if row.key is not None else [])]
+    wrk(url, headers, min(2.0, seconds), connections)  # warm-up: connections and caches
     meshtoll_pid = stack.children["meshtoll"].pid
     cpu_before = process_tree_cpu_seconds(meshtoll_pid)
-    result = wrk(url, row.key, seconds, connections)
+    result = wrk(url, headers, seconds, connections)
     cpu = process_tree_cpu_seconds(meshtoll_pid) - cpu_before
     per_request = cpu / result["requests"] * 1e6 if row.meshtoll and result["requests"] else None
     return Measurement(

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 def test_every_suggested_demo_request_gets_the_promised_answer(start_stack: StartStack) -> None:
     stack = start_stack(EXAMPLE_POLICY)
-    http, grpc = stack.url("listen_http_authz_port", ""), stack.url("listen_grpc_authz_port", "")
+    http, grpc = stack.url("listen_full_port", ""), stack.url("listen_grpc_authz_port", "")
     for demo in demo_requests(http, grpc):
         reply = fetch(demo.url, method=demo.method, headers=dict(demo.headers))
         status, _, code = demo.expect.partition(" ")

@@ -48,15 +48,15 @@ def test_n_requests_through_envoy_make_n_records_with_the_right_fields(
 ) -> None:
     headers = {"x-api-key": KEY}
     for _ in range(7):
-        assert fetch(stack.url("listen_http_authz_port", "/v1/search?q=x"), headers=headers).status == 200
+        assert fetch(stack.url("listen_full_port", "/v1/search?q=x"), headers=headers).status == 200
     for _ in range(3):
         assert (
             fetch(
-                stack.url("listen_grpc_authz_port", "/v1/items"), method="POST", headers=headers, body=b"{}"
+                stack.url("listen_full_port", "/v1/items"), method="POST", headers=headers, body=b"{}"
             ).status
             == 200
         )
-    assert fetch(stack.url("listen_http_authz_port", "/admin"), headers=headers).status == 403  # not metered
+    assert fetch(stack.url("listen_full_port", "/admin"), headers=headers).status == 403  # not metered
     found = usage(stack, 10)
     assert found["requests"] == 10
     assert found["units"] == 7 * 5 + 3

@@ -65,7 +65,7 @@ def test_a_meshtoll_restart_mid_traffic_bills_exactly_what_was_admitted(
         f"plans: {{pro: {{price: {{currency: EUR, tiers: [{{up_to: null, unit_price: '0.01'}}]}}}}}}\ntenants: {{recon: {{plan: pro, api_keys: [{{id: k, sha256: {digest}}}]}}}}\n"
     )
     stack = start_stack(policy, serve_args=("--reconcile-grace-seconds", "1"))
-    url = stack.url("listen_http_authz_port", "/v1/items")
+    url = stack.url("listen_full_port", "/v1/items")
     statuses: Counter[int] = Counter()
     stop = threading.Event()
 
@@ -116,7 +116,7 @@ def test_an_envoy_restart_cutting_the_access_log_stream_loses_no_billable_reques
     def traffic() -> None:
         while not stop.is_set():
             try:
-                fetch(stack.url("listen_http_authz_port", "/v1/items"), headers={"x-api-key": key})
+                fetch(stack.url("listen_full_port", "/v1/items"), headers={"x-api-key": key})
             except (OSError, http.client.HTTPException):
                 time.sleep(0.01)  # Envoy is restarting
 

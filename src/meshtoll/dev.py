@@ -67,7 +67,7 @@ def run_dev(policy: Path | None, port: int, admin_port: int) -> int:
         else:
             log.info("Redis: redis-server not found, so meshtoll keeps its state in memory")
         fixed = {
-            "listen_http_authz_port": port,
+            "listen_full_port": port,
             "listen_grpc_authz_port": port + 1,
             "meshtoll_admin_port": admin_port,
         }
@@ -81,13 +81,13 @@ def run_dev(policy: Path | None, port: int, admin_port: int) -> int:
 
 
 def banner(stack: LocalStack, policy: Path, redis_url: str | None) -> str:
-    http = stack.url("listen_http_authz_port", "")
+    http = stack.url("listen_full_port", "")
     grpc = stack.url("listen_grpc_authz_port", "")
     lines = [
         "",
         "meshtoll dev: the local stack is ready (Ctrl-C stops everything)",
-        f"  Envoy, HTTP ext_authz   {http}",
-        f"  Envoy, gRPC ext_authz   {grpc}",
+        f"  Envoy, authz + limits + metering   {http}",
+        f"  Envoy, gRPC ext_authz              {grpc}",
         f"  meshtoll admin          {stack.meshtoll_admin_url}/readyz",
         f"  policy                  {policy}  (edit it: changes apply within a second)",
         f"  Redis                   {redis_url or 'none (in-memory state)'}",
