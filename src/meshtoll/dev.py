@@ -88,9 +88,9 @@ def banner(stack: LocalStack, policy: Path, redis_url: str | None) -> str:
         "meshtoll dev: the local stack is ready (Ctrl-C stops everything)",
         f"  Envoy, authz + limits + metering   {http}",
         f"  Envoy, gRPC ext_authz              {grpc}",
-        f"  meshtoll admin          {stack.meshtoll_admin_url}/readyz",
-        f"  policy                  {policy}  (edit it: changes apply within a second)",
-        f"  Redis                   {redis_url or 'none (in-memory state)'}",
+        f"  meshtoll admin                     {stack.meshtoll_admin_url}/readyz",
+        f"  policy                             {policy}  (edit it: changes apply within a second)",
+        f"  Redis                              {redis_url or 'none (in-memory state)'}",
         "",
     ]
     if policy.resolve() != EXAMPLE_POLICY:
