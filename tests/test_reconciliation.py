@@ -54,17 +54,24 @@ async def test_an_access_log_record_settles_its_admission() -> None:
     assert (usage.requests, usage.unreconciled) == (2, 1)
 
 
+def priced_stack(start_stack: StartStack, directory: Path, tenant: str, key: str) -> LocalStack:
+    """A stack whose one tenant is on a priced plan (admissions are recorded for it) and
+    whose admissions are billed after a one-second grace."""
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    policy = directory / "policy.yaml"
+    policy.write_text(
+        "plans: {pro: {price: {currency: EUR, tiers: [{up_to: null, unit_price: '0.01'}]}}}\n"
+        f"tenants: {{{tenant}: {{plan: pro, api_keys: [{{id: k, sha256: {digest}}}]}}}}\n"
+    )
+    return start_stack(policy, serve_args=("--reconcile-grace-seconds", "1"))
+
+
 @pytest.mark.integration
 def test_a_meshtoll_restart_mid_traffic_bills_exactly_what_was_admitted(
     start_stack: StartStack, tmp_path: Path
 ) -> None:
     key = "k-reconcile"
-    policy = tmp_path / "policy.yaml"
-    digest = hashlib.sha256(key.encode()).hexdigest()
-    policy.write_text(
-        f"plans: {{pro: {{price: {{currency: EUR, tiers: [{{up_to: null, unit_price: '0.01'}}]}}}}}}\ntenants: {{recon: {{plan: pro, api_keys: [{{id: k, sha256: {digest}}}]}}}}\n"
-    )
-    stack = start_stack(policy, serve_args=("--reconcile-grace-seconds", "1"))
+    stack = priced_stack(start_stack, tmp_path, "recon", key)
     url = stack.url("listen_full_port", "/v1/items")
     statuses: Counter[int] = Counter()
     stop = threading.Event()
@@ -105,12 +112,7 @@ def test_an_envoy_restart_cutting_the_access_log_stream_loses_no_billable_reques
     start_stack: StartStack, tmp_path: Path
 ) -> None:
     key = "k-cut"
-    policy = tmp_path / "policy.yaml"
-    digest = hashlib.sha256(key.encode()).hexdigest()
-    policy.write_text(
-        f"plans: {{pro: {{price: {{currency: EUR, tiers: [{{up_to: null, unit_price: '0.01'}}]}}}}}}\ntenants: {{cut: {{plan: pro, api_keys: [{{id: k, sha256: {digest}}}]}}}}\n"
-    )
-    stack = start_stack(policy, serve_args=("--reconcile-grace-seconds", "1"))
+    stack = priced_stack(start_stack, tmp_path, "cut", key)
     stop = threading.Event()
 
     def traffic() -> None:
