@@ -112,6 +112,45 @@ def test_ratelimit_envoyfilter_is_valid_and_matches_the_local_envoy() -> None:
     istio_config = {
         key: value for key, value in istio_filter["typed_config"].items() if key != "rate_limit_service"
     }
-    assert istio_config == local_config
-    actions = document["spec"]["configPatches"][1]["patch"]["value"]["rate_limits"]
-    assert actions == manager["route_config"]["virtual_hosts"][0]["rate_limits"]
+    assert istio_config == local_config  # the descriptors (rate_limits) among them
+
+
+def test_hooks_envoyfilter_is_valid_and_matches_the_local_envoy() -> None:
+    document = yaml.safe_load((ISTIO / "hooks-envoyfilter.yaml").read_text())
+    jsonschema.validate(document["spec"], crd_schema("EnvoyFilter", "v1alpha3")["properties"]["spec"])
+    bootstrap = yaml.safe_load(render_bootstrap(StackPorts.allocate({}).envoy))
+    listener = next(item for item in bootstrap["static_resources"]["listeners"] if item["name"] == "full")
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    local = [item for item in manager["http_filters"] if item["name"].startswith("meshtoll.hooks.")]
+    istio = [patch["patch"]["value"] for patch in document["spec"]["configPatches"]]
+    assert (
+        [item["name"] for item in istio]
+        == [item["name"] for item in local]
+        == [
+            "meshtoll.hooks.open",
+            "meshtoll.hooks.closed",
+        ]
+    )
+    for istio_filter, local_filter in zip(istio, local, strict=True):
+        istio_processor = istio_filter["typed_config"]["extension_config"]["typed_config"]
+        local_processor = local_filter["typed_config"]["extension_config"]["typed_config"]
+        assert istio_processor.pop("grpc_service") != local_processor.pop("grpc_service")
+        assert istio_processor == local_processor
+        assert istio_filter["typed_config"]["xds_matcher"] == local_filter["typed_config"]["xds_matcher"]
+
+
+def test_the_meter_provider_logs_what_the_local_envoy_logs() -> None:
+    telemetry = yaml.safe_load((ISTIO / "telemetry.yaml").read_text())
+    jsonschema.validate(telemetry["spec"], crd_schema("Telemetry", "v1")["properties"]["spec"])
+    mesh = yaml.safe_load((ISTIO / "mesh-config.yaml").read_text())
+    provider = next(item for item in mesh["extensionProviders"] if item["name"] == "meshtoll-meter")
+    bootstrap = yaml.safe_load(render_bootstrap(StackPorts.allocate({}).envoy))
+    listener = next(item for item in bootstrap["static_resources"]["listeners"] if item["name"] == "full")
+    (logger,) = listener["filter_chains"][0]["filters"][0]["typed_config"]["access_log"]
+    local = logger["typed_config"]
+    assert telemetry["spec"]["accessLogging"][0]["providers"] == [{"name": "meshtoll-meter"}]
+    assert provider["envoyHttpAls"]["logName"] == local["common_config"]["log_name"]
+    assert (
+        provider["envoyHttpAls"]["additionalRequestHeadersToLog"]
+        == local["additional_request_headers_to_log"]
+    )

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -23,6 +24,7 @@ from meshtoll.authz.authorizer import Authorizer
 from meshtoll.authz.grpc_transport import AuthorizationServicer
 from meshtoll.authz.http_transport import HttpAuthzHandler
 from meshtoll.authz.jwks import JwksCache
+from meshtoll.extproc.service import ExternalProcessorServicer
 from meshtoll.httpserver import reuse_port_socket, serve_http
 from meshtoll.meter.als import AccessLogServicer
 from meshtoll.meter.reconcile import AdmissionRecorder, reconcile_forever
@@ -46,6 +48,7 @@ SERVICES = (
     "envoy.service.auth.v3.Authorization",
     "envoy.service.ratelimit.v3.RateLimitService",
     "envoy.service.accesslog.v3.AccessLogService",
+    "envoy.service.ext_proc.v3.ExternalProcessor",
 )
 
 
@@ -97,7 +100,13 @@ class App:
         ratelimit = RateLimitService(holder, limiter, lambda: None if configs is None else configs.current)
         meter = AccessLogServicer(usage, lambda: holder.current)
         authz = AuthorizationServicer(self._authorizers[1])
-        self._grpc = await self._start_grpc(authz, ratelimit, meter)
+        hooks = ExternalProcessorServicer(lambda: holder.current, limiter)
+        self.admin.metrics.count_outcomes(
+            "meshtoll_extproc_outcomes",
+            "ext_proc hook streams and how their units were found",
+            hooks.outcomes,
+        )
+        self._grpc = await self._start_grpc(authz, ratelimit, meter, hooks)
         if settings.redis_url is not None:
             self._background(self._probe_redis(store))
         self.admin.store = store
@@ -120,12 +129,17 @@ class App:
         self._tasks.append(asyncio.create_task(work))
 
     async def _start_grpc(
-        self, authz: AuthorizationServicer, ratelimit: RateLimitService, meter: AccessLogServicer
+        self,
+        authz: AuthorizationServicer,
+        ratelimit: RateLimitService,
+        meter: AccessLogServicer,
+        hooks: ExternalProcessorServicer,
     ) -> grpc.aio.Server:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authz, server)
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(ratelimit), server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(meter, server)
+        ext_proc_pb2_grpc.add_ExternalProcessorServicer_to_server(hooks, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         address = f"{self.settings.host}:{self.settings.grpc_port}"

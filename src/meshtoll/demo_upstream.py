@@ -1,8 +1,11 @@
 """The demo upstream: answers every request with what it received, as JSON.
 
 `{"method": ..., "path": ..., "headers": {lower-case name: value}}` lets a test see what
-Envoy forwarded (the x-meshtoll-* headers authz set, the ones it removed). It is also the
-upstream of the benchmarks, so it runs on meshtoll's lean HTTP server and nothing more.
+Envoy forwarded (the x-meshtoll-* headers authz set, the ones it removed). With a `tokens=N`
+query parameter the answer also reports usage the way LLM APIs do,
+`"usage": {"prompt_tokens": ..., "completion_tokens": ..., "total_tokens": N}`, for the
+usage-from-body hook. It is also the upstream of the benchmarks, so it runs on meshtoll's
+lean HTTP server and nothing more.
 
     python -m meshtoll.demo_upstream --host 127.0.0.1 --port 8000
 """
@@ -14,6 +17,7 @@ import asyncio
 import json
 import signal
 from collections.abc import Sequence
+from urllib.parse import parse_qs, urlsplit
 
 from meshtoll.httpserver import response, reuse_port_socket, serve_http
 
@@ -21,8 +25,17 @@ _JSON = (("content-type", "application/json"),)
 
 
 def echo(method: str, target: str, headers: dict[str, str], peer: str) -> bytes:
-    body = json.dumps({"method": method, "path": target, "headers": headers}).encode()
-    return response(200, "OK", _JSON, body)
+    document: dict[str, object] = {"method": method, "path": target, "headers": headers}
+    if "tokens=" in target:
+        tokens = parse_qs(urlsplit(target).query).get("tokens", ["0"])[0]
+        total = int(tokens) if tokens.isdigit() else 0
+        prompt = total // 4
+        document["usage"] = {
+            "prompt_tokens": prompt,
+            "completion_tokens": total - prompt,
+            "total_tokens": total,
+        }
+    return response(200, "OK", _JSON, json.dumps(document).encode())
 
 
 async def serve(host: str, port: int) -> None:

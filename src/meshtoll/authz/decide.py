@@ -16,6 +16,7 @@ import jwt
 from meshtoll.authz.tokens import TokenRejected, looks_like_jwt, verify_token
 from meshtoll.authz.verdict import (
     CONSUMER_HEADER,
+    EXTPROC_HEADER,
     HEADER_PREFIX,
     IDENTITY_HEADERS,
     PLAN_HEADER,
@@ -143,6 +144,7 @@ def authorize(request: CheckRequest, policy: CompiledPolicy, identity: Identity)
             return METHOD_NOT_ALLOWED
     routes = policy.routes.match(path)
     route = routes[0].name if routes else ""
+    hooks = routes[0].hooks if routes else None
     headers: tuple[tuple[str, str], ...] = (
         (TENANT_HEADER, tenant.name),
         (PLAN_HEADER, tenant.plan),
@@ -150,6 +152,8 @@ def authorize(request: CheckRequest, policy: CompiledPolicy, identity: Identity)
     )
     if route:
         headers += ((ROUTE_HEADER, route),)
+    if hooks is not None:
+        headers += ((EXTPROC_HEADER, "open" if hooks.failure_mode_allow else "closed"),)
     # Headers meshtoll sets replace the client's value; any other x-meshtoll-* the client
     # sent is removed, so upstreams can trust every x-meshtoll-* header they see.
     spoofed = tuple(
@@ -157,6 +161,7 @@ def authorize(request: CheckRequest, policy: CompiledPolicy, identity: Identity)
         for name in request.headers
         if (name.startswith(HEADER_PREFIX) and name not in IDENTITY_HEADERS)
         or (name == ROUTE_HEADER and not route)
+        or (name == EXTPROC_HEADER and hooks is None)
     )
     metadata = {
         "tenant": tenant.name,

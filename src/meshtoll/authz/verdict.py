@@ -12,9 +12,12 @@ TENANT_HEADER = "x-meshtoll-tenant"
 PLAN_HEADER = "x-meshtoll-plan"
 CONSUMER_HEADER = "x-meshtoll-consumer"
 ROUTE_HEADER = "x-meshtoll-route"
+# Marks a request for Envoy's ext_proc filter: "open" or "closed", the failure mode of the
+# route's hooks (one ext_proc filter instance per mode matches on it). Absent: no hooks.
+EXTPROC_HEADER = "x-meshtoll-extproc"
 # Set by Envoy (never by the client) on the HTTP authz request: the downstream peer address.
 PEER_ADDRESS_HEADER = "x-meshtoll-peer-address"
-IDENTITY_HEADERS = frozenset({TENANT_HEADER, PLAN_HEADER, CONSUMER_HEADER, ROUTE_HEADER})
+IDENTITY_HEADERS = frozenset({TENANT_HEADER, PLAN_HEADER, CONSUMER_HEADER, ROUTE_HEADER, EXTPROC_HEADER})
 
 Headers = tuple[tuple[str, str], ...]
 

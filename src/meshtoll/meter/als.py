@@ -14,6 +14,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from meshtoll.authz.verdict import CONSUMER_HEADER, PLAN_HEADER, ROUTE_HEADER, TENANT_HEADER
 from meshtoll.errors import StorageUnavailable
+from meshtoll.extproc.hooks import METADATA_NAMESPACE, UNITS_KEY
 from meshtoll.meter.records import UsageRecord
 from meshtoll.policy import CompiledPolicy
 from meshtoll.storage.usage import UsageStore
@@ -76,13 +77,27 @@ def record_from_envoy(entry: accesslog_pb2.HTTPAccessLogEntry, policy: CompiledP
         request_bytes=request.request_headers_bytes + request.request_body_bytes,
         response_bytes=entry.response.response_headers_bytes + entry.response.response_body_bytes,
         duration_ms=common.time_to_last_downstream_tx_byte.ToMicroseconds() / 1000,
-        units=billable_units(policy, route, status),
+        units=billable_units(policy, route, status, _reported_units(common)),
     )
 
 
-def billable_units(policy: CompiledPolicy, route: str, status: int) -> int:
-    """The route's cost for a request that succeeded; refused and failed requests bill 0."""
+def billable_units(policy: CompiledPolicy, route: str, status: int, reported: int | None = None) -> int:
+    """For a request that succeeded, the units a body hook reported, else the route's cost;
+    refused and failed requests bill 0."""
     if not 200 <= status < 400:
         return 0
+    if reported is not None:
+        return reported
     found = policy.route_costs.get(route)
     return 1 if found is None else found
+
+
+def _reported_units(common: accesslog_pb2.AccessLogCommon) -> int | None:
+    """The units the ext_proc hook put into the request's dynamic metadata, if any."""
+    filter_metadata = common.metadata.filter_metadata
+    if METADATA_NAMESPACE not in filter_metadata:
+        return None
+    value = filter_metadata[METADATA_NAMESPACE].fields.get(UNITS_KEY)
+    if value is None or value.WhichOneof("kind") != "number_value":
+        return None
+    return max(0, int(value.number_value))

@@ -73,6 +73,8 @@ class CompiledPolicy:
         self.inline_jwks: dict[str, jwt.PyJWKSet] = {}
         self.routes: PathMatcher[Route] = PathMatcher((route.rule, route) for route in policy.routes)
         self.route_costs = {route.name: route.cost for route in policy.routes}
+        # Routes whose requests go through the ext_proc service, by name.
+        self.hooked_routes = {route.name: route for route in policy.routes if route.hooks is not None}
         self.priced_plans = frozenset(name for name, plan in policy.plans.items() if plan.price is not None)
         for compiled in self.tenants.values():
             self._index(compiled, document)

@@ -110,6 +110,39 @@ class RateLimitSettings:
     headers: bool = True  # RateLimit-* headers on fused decisions
 
 
+# What a header value template may name: `{tenant}` and so on, filled per request.
+TEMPLATE_FIELDS: tuple[str, ...] = ("tenant", "plan", "consumer", "route")
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderRules:
+    """Header changes: `set` replaces, `append` adds a value, `remove` drops. Values are
+    templates over TEMPLATE_FIELDS."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    append: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.set or self.append or self.remove)
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """What the ext_proc service does on a route. Only routes with hooks reach it at all."""
+
+    request_headers: HeaderRules = HeaderRules()
+    response_headers: HeaderRules = HeaderRules()
+    # A JSON field path into the response body ("usage.total_tokens"): its number is the
+    # request's billable units. None: the route's cost.
+    usage_from_body: tuple[str, ...] | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # bodies longer than this are not read
+    # When the ext_proc service cannot be reached: pass the request (metering hooks) or fail
+    # it with 503 (hooks that are part of the policy, such as header changes).
+    failure_mode_allow: bool = True
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     name: str
@@ -117,6 +150,7 @@ class Route:
     cost: int = 1
     limits: tuple[RateLimit, ...] = ()  # per tenant, on top of the tenant's own limits
     enforced_in: EnforcedIn | None = None  # None: RateLimitSettings.enforced_in
+    hooks: Hooks | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import string
 
 from meshtoll.policy.document import Document, FieldPath
 from meshtoll.policy.fields import Fields
 from meshtoll.policy.model import (
+    DEFAULT_MAX_BODY_BYTES,
     ENFORCED_IN,
     HTTP_METHODS,
     JWT_ALGORITHMS,
     PRICING_MODES,
+    TEMPLATE_FIELDS,
     TENANT_STATUSES,
     Access,
     ApiKey,
     AuthSettings,
+    HeaderRules,
+    Hooks,
     IPNetwork,
     JwtSettings,
     Plan,
@@ -27,7 +32,7 @@ from meshtoll.policy.model import (
     Tenant,
     Tier,
 )
-from meshtoll.ratelimit.limits import ALGORITHMS, RateLimit
+from meshtoll.ratelimit.limits import ALGORITHMS, Counted, RateLimit
 from meshtoll.ratelimit.periods import PERIOD_SECONDS, PERIODS
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -164,11 +169,15 @@ def _limits(fields: Fields, value: object, path: FieldPath) -> tuple[RateLimit, 
 
 
 def _limit(fields: Fields, value: object, path: FieldPath) -> RateLimit | None:
-    optional = ("name", "algorithm", "burst", "shadow")
-    raw = fields.mapping(value, path, required=("requests", "per"), optional=optional)
-    if raw is None or "requests" not in raw or "per" not in raw:
+    optional = ("requests", "units", "name", "algorithm", "burst", "shadow")
+    raw = fields.mapping(value, path, required=("per",), optional=optional)
+    if raw is None or "per" not in raw:
         return None
-    requests = fields.integer(raw["requests"], (*path, "requests"))
+    if ("requests" in raw) == ("units" in raw):
+        fields.problem(path, "exactly one of 'requests' or 'units' is required")
+        return None
+    counts: Counted = "requests" if "requests" in raw else "units"
+    amount = fields.integer(raw[counts], (*path, counts))
     per = fields.choice(raw["per"], (*path, "per"), PERIODS)
     algorithm = fields.choice(raw.get("algorithm", "fixed_window"), (*path, "algorithm"), ALGORITHMS)
     burst = fields.integer(raw["burst"], (*path, "burst"), minimum=1) if "burst" in raw else None
@@ -179,9 +188,10 @@ def _limit(fields: Fields, value: object, path: FieldPath) -> RateLimit | None:
     if algorithm == "token_bucket" and per is not None and per not in PERIOD_SECONDS:
         # A bucket refills at a constant rate; a calendar month has no constant length.
         fields.problem((*path, "per"), f"a token_bucket needs a fixed period, not {per!r}")
-    if requests is None or per is None or algorithm is None or shadow is None:
+    if amount is None or per is None or algorithm is None or shadow is None:
         return None
-    return RateLimit(requests, per, algorithm, burst, name or f"{requests}/{per}", shadow)
+    default_name = f"{amount}/{per}" if counts == "requests" else f"{amount}_units/{per}"
+    return RateLimit(amount, per, algorithm, burst, name or default_name, shadow, counts)
 
 
 def _ratelimit_settings(fields: Fields, value: object, path: FieldPath) -> RateLimitSettings:
@@ -310,13 +320,100 @@ def _route(fields: Fields, value: object, path: FieldPath) -> Route | None:
     enforced_in = None
     if "enforced_in" in value:
         enforced_in = fields.choice(value["enforced_in"], (*path, "enforced_in"), ENFORCED_IN)
+    hooks = _hooks(fields, value["hooks"], (*path, "hooks")) if "hooks" in value else None
     if cost is None or name is None:
         return None
-    return Route(name, rule, cost, limits, enforced_in)
+    return Route(name, rule, cost, limits, enforced_in, hooks)
+
+
+def _hooks(fields: Fields, value: object, path: FieldPath) -> Hooks | None:
+    known = ("request_headers", "response_headers", "usage_from_body", "max_body_bytes", "failure_mode_allow")
+    raw = fields.mapping(value, path, optional=known)
+    if raw is None:
+        return None
+    if not raw:
+        fields.problem(path, f"no hook given (expected some of: {', '.join(known)})")
+        return None
+    request_headers = _header_rules(fields, raw.get("request_headers"), (*path, "request_headers"))
+    response_headers = _header_rules(fields, raw.get("response_headers"), (*path, "response_headers"))
+    usage: tuple[str, ...] | None = None
+    if "usage_from_body" in raw:
+        text = fields.string(raw["usage_from_body"], (*path, "usage_from_body"))
+        if text is not None:
+            usage = tuple(text.split("."))
+            if not all(usage):
+                fields.problem((*path, "usage_from_body"), f"{text!r} is not a dotted field path")
+    max_body = fields.integer(
+        raw.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES), (*path, "max_body_bytes"), minimum=1
+    )
+    if "max_body_bytes" in raw and usage is None:
+        fields.problem((*path, "max_body_bytes"), "only 'usage_from_body' reads a body")
+    # Metering must never fail a request; a header change the policy asks for must happen.
+    default_allow = not (request_headers or response_headers)
+    allow = fields.boolean(raw.get("failure_mode_allow", default_allow), (*path, "failure_mode_allow"))
+    if max_body is None or allow is None:
+        return None
+    return Hooks(request_headers, response_headers, usage, max_body, allow)
+
+
+def _header_rules(fields: Fields, value: object, path: FieldPath) -> HeaderRules:
+    if value is None:
+        return HeaderRules()
+    raw = fields.mapping(value, path, optional=("set", "append", "remove")) or {}
+
+    def templates(key: str) -> tuple[tuple[str, str], ...]:
+        found: list[tuple[str, str]] = []
+        for name, template, item_path in fields.entries(raw.get(key), (*path, key)):
+            text = fields.string(template, item_path)
+            if (
+                _mutable_header(fields, name, item_path)
+                and text is not None
+                and _template(fields, text, item_path)
+            ):
+                found.append((name.lower(), text))
+        return tuple(found)
+
+    removed: list[str] = []
+    for item, item_path in fields.items(raw.get("remove"), (*path, "remove")):
+        name = fields.string(item, item_path)
+        if name is not None and _mutable_header(fields, name, item_path):
+            removed.append(name.lower())
+    return HeaderRules(templates("set"), templates("append"), tuple(removed))
+
+
+def _mutable_header(fields: Fields, name: str, path: FieldPath) -> bool:
+    lowered = name.lower()
+    if not _HEADER_NAME.fullmatch(name):
+        fields.problem(path, f"{name!r} is not an HTTP header name")
+    elif lowered == "host" or lowered.startswith("x-envoy-"):
+        # Envoy ignores changes to these; a policy that asks for one would silently do nothing.
+        fields.problem(path, f"{name!r} cannot be changed by a hook (Envoy ignores it)")
+    elif lowered.startswith("x-meshtoll-"):
+        fields.problem(path, f"{name!r}: x-meshtoll-* headers are set by authz alone")
+    else:
+        return True
+    return False
+
+
+def _template(fields: Fields, text: str, path: FieldPath) -> bool:
+    """A header value template: literal text with {tenant}, {plan}, {consumer}, {route}."""
+    try:
+        parts = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        fields.problem(path, f"{text!r} is not a valid template ({exc}); write literal braces as {{{{ }}}}")
+        return False
+    for _, field, spec, conversion in parts:
+        if field is None:
+            continue
+        if field not in TEMPLATE_FIELDS or spec or conversion:
+            known = ", ".join(f"{{{name}}}" for name in TEMPLATE_FIELDS)
+            fields.problem(path, f"unknown placeholder {{{field}}} in {text!r} (known: {known})")
+            return False
+    return True
 
 
 def _route_rule(fields: Fields, value: object, path: FieldPath, *, with_methods: bool) -> RouteRule | None:
-    extra = ("methods",) if with_methods else ("name", "cost", "limits", "enforced_in")
+    extra = ("methods",) if with_methods else ("name", "cost", "limits", "enforced_in", "hooks")
     raw = fields.mapping(value, path, optional=("prefix", "exact", *extra))
     if raw is None:
         return None

@@ -8,12 +8,16 @@ from typing import Literal
 
 Algorithm = Literal["fixed_window", "sliding_window", "token_bucket"]
 ALGORITHMS: tuple[Algorithm, ...] = ("fixed_window", "sliding_window", "token_bucket")
+# What a limit counts: requests, or billable units (a route's cost, or what a body hook
+# read from the response, such as an LLM API's tokens).
+Counted = Literal["requests", "units"]
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
     """`requests` per `period` (a PERIODS name). For a token bucket, `requests` per `period`
-    is the refill rate and `burst` the capacity (default `requests`)."""
+    is the refill rate and `burst` the capacity (default `requests`). When `counts` is
+    "units", `requests` is the number of billable units instead (the policy says `units:`)."""
 
     requests: int
     period: str
@@ -21,6 +25,7 @@ class RateLimit:
     burst: int | None = None
     name: str = ""
     shadow: bool = False  # evaluated and counted, never enforced
+    counts: Counted = "requests"
 
     @property
     def capacity(self) -> int:

@@ -6,6 +6,9 @@ shard of a Redis Cluster and one Lua call can take them all.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 from meshtoll.policy import CompiledPolicy
 from meshtoll.policy.model import Route, Tenant
 from meshtoll.ratelimit.limits import Check, RateLimit
@@ -36,7 +39,11 @@ class PolicyLimits:
     def checks(self, tenant: str, route: str, *, where: str) -> tuple[Check, ...]:
         """The checks of a request of `tenant` on `route` (a route name, or "") when the
         limits are enforced `where` ("authz" or "service"); none when they are enforced
-        elsewhere, so that no request is ever counted twice."""
+        elsewhere, so that no request is ever counted twice.
+
+        A limit on requests costs 1. A limit on units costs the route's cost, or nothing
+        yet on a route whose units are read from the response body: the request only
+        looks (is anything left?) and `charges` consumes the units once they are known."""
         key = (tenant, route, where)
         found = self._cache.get(key)
         if found is None:
@@ -45,6 +52,18 @@ class PolicyLimits:
                 self._cache.clear()
             self._cache[key] = found
         return found
+
+    def charges(self, tenant: str, route: str, units: int, *, where: str) -> tuple[Check, ...]:
+        """The units a finished request used, against the unit limits that looked before it
+        ran. Always consumed, even past the limit: the response has been served, and the
+        overdraft is what refuses the tenant's next request."""
+        if units <= 0:
+            return ()
+        return tuple(
+            Check(check.key, _forced(check.limit), units)
+            for check in self.checks(tenant, route, where=where)
+            if check.limit.counts == "units"
+        )
 
     def tenant_checks(self, tenant: str) -> tuple[Check, ...]:
         """The tenant's own limits alone (plan or override): what `quota show` reports."""
@@ -65,13 +84,32 @@ class PolicyLimits:
         )
 
     def _build(self, tenant: str, route: str) -> tuple[Check, ...]:
-        own = self.tenant_checks(tenant)
         found = self._routes.get(route)
+        own = tuple(
+            Check(check.key, check.limit, _cost(check.limit, found)) for check in self.tenant_checks(tenant)
+        )
         if found is None or not found.limits:
             return own
         return own + tuple(
-            Check(counter_key(tenant, f"route_{route}", limit), limit) for limit in found.limits
+            Check(counter_key(tenant, f"route_{route}", limit), limit, _cost(limit, found))
+            for limit in found.limits
         )
+
+
+def _cost(limit: RateLimit, route: Route | None) -> int:
+    if limit.counts == "requests":
+        return 1
+    if route is None:
+        return 1  # a request outside every policy route bills 1 unit
+    if route.hooks is not None and route.hooks.usage_from_body is not None:
+        return 0
+    return route.cost
+
+
+@functools.cache
+def _forced(limit: RateLimit) -> RateLimit:
+    # A shadow limit never refuses and is always counted: exactly what a charge needs.
+    return dataclasses.replace(limit, shadow=True)
 
 
 def _tenant_limits(policy: CompiledPolicy, tenant: Tenant) -> tuple[RateLimit, ...]:

@@ -46,6 +46,10 @@ class RateLimitDecision:
     statuses: tuple[DescriptorStatus, ...]
 
 
+# The descriptor entry that marks a charge after the response: (charge, units).
+CHARGE_KEY = "charge"
+CHARGE_UNITS = "units"
+
 NO_LIMIT = DescriptorStatus(False, None, 0, 0.0)
 UNLIMITED = DescriptorStatus(False, None, UNLIMITED_REMAINING, 0.0)
 
@@ -96,8 +100,7 @@ class RateLimitService:
             if self._limits.policy is not policy:
                 self._limits = PolicyLimits(policy)
             return [
-                _Planned(_with_cost(self._policy_checks(descriptor), _hits(descriptor, hits_addend)))
-                for descriptor in descriptors
+                self._policy_planned(descriptor, _hits(descriptor, hits_addend)) for descriptor in descriptors
             ]
         configs = self._descriptor_configs()
         matches = [None if configs is None else configs.match(domain, d.entries) for d in descriptors]
@@ -116,16 +119,23 @@ class RateLimitService:
                 planned.append(_Planned((Check(match.key, match.limit, cost),)))
         return planned
 
-    def _policy_checks(self, descriptor: Descriptor) -> tuple[Check, ...]:
+    def _policy_planned(self, descriptor: Descriptor, hits: int) -> _Planned:
         entries = dict(descriptor.entries)
         tenant = entries.get("tenant")
         if tenant is None:
-            return ()
-        checks = self._limits.checks(tenant, entries.get("route", ""), where="service")
+            return _Planned()
+        route = entries.get("route", "")
+        if entries.get(CHARGE_KEY) == CHARGE_UNITS:
+            # Sent after the response (apply_on_stream_done) with the units the body hook
+            # read as hits_addend: charge them to the unit limits that looked before.
+            return _Planned(self._limits.charges(tenant, route, hits, where="service"))
+        checks = self._limits.checks(tenant, route, where="service")
         if descriptor.override is not None:
             # Envoy's per-descriptor limit replaces the policy's for this descriptor.
-            return tuple(Check(f"{check.key}_override", descriptor.override) for check in checks[:1])
-        return checks
+            return _Planned(
+                tuple(Check(f"{check.key}_override", descriptor.override, hits) for check in checks[:1])
+            )
+        return _Planned(_with_cost(checks, hits))
 
     def _status(self, planned: _Planned, results: Sequence[CheckResult]) -> DescriptorStatus:
         if not planned.checks:
@@ -144,7 +154,9 @@ def _hits(descriptor: Descriptor, request_hits: int) -> int:
     return request_hits if descriptor.hits_addend is None else descriptor.hits_addend
 
 
-def _with_cost(checks: tuple[Check, ...], cost: int) -> tuple[Check, ...]:
-    if cost == 1:
+def _with_cost(checks: tuple[Check, ...], hits: int) -> tuple[Check, ...]:
+    """`hits` requests at once: each check's cost (1 for a request limit, the route's units
+    for a unit limit, 0 for a look) times the hits; 0 hits only look."""
+    if hits == 1:
         return checks
-    return tuple(Check(check.key, check.limit, cost) for check in checks)
+    return tuple(Check(check.key, check.limit, check.cost * hits) for check in checks)

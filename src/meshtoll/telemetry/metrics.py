@@ -51,6 +51,16 @@ class Metrics:
                 name, callbacks=[_observe_policy(policy, read)], description=description
             )
 
+    def count_outcomes(self, name: str, description: str, outcomes: Counter[str]) -> None:
+        """Export a service's outcome counter (as the service keeps it) as `name{outcome}`."""
+
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(count, {"outcome": outcome}) for outcome, count in list(outcomes.items())]
+
+        self.provider.get_meter("meshtoll").create_observable_counter(
+            name, callbacks=[observe], description=description
+        )
+
     def prometheus_text(self) -> str:
         collected = self.reader.get_metrics_data()
         lines: list[str] = []

@@ -1,0 +1,239 @@
+"""`envoy.service.ext_proc.v3.ExternalProcessor/Process`: one stream per hooked request.
+
+Envoy's ext_proc filter only runs where authz marked the request (the `x-meshtoll-extproc`
+header, for routes whose policy has hooks), and is configured to send the request headers
+alone. The answer to those names everything else the route needs, through `mode_override`:
+the response headers when they are changed or a body is to be read, and the response body
+(buffered, up to Envoy's buffer limit) only when the route reads units from it. So a route
+that only changes request headers costs one message, and no route pays for a body it does
+not need.
+
+Units read from a body go back to Envoy as dynamic metadata (`meshtoll.units`), where the
+access log (and so the meter) and the rate-limit filter's `apply_on_stream_done` charge
+find them; for limits enforced in the authz call, this service charges them itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_pb2_grpc
+from google.protobuf import struct_pb2
+
+from meshtoll.authz.verdict import (
+    CONSUMER_HEADER,
+    EXTPROC_HEADER,
+    PLAN_HEADER,
+    ROUTE_HEADER,
+    TENANT_HEADER,
+)
+from meshtoll.errors import StorageUnavailable
+from meshtoll.extproc.hooks import (
+    METADATA_NAMESPACE,
+    UNITS_KEY,
+    HeaderChanges,
+    RequestContext,
+    UsageFallback,
+    header_changes,
+    units_from_body,
+    wants_body,
+    wants_response_headers,
+)
+from meshtoll.policy import CompiledPolicy
+from meshtoll.policy.model import Hooks
+from meshtoll.ratelimit.limiter import Limiter
+from meshtoll.ratelimit.policy_limits import PolicyLimits
+from meshtoll.ratelimit.service import CHARGE_KEY, CHARGE_UNITS
+
+log = logging.getLogger("meshtoll.extproc")
+
+_Mode = processing_mode_pb2.ProcessingMode
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
+# Built once: the modes a hooked request can need after its request headers.
+_NOTHING_MORE = _Mode(response_header_mode=_Mode.SKIP, response_body_mode=_Mode.NONE)
+_RESPONSE_HEADERS = _Mode(response_header_mode=_Mode.SEND, response_body_mode=_Mode.NONE)
+_RESPONSE_BODY = _Mode(response_header_mode=_Mode.SEND, response_body_mode=_Mode.BUFFERED_PARTIAL)
+_NO_BODY = _Mode(response_body_mode=_Mode.NONE)
+
+
+@dataclass(slots=True)
+class _Stream:
+    """What one request's stream has learned so far."""
+
+    context: RequestContext
+    hooks: Hooks
+    route_cost: int
+
+
+class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, policy: Callable[[], CompiledPolicy], limiter: Limiter | None = None) -> None:
+        self._policy = policy
+        self._limiter = limiter
+        self._limits: PolicyLimits | None = None
+        # Outcomes by name: "units_from_body", "fallback_<reason>", "charge_failed", ...
+        self.outcomes: Counter[str] = Counter()
+
+    async def Process(
+        self, requests: AsyncIterator[ext_proc_pb2.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ext_proc_pb2.ProcessingResponse]:
+        stream: _Stream | None = None
+        async for message in requests:
+            kind = message.WhichOneof("request")
+            if kind == "request_headers":
+                stream = self._stream(message.request_headers)
+                yield _request_headers_response(stream)
+            elif kind == "response_headers":
+                yield await self._response_headers(stream, message.response_headers)
+            elif kind == "response_body":
+                yield await self._response_body(stream, message.response_body)
+            elif kind == "request_body":
+                yield ext_proc_pb2.ProcessingResponse(request_body=ext_proc_pb2.BodyResponse())
+            elif kind == "request_trailers":
+                yield ext_proc_pb2.ProcessingResponse(request_trailers=ext_proc_pb2.TrailersResponse())
+            elif kind == "response_trailers":
+                yield ext_proc_pb2.ProcessingResponse(response_trailers=ext_proc_pb2.TrailersResponse())
+
+    def _stream(self, request_headers: ext_proc_pb2.HttpHeaders) -> _Stream | None:
+        headers = _header_dict(request_headers)
+        route_name = headers.get(ROUTE_HEADER, "")
+        policy = self._policy()
+        route = policy.hooked_routes.get(route_name)
+        if route is None or TENANT_HEADER not in headers:
+            # Marked by an older policy version (or not by authz at all): nothing to do.
+            self.outcomes["unhooked"] += 1
+            return None
+        context = RequestContext(
+            headers[TENANT_HEADER], headers.get(PLAN_HEADER, ""), headers.get(CONSUMER_HEADER, ""), route_name
+        )
+        self.outcomes["streams"] += 1
+        assert route.hooks is not None
+        return _Stream(context, route.hooks, route.cost)
+
+    async def _response_headers(
+        self, stream: _Stream | None, response_headers: ext_proc_pb2.HttpHeaders
+    ) -> ext_proc_pb2.ProcessingResponse:
+        if stream is None:
+            return ext_proc_pb2.ProcessingResponse(response_headers=ext_proc_pb2.HeadersResponse())
+        hooks = stream.hooks
+        headers = _header_dict(response_headers)
+        mutation = _mutation(header_changes(hooks.response_headers, stream.context))
+        answer = ext_proc_pb2.ProcessingResponse(
+            response_headers=ext_proc_pb2.HeadersResponse(
+                response=ext_proc_pb2.CommonResponse(header_mutation=mutation)
+            )
+        )
+        if hooks.usage_from_body is None:
+            return answer
+        status = _integer(headers.get(":status")) or 0
+        body = wants_body(
+            hooks, status, None if response_headers.end_of_stream else _integer(headers.get("content-length"))
+        )
+        if response_headers.end_of_stream and body is True:
+            body = "field_missing"  # a success without a body says nothing about its units
+        if body is not True:
+            answer.mode_override.CopyFrom(_NO_BODY)
+            if body is not False:
+                await self._settle(stream, body, answer)
+        return answer
+
+    async def _response_body(
+        self, stream: _Stream | None, body: ext_proc_pb2.HttpBody
+    ) -> ext_proc_pb2.ProcessingResponse:
+        answer = ext_proc_pb2.ProcessingResponse(response_body=ext_proc_pb2.BodyResponse())
+        if stream is None or stream.hooks.usage_from_body is None:
+            return answer
+        # BUFFERED_PARTIAL: end_of_stream is False when Envoy's buffer filled first.
+        units = units_from_body(body.body, stream.hooks.usage_from_body, complete=body.end_of_stream)
+        await self._settle(stream, units, answer)
+        return answer
+
+    async def _settle(
+        self, stream: _Stream, units: int | UsageFallback, answer: ext_proc_pb2.ProcessingResponse
+    ) -> None:
+        """Put the request's units into Envoy's dynamic metadata and charge them to the unit
+        limits enforced in authz. Without a usable body, the route's cost stands in."""
+        if isinstance(units, str):
+            self.outcomes[f"fallback_{units}"] += 1
+            log.debug("route %s: units from the route's cost (%s)", stream.context.route, units)
+            units = stream.route_cost
+        else:
+            self.outcomes["units_from_body"] += 1
+        answer.dynamic_metadata.CopyFrom(_units_metadata(units))
+        await self._charge(stream.context, units)
+
+    async def _charge(self, context: RequestContext, units: int) -> None:
+        if self._limiter is None:
+            return
+        policy = self._policy()
+        if self._limits is None or self._limits.policy is not policy:
+            self._limits = PolicyLimits(policy)
+        charges = self._limits.charges(context.tenant, context.route, units, where="authz")
+        if not charges:
+            return
+        try:
+            await self._limiter.results(charges)
+        except StorageUnavailable as exc:
+            # The response is served either way; the meter still bills the units.
+            self.outcomes["charge_failed"] += 1
+            log.warning("units of tenant %s not charged to its limits: %s", context.tenant, exc)
+
+
+def _request_headers_response(stream: _Stream | None) -> ext_proc_pb2.ProcessingResponse:
+    # The marker has done its job; the upstream does not need to see it.
+    changes = HeaderChanges(remove=(EXTPROC_HEADER,))
+    mode = _NOTHING_MORE
+    if stream is not None:
+        changes = header_changes(stream.hooks.request_headers, stream.context)
+        changes = HeaderChanges(changes.set, changes.append, (*changes.remove, EXTPROC_HEADER))
+        if stream.hooks.usage_from_body is not None:
+            mode = _RESPONSE_BODY
+        elif wants_response_headers(stream.hooks):
+            mode = _RESPONSE_HEADERS
+    return ext_proc_pb2.ProcessingResponse(
+        request_headers=ext_proc_pb2.HeadersResponse(
+            response=ext_proc_pb2.CommonResponse(header_mutation=_mutation(changes))
+        ),
+        mode_override=mode,
+    )
+
+
+def _mutation(changes: HeaderChanges) -> ext_proc_pb2.HeaderMutation:
+    options = [
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=name, raw_value=value.encode()), append_action=action
+        )
+        for pairs, action in ((changes.set, _OVERWRITE), (changes.append, _APPEND))
+        for name, value in pairs
+    ]
+    return ext_proc_pb2.HeaderMutation(set_headers=options, remove_headers=changes.remove)
+
+
+def _units_metadata(units: int) -> struct_pb2.Struct:
+    metadata = struct_pb2.Struct()
+    namespace = metadata.get_or_create_struct(METADATA_NAMESPACE)
+    namespace[UNITS_KEY] = units
+    # Read by the rate-limit filter's metadata action: the descriptor entry of a charge.
+    namespace[CHARGE_KEY] = CHARGE_UNITS
+    return metadata
+
+
+def _header_dict(headers: ext_proc_pb2.HttpHeaders) -> dict[str, str]:
+    # Envoy sends values in raw_value; `value` only from older versions.
+    return {
+        header.key: header.raw_value.decode("latin-1") if header.raw_value else header.value
+        for header in headers.headers.headers
+    }
+
+
+def _integer(text: str | None) -> int | None:
+    if text is None or not text.isdigit():
+        return None
+    return int(text)
