@@ -3,7 +3,10 @@ and period, however often its record arrives."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import json
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -90,3 +93,27 @@ async def test_the_redis_ledger_holds_each_record_once_and_keys_expire(redis_url
     finally:
         await store.close()
         await client.aclose()
+
+
+async def test_the_ledger_keeps_records_for_the_configured_retention(redis_url: str) -> None:
+    tenant = f"usage{next(_tenants)}"
+    store = RedisUsageStore(redis_url, ledger_retention_seconds=1.0)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await store.record([record(tenant, "old")])
+        await asyncio.sleep(1.1)
+        await store.record([record(tenant, "new")])
+        entries = await client.xrange(ledger_key(tenant))
+        assert entries is not None
+        kept = [json.loads(fields[b"record"])["request_id"] for _, fields in entries if fields is not None]
+        assert kept == ["new"]
+    finally:
+        await store.close()
+        await client.aclose()
+
+
+async def test_the_memory_ledger_drops_records_past_the_retention() -> None:
+    store = MemoryUsageStore(ledger_retention_seconds=3600)
+    now = time.time()
+    await store.record([record("mem", "old", at=now - 7200), record("mem", "new", at=now)])
+    assert [found.request_id for found in await store.ledger("mem", 0, now + 1)] == ["new"]

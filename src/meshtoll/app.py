@@ -85,7 +85,9 @@ class App:
         holder.on_change(jwks.policy_changed)
         self._background(watch_policy(holder, settings.policy_poll_seconds))
         self._background(jwks.refresh_forever(lambda: holder.current))
-        self._usage = usage = open_usage_store(settings.redis_url)
+        self._usage = usage = open_usage_store(
+            settings.redis_url, ledger_retention_seconds=settings.ledger_retention_days * 86400
+        )
         recorder = AdmissionRecorder(usage)
         self._background(recorder.flush_forever())
         self._background(reconcile_forever(usage, settings.reconcile_grace_seconds, time.time))

@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
             float,
             "wait before billing from admissions",
         ),
+        ("--ledger-retention-days", "ledger_retention_days", int, "how long the usage ledger keeps records"),
     ):
         default = getattr(defaults, field)
         serve.add_argument(

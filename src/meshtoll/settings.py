@@ -27,6 +27,9 @@ class Settings:
     ratelimit_shadow_mode: bool = False  # evaluate and count every limit, enforce none
     redis_timeout_ms: int = 50
     reconcile_grace_seconds: float = 30.0  # how long an admission waits for its access-log record
+    # How long the usage ledger keeps records for export; the period counters invoices read
+    # keep their own, longer retention.
+    ledger_retention_days: int = 400
 
     @staticmethod
     def env_name(field: str) -> str:
@@ -47,6 +50,8 @@ class Settings:
             )
         if self.reconcile_grace_seconds <= 0:
             raise ConfigError("reconcile_grace_seconds must be positive")
+        if self.ledger_retention_days < 1:
+            raise ConfigError(f"ledger_retention_days: {self.ledger_retention_days} must be at least 1")
         if self.redis_timeout_ms < 1:
             raise ConfigError("redis_timeout_ms must be at least 1")
 
@@ -70,6 +75,7 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "redis_timeout_ms": int,
     "policy_poll_seconds": float,
     "reconcile_grace_seconds": float,
+    "ledger_retention_days": int,
     "ratelimit_shadow_mode": _boolean,
 }
 

@@ -8,7 +8,8 @@ tenant's hash tag so that one tenant's batch is one Lua call on one Cluster shar
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any, Protocol
@@ -22,7 +23,7 @@ from meshtoll.storage.redis import redis_py_client
 from meshtoll.storage.urls import parse_redis_url
 
 SEEN_SECONDS = 7 * 86400  # a replayed batch is recognised for a week
-LEDGER_MAX_LENGTH = 1_000_000  # records per tenant kept in the ledger (approximate)
+DEFAULT_LEDGER_RETENTION_SECONDS = 400 * 86400
 RETENTION_SECONDS = {"month": 3 * 366 * 86400, "day": 400 * 86400, "hour": 8 * 86400}
 USAGE_SCRIPT = (resources.files("meshtoll") / "storage" / "lua" / "usage.lua").read_text
 
@@ -116,7 +117,8 @@ def tenant_usage(tenant: str, period: str, fields: dict[str, int]) -> TenantUsag
 
 
 class MemoryUsageStore:
-    def __init__(self) -> None:
+    def __init__(self, *, ledger_retention_seconds: float = DEFAULT_LEDGER_RETENTION_SECONDS) -> None:
+        self._ledger_retention = ledger_retention_seconds
         self._seen: set[tuple[str, str]] = set()
         self._hashes: dict[str, dict[str, int]] = {}
         self.ledger_records: list[UsageRecord] = []
@@ -135,6 +137,9 @@ class MemoryUsageStore:
                     counts[name] = counts.get(name, 0) + amount
             self.ledger_records.append(record)
             counted += 1
+        oldest = time.time() - self._ledger_retention
+        if self.ledger_records and self.ledger_records[0].time < oldest:
+            self.ledger_records = [r for r in self.ledger_records if r.time >= oldest]
         return counted
 
     async def usage(self, tenant: str, period: str) -> TenantUsage:
@@ -171,7 +176,16 @@ def _increments(record: UsageRecord) -> list[tuple[str, int]]:
 
 
 class RedisUsageStore:
-    def __init__(self, url: str, *, timeout_ms: int = 1000) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_ms: int = 1000,
+        ledger_retention_seconds: float = DEFAULT_LEDGER_RETENTION_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._ledger_retention = ledger_retention_seconds
+        self._clock = clock
         self._client, self._sentinels = redis_py_client(parse_redis_url(url), timeout_ms / 1000)
         self._script = self._client.register_script(USAGE_SCRIPT())
 
@@ -180,11 +194,13 @@ class RedisUsageStore:
         for record in records:
             by_tenant.setdefault(record.tenant, []).append(record)
         counted = 0
+        # Ledger ids are Redis's clock in ms: entries older than the retention are trimmed.
+        oldest_id = max(0, int((self._clock() - self._ledger_retention) * 1000))
         try:
             for tenant, batch in by_tenant.items():
                 keys = [key for record in batch for key in _record_keys(record)]
                 keys += [admissions_key(tenant), pending_key(tenant), ledger_key(tenant)]
-                arguments: list[Any] = [SEEN_SECONDS, LEDGER_MAX_LENGTH, *RETENTION_SECONDS.values()]
+                arguments: list[Any] = [SEEN_SECONDS, oldest_id, *RETENTION_SECONDS.values()]
                 arguments += [r.to_json() for r in batch]
                 counted += int(await self._script(keys=keys, args=arguments))
         except (redis.exceptions.RedisError, OSError) as exc:
@@ -265,5 +281,9 @@ def _record_keys(record: UsageRecord) -> list[str]:
     ]
 
 
-def open_usage_store(url: str | None) -> UsageStore:
-    return MemoryUsageStore() if url is None else RedisUsageStore(url)
+def open_usage_store(
+    url: str | None, *, ledger_retention_seconds: float = DEFAULT_LEDGER_RETENTION_SECONDS
+) -> UsageStore:
+    if url is None:
+        return MemoryUsageStore(ledger_retention_seconds=ledger_retention_seconds)
+    return RedisUsageStore(url, ledger_retention_seconds=ledger_retention_seconds)

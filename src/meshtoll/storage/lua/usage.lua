@@ -10,7 +10,8 @@
 --   KEYS[#KEYS-1]  pending admissions, a sorted set of request ids by admission time
 --   KEYS[#KEYS]    the ledger stream
 -- ARGV[1]  how long a seen marker lives, in seconds (the replay window)
--- ARGV[2]  the ledger's approximate maximum length (XADD MAXLEN ~)
+-- ARGV[2]  the oldest ledger entry id to keep, in ms (XADD MINID, exact: a check of the first
+--          entry when there is nothing to trim): the retention
 -- ARGV[3], ARGV[4], ARGV[5]  how long a month, day and hour hash lives, in seconds
 -- ARGV[5+i] record i as JSON: request_id, route, units, status_class, source, and the rest
 --           for the ledger
@@ -53,7 +54,7 @@ for i = 1, (#KEYS - 3) / 4 do
         add(k, 'unreconciled', 1)
       end
     end
-    redis.call('XADD', ledger, 'MAXLEN', '~', ARGV[2], '*', 'record', text)
+    redis.call('XADD', ledger, 'MINID', ARGV[2], '*', 'record', text)
     counted = counted + 1
   end
 end
