@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from meshtoll.cli import main
 from meshtoll.dev import DEMO_ACME_KEY, EXAMPLE_POLICY, demo_requests
 from meshtoll.processes import free_ports
 from tests.client import fetch
@@ -34,19 +38,7 @@ def test_every_suggested_demo_request_gets_the_promised_answer(start_stack: Star
 
 def test_meshtoll_dev_serves_and_stops_every_child_on_sigterm(tmp_path: Path) -> None:
     port, admin_port = free_ports(2)  # the gRPC listener takes port + 1
-    log = (tmp_path / "dev.log").open("w")
-    dev = subprocess.Popen(
-        [sys.executable, "-m", "meshtoll", "dev", "--port", str(port), "--admin-port", str(admin_port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while "the local stack is ready" not in (tmp_path / "dev.log").read_text():
-            assert dev.poll() is None, (tmp_path / "dev.log").read_text()
-            assert time.monotonic() < deadline, "meshtoll dev never became ready"
-            time.sleep(0.1)
+    with running_dev(tmp_path, port, admin_port) as dev:
         reply = fetch(f"http://127.0.0.1:{port}/v1/items", headers={"x-api-key": DEMO_ACME_KEY})
         assert reply.status == 200
         children = _descendants(dev.pid)
@@ -54,9 +46,56 @@ def test_meshtoll_dev_serves_and_stops_every_child_on_sigterm(tmp_path: Path) ->
         dev.send_signal(signal.SIGTERM)
         assert dev.wait(timeout=20) == 0
         assert not [pid for pid in children if _alive(pid)], "a child outlived meshtoll dev"
+
+
+def test_meshtoll_dev_on_a_given_redis_shares_usage_with_the_cli(
+    tmp_path: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def chat_units() -> int:
+        assert main(["usage", "show", "--tenant", "acme", "--redis-url", redis_url, "--format", "json"]) == 0
+        document = json.loads(capsys.readouterr().out)
+        return sum(line["units"] for line in document["by_route"] if line["route"] == "chat")
+
+    before = chat_units()
+    port, admin_port = free_ports(2)
+    with running_dev(tmp_path, port, admin_port, "--redis-url", redis_url) as dev:
+        assert redis_url in (tmp_path / "dev.log").read_text()
+        assert len(_descendants(dev.pid)) == 3  # upstream, meshtoll, envoy: no Redis of its own
+        url = f"http://127.0.0.1:{port}/v1/chat/completions?tokens=321"
+        assert fetch(url, headers={"x-api-key": DEMO_ACME_KEY}).status == 200
+        deadline = time.monotonic() + 2
+        while chat_units() != before + 321:
+            assert time.monotonic() < deadline, "the request's usage never reached the CLI"
+            time.sleep(0.1)
+
+
+def test_meshtoll_dev_refuses_a_redis_it_cannot_reach(capsys: pytest.CaptureFixture[str]) -> None:
+    (port,) = free_ports(1)
+    assert main(["dev", "--redis-url", f"redis://127.0.0.1:{port}/0"]) == 1
+    error = capsys.readouterr().err
+    assert f"--redis-url redis://127.0.0.1:{port}/0: Redis does not answer" in error
+
+
+@contextlib.contextmanager
+def running_dev(tmp_path: Path, port: int, admin_port: int, *more: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`meshtoll dev` in a process group of its own, ready; killed if the test did not stop it."""
+    log = (tmp_path / "dev.log").open("w")
+    argv = [sys.executable, "-m", "meshtoll", "dev", "--port", str(port), "--admin-port", str(admin_port)]
+    dev = subprocess.Popen([*argv, *more], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "the local stack is ready" not in (tmp_path / "dev.log").read_text():
+            assert dev.poll() is None, (tmp_path / "dev.log").read_text()
+            assert time.monotonic() < deadline, "meshtoll dev never became ready"
+            time.sleep(0.1)
+        yield dev
     finally:
         if dev.poll() is None:
-            os.killpg(dev.pid, signal.SIGKILL)
+            os.killpg(dev.pid, signal.SIGTERM)
+            try:
+                dev.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(dev.pid, signal.SIGKILL)
         log.close()
 
 

@@ -146,7 +146,7 @@ def test_policy_check_command_prints_problems_and_exits_1(
 
 def test_policy_check_command_summarises_a_good_policy(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["policy", "check", str(EXAMPLE)]) == 0
-    assert capsys.readouterr().out.strip() == (f"{EXAMPLE}: ok (2 plans, 3 tenants, 3 API keys, 2 routes)")
+    assert capsys.readouterr().out.strip() == (f"{EXAMPLE}: ok (2 plans, 3 tenants, 3 API keys, 3 routes)")
 
 
 def test_keys_new_prints_a_key_whose_hash_is_the_policy_entry(

@@ -90,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--policy", type=Path, default=None, help="policy file (default: examples/policy.yaml)")
     dev.add_argument("--port", type=int, default=8080, help="Envoy's port for clients (HTTP ext_authz)")
     dev.add_argument("--admin-port", type=int, default=8090, help="meshtoll's admin port")
+    dev.add_argument(
+        "--redis-url",
+        default=None,
+        help="use this Redis (shared with the usage and billing commands) instead of starting one "
+        "(env MESHTOLL_REDIS_URL)",
+    )
     dev.set_defaults(command=_dev)
 
     policy = commands.add_parser("policy", help="work with policy files").add_subparsers(
@@ -173,7 +179,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _dev(args: argparse.Namespace) -> int:
     from meshtoll.dev import run_dev
 
-    return run_dev(policy=args.policy, port=args.port, admin_port=args.admin_port)
+    redis_url = settings_from({"redis_url": args.redis_url}).redis_url
+    return run_dev(policy=args.policy, port=args.port, admin_port=args.admin_port, redis_url=redis_url)
 
 
 def _policy_check(args: argparse.Namespace) -> int:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import redis.exceptions
 
 from meshtoll.devstack import LocalStack, RedisServer, StackConfig, find_redis_server
+from meshtoll.errors import ConfigError
+from meshtoll.storage.redis import redis_py_client
+from meshtoll.storage.urls import parse_redis_url
 
 log = logging.getLogger("meshtoll.dev")
 
@@ -47,6 +54,12 @@ def demo_requests(http: str, grpc: str) -> list[DemoRequest]:
             f"{grpc}/anything",
             (("authorization", f"Bearer {DEMO_GLOBEX_KEY}"),),
         ),
+        DemoRequest(
+            "200: the ext_proc hook bills the body's usage.total_tokens (250 units)",
+            "GET",
+            f"{http}/v1/chat/completions?tokens=250",
+            acme,
+        ),
         DemoRequest("401 missing_credentials", "GET", f"{http}/v1/search"),
         DemoRequest("401 revoked_api_key", "GET", f"{http}/v1/search", (("x-api-key", DEMO_REVOKED_KEY),)),
         DemoRequest("403 route_not_allowed", "GET", f"{http}/v2/items", acme),
@@ -54,14 +67,18 @@ def demo_requests(http: str, grpc: str) -> list[DemoRequest]:
     ]
 
 
-def run_dev(policy: Path | None, port: int, admin_port: int) -> int:
+def run_dev(policy: Path | None, port: int, admin_port: int, redis_url: str | None = None) -> int:
+    """`redis_url`: a Redis to share with other tools (the usage and billing commands);
+    None starts a throwaway one (or keeps state in memory without redis-server)."""
     policy = policy or EXAMPLE_POLICY
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     with ExitStack() as running:
-        redis_url = None
-        if find_redis_server() is not None:
+        if redis_url is not None:
+            check_redis_reachable(redis_url)
+            log.info("Redis: %s (given)", redis_url)
+        elif find_redis_server() is not None:
             redis_url = running.enter_context(RedisServer()).url
             log.info("Redis: %s", redis_url)
         else:
@@ -80,6 +97,23 @@ def run_dev(policy: Path | None, port: int, admin_port: int) -> int:
     return 0
 
 
+def check_redis_reachable(url: str) -> None:
+    """Fail before anything starts when the given Redis cannot be used."""
+    client, sentinels = redis_py_client(parse_redis_url(url), 2.0)  # a bad URL: ConfigError
+    try:
+        asyncio.run(_ping(client, sentinels))
+    except (redis.exceptions.RedisError, OSError) as exc:
+        raise ConfigError(f"--redis-url {url}: Redis does not answer ({exc})") from None
+
+
+async def _ping(client: Any, sentinels: list[Any]) -> None:
+    try:
+        await client.ping()
+    finally:
+        for connection in (client, *sentinels):
+            await connection.aclose()
+
+
 def banner(stack: LocalStack, policy: Path, redis_url: str | None) -> str:
     http = stack.url("listen_full_port", "")
     grpc = stack.url("listen_grpc_authz_port", "")
@@ -93,6 +127,13 @@ def banner(stack: LocalStack, policy: Path, redis_url: str | None) -> str:
         f"  Redis                              {redis_url or 'none (in-memory state)'}",
         "",
     ]
+    if redis_url is not None:
+        lines += [
+            "Usage and invoices, a couple of seconds after the requests:",
+            f"  meshtoll usage show --tenant acme --redis-url {redis_url}",
+            f"  meshtoll billing invoice --tenant acme --policy {policy} --redis-url {redis_url}",
+            "",
+        ]
     if policy.resolve() != EXAMPLE_POLICY:
         lines.append(f"Try: curl -i -H 'x-api-key: <a key of your policy>' {http}/")
         return "\n".join(lines)
