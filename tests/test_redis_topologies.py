@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from redis.crc import key_slot
 
+from meshtoll.meter.records import UsageRecord
 from meshtoll.ratelimit.limits import Check, RateLimit
 from meshtoll.ratelimit.periods import window
 from meshtoll.storage.redis import RedisCounterStore
+from meshtoll.storage.usage import RedisUsageStore
 from tests.client import fetch
 from tests.conftest import StartStack
 from tests.redis_topologies import counters_in_slot, redis_cluster, redis_sentinel, slot_owner
@@ -101,3 +104,20 @@ async def test_the_store_finds_the_master_through_sentinel(tmp_path: Path) -> No
             assert await store.ping()
         finally:
             await store.close()
+
+
+async def test_usage_batches_count_once_on_the_cluster(cluster: list[int]) -> None:
+    store = RedisUsageStore(cluster_url(cluster))
+    try:
+        for tenant in ("acme", "globex", "initech"):
+            batch = [
+                UsageRecord(f"{tenant}-{n}", NOW, tenant, "ci", "pro", "search", "GET", 200, 10, 20, 1.0, 5)
+                for n in range(3)
+            ]
+            assert await store.record(batch) == 3
+            assert await store.record(batch[:2]) == 0  # a replayed batch
+            usage = await store.usage(tenant, time.strftime("%Y-%m", time.gmtime(NOW)))
+            assert (usage.requests, usage.units) == (3, 15)
+            assert len(await store.ledger(tenant, NOW - 1, NOW + 1)) == 3
+    finally:
+        await store.close()

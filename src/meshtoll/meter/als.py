@@ -23,7 +23,10 @@ log = logging.getLogger("meshtoll.meter")
 
 # Headers the access logger must be told to log (additional_request_headers_to_log).
 LOGGED_HEADERS = (TENANT_HEADER, CONSUMER_HEADER, PLAN_HEADER, ROUTE_HEADER)
-_METHODS = base_pb2.RequestMethod
+# By enum number: RequestMethod.Name() costs ten times a tuple index, per record.
+_METHOD_NAMES = tuple(
+    base_pb2.RequestMethod.Name(number) for number in range(max(base_pb2.RequestMethod.values()) + 1)
+)
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
@@ -65,14 +68,16 @@ def record_from_envoy(entry: accesslog_pb2.HTTPAccessLogEntry, policy: CompiledP
     common = entry.common_properties
     route = headers.get(ROUTE_HEADER, "")
     status = entry.response.response_code.value
+    start = common.start_time
+    method = request.request_method
     return UsageRecord(
         request_id=request.request_id,
-        time=common.start_time.ToMilliseconds() / 1000,
+        time=start.seconds + start.nanos // 1_000_000 / 1000,
         tenant=tenant,
         consumer=headers.get(CONSUMER_HEADER, ""),
         plan=headers.get(PLAN_HEADER, ""),
         route=route,
-        method=_METHODS.Name(request.request_method) if request.request_method else "",
+        method=_METHOD_NAMES[method] if 0 < method < len(_METHOD_NAMES) else "",
         status=status,
         request_bytes=request.request_headers_bytes + request.request_body_bytes,
         response_bytes=entry.response.response_headers_bytes + entry.response.response_body_bytes,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
+
+import orjson
 
 Source = Literal["access_log", "admission"]
 
@@ -32,13 +34,14 @@ class UsageRecord:
 
     def periods(self) -> tuple[str, str, str]:
         """The month, day and hour (UTC) this record counts in."""
-        moment = datetime.fromtimestamp(self.time, UTC)
-        return moment.strftime("%Y-%m"), moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m-%dT%H")
+        return _periods_of_hour(int(self.time // 3600))
 
-    def to_json(self) -> str:
+    def to_json(self) -> bytes:
         """The record as the usage store and the ledger keep it (status_class included).
-        Written out field by field: dataclasses.asdict deep-copies and costs several times more."""
-        return json.dumps(
+        Written out field by field: dataclasses.asdict deep-copies and costs several times
+        more; orjson encodes in a fifth of the json module's time, and the meter runs this
+        for every request."""
+        return orjson.dumps(
             {
                 "request_id": self.request_id,
                 "time": self.time,
@@ -54,9 +57,15 @@ class UsageRecord:
                 "units": self.units,
                 "source": self.source,
                 "status_class": self.status_class,
-            },
-            separators=(",", ":"),
+            }
         )
+
+
+@functools.lru_cache(maxsize=256)
+def _periods_of_hour(hour: int) -> tuple[str, str, str]:
+    # Formatting dates costs microseconds, and a batch's records nearly all share an hour.
+    moment = datetime.fromtimestamp(hour * 3600, UTC)
+    return moment.strftime("%Y-%m"), moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m-%dT%H")
 
 
 @dataclass(frozen=True, slots=True)
