@@ -3,16 +3,18 @@ every request of a tenant becomes exactly one usage record, within seconds."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
+from dataclasses import asdict
 
 import pytest
-import redis
 
 from meshtoll.cli import main
 from meshtoll.devstack import LocalStack
-from meshtoll.storage.usage import ledger_key
+from meshtoll.meter.records import UsageRecord
+from meshtoll.storage.usage import RedisUsageStore
 from tests.client import fetch
 from tests.conftest import StartStack
 
@@ -66,13 +68,7 @@ def test_n_requests_through_envoy_make_n_records_with_the_right_fields(
     ]
     assert found["by_status"] == {"2xx": 10}
     assert found["unreconciled"] == 0
-    client = redis.Redis.from_url(redis_url)
-    try:
-        entries = client.xrange(ledger_key("metered"))
-    finally:
-        client.close()
-    assert entries is not None
-    records = [json.loads(fields[b"record"]) for _, fields in entries if fields is not None]
+    records = [asdict(r) for r in asyncio.run(ledger_of(redis_url, "metered"))]
     assert len({record["request_id"] for record in records}) == 10
     post = next(record for record in records if record["method"] == "POST")
     assert (post["consumer"], post["plan"], post["route"], post["status"], post["units"]) == (
@@ -162,3 +158,11 @@ def test_usage_export_refuses_a_bad_time(redis_url: str, capsys: pytest.CaptureF
     arguments = ["usage", "export", "--since", "yesterday", "--until", "2026-12-01", "--tenant", "metered"]
     assert main([*arguments, "--redis-url", redis_url]) == 1
     assert "--since 'yesterday' is not an ISO date or time" in capsys.readouterr().err
+
+
+async def ledger_of(redis_url: str, tenant: str) -> list[UsageRecord]:
+    store = RedisUsageStore(redis_url)
+    try:
+        return await store.ledger(tenant, 0, time.time() + 60)
+    finally:
+        await store.close()

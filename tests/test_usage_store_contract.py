@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -14,7 +13,13 @@ import pytest
 import redis.asyncio
 
 from meshtoll.meter.records import Source, UsageRecord
-from meshtoll.storage.usage import MemoryUsageStore, RedisUsageStore, UsageStore, ledger_key
+from meshtoll.storage.usage import (
+    MAX_RECORDS_PER_CALL,
+    MemoryUsageStore,
+    RedisUsageStore,
+    UsageStore,
+    ledger_key,
+)
 
 T = datetime(2026, 11, 30, 23, 30, tzinfo=UTC).timestamp()
 _tenants = itertools.count()
@@ -72,6 +77,46 @@ async def test_a_replayed_or_duplicated_batch_never_counts_twice(store: UsageSto
     assert (await store.usage(tenant, "2026-11")).requests == 3
 
 
+async def test_a_request_id_twice_in_one_new_batch_counts_once(store: UsageStore) -> None:
+    tenant = f"usage{next(_tenants)}"
+    assert await store.record([record(tenant, "twice"), record(tenant, "twice"), record(tenant, "once")]) == 2
+    assert (await store.usage(tenant, "2026-11")).requests == 2
+
+
+async def test_a_late_access_log_record_in_another_hour_than_its_billed_admission_counts_once(
+    store: UsageStore,
+) -> None:
+    # authz's clock said 23:59:59.9, Envoy's start time says 00:00:00.1 of the next month.
+    tenant = f"usage{next(_tenants)}"
+    midnight = datetime(2026, 12, 1, tzinfo=UTC).timestamp()
+    assert await store.record([record(tenant, "edge", status=0, source="admission", at=midnight - 0.1)]) == 1
+    assert await store.record([record(tenant, "edge", at=midnight + 0.1)]) == 0
+    assert (await store.usage(tenant, "2026-11")).requests == 1
+    assert (await store.usage(tenant, "2026-12")).requests == 0
+
+
+async def test_batches_larger_than_one_script_call_count_every_record_once(store: UsageStore) -> None:
+    tenant = f"usage{next(_tenants)}"
+    batch = [record(tenant, f"big{n}", at=T + n) for n in range(MAX_RECORDS_PER_CALL * 2 + 500)]
+    assert await store.record(batch) == len(batch)
+    assert await store.record(batch[::7]) == 0
+    usage = await store.usage(tenant, "2026-11")  # T is 23:30, so the first 1,800 are in November
+    assert (usage.requests, usage.units) == (1800, 9000)
+    assert (await store.usage(tenant, "2026-12")).requests == len(batch) - 1800
+
+
+async def test_a_replay_days_later_is_still_recognised(redis_url: str) -> None:
+    tenant = f"usage{next(_tenants)}"
+    now = [T]
+    store = RedisUsageStore(redis_url, clock=lambda: now[0])
+    try:
+        assert await store.record([record(tenant, "kept")]) == 1
+        now[0] += 6.9 * 86400
+        assert await store.record([record(tenant, "kept"), record(tenant, "fresh")]) == 1
+    finally:
+        await store.close()
+
+
 async def test_admissions_billed_without_an_access_log_are_marked_unreconciled(store: UsageStore) -> None:
     tenant = f"usage{next(_tenants)}"
     await store.record([record(tenant, "x", status=0, source="admission")])
@@ -86,10 +131,13 @@ async def test_the_redis_ledger_holds_each_record_once_and_keys_expire(redis_url
     try:
         await store.record([record(tenant, "l1"), record(tenant, "l2")])
         await store.record([record(tenant, "l1")])
-        assert await client.xlen(ledger_key(tenant)) == 2
-        names = await client.keys(f"meshtoll_{{{tenant}}}_usage_*")
-        assert len(names) == 3
-        assert all([await client.ttl(name) > 0 for name in names])
+        assert [r.request_id for r in await store.ledger(tenant, 0, T + 1)] == ["l1", "l2"]
+        assert await client.xlen(ledger_key(tenant)) == 1  # one entry per batch; the replay adds none
+        usage_hashes = await client.keys(f"meshtoll_{{{tenant}}}_usage_*")
+        assert len(usage_hashes) == 3
+        seen_sets = await client.keys(f"meshtoll_{{{tenant}}}_seen_*")
+        assert len(seen_sets) == 1
+        assert all([await client.ttl(name) > 0 for name in usage_hashes + seen_sets])
     finally:
         await store.close()
         await client.aclose()
@@ -103,10 +151,8 @@ async def test_the_ledger_keeps_records_for_the_configured_retention(redis_url: 
         await store.record([record(tenant, "old")])
         await asyncio.sleep(1.1)
         await store.record([record(tenant, "new")])
-        entries = await client.xrange(ledger_key(tenant))
-        assert entries is not None
-        kept = [json.loads(fields[b"record"])["request_id"] for _, fields in entries if fields is not None]
-        assert kept == ["new"]
+        assert [r.request_id for r in await store.ledger(tenant, 0, T + 1)] == ["new"]
+        assert await client.xlen(ledger_key(tenant)) == 1
     finally:
         await store.close()
         await client.aclose()

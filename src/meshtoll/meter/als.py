@@ -59,30 +59,35 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
 
 def record_from_envoy(entry: accesslog_pb2.HTTPAccessLogEntry, policy: CompiledPolicy) -> UsageRecord | None:
     """The usage record of one logged request; None when no tenant was established (a
-    request authz refused is not metered)."""
+    request authz refused is not metered).
+    The meter runs this for every request: each protobuf field read costs a tenth of a
+    microsecond, so every message is read once into a local and durations are computed
+    from seconds and nanos (Duration.ToMicroseconds is pure Python)."""
     request = entry.request
     headers = request.request_headers
     tenant = headers.get(TENANT_HEADER)
     if not tenant:
         return None
     common = entry.common_properties
+    response = entry.response
     route = headers.get(ROUTE_HEADER, "")
-    status = entry.response.response_code.value
+    status = response.response_code.value
     start = common.start_time
+    took = common.time_to_last_downstream_tx_byte
     method = request.request_method
     return UsageRecord(
-        request_id=request.request_id,
-        time=start.seconds + start.nanos // 1_000_000 / 1000,
-        tenant=tenant,
-        consumer=headers.get(CONSUMER_HEADER, ""),
-        plan=headers.get(PLAN_HEADER, ""),
-        route=route,
-        method=_METHOD_NAMES[method] if 0 < method < len(_METHOD_NAMES) else "",
-        status=status,
-        request_bytes=request.request_headers_bytes + request.request_body_bytes,
-        response_bytes=entry.response.response_headers_bytes + entry.response.response_body_bytes,
-        duration_ms=common.time_to_last_downstream_tx_byte.ToMicroseconds() / 1000,
-        units=billable_units(policy, route, status, _reported_units(common)),
+        request.request_id,
+        start.seconds + start.nanos // 1_000_000 / 1000,
+        tenant,
+        headers.get(CONSUMER_HEADER, ""),
+        headers.get(PLAN_HEADER, ""),
+        route,
+        _METHOD_NAMES[method] if 0 < method < len(_METHOD_NAMES) else "",
+        status,
+        request.request_headers_bytes + request.request_body_bytes,
+        response.response_headers_bytes + response.response_body_bytes,
+        took.seconds * 1000 + took.nanos / 1_000_000,
+        billable_units(policy, route, status, _reported_units(common)),
     )
 
 

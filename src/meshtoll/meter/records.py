@@ -5,14 +5,17 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
-
-import orjson
+from typing import Any, Literal
 
 Source = Literal["access_log", "admission"]
+# By status // 100: a lookup, where formatting the class costs half a microsecond per record.
+_STATUS_CLASSES = ("unknown", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, ten times the
+# cost of a plain slot (3.7 µs against 0.4 for this one), and the meter builds one per
+# request. Nothing changes a record once built.
+@dataclass(slots=True)
 class UsageRecord:
     request_id: str
     time: float  # Unix seconds, when Envoy received the request
@@ -30,45 +33,67 @@ class UsageRecord:
 
     @property
     def status_class(self) -> str:
-        return f"{self.status // 100}xx" if self.status else "unknown"
+        return _STATUS_CLASSES[self.status // 100] if 100 <= self.status < 600 else "unknown"
 
     def periods(self) -> tuple[str, str, str]:
         """The month, day and hour (UTC) this record counts in."""
-        return _periods_of_hour(int(self.time // 3600))
+        return periods_of_hour(int(self.time // 3600))
 
-    def to_json(self) -> bytes:
-        """The record as the usage store and the ledger keep it (status_class included).
-        Written out field by field: dataclasses.asdict deep-copies and costs several times
-        more; orjson encodes in a fifth of the json module's time, and the meter runs this
-        for every request."""
-        return orjson.dumps(
-            {
-                "request_id": self.request_id,
-                "time": self.time,
-                "tenant": self.tenant,
-                "consumer": self.consumer,
-                "plan": self.plan,
-                "route": self.route,
-                "method": self.method,
-                "status": self.status,
-                "request_bytes": self.request_bytes,
-                "response_bytes": self.response_bytes,
-                "duration_ms": self.duration_ms,
-                "units": self.units,
-                "source": self.source,
-                "status_class": self.status_class,
-            }
-        )
+    def as_document(self) -> dict[str, object]:
+        """The record as the ledger keeps it, status_class included. Written out field by
+        field: dataclasses.asdict deep-copies and costs several times more, and the meter
+        runs this for every request."""
+        return {
+            "request_id": self.request_id,
+            "time": self.time,
+            "tenant": self.tenant,
+            "consumer": self.consumer,
+            "plan": self.plan,
+            "route": self.route,
+            "method": self.method,
+            "status": self.status,
+            "request_bytes": self.request_bytes,
+            "response_bytes": self.response_bytes,
+            "duration_ms": self.duration_ms,
+            "units": self.units,
+            "source": self.source,
+            "status_class": self.status_class,
+        }
+
+    @classmethod
+    def from_document(cls, document: dict[str, Any]) -> UsageRecord:
+        fields = dict(document)
+        fields.pop("status_class", None)
+        return cls(**fields)
+
+
+def counter_increments(
+    route: str, status_class: str, source: Source, requests: int, units: int
+) -> list[tuple[str, int]]:
+    """The usage counters (hash fields) that `requests` requests of one route, status class
+    and source add to, with their amounts: what both usage stores write, and what
+    storage.usage.tenant_usage reads back."""
+    found = [
+        ("requests", requests),
+        ("units", units),
+        (f"route:{route}:requests", requests),
+        (f"route:{route}:units", units),
+        (f"status:{status_class}", requests),
+    ]
+    if source == "admission":
+        found.append(("unreconciled", requests))
+    return found
 
 
 @functools.lru_cache(maxsize=256)
-def _periods_of_hour(hour: int) -> tuple[str, str, str]:
+def periods_of_hour(hour: int) -> tuple[str, str, str]:
+    """The month, day and hour (UTC) of an hour counted from the epoch."""
     # Formatting dates costs microseconds, and a batch's records nearly all share an hour.
     moment = datetime.fromtimestamp(hour * 3600, UTC)
     return moment.strftime("%Y-%m"), moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m-%dT%H")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen, as UsageRecord: authz builds one per admitted request
 class Admission:
     """What authz knows of a request it let through: enough to bill it if its access-log
     record never arrives."""

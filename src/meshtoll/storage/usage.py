@@ -16,16 +16,23 @@ from importlib import resources
 from typing import Any, Protocol
 
 import hiredis
+import orjson
 import redis.asyncio
 import redis.exceptions
 
 from meshtoll.errors import StorageUnavailable
-from meshtoll.meter.records import Admission, UsageRecord
+from meshtoll.meter.records import Admission, Source, UsageRecord, counter_increments, periods_of_hour
 from meshtoll.storage.redis import redis_py_client
 from meshtoll.storage.resp import LeanRedis
 from meshtoll.storage.urls import parse_redis_url
 
-SEEN_SECONDS = 7 * 86400  # a replayed batch is recognised for a week
+# A replayed record is recognised for at least a week: the ids counted in each week are
+# kept in one set, and a batch looks in this week's and last week's.
+WEEK_SECONDS = 7 * 86400
+SEEN_SET_SECONDS = 2 * WEEK_SECONDS + 86400
+# Records per usage.lua call: Lua's unpack() takes about 8,000 values, and one call of this
+# size keeps Redis busy well under a millisecond.
+MAX_RECORDS_PER_CALL = 1000
 DEFAULT_LEDGER_RETENTION_SECONDS = 400 * 86400
 RETENTION_SECONDS = {"month": 3 * 366 * 86400, "day": 400 * 86400, "hour": 8 * 86400}
 USAGE_SCRIPT = (resources.files("meshtoll") / "storage" / "lua" / "usage.lua").read_text
@@ -75,8 +82,10 @@ def usage_key(tenant: str, period: str) -> str:
     return f"meshtoll_{{{tenant}}}_usage_{period}"
 
 
-def seen_key(tenant: str, request_id: str) -> str:
-    return f"meshtoll_{{{tenant}}}_seen_{request_id}"
+def seen_key(tenant: str, week: int) -> str:
+    """The set of request ids counted in one week (counted from the epoch): where replays
+    are found."""
+    return f"meshtoll_{{{tenant}}}_seen_w{week}"
 
 
 def ledger_key(tenant: str) -> str:
@@ -136,7 +145,10 @@ class MemoryUsageStore:
             self._seen.add((record.tenant, record.request_id))
             for period in record.periods():
                 counts = self._hashes.setdefault(usage_key(record.tenant, period), {})
-                for name, amount in _increments(record):
+                increments = counter_increments(
+                    record.route, record.status_class, record.source, 1, record.units
+                )
+                for name, amount in increments:
                     counts[name] = counts.get(name, 0) + amount
             self.ledger_records.append(record)
             counted += 1
@@ -162,20 +174,6 @@ class MemoryUsageStore:
 
     async def close(self) -> None:
         return None
-
-
-def _increments(record: UsageRecord) -> list[tuple[str, int]]:
-    # What usage.lua adds for one record; the memory store's copy of it.
-    found = [
-        ("requests", 1),
-        ("units", record.units),
-        (f"route:{record.route}:requests", 1),
-        (f"route:{record.route}:units", record.units),
-        (f"status:{record.status_class}", 1),
-    ]
-    if record.source == "admission":
-        found.append(("unreconciled", 1))
-    return found
 
 
 class RedisUsageStore:
@@ -206,23 +204,35 @@ class RedisUsageStore:
             self._sha = hashlib.sha1(self._script_text).hexdigest()
 
     async def record(self, records: Sequence[UsageRecord]) -> int:
-        by_tenant: dict[str, list[UsageRecord]] = {}
-        for record in records:
-            by_tenant.setdefault(record.tenant, []).append(record)
-        counted = 0
+        by_tenant: dict[str, dict[str, UsageRecord]] = {}
+        for record in records:  # the first of several with one request id stands for all
+            by_tenant.setdefault(record.tenant, {}).setdefault(record.request_id, record)
+        now = self._clock()
         # Ledger ids are Redis's clock in ms: entries older than the retention are trimmed.
-        oldest_id = max(0, int((self._clock() - self._ledger_retention) * 1000))
+        oldest_id = max(0, int((now - self._ledger_retention) * 1000))
+        counted = 0
         try:
-            for tenant, batch in by_tenant.items():
-                keys = [key for record in batch for key in _record_keys(record)]
-                keys += [admissions_key(tenant), pending_key(tenant), ledger_key(tenant)]
-                arguments: list[Any] = [SEEN_SECONDS, oldest_id, *RETENTION_SECONDS.values()]
-                for r in batch:
-                    arguments += (r.request_id, r.route, r.units, r.status_class, r.source, r.to_json())
-                counted += int(await self._run_script(keys, arguments))
+            for tenant, unique in by_tenant.items():
+                batch = list(unique.values())
+                for start in range(0, len(batch), MAX_RECORDS_PER_CALL):
+                    chunk = batch[start : start + MAX_RECORDS_PER_CALL]
+                    counted += await self._record_new(tenant, chunk, now, oldest_id)
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StorageUnavailable(f"Redis did not take the usage batch: {exc}") from None
         return counted
+
+    async def _record_new(self, tenant: str, batch: list[UsageRecord], now: float, oldest_id: int) -> int:
+        """Count the records of `batch` that were not counted before. usage.lua writes only
+        when all are new, and otherwise names the others: they are dropped and the rest sent
+        again (each round drops at least one, so this ends)."""
+        while batch:
+            keys, arguments = usage_script_call(tenant, batch, now, oldest_id)
+            counted, known = await self._run_script(keys, arguments)
+            if not known:
+                return int(counted)
+            dropped = {int(index) - 1 for index in known}
+            batch = [record for index, record in enumerate(batch) if index not in dropped]
+        return 0
 
     async def _run_script(self, keys: list[str], arguments: list[Any]) -> Any:
         if self._lean is None:
@@ -251,8 +261,8 @@ class RedisUsageStore:
             entries = await self._client.xrange(ledger_key(tenant), min=f"{int(since * 1000)}-0", max="+")
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StorageUnavailable(f"Redis did not answer: {exc}") from None
-        records = [record_from_json(fields[b"record"]) for _, fields in entries]
-        return [record for record in records if since <= record.time < until]
+        records = [record for _, fields in entries for record in ledger_entry_records(fields)]
+        return sorted((r for r in records if since <= r.time < until), key=lambda r: r.time)
 
     async def admit(self, admissions: Sequence[Admission]) -> None:
         try:
@@ -297,21 +307,47 @@ class RedisUsageStore:
             await sentinel.aclose()
 
 
-def record_from_json(text: bytes | str) -> UsageRecord:
-    document = json.loads(text)
-    document.pop("status_class", None)
-    return UsageRecord(**document)
+def ledger_entry_records(fields: dict[bytes, bytes]) -> list[UsageRecord]:
+    """The records of one ledger stream entry: one batch's new records, a JSON array."""
+    return [UsageRecord.from_document(document) for document in orjson.loads(fields[b"records"])]
 
 
-def _record_keys(record: UsageRecord) -> list[str]:
-    month, day, hour = record.periods()
-    tenant = record.tenant
-    return [
-        seen_key(tenant, record.request_id),
-        usage_key(tenant, month),
-        usage_key(tenant, day),
-        usage_key(tenant, hour),
-    ]
+def usage_script_call(
+    tenant: str, batch: Sequence[UsageRecord], now: float, oldest_ledger_id: int
+) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of usage.lua for one tenant's records, request ids all distinct,
+    counted as if all were new (see the script for the layout)."""
+    this_week = int(now // WEEK_SECONDS)
+    keys = [admissions_key(tenant), pending_key(tenant), ledger_key(tenant)]
+    keys += (seen_key(tenant, this_week), seen_key(tenant, this_week - 1))
+    groups: dict[int, int] = {}  # hour since the epoch -> hour group (1-based)
+    # (group, route, status class, source) -> [requests, units]: a batch's records share
+    # a handful of these, so the counter fields are spelled out once per kind, not per record.
+    kinds: dict[tuple[int, str, str, Source], list[int]] = {}
+    for record in batch:
+        hour = int(record.time // 3600)
+        group = groups.get(hour)
+        if group is None:
+            group = groups[hour] = len(groups) + 1
+            keys += (usage_key(tenant, period) for period in periods_of_hour(hour))
+        kind = (group, record.route, record.status_class, record.source)
+        sums = kinds.get(kind)
+        if sums is None:
+            kinds[kind] = [1, record.units]
+        else:
+            sums[0] += 1
+            sums[1] += record.units
+    amounts: dict[tuple[int, str], int] = {}
+    for (group, route, status_class, source), (requests, units) in kinds.items():
+        for name, amount in counter_increments(route, status_class, source, requests, units):
+            amounts[group, name] = amounts.get((group, name), 0) + amount
+    ledger_entry = orjson.dumps([record.as_document() for record in batch])
+    arguments: list[Any] = [SEEN_SET_SECONDS, oldest_ledger_id, *RETENTION_SECONDS.values(), ledger_entry]
+    arguments.append(len(amounts))
+    for (group, name), amount in amounts.items():
+        arguments += (group, name, amount)
+    arguments += (record.request_id for record in batch)
+    return keys, arguments
 
 
 def open_usage_store(
