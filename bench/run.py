@@ -75,6 +75,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "d": ("b", 0.40),
     "e": ("b", 0.30),
     "f": ("b", 0.70),
+    "g": ("a", 0.75),
 }
 
 
