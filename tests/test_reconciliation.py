@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import itertools
 import threading
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,42 +18,78 @@ import pytest
 
 from meshtoll.devstack import LocalStack
 from meshtoll.meter.reconcile import AdmissionRecorder, reconcile
-from meshtoll.meter.records import Admission
-from meshtoll.storage.usage import MemoryUsageStore
+from meshtoll.meter.records import Admission, UsageRecord
+from meshtoll.storage.usage import MemoryUsageStore, RedisUsageStore, UsageStore
 from tests.client import fetch
 from tests.conftest import StartStack
 
 T = 1_795_000_000.0
 
 
-def admission(request_id: str, at: float = T) -> Admission:
-    return Admission(request_id, at, "acme", "ci", "pro", "search", "GET", 5)
+_tenants = itertools.count()
 
 
-async def test_overdue_admissions_are_billed_once_and_marked_unreconciled() -> None:
-    store = MemoryUsageStore()
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[UsageStore]:
+    """Both usage stores: reconciliation keeps the same promises on each."""
+    if request.param == "memory":
+        yield MemoryUsageStore()
+        return
+    found = RedisUsageStore(request.getfixturevalue("redis_url"))
+    yield found
+    await found.close()
+
+
+@pytest.fixture
+def tenant() -> str:
+    # The session's Redis is shared: each test bills its own tenant.
+    return f"reconciled{next(_tenants)}"
+
+
+def admission(tenant: str, request_id: str, at: float = T) -> Admission:
+    return Admission(request_id, at, tenant, "ci", "pro", "search", "GET", 5)
+
+
+def logged(tenant: str, request_id: str) -> UsageRecord:
+    """The access-log record of an admitted request."""
+    return replace(admission(tenant, request_id).as_record(), status=200, source="access_log")
+
+
+async def test_overdue_admissions_are_billed_once_and_marked_unreconciled(
+    store: UsageStore, tenant: str
+) -> None:
     recorder = AdmissionRecorder(store)
     for request_id, at in (("first", T), ("second", T), ("recent", T + 25)):
-        recorder.admit(admission(request_id, at))
+        recorder.admit(admission(tenant, request_id, at))
     await recorder.flush()
     assert await reconcile(store, now=T + 30, grace=10) == 2  # no access-log record settled them
     assert await reconcile(store, now=T + 30, grace=10) == 0  # billed once
-    usage = await store.usage("acme", "2026-11")
+    usage = await store.usage(tenant, "2026-11")
     assert (usage.requests, usage.units, usage.unreconciled) == (2, 10, 2)
     assert await reconcile(store, now=T + 40, grace=10) == 1  # "recent" once it is overdue
 
 
-async def test_an_access_log_record_settles_its_admission() -> None:
-    store = MemoryUsageStore()
-    await store.admit([admission("r1"), admission("r2")])
-    logged = admission("r1").as_record()
-    await store.record([replace(logged, status=200, source="access_log")])
-    assert [a.request_id for a in await store.overdue(T + 100)] == ["r2"]
+async def test_an_access_log_record_settles_its_admission(store: UsageStore, tenant: str) -> None:
+    await store.admit([admission(tenant, "r1"), admission(tenant, "r2")])
+    await store.record([logged(tenant, "r1")])
+    assert [a.request_id for a in await store.overdue(T + 100) if a.tenant == tenant] == ["r2"]
     assert await reconcile(store, now=T + 100, grace=10) == 1
     # A late access-log record of an admission already billed never counts twice.
-    assert await store.record([replace(admission("r2").as_record(), status=200, source="access_log")]) == 0
-    usage = await store.usage("acme", "2026-11")
+    assert await store.record([logged(tenant, "r2")]) == 0
+    usage = await store.usage(tenant, "2026-11")
     assert (usage.requests, usage.unreconciled) == (2, 1)
+
+
+async def test_an_admission_stored_after_its_access_log_record_is_never_billed(
+    store: UsageStore, tenant: str
+) -> None:
+    # Envoy flushed the access log before authz flushed its admissions.
+    await store.record([logged(tenant, "fast")])
+    await store.admit([admission(tenant, "fast")])
+    assert await reconcile(store, now=T + 100, grace=10) == 0
+    assert not [a for a in await store.overdue(T + 100) if a.tenant == tenant]
+    usage = await store.usage(tenant, "2026-11")
+    assert (usage.requests, usage.unreconciled) == (1, 0)
 
 
 def priced_stack(start_stack: StartStack, directory: Path, tenant: str, key: str) -> LocalStack:

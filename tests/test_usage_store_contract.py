@@ -137,7 +137,7 @@ async def test_the_redis_ledger_holds_each_record_once_and_keys_expire(redis_url
         assert len(usage_hashes) == 3
         seen_sets = await client.keys(f"meshtoll_{{{tenant}}}_seen_*")
         assert len(seen_sets) == 1
-        assert all([await client.ttl(name) > 0 for name in usage_hashes + seen_sets])
+        assert all([await client.ttl(name) > 0 for name in [*usage_hashes, *seen_sets, ledger_key(tenant)]])
     finally:
         await store.close()
         await client.aclose()

@@ -16,12 +16,16 @@ import jwt
 from meshtoll.authz.tokens import TokenRejected, looks_like_jwt, verify_token
 from meshtoll.authz.verdict import (
     CONSUMER_HEADER,
+    CONSUMER_KEY,
     EXTPROC_HEADER,
     HEADER_PREFIX,
     IDENTITY_HEADERS,
     PLAN_HEADER,
+    PLAN_KEY,
     ROUTE_HEADER,
+    ROUTE_KEY,
     TENANT_HEADER,
+    TENANT_KEY,
     Allow,
     CheckRequest,
     Deny,
@@ -164,10 +168,10 @@ def authorize(request: CheckRequest, policy: CompiledPolicy, identity: Identity)
         or (name == EXTPROC_HEADER and hooks is None)
     )
     metadata = {
-        "tenant": tenant.name,
-        "plan": tenant.plan,
-        "consumer": identity.consumer,
-        "route": route,
+        TENANT_KEY: tenant.name,
+        PLAN_KEY: tenant.plan,
+        CONSUMER_KEY: identity.consumer,
+        ROUTE_KEY: route,
     }
     return Allow(tenant.name, tenant.plan, identity.consumer, route, headers, spoofed, metadata)
 

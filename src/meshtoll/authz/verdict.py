@@ -18,6 +18,10 @@ EXTPROC_HEADER = "x-meshtoll-extproc"
 # Set by Envoy (never by the client) on the HTTP authz request: the downstream peer address.
 PEER_ADDRESS_HEADER = "x-meshtoll-peer-address"
 IDENTITY_HEADERS = frozenset({TENANT_HEADER, PLAN_HEADER, CONSUMER_HEADER, ROUTE_HEADER, EXTPROC_HEADER})
+# The same identity as dynamic metadata of a gRPC allow, which Envoy files under its
+# ext_authz filter's namespace, where the access log (and so the meter) finds it too.
+AUTHZ_METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
+TENANT_KEY, PLAN_KEY, CONSUMER_KEY, ROUTE_KEY = "tenant", "plan", "consumer", "route"
 
 Headers = tuple[tuple[str, str], ...]
 

@@ -12,7 +12,17 @@ from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from meshtoll.authz.verdict import CONSUMER_HEADER, PLAN_HEADER, ROUTE_HEADER, TENANT_HEADER
+from meshtoll.authz.verdict import (
+    AUTHZ_METADATA_NAMESPACE,
+    CONSUMER_HEADER,
+    CONSUMER_KEY,
+    PLAN_HEADER,
+    PLAN_KEY,
+    ROUTE_HEADER,
+    ROUTE_KEY,
+    TENANT_HEADER,
+    TENANT_KEY,
+)
 from meshtoll.errors import StorageUnavailable
 from meshtoll.extproc.hooks import METADATA_NAMESPACE, UNITS_KEY
 from meshtoll.meter.records import UsageRecord
@@ -65,12 +75,17 @@ def record_from_envoy(entry: accesslog_pb2.HTTPAccessLogEntry, policy: CompiledP
     from seconds and nanos (Duration.ToMicroseconds is pure Python)."""
     request = entry.request
     headers = request.request_headers
-    tenant = headers.get(TENANT_HEADER)
-    if not tenant:
-        return None
     common = entry.common_properties
+    tenant = headers.get(TENANT_HEADER)
+    if tenant:
+        consumer, plan = headers.get(CONSUMER_HEADER, ""), headers.get(PLAN_HEADER, "")
+        route = headers.get(ROUTE_HEADER, "")
+    else:
+        identity = identity_from_authz_metadata(common)
+        if identity is None:
+            return None
+        tenant, consumer, plan, route = identity
     response = entry.response
-    route = headers.get(ROUTE_HEADER, "")
     status = response.response_code.value
     start = common.start_time
     took = common.time_to_last_downstream_tx_byte
@@ -79,8 +94,8 @@ def record_from_envoy(entry: accesslog_pb2.HTTPAccessLogEntry, policy: CompiledP
         request.request_id,
         start.seconds + start.nanos // 1_000_000 / 1000,
         tenant,
-        headers.get(CONSUMER_HEADER, ""),
-        headers.get(PLAN_HEADER, ""),
+        consumer,
+        plan,
         route,
         _METHOD_NAMES[method] if 0 < method < len(_METHOD_NAMES) else "",
         status,
@@ -89,6 +104,22 @@ def record_from_envoy(entry: accesslog_pb2.HTTPAccessLogEntry, policy: CompiledP
         took.seconds * 1000 + took.nanos / 1_000_000,
         billable_units(policy, route, status, _reported_units(common)),
     )
+
+
+def identity_from_authz_metadata(common: accesslog_pb2.AccessLogCommon) -> tuple[str, str, str, str] | None:
+    """Tenant, consumer, plan and route from the gRPC ext_authz allow's dynamic metadata: for
+    setups that keep the x-meshtoll-* headers from the upstream (and so from the log)."""
+    namespaces = common.metadata.filter_metadata
+    if AUTHZ_METADATA_NAMESPACE not in namespaces:
+        return None
+    fields = namespaces[AUTHZ_METADATA_NAMESPACE].fields
+    tenant = fields[TENANT_KEY].string_value if TENANT_KEY in fields else ""
+    if not tenant:
+        return None
+    consumer, plan, route = (
+        fields[key].string_value if key in fields else "" for key in (CONSUMER_KEY, PLAN_KEY, ROUTE_KEY)
+    )
+    return tenant, consumer, plan, route
 
 
 def billable_units(policy: CompiledPolicy, route: str, status: int, reported: int | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -208,25 +209,23 @@ class RedisUsageStore:
         for record in records:  # the first of several with one request id stands for all
             by_tenant.setdefault(record.tenant, {}).setdefault(record.request_id, record)
         now = self._clock()
-        # Ledger ids are Redis's clock in ms: entries older than the retention are trimmed.
-        oldest_id = max(0, int((now - self._ledger_retention) * 1000))
         counted = 0
         try:
             for tenant, unique in by_tenant.items():
                 batch = list(unique.values())
                 for start in range(0, len(batch), MAX_RECORDS_PER_CALL):
                     chunk = batch[start : start + MAX_RECORDS_PER_CALL]
-                    counted += await self._record_new(tenant, chunk, now, oldest_id)
+                    counted += await self._record_new(tenant, chunk, now)
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StorageUnavailable(f"Redis did not take the usage batch: {exc}") from None
         return counted
 
-    async def _record_new(self, tenant: str, batch: list[UsageRecord], now: float, oldest_id: int) -> int:
+    async def _record_new(self, tenant: str, batch: list[UsageRecord], now: float) -> int:
         """Count the records of `batch` that were not counted before. usage.lua writes only
         when all are new, and otherwise names the others: they are dropped and the rest sent
         again (each round drops at least one, so this ends)."""
         while batch:
-            keys, arguments = usage_script_call(tenant, batch, now, oldest_id)
+            keys, arguments = usage_script_call(tenant, batch, now, self._ledger_retention)
             counted, known = await self._run_script(keys, arguments)
             if not known:
                 return int(counted)
@@ -277,8 +276,10 @@ class RedisUsageStore:
                         admissions_key(tenant), mapping={a.request_id: json.dumps(asdict(a)) for a in batch}
                     )
                     pipe.zadd(pending_key(tenant), {a.request_id: a.time for a in batch})
-                pipe.sadd(PENDING_TENANTS_KEY, *by_tenant)
                 await pipe.execute()
+            # Only once the admissions are in: `overdue` drops a tenant whose pending set it
+            # finds empty, and must not find it empty after this.
+            await self._client.sadd(PENDING_TENANTS_KEY, *by_tenant)
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StorageUnavailable(f"Redis did not take the admissions: {exc}") from None
 
@@ -292,6 +293,10 @@ class RedisUsageStore:
                 )
                 if not ids and not await self._client.zcard(pending_key(tenant)):
                     await self._client.srem(PENDING_TENANTS_KEY, tenant)
+                    # An admission flushed since the count puts the tenant back itself only
+                    # if its SADD came after the SREM: look once more.
+                    if await self._client.zcard(pending_key(tenant)):
+                        await self._client.sadd(PENDING_TENANTS_KEY, tenant)
                     continue
                 texts = await self._client.hmget(admissions_key(tenant), ids) if ids else []
                 found += [Admission(**json.loads(text)) for text in texts if text is not None]
@@ -313,7 +318,7 @@ def ledger_entry_records(fields: dict[bytes, bytes]) -> list[UsageRecord]:
 
 
 def usage_script_call(
-    tenant: str, batch: Sequence[UsageRecord], now: float, oldest_ledger_id: int
+    tenant: str, batch: Sequence[UsageRecord], now: float, ledger_retention_seconds: float
 ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of usage.lua for one tenant's records, request ids all distinct,
     counted as if all were new (see the script for the layout)."""
@@ -342,8 +347,10 @@ def usage_script_call(
         for name, amount in counter_increments(route, status_class, source, requests, units):
             amounts[group, name] = amounts.get((group, name), 0) + amount
     ledger_entry = orjson.dumps([record.as_document() for record in batch])
-    arguments: list[Any] = [SEEN_SET_SECONDS, oldest_ledger_id, *RETENTION_SECONDS.values(), ledger_entry]
-    arguments.append(len(amounts))
+    # Ledger ids are insertion times in ms: entries older than the retention are trimmed.
+    oldest_id = max(0, int((now - ledger_retention_seconds) * 1000))
+    arguments: list[Any] = [SEEN_SET_SECONDS, oldest_id, *RETENTION_SECONDS.values()]
+    arguments += (max(1, math.ceil(ledger_retention_seconds)), ledger_entry, len(amounts))
     for (group, name), amount in amounts.items():
         arguments += (group, name, amount)
     arguments += (record.request_id for record in batch)

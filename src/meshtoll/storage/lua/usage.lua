@@ -19,17 +19,19 @@
 -- ARGV[1]  how long a seen set lives after its last write, in seconds
 -- ARGV[2]  the oldest ledger entry id to keep, in ms (XADD MINID): the retention
 -- ARGV[3], ARGV[4], ARGV[5]  how long a month, day and hour hash lives, in seconds
--- ARGV[6]  the ledger entry: the batch's records as a JSON array
--- ARGV[7]  C, the number of counter increments that follow
--- ARGV[8+3(c-1) .. 10+3(c-1)], increment c: hour group, hash field, amount
--- ARGV[8+3C ..]  the request ids, one per record, no two alike
+-- ARGV[6]  the retention in seconds: the whole ledger expires when a tenant has written
+--          nothing for that long (XADD MINID trims only on a write)
+-- ARGV[7]  the ledger entry: the batch's records as a JSON array
+-- ARGV[8]  C, the number of counter increments that follow
+-- ARGV[9+3(c-1) .. 11+3(c-1)], increment c: hour group, hash field, amount
+-- ARGV[9+3C ..]  the request ids, one per record, no two alike
 -- Every id settles its admission, counted now or before: it leaves the hash and the set.
 -- Returns {counted, {indexes (1-based) of the ids counted before}}: {n, {}} when all n
 -- were new and are counted now, {0, {...}} when nothing was written.
 
 local admissions, pending, ledger, this_week, last_week = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local increments = tonumber(ARGV[7])
-local first_id = 8 + 3 * increments
+local increments = tonumber(ARGV[8])
+local first_id = 9 + 3 * increments
 local ids = {unpack(ARGV, first_id)}
 if #ids == 0 then
   return {0, {}}
@@ -54,9 +56,10 @@ end
 
 redis.call('SADD', this_week, unpack(ids))
 redis.call('EXPIRE', this_week, ARGV[1])
-redis.call('XADD', ledger, 'MINID', ARGV[2], '*', 'records', ARGV[6])
+redis.call('XADD', ledger, 'MINID', ARGV[2], '*', 'records', ARGV[7])
+redis.call('EXPIRE', ledger, ARGV[6])
 for c = 1, increments do
-  local at = 8 + 3 * (c - 1)
+  local at = 9 + 3 * (c - 1)
   local group, field, amount = tonumber(ARGV[at]), ARGV[at + 1], ARGV[at + 2]
   for k = 1, 3 do  -- the month, day and hour hash
     local name = KEYS[2 + 3 * group + k]
