@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from meshtoll.errors import PolicyError
-from meshtoll.extproc.hooks import RequestContext, header_changes, units_from_body, wants_body
+from meshtoll.extproc.hooks import (
+    RequestContext,
+    header_changes,
+    units_from_body,
+    units_from_capped_body,
+    wants_body,
+)
 from meshtoll.policy import load_policy_text
 from meshtoll.policy.model import Hooks
 from meshtoll.ratelimit.policy_limits import PolicyLimits
@@ -147,6 +153,13 @@ def test_list_steps_in_a_field_path_are_indexes() -> None:
     body = b'{"data": [{"tokens": 3}, {"tokens": 4}]}'
     assert units_from_body(body, ("data", "1", "tokens"), complete=True) == 4
     assert units_from_body(body, ("data", "2", "tokens"), complete=True) == "field_missing"
+
+
+def test_a_chunked_body_over_the_cap_is_not_parsed() -> None:
+    hooks = Hooks(usage_from_body=("usage", "total_tokens"), max_body_bytes=40)
+    body = b'{"usage": {"total_tokens": 12}}'
+    assert units_from_capped_body(body, hooks, complete=True) == 12
+    assert units_from_capped_body(body + b" " * 10, hooks, complete=True) == "body_too_large"
 
 
 def test_bodies_are_read_only_for_successes_under_the_cap() -> None:

@@ -4,7 +4,8 @@
 Envoy forwarded (the x-meshtoll-* headers authz set, the ones it removed). With a `tokens=N`
 query parameter the answer also reports usage the way LLM APIs do,
 `"usage": {"prompt_tokens": ..., "completion_tokens": ..., "total_tokens": N}`, for the
-usage-from-body hook. It is also the upstream of the benchmarks, so it runs on meshtoll's
+usage-from-body hook; with `chunked=1` that answer comes chunked, without a content-length.
+It is also the upstream of the benchmarks, so it runs on meshtoll's
 lean HTTP server and nothing more.
 
     python -m meshtoll.demo_upstream --host 127.0.0.1 --port 8000
@@ -35,7 +36,11 @@ def echo(method: str, target: str, headers: dict[str, str], peer: str) -> bytes:
             "completion_tokens": total - prompt,
             "total_tokens": total,
         }
-    return response(200, "OK", _JSON, json.dumps(document).encode())
+    body = json.dumps(document).encode()
+    if "chunked=1" in target:
+        head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+        return head.encode() + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    return response(200, "OK", _JSON, body)
 
 
 async def serve(host: str, port: int) -> None:

@@ -64,6 +64,15 @@ def billable_status(status: int) -> bool:
     return 200 <= status < 400
 
 
+def units_from_capped_body(body: bytes, hooks: Hooks, *, complete: bool) -> int | UsageFallback:
+    """Units from a response body the route's cap allows. A body sent without a
+    content-length (chunked) is only known to be too long once it arrives."""
+    assert hooks.usage_from_body is not None
+    if len(body) > hooks.max_body_bytes:
+        return "body_too_large"
+    return units_from_body(body, hooks.usage_from_body, complete=complete)
+
+
 def units_from_body(body: bytes, path: tuple[str, ...], *, complete: bool) -> int | UsageFallback:
     """The non-negative integer at `path` in a JSON body; `complete` is False when Envoy sent
     only the first part of a body larger than its buffer."""

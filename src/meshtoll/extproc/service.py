@@ -42,7 +42,7 @@ from meshtoll.extproc.hooks import (
     RequestContext,
     UsageFallback,
     header_changes,
-    units_from_body,
+    units_from_capped_body,
     wants_body,
     wants_response_headers,
 )
@@ -151,7 +151,7 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         if stream is None or stream.hooks.usage_from_body is None:
             return answer
         # BUFFERED_PARTIAL: end_of_stream is False when Envoy's buffer filled first.
-        units = units_from_body(body.body, stream.hooks.usage_from_body, complete=body.end_of_stream)
+        units = units_from_capped_body(body.body, stream.hooks, complete=body.end_of_stream)
         await self._settle(stream, units, answer)
         return answer
 
