@@ -16,7 +16,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from meshtoll.meter.als import AccessLogServicer, record_from_envoy
 from meshtoll.policy import CompiledPolicy
 from meshtoll.policy.reload import PolicyHolder
-from meshtoll.storage.usage import RedisUsageStore
+from meshtoll.storage.usage_redis import RedisUsageStore
 
 START = 1_795_618_437  # 2026-11-25T10:53:57Z
 

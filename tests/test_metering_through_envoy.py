@@ -14,7 +14,7 @@ import pytest
 from meshtoll.cli import main
 from meshtoll.devstack import LocalStack
 from meshtoll.meter.records import UsageRecord
-from meshtoll.storage.usage import RedisUsageStore
+from meshtoll.storage.usage_redis import RedisUsageStore
 from tests.client import fetch
 from tests.conftest import StartStack
 

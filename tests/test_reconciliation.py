@@ -18,8 +18,9 @@ import pytest
 
 from meshtoll.devstack import LocalStack
 from meshtoll.meter.reconcile import AdmissionRecorder, reconcile
-from meshtoll.meter.records import Admission, UsageRecord
-from meshtoll.storage.usage import MemoryUsageStore, RedisUsageStore, UsageStore
+from meshtoll.meter.records import Admission, ReportedUnits, UsageRecord
+from meshtoll.storage.usage import MemoryUsageStore, UsageStore
+from meshtoll.storage.usage_redis import RedisUsageStore
 from tests.client import fetch
 from tests.conftest import StartStack
 
@@ -92,7 +93,20 @@ async def test_an_admission_stored_after_its_access_log_record_is_never_billed(
     assert (usage.requests, usage.unreconciled) == (1, 0)
 
 
-def priced_stack(start_stack: StartStack, directory: Path, tenant: str, key: str) -> LocalStack:
+async def test_an_overdue_admission_bills_the_units_its_body_hook_reported(
+    store: UsageStore, tenant: str
+) -> None:
+    # ext_proc's report can reach the store before authz's admission does.
+    await store.report_units([ReportedUnits(tenant, "tokens", 1234)])
+    await store.admit([admission(tenant, "tokens"), admission(tenant, "plain")])
+    assert await reconcile(store, now=T + 100, grace=10) == 2
+    usage = await store.usage(tenant, "2026-11")
+    assert (usage.requests, usage.units, usage.unreconciled) == (2, 1234 + 5, 2)
+
+
+def priced_stack(
+    start_stack: StartStack, directory: Path, tenant: str, key: str, routes: str = "[]"
+) -> LocalStack:
     """A stack whose one tenant is on a priced plan (admissions are recorded for it) and
     whose admissions are billed after a one-second grace."""
     digest = hashlib.sha256(key.encode()).hexdigest()
@@ -100,6 +114,7 @@ def priced_stack(start_stack: StartStack, directory: Path, tenant: str, key: str
     policy.write_text(
         "plans: {pro: {price: {currency: EUR, tiers: [{up_to: null, unit_price: '0.01'}]}}}\n"
         f"tenants: {{{tenant}: {{plan: pro, api_keys: [{{id: k, sha256: {digest}}}]}}}}\n"
+        f"routes: {routes}\n"
     )
     return start_stack(policy, serve_args=("--reconcile-grace-seconds", "1"))
 
@@ -178,3 +193,26 @@ def test_an_envoy_restart_cutting_the_access_log_stream_loses_no_billable_reques
         time.sleep(0.2)
     assert usage["requests"] == admitted, usage
     assert usage["unreconciled"] > 0, "no access-log entry was lost: the test proved nothing"
+
+
+@pytest.mark.integration
+def test_body_metered_requests_whose_access_log_never_comes_bill_their_tokens(
+    start_stack: StartStack, tmp_path: Path
+) -> None:
+    # The rls listener runs gRPC authz and the hooks but has no access logger: every
+    # request there is billed by reconciliation alone, from authz's admission and the
+    # units ext_proc read from the response body.
+    key = "k-tokens"
+    routes = "[{prefix: /v1/chat/, name: chat, hooks: {usage_from_body: usage.total_tokens}}]"
+    stack = priced_stack(start_stack, tmp_path, "tokens", key, routes)
+    headers = {"x-api-key": key}
+    for tokens in (120, 3000, 45):
+        url = stack.url("listen_rls_port", f"/v1/chat/completions?tokens={tokens}")
+        assert fetch(url, headers=headers).status == 200
+    deadline = time.monotonic() + 15
+    while True:
+        usage = fetch(f"{stack.meshtoll_admin_url}/api/tenants/tokens/usage").json()
+        if usage["requests"] == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert (usage["requests"], usage["units"], usage["unreconciled"]) == (3, 120 + 3000 + 45, 3), usage

@@ -13,13 +13,8 @@ import pytest
 import redis.asyncio
 
 from meshtoll.meter.records import Source, UsageRecord
-from meshtoll.storage.usage import (
-    MAX_RECORDS_PER_CALL,
-    MemoryUsageStore,
-    RedisUsageStore,
-    UsageStore,
-    ledger_key,
-)
+from meshtoll.storage.usage import MemoryUsageStore, UsageStore, ledger_key
+from meshtoll.storage.usage_redis import MAX_RECORDS_PER_CALL, RedisUsageStore
 
 T = datetime(2026, 11, 30, 23, 30, tzinfo=UTC).timestamp()
 _tenants = itertools.count()
@@ -97,12 +92,16 @@ async def test_a_late_access_log_record_in_another_hour_than_its_billed_admissio
 
 async def test_batches_larger_than_one_script_call_count_every_record_once(store: UsageStore) -> None:
     tenant = f"usage{next(_tenants)}"
-    batch = [record(tenant, f"big{n}", at=T + n) for n in range(MAX_RECORDS_PER_CALL * 2 + 500)]
-    assert await store.record(batch) == len(batch)
+    # Two and a half script calls' worth, spread over the turn of the month (T is 23:30).
+    count = MAX_RECORDS_PER_CALL * 5 // 2
+    step = 3600 / count
+    batch = [record(tenant, f"big{n}", at=T + n * step) for n in range(count)]
+    in_november = sum(1 for r in batch if r.time < T + 1800)
+    assert await store.record(batch) == count
     assert await store.record(batch[::7]) == 0
-    usage = await store.usage(tenant, "2026-11")  # T is 23:30, so the first 1,800 are in November
-    assert (usage.requests, usage.units) == (1800, 9000)
-    assert (await store.usage(tenant, "2026-12")).requests == len(batch) - 1800
+    usage = await store.usage(tenant, "2026-11")
+    assert (usage.requests, usage.units) == (in_november, in_november * 5)
+    assert (await store.usage(tenant, "2026-12")).requests == count - in_november
 
 
 async def test_a_replay_days_later_is_still_recognised(redis_url: str) -> None:

@@ -102,7 +102,7 @@ class App:
         ratelimit = RateLimitService(holder, limiter, lambda: None if configs is None else configs.current)
         meter = AccessLogServicer(usage, lambda: holder.current)
         authz = AuthorizationServicer(self._authorizers[1])
-        hooks = ExternalProcessorServicer(lambda: holder.current, limiter)
+        hooks = ExternalProcessorServicer(lambda: holder.current, limiter, recorder)
         self.admin.metrics.count_outcomes(
             "meshtoll_extproc_outcomes",
             "ext_proc hook streams and how their units were found",

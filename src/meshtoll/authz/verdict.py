@@ -15,6 +15,9 @@ ROUTE_HEADER = "x-meshtoll-route"
 # Marks a request for Envoy's ext_proc filter: "open" or "closed", the failure mode of the
 # route's hooks (one ext_proc filter instance per mode matches on it). Absent: no hooks.
 EXTPROC_HEADER = "x-meshtoll-extproc"
+# Envoy's own request id (generated at the edge): the key that ties an admission, a body
+# hook's units and the access-log record of one request together.
+REQUEST_ID_HEADER = "x-request-id"
 # Set by Envoy (never by the client) on the HTTP authz request: the downstream peer address.
 PEER_ADDRESS_HEADER = "x-meshtoll-peer-address"
 IDENTITY_HEADERS = frozenset({TENANT_HEADER, PLAN_HEADER, CONSUMER_HEADER, ROUTE_HEADER, EXTPROC_HEADER})
@@ -38,7 +41,7 @@ class CheckRequest:
 
     @property
     def request_id(self) -> str:
-        return self.headers.get("x-request-id", "")
+        return self.headers.get(REQUEST_ID_HEADER, "")
 
 
 @dataclass(frozen=True, slots=True)

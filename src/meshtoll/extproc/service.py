@@ -31,6 +31,7 @@ from meshtoll.authz.verdict import (
     CONSUMER_HEADER,
     EXTPROC_HEADER,
     PLAN_HEADER,
+    REQUEST_ID_HEADER,
     ROUTE_HEADER,
     TENANT_HEADER,
 )
@@ -46,6 +47,8 @@ from meshtoll.extproc.hooks import (
     wants_body,
     wants_response_headers,
 )
+from meshtoll.meter.reconcile import AdmissionRecorder
+from meshtoll.meter.records import ReportedUnits
 from meshtoll.policy import CompiledPolicy
 from meshtoll.policy.model import Hooks
 from meshtoll.ratelimit.limiter import Limiter
@@ -71,12 +74,19 @@ class _Stream:
     context: RequestContext
     hooks: Hooks
     route_cost: int
+    request_id: str
 
 
 class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, policy: Callable[[], CompiledPolicy], limiter: Limiter | None = None) -> None:
+    def __init__(
+        self,
+        policy: Callable[[], CompiledPolicy],
+        limiter: Limiter | None = None,
+        recorder: AdmissionRecorder | None = None,
+    ) -> None:
         self._policy = policy
         self._limiter = limiter
+        self._recorder = recorder
         self._limits: PolicyLimits | None = None
         # Outcomes by name: "units_from_body", "fallback_<reason>", "charge_failed", ...
         self.outcomes: Counter[str] = Counter()
@@ -115,7 +125,7 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         )
         self.outcomes["streams"] += 1
         assert route.hooks is not None
-        return _Stream(context, route.hooks, route.cost)
+        return _Stream(context, route.hooks, route.cost, headers.get(REQUEST_ID_HEADER, ""))
 
     async def _response_headers(
         self, stream: _Stream | None, response_headers: ext_proc_pb2.HttpHeaders
@@ -166,8 +176,18 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
             units = stream.route_cost
         else:
             self.outcomes["units_from_body"] += 1
+            self._report(stream, units)
         answer.dynamic_metadata.CopyFrom(_units_metadata(units))
         await self._charge(stream.context, units)
+
+    def _report(self, stream: _Stream, units: int) -> None:
+        """Tell reconciliation the request's units: authz admitted it at the route's cost,
+        and should its access-log record be lost, the admission bills these instead."""
+        context = stream.context
+        if self._recorder is None or not stream.request_id:
+            return
+        if context.plan in self._policy().priced_plans:
+            self._recorder.report_units(ReportedUnits(context.tenant, stream.request_id, units))
 
     async def _charge(self, context: RequestContext, units: int) -> None:
         if self._limiter is None:

@@ -114,3 +114,14 @@ class Admission:
             status=0, request_bytes=0, response_bytes=0, duration_ms=0.0,
             units=self.units, source="admission",
         )  # fmt: skip
+
+
+@dataclass(slots=True)
+class ReportedUnits:
+    """The units a body hook read from an admitted request's response: what its admission
+    bills, should the access-log record never come (the admission only knew the route's
+    cost)."""
+
+    tenant: str
+    request_id: str
+    units: int

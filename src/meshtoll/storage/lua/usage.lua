@@ -14,7 +14,8 @@
 -- KEYS[5]  the set of those counted last week: with KEYS[4], a request counted in the last
 --          seven days is found, whatever its record's own time says (an admission and its
 --          access-log record carry different clocks)
--- then for hour group g (1-based): KEYS[3+3g], KEYS[4+3g], KEYS[5+3g], the tenant's usage
+-- KEYS[6]  the units body hooks reported for admitted requests (request id -> units)
+-- then for hour group g (1-based): KEYS[4+3g], KEYS[5+3g], KEYS[6+3g], the tenant's usage
 --          hashes for the month, the day and the hour that group's records count in
 -- ARGV[1]  how long a seen set lives after its last write, in seconds
 -- ARGV[2]  the oldest ledger entry id to keep, in ms (XADD MINID): the retention
@@ -25,11 +26,13 @@
 -- ARGV[8]  C, the number of counter increments that follow
 -- ARGV[9+3(c-1) .. 11+3(c-1)], increment c: hour group, hash field, amount
 -- ARGV[9+3C ..]  the request ids, one per record, no two alike
--- Every id settles its admission, counted now or before: it leaves the hash and the set.
+-- Every id settles its admission, counted now or before: it leaves the admissions hash,
+-- the pending set and the reported units.
 -- Returns {counted, {indexes (1-based) of the ids counted before}}: {n, {}} when all n
 -- were new and are counted now, {0, {...}} when nothing was written.
 
 local admissions, pending, ledger, this_week, last_week = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local reported = KEYS[6]
 local increments = tonumber(ARGV[8])
 local first_id = 9 + 3 * increments
 local ids = {unpack(ARGV, first_id)}
@@ -40,6 +43,9 @@ end
 if redis.call('EXISTS', admissions) == 1 then
   redis.call('HDEL', admissions, unpack(ids))
   redis.call('ZREM', pending, unpack(ids))
+end
+if redis.call('EXISTS', reported) == 1 then
+  redis.call('HDEL', reported, unpack(ids))
 end
 
 local known = {}
@@ -62,7 +68,7 @@ for c = 1, increments do
   local at = 9 + 3 * (c - 1)
   local group, field, amount = tonumber(ARGV[at]), ARGV[at + 1], ARGV[at + 2]
   for k = 1, 3 do  -- the month, day and hour hash
-    local name = KEYS[2 + 3 * group + k]
+    local name = KEYS[3 + 3 * group + k]
     local value = redis.call('HINCRBY', name, field, amount)
     if field == 'requests' and value == tonumber(amount) then
       redis.call('EXPIRE', name, ARGV[2 + k])  -- a new hash
