@@ -69,6 +69,76 @@ def test_volume_pricing_takes_the_tier_the_total_reaches_for_every_unit() -> Non
     assert invoice("acme", "2026-11", volume, [("a", 11)]).total == Decimal("5.50")
 
 
+VOLUME = price(
+    '{currency: USD, base_fee: "5.00", included_units: 10, mode: volume, tiers: '
+    '[{up_to: 10, unit_price: "1.00"}, {up_to: null, unit_price: "0.50"}]}'
+)
+
+
+def test_volume_pricing_takes_the_included_units_off_before_choosing_the_tier() -> None:
+    # 25 units: 10 included, and the 15 billable ones reach tier 2, so all 15 cost 0.50.
+    bill = invoice("acme", "2026-11", VOLUME, [("a", 25)])
+    assert amounts(bill) == [
+        ("base fee", "", 0, "5.00"),
+        ("included units", "a", 10, "0"),
+        ("tier 2", "a", 15, "7.50"),
+    ]
+    assert bill.total == Decimal("12.50")
+
+
+def test_volume_pricing_chooses_one_tier_from_the_total_of_every_route() -> None:
+    # No route alone passes tier 1's 10 billable units; together (15) they reach tier 2.
+    bill = invoice("acme", "2026-11", VOLUME, [("b", 12), ("a", 8), ("c", 5)])
+    assert amounts(bill)[1:] == [
+        ("included units", "a", 8, "0"),
+        ("included units", "b", 2, "0"),
+        ("tier 2", "b", 10, "5.00"),
+        ("tier 2", "c", 5, "2.50"),
+    ]
+    assert [line.tier for line in bill.lines] == [None, None, None, 2, 2]
+    assert bill.total == Decimal("12.50")
+
+
+def test_a_volume_total_exactly_at_a_tier_bound_stays_in_that_tier() -> None:
+    # 20 units: 10 included, 10 billable, which is tier 1's up_to: still tier 1.
+    at_bound = invoice("acme", "2026-11", VOLUME, [("a", 20)])
+    assert amounts(at_bound)[-1] == ("tier 1", "a", 10, "10.00")
+    assert at_bound.total == Decimal("15.00")
+    # One more unit moves every billable unit to tier 2, and the invoice gets cheaper.
+    past_bound = invoice("acme", "2026-11", VOLUME, [("a", 21)])
+    assert amounts(past_bound)[-1] == ("tier 2", "a", 11, "5.50")
+    assert past_bound.total == Decimal("10.50")
+
+
+def test_a_graduated_usage_exactly_at_a_tier_bound_after_the_included_units_fills_that_tier_only() -> None:
+    # 1000 included, then exactly tier 1's 100000: no tier 2 line at all.
+    bill = invoice("acme", "2026-11", GRADUATED, [("search", 101_000)])
+    assert amounts(bill)[1:] == [
+        ("included units", "search", 1000, "0"),
+        ("tier 1", "search", 100_000, "100.0000"),
+    ]
+    assert bill.total == Decimal("149.00")
+
+
+def test_usage_all_within_the_included_units_costs_the_base_fee() -> None:
+    bill = invoice("acme", "2026-11", VOLUME, [("a", 4), ("b", 6)])
+    assert amounts(bill)[1:] == [("included units", "a", 4, "0"), ("included units", "b", 6, "0")]
+    assert bill.total == Decimal("5.00")
+
+
+@pytest.mark.parametrize("usage", [[], [("a", 0), ("b", 0)]], ids=["no routes", "routes with no units"])
+def test_zero_usage_with_volume_pricing_costs_the_base_fee_alone(usage: list[tuple[str, int]]) -> None:
+    bill = invoice("acme", "2026-11", VOLUME, usage)
+    assert amounts(bill) == [("base fee", "", 0, "5.00")]
+    assert bill.total == Decimal("5.00")
+
+
+def test_zero_usage_without_a_base_fee_is_an_empty_invoice_of_zero() -> None:
+    free = price('{currency: EUR, tiers: [{up_to: null, unit_price: "0.01"}]}')
+    bill = invoice("acme", "2026-11", free, [])
+    assert (bill.lines, bill.total) == ((), Decimal("0.00"))
+
+
 def test_the_total_rounds_to_the_currencys_minor_unit_half_up() -> None:
     yen = price('{currency: JPY, tiers: [{up_to: null, unit_price: "0.5"}]}')
     assert invoice("acme", "2026-11", yen, [("a", 3)]).total == Decimal("2")
