@@ -8,6 +8,7 @@ import hashlib
 import json
 import time
 from dataclasses import asdict
+from decimal import Decimal
 
 import pytest
 
@@ -68,6 +69,9 @@ def test_n_requests_through_envoy_make_n_records_with_the_right_fields(
     ]
     assert found["by_status"] == {"2xx": 10}
     assert found["unreconciled"] == 0
+    assert set(found) == {"tenant", "period", "requests", "units", "by_route", "by_status", "unreconciled"}
+    assert (found["tenant"], found["period"]) == ("metered", time.strftime("%Y-%m", time.gmtime()))
+    assert all(set(item) == {"route", "requests", "units"} for item in found["by_route"])
     records = [asdict(r) for r in asyncio.run(ledger_of(redis_url, "metered"))]
     assert len({record["request_id"] for record in records}) == 10
     post = next(record for record in records if record["method"] == "POST")
@@ -106,6 +110,22 @@ def test_the_invoice_prices_metered_units_by_tier(
         ("tier 2", "v1", 3, "0.15"),
     ]
     assert (bill["currency"], bill["total"], bill["unreconciled"]) == ("EUR", "12.40", 0)
+    assert set(bill) == {"tenant", "period", "currency", "lines", "total", "unreconciled"}
+    assert (bill["tenant"], bill["period"]) == ("metered", time.strftime("%Y-%m", time.gmtime()))
+    assert all(
+        set(line) == {"description", "route", "units", "tier", "unit_price", "amount"}
+        for line in bill["lines"]
+    )
+    assert [(line["tier"], line["unit_price"]) for line in bill["lines"]] == [
+        (None, "10.00"),
+        (None, "0"),
+        (1, "0.10"),
+        (2, "0.05"),
+        (2, "0.05"),
+    ]
+    # Money is a decimal string, never a JSON number: a float would lose exact cents.
+    money = [bill["total"], *(line[key] for line in bill["lines"] for key in ("unit_price", "amount"))]
+    assert all(isinstance(amount, str) and Decimal(amount).is_finite() for amount in money)
     policy = str(stack.config.policy)
     arguments = ["billing", "invoice", "--tenant", "metered", "--policy", policy, "--redis-url", redis_url]
     assert main([*arguments, "--format", "json"]) == 0

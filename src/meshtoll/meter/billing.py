@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any
 
 from meshtoll.meter.pricing import Invoice, invoice
@@ -35,6 +36,12 @@ def billable_tenants(policy: CompiledPolicy) -> list[str]:
     return sorted(name for name, compiled in policy.tenants.items() if compiled.tenant.plan in priced)
 
 
+def money(amount: Decimal) -> str:
+    """An amount as a plain decimal string. str() would write small per-unit prices such as
+    0.0000002 in exponent form ("2E-7"), which billing systems and spreadsheets misread."""
+    return format(amount, "f")
+
+
 def invoice_document(bill: Invoice) -> dict[str, Any]:
     return {
         "tenant": bill.tenant,
@@ -46,12 +53,12 @@ def invoice_document(bill: Invoice) -> dict[str, Any]:
                 "route": line.route,
                 "units": line.units,
                 "tier": line.tier,
-                "unit_price": str(line.unit_price),
-                "amount": str(line.amount),
+                "unit_price": money(line.unit_price),
+                "amount": money(line.amount),
             }
             for line in bill.lines
         ],
-        "total": str(bill.total),
+        "total": money(bill.total),
         "unreconciled": bill.unreconciled,
     }
 
@@ -77,15 +84,15 @@ def invoices_csv(bills: Sequence[Invoice]) -> str:
         for line in bill.lines:
             writer.writerow(
                 (bill.tenant, bill.period, bill.currency, line.description, line.route, line.units,
-                 line.tier or "", line.unit_price, line.amount)
+                 line.tier or "", money(line.unit_price), money(line.amount))
             )  # fmt: skip
-        writer.writerow((bill.tenant, bill.period, bill.currency, "total", "", "", "", "", bill.total))
+        writer.writerow((bill.tenant, bill.period, bill.currency, "total", "", "", "", "", money(bill.total)))
     return out.getvalue()
 
 
 def invoice_table(bill: Invoice) -> str:
     rows = [
-        (line.description, line.route, str(line.units), str(line.unit_price), str(line.amount))
+        (line.description, line.route, str(line.units), money(line.unit_price), money(line.amount))
         for line in bill.lines
     ]
     header = ("line", "route", "units", "unit price", "amount")
@@ -100,7 +107,7 @@ def invoice_table(bill: Invoice) -> str:
     lines = [f"invoice {bill.tenant} {bill.period} ({bill.currency})", render(header).rstrip()]
     lines += [render(row).rstrip() for row in rows]
     lines.append(
-        f"total {bill.currency} {bill.total}"
+        f"total {bill.currency} {money(bill.total)}"
         + (f"  ({bill.unreconciled} unreconciled)" if bill.unreconciled else "")
     )
     return "\n".join(lines)
