@@ -132,10 +132,10 @@ def test_the_invoice_prices_metered_units_by_tier(
     assert json.loads(capsys.readouterr().out) == bill
     assert main([*arguments, "--format", "csv"]) == 0
     rows = capsys.readouterr().out.splitlines()
-    assert rows[0] == "tenant,period,currency,description,route,units,tier,unit_price,amount"
-    assert rows[-1].endswith(",total,,,,,12.40")
+    assert rows[0] == "tenant,period,currency,description,route,units,tier,unit_price,amount,unreconciled"
+    assert rows[-1].endswith(",total,,,,,12.40,0")
     assert main([*arguments]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "total EUR 12.40"
+    assert capsys.readouterr().out.splitlines()[-1] == "total EUR 12.40  (0 unreconciled)"
 
 
 @pytest.mark.parametrize("form", ["cloudevents", "lago", "csv"])

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
-from meshtoll.meter.pricing import Invoice, invoice
+from meshtoll.meter.pricing import Invoice, InvoiceLine, invoice
 from meshtoll.policy import CompiledPolicy
 from meshtoll.storage.usage import UsageStore
 
@@ -73,29 +73,27 @@ CSV_COLUMNS = (
     "tier",
     "unit_price",
     "amount",
+    "unreconciled",
 )
 
 
 def invoices_csv(bills: Sequence[Invoice]) -> str:
+    """One row per invoice line, then the invoice's total row. The invoice-wide columns
+    (tenant, period, currency, unreconciled) are on every row, so any row read alone says
+    whose bill it is and whether part of it was billed from admissions."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for bill in bills:
-        for line in bill.lines:
-            writer.writerow(
-                (bill.tenant, bill.period, bill.currency, line.description, line.route, line.units,
-                 line.tier or "", money(line.unit_price), money(line.amount))
-            )  # fmt: skip
-        writer.writerow((bill.tenant, bill.period, bill.currency, "total", "", "", "", "", money(bill.total)))
+        rows = [_line_cells(line) for line in bill.lines]
+        rows.append(("total", "", "", "", "", money(bill.total)))
+        writer.writerows((bill.tenant, bill.period, bill.currency, *row, bill.unreconciled) for row in rows)
     return out.getvalue()
 
 
 def invoice_table(bill: Invoice) -> str:
-    rows = [
-        (line.description, line.route, str(line.units), money(line.unit_price), money(line.amount))
-        for line in bill.lines
-    ]
-    header = ("line", "route", "units", "unit price", "amount")
+    rows = [_line_cells(line) for line in bill.lines]
+    header = ("line", "route", "units", "tier", "unit price", "amount")
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
 
     def render(row: Sequence[str]) -> str:
@@ -106,8 +104,13 @@ def invoice_table(bill: Invoice) -> str:
 
     lines = [f"invoice {bill.tenant} {bill.period} ({bill.currency})", render(header).rstrip()]
     lines += [render(row).rstrip() for row in rows]
-    lines.append(
-        f"total {bill.currency} {money(bill.total)}"
-        + (f"  ({bill.unreconciled} unreconciled)" if bill.unreconciled else "")
-    )
+    # Shown when 0 too: "0 unreconciled" says every request was settled by its access log.
+    lines.append(f"total {bill.currency} {money(bill.total)}  ({bill.unreconciled} unreconciled)")
     return "\n".join(lines)
+
+
+def _line_cells(line: InvoiceLine) -> tuple[str, str, str, str, str, str]:
+    """description, route, units, tier, unit price, amount: as CSV_COLUMNS and the table
+    have them."""
+    tier = "" if line.tier is None else str(line.tier)
+    return (line.description, line.route, str(line.units), tier, money(line.unit_price), money(line.amount))

@@ -1,0 +1,108 @@
+"""`meshtoll billing invoice` on a real Redis: usage recorded straight into the usage store
+for a past month, then invoiced the way an operator would, in each output form."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from meshtoll.cli import main
+from meshtoll.meter.records import Source, UsageRecord
+from meshtoll.storage.usage_redis import RedisUsageStore
+
+POLICY = """
+plans:
+  pro: {price: {currency: EUR, base_fee: "10.00", tiers: [{up_to: null, unit_price: "0.10"}]}}
+  team: {price: {currency: USD, tiers: [{up_to: null, unit_price: "1.00"}]}}
+  free: {}
+tenants: {billcli-pro: {plan: pro}, billcli-team: {plan: team}, billcli-free: {plan: free}}
+"""
+MARCH_2025 = 1_741_000_000.0  # 2025-03-03, UTC
+
+
+def record(request_id: str, tenant: str, units: int, source: Source = "access_log") -> UsageRecord:
+    return UsageRecord(
+        request_id=request_id, time=MARCH_2025, tenant=tenant, consumer="ci", plan="", route="search",
+        method="GET", status=200, request_bytes=0, response_bytes=0, duration_ms=1.0, units=units,
+        source=source,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Path:
+    """The policy, with March 2025 usage recorded: billcli-pro 5 units (one request billed
+    from its admission), billcli-free 7 units; billcli-team none."""
+    path = tmp_path_factory.mktemp("billing") / "policy.yaml"
+    path.write_text(POLICY)
+    records = [
+        record("pro-1", "billcli-pro", 2),
+        record("pro-2", "billcli-pro", 3, source="admission"),
+        record("free-1", "billcli-free", 7),
+    ]
+
+    async def write() -> None:
+        store = RedisUsageStore(redis_url)
+        try:
+            assert await store.record(records) == len(records)
+        finally:
+            await store.close()
+
+    asyncio.run(write())
+    return path
+
+
+def invoice(policy: Path, redis_url: str, *arguments: str) -> int:
+    return main(["billing", "invoice", "--policy", str(policy), "--redis-url", redis_url, *arguments])
+
+
+def test_billing_invoice_all_bills_every_tenant_whose_plan_has_a_price(
+    policy: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert invoice(policy, redis_url, "--all", "--period", "2025-03", "--format", "json") == 0
+    documents = json.loads(capsys.readouterr().out)
+    assert [(d["tenant"], d["period"], d["currency"], d["total"], d["unreconciled"]) for d in documents] == [
+        ("billcli-pro", "2025-03", "EUR", "10.50", 1),
+        ("billcli-team", "2025-03", "USD", "0.00", 0),  # no usage: still invoiced
+    ]
+
+
+def test_billing_invoice_all_as_csv_has_each_invoices_lines_and_total_with_its_unreconciled_count(
+    policy: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert invoice(policy, redis_url, "--all", "--period", "2025-03", "--format", "csv") == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [
+        (r["tenant"], r["description"], r["units"], r["tier"], r["amount"], r["unreconciled"]) for r in rows
+    ] == [
+        ("billcli-pro", "base fee", "0", "", "10.00", "1"),
+        ("billcli-pro", "tier 1", "5", "1", "0.50", "1"),
+        ("billcli-pro", "total", "", "", "10.50", "1"),
+        ("billcli-team", "total", "", "", "0.00", "0"),
+    ]
+
+
+def test_billing_invoice_all_as_tables_shows_each_lines_tier_and_every_unreconciled_count(
+    policy: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert invoice(policy, redis_url, "--all", "--period", "2025-03") == 0
+    pro, team = capsys.readouterr().out.rstrip("\n").split("\n\n")
+    assert [line.split() for line in pro.splitlines()] == [
+        ["invoice", "billcli-pro", "2025-03", "(EUR)"],
+        ["line", "route", "units", "tier", "unit", "price", "amount"],
+        ["base", "fee", "0", "10.00", "10.00"],
+        ["tier", "1", "search", "5", "1", "0.10", "0.50"],
+        ["total", "EUR", "10.50", "(1", "unreconciled)"],
+    ]
+    assert team.splitlines()[-1] == "total USD 0.00  (0 unreconciled)"
+
+
+def test_billing_invoice_refuses_a_tenant_whose_plan_has_no_price(
+    policy: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert invoice(policy, redis_url, "--tenant", "billcli-free", "--period", "2025-03") == 1
+    assert "plan 'free', which has no price" in capsys.readouterr().err
