@@ -1,5 +1,6 @@
-"""`meshtoll billing invoice` on a real Redis: usage recorded straight into the usage store
-for a past month, then invoiced the way an operator would, in each output form."""
+"""`meshtoll billing invoice` and `meshtoll usage show` on a real Redis: usage recorded
+straight into the usage store for a past month, then read and invoiced the way an operator
+would, in each output form."""
 
 from __future__ import annotations
 
@@ -106,3 +107,32 @@ def test_billing_invoice_refuses_a_tenant_whose_plan_has_no_price(
 ) -> None:
     assert invoice(policy, redis_url, "--tenant", "billcli-free", "--period", "2025-03") == 1
     assert "plan 'free', which has no price" in capsys.readouterr().err
+
+
+def test_usage_show_reads_the_month_given(
+    policy: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    arguments = ["usage", "show", "--tenant", "billcli-pro", "--period", "2025-03", "--format", "json"]
+    assert main([*arguments, "--redis-url", redis_url]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert (found["period"], found["requests"], found["units"], found["unreconciled"]) == ("2025-03", 2, 5, 1)
+
+
+@pytest.mark.parametrize("period", ["2026-13", "26-11", "2026-1"])
+@pytest.mark.parametrize(
+    "command",
+    [("usage", "show", "--tenant", "billcli-pro"), ("billing", "invoice", "--tenant", "billcli-pro")],
+    ids=["usage show", "billing invoice"],
+)
+def test_a_malformed_or_impossible_period_is_refused_naming_the_flag_and_the_form(
+    policy: Path, redis_url: str, capsys: pytest.CaptureFixture[str], command: tuple[str, ...], period: str
+) -> None:
+    arguments = [*command, "--period", period, "--redis-url", redis_url]
+    if command[0] == "billing":
+        arguments += ["--policy", str(policy)]
+    assert main(arguments) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"meshtoll: --period {period!r} is not a calendar month: expected YYYY-MM, e.g. 2026-11\n"
+    )

@@ -30,8 +30,9 @@ def stack(start_stack: StartStack, tmp_path_factory: pytest.TempPathFactory) -> 
     digest = hashlib.sha256(KEY.encode()).hexdigest()
     path.write_text(
         "plans: {pro: {price: {currency: EUR, base_fee: '10.00', included_units: 10, tiers: "
-        "[{up_to: 20, unit_price: '0.10'}, {up_to: null, unit_price: '0.05'}]}}}\n"
-        f"tenants: {{metered: {{plan: pro, api_keys: [{{id: ci, sha256: {digest}}}], allow: {{routes: [{{prefix: /v1/}}]}}}}}}\n"
+        "[{up_to: 20, unit_price: '0.10'}, {up_to: null, unit_price: '0.05'}]}}, free: {}}\n"
+        f"tenants: {{metered: {{plan: pro, api_keys: [{{id: ci, sha256: {digest}}}], allow: {{routes: [{{prefix: /v1/}}]}}}}, "
+        "unpriced: {plan: free}}\n"
         "routes: [{prefix: /v1/search, name: search, cost: 5}, {prefix: /v1/, name: v1}]\n"
     )
     return start_stack(path)
@@ -93,6 +94,39 @@ def test_the_usage_api_names_unknown_tenants_and_bad_periods(stack: LocalStack) 
     assert (missing.status, missing.json()["error"]) == (404, "unknown_tenant")
     bad = fetch(f"{stack.meshtoll_admin_url}/api/tenants/metered/usage?period=2026-13")
     assert (bad.status, bad.json()["error"]) == (400, "bad_period")
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "error", "message"),
+    [
+        ("/nobody/invoice", 404, "unknown_tenant", "no tenant 'nobody' in the policy"),
+        (
+            "/metered/invoice?period=2026-13",
+            400,
+            "bad_period",
+            "period '2026-13' is not a calendar month: expected YYYY-MM, e.g. 2026-11",
+        ),
+        ("/metered/invoice?period=26-11", 400, "bad_period", None),
+        ("/metered/invoice?period=2026-1", 400, "bad_period", None),
+        (
+            "/unpriced/invoice",
+            404,
+            "not_billable",
+            "tenant 'unpriced' is on plan 'free', which has no price",
+        ),
+    ],
+    ids=["unknown tenant", "month 13", "two-digit year", "one-digit month", "plan without a price"],
+)
+def test_the_invoice_api_answers_errors_as_json_with_a_stable_code(
+    stack: LocalStack, path: str, status: int, error: str, message: str | None
+) -> None:
+    found = fetch(f"{stack.meshtoll_admin_url}/api/tenants{path}")
+    assert (found.status, found.headers["content-type"]) == (status, "application/json")
+    document = found.json()
+    assert set(document) == {"error", "message"}
+    assert document["error"] == error
+    if message is not None:
+        assert document["message"] == message
 
 
 def test_the_invoice_prices_metered_units_by_tier(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -12,7 +11,8 @@ from urllib.parse import parse_qs
 from meshtoll.errors import StorageUnavailable
 from meshtoll.httpserver import response
 from meshtoll.meter.billing import NotBillable, invoice_document, tenant_invoice
-from meshtoll.meter.usage_report import current_month, usage_document
+from meshtoll.meter.billing_periods import BadPeriod, month
+from meshtoll.meter.usage_report import usage_document
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.quota import UnknownTenant, tenant_quota
 from meshtoll.telemetry.metrics import DecisionCounts, Metrics
@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from meshtoll.storage.base import CounterStore
     from meshtoll.storage.usage import UsageStore
 
-    Report = Callable[[UsageStore, CompiledPolicy, str, str], Awaitable[dict[str, Any]]]
+    # (usage store, policy, tenant, period as the query gave it, None when it gave none)
+    Report = Callable[[UsageStore, CompiledPolicy, str, str | None], Awaitable[dict[str, Any]]]
 
 _JSON = (("content-type", "application/json"),)
 _NOT_FOUND = response(404, "Not Found", _JSON, b'{"error":"not_found","message":"no such admin endpoint"}')
@@ -51,7 +52,7 @@ class AdminHandler:
             return self._quota(path.removeprefix("/api/tenants/").removesuffix("/quota"))
         for report, build in (("usage", self._usage_document), ("invoice", self._invoice_document)):
             if path.startswith("/api/tenants/") and path.endswith(f"/{report}"):
-                period = parse_qs(target.partition("?")[2]).get("period", [current_month()])[0]
+                period = parse_qs(target.partition("?")[2]).get("period", [None])[0]
                 tenant = path.removeprefix("/api/tenants/").removesuffix(f"/{report}")
                 return self._tenant_report(tenant, period, build)
         return self._answer(path)
@@ -79,15 +80,15 @@ class AdminHandler:
             return _json(503, {"error": "store_unavailable", "message": str(exc)})
         return _json(200, quota)
 
-    async def _tenant_report(self, tenant: str, period: str, build: Report) -> bytes:
+    async def _tenant_report(self, tenant: str, period: str | None, build: Report) -> bytes:
         if self.policy is None or self.usage is None:
             return _NOT_READY
         if tenant not in self.policy.current.tenants:
             return _json(404, {"error": "unknown_tenant", "message": f"no tenant {tenant!r} in the policy"})
-        if not _PERIOD.fullmatch(period):
-            return _json(400, {"error": "bad_period", "message": f"period {period!r} is not YYYY-MM"})
         try:
             return _json(200, await build(self.usage, self.policy.current, tenant, period))
+        except BadPeriod as exc:
+            return _json(400, {"error": "bad_period", "message": f"period {exc}"})
         except NotBillable as exc:
             return _json(404, {"error": "not_billable", "message": str(exc)})
         except StorageUnavailable as exc:
@@ -95,15 +96,15 @@ class AdminHandler:
 
     @staticmethod
     async def _usage_document(
-        usage: UsageStore, policy: CompiledPolicy, tenant: str, period: str
+        usage: UsageStore, policy: CompiledPolicy, tenant: str, period: str | None
     ) -> dict[str, Any]:
-        return usage_document(await usage.usage(tenant, period))
+        return usage_document(await usage.usage(tenant, month(period)))
 
     @staticmethod
     async def _invoice_document(
-        usage: UsageStore, policy: CompiledPolicy, tenant: str, period: str
+        usage: UsageStore, policy: CompiledPolicy, tenant: str, period: str | None
     ) -> dict[str, Any]:
-        return invoice_document(await tenant_invoice(policy, usage, tenant, period))
+        return invoice_document(await tenant_invoice(policy, usage, tenant, month(period)))
 
     def _ready(self) -> bytes:
         if self.policy is None:
@@ -131,7 +132,6 @@ class AdminHandler:
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 503: "Service Unavailable"}
-_PERIOD = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
 
 
 def _json(status: int, document: dict[str, object]) -> bytes:

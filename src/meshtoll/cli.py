@@ -225,17 +225,18 @@ def _quota_show(args: argparse.Namespace) -> int:
 
 
 def _usage_show(args: argparse.Namespace) -> int:
-    from meshtoll.meter.usage_report import current_month, usage_document, usage_table
+    from meshtoll.meter.usage_report import usage_document, usage_table
     from meshtoll.storage.usage import TenantUsage, open_usage_store
 
     settings = settings_from({"redis_url": args.redis_url})
     if settings.redis_url is None:
         raise ConfigError("usage show reads the shared usage store: give --redis-url or MESHTOLL_REDIS_URL")
+    period = _month(args.period, "--period")
 
     async def read() -> TenantUsage:
         store = open_usage_store(settings.redis_url)
         try:
-            return await store.usage(args.tenant, args.period or current_month())
+            return await store.usage(args.tenant, period)
         finally:
             await store.close()
 
@@ -278,6 +279,15 @@ def _utc_time(text: str, flag: str) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
+def _month(text: str | None, flag: str) -> str:
+    from meshtoll.meter.billing_periods import BadPeriod, month
+
+    try:
+        return month(text)
+    except BadPeriod as exc:
+        raise ConfigError(f"{flag} {exc}") from None
+
+
 def _billing_invoice(args: argparse.Namespace) -> int:
     from meshtoll.meter.billing import (
         NotBillable,
@@ -288,14 +298,13 @@ def _billing_invoice(args: argparse.Namespace) -> int:
         tenant_invoice,
     )
     from meshtoll.meter.pricing import Invoice
-    from meshtoll.meter.usage_report import current_month
     from meshtoll.storage.usage import open_usage_store
 
     settings = settings_from({"policy": args.policy, "redis_url": args.redis_url})
     if settings.redis_url is None:
         raise ConfigError("billing reads the shared usage store: give --redis-url or MESHTOLL_REDIS_URL")
+    period = _month(args.period, "--period")
     policy = load_policy(settings.policy)
-    period = args.period or current_month()
     tenants = billable_tenants(policy) if args.all else [args.tenant]
 
     async def bills() -> list[Invoice]:

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from meshtoll.storage.usage import TenantUsage
-
-
-def current_month(now: float | None = None) -> str:
-    return time.strftime("%Y-%m", time.gmtime(time.time() if now is None else now))
 
 
 def usage_document(usage: TenantUsage) -> dict[str, Any]:
