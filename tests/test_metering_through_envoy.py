@@ -4,10 +4,14 @@ every request of a tenant becomes exactly one usage record, within seconds."""
 from __future__ import annotations
 
 import asyncio
+import csv
 import hashlib
+import io
 import json
+import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
+from datetime import datetime
 from decimal import Decimal
 
 import pytest
@@ -172,40 +176,81 @@ def test_the_invoice_prices_metered_units_by_tier(
     assert capsys.readouterr().out.splitlines()[-1] == "total EUR 12.40  (0 unreconciled)"
 
 
-@pytest.mark.parametrize("form", ["cloudevents", "lago", "csv"])
-def test_usage_export_writes_every_metered_request_once_with_each_formats_required_fields(
-    stack: LocalStack, redis_url: str, capsys: pytest.CaptureFixture[str], form: str
-) -> None:
+def exported(stack: LocalStack, redis_url: str, capsys: pytest.CaptureFixture[str], form: str) -> str:
+    """Today's export of the metered tenant, once its ten requests are counted."""
     assert usage(stack, 10)["requests"] == 10
     today = time.strftime("%Y-%m-%d", time.gmtime())
     tomorrow = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 86400))
     arguments = ["usage", "export", "--since", today, "--until", tomorrow, "--format", form]
     assert main([*arguments, "--tenant", "metered", "--redis-url", redis_url]) == 0
-    out = capsys.readouterr().out
-    if form == "csv":
-        rows = out.splitlines()
-        assert rows[0].startswith("request_id,time,tenant,consumer,plan,route,method,status")
-        assert len(rows) == 11
-        return
-    events = [json.loads(line) for line in out.splitlines()]
-    assert len(events) == 10
-    if form == "cloudevents":
-        # CloudEvents 1.0 required attributes, and OpenMeter's subject.
-        assert all(
-            {"specversion", "id", "source", "type", "subject", "time", "data"} <= set(e) for e in events
+    return capsys.readouterr().out
+
+
+def ledger_by_id(redis_url: str) -> dict[str, UsageRecord]:
+    records = asyncio.run(ledger_of(redis_url, "metered"))
+    assert len(records) == 10
+    return {record.request_id: record for record in records}
+
+
+# RFC 3339 date-time (section 5.6): full date, "T", full time with an offset or Z.
+RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})")
+
+
+def test_usage_export_as_cloudevents_has_one_valid_event_per_ledger_record(
+    stack: LocalStack, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    events = [json.loads(line) for line in exported(stack, redis_url, capsys, "cloudevents").splitlines()]
+    ledger = ledger_by_id(redis_url)
+    ids = [event["id"] for event in events]
+    assert sorted(ids) == sorted(ledger)  # one event per record, none twice
+    for event in events:
+        record = ledger[event["id"]]
+        # CloudEvents 1.0 required attributes: specversion, id, source (a non-empty
+        # URI-reference), type; optional ones meshtoll sets: subject (OpenMeter's customer),
+        # time, datacontenttype, data. Source and type are spelled out: OpenMeter meters
+        # select events by type, so changing either breaks users' meter definitions.
+        assert event["specversion"] == "1.0"
+        assert (event["source"], event["type"]) == ("meshtoll", "io.meshtoll.request")
+        assert event["subject"] == "metered"
+        assert RFC3339.fullmatch(event["time"]), event["time"]
+        assert abs(datetime.fromisoformat(event["time"]).timestamp() - record.time) < 0.001
+        assert event["datacontenttype"] == "application/json"
+        assert (event["data"]["units"], event["data"]["route"]) == (record.units, record.route)
+    assert sum(event["data"]["units"] for event in events) == 38
+
+
+def test_usage_export_as_lago_events_has_one_event_per_ledger_record(
+    stack: LocalStack, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = exported(stack, redis_url, capsys, "lago").splitlines()
+    events = [json.loads(line)["event"] for line in lines]  # each line a POST /api/v1/events body
+    ledger = ledger_by_id(redis_url)
+    assert sorted(event["transaction_id"] for event in events) == sorted(ledger)
+    for event in events:
+        record = ledger[event["transaction_id"]]
+        assert event["external_subscription_id"] == "metered"
+        assert event["code"] == "api_requests"  # the billable metric's code, set up in Lago
+        assert event["timestamp"] == int(record.time)  # Unix seconds, a JSON number
+        assert (event["properties"]["units"], event["properties"]["route"]) == (record.units, record.route)
+    assert sum(event["properties"]["units"] for event in events) == 38
+
+
+def test_usage_export_as_csv_has_a_header_and_one_row_per_ledger_record(
+    stack: LocalStack, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = exported(stack, redis_url, capsys, "csv")
+    assert out.splitlines()[0] == ",".join(field.name for field in fields(UsageRecord))
+    rows = list(csv.DictReader(io.StringIO(out)))
+    ledger = ledger_by_id(redis_url)
+    assert sorted(row["request_id"] for row in rows) == sorted(ledger)
+    for row in rows:
+        record = ledger[row["request_id"]]
+        assert (row["tenant"], row["route"], row["units"], row["status"]) == (
+            "metered",
+            record.route,
+            str(record.units),
+            str(record.status),
         )
-        assert {e["subject"] for e in events} == {"metered"}
-        assert len({e["id"] for e in events}) == 10
-        assert all(e["time"].endswith("Z") for e in events)
-    else:
-        # Lago: transaction_id (idempotency), external_subscription_id, code; timestamp.
-        inner = [e["event"] for e in events]
-        assert all(
-            {"transaction_id", "external_subscription_id", "code", "timestamp", "properties"} <= set(e)
-            for e in inner
-        )
-        assert len({e["transaction_id"] for e in inner}) == 10
-        assert sum(e["properties"]["units"] for e in inner) == 38
 
 
 def test_usage_export_refuses_a_bad_time(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
