@@ -8,6 +8,7 @@ import asyncio
 import csv
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -20,15 +21,24 @@ POLICY = """
 plans:
   pro: {price: {currency: EUR, base_fee: "10.00", tiers: [{up_to: null, unit_price: "0.10"}]}}
   team: {price: {currency: USD, tiers: [{up_to: null, unit_price: "1.00"}]}}
+  annual: {price: {currency: EUR, period: year, tiers: [{up_to: null, unit_price: "1.00"}]}}
   free: {}
-tenants: {billcli-pro: {plan: pro}, billcli-team: {plan: team}, billcli-free: {plan: free}}
+tenants:
+  billcli-pro: {plan: pro}
+  billcli-team: {plan: team}
+  billcli-annual: {plan: annual}
+  billcli-free: {plan: free}
 """
 MARCH_2025 = 1_741_000_000.0  # 2025-03-03, UTC
+NOVEMBER_2025 = 1_762_000_000.0  # 2025-11-01, UTC
+DECEMBER_2024 = 1_735_000_000.0  # 2024-12-24, UTC
 
 
-def record(request_id: str, tenant: str, units: int, source: Source = "access_log") -> UsageRecord:
+def record(
+    request_id: str, tenant: str, units: int, source: Source = "access_log", at: float = MARCH_2025
+) -> UsageRecord:
     return UsageRecord(
-        request_id=request_id, time=MARCH_2025, tenant=tenant, consumer="ci", plan="", route="search",
+        request_id=request_id, time=at, tenant=tenant, consumer="ci", plan="", route="search",
         method="GET", status=200, request_bytes=0, response_bytes=0, duration_ms=1.0, units=units,
         source=source,
     )  # fmt: skip
@@ -37,13 +47,17 @@ def record(request_id: str, tenant: str, units: int, source: Source = "access_lo
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Path:
     """The policy, with March 2025 usage recorded: billcli-pro 5 units (one request billed
-    from its admission), billcli-free 7 units; billcli-team none."""
+    from its admission), billcli-free 7 units, billcli-team none; and billcli-annual 2 units
+    in March 2025, 3 in November 2025, 4 in December 2024."""
     path = tmp_path_factory.mktemp("billing") / "policy.yaml"
     path.write_text(POLICY)
     records = [
         record("pro-1", "billcli-pro", 2),
         record("pro-2", "billcli-pro", 3, source="admission"),
         record("free-1", "billcli-free", 7),
+        record("annual-1", "billcli-annual", 2),
+        record("annual-2", "billcli-annual", 3, at=NOVEMBER_2025),
+        record("annual-3", "billcli-annual", 4, at=DECEMBER_2024),
     ]
 
     async def write() -> None:
@@ -61,7 +75,20 @@ def invoice(policy: Path, redis_url: str, *arguments: str) -> int:
     return main(["billing", "invoice", "--policy", str(policy), "--redis-url", redis_url, *arguments])
 
 
-def test_billing_invoice_all_bills_every_tenant_whose_plan_has_a_price(
+def test_billing_invoice_all_bills_every_tenant_whose_plan_has_a_price_for_its_current_period(
+    policy: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert invoice(policy, redis_url, "--all", "--format", "json") == 0
+    documents = json.loads(capsys.readouterr().out)
+    month, year = time.strftime("%Y-%m", time.gmtime()), time.strftime("%Y", time.gmtime())
+    assert [(d["tenant"], d["period"]) for d in documents] == [
+        ("billcli-annual", year),
+        ("billcli-pro", month),
+        ("billcli-team", month),
+    ]
+
+
+def test_billing_invoice_all_for_a_month_bills_every_tenant_priced_by_the_month(
     policy: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert invoice(policy, redis_url, "--all", "--period", "2025-03", "--format", "json") == 0
@@ -70,6 +97,21 @@ def test_billing_invoice_all_bills_every_tenant_whose_plan_has_a_price(
         ("billcli-pro", "2025-03", "EUR", "10.50", 1),
         ("billcli-team", "2025-03", "USD", "0.00", 0),  # no usage: still invoiced
     ]
+
+
+def test_a_yearly_price_is_invoiced_for_a_year_from_its_twelve_months(
+    policy: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert invoice(policy, redis_url, "--all", "--period", "2025", "--format", "json") == 0
+    documents = json.loads(capsys.readouterr().out)
+    assert [(d["tenant"], d["period"], d["total"]) for d in documents] == [("billcli-annual", "2025", "5.00")]
+    assert invoice(policy, redis_url, "--tenant", "billcli-annual", "--period", "2025") == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "total EUR 5.00  (0 unreconciled)"
+    assert invoice(policy, redis_url, "--tenant", "billcli-annual", "--period", "2025-03") == 1
+    assert capsys.readouterr().err == (
+        "meshtoll: --period '2025-03' is not a calendar year: expected YYYY, e.g. 2026 "
+        "(tenant 'billcli-annual' is billed by the year)\n"
+    )
 
 
 def test_billing_invoice_all_as_csv_has_each_invoices_lines_and_total_with_its_unreconciled_count(
@@ -120,12 +162,30 @@ def test_usage_show_reads_the_month_given(
 
 @pytest.mark.parametrize("period", ["2026-13", "26-11", "2026-1"])
 @pytest.mark.parametrize(
-    "command",
-    [("usage", "show", "--tenant", "billcli-pro"), ("billing", "invoice", "--tenant", "billcli-pro")],
-    ids=["usage show", "billing invoice"],
+    ("command", "error"),
+    [
+        (
+            ("usage", "show", "--tenant", "billcli-pro"),
+            "{!r} is not a calendar month: expected YYYY-MM, e.g. 2026-11",
+        ),
+        (
+            ("billing", "invoice", "--tenant", "billcli-pro"),
+            "{!r} is not a calendar month: expected YYYY-MM, e.g. 2026-11 (tenant 'billcli-pro' is billed by the month)",
+        ),
+        (
+            ("billing", "invoice", "--all"),
+            "{!r} is not a billing period: expected YYYY-MM (a calendar month) or YYYY (a calendar year)",
+        ),
+    ],
+    ids=["usage show", "billing invoice --tenant", "billing invoice --all"],
 )
 def test_a_malformed_or_impossible_period_is_refused_naming_the_flag_and_the_form(
-    policy: Path, redis_url: str, capsys: pytest.CaptureFixture[str], command: tuple[str, ...], period: str
+    policy: Path,
+    redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+    command: tuple[str, ...],
+    error: str,
+    period: str,
 ) -> None:
     arguments = [*command, "--period", period, "--redis-url", redis_url]
     if command[0] == "billing":
@@ -133,6 +193,4 @@ def test_a_malformed_or_impossible_period_is_refused_naming_the_flag_and_the_for
     assert main(arguments) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == (
-        f"meshtoll: --period {period!r} is not a calendar month: expected YYYY-MM, e.g. 2026-11\n"
-    )
+    assert captured.err == f"meshtoll: --period {error.format(period)}\n"

@@ -34,9 +34,10 @@ def stack(start_stack: StartStack, tmp_path_factory: pytest.TempPathFactory) -> 
     digest = hashlib.sha256(KEY.encode()).hexdigest()
     path.write_text(
         "plans: {pro: {price: {currency: EUR, base_fee: '10.00', included_units: 10, tiers: "
-        "[{up_to: 20, unit_price: '0.10'}, {up_to: null, unit_price: '0.05'}]}}, free: {}}\n"
+        "[{up_to: 20, unit_price: '0.10'}, {up_to: null, unit_price: '0.05'}]}}, free: {}, "
+        "yearly: {price: {currency: EUR, period: year, tiers: [{up_to: null, unit_price: '1.00'}]}}}\n"
         f"tenants: {{metered: {{plan: pro, api_keys: [{{id: ci, sha256: {digest}}}], allow: {{routes: [{{prefix: /v1/}}]}}}}, "
-        "unpriced: {plan: free}}\n"
+        "unpriced: {plan: free}, annual: {plan: yearly}}\n"
         "routes: [{prefix: /v1/search, name: search, cost: 5}, {prefix: /v1/, name: v1}]\n"
     )
     return start_stack(path)
@@ -108,10 +109,18 @@ def test_the_usage_api_names_unknown_tenants_and_bad_periods(stack: LocalStack) 
             "/metered/invoice?period=2026-13",
             400,
             "bad_period",
-            "period '2026-13' is not a calendar month: expected YYYY-MM, e.g. 2026-11",
+            "period '2026-13' is not a calendar month: expected YYYY-MM, e.g. 2026-11 "
+            "(tenant 'metered' is billed by the month)",
         ),
         ("/metered/invoice?period=26-11", 400, "bad_period", None),
         ("/metered/invoice?period=2026-1", 400, "bad_period", None),
+        ("/metered/invoice?period=2026", 400, "bad_period", None),
+        (
+            "/annual/invoice?period=2026-11",
+            400,
+            "bad_period",
+            "period '2026-11' is not a calendar year: expected YYYY, e.g. 2026 (tenant 'annual' is billed by the year)",
+        ),
         (
             "/unpriced/invoice",
             404,
@@ -119,7 +128,15 @@ def test_the_usage_api_names_unknown_tenants_and_bad_periods(stack: LocalStack) 
             "tenant 'unpriced' is on plan 'free', which has no price",
         ),
     ],
-    ids=["unknown tenant", "month 13", "two-digit year", "one-digit month", "plan without a price"],
+    ids=[
+        "unknown tenant",
+        "month 13",
+        "two-digit year",
+        "one-digit month",
+        "a year for a monthly price",
+        "a month for a yearly price",
+        "plan without a price",
+    ],
 )
 def test_the_invoice_api_answers_errors_as_json_with_a_stable_code(
     stack: LocalStack, path: str, status: int, error: str, message: str | None
@@ -131,6 +148,12 @@ def test_the_invoice_api_answers_errors_as_json_with_a_stable_code(
     assert document["error"] == error
     if message is not None:
         assert document["message"] == message
+
+
+def test_the_invoice_api_bills_a_yearly_price_for_the_current_year_by_default(stack: LocalStack) -> None:
+    found = fetch(f"{stack.meshtoll_admin_url}/api/tenants/annual/invoice")
+    assert found.status == 200
+    assert (found.json()["period"], found.json()["total"]) == (time.strftime("%Y", time.gmtime()), "0.00")
 
 
 def test_the_invoice_prices_metered_units_by_tier(

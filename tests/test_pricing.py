@@ -177,6 +177,10 @@ def test_an_ongoing_period_is_billed_on_its_usage_so_far() -> None:
             "price.tiers[0].unit_price: 'cheap' is not a non-negative decimal amount",
         ),
         ("{currency: EUR, tiers: []}", "price.tiers: at least one tier is required"),
+        (
+            "{currency: EUR, period: week, tiers: [{up_to: null, unit_price: '1'}]}",
+            "price.period: expected one of month, year, got 'week'",
+        ),
     ],
 )
 def test_bad_prices_are_named_by_field(text: str, message: str) -> None:
@@ -184,3 +188,10 @@ def test_bad_prices_are_named_by_field(text: str, message: str) -> None:
         price(text)
     assert message in str(caught.value)
     assert str(caught.value).startswith("policy.yaml:3 plans.pro.")
+
+
+def test_a_price_is_billed_by_the_calendar_month_unless_it_says_year() -> None:
+    tiers = "tiers: [{up_to: null, unit_price: '1'}]"
+    assert price(f"{{currency: EUR, {tiers}}}").period == "month"
+    assert price(f"{{currency: EUR, period: month, {tiers}}}").period == "month"
+    assert price(f"{{currency: EUR, period: year, {tiers}}}").period == "year"

@@ -11,7 +11,7 @@ from urllib.parse import parse_qs
 from meshtoll.errors import StorageUnavailable
 from meshtoll.httpserver import response
 from meshtoll.meter.billing import NotBillable, invoice_document, tenant_invoice
-from meshtoll.meter.billing_periods import BadPeriod, month
+from meshtoll.meter.billing_periods import BadPeriod, read_period
 from meshtoll.meter.usage_report import usage_document
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.quota import UnknownTenant, tenant_quota
@@ -98,13 +98,13 @@ class AdminHandler:
     async def _usage_document(
         usage: UsageStore, policy: CompiledPolicy, tenant: str, period: str | None
     ) -> dict[str, Any]:
-        return usage_document(await usage.usage(tenant, month(period)))
+        return usage_document(await usage.usage(tenant, read_period(period, "month")))
 
     @staticmethod
     async def _invoice_document(
         usage: UsageStore, policy: CompiledPolicy, tenant: str, period: str | None
     ) -> dict[str, Any]:
-        return invoice_document(await tenant_invoice(policy, usage, tenant, month(period)))
+        return invoice_document(await tenant_invoice(policy, usage, tenant, period))
 
     def _ready(self) -> bytes:
         if self.policy is None:

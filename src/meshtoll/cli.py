@@ -142,11 +142,16 @@ def _parser() -> argparse.ArgumentParser:
     usage_export.set_defaults(command=_usage_export)
 
     billing = commands.add_parser("billing", help="invoices").add_subparsers(title="billing commands")
-    bill = billing.add_parser("invoice", help="a tenant's invoice for a month, from metered usage")
+    bill = billing.add_parser("invoice", help="a tenant's invoice for a period, from metered usage")
     who = bill.add_mutually_exclusive_group(required=True)
     who.add_argument("--tenant")
     who.add_argument("--all", action="store_true", help="every tenant whose plan has a price")
-    bill.add_argument("--period", default=None, help="YYYY-MM (default: the current month, UTC)")
+    bill.add_argument(
+        "--period",
+        default=None,
+        help="YYYY-MM, or YYYY for prices billed by the year; with --all, the tenants billed by "
+        "such periods (default: each tenant's current period, UTC)",
+    )
     bill.add_argument("--policy", type=Path, default=None, help="policy file (env MESHTOLL_POLICY)")
     bill.add_argument(
         "--redis-url", default=None, help="the Redis meshtoll serve uses (env MESHTOLL_REDIS_URL)"
@@ -280,10 +285,10 @@ def _utc_time(text: str, flag: str) -> float:
 
 
 def _month(text: str | None, flag: str) -> str:
-    from meshtoll.meter.billing_periods import BadPeriod, month
+    from meshtoll.meter.billing_periods import BadPeriod, read_period
 
     try:
-        return month(text)
+        return read_period(text, "month")
     except BadPeriod as exc:
         raise ConfigError(f"{flag} {exc}") from None
 
@@ -297,25 +302,26 @@ def _billing_invoice(args: argparse.Namespace) -> int:
         invoices_csv,
         tenant_invoice,
     )
+    from meshtoll.meter.billing_periods import BadPeriod
     from meshtoll.meter.pricing import Invoice
     from meshtoll.storage.usage import open_usage_store
 
     settings = settings_from({"policy": args.policy, "redis_url": args.redis_url})
     if settings.redis_url is None:
         raise ConfigError("billing reads the shared usage store: give --redis-url or MESHTOLL_REDIS_URL")
-    period = _month(args.period, "--period")
     policy = load_policy(settings.policy)
-    tenants = billable_tenants(policy) if args.all else [args.tenant]
 
-    async def bills() -> list[Invoice]:
+    async def bills(tenants: list[str]) -> list[Invoice]:
         store = open_usage_store(settings.redis_url)
         try:
-            return [await tenant_invoice(policy, store, tenant, period) for tenant in tenants]
+            return [await tenant_invoice(policy, store, tenant, args.period) for tenant in tenants]
         finally:
             await store.close()
 
     try:
-        found = asyncio.run(bills())
+        found = asyncio.run(bills(billable_tenants(policy, args.period) if args.all else [args.tenant]))
+    except BadPeriod as exc:
+        raise ConfigError(f"--period {exc}") from None
     except NotBillable as exc:
         print(f"meshtoll: {exc}", file=sys.stderr)
         return 1

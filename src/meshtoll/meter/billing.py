@@ -9,8 +9,10 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
+from meshtoll.meter.billing_periods import BadPeriod, months_of, read_period, unit_of
 from meshtoll.meter.pricing import Invoice, InvoiceLine, invoice
 from meshtoll.policy import CompiledPolicy
+from meshtoll.policy.model import Price
 from meshtoll.storage.usage import UsageStore
 
 
@@ -18,22 +20,42 @@ class NotBillable(LookupError):
     """The tenant is unknown, or its plan has no price."""
 
 
-async def tenant_invoice(policy: CompiledPolicy, usage: UsageStore, tenant: str, period: str) -> Invoice:
+def tenant_price(policy: CompiledPolicy, tenant: str) -> Price:
     compiled = policy.tenants.get(tenant)
     if compiled is None:
         raise NotBillable(f"no tenant {tenant!r} in the policy")
     plan = policy.policy.plans[compiled.tenant.plan]
     if plan.price is None:
         raise NotBillable(f"tenant {tenant!r} is on plan {plan.name!r}, which has no price")
-    found = await usage.usage(tenant, period)
-    return invoice(
-        tenant, period, plan.price, [(r.route, r.units) for r in found.by_route], found.unreconciled
-    )
+    return plan.price
 
 
-def billable_tenants(policy: CompiledPolicy) -> list[str]:
-    priced = {name for name, plan in policy.policy.plans.items() if plan.price is not None}
-    return sorted(name for name, compiled in policy.tenants.items() if compiled.tenant.plan in priced)
+async def tenant_invoice(
+    policy: CompiledPolicy, usage: UsageStore, tenant: str, period: str | None, now: float | None = None
+) -> Invoice:
+    """`period` as written, a month or a year as the tenant's price is billed by (BadPeriod
+    otherwise); None: the current one. A year sums its twelve months' counters."""
+    price = tenant_price(policy, tenant)
+    try:
+        period = read_period(period, price.period, now)
+    except BadPeriod as exc:
+        raise BadPeriod(f"{exc} (tenant {tenant!r} is billed by the {price.period})") from None
+    # One month at a time: at most twelve small reads, and a failure leaves none in flight.
+    months = [await usage.usage(tenant, month) for month in months_of(period)]
+    routes = [(route.route, route.units) for month in months for route in month.by_route]
+    return invoice(tenant, period, price, routes, sum(month.unreconciled for month in months))
+
+
+def billable_tenants(policy: CompiledPolicy, period: str | None = None) -> list[str]:
+    """The tenants whose plan has a price. Given a period, those billed by periods of its
+    kind: a month (YYYY-MM) is invoiced to the monthly prices, a year (YYYY) to the yearly."""
+    unit = None if period is None else unit_of(period)
+    billed = {
+        name
+        for name, plan in policy.policy.plans.items()
+        if plan.price is not None and unit in (None, plan.price.period)
+    }
+    return sorted(name for name, compiled in policy.tenants.items() if compiled.tenant.plan in billed)
 
 
 def money(amount: Decimal) -> str:

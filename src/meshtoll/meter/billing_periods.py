@@ -1,28 +1,58 @@
-"""Billing periods as people write them: YYYY-MM, a calendar month (UTC). The one place
-that knows the form; the command line and the admin API both read periods through it."""
+"""Billing periods as people write them: YYYY-MM for a calendar month, YYYY for a calendar
+year, both UTC. The one place that knows these forms; the command line and the admin API
+read periods through it. Usage is counted per month, so a year is read as its twelve months.
+"""
 
 from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
+
+from meshtoll.policy.model import BillingPeriod
+
+
+@dataclass(frozen=True, slots=True)
+class _Form:
+    pattern: re.Pattern[str]
+    written: str  # how the form is named in messages
+    example: str
+    strftime: str
+
 
 # [0-9], not \d: \d matches other scripts' digits too, and no usage counter is keyed by them.
 # Year 0000 does not exist, and month 13 never will.
-_MONTH = re.compile(r"(?!0000)[0-9]{4}-(0[1-9]|1[0-2])")
+_FORMS: dict[BillingPeriod, _Form] = {
+    "month": _Form(re.compile(r"(?!0000)[0-9]{4}-(0[1-9]|1[0-2])"), "YYYY-MM", "2026-11", "%Y-%m"),
+    "year": _Form(re.compile(r"(?!0000)[0-9]{4}"), "YYYY", "2026", "%Y"),
+}
 
 
 class BadPeriod(ValueError):
     """Text that is not a period in the expected form, or names a month that does not exist."""
 
 
-def month(text: str | None, now: float | None = None) -> str:
-    """The month `text` names, YYYY-MM (BadPeriod if it names none); None: the current one."""
+def read_period(text: str | None, unit: BillingPeriod = "month", now: float | None = None) -> str:
+    """The calendar `unit` that `text` names (BadPeriod if it names none); None: the current one."""
+    form = _FORMS[unit]
     if text is None:
-        return current_month(now)
-    if not _MONTH.fullmatch(text):
-        raise BadPeriod(f"{text!r} is not a calendar month: expected YYYY-MM, e.g. 2026-11")
+        return time.strftime(form.strftime, time.gmtime(time.time() if now is None else now))
+    if not form.pattern.fullmatch(text):
+        raise BadPeriod(f"{text!r} is not a calendar {unit}: expected {form.written}, e.g. {form.example}")
     return text
 
 
-def current_month(now: float | None = None) -> str:
-    return time.strftime("%Y-%m", time.gmtime(time.time() if now is None else now))
+def unit_of(text: str) -> BillingPeriod:
+    """Whether `text` names a month or a year; BadPeriod if neither."""
+    for unit, form in _FORMS.items():
+        if form.pattern.fullmatch(text):
+            return unit
+    expected = " or ".join(f"{form.written} (a calendar {unit})" for unit, form in _FORMS.items())
+    raise BadPeriod(f"{text!r} is not a billing period: expected {expected}")
+
+
+def months_of(period: str) -> tuple[str, ...]:
+    """The months whose usage counters make up a valid period: a month's own, or a year's twelve."""
+    if unit_of(period) == "month":
+        return (period,)
+    return tuple(f"{period}-{month:02d}" for month in range(1, 13))

@@ -44,7 +44,7 @@ class InvoiceLine:
 @dataclass(frozen=True, slots=True)
 class Invoice:
     tenant: str
-    period: str  # YYYY-MM
+    period: str  # YYYY-MM, or YYYY for a price billed by the year
     currency: str
     lines: tuple[InvoiceLine, ...]
     total: Decimal

@@ -30,6 +30,9 @@ ENFORCED_IN: tuple[EnforcedIn, ...] = ("authz", "service")
 
 PricingMode = Literal["graduated", "volume"]
 PRICING_MODES: tuple[PricingMode, ...] = ("graduated", "volume")
+# What a price is charged per: a calendar month or a calendar year, UTC.
+BillingPeriod = Literal["month", "year"]
+BILLING_PERIODS: tuple[BillingPeriod, ...] = ("month", "year")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,13 +43,15 @@ class Tier:
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """A plan's price per billing period (a calendar month, UTC). Money is Decimal, always."""
+    """A plan's price per billing period: the base fee, included units and tiers all count
+    per period. Money is Decimal, always."""
 
     currency: str
     base_fee: Decimal = Decimal(0)
     included_units: int = 0
     mode: PricingMode = "graduated"
     tiers: tuple[Tier, ...] = ()
+    period: BillingPeriod = "month"
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ import string
 from meshtoll.policy.document import Document, FieldPath
 from meshtoll.policy.fields import Fields
 from meshtoll.policy.model import (
+    BILLING_PERIODS,
     DEFAULT_MAX_BODY_BYTES,
     ENFORCED_IN,
     HTTP_METHODS,
@@ -111,20 +112,23 @@ def _plan(fields: Fields, name: str, value: object, path: FieldPath) -> Plan | N
 
 
 def _price(fields: Fields, value: object, path: FieldPath) -> Price | None:
-    optional = ("base_fee", "included_units", "mode", "tiers")
+    optional = ("period", "base_fee", "included_units", "mode", "tiers")
     raw = fields.mapping(value, path, required=("currency",), optional=optional)
     if raw is None or "currency" not in raw:
         return None
     currency = raw["currency"]
     if not (isinstance(currency, str) and _CURRENCY.fullmatch(currency)):
         fields.problem((*path, "currency"), f"{currency!r} is not an ISO 4217 code such as EUR or USD")
+    period = fields.choice(raw.get("period", "month"), (*path, "period"), BILLING_PERIODS)
     base_fee = fields.money(raw.get("base_fee", "0"), (*path, "base_fee"))
     included = fields.integer(raw.get("included_units", 0), (*path, "included_units"))
     mode = fields.choice(raw.get("mode", "graduated"), (*path, "mode"), PRICING_MODES)
     tiers = _tiers(fields, raw.get("tiers"), (*path, "tiers"))
-    if base_fee is None or included is None or mode is None or tiers is None or not isinstance(currency, str):
+    if not isinstance(currency, str) or base_fee is None or included is None:
         return None
-    return Price(currency, base_fee, included, mode, tiers)
+    if mode is None or tiers is None or period is None:
+        return None
+    return Price(currency, base_fee, included, mode, tiers, period)
 
 
 def _tiers(fields: Fields, value: object, path: FieldPath) -> tuple[Tier, ...] | None:
