@@ -7,7 +7,7 @@ module returns the running stack, and every stack stops when its module ends.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Protocol
@@ -15,6 +15,8 @@ from typing import Protocol
 import pytest
 
 from meshtoll.devstack import LocalStack, RedisServer, StackConfig, find_envoy, find_redis_server
+from meshtoll.storage.usage import MemoryUsageStore, UsageStore
+from meshtoll.storage.usage_redis import RedisUsageStore
 from tests.certs import TestPki, make_pki
 
 
@@ -91,3 +93,15 @@ def start_stack(
             return running[key]
 
         yield start
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def usage_store(request: pytest.FixtureRequest) -> AsyncIterator[UsageStore]:
+    """Each usage store in turn, for the tests both must pass (the Redis one on the
+    session's Redis)."""
+    if request.param == "memory":
+        yield MemoryUsageStore()
+        return
+    found = RedisUsageStore(request.getfixturevalue("redis_url"))
+    yield found
+    await found.close()

@@ -10,7 +10,6 @@ import itertools
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,8 +18,7 @@ import pytest
 from meshtoll.devstack import LocalStack
 from meshtoll.meter.reconcile import AdmissionRecorder, reconcile
 from meshtoll.meter.records import Admission, ReportedUnits, UsageRecord
-from meshtoll.storage.usage import MemoryUsageStore, UsageStore
-from meshtoll.storage.usage_redis import RedisUsageStore
+from meshtoll.storage.usage import UsageStore
 from tests.client import fetch
 from tests.conftest import StartStack
 
@@ -28,17 +26,6 @@ T = 1_795_000_000.0
 
 
 _tenants = itertools.count()
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[UsageStore]:
-    """Both usage stores: reconciliation keeps the same promises on each."""
-    if request.param == "memory":
-        yield MemoryUsageStore()
-        return
-    found = RedisUsageStore(request.getfixturevalue("redis_url"))
-    yield found
-    await found.close()
 
 
 @pytest.fixture
@@ -57,50 +44,50 @@ def logged(tenant: str, request_id: str) -> UsageRecord:
 
 
 async def test_overdue_admissions_are_billed_once_and_marked_unreconciled(
-    store: UsageStore, tenant: str
+    usage_store: UsageStore, tenant: str
 ) -> None:
-    recorder = AdmissionRecorder(store)
+    recorder = AdmissionRecorder(usage_store)
     for request_id, at in (("first", T), ("second", T), ("recent", T + 25)):
         recorder.admit(admission(tenant, request_id, at))
     await recorder.flush()
-    assert await reconcile(store, now=T + 30, grace=10) == 2  # no access-log record settled them
-    assert await reconcile(store, now=T + 30, grace=10) == 0  # billed once
-    usage = await store.usage(tenant, "2026-11")
+    assert await reconcile(usage_store, now=T + 30, grace=10) == 2  # no access-log record settled them
+    assert await reconcile(usage_store, now=T + 30, grace=10) == 0  # billed once
+    usage = await usage_store.usage(tenant, "2026-11")
     assert (usage.requests, usage.units, usage.unreconciled) == (2, 10, 2)
-    assert await reconcile(store, now=T + 40, grace=10) == 1  # "recent" once it is overdue
+    assert await reconcile(usage_store, now=T + 40, grace=10) == 1  # "recent" once it is overdue
 
 
-async def test_an_access_log_record_settles_its_admission(store: UsageStore, tenant: str) -> None:
-    await store.admit([admission(tenant, "r1"), admission(tenant, "r2")])
-    await store.record([logged(tenant, "r1")])
-    assert [a.request_id for a in await store.overdue(T + 100) if a.tenant == tenant] == ["r2"]
-    assert await reconcile(store, now=T + 100, grace=10) == 1
+async def test_an_access_log_record_settles_its_admission(usage_store: UsageStore, tenant: str) -> None:
+    await usage_store.admit([admission(tenant, "r1"), admission(tenant, "r2")])
+    await usage_store.record([logged(tenant, "r1")])
+    assert [a.request_id for a in await usage_store.overdue(T + 100) if a.tenant == tenant] == ["r2"]
+    assert await reconcile(usage_store, now=T + 100, grace=10) == 1
     # A late access-log record of an admission already billed never counts twice.
-    assert await store.record([logged(tenant, "r2")]) == 0
-    usage = await store.usage(tenant, "2026-11")
+    assert await usage_store.record([logged(tenant, "r2")]) == 0
+    usage = await usage_store.usage(tenant, "2026-11")
     assert (usage.requests, usage.unreconciled) == (2, 1)
 
 
 async def test_an_admission_stored_after_its_access_log_record_is_never_billed(
-    store: UsageStore, tenant: str
+    usage_store: UsageStore, tenant: str
 ) -> None:
     # Envoy flushed the access log before authz flushed its admissions.
-    await store.record([logged(tenant, "fast")])
-    await store.admit([admission(tenant, "fast")])
-    assert await reconcile(store, now=T + 100, grace=10) == 0
-    assert not [a for a in await store.overdue(T + 100) if a.tenant == tenant]
-    usage = await store.usage(tenant, "2026-11")
+    await usage_store.record([logged(tenant, "fast")])
+    await usage_store.admit([admission(tenant, "fast")])
+    assert await reconcile(usage_store, now=T + 100, grace=10) == 0
+    assert not [a for a in await usage_store.overdue(T + 100) if a.tenant == tenant]
+    usage = await usage_store.usage(tenant, "2026-11")
     assert (usage.requests, usage.unreconciled) == (1, 0)
 
 
 async def test_an_overdue_admission_bills_the_units_its_body_hook_reported(
-    store: UsageStore, tenant: str
+    usage_store: UsageStore, tenant: str
 ) -> None:
     # ext_proc's report can reach the store before authz's admission does.
-    await store.report_units([ReportedUnits(tenant, "tokens", 1234)])
-    await store.admit([admission(tenant, "tokens"), admission(tenant, "plain")])
-    assert await reconcile(store, now=T + 100, grace=10) == 2
-    usage = await store.usage(tenant, "2026-11")
+    await usage_store.report_units([ReportedUnits(tenant, "tokens", 1234)])
+    await usage_store.admit([admission(tenant, "tokens"), admission(tenant, "plain")])
+    assert await reconcile(usage_store, now=T + 100, grace=10) == 2
+    usage = await usage_store.usage(tenant, "2026-11")
     assert (usage.requests, usage.units, usage.unreconciled) == (2, 1234 + 5, 2)
 
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import pytest
 import redis.asyncio
 
 from meshtoll.meter.records import Source, UsageRecord
@@ -18,16 +16,6 @@ from meshtoll.storage.usage_redis import MAX_RECORDS_PER_CALL, RedisUsageStore
 
 T = datetime(2026, 11, 30, 23, 30, tzinfo=UTC).timestamp()
 _tenants = itertools.count()
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[UsageStore]:
-    if request.param == "memory":
-        yield MemoryUsageStore()
-        return
-    found = RedisUsageStore(request.getfixturevalue("redis_url"))
-    yield found
-    await found.close()
 
 
 def record(
@@ -45,7 +33,7 @@ def record(
     )
 
 
-async def test_records_count_by_route_status_and_period(store: UsageStore) -> None:
+async def test_records_count_by_route_status_and_period(usage_store: UsageStore) -> None:
     tenant = f"usage{next(_tenants)}"
     batch = [
         record(tenant, "r1"),
@@ -53,55 +41,61 @@ async def test_records_count_by_route_status_and_period(store: UsageStore) -> No
         record(tenant, "r3", route="export", units=1),
         record(tenant, "r4", at=T + 3600),  # the next day and month: 2026-12-01 00:30
     ]
-    assert await store.record(batch) == 4
-    november = await store.usage(tenant, "2026-11")
+    assert await usage_store.record(batch) == 4
+    november = await usage_store.usage(tenant, "2026-11")
     assert (november.requests, november.units) == (3, 6)
     assert [(r.route, r.requests, r.units) for r in november.by_route] == [("export", 1, 1), ("search", 2, 5)]
     assert november.by_status == {"2xx": 2, "4xx": 1}
-    assert (await store.usage(tenant, "2026-12")).requests == 1
-    assert (await store.usage(tenant, "2026-11-30")).requests == 3
-    assert (await store.usage(tenant, "2026-11-30T23")).requests == 3
-    assert (await store.usage(tenant, "2026-10")).requests == 0
+    assert (await usage_store.usage(tenant, "2026-12")).requests == 1
+    assert (await usage_store.usage(tenant, "2026-11-30")).requests == 3
+    assert (await usage_store.usage(tenant, "2026-11-30T23")).requests == 3
+    assert (await usage_store.usage(tenant, "2026-10")).requests == 0
 
 
-async def test_a_replayed_or_duplicated_batch_never_counts_twice(store: UsageStore) -> None:
+async def test_a_replayed_or_duplicated_batch_never_counts_twice(usage_store: UsageStore) -> None:
     tenant = f"usage{next(_tenants)}"
     batch = [record(tenant, "a"), record(tenant, "b")]
-    assert await store.record(batch) == 2
-    assert await store.record([*batch, record(tenant, "a"), record(tenant, "c")]) == 1
-    assert (await store.usage(tenant, "2026-11")).requests == 3
+    assert await usage_store.record(batch) == 2
+    assert await usage_store.record([*batch, record(tenant, "a"), record(tenant, "c")]) == 1
+    assert (await usage_store.usage(tenant, "2026-11")).requests == 3
 
 
-async def test_a_request_id_twice_in_one_new_batch_counts_once(store: UsageStore) -> None:
+async def test_a_request_id_twice_in_one_new_batch_counts_once(usage_store: UsageStore) -> None:
     tenant = f"usage{next(_tenants)}"
-    assert await store.record([record(tenant, "twice"), record(tenant, "twice"), record(tenant, "once")]) == 2
-    assert (await store.usage(tenant, "2026-11")).requests == 2
+    assert (
+        await usage_store.record([record(tenant, "twice"), record(tenant, "twice"), record(tenant, "once")])
+        == 2
+    )
+    assert (await usage_store.usage(tenant, "2026-11")).requests == 2
 
 
 async def test_a_late_access_log_record_in_another_hour_than_its_billed_admission_counts_once(
-    store: UsageStore,
+    usage_store: UsageStore,
 ) -> None:
     # authz's clock said 23:59:59.9, Envoy's start time says 00:00:00.1 of the next month.
     tenant = f"usage{next(_tenants)}"
     midnight = datetime(2026, 12, 1, tzinfo=UTC).timestamp()
-    assert await store.record([record(tenant, "edge", status=0, source="admission", at=midnight - 0.1)]) == 1
-    assert await store.record([record(tenant, "edge", at=midnight + 0.1)]) == 0
-    assert (await store.usage(tenant, "2026-11")).requests == 1
-    assert (await store.usage(tenant, "2026-12")).requests == 0
+    assert (
+        await usage_store.record([record(tenant, "edge", status=0, source="admission", at=midnight - 0.1)])
+        == 1
+    )
+    assert await usage_store.record([record(tenant, "edge", at=midnight + 0.1)]) == 0
+    assert (await usage_store.usage(tenant, "2026-11")).requests == 1
+    assert (await usage_store.usage(tenant, "2026-12")).requests == 0
 
 
-async def test_batches_larger_than_one_script_call_count_every_record_once(store: UsageStore) -> None:
+async def test_batches_larger_than_one_script_call_count_every_record_once(usage_store: UsageStore) -> None:
     tenant = f"usage{next(_tenants)}"
     # Two and a half script calls' worth, spread over the turn of the month (T is 23:30).
     count = MAX_RECORDS_PER_CALL * 5 // 2
     step = 3600 / count
     batch = [record(tenant, f"big{n}", at=T + n * step) for n in range(count)]
     in_november = sum(1 for r in batch if r.time < T + 1800)
-    assert await store.record(batch) == count
-    assert await store.record(batch[::7]) == 0
-    usage = await store.usage(tenant, "2026-11")
+    assert await usage_store.record(batch) == count
+    assert await usage_store.record(batch[::7]) == 0
+    usage = await usage_store.usage(tenant, "2026-11")
     assert (usage.requests, usage.units) == (in_november, in_november * 5)
-    assert (await store.usage(tenant, "2026-12")).requests == count - in_november
+    assert (await usage_store.usage(tenant, "2026-12")).requests == count - in_november
 
 
 async def test_a_replay_days_later_is_still_recognised(redis_url: str) -> None:
@@ -116,10 +110,12 @@ async def test_a_replay_days_later_is_still_recognised(redis_url: str) -> None:
         await store.close()
 
 
-async def test_admissions_billed_without_an_access_log_are_marked_unreconciled(store: UsageStore) -> None:
+async def test_admissions_billed_without_an_access_log_are_marked_unreconciled(
+    usage_store: UsageStore,
+) -> None:
     tenant = f"usage{next(_tenants)}"
-    await store.record([record(tenant, "x", status=0, source="admission")])
-    usage = await store.usage(tenant, "2026-11")
+    await usage_store.record([record(tenant, "x", status=0, source="admission")])
+    usage = await usage_store.usage(tenant, "2026-11")
     assert (usage.requests, usage.unreconciled, usage.by_status) == (1, 1, {"unknown": 1})
 
 
