@@ -71,8 +71,8 @@ class RedisUsageStore:
         self._client, self._sentinels = redis_py_client(target, timeout_ms / 1000)
         self._script = self._client.register_script(USAGE_SCRIPT())
         # Standalone Redis: usage batches go through the pipelining client, whose C packing
-        # costs a twentieth of redis-py's per argument (every record brings five). A batch
-        # may be resent safely: records are counted once by request id.
+        # costs a twentieth of redis-py's per argument (a batch brings one per record, its
+        # request id). A batch may be resent safely: records are counted once by request id.
         self._lean: LeanRedis | None = None
         if target.topology == "standalone":
             host, port = target.nodes[0]
