@@ -1,11 +1,12 @@
-"""The meter's adapter: Envoy's access-log entries in, usage records out, and a batch that
-arrives twice over the gRPC stream counted once."""
+"""The meter's adapter and settlement: Envoy's access-log entries in, settled against authz's
+admissions; an entry with no admission bills nothing, whatever it claims, and a batch that
+arrives twice over the gRPC stream counts once."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -13,23 +14,27 @@ from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from meshtoll.meter.als import AccessLogServicer, record_from_envoy
-from meshtoll.policy import CompiledPolicy
-from meshtoll.policy.reload import PolicyHolder
-from meshtoll.storage.usage_redis import RedisUsageStore
+from meshtoll.meter.als import AccessLogServicer, observation_from_envoy
+from meshtoll.meter.records import Admission, ReportedUnits
+from meshtoll.meter.settle import Settlement
+from meshtoll.storage.usage import UsageStore
 
 START = 1_795_618_437  # 2026-11-25T10:53:57Z
+_tenants = itertools.count()
 
 
 @pytest.fixture
-def policy(tmp_path: Path) -> CompiledPolicy:
-    path = tmp_path / "policy.yaml"
-    path.write_text(
-        "plans: {pro: {}}\n"
-        "tenants: {acme: {plan: pro}}\n"
-        "routes: [{prefix: /v1/search, name: search, cost: 5}, {prefix: /v1/, name: v1}]\n"
-    )
-    return PolicyHolder.from_file(path).current
+def tenant() -> str:
+    # The session's Redis is shared: each test meters its own tenant.
+    return f"metered{time.monotonic_ns()}x{next(_tenants)}"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = float(START)
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def entry(
@@ -52,57 +57,113 @@ def entry(
     return found
 
 
-def test_an_entry_becomes_a_record_with_every_field(policy: CompiledPolicy) -> None:
-    record = record_from_envoy(entry("r1", headers=None), policy)
-    assert record is not None
-    assert (record.request_id, record.tenant, record.plan, record.route, record.method) == (
-        "r1",
-        "acme",
-        "pro",
-        "search",
-        "POST",
-    )
-    assert (record.time, record.status, record.request_bytes, record.response_bytes) == (
-        START + 0.25,
-        200,
-        240,
-        390,
-    )
-    assert (record.duration_ms, record.units, record.status_class) == (12.0, 5, "2xx")
+def admitted(tenant: str, request_id: str, *, units: int = 5, awaits_report: bool = False) -> Admission:
+    return Admission(request_id, START, tenant, "ci", "pro", "search", "POST", units, awaits_report)
 
 
-def test_a_refused_request_bills_nothing(policy: CompiledPolicy) -> None:
-    record = record_from_envoy(entry("r2", status=429), policy)
-    assert record is not None
-    assert (record.units, record.status_class) == (0, "4xx")
+def test_an_entry_becomes_an_observation_with_every_field() -> None:
+    seen = observation_from_envoy(entry("r1"))
+    assert seen is not None
+    assert (seen.request_id, seen.tenant, seen.time, seen.status) == ("r1", "acme", START + 0.25, 200)
+    assert (seen.request_bytes, seen.response_bytes, seen.duration_ms) == (240, 390, 12.0)
 
 
-def test_the_identity_comes_from_ext_authz_metadata_when_the_headers_are_absent(
-    policy: CompiledPolicy,
-) -> None:
+def test_the_tenant_comes_from_ext_authz_metadata_when_the_headers_are_absent() -> None:
     logged = entry("r3", headers={})
     authz = logged.common_properties.metadata.filter_metadata["envoy.filters.http.ext_authz"]
-    authz.update({"tenant": "acme", "consumer": "ci", "plan": "pro", "route": "v1"})
-    record = record_from_envoy(logged, policy)
-    assert record is not None
-    assert (record.tenant, record.consumer, record.plan, record.route, record.units) == (
-        "acme",
-        "ci",
-        "pro",
-        "v1",
-        1,
-    )
+    authz.update({"tenant": "acme"})
+    seen = observation_from_envoy(logged)
+    assert seen is not None
+    assert seen.tenant == "acme"
 
 
-def test_a_request_without_a_tenant_is_not_metered(policy: CompiledPolicy) -> None:
-    assert record_from_envoy(entry("r4", headers={}), policy) is None
+def test_a_request_without_a_tenant_or_a_request_id_is_not_metered() -> None:
+    assert observation_from_envoy(entry("r4", headers={})) is None
+    assert observation_from_envoy(entry("")) is None
+
+
+async def test_an_entry_bills_with_the_admissions_identity_not_the_logs(
+    usage_store: UsageStore, tenant: str
+) -> None:
+    await usage_store.admit([admitted(tenant, "r1")])
+    settlement = Settlement(usage_store, clock=Clock())
+    claims = {"x-meshtoll-tenant": tenant, "x-meshtoll-route": "cheap", "x-meshtoll-plan": "free"}
+    forged_units = entry("r1", headers=claims)
+    forged_units.common_properties.metadata.filter_metadata["meshtoll"].update({"units": 1e9})
+    seen = observation_from_envoy(forged_units)
+    assert seen is not None
+    await settlement.settle([seen])
+    usage = await usage_store.usage(tenant, "2026-11")
+    assert (usage.requests, usage.units, usage.unreconciled) == (1, 5, 0)
+    assert [(route.route, route.units) for route in usage.by_route] == [("search", 5)]
+    assert usage.by_plan == {"pro": 1}
+    assert settlement.outcomes["billed"] == 1
+
+
+async def test_a_forged_entry_without_an_admission_bills_nothing(
+    usage_store: UsageStore, tenant: str
+) -> None:
+    clock = Clock()
+    settlement = Settlement(usage_store, clock=clock, wait_seconds=5)
+    forged = [
+        observation_from_envoy(entry(f"forged{n}", headers={"x-meshtoll-tenant": tenant})) for n in range(3)
+    ]
+    await settlement.settle([seen for seen in forged if seen is not None])
+    assert settlement.waiting == 3  # its admission may still be on its way
+    clock.now += 6
+    await settlement.retry_waiting()
+    assert (settlement.waiting, settlement.outcomes["unmatched"], settlement.outcomes["billed"]) == (0, 3, 0)
+    usage = await usage_store.usage(tenant, "2026-11")
+    assert (usage.requests, usage.units) == (0, 0)
+    assert tenant not in await usage_store.tenants()
+
+
+async def test_an_entry_that_comes_before_its_admission_waits_for_it(
+    usage_store: UsageStore, tenant: str
+) -> None:
+    settlement = Settlement(usage_store, clock=Clock())
+    seen = observation_from_envoy(entry("early", headers={"x-meshtoll-tenant": tenant}))
+    assert seen is not None
+    await settlement.settle([seen])
+    await usage_store.admit([admitted(tenant, "early")])
+    await settlement.retry_waiting()
+    usage = await usage_store.usage(tenant, "2026-11")
+    assert (usage.requests, usage.units, usage.unreconciled, settlement.waiting) == (1, 5, 0, 0)
+    assert tenant in await usage_store.tenants()
+
+
+async def test_a_body_metered_entry_waits_for_the_units_ext_proc_reports(
+    usage_store: UsageStore, tenant: str
+) -> None:
+    await usage_store.admit([admitted(tenant, "chat", awaits_report=True)])
+    settlement = Settlement(usage_store, clock=Clock())
+    seen = observation_from_envoy(entry("chat", headers={"x-meshtoll-tenant": tenant}))
+    assert seen is not None
+    await settlement.settle([seen])
+    assert settlement.waiting == 1
+    await usage_store.report_units([ReportedUnits(tenant, "chat", 4321)])
+    await settlement.retry_waiting()
+    usage = await usage_store.usage(tenant, "2026-11")
+    assert (usage.requests, usage.units, settlement.waiting) == (1, 4321, 0)
+
+
+async def test_a_refused_or_failed_request_bills_no_units(usage_store: UsageStore, tenant: str) -> None:
+    await usage_store.admit([admitted(tenant, "r429"), admitted(tenant, "r503")])
+    settlement = Settlement(usage_store, clock=Clock())
+    seen = [
+        observation_from_envoy(entry(request_id, headers={"x-meshtoll-tenant": tenant}, status=status))
+        for request_id, status in (("r429", 429), ("r503", 503))
+    ]
+    await settlement.settle([s for s in seen if s is not None])
+    usage = await usage_store.usage(tenant, "2026-11")
+    assert (usage.requests, usage.units, usage.by_status) == (2, 0, {"4xx": 1, "5xx": 1})
 
 
 async def test_a_batch_sent_twice_over_the_access_log_stream_counts_once(
-    redis_url: str, policy: CompiledPolicy
+    usage_store: UsageStore, tenant: str
 ) -> None:
-    tenant = f"als{time.monotonic_ns()}"
-    headers = {"x-meshtoll-tenant": tenant, "x-meshtoll-route": "search"}
+    headers = {"x-meshtoll-tenant": tenant}
+    await usage_store.admit([admitted(tenant, f"{tenant}-{n}") for n in range(5)])
     batch = als_pb2.StreamAccessLogsMessage()
     batch.identifier.log_name = "meshtoll"
     batch.http_logs.log_entry.extend(entry(f"{tenant}-{n}", headers=headers) for n in range(5))
@@ -113,8 +174,8 @@ async def test_a_batch_sent_twice_over_the_access_log_stream_counts_once(
         for message in sent:
             yield message
 
-    store = RedisUsageStore(redis_url)
-    meter = AccessLogServicer(store, lambda: policy)
+    settlement = Settlement(usage_store, clock=Clock())
+    meter = AccessLogServicer(settlement)
     server = grpc.aio.server()
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(meter, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -124,9 +185,8 @@ async def test_a_batch_sent_twice_over_the_access_log_stream_counts_once(
             stub = als_pb2_grpc.AccessLogServiceStub(channel)
             await stub.StreamAccessLogs(messages(batch, batch))
             await stub.StreamAccessLogs(messages(batch))  # again on a new stream, as after a reconnect
-        usage = await store.usage(tenant, "2026-11")
-        assert (usage.requests, usage.units, meter.counted) == (5, 25, 5)
-        assert len(await store.ledger(tenant, START, START + 1)) == 5
+        usage = await usage_store.usage(tenant, "2026-11")
+        assert (usage.requests, usage.units, settlement.outcomes["billed"]) == (5, 25, 5)
+        assert len(await usage_store.ledger(tenant, START, START + 1)) == 5
     finally:
         await server.stop(None)
-        await store.close()

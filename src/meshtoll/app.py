@@ -27,7 +27,8 @@ from meshtoll.authz.jwks import JwksCache
 from meshtoll.extproc.service import ExternalProcessorServicer
 from meshtoll.httpserver import reuse_port_socket, serve_http
 from meshtoll.meter.als import AccessLogServicer
-from meshtoll.meter.reconcile import AdmissionRecorder, reconcile_forever
+from meshtoll.meter.reconcile import AdmissionRecorder, Reconciler
+from meshtoll.meter.settle import Settlement
 from meshtoll.policy.reload import PolicyHolder, watch_policy
 from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder, watch_descriptor_configs
 from meshtoll.ratelimit.limiter import Limiter
@@ -90,7 +91,11 @@ class App:
         )
         recorder = AdmissionRecorder(usage)
         self._background(recorder.flush_forever())
-        self._background(reconcile_forever(usage, settings.reconcile_grace_seconds, time.time))
+        reconciler = Reconciler(usage, settings.reconcile_grace_seconds, time.time)
+        self._background(reconciler.run_forever())
+        settlement = Settlement(usage, clock=time.time)
+        self._background(settlement.retry_forever())
+        self._count_metering(reconciler, settlement)
         authorizer_for = partial(
             Authorizer, holder, jwks, counts=self.decisions, limiter=limiter, recorder=recorder
         )
@@ -100,7 +105,7 @@ class App:
             await serve_http(http_authz, reuse_port_socket(settings.host, settings.http_authz_port))
         )
         ratelimit = RateLimitService(holder, limiter, lambda: None if configs is None else configs.current)
-        meter = AccessLogServicer(usage, lambda: holder.current)
+        meter = AccessLogServicer(settlement)
         authz = AuthorizationServicer(self._authorizers[1])
         hooks = ExternalProcessorServicer(lambda: holder.current, limiter, recorder)
         self.admin.metrics.count_outcomes(
@@ -125,6 +130,25 @@ class App:
             settings.policy,
             len(holder.current.tenants),
             "counters in Redis" if settings.redis_url else "counters in memory (no --redis-url)",
+        )
+
+    def _count_metering(self, reconciler: Reconciler, settlement: Settlement) -> None:
+        metrics = self.admin.metrics
+        metrics.count_outcomes(
+            "meshtoll_meter_records",
+            "access-log entries by outcome: billed, unmatched (no admission: never billed), "
+            "replayed, waited, overflow, unavailable",
+            settlement.outcomes,
+        )
+        metrics.gauge(
+            "meshtoll_meter_waiting_records",
+            "access-log entries waiting for their admission or units",
+            lambda: settlement.waiting,
+        )
+        metrics.gauge(
+            "meshtoll_reconcile_backlog",
+            "admissions awaiting their access-log record (all tenants, as last counted)",
+            lambda: reconciler.backlog,
         )
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:

@@ -99,12 +99,20 @@ class Authorizer:
             self._counts[(self._transport, verdict.code)] += 1
             return verdict
         self._counts[(self._transport, "allow")] += 1
-        policy = self._policy.current
-        # Admissions back billing: only requests of tenants on a priced plan are recorded.
-        if self._recorder is not None and verdict.plan in policy.priced_plans:
-            units = policy.route_costs.get(verdict.route, 1)
-            request_id, method = request.request_id, request.method
-            tenant, consumer, plan, route = verdict.tenant, verdict.consumer, verdict.plan, verdict.route
-            admission = Admission(request_id, self._clock(), tenant, consumer, plan, route, method, units)
-            self._recorder.admit(admission)
+        if self._recorder is not None and request.request_id:
+            self._recorder.admit(self._admission(request, verdict))
         return verdict
+
+    def _admission(self, request: CheckRequest, allow: Allow) -> Admission:
+        """What the meter bills this request by: every metered access-log record must settle
+        an admission, so every admitted request of every tenant has one."""
+        policy = self._policy.current
+        route = allow.route
+        units = policy.route_costs.get(route, 1)
+        hooked = policy.hooked_routes.get(route)
+        hooks = None if hooked is None else hooked.hooks
+        awaits_report = hooks is not None and hooks.usage_from_body is not None
+        return Admission(
+            request.request_id, self._clock(), allow.tenant, allow.consumer, allow.plan, route,
+            request.method, units, awaits_report,
+        )  # fmt: skip

@@ -176,18 +176,17 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
             units = stream.route_cost
         else:
             self.outcomes["units_from_body"] += 1
-            self._report(stream, units)
+        self._report(stream, units)
         answer.dynamic_metadata.CopyFrom(_units_metadata(units))
         await self._charge(stream.context, units)
 
     def _report(self, stream: _Stream, units: int) -> None:
-        """Tell reconciliation the request's units: authz admitted it at the route's cost,
-        and should its access-log record be lost, the admission bills these instead."""
-        context = stream.context
-        if self._recorder is None or not stream.request_id:
-            return
-        if context.plan in self._policy().priced_plans:
-            self._recorder.report_units(ReportedUnits(context.tenant, stream.request_id, units))
+        """Tell the meter the request's units: authz admitted it at the route's cost, and its
+        access-log record (or, should that be lost, its admission) bills these instead. The
+        route's cost is reported too when the body said nothing, so that the record need
+        not wait for a report that never comes."""
+        if self._recorder is not None and stream.request_id:
+            self._recorder.report_units(ReportedUnits(stream.context.tenant, stream.request_id, units))
 
     async def _charge(self, context: RequestContext, units: int) -> None:
         if self._limiter is None:

@@ -67,18 +67,25 @@ class UsageRecord:
         return cls(**fields)
 
 
+def is_billable_status(status: int) -> bool:
+    """Only a request that succeeded is billed its units; refused and failed ones bill 0."""
+    return 200 <= status < 400
+
+
 def counter_increments(
-    route: str, status_class: str, source: Source, requests: int, units: int
+    route: str, plan: str, status_class: str, source: Source, requests: int, units: int
 ) -> list[tuple[str, int]]:
-    """The usage counters (hash fields) that `requests` requests of one route, status class
-    and source add to, with their amounts: what both usage stores write, and what
-    storage.usage.tenant_usage reads back."""
+    """The usage counters (hash fields) that `requests` requests of one route, plan, status
+    class and source add to, with their amounts: what both usage stores write, and what
+    storage.usage.tenant_usage reads back. The plan is counted so that a period can be
+    invoiced after its tenant has left the policy."""
     found = [
         ("requests", requests),
         ("units", units),
         (f"route:{route}:requests", requests),
         (f"route:{route}:units", units),
         (f"status:{status_class}", requests),
+        (f"plan:{plan}", requests),
     ]
     if source == "admission":
         found.append(("unreconciled", requests))
@@ -105,7 +112,10 @@ class Admission:
     plan: str
     route: str
     method: str
-    units: int
+    units: int  # the route's cost: what the request bills unless a body hook reports units
+    # The route reads its units from the response body: its access-log record waits for
+    # the units ext_proc reports before it is billed.
+    awaits_report: bool = False
 
     def as_record(self) -> UsageRecord:
         # Status, bytes and duration are what the access log would have told: unknown here.
@@ -114,6 +124,31 @@ class Admission:
             status=0, request_bytes=0, response_bytes=0, duration_ms=0.0,
             units=self.units, source="admission",
         )  # fmt: skip
+
+    def settled_by(self, seen: Observation, reported: int | None) -> UsageRecord:
+        """The record of this admitted request, now that its access-log entry told how it
+        went: who, which route and how many units are authz's and ext_proc's word, never
+        the log's."""
+        units = (self.units if reported is None else reported) if is_billable_status(seen.status) else 0
+        return UsageRecord(
+            self.request_id, seen.time, self.tenant, self.consumer, self.plan, self.route, self.method,
+            seen.status, seen.request_bytes, seen.response_bytes, seen.duration_ms, units,
+        )  # fmt: skip
+
+
+@dataclass(slots=True)
+class Observation:
+    """What an access-log entry says about a request. Anything that can reach the meter's
+    port can send one, so it decides nothing: it settles the admission of the same tenant
+    and request id, or is dropped."""
+
+    request_id: str
+    tenant: str  # where to look for the admission, no more
+    time: float
+    status: int
+    request_bytes: int
+    response_bytes: int
+    duration_ms: float
 
 
 @dataclass(slots=True)

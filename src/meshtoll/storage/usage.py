@@ -16,6 +16,10 @@ from typing import Protocol
 
 from meshtoll.meter.records import Admission, ReportedUnits, UsageRecord, counter_increments
 
+# (tenant, request id) -> the admission awaiting settlement, and the units a body hook
+# reported for it (None: none reported)
+PendingAdmissions = dict[tuple[str, str], tuple[Admission, int | None]]
+
 DEFAULT_LEDGER_RETENTION_SECONDS = 400 * 86400
 
 
@@ -35,6 +39,7 @@ class TenantUsage:
     by_route: tuple[RouteUsage, ...] = ()
     by_status: dict[str, int] = field(default_factory=dict)
     unreconciled: int = 0
+    by_plan: dict[str, int] = field(default_factory=dict)  # requests per plan they were admitted on
 
 
 class UsageStore(Protocol):
@@ -60,6 +65,18 @@ class UsageStore(Protocol):
     async def overdue(self, before: float, limit: int = 1000) -> list[Admission]:
         """Admissions made before `before` that no usage record has settled yet, with the
         units reported for them."""
+        ...
+
+    async def pending(self, requests: Sequence[tuple[str, str]]) -> PendingAdmissions:
+        """Of these (tenant, request id) pairs, the admissions still awaiting settlement."""
+        ...
+
+    async def backlog(self) -> int:
+        """How many admissions await settlement, all tenants together."""
+        ...
+
+    async def tenants(self) -> list[str]:
+        """Every tenant that has usage in the store, whatever today's policy says, sorted."""
         ...
 
     async def close(self) -> None: ...
@@ -95,15 +112,22 @@ def pending_key(tenant: str) -> str:
 PENDING_TENANTS_KEY = "meshtoll_pending_tenants"
 
 
+# The set of every tenant with usage: exports and invoices find them without the policy.
+USAGE_TENANTS_KEY = "meshtoll_usage_tenants"
+
+
 def tenant_usage(tenant: str, period: str, fields: dict[str, int]) -> TenantUsage:
     routes: dict[str, dict[str, int]] = {}
     statuses: dict[str, int] = {}
+    plans: dict[str, int] = {}
     for name, value in fields.items():
         if name.startswith("route:"):
             route, _, what = name[6:].rpartition(":")
             routes.setdefault(route, {})[what] = value
         elif name.startswith("status:"):
             statuses[name[7:]] = value
+        elif name.startswith("plan:"):
+            plans[name[5:]] = value
     by_route = tuple(
         RouteUsage(route, counts.get("requests", 0), counts.get("units", 0))
         for route, counts in sorted(routes.items())
@@ -116,6 +140,7 @@ def tenant_usage(tenant: str, period: str, fields: dict[str, int]) -> TenantUsag
         by_route,
         statuses,
         fields.get("unreconciled", 0),
+        plans,
     )
 
 
@@ -127,6 +152,7 @@ class MemoryUsageStore:
         self.ledger_records: list[UsageRecord] = []
         self._pending: dict[tuple[str, str], Admission] = {}
         self._reported: dict[tuple[str, str], int] = {}
+        self._tenants: set[str] = set()
 
     async def record(self, records: Sequence[UsageRecord]) -> int:
         counted = 0
@@ -136,12 +162,15 @@ class MemoryUsageStore:
             if (record.tenant, record.request_id) in self._seen:
                 continue
             self._seen.add((record.tenant, record.request_id))
-            increments = counter_increments(record.route, record.status_class, record.source, 1, record.units)
+            increments = counter_increments(
+                record.route, record.plan, record.status_class, record.source, 1, record.units
+            )
             for period in record.periods():
                 counts = self._hashes.setdefault(usage_key(record.tenant, period), {})
                 for name, amount in increments:
                     counts[name] = counts.get(name, 0) + amount
             self.ledger_records.append(record)
+            self._tenants.add(record.tenant)
             counted += 1
         oldest = time.time() - self._ledger_retention
         if self.ledger_records and self.ledger_records[0].time < oldest:
@@ -167,6 +196,19 @@ class MemoryUsageStore:
     async def overdue(self, before: float, limit: int = 1000) -> list[Admission]:
         found = sorted((a for a in self._pending.values() if a.time < before), key=lambda a: a.time)
         return [with_reported_units(a, self._reported.get((a.tenant, a.request_id))) for a in found[:limit]]
+
+    async def pending(self, requests: Sequence[tuple[str, str]]) -> PendingAdmissions:
+        return {
+            key: (admission, self._reported.get(key))
+            for key in requests
+            if (admission := self._pending.get(key)) is not None
+        }
+
+    async def backlog(self) -> int:
+        return len(self._pending)
+
+    async def tenants(self) -> list[str]:
+        return sorted(self._tenants)
 
     async def close(self) -> None:
         return None

@@ -32,6 +32,8 @@ from meshtoll.storage.urls import parse_redis_url
 from meshtoll.storage.usage import (
     DEFAULT_LEDGER_RETENTION_SECONDS,
     PENDING_TENANTS_KEY,
+    USAGE_TENANTS_KEY,
+    PendingAdmissions,
     TenantUsage,
     admissions_key,
     ledger_key,
@@ -89,7 +91,12 @@ class RedisUsageStore:
             by_tenant.setdefault(record.tenant, {}).setdefault(record.request_id, record)
         now = self._clock()
         counted = 0
+        if not by_tenant:
+            return 0
         try:
+            # Indexed before its records are written: a tenant is never missing from exports,
+            # at worst listed with nothing in a period.
+            await self._client.sadd(USAGE_TENANTS_KEY, *by_tenant)
             for tenant, unique in by_tenant.items():
                 batch = list(unique.values())
                 for start in range(0, len(batch), MAX_RECORDS_PER_CALL):
@@ -178,32 +185,77 @@ class RedisUsageStore:
             raise StorageUnavailable(f"Redis did not take the reported units: {exc}") from None
 
     async def overdue(self, before: float, limit: int = 1000) -> list[Admission]:
-        found: list[Admission] = []
         try:
-            for raw in await self._client.smembers(PENDING_TENANTS_KEY):
-                tenant = raw.decode()
-                ids = await self._client.zrangebyscore(
-                    pending_key(tenant), "-inf", f"({before}", start=0, num=limit
-                )
-                if not ids and not await self._client.zcard(pending_key(tenant)):
-                    await self._client.srem(PENDING_TENANTS_KEY, tenant)
-                    # An admission flushed since the count puts the tenant back itself only
-                    # if its SADD came after the SREM: look once more.
-                    if await self._client.zcard(pending_key(tenant)):
-                        await self._client.sadd(PENDING_TENANTS_KEY, tenant)
-                    continue
-                if not ids:
-                    continue
-                texts = await self._client.hmget(admissions_key(tenant), ids)
-                reported = await self._client.hmget(reported_units_key(tenant), ids)
-                found += [
-                    with_reported_units(Admission(**json.loads(text)), None if units is None else int(units))
-                    for text, units in zip(texts, reported, strict=True)
-                    if text is not None
-                ]
+            tenants = [raw.decode() for raw in await self._client.smembers(PENDING_TENANTS_KEY)]
+            # Two round trips for any number of tenants: reconciliation must keep up with
+            # every admission authz makes.
+            async with self._client.pipeline(transaction=False) as pipe:
+                for tenant in tenants:
+                    pipe.zrangebyscore(pending_key(tenant), "-inf", f"({before}", start=0, num=limit)
+                    pipe.zcard(pending_key(tenant))
+                replies = await pipe.execute()
+            due: list[tuple[str, list[bytes]]] = []
+            for tenant, ids, size in zip(tenants, replies[::2], replies[1::2], strict=True):
+                if not size:
+                    await self._forget_pending_tenant(tenant)
+                elif ids:
+                    due.append((tenant, ids))
+            found = await self._pending_admissions(due)
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StorageUnavailable(f"Redis did not answer: {exc}") from None
-        return sorted(found, key=lambda admission: admission.time)[:limit]
+        overdue = [with_reported_units(admission, units) for admission, units in found.values()]
+        return sorted(overdue, key=lambda admission: admission.time)[:limit]
+
+    async def _forget_pending_tenant(self, tenant: str) -> None:
+        await self._client.srem(PENDING_TENANTS_KEY, tenant)
+        # An admission flushed since the count puts the tenant back itself only if its SADD
+        # came after the SREM: look once more.
+        if await self._client.zcard(pending_key(tenant)):
+            await self._client.sadd(PENDING_TENANTS_KEY, tenant)
+
+    async def _pending_admissions(
+        self, requests: Sequence[tuple[str, Sequence[str | bytes]]]
+    ) -> PendingAdmissions:
+        """The admissions and reported units of each tenant's request ids, in one round trip."""
+        if not requests:
+            return {}
+        async with self._client.pipeline(transaction=False) as pipe:
+            for tenant, ids in requests:
+                pipe.hmget(admissions_key(tenant), ids)
+                pipe.hmget(reported_units_key(tenant), ids)
+            replies = await pipe.execute()
+        found: PendingAdmissions = {}
+        for (tenant, _), texts, reported in zip(requests, replies[::2], replies[1::2], strict=True):
+            for text, units in zip(texts, reported, strict=True):
+                if text is not None:
+                    admission = Admission(**json.loads(text))
+                    found[tenant, admission.request_id] = (admission, None if units is None else int(units))
+        return found
+
+    async def pending(self, requests: Sequence[tuple[str, str]]) -> PendingAdmissions:
+        by_tenant: dict[str, list[str]] = {}
+        for tenant, request_id in requests:
+            by_tenant.setdefault(tenant, []).append(request_id)
+        try:
+            return await self._pending_admissions(list(by_tenant.items()))
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise StorageUnavailable(f"Redis did not answer: {exc}") from None
+
+    async def backlog(self) -> int:
+        try:
+            tenants = await self._client.smembers(PENDING_TENANTS_KEY)
+            async with self._client.pipeline(transaction=False) as pipe:
+                for raw in tenants:
+                    pipe.zcard(pending_key(raw.decode()))
+                return sum(await pipe.execute())
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise StorageUnavailable(f"Redis did not answer: {exc}") from None
+
+    async def tenants(self) -> list[str]:
+        try:
+            return sorted(raw.decode() for raw in await self._client.smembers(USAGE_TENANTS_KEY))
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise StorageUnavailable(f"Redis did not answer: {exc}") from None
 
     async def close(self) -> None:
         if self._lean is not None:
@@ -229,14 +281,14 @@ def usage_script_call(
     groups: dict[int, int] = {}  # hour since the epoch -> hour group (1-based)
     # (group, route, status class, source) -> [requests, units]: a batch's records share
     # a handful of these, so the counter fields are spelled out once per kind, not per record.
-    kinds: dict[tuple[int, str, str, Source], list[int]] = {}
+    kinds: dict[tuple[int, str, str, str, Source], list[int]] = {}
     for record in batch:
         hour = int(record.time // 3600)
         group = groups.get(hour)
         if group is None:
             group = groups[hour] = len(groups) + 1
             keys += (usage_key(tenant, period) for period in periods_of_hour(hour))
-        kind = (group, record.route, record.status_class, record.source)
+        kind = (group, record.route, record.plan, record.status_class, record.source)
         sums = kinds.get(kind)
         if sums is None:
             kinds[kind] = [1, record.units]
@@ -244,8 +296,8 @@ def usage_script_call(
             sums[0] += 1
             sums[1] += record.units
     amounts: dict[tuple[int, str], int] = {}
-    for (group, route, status_class, source), (requests, units) in kinds.items():
-        for name, amount in counter_increments(route, status_class, source, requests, units):
+    for (group, route, plan, status_class, source), (requests, units) in kinds.items():
+        for name, amount in counter_increments(route, plan, status_class, source, requests, units):
             amounts[group, name] = amounts.get((group, name), 0) + amount
     ledger_entry = orjson.dumps([record.as_document() for record in batch])
     # Ledger ids are insertion times in ms: entries older than the retention are trimmed.

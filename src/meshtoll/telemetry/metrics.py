@@ -61,6 +61,16 @@ class Metrics:
             name, callbacks=[observe], description=description
         )
 
+    def gauge(self, name: str, description: str, read: Callable[[], int]) -> None:
+        """Export a value a service keeps current as the gauge `name`."""
+
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(read())]
+
+        self.provider.get_meter("meshtoll").create_observable_gauge(
+            name, callbacks=[observe], description=description
+        )
+
     def prometheus_text(self) -> str:
         collected = self.reader.get_metrics_data()
         lines: list[str] = []

@@ -1,0 +1,124 @@
+"""Billing cannot be forged: through a real Envoy and Redis, nothing a client sends and
+nothing that reaches meshtoll's gRPC port without being the gateway bills a tenant."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import redis
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+from meshtoll.devstack import LocalStack
+from tests.client import fetch
+from tests.conftest import StartStack
+
+pytestmark = pytest.mark.integration
+
+KEY = "k-trusted"
+PRICE = "{currency: EUR, base_fee: '49.00', tiers: [{up_to: null, unit_price: '0.50'}]}"  # every unit priced
+
+
+@pytest.fixture(scope="module")
+def stack(start_stack: StartStack, tmp_path_factory: pytest.TempPathFactory) -> LocalStack:
+    path = tmp_path_factory.mktemp("trust") / "policy.yaml"
+    digest = hashlib.sha256(KEY.encode()).hexdigest()
+    path.write_text(
+        f"plans: {{pro: {{price: {PRICE}}}}}\n"
+        f"tenants: {{payer: {{plan: pro, api_keys: [{{id: ci, sha256: {digest}}}]}}, victim: {{plan: pro}}}}\n"
+        "routes: [{prefix: /v1/, name: v1}]\n"
+    )
+    return start_stack(path)
+
+
+def usage_of(stack: LocalStack, tenant: str) -> dict[str, object]:
+    found: dict[str, object] = fetch(f"{stack.meshtoll_admin_url}/api/tenants/{tenant}/usage").json()
+    return found
+
+
+def metric(stack: LocalStack, sample: str) -> float:
+    text = fetch(f"{stack.meshtoll_admin_url}/metrics").body.decode()
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def wait_for(condition: object, seconds: float = 10.0) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def test_refused_requests_with_a_spoofed_tenant_header_bill_nobody(stack: LocalStack, redis_url: str) -> None:
+    invented = f"invented{time.monotonic_ns()}"
+    spoofed = {"x-meshtoll-tenant": "victim", "x-meshtoll-plan": "pro", "x-meshtoll-route": "v1"}
+    for tenant in ("victim", invented):
+        for _ in range(20):
+            reply = fetch(
+                stack.url("listen_full_port", "/v1/items"), headers=spoofed | {"x-meshtoll-tenant": tenant}
+            )
+            assert reply.status == 401
+    # A paying request on the same listener: once it is billed, the refused ones had their
+    # chance to be metered too (they were logged before it).
+    before = usage_of(stack, "payer")["requests"]
+    assert fetch(stack.url("listen_full_port", "/v1/items"), headers={"x-api-key": KEY}).status == 200
+    wait_for(lambda: usage_of(stack, "payer")["requests"] == before + 1)  # type: ignore[operator]
+    assert usage_of(stack, "victim")["requests"] == 0
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.keys(f"*{invented}*") == []  # an invented tenant leaves nothing behind
+    finally:
+        client.close()
+
+
+def test_a_client_reusing_one_request_id_is_billed_for_every_request(stack: LocalStack) -> None:
+    before = usage_of(stack, "payer")["requests"]
+    headers = {"x-api-key": KEY, "x-request-id": "one-id-for-everything"}
+    for _ in range(5):
+        assert fetch(stack.url("listen_full_port", "/v1/items"), headers=headers).status == 200
+    wait_for(lambda: usage_of(stack, "payer")["requests"] == before + 5)  # type: ignore[operator]
+
+
+def forged_entry(tenant: str, request_id: str) -> accesslog_pb2.HTTPAccessLogEntry:
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    entry.common_properties.start_time.FromSeconds(int(time.time()))
+    entry.request.request_id = request_id
+    entry.request.request_method = base_pb2.GET
+    entry.request.request_headers.update({"x-meshtoll-tenant": tenant, "x-meshtoll-route": "v1"})
+    entry.response.response_code.value = 200
+    entry.common_properties.metadata.filter_metadata["meshtoll"].update({"units": 1e9})
+    return entry
+
+
+async def send_forged(port: int, tenant: str, count: int) -> None:
+    message = als_pb2.StreamAccessLogsMessage()
+    message.identifier.log_name = "meshtoll"
+    message.http_logs.log_entry.extend(
+        forged_entry(tenant, f"forged-{n}-{time.time_ns()}") for n in range(count)
+    )
+
+    async def messages() -> AsyncIterator[als_pb2.StreamAccessLogsMessage]:
+        yield message
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        await als_pb2_grpc.AccessLogServiceStub(channel).StreamAccessLogs(messages())
+
+
+def test_access_log_records_sent_straight_to_the_grpc_port_bill_nothing(stack: LocalStack) -> None:
+    invoice_url = f"{stack.meshtoll_admin_url}/api/tenants/victim/invoice"
+    before = fetch(invoice_url).json()
+    unmatched = metric(stack, 'meshtoll_meter_records_total{outcome="unmatched"}')
+    asyncio.run(send_forged(stack.ports.envoy.authz_grpc_port, "victim", 3))
+    # Each forged record waits for an admission that never comes, then is dropped, counted.
+    wait_for(lambda: metric(stack, 'meshtoll_meter_records_total{outcome="unmatched"}') >= unmatched + 3)
+    after = fetch(invoice_url).json()
+    assert (after["total"], usage_of(stack, "victim")["units"]) == (before["total"], 0)
+    assert after["total"] == "49.00"
