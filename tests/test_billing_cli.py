@@ -194,3 +194,20 @@ def test_a_malformed_or_impossible_period_is_refused_naming_the_flag_and_the_for
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == f"meshtoll: --period {error.format(period)}\n"
+
+
+def test_usage_export_needs_no_policy_and_finds_every_tenant_with_usage(
+    policy: Path,
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no policy.yaml here
+    monkeypatch.delenv("MESHTOLL_POLICY", raising=False)
+    arguments = ["usage", "export", "--since", "2025-03-01", "--until", "2025-04-01", "--redis-url", redis_url]
+    assert main(arguments) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    found = {(event["subject"], event["id"]) for event in events}
+    assert {("billcli-pro", "pro-1"), ("billcli-pro", "pro-2"), ("billcli-free", "free-1")} <= found
+    assert ("billcli-annual", "annual-1") in found

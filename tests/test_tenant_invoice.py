@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import pytest
 
-from meshtoll.meter.billing import billable_tenants, tenant_invoice
+from meshtoll.meter.billing import NotBillable, billable_tenants, tenant_invoice
 from meshtoll.meter.billing_periods import BadPeriod
 from meshtoll.meter.records import Source, UsageRecord
 from meshtoll.policy import CompiledPolicy, load_policy_text
@@ -105,3 +105,25 @@ def test_billing_every_tenant_for_a_month_or_a_year_bills_the_prices_of_that_per
     assert billable_tenants(policy(), "2026") == ["annual"]
     with pytest.raises(BadPeriod):
         billable_tenants(policy(), "2026-13")
+
+
+def on_plan(found: UsageRecord, plan: str) -> UsageRecord:
+    found.plan = plan
+    return found
+
+
+async def test_a_tenant_that_left_the_policy_is_invoiced_at_the_plan_its_usage_was_admitted_on() -> None:
+    store = MemoryUsageStore()
+    await store.record([on_plan(record("departed", "2026-11-03T10:00:00", "search", 110), "monthly")])
+    bill = await tenant_invoice(policy(), store, "departed", "2026-11")
+    # The monthly plan: 10 units included, the next 100 at 0.10, and its base fee.
+    assert (bill.tenant, bill.total) == ("departed", Decimal("10.00") + Decimal("10.00"))
+
+
+async def test_a_departed_tenant_whose_plan_is_gone_too_is_refused_saying_why() -> None:
+    store = MemoryUsageStore()
+    await store.record([on_plan(record("departed", "2026-11-03T10:00:00", "search", 1), "retired")])
+    with pytest.raises(NotBillable, match="plan 'retired' is gone from it too"):
+        await tenant_invoice(policy(), store, "departed", "2026-11")
+    with pytest.raises(NotBillable, match="no usage of it recorded in 2026-10"):
+        await tenant_invoice(policy(), store, "departed", "2026-10")

@@ -133,9 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     usage_export.add_argument("--until", required=True, help="ISO date or time, UTC (exclusive)")
     usage_export.add_argument("--format", choices=("cloudevents", "lago", "csv"), default="cloudevents")
     usage_export.add_argument(
-        "--tenant", default=None, help="one tenant (default: every tenant of the policy)"
+        "--tenant", default=None, help="one tenant (default: every tenant with usage in the store)"
     )
-    usage_export.add_argument("--policy", type=Path, default=None, help="policy file (env MESHTOLL_POLICY)")
     usage_export.add_argument(
         "--redis-url", default=None, help="the Redis meshtoll serve uses (env MESHTOLL_REDIS_URL)"
     )
@@ -255,15 +254,17 @@ def _usage_export(args: argparse.Namespace) -> int:
     from meshtoll.meter.records import UsageRecord
     from meshtoll.storage.usage import open_usage_store
 
-    settings = settings_from({"policy": args.policy, "redis_url": args.redis_url})
+    settings = settings_from({"redis_url": args.redis_url})
     if settings.redis_url is None:
         raise ConfigError("usage export reads the shared ledger: give --redis-url or MESHTOLL_REDIS_URL")
     since, until = _utc_time(args.since, "--since"), _utc_time(args.until, "--until")
-    tenants = [args.tenant] if args.tenant else sorted(load_policy(settings.policy).tenants)
 
     async def read() -> list[UsageRecord]:
         store = open_usage_store(settings.redis_url)
         try:
+            # Every tenant with usage, from the store's own index: one that has left the
+            # policy still owes what it used.
+            tenants = [args.tenant] if args.tenant else await store.tenants()
             return [record for tenant in tenants for record in await store.ledger(tenant, since, until)]
         finally:
             await store.close()

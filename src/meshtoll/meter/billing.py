@@ -20,30 +20,66 @@ class NotBillable(LookupError):
     """The tenant is unknown, or its plan has no price."""
 
 
+def plan_price(policy: CompiledPolicy, plan_name: str, tenant: str) -> Price:
+    plan = policy.policy.plans[plan_name]
+    if plan.price is None:
+        raise NotBillable(f"tenant {tenant!r} is on plan {plan.name!r}, which has no price")
+    return plan.price
+
+
 def tenant_price(policy: CompiledPolicy, tenant: str) -> Price:
     compiled = policy.tenants.get(tenant)
     if compiled is None:
         raise NotBillable(f"no tenant {tenant!r} in the policy")
-    plan = policy.policy.plans[compiled.tenant.plan]
-    if plan.price is None:
-        raise NotBillable(f"tenant {tenant!r} is on plan {plan.name!r}, which has no price")
-    return plan.price
+    return plan_price(policy, compiled.tenant.plan, tenant)
 
 
 async def tenant_invoice(
     policy: CompiledPolicy, usage: UsageStore, tenant: str, period: str | None, now: float | None = None
 ) -> Invoice:
     """`period` as written, a month or a year as the tenant's price is billed by (BadPeriod
-    otherwise); None: the current one. A year sums its twelve months' counters."""
+    otherwise); None: the current one. A year sums its twelve months' counters.
+    A tenant that has left the policy is billed at the price of the plan its usage was
+    admitted on, while the policy still has that plan."""
+    if tenant not in policy.tenants:
+        return await _departed_tenant_invoice(policy, usage, tenant, period, now)
     price = tenant_price(policy, tenant)
     try:
         period = read_period(period, price.period, now)
     except BadPeriod as exc:
         raise BadPeriod(f"{exc} (tenant {tenant!r} is billed by the {price.period})") from None
+    return await _invoice(usage, tenant, period, price)
+
+
+async def _invoice(usage: UsageStore, tenant: str, period: str, price: Price) -> Invoice:
     # One month at a time: at most twelve small reads, and a failure leaves none in flight.
     months = [await usage.usage(tenant, month) for month in months_of(period)]
     routes = [(route.route, route.units) for month in months for route in month.by_route]
     return invoice(tenant, period, price, routes, sum(month.unreconciled for month in months))
+
+
+async def _departed_tenant_invoice(
+    policy: CompiledPolicy, usage: UsageStore, tenant: str, period: str | None, now: float | None
+) -> Invoice:
+    period = read_period(period, "month", now) if period is None else read_period(period, unit_of(period))
+    months = [await usage.usage(tenant, month) for month in months_of(period)]
+    plans = sorted({plan for month in months for plan, requests in month.by_plan.items() if requests})
+    if not plans:
+        raise NotBillable(f"no tenant {tenant!r} in the policy, and no usage of it recorded in {period}")
+    if len(plans) > 1:
+        raise NotBillable(
+            f"tenant {tenant!r} is no longer in the policy and its usage in {period} was on several "
+            f"plans ({', '.join(plans)}): its price cannot be told"
+        )
+    if plans[0] not in policy.policy.plans:
+        raise NotBillable(
+            f"tenant {tenant!r} is no longer in the policy and its plan {plans[0]!r} is gone from it too: "
+            "its price cannot be told"
+        )
+    price = plan_price(policy, plans[0], tenant)
+    if unit_of(period) != price.period:
+        raise BadPeriod(f"{period!r}: tenant {tenant!r}'s plan {plans[0]!r} is billed by the {price.period}")
+    return await _invoice(usage, tenant, period, price)
 
 
 def billable_tenants(policy: CompiledPolicy, period: str | None = None) -> list[str]:
