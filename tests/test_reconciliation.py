@@ -203,3 +203,22 @@ def test_body_metered_requests_whose_access_log_never_comes_bill_their_tokens(
             break
         time.sleep(0.2)
     assert (usage["requests"], usage["units"], usage["unreconciled"]) == (3, 120 + 3000 + 45, 3), usage
+
+
+async def test_reconciliation_catches_up_a_backlog_far_faster_than_admissions_come(
+    usage_store: UsageStore, tenant: str
+) -> None:
+    # 20,000 overdue admissions, as after a Redis outage at a steady ~430 requests a second:
+    # one round bills them all, at well over ten times that rate.
+    tenants = [f"{tenant}-{n}" for n in range(4)]
+    waiting = await usage_store.backlog()  # the session's Redis is shared
+    await usage_store.admit(
+        [admission(tenants[n % 4], f"backlog-{n}", at=T + n / 1000) for n in range(20_000)]
+    )
+    assert await usage_store.backlog() == waiting + 20_000
+    started = time.perf_counter()
+    assert await reconcile(usage_store, now=T + 100, grace=10) == 20_000
+    took = time.perf_counter() - started
+    assert 20_000 / took > 10 * 430, f"{20_000 / took:.0f} admissions a second"
+    assert [(await usage_store.usage(name, "2026-11")).requests for name in tenants] == [5000] * 4
+    assert await usage_store.backlog() == waiting
