@@ -205,7 +205,16 @@ def test_usage_export_needs_no_policy_and_finds_every_tenant_with_usage(
 ) -> None:
     monkeypatch.chdir(tmp_path)  # no policy.yaml here
     monkeypatch.delenv("MESHTOLL_POLICY", raising=False)
-    arguments = ["usage", "export", "--since", "2025-03-01", "--until", "2025-04-01", "--redis-url", redis_url]
+    arguments = [
+        "usage",
+        "export",
+        "--since",
+        "2025-03-01",
+        "--until",
+        "2025-04-01",
+        "--redis-url",
+        redis_url,
+    ]
     assert main(arguments) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     found = {(event["subject"], event["id"]) for event in events}

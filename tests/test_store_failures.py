@@ -98,3 +98,31 @@ def test_redis_urls_name_the_topology(url: str, topology: str, nodes: tuple[tupl
 def test_bad_redis_urls_say_what_is_wrong(url: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_redis_url(url)
+
+
+async def test_cancelled_calls_are_not_redis_failures(redis_url: str) -> None:
+    store = RedisCounterStore(redis_url, timeout_ms=50)
+    try:
+        await store.check([CHECK], time.time())  # connected and the script loaded
+        for _ in range(store.breaker.threshold + 2):
+            # As when Envoy closes the connection or a gRPC deadline passes mid-decision.
+            call = asyncio.ensure_future(store.check([CHECK], time.time()))
+            await asyncio.sleep(0)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        assert not store.breaker.is_open
+        (result,) = await store.check([CHECK], time.time())
+        assert result.allowed
+    finally:
+        await store.close()
+
+
+def test_a_cancelled_probe_lets_the_next_call_probe() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(threshold=1, cooldown=1.0, clock=lambda: now[0])
+    breaker.failed()
+    now[0] = 2.0
+    assert breaker.allows()
+    breaker.abandoned()
+    assert breaker.allows()

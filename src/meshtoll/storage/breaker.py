@@ -39,6 +39,11 @@ class CircuitBreaker:
         self._failures = 0
         self._probing = False
 
+    def abandoned(self) -> None:
+        """The caller gave up on a call (it was cancelled): says nothing about the dependency,
+        but a probe that was cancelled must not keep the breaker from probing again."""
+        self._probing = False
+
     def failed(self) -> None:
         self._failures += 1
         self._probing = False

@@ -97,7 +97,13 @@ class RedisCounterStore:
         except _FAILURES as exc:
             self.breaker.failed()
             raise StorageUnavailable(f"Redis did not answer: {type(exc).__name__}: {exc}") from None
-        except BaseException:
+        except asyncio.CancelledError:
+            # Envoy closed the connection or a gRPC deadline passed: the caller left, Redis did
+            # nothing wrong. Counted as a failure, three such would open the breaker and fail
+            # the next real decision.
+            self.breaker.abandoned()
+            raise
+        except Exception:
             self.breaker.failed()
             raise
         self.breaker.succeeded()
