@@ -15,7 +15,7 @@ from meshtoll.envoy_config import render_bootstrap
 
 ROOT = Path(__file__).parent.parent
 ISTIO = ROOT / "deploy" / "istio"
-CRDS = ROOT.parent / "shared" / "schemas" / "istio-crds.yaml"
+CRDS = ROOT / "tests" / "schemas" / "istio-crds.yaml"
 
 
 def crd_schema(kind: str, version: str) -> dict[str, Any]:
