@@ -122,3 +122,9 @@ def test_access_log_records_sent_straight_to_the_grpc_port_bill_nothing(stack: L
     after = fetch(invoice_url).json()
     assert (after["total"], usage_of(stack, "victim")["units"]) == (before["total"], 0)
     assert after["total"] == "49.00"
+
+
+def test_the_reconciliation_backlog_and_waiting_entries_are_metrics(stack: LocalStack) -> None:
+    text = fetch(f"{stack.meshtoll_admin_url}/metrics").body.decode()
+    assert re.search(r"^meshtoll_reconcile_backlog \d+", text, re.MULTILINE)
+    assert re.search(r"^meshtoll_meter_waiting_records \d+", text, re.MULTILINE)
