@@ -48,3 +48,36 @@ def test_readyz_is_503_until_the_policy_has_loaded_then_200() -> None:
     assert ready.startswith(b"HTTP/1.1 200 ")
     assert ready.endswith(b'{"status": "ready", "policy_version": 1}')
     assert respond(handler, "/nope").startswith(b"HTTP/1.1 404 ")
+
+
+def test_tls_and_admin_token_settings_come_from_their_environment_variables() -> None:
+    environ = {
+        "MESHTOLL_ADMIN_TOKEN": "s3cret-token",
+        "MESHTOLL_TLS_CERT": "/etc/tls/cert.pem",
+        "MESHTOLL_TLS_KEY": "/etc/tls/key.pem",
+        "MESHTOLL_TLS_CLIENT_CA": "/etc/tls/ca.pem",
+    }
+    settings = settings_from({}, environ)
+    assert settings.admin_token == "s3cret-token"
+    assert (settings.tls_cert, settings.tls_key) == (Path("/etc/tls/cert.pem"), Path("/etc/tls/key.pem"))
+    assert settings.tls_client_ca == Path("/etc/tls/ca.pem")
+    assert "s3cret-token" not in repr(settings)
+    assert Settings().tls_cert is None
+    assert Settings().admin_token is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        ({"tls_cert": Path("c.pem")}, "tls_cert and tls_key go together"),
+        ({"tls_key": Path("k.pem")}, "tls_cert and tls_key go together"),
+        ({"tls_client_ca": Path("ca.pem")}, "tls_client_ca .* needs tls_cert and tls_key"),
+        ({"admin_token": ""}, "admin_token must be non-empty printable ASCII"),
+        ({"admin_token": "two words"}, "admin_token must be non-empty printable ASCII"),
+    ],
+)
+def test_half_a_tls_configuration_or_an_unusable_token_is_a_config_error(
+    flags: dict[str, object], problem: str
+) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        settings_from(flags, {})

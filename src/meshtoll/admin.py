@@ -1,4 +1,5 @@
-"""The admin HTTP port: liveness, readiness and the state of the policy."""
+"""The admin HTTP port: liveness, readiness and the state of the policy; tenants' data
+(everything but the probes and metrics) only to whom `AdminAccess` lets in."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+from meshtoll.admin_access import OPEN_PATHS, AdminAccess
 from meshtoll.errors import StorageUnavailable
 from meshtoll.httpserver import response
 from meshtoll.meter.billing import NotBillable, invoice_document, tenant_invoice
@@ -37,7 +39,8 @@ _HEALTHY = response(200, "OK", _JSON, b'{"status":"ok"}')
 
 
 class AdminHandler:
-    def __init__(self, decisions: DecisionCounts) -> None:
+    def __init__(self, decisions: DecisionCounts, admin_token: str | None = None) -> None:
+        self.access = AdminAccess(admin_token)
         self.policy: PolicyHolder | None = None  # set once the first policy has loaded
         self.redis_reachable: bool | None = None  # None: no Redis configured
         self.metrics = Metrics(decisions, lambda: self.policy)
@@ -48,6 +51,11 @@ class AdminHandler:
         self, method: str, target: str, headers: dict[str, str], peer: str
     ) -> bytes | Awaitable[bytes]:
         path = target.partition("?")[0]
+        # Deny by default: any path but the open ones, known or not, needs access first.
+        if path not in OPEN_PATHS:
+            refused = self.access.refusal(headers, peer)
+            if refused is not None:
+                return refused
         if path.startswith("/api/tenants/") and path.endswith("/quota"):
             return self._quota(path.removeprefix("/api/tenants/").removesuffix("/quota"))
         for report, build in (("usage", self._usage_document), ("invoice", self._invoice_document)):

@@ -34,6 +34,7 @@ from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder, watch_d
 from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.ratelimit.rls import RateLimitServicer
 from meshtoll.ratelimit.service import RateLimitService
+from meshtoll.service_tls import ServiceTls, load_service_tls
 from meshtoll.settings import Settings
 from meshtoll.storage import CounterStore, open_counter_store
 from meshtoll.storage.usage import UsageStore, open_usage_store
@@ -57,7 +58,7 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.decisions = DecisionCounts()
-        self.admin = AdminHandler(self.decisions)
+        self.admin = AdminHandler(self.decisions, settings.admin_token)
         self._servers: list[asyncio.Server] = []
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -67,6 +68,7 @@ class App:
 
     async def start(self) -> None:
         settings = self.settings
+        tls = load_service_tls(settings)
         # Admin first, so that probes get a clean 503 while a large policy compiles.
         self._servers.append(
             await serve_http(self.admin, reuse_port_socket(settings.host, settings.admin_port))
@@ -102,7 +104,11 @@ class App:
         self._authorizers = [authorizer_for(transport="http"), authorizer_for(transport="grpc")]
         http_authz = HttpAuthzHandler(self._authorizers[0])
         self._servers.append(
-            await serve_http(http_authz, reuse_port_socket(settings.host, settings.http_authz_port))
+            await serve_http(
+                http_authz,
+                reuse_port_socket(settings.host, settings.http_authz_port),
+                None if tls is None else tls.context,
+            )
         )
         ratelimit = RateLimitService(holder, limiter, lambda: None if configs is None else configs.current)
         meter = AccessLogServicer(settlement)
@@ -113,7 +119,7 @@ class App:
             "ext_proc hook streams and how their units were found",
             hooks.outcomes,
         )
-        self._grpc = await self._start_grpc(authz, ratelimit, meter, hooks)
+        self._grpc = await self._start_grpc(authz, ratelimit, meter, hooks, tls)
         if settings.redis_url is not None:
             self._background(self._probe_redis(store))
         self.admin.store = store
@@ -130,6 +136,11 @@ class App:
             settings.policy,
             len(holder.current.tenants),
             "counters in Redis" if settings.redis_url else "counters in memory (no --redis-url)",
+        )
+        log.info(
+            "authz ports: %s; admin /api/*: %s (probes and /metrics open)",
+            "plain text" if tls is None else "mutual TLS" if tls.mutual else "TLS",
+            "bearer token" if self.admin.access.needs_token else "loopback clients only",
         )
 
     def _count_metering(self, reconciler: Reconciler, settlement: Settlement) -> None:
@@ -160,6 +171,7 @@ class App:
         ratelimit: RateLimitService,
         meter: AccessLogServicer,
         hooks: ExternalProcessorServicer,
+        tls: ServiceTls | None,
     ) -> grpc.aio.Server:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authz, server)
@@ -169,7 +181,11 @@ class App:
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         address = f"{self.settings.host}:{self.settings.grpc_port}"
-        if server.add_insecure_port(address) == 0:
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, tls.grpc_credentials())
+        if bound == 0:
             raise OSError(f"cannot listen for gRPC on {address}")
         await server.start()
         for service in ("", *SERVICES):

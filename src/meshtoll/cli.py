@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     defaults = Settings()
     for flag, field, kind, help_text in (
         ("--policy", "policy", Path, "the tenant policy file"),
-        ("--host", "host", str, "address to listen on"),
+        ("--host", "host", str, "address every port listens on (0.0.0.0: Envoy may be in another pod)"),
         ("--grpc-port", "grpc_port", int, "gRPC port: ext_authz Check and health"),
         ("--http-authz-port", "http_authz_port", int, "HTTP ext_authz port (the fast path)"),
         ("--admin-port", "admin_port", int, "admin HTTP port: /healthz, /readyz, /api/*"),
@@ -68,6 +68,16 @@ def _parser() -> argparse.ArgumentParser:
             "wait before billing from admissions",
         ),
         ("--ledger-retention-days", "ledger_retention_days", int, "how long the usage ledger keeps records"),
+        (
+            "--admin-token",
+            "admin_token",
+            str,
+            "bearer token the admin port's /api/* requires (without one, loopback clients only); "
+            "prefer the environment variable: every local user can read a process's arguments",
+        ),
+        ("--tls-cert", "tls_cert", Path, "PEM certificate chain: TLS on the gRPC and HTTP authz ports"),
+        ("--tls-key", "tls_key", Path, "PEM private key of --tls-cert"),
+        ("--tls-client-ca", "tls_client_ca", Path, "PEM CA bundle: require client certificates (mTLS)"),
     ):
         default = getattr(defaults, field)
         serve.add_argument(
@@ -167,9 +177,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from meshtoll.service_tls import load_service_tls
+
     settings = settings_from(vars(args))
     # Validate before any worker starts: a bad policy is one clear error, not a restart loop.
     load_policy(settings.policy)
+    load_service_tls(settings)
     if settings.workers == 1:
         from meshtoll.app import run
 

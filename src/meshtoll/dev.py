@@ -16,7 +16,7 @@ import redis.exceptions
 from meshtoll.devstack import LocalStack, RedisServer, StackConfig, find_redis_server
 from meshtoll.errors import ConfigError
 from meshtoll.storage.redis import redis_py_client
-from meshtoll.storage.urls import parse_redis_url
+from meshtoll.storage.urls import parse_redis_url, redact_redis_url
 
 log = logging.getLogger("meshtoll.dev")
 
@@ -69,7 +69,8 @@ def demo_requests(http: str, grpc: str) -> list[DemoRequest]:
 
 def run_dev(policy: Path | None, port: int, admin_port: int, redis_url: str | None = None) -> int:
     """`redis_url`: a Redis to share with other tools (the usage and billing commands);
-    None starts a throwaway one (or keeps state in memory without redis-server)."""
+    None starts a throwaway one (or keeps state in memory without redis-server). Its
+    password is never shown, and reaches `meshtoll serve` by its environment, not argv."""
     policy = policy or EXAMPLE_POLICY
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -77,7 +78,7 @@ def run_dev(policy: Path | None, port: int, admin_port: int, redis_url: str | No
     with ExitStack() as running:
         if redis_url is not None:
             check_redis_reachable(redis_url)
-            log.info("Redis: %s (given)", redis_url)
+            log.info("Redis: %s (given)", redact_redis_url(redis_url))
         elif find_redis_server() is not None:
             redis_url = running.enter_context(RedisServer()).url
             log.info("Redis: %s", redis_url)
@@ -103,7 +104,7 @@ def check_redis_reachable(url: str) -> None:
     try:
         asyncio.run(_ping(client, sentinels))
     except (redis.exceptions.RedisError, OSError) as exc:
-        raise ConfigError(f"--redis-url {url}: Redis does not answer ({exc})") from None
+        raise ConfigError(f"--redis-url {redact_redis_url(url)}: Redis does not answer ({exc})") from None
 
 
 async def _ping(client: Any, sentinels: list[Any]) -> None:
@@ -115,6 +116,7 @@ async def _ping(client: Any, sentinels: list[Any]) -> None:
 
 
 def banner(stack: LocalStack, policy: Path, redis_url: str | None) -> str:
+    shown = None if redis_url is None else redact_redis_url(redis_url)
     http = stack.url("listen_full_port", "")
     grpc = stack.url("listen_grpc_authz_port", "")
     lines = [
@@ -124,14 +126,19 @@ def banner(stack: LocalStack, policy: Path, redis_url: str | None) -> str:
         f"  Envoy, gRPC ext_authz              {grpc}",
         f"  meshtoll admin                     {stack.meshtoll_admin_url}/readyz",
         f"  policy                             {policy}  (edit it: changes apply within a second)",
-        f"  Redis                              {redis_url or 'none (in-memory state)'}",
+        f"  Redis                              {shown or 'none (in-memory state)'}",
         "",
     ]
     if redis_url is not None:
+        # A URL with a password stays off the screen (and out of shell history): the commands
+        # then read it from the environment.
+        given = f" --redis-url {redis_url}" if shown == redis_url else ""
         lines += [
-            "Usage and invoices, a couple of seconds after the requests:",
-            f"  meshtoll usage show --tenant acme --redis-url {redis_url}",
-            f"  meshtoll billing invoice --tenant acme --policy {policy} --redis-url {redis_url}",
+            "Usage and invoices, a couple of seconds after the requests"
+            + ("" if given else " (with MESHTOLL_REDIS_URL set to your Redis URL)")
+            + ":",
+            f"  meshtoll usage show --tenant acme{given}",
+            f"  meshtoll billing invoice --tenant acme --policy {policy}{given}",
             "",
         ]
     if policy.resolve() != EXAMPLE_POLICY:

@@ -18,9 +18,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Self
 
-from meshtoll.envoy_config import EnvoyPorts, MtlsFiles, StubPorts, render_authz_stub, render_bootstrap
+from meshtoll.envoy_config import (
+    EnvoyPorts,
+    MeshtollTlsFiles,
+    MtlsFiles,
+    StubPorts,
+    render_authz_stub,
+    render_bootstrap,
+)
 from meshtoll.errors import EnvoyNotFound, ProcessStartError
 from meshtoll.processes import Child, Probe, free_ports, http_ok, tcp_accepts
+from meshtoll.settings import Settings
 
 START_TIMEOUT_SECONDS = 30.0
 
@@ -92,6 +100,7 @@ class StackConfig:
     policy: Path | None = None
     redis_url: str | None = None
     mtls: MtlsFiles | None = None
+    meshtoll_tls: MeshtollTlsFiles | None = None  # Envoy reaches meshtoll's authz ports over TLS
     authz_stub: bool = False  # the second Envoy that allows everything (benchmark baseline)
     workers: int = 1
     envoy_binary: Path | None = None
@@ -175,8 +184,8 @@ class LocalStack:
         )
         child.wait_ready(probe, START_TIMEOUT_SECONDS)
 
-    def _spawn(self, name: str, argv: list[str]) -> Child:
-        child = Child(name, argv, self.work_dir / f"{name}.log")
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        child = Child(name, argv, self.work_dir / f"{name}.log", env)
         self._cleanup.callback(child.stop)
         self.children[name] = child
         return child
@@ -192,13 +201,15 @@ class LocalStack:
         argv += ["--grpc-port", str(ports.envoy.authz_grpc_port)]
         argv += ["--http-authz-port", str(ports.envoy.authz_http_port)]
         argv += ["--admin-port", str(ports.meshtoll_admin_port), "--workers", str(self.config.workers)]
-        if self.config.redis_url is not None:
-            argv += ["--redis-url", self.config.redis_url]
+        # The Redis URL may carry a password: the environment, not argv (see Child).
+        # An empty value: no Redis, even if this process's environment names one.
+        env = {Settings.env_name("redis_url"): self.config.redis_url or ""}
+        argv += _serve_tls_args(self.config.meshtoll_tls)
         argv += self.config.serve_args
-        return self._spawn("meshtoll", argv), http_ok(f"{self.meshtoll_admin_url}/readyz")
+        return self._spawn("meshtoll", argv, env), http_ok(f"{self.meshtoll_admin_url}/readyz")
 
     def _start_envoy(self) -> tuple[Child, Probe]:
-        bootstrap = render_bootstrap(self.ports.envoy, self.config.mtls)
+        bootstrap = render_bootstrap(self.ports.envoy, self.config.mtls, self.config.meshtoll_tls)
         return self._envoy("envoy", bootstrap, self.ports.envoy.admin_port)
 
     def _start_authz_stub(self) -> tuple[Child, Probe]:
@@ -214,3 +225,11 @@ class LocalStack:
         # (parallel test sessions, the stub) run side by side without choosing --base-id.
         argv += ["--disable-hot-restart", "--log-level", self.config.envoy_log_level]
         return self._spawn(name, argv), http_ok(f"http://127.0.0.1:{admin_port}/ready")
+
+
+def _serve_tls_args(files: MeshtollTlsFiles | None) -> list[str]:
+    if files is None:
+        return []
+    argv = ["--tls-cert", str(files.server_cert), "--tls-key", str(files.server_key)]
+    # Mutual TLS exactly when Envoy has a certificate to present.
+    return argv if files.client_cert is None else [*argv, "--tls-client-ca", str(files.ca_cert)]

@@ -62,15 +62,64 @@ class MtlsFiles:
     server_key: Path
 
 
-def render_bootstrap(ports: EnvoyPorts, mtls: MtlsFiles | None = None) -> str:
-    """The local stack's Envoy bootstrap; the mTLS listeners only when `mtls` is given."""
+@dataclass(frozen=True, slots=True)
+class MeshtollTlsFiles:
+    """PEM files for TLS between Envoy and meshtoll's authz ports (gRPC and HTTP): meshtoll
+    serves `server_cert`, which Envoy verifies against `ca_cert` (and its IP SAN 127.0.0.1);
+    with `client_cert`, Envoy presents it and meshtoll requires one signed by `ca_cert` (mTLS)."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+
+# meshtoll's clusters and the protocol each speaks inside TLS (announced by ALPN).
+_MESHTOLL_CLUSTERS = {"meshtoll_grpc": "h2", "meshtoll_http": "http/1.1"}
+
+
+def render_bootstrap(
+    ports: EnvoyPorts, mtls: MtlsFiles | None = None, meshtoll_tls: MeshtollTlsFiles | None = None
+) -> str:
+    """The local stack's Envoy bootstrap; the mTLS listeners only when `mtls` is given; TLS
+    to meshtoll only when `meshtoll_tls` is."""
     text = read_template(LOCAL_TEMPLATE)
     values = _placeholders(asdict(ports))
     if mtls is not None:
         # Appended as text, not merged as data, so the fragment can use local.yaml's anchors.
         text += read_template(MTLS_TEMPLATE)
         values |= _placeholders(asdict(mtls))
-    return _resolve(Template(text).substitute(values))
+    document = _document(Template(text).substitute(values))
+    if meshtoll_tls is not None:
+        for cluster in document["static_resources"]["clusters"]:
+            if cluster["name"] in _MESHTOLL_CLUSTERS:
+                cluster["transport_socket"] = _upstream_tls(meshtoll_tls, _MESHTOLL_CLUSTERS[cluster["name"]])
+    return _dump(document)
+
+
+def _upstream_tls(files: MeshtollTlsFiles, alpn: str) -> dict[str, Any]:
+    common: dict[str, Any] = {
+        "alpn_protocols": [alpn],
+        "validation_context": {
+            "trusted_ca": {"filename": str(files.ca_cert)},
+            "match_typed_subject_alt_names": [{"san_type": "IP_ADDRESS", "matcher": {"exact": "127.0.0.1"}}],
+        },
+    }
+    if files.client_cert is not None and files.client_key is not None:
+        common["tls_certificates"] = [
+            {
+                "certificate_chain": {"filename": str(files.client_cert)},
+                "private_key": {"filename": str(files.client_key)},
+            }
+        ]
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": common,
+        },
+    }
 
 
 def render_authz_stub(ports: StubPorts) -> str:
@@ -90,9 +139,17 @@ def _placeholders(values: dict[str, Any]) -> dict[str, str]:
 
 
 def _resolve(text: str) -> str:
-    document = yaml.safe_load(text)
+    return _dump(_document(text))
+
+
+def _document(text: str) -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(text)
     for key in [key for key in document if key.startswith(_TEMPLATE_ONLY_PREFIX)]:
         del document[key]
+    return document
+
+
+def _dump(document: dict[str, Any]) -> str:
     return yaml.dump(document, Dumper=_PlainDumper, sort_keys=False, width=120)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -206,6 +207,10 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve_http(handler: Handler, sock: socket.socket) -> asyncio.Server:
+async def serve_http(
+    handler: Handler, sock: socket.socket, tls: ssl.SSLContext | None = None
+) -> asyncio.Server:
+    """Serve on `sock`; over TLS when `tls` is given (the handshake happens before the handler sees
+    anything, so a client refused by mutual TLS never reaches it)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: HttpProtocol(handler), sock=sock)
+    return await loop.create_server(lambda: HttpProtocol(handler), sock=sock, ssl=tls)

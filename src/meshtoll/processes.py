@@ -15,7 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack, suppress
 from pathlib import Path
 
@@ -61,7 +61,12 @@ def http_ok(url: str) -> Probe:
 class Child:
     """One started process, its log file, and how to stop it."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
+    ) -> None:
+        """`env`: variables added to this process's environment for the child. Secrets go
+        there, never in `argv`: every local user can read a process's arguments
+        (/proc/<pid>/cmdline, ps), only its owner its environment."""
         self.name = name
         self.argv = tuple(argv)
         self.log_path = log_path
@@ -72,6 +77,7 @@ class Child:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=None if env is None else {**os.environ, **env},
             )
 
     @property

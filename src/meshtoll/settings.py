@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -30,6 +31,13 @@ class Settings:
     # How long the usage ledger keeps records for export; the period counters invoices read
     # keep their own, longer retention.
     ledger_retention_days: int = 400
+    # Bearer token for the admin port's /api/*; without one, /api/* answers loopback clients
+    # only. Kept out of repr so that a logged Settings does not carry it.
+    admin_token: str | None = dataclasses.field(default=None, repr=False)
+    # TLS on the gRPC and HTTP authz ports (PEM files); with a client CA, mutual TLS.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
     @staticmethod
     def env_name(field: str) -> str:
@@ -54,6 +62,21 @@ class Settings:
             raise ConfigError(f"ledger_retention_days: {self.ledger_retention_days} must be at least 1")
         if self.redis_timeout_ms < 1:
             raise ConfigError("redis_timeout_ms must be at least 1")
+        if self.admin_token is not None and not _is_token(self.admin_token):
+            raise ConfigError("admin_token must be non-empty printable ASCII without spaces")
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        # A half configuration would silently serve plain text where TLS was meant.
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together: give both (or neither)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key as well")
+
+
+def _is_token(text: str) -> bool:
+    # What fits in an `Authorization: Bearer` header unchanged: visible ASCII, no spaces.
+    return text != "" and all("!" <= char <= "~" for char in text)
 
 
 def _boolean(raw: str) -> bool:
@@ -68,6 +91,9 @@ def _boolean(raw: str) -> bool:
 _PARSERS: dict[str, Callable[[str], object]] = {
     "policy": Path,
     "ratelimit_config": Path,
+    "tls_cert": Path,
+    "tls_key": Path,
+    "tls_client_ca": Path,
     "grpc_port": int,
     "http_authz_port": int,
     "admin_port": int,

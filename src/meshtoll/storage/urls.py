@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from meshtoll.errors import ConfigError
 
@@ -34,12 +34,12 @@ def parse_redis_url(url: str) -> RedisTarget:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("redis", "rediss", "redis+sentinel", "redis+cluster"):
-        raise ConfigError(f"Redis URL {url!r}: scheme must be redis, rediss, redis+sentinel or redis+cluster")
+        raise _bad(url, "scheme must be redis, rediss, redis+sentinel or redis+cluster")
     credentials, _, hosts = parts.netloc.rpartition("@")
     username, _, password = credentials.partition(":") if ":" in credentials else ("", "", credentials)
     nodes = tuple(_node(url, item) for item in hosts.split(",") if item)
     if not nodes:
-        raise ConfigError(f"Redis URL {url!r}: no host")
+        raise _bad(url, "no host")
     path = [unquote(piece) for piece in parts.path.split("/") if piece]
     cluster = scheme == "redis+cluster" or parse_qs(parts.query).get("cluster", ["false"])[0] == "true"
     common = {
@@ -49,12 +49,12 @@ def parse_redis_url(url: str) -> RedisTarget:
     }
     if scheme == "redis+sentinel":
         if not path:
-            raise ConfigError(f"Redis URL {url!r}: a Sentinel URL names the service: .../service_name[/db]")
+            raise _bad(url, "a Sentinel URL names the service: .../service_name[/db]")
         return RedisTarget("sentinel", url, nodes, service=path[0], db=_db(url, path[1:]), **common)  # type: ignore[arg-type]
     if cluster:
         return RedisTarget("cluster", url, nodes, **common)  # type: ignore[arg-type]
     if len(nodes) > 1:
-        raise ConfigError(f"Redis URL {url!r}: several hosts need redis+sentinel:// or redis+cluster://")
+        raise _bad(url, "several hosts need redis+sentinel:// or redis+cluster://")
     return RedisTarget("standalone", url, nodes, db=_db(url, path), **common)  # type: ignore[arg-type]
 
 
@@ -63,7 +63,7 @@ def _node(url: str, text: str) -> tuple[str, int]:
     try:
         return (host.strip("[]") or "localhost", int(port or 6379))
     except ValueError:
-        raise ConfigError(f"Redis URL {url!r}: {text!r} is not host:port") from None
+        raise _bad(url, f"{text!r} is not host:port") from None
 
 
 def _db(url: str, path: list[str]) -> int:
@@ -72,4 +72,30 @@ def _db(url: str, path: list[str]) -> int:
     try:
         return int(path[0])
     except ValueError:
-        raise ConfigError(f"Redis URL {url!r}: database {path[0]!r} is not a number") from None
+        raise _bad(url, f"database {path[0]!r} is not a number") from None
+
+
+def _bad(url: str, what: str) -> ConfigError:
+    # Shown redacted: these messages end up on terminals and in logs.
+    return ConfigError(f"Redis URL {redact_redis_url(url)!r}: {what}")
+
+
+def redact_redis_url(url: str) -> str:
+    """`url` with its password shown as ***, for logs, banners and error messages.
+
+    Credentials without a colon count as a password, as parse_redis_url reads them; a
+    `password=` query parameter (which redis-py also accepts) is masked too.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<a Redis URL that cannot be parsed>"
+    credentials, at, hosts = parts.netloc.rpartition("@")
+    if credentials:
+        username, colon, _ = credentials.partition(":")
+        credentials = f"{username}:***" if colon else "***"
+    query = "&".join(
+        "password=***" if item.partition("=")[0].lower() == "password" else item
+        for item in parts.query.split("&")
+    )
+    return urlunsplit((parts.scheme, f"{credentials}{at}{hosts}", parts.path, query, parts.fragment))
