@@ -12,6 +12,7 @@ import grpc
 import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 
+from meshtoll.cli import main
 from meshtoll.dev import DEMO_ACME_KEY, DEMO_GLOBEX_KEY
 from meshtoll.devstack import LocalStack, StackConfig
 from meshtoll.envoy_config import MeshtollTlsFiles
@@ -67,6 +68,21 @@ def test_a_certificate_with_another_key_is_a_config_error(pki: TestPki) -> None:
 
 def test_without_certificates_the_ports_stay_plain() -> None:
     assert load_service_tls(Settings()) is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "problem"),
+    [
+        (("--tls-cert", "server.pem"), "tls_cert and tls_key go together"),
+        (("--tls-client-ca", "ca.pem"), "tls_client_ca (mutual TLS) needs tls_cert and tls_key"),
+        (("--tls-cert", "missing.pem", "--tls-key", "missing-key.pem"), "tls_cert: cannot read missing.pem"),
+    ],
+)
+def test_serve_with_an_unusable_tls_configuration_exits_with_the_problem_before_serving(
+    flags: tuple[str, ...], problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--policy", str(EXAMPLE_POLICY), *flags]) == 1
+    assert problem in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
