@@ -131,6 +131,24 @@ def test_routes_and_methods_outside_the_allow_list_are_403(policy: CompiledPolic
     )
 
 
+def test_routes_are_matched_against_the_normalised_path(policy: CompiledPolicy) -> None:
+    key = {"x-api-key": ACME_KEY}
+    for dodge in ("/v1/x/../../v2/x", "/v1/%2e%2e/v2/x", "/v1/./../v2/x"):
+        assert denied(check(policy, path=dodge, headers=key)) == (403, "route_not_allowed"), dodge
+    for spelling in ("/v1//search?q=1", "/v1/./search", "/v1/%73earch", "/v2/../v1/search"):
+        verdict = check(policy, path=spelling, headers=key)
+        assert isinstance(verdict, Allow), spelling
+        assert verdict.route == "/v1/search", spelling  # so it pays the route's cost of 5
+
+
+def test_a_path_that_cannot_be_read_safely_is_400_bad_path_before_credentials(
+    policy: CompiledPolicy,
+) -> None:
+    for target in ("/v1/x/..%2fadmin", "/v1/x/..;/admin", "/v1/x%00", "http://evil/v1/x", "/.."):
+        assert denied(check(policy, path=target, headers={"x-api-key": ACME_KEY})) == (400, "bad_path")
+        assert denied(check(policy, path=target)) == (400, "bad_path")
+
+
 def test_ip_allow_list_uses_the_hop_behind_the_trusted_proxy(policy: CompiledPolicy) -> None:
     key = {"x-api-key": ACME_KEY}
     # One trusted hop: the proxy at 192.0.2.1 says the client is 10.9.9.9.

@@ -49,6 +49,20 @@ def test_certificate_paths_with_spaces_stay_one_string(pki: TestPki, tmp_path: P
     assert f"filename: '{spaced}'" in render_bootstrap(PORTS, files)
 
 
+def test_every_client_listener_draws_the_trust_boundary_first(pki: TestPki) -> None:
+    # Tested end to end in test_trust_boundary_through_envoy and test_request_paths_through_envoy;
+    # here, that no listener (the mTLS ones included) was left without it.
+    bootstrap = yaml.safe_load(render_bootstrap(PORTS, pki.server))
+    for listener in bootstrap["static_resources"]["listeners"]:
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        (extension,) = manager["early_header_mutation_extensions"]
+        mutations = extension["typed_config"]["mutations"]
+        assert {"remove_on_match": {"key_matcher": {"prefix": "x-meshtoll-"}}} in mutations
+        assert {"remove": "x-request-id"} in mutations
+        assert manager["normalize_path"] is manager["merge_slashes"] is True, listener["name"]
+        assert manager["path_with_escaped_slashes_action"] == "REJECT_REQUEST", listener["name"]
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("variant", ["local", "local-mtls", "authz-stub"])
 def test_every_bootstrap_variant_passes_envoy_validation(

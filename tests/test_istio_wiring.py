@@ -154,3 +154,34 @@ def test_the_meter_provider_logs_what_the_local_envoy_logs() -> None:
         provider["envoyHttpAls"]["additionalRequestHeadersToLog"]
         == local["additional_request_headers_to_log"]
     )
+
+
+def local_connection_manager(listener_name: str = "full") -> dict[str, Any]:
+    bootstrap = yaml.safe_load(render_bootstrap(StackPorts.allocate({}).envoy))
+    listener = next(
+        item for item in bootstrap["static_resources"]["listeners"] if item["name"] == listener_name
+    )
+    manager: dict[str, Any] = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return manager
+
+
+def test_the_edge_envoyfilter_draws_the_local_envoys_trust_boundary() -> None:
+    document = yaml.safe_load((ISTIO / "edge-envoyfilter.yaml").read_text())
+    jsonschema.validate(document["spec"], crd_schema("EnvoyFilter", "v1alpha3")["properties"]["spec"])
+    (patch,) = document["spec"]["configPatches"]
+    assert patch["applyTo"] == "NETWORK_FILTER"
+    assert patch["match"]["context"] == "GATEWAY"
+    assert patch["patch"]["operation"] == "MERGE"
+    merged = patch["patch"]["value"]["typed_config"]
+    local = local_connection_manager()
+    # Client-sent x-meshtoll-* and x-request-id go before anything reads the request.
+    assert merged["early_header_mutation_extensions"] == local["early_header_mutation_extensions"]
+    assert merged["path_with_escaped_slashes_action"] == local["path_with_escaped_slashes_action"]
+
+
+def test_the_mesh_normalises_paths_as_the_local_envoy_does() -> None:
+    mesh = yaml.safe_load((ISTIO / "mesh-config.yaml").read_text())
+    # Istio's MERGE_SLASHES sets normalize_path and merge_slashes on every proxy.
+    assert mesh["pathNormalization"] == {"normalization": "MERGE_SLASHES"}
+    local = local_connection_manager()
+    assert local["normalize_path"] is local["merge_slashes"] is True

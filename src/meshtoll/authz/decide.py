@@ -13,6 +13,7 @@ from urllib.parse import parse_qs
 
 import jwt
 
+from meshtoll.authz.request_path import BadPath, normalize_request_path
 from meshtoll.authz.tokens import TokenRejected, looks_like_jwt, verify_token
 from meshtoll.authz.verdict import (
     CONSUMER_HEADER,
@@ -70,10 +71,15 @@ def decide(
     remote_jwks: Mapping[str, jwt.PyJWKSet],
     now: float,
 ) -> Verdict:
+    # First: a path that cannot be matched safely is refused whoever sends it (400, not 401:
+    # no credential would make it acceptable).
+    path = normalize_request_path(request.path)
+    if isinstance(path, BadPath):
+        return Deny(400, "bad_path", path.message)
     identity = identify(request, policy, remote_jwks, now)
     if isinstance(identity, Deny):
         return identity
-    return authorize(request, policy, identity)
+    return authorize(request, policy, identity, path)
 
 
 def identify(
@@ -131,15 +137,15 @@ def _token_identity(
     return Identity(found.tenant, found.consumer)
 
 
-def authorize(request: CheckRequest, policy: CompiledPolicy, identity: Identity) -> Verdict:
-    """May this identity make this request."""
+def authorize(request: CheckRequest, policy: CompiledPolicy, identity: Identity, path: str) -> Verdict:
+    """May this identity make this request; `path` is the request's, as normalize_request_path
+    reads it: every route rule is matched against that, never against the raw target."""
     compiled = identity.tenant
     tenant = compiled.tenant
     if tenant.status != "active":
         return TENANT_SUSPENDED
     if tenant.access.ip and not _address_allowed(request, policy, compiled):
         return IP_NOT_ALLOWED
-    path = request.path.partition("?")[0]
     if compiled.routes is not None:
         method_sets = compiled.routes.match(path)
         if not method_sets:

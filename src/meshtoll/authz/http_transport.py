@@ -15,6 +15,7 @@ from meshtoll.authz.verdict import PEER_ADDRESS_HEADER, Allow, CheckRequest, Den
 from meshtoll.httpserver import response
 
 _REASONS = {
+    400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
     429: "Too Many Requests",

@@ -30,7 +30,11 @@ class PathMatcher(Generic[T]):
         self._lengths = sorted({len(prefix) for prefix in self._prefix}, reverse=True)
 
     def match(self, path: str) -> list[T]:
-        """Values of the most specific rule matching `path`: exact first, then longest prefix."""
+        """Values of the most specific rule matching `path`: exact first, then longest prefix.
+
+        `path` must be normalised (meshtoll.authz.request_path): matched raw, `/v1/public/../x`
+        would match the prefix `/v1/public/` and `/v1//x` would miss `/v1/x`.
+        """
         found = self._exact.get(path)
         if found is not None:
             return found
