@@ -7,14 +7,17 @@ module returns the running stack, and every stack stops when its module ends.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import pytest
 
 from meshtoll.devstack import LocalStack, RedisServer, StackConfig, find_envoy, find_redis_server
+from meshtoll.processes import Child, free_ports, http_ok
 from meshtoll.storage.usage import MemoryUsageStore, UsageStore
 from meshtoll.storage.usage_redis import RedisUsageStore
 from tests.certs import TestPki, make_pki
@@ -105,3 +108,49 @@ async def usage_store(request: pytest.FixtureRequest) -> AsyncIterator[UsageStor
     found = RedisUsageStore(request.getfixturevalue("redis_url"))
     yield found
     await found.close()
+
+
+@dataclass(frozen=True)
+class RunningRls:
+    """`meshtoll ratelimit` started with envoyproxy/ratelimit's environment variables."""
+
+    grpc_port: int
+    port: int
+    debug_port: int
+    child: Child
+
+
+class StartRls(Protocol):
+    def __call__(self, runtime_root: Path, **environment: str) -> RunningRls:
+        """Running with RUNTIME_ROOT=`runtime_root`, RUNTIME_SUBDIRECTORY=ratelimit, the
+        session's Redis, free ports; `environment` adds or overrides variables."""
+        ...
+
+
+@pytest.fixture(scope="module")
+def start_rls(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[StartRls]:
+    with ExitStack() as cleanup:
+
+        def start(runtime_root: Path, **environment: str) -> RunningRls:
+            grpc_port, port, debug_port = free_ports(3)
+            env = {
+                "RUNTIME_ROOT": str(runtime_root),
+                "RUNTIME_SUBDIRECTORY": "ratelimit",
+                "REDIS_SOCKET_TYPE": "tcp",
+                "REDIS_URL": redis_url.removeprefix("redis://"),
+                "HOST": "127.0.0.1",
+                "GRPC_HOST": "127.0.0.1",
+                "DEBUG_HOST": "127.0.0.1",
+                "GRPC_PORT": str(grpc_port),
+                "PORT": str(port),
+                "DEBUG_PORT": str(debug_port),
+                "LOG_LEVEL": "info",
+                **environment,
+            }
+            log = tmp_path_factory.mktemp("rls") / "ratelimit.log"
+            child = Child("meshtoll ratelimit", [sys.executable, "-m", "meshtoll", "ratelimit"], log, env)
+            cleanup.callback(child.stop)
+            child.wait_ready(http_ok(f"http://127.0.0.1:{port}/healthcheck"), timeout=30)
+            return RunningRls(grpc_port, port, debug_port, child)
+
+        yield start

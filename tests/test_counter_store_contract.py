@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 import redis.asyncio
 
-from meshtoll.ratelimit.limits import Check, RateLimit
+from meshtoll.ratelimit.limits import Check, Increment, RateLimit
 from meshtoll.storage import CounterStore, MemoryCounterStore
 from meshtoll.storage.redis import RedisCounterStore
 
@@ -154,3 +154,18 @@ async def test_every_redis_counter_expires(redis_url: str) -> None:
     finally:
         await store.close()
         await client.aclose()
+
+
+async def test_increment_counts_every_hit_refused_or_not_and_refreshes_expiry(store: CounterStore) -> None:
+    counter = Increment(key(), 3, 5, 60)
+    counts = [await store.increment([counter], T0) for _ in range(3)]
+    assert counts == [[3], [6], [9]]
+    assert await store.increment([Increment(counter.key, 0, 5, 60)], T0 + 59.5) == [9]
+    assert await store.increment([Increment(counter.key, 0, 5, 60)], T0 + 119) == [9]
+
+
+async def test_increment_that_stops_at_the_limit_grows_only_the_passing_counters(store: CounterStore) -> None:
+    roomy, tight = Increment(key(), 1, 20, 60), Increment(key(), 1, 1, 60)
+    assert await store.increment([roomy, tight], T0, stop_when_over=True) == [1, 1]
+    assert await store.increment([roomy, tight], T0, stop_when_over=True) == [1, 2]
+    assert await store.increment([roomy, tight], T0) == [2, 3]

@@ -49,6 +49,7 @@ REDIS_PROBE_SECONDS = 2.0
 SERVICES = (
     "envoy.service.auth.v3.Authorization",
     "envoy.service.ratelimit.v3.RateLimitService",
+    "ratelimit",  # the name envoyproxy/ratelimit's health service answers to
     "envoy.service.accesslog.v3.AccessLogService",
     "envoy.service.ext_proc.v3.ExternalProcessor",
 )
@@ -110,7 +111,12 @@ class App:
                 None if tls is None else tls.context,
             )
         )
-        ratelimit = RateLimitService(holder, limiter, lambda: None if configs is None else configs.current)
+        ratelimit = RateLimitService(
+            holder,
+            limiter,
+            lambda: None if configs is None else configs.current,
+            compat=settings.ratelimit_compat,  # type: ignore[arg-type]
+        )
         meter = AccessLogServicer(settlement)
         authz = AuthorizationServicer(self._authorizers[1])
         hooks = ExternalProcessorServicer(lambda: holder.current, limiter, recorder)

@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
             str,
             "without Redis: open (allow) or closed (refuse)",
         ),
+        (
+            "--ratelimit-compat",
+            "ratelimit_compat",
+            str,
+            "envoyproxy/ratelimit domains: strict (answer as it does) or meshtoll (all or nothing)",
+        ),
         ("--redis-timeout-ms", "redis_timeout_ms", int, "bound on each Redis round trip"),
         (
             "--reconcile-grace-seconds",
@@ -95,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
         help="evaluate and count every limit but enforce none (env MESHTOLL_RATELIMIT_SHADOW_MODE)",
     )
     serve.set_defaults(command=_serve)
+
+    ratelimit = commands.add_parser(
+        "ratelimit",
+        help="run the rate-limit service alone, configured like envoyproxy/ratelimit "
+        "(its environment variables: RUNTIME_ROOT, REDIS_URL, GRPC_PORT, ...)",
+    )
+    ratelimit.set_defaults(command=_ratelimit)
 
     dev = commands.add_parser("dev", help="run the whole local stack: Envoy, meshtoll, Redis, demo upstream")
     dev.add_argument("--policy", type=Path, default=None, help="policy file (default: examples/policy.yaml)")
@@ -191,6 +204,20 @@ def _serve(args: argparse.Namespace) -> int:
     from meshtoll.workers import supervise
 
     return supervise(settings)
+
+
+def _ratelimit(args: argparse.Namespace) -> int:
+    from meshtoll.ratelimit.peer_settings import rls_settings_from
+    from meshtoll.rls_app import configure_logging, run
+
+    settings = rls_settings_from()
+    configure_logging(settings)
+    try:
+        asyncio.run(run(settings))
+    except PolicyError as exc:
+        print(f"rate-limit configuration rejected:\n{exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _dev(args: argparse.Namespace) -> int:

@@ -6,6 +6,8 @@
     ├── ConfigError               a command-line / environment setting is invalid
     ├── StorageUnavailable        the shared store did not answer in time (transient: retry,
     │                             or apply the configured failure policy)
+    ├── InvalidRateLimitRequest   an RLS request envoyproxy/ratelimit answers with an error
+    │                             (no domain, no descriptors)
     ├── EnvoyNotFound             no Envoy binary to run the local stack with
     └── ProcessStartError         a child of the local stack exited or was not ready in time
 
@@ -50,6 +52,10 @@ class ConfigError(MeshtollError):
 
 class StorageUnavailable(MeshtollError):
     """The shared store could not be reached in time; transient by nature."""
+
+
+class InvalidRateLimitRequest(MeshtollError):
+    """A rate-limit request that cannot be answered: envoyproxy/ratelimit returns an error."""
 
 
 class EnvoyNotFound(MeshtollError):

@@ -26,6 +26,9 @@ class Settings:
     ratelimit_config: Path | None = None  # a directory of envoyproxy/ratelimit YAML files
     ratelimit_failure_mode: str = "open"  # when the store cannot answer: allow, or refuse
     ratelimit_shadow_mode: bool = False  # evaluate and count every limit, enforce none
+    # envoyproxy/ratelimit configuration domains: answered exactly as it answers ("strict"),
+    # or counted meshtoll's way ("meshtoll": all or nothing, calendar months).
+    ratelimit_compat: str = "strict"
     redis_timeout_ms: int = 50
     reconcile_grace_seconds: float = 30.0  # how long an admission waits for its access-log record
     # How long the usage ledger keeps records for export; the period counters invoices read
@@ -56,6 +59,8 @@ class Settings:
             raise ConfigError(
                 f"ratelimit_failure_mode: {self.ratelimit_failure_mode!r} is not one of open, closed"
             )
+        if self.ratelimit_compat not in ("strict", "meshtoll"):
+            raise ConfigError(f"ratelimit_compat: {self.ratelimit_compat!r} is not one of strict, meshtoll")
         if self.reconcile_grace_seconds <= 0:
             raise ConfigError("reconcile_grace_seconds must be positive")
         if self.ledger_retention_days < 1:

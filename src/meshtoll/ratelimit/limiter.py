@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 from meshtoll.errors import StorageUnavailable
-from meshtoll.ratelimit.limits import Check, CheckResult, RateLimit
+from meshtoll.ratelimit.limits import Check, CheckResult, Increment, RateLimit
 from meshtoll.ratelimit.verdict import ADMITTED_WITHOUT_LIMITS, LimitVerdict, limit_verdict
 from meshtoll.storage.base import CounterStore
 
@@ -75,6 +75,20 @@ class Limiter:
             return None
         self._remember_refusals(checks, results, now)
         return results
+
+    def now(self) -> float:
+        return self._clock()
+
+    async def counts(
+        self, increments: Sequence[Increment], now: float, *, stop_when_over: bool = False
+    ) -> list[int] | None:
+        """envoyproxy/ratelimit's counting (CounterStore.increment) under the failure policy:
+        None when the store is unavailable and the policy is "open"."""
+        try:
+            return await self.store.increment(increments, now, stop_when_over=stop_when_over)
+        except StorageUnavailable as exc:
+            self._store_failed(exc, now)
+            return None
 
     def _cached_refusal(self, checks: Sequence[Check], now: float) -> list[CheckResult] | None:
         if self.shadow or not self._refused_until:

@@ -53,3 +53,15 @@ class CheckResult:
     remaining: int  # hits still admitted before the limit refuses
     reset_seconds: float  # until the window ends (bucket: until it is full again)
     retry_after: float  # until this limit could admit a hit again; 0 when it admits now
+
+
+@dataclass(frozen=True, slots=True)
+class Increment:
+    """One counter as envoyproxy/ratelimit counts it: add `hits` to `key` (the whole key,
+    window included) and let it expire `expire_seconds` from now. `limit` matters only
+    when counting stops at the limit (STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT)."""
+
+    key: str
+    hits: int
+    limit: int
+    expire_seconds: int

@@ -3,15 +3,18 @@ protobufs in and out, the rate-limit service's decision in between."""
 
 from __future__ import annotations
 
+import math
+
 import grpc
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from envoy.type.v3 import ratelimit_unit_pb2
 from google.protobuf import duration_pb2
 
-from meshtoll.errors import StorageUnavailable
+from meshtoll.errors import InvalidRateLimitRequest, StorageUnavailable
+from meshtoll.ratelimit.decision import Descriptor, DescriptorStatus
 from meshtoll.ratelimit.limits import RateLimit
-from meshtoll.ratelimit.service import Descriptor, DescriptorStatus, RateLimitService
+from meshtoll.ratelimit.service import RateLimitService
 
 _Response = rls_pb2.RateLimitResponse
 _OK = _Response.OK
@@ -34,6 +37,10 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[
             # The "closed" failure policy: UNAVAILABLE lets Envoy's failure_mode_deny refuse.
             await context.abort(grpc.StatusCode.UNAVAILABLE, "rate-limit store unavailable")
             raise  # abort raises; this line only tells the type checker
+        except InvalidRateLimitRequest as exc:
+            # envoyproxy/ratelimit returns a plain Go error, which grpc-go sends as UNKNOWN.
+            await context.abort(grpc.StatusCode.UNKNOWN, str(exc))
+            raise
         return _Response(
             overall_code=_OVER_LIMIT if decision.over_limit else _OK,
             statuses=[status_to_envoy(status) for status in decision.statuses],
@@ -46,7 +53,8 @@ def descriptor_from_envoy(descriptor: ratelimit_pb2.RateLimitDescriptor) -> Desc
     if descriptor.HasField("limit"):
         limit = descriptor.limit
         period = ratelimit_unit_pb2.RateLimitUnit.Name(limit.unit).lower()
-        override = RateLimit(limit.requests_per_unit, period, name=f"{limit.requests_per_unit}/{period}")
+        # An override has no name: envoyproxy/ratelimit answers with an empty one.
+        override = RateLimit(limit.requests_per_unit, period)
     hits = descriptor.hits_addend.value if descriptor.HasField("hits_addend") else None
     return Descriptor(entries, override, hits)
 
@@ -68,5 +76,5 @@ def status_to_envoy(status: DescriptorStatus) -> rls_pb2.RateLimitResponse.Descr
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
-    whole = int(seconds)
-    return duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
+    # Whole seconds, as envoyproxy/ratelimit sends them (rounded up: never an early retry).
+    return duration_pb2.Duration(seconds=math.ceil(seconds))

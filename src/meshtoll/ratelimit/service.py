@@ -5,15 +5,19 @@ Descriptors of the policy's domain (`ratelimit.domain`, "meshtoll" by default) n
 and optionally its route: each stands for one request of that tenant, checked against every
 limit the policy gives the tenant on that route, unless the route's limits are enforced in
 the authz call (then the descriptor is not counted again here). Descriptors of any other
-domain are matched against envoyproxy/ratelimit configuration files.
+domain are matched against envoyproxy/ratelimit configuration files and answered, by
+default, exactly as envoyproxy/ratelimit answers (strict.py); with the `meshtoll`
+compatibility they are counted meshtoll's way (all or nothing, calendar months).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from meshtoll.policy.reload import PolicyHolder
+from meshtoll.ratelimit.decision import Descriptor, DescriptorStatus, RateLimitDecision
 from meshtoll.ratelimit.descriptor_config import (
     UNLIMITED_REMAINING,
     DescriptorConfigs,
@@ -21,29 +25,12 @@ from meshtoll.ratelimit.descriptor_config import (
     resolve_replaces,
 )
 from meshtoll.ratelimit.limiter import Limiter
-from meshtoll.ratelimit.limits import Check, CheckResult, RateLimit
+from meshtoll.ratelimit.limits import Check, CheckResult
 from meshtoll.ratelimit.policy_limits import PolicyLimits
+from meshtoll.ratelimit.strict import StrictLimiter
 
-
-@dataclass(frozen=True, slots=True)
-class Descriptor:
-    entries: tuple[tuple[str, str], ...]
-    override: RateLimit | None = None  # the limit Envoy sent with the descriptor, if any
-    hits_addend: int | None = None  # None: the request's
-
-
-@dataclass(frozen=True, slots=True)
-class DescriptorStatus:
-    over_limit: bool
-    limit: RateLimit | None  # the most restrictive limit that applied; None: no limit
-    remaining: int
-    reset_seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimitDecision:
-    over_limit: bool
-    statuses: tuple[DescriptorStatus, ...]
+Compat = Literal["strict", "meshtoll"]
+COMPAT_MODES: tuple[Compat, ...] = ("strict", "meshtoll")
 
 
 # The descriptor entry that marks a charge after the response: (charge, units).
@@ -69,19 +56,27 @@ class _Planned:
 class RateLimitService:
     def __init__(
         self,
-        policy: PolicyHolder,
+        policy: PolicyHolder | None,
         limiter: Limiter,
         descriptor_configs: Callable[[], DescriptorConfigs | None] = lambda: None,
+        *,
+        compat: Compat = "strict",
+        strict: StrictLimiter | None = None,
     ) -> None:
+        """`policy` None: the RLS alone (`meshtoll ratelimit`), configuration files only."""
         self._policy = policy
         self._limiter = limiter
         self._descriptor_configs = descriptor_configs
-        self._limits = PolicyLimits(policy.current)
+        self._limits = None if policy is None else PolicyLimits(policy.current)
+        self._strict = (strict or StrictLimiter(limiter)) if compat == "strict" else None
 
     async def decide(
         self, domain: str, descriptors: Sequence[Descriptor], hits_addend: int
     ) -> RateLimitDecision:
-        """Raises StorageUnavailable only under the "closed" failure policy."""
+        """Raises StorageUnavailable only under the "closed" failure policy, and
+        InvalidRateLimitRequest where envoyproxy/ratelimit answers with an error."""
+        if self._strict is not None and not self._is_policy_domain(domain):
+            return await self._strict.decide(self._descriptor_configs(), domain, descriptors, hits_addend)
         planned = self._plan(domain, descriptors, hits_addend)
         checks = [check for each in planned for check in each.checks]
         results = await self._limiter.results(checks) if checks else []
@@ -94,19 +89,22 @@ class RateLimitService:
             position += len(each.checks)
         return RateLimitDecision(any(status.over_limit for status in statuses), tuple(statuses))
 
+    def _is_policy_domain(self, domain: str) -> bool:
+        return self._policy is not None and domain == self._policy.current.policy.ratelimit.domain
+
     def _plan(self, domain: str, descriptors: Sequence[Descriptor], hits_addend: int) -> list[_Planned]:
-        policy = self._policy.current
-        if domain == policy.policy.ratelimit.domain:
-            if self._limits.policy is not policy:
+        if self._policy is not None and self._is_policy_domain(domain):
+            policy = self._policy.current
+            if self._limits is None or self._limits.policy is not policy:
                 self._limits = PolicyLimits(policy)
             return [
-                self._policy_planned(descriptor, _hits(descriptor, hits_addend)) for descriptor in descriptors
+                self._policy_planned(descriptor, descriptor.hits(hits_addend)) for descriptor in descriptors
             ]
         configs = self._descriptor_configs()
         matches = [None if configs is None else configs.match(domain, d.entries) for d in descriptors]
         planned: list[_Planned] = []
         for descriptor, match in zip(descriptors, resolve_replaces(matches), strict=True):
-            cost = _hits(descriptor, hits_addend)
+            cost = descriptor.hits(hits_addend)
             if descriptor.override is not None:
                 # Envoy's own limit for this descriptor wins over any configured one.
                 override = Check(counter_key(domain, descriptor.entries), descriptor.override, cost)
@@ -122,6 +120,7 @@ class RateLimitService:
     def _policy_planned(self, descriptor: Descriptor, hits: int) -> _Planned:
         entries = dict(descriptor.entries)
         tenant = entries.get("tenant")
+        assert self._limits is not None  # set by _plan for the policy's domain
         if tenant is None:
             return _Planned()
         route = entries.get("route", "")
@@ -148,10 +147,6 @@ class RateLimitService:
             return DescriptorStatus(True, check.limit, 0, result.retry_after)
         check, result = min(pairs, key=lambda pair: pair[1].remaining)
         return DescriptorStatus(False, check.limit, result.remaining, result.reset_seconds)
-
-
-def _hits(descriptor: Descriptor, request_hits: int) -> int:
-    return request_hits if descriptor.hits_addend is None else descriptor.hits_addend
 
 
 def _with_cost(checks: tuple[Check, ...], hits: int) -> tuple[Check, ...]:

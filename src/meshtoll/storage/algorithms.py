@@ -9,9 +9,10 @@ previous window), token bucket the first (its theoretical arrival time, TAT).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from meshtoll.ratelimit.limits import Check, CheckResult
+from meshtoll.ratelimit.limits import Check, CheckResult, Increment
 from meshtoll.ratelimit.periods import nominal_seconds, previous_window, window
 
 FIXED, SLIDING, BUCKET = 1, 2, 3
@@ -117,3 +118,16 @@ def _sliding_retry(p: Plan, current: int, previous: int, allowed: bool, now_ms: 
     # previous * (end - t) / length <= room  <=>  t >= end - room * length / previous
     moment = p.b - room * (p.b - p.a) / previous
     return max(0.0, moment - now_ms) / 1000
+
+
+def hits_to_add(current: Sequence[int], increments: Sequence[Increment], stop_when_over: bool) -> list[int]:
+    """What envoyproxy/ratelimit adds to each counter. Normally every hit, refused or not;
+    when counting stops at the limit and any counter would pass its limit, only the counters
+    that would pass it grow (its STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT)."""
+    hits = [increment.hits for increment in increments]
+    if not stop_when_over:
+        return hits
+    passes = [value + each.hits > each.limit for value, each in zip(current, increments, strict=True)]
+    if not any(passes):
+        return hits
+    return [add if passing else 0 for add, passing in zip(hits, passes, strict=True)]

@@ -6,6 +6,9 @@ nothing is: a refused request never eats quota. Atomic: concurrent callers, in a
 of processes sharing a store, never overshoot. The meaning of each algorithm is the pure
 code in `meshtoll.storage.algorithms`, which the memory store runs and the Redis store's
 Lua script mirrors; one contract test suite runs against both.
+
+`increment` is envoyproxy/ratelimit's counting instead (every hit counted, refused or not),
+for its configuration domains in strict compatibility.
 """
 
 from __future__ import annotations
@@ -13,12 +16,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from meshtoll.ratelimit.limits import Check, CheckResult
+from meshtoll.ratelimit.limits import Check, CheckResult, Increment
 
 
 class CounterStore(Protocol):
     async def check(self, checks: Sequence[Check], now: float) -> list[CheckResult]:
         """Raises meshtoll.errors.StorageUnavailable when the store cannot answer in time."""
+        ...
+
+    async def increment(
+        self, increments: Sequence[Increment], now: float, *, stop_when_over: bool = False
+    ) -> list[int]:
+        """envoyproxy/ratelimit's counting (algorithms.hits_to_add): each counter's value
+        after adding its hits, every counter refreshed to its expiry. Atomic per call (per
+        Cluster slot). Raises meshtoll.errors.StorageUnavailable like `check`."""
         ...
 
     async def ping(self) -> bool: ...

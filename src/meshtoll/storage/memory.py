@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from meshtoll.ratelimit.limits import Check, CheckResult
+from meshtoll.ratelimit.limits import Check, CheckResult, Increment
 from meshtoll.storage import algorithms
 
 _PURGE_EVERY = 10_000  # writes between sweeps of expired counters
@@ -33,6 +33,18 @@ class MemoryCounterStore:
                 self._set(p.keys[0], first, now_ms + p.expire_ms, now_ms)
             results.append(algorithms.result(p, first, second, ok, now_ms))
         return results
+
+    async def increment(
+        self, increments: Sequence[Increment], now: float, *, stop_when_over: bool = False
+    ) -> list[int]:
+        now_ms = int(now * 1000)
+        current = [self._get(each.key, now_ms) for each in increments]
+        hits = algorithms.hits_to_add(current, increments, stop_when_over)
+        counts = []
+        for each, value, add in zip(increments, current, hits, strict=True):
+            self._set(each.key, value + add, now_ms + each.expire_seconds * 1000, now_ms)
+            counts.append(value + add)
+        return counts
 
     async def ping(self) -> bool:
         return True

@@ -31,14 +31,21 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
 from meshtoll.errors import StorageUnavailable
-from meshtoll.ratelimit.limits import Check, CheckResult
+from meshtoll.ratelimit.limits import Check, CheckResult, Increment
 from meshtoll.storage import algorithms
 from meshtoll.storage.breaker import CircuitBreaker
 from meshtoll.storage.resp import LeanRedis, encode
 from meshtoll.storage.urls import RedisTarget, parse_redis_url
 
 _FAILURES = (redis.exceptions.RedisError, OSError, TimeoutError, ssl.SSLError)
-CHECK_SCRIPT = (resources.files("meshtoll") / "storage" / "lua" / "check.lua").read_text
+
+
+def _lua(name: str) -> str:
+    return (resources.files("meshtoll") / "storage" / "lua" / name).read_text()
+
+
+CHECK_SCRIPT = functools.partial(_lua, "check.lua")
+INCREMENT_SCRIPT = functools.partial(_lua, "increment.lua")
 
 
 class RedisCounterStore:
@@ -58,7 +65,7 @@ class RedisCounterStore:
             return []
         now_ms = int(now * 1000)
         plans = [algorithms.plan(check, now_ms) for check in checks]
-        groups = _by_slot(plans) if self._cluster else [list(range(len(plans)))]
+        groups = _by_slot([p.keys[0] for p in plans]) if self._cluster else [list(range(len(plans)))]
         replies = await self._guarded(*(self._run(plans, group, now_ms) for group in groups))
         results: list[CheckResult] = [None] * len(plans)  # type: ignore[list-item]
         for group, reply in zip(groups, replies, strict=True):
@@ -66,6 +73,31 @@ class RedisCounterStore:
                 allowed, first, second = (int(value) for value in reply[3 * n : 3 * n + 3])
                 results[i] = algorithms.result(plans[i], first, second, bool(allowed), now_ms)
         return results
+
+    async def increment(
+        self, increments: Sequence[Increment], now: float, *, stop_when_over: bool = False
+    ) -> list[int]:
+        """One EVALSHA of storage/lua/increment.lua (per Cluster slot: the rule that stops
+        at the limit then holds per slot). Sent without a decision marker: like
+        envoyproxy/ratelimit's own pipeline, a call redis-py resends may count twice."""
+        if not increments:
+            return []
+        groups = (
+            _by_slot([each.key for each in increments]) if self._cluster else [list(range(len(increments)))]
+        )
+        calls = (
+            self._runner.increment(
+                [increments[i].key for i in group],
+                [int(stop_when_over), *(v for i in group for v in _increment_arguments(increments[i]))],
+            )
+            for group in groups
+        )
+        replies = await self._guarded(*calls)
+        counts = [0] * len(increments)
+        for group, reply in zip(groups, replies, strict=True):
+            for n, i in enumerate(group):
+                counts[i] = int(reply[n])
+        return counts
 
     async def ping(self) -> bool:
         try:
@@ -129,11 +161,16 @@ def _tag_for_slot(slot: int) -> str:
     return next(text for text in map(str, itertools.count()) if key_slot(text.encode()) == slot)
 
 
-def _by_slot(plans: list[algorithms.Plan]) -> list[list[int]]:
+def _by_slot(keys: list[str]) -> list[list[int]]:
+    """Indexes of `keys`, grouped by Cluster slot."""
     groups: dict[int, list[int]] = {}
-    for index, plan in enumerate(plans):
-        groups.setdefault(key_slot(plan.keys[0].encode()), []).append(index)
+    for index, key in enumerate(keys):
+        groups.setdefault(key_slot(key.encode()), []).append(index)
     return list(groups.values())
+
+
+def _increment_arguments(increment: Increment) -> tuple[int, int, int]:
+    return increment.hits, increment.limit, increment.expire_seconds
 
 
 class _LeanRunner:
@@ -149,37 +186,51 @@ class _LeanRunner:
             host, port, timeout=timeout, db=target.db, password=target.password, username=target.username,
             tls=target.tls,
         )  # fmt: skip
-        self._script = CHECK_SCRIPT().encode()
-        self._sha = hashlib.sha1(self._script).hexdigest()
-        self._head = f"$7\r\nEVALSHA\r\n$40\r\n{self._sha}\r\n"
+        self._check = _LeanScript(CHECK_SCRIPT())
+        self._increment = _LeanScript(INCREMENT_SCRIPT())
 
     async def run(self, keys: list[str], arguments: list[int]) -> list[Any]:
-        command = self._evalsha(keys, arguments)
+        return await self._call(self._check, keys, arguments)
+
+    async def increment(self, keys: list[str], arguments: list[int]) -> list[Any]:
+        return await self._call(self._increment, keys, arguments)
+
+    async def _call(self, script: _LeanScript, keys: list[str], arguments: list[int]) -> list[Any]:
+        command = script.evalsha(keys, arguments)
         reply = await self._redis.call(command)
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-            # A restarted or flushed Redis forgot the script; the decision marker makes the
-            # second attempt safe even if the first had run.
-            await self._redis.call(encode(["SCRIPT", "LOAD", self._script]))
+            # A restarted or flushed Redis forgot the script. NOSCRIPT means it did not run,
+            # so the second attempt cannot count twice.
+            await self._redis.call(encode(["SCRIPT", "LOAD", script.text]))
             reply = await self._redis.call(command)
         if isinstance(reply, hiredis.ReplyError):
             raise StorageUnavailable(f"Redis refused the decision script: {reply}")
         assert isinstance(reply, list)
         return reply
 
-    def _evalsha(self, keys: list[str], arguments: list[int]) -> bytes:
-        # The hot path's one allocation-heavy step, so built as one text: the fixed head
-        # once, each key and number as a RESP bulk string, encoded in a single call.
-        items = [*keys, *map(str, arguments)]
-        body = "".join([f"${len(item)}\r\n{item}\r\n" for item in items])
-        if not body.isascii():  # a key with non-ASCII text: lengths must count bytes
-            return encode(["EVALSHA", self._sha, len(keys), *keys, *arguments])
-        return f"*{len(items) + 3}\r\n{self._head}${len(str(len(keys)))}\r\n{len(keys)}\r\n{body}".encode()
-
     async def ping(self) -> bool:
         return await self._redis.call(encode(["PING"])) == b"PONG"
 
     async def close(self) -> None:
         await self._redis.close()
+
+
+class _LeanScript:
+    """A Lua script as the lean client sends it: EVALSHA built as one text."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text.encode()
+        self.sha = hashlib.sha1(self.text).hexdigest()
+        self._head = f"$7\r\nEVALSHA\r\n$40\r\n{self.sha}\r\n"
+
+    def evalsha(self, keys: list[str], arguments: list[int]) -> bytes:
+        # The hot path's one allocation-heavy step, so built as one text: the fixed head
+        # once, each key and number as a RESP bulk string, encoded in a single call.
+        items = [*keys, *map(str, arguments)]
+        body = "".join([f"${len(item)}\r\n{item}\r\n" for item in items])
+        if not body.isascii():  # a key with non-ASCII text: lengths must count bytes
+            return encode(["EVALSHA", self.sha, len(keys), *keys, *arguments])
+        return f"*{len(items) + 3}\r\n{self._head}${len(str(len(keys)))}\r\n{len(keys)}\r\n{body}".encode()
 
 
 class _RedisPyRunner:
@@ -190,10 +241,21 @@ class _RedisPyRunner:
     def __init__(self, target: RedisTarget, timeout: float) -> None:
         self._client, self._sentinels = redis_py_client(target, timeout)
         self._script = self._client.register_script(CHECK_SCRIPT())
+        self._increment = self._client.register_script(INCREMENT_SCRIPT())
         self._initialized = not isinstance(self._client, RedisCluster)
         self._initializing = asyncio.Lock()
 
     async def run(self, keys: list[str], arguments: list[int]) -> list[Any]:
+        await self._initialize()
+        reply: list[Any] = await self._script(keys=keys, args=arguments)
+        return reply
+
+    async def increment(self, keys: list[str], arguments: list[int]) -> list[Any]:
+        await self._initialize()
+        reply: list[Any] = await self._increment(keys=keys, args=arguments)
+        return reply
+
+    async def _initialize(self) -> None:
         if not self._initialized:
             # A burst of first calls would each start the cluster client's slot discovery,
             # which resets connections the others are using: discover once, first.
@@ -201,8 +263,6 @@ class _RedisPyRunner:
                 if not self._initialized:
                     await self._client.initialize()
                     self._initialized = True
-        reply: list[Any] = await self._script(keys=keys, args=arguments)
-        return reply
 
     async def ping(self) -> bool:
         return bool(await self._client.ping())

@@ -1,0 +1,226 @@
+"""The composition root of `meshtoll ratelimit`: the rate-limit service alone, as
+envoyproxy/ratelimit runs, from its environment variables (ratelimit/peer_settings.py).
+
+Ports as the peer's: gRPC (RLS and health), HTTP `/healthcheck`, and a debug port with
+`/rlconfig` and `/metrics`. Health is the peer's: SERVING once Redis answers (and, with
+HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED, once a configuration with a domain is loaded),
+NOT_SERVING from SIGTERM on, so that Kubernetes stops sending before the pod goes.
+An invalid initial configuration refuses to start (the peer starts and fails every call):
+a pod that cannot answer correctly should not pass its readiness probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Coroutine
+from typing import Any, Protocol
+
+import grpc
+from envoy.service.ratelimit.v3 import rls_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from meshtoll.httpserver import response, serve_http
+from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder, watch_descriptor_configs
+from meshtoll.ratelimit.limiter import Limiter
+from meshtoll.ratelimit.peer_settings import RlsSettings
+from meshtoll.ratelimit.rls import RateLimitServicer
+from meshtoll.ratelimit.service import RateLimitService
+from meshtoll.ratelimit.strict import StrictLimiter, StrictOptions
+from meshtoll.storage import CounterStore, open_counter_store
+
+log = logging.getLogger("meshtoll.ratelimit")
+
+# The peer's gRPC health service name; "" (the whole server) answers the same.
+HEALTH_SERVICES = ("", "ratelimit", "envoy.service.ratelimit.v3.RateLimitService")
+REDIS_PROBE_SECONDS = 1.0
+CONFIG_POLL_SECONDS = 1.0
+GRPC_STOP_GRACE_SECONDS = 1.0
+_OK = response(200, "OK", (("content-type", "text/plain"),), b"OK")
+_FAILING = response(500, "Internal Server Error", (("content-type", "text/plain"),), b"")
+_NOT_FOUND = response(404, "Not Found", (("content-type", "text/plain"),), b"404 page not found\n")
+
+
+class _Listener(Protocol):
+    def close(self) -> None: ...
+
+    def wait_closed(self) -> Awaitable[None]: ...
+
+
+class Health:
+    """The peer's HealthChecker: healthy when every component is."""
+
+    def __init__(self, servicer: health.aio.HealthServicer, components: dict[str, bool]) -> None:
+        self._servicer = servicer
+        self.components = components
+
+    @property
+    def ok(self) -> bool:
+        return all(self.components.values())
+
+    async def set(self, component: str, healthy: bool) -> None:
+        self.components[component] = healthy
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if self.ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in HEALTH_SERVICES:
+            await self._servicer.set(service, status)
+
+
+class RlsApp:
+    def __init__(self, settings: RlsSettings) -> None:
+        self.settings = settings
+        self._grpc: grpc.aio.Server | None = None
+        self._listeners: list[_Listener] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._store: CounterStore | None = None
+        self.health: Health | None = None
+        self.configs: DescriptorConfigHolder | None = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        # Raises PolicyError (file, line, field path) for an invalid initial configuration.
+        self.configs = configs = await asyncio.to_thread(DescriptorConfigHolder, settings.config_directory)
+        self._background(watch_descriptor_configs(configs, CONFIG_POLL_SECONDS))
+        self._store = store = open_counter_store(settings.redis_url, timeout_ms=settings.redis_timeout_ms)
+        # "closed": a store that cannot answer is a gRPC error, as the peer's Redis errors are.
+        limiter = Limiter(store, failure_mode="closed", shadow=settings.shadow_mode)
+        options = StrictOptions(
+            key_prefix=settings.cache_key_prefix,
+            stop_when_over=settings.stop_cache_key_increment_when_overlimit,
+            local_cache=settings.local_cache,
+            expiration_jitter_seconds=settings.expiration_jitter_seconds,
+        )
+        service = RateLimitService(
+            None, limiter, lambda: configs.current, compat="strict", strict=StrictLimiter(limiter, options)
+        )
+        servicer = health.aio.HealthServicer()
+        components = {"redis": False, "sigterm": True}
+        if settings.healthy_with_at_least_one_config_loaded:
+            components["config"] = bool(configs.current.domains)
+        self.health = Health(servicer, components)
+        self._grpc = await self._start_grpc(service, servicer)
+        await self.health.set("redis", await store.ping())
+        self._background(self._probe_redis(store))
+        self._listeners.append(await serve_http(self._http, _listening(settings.host, settings.port)))
+        self._listeners.append(
+            await serve_http(self._debug, _listening(settings.debug_host, settings.debug_port))
+        )
+        log.warning(
+            "meshtoll ratelimit serving: gRPC %s:%d, HTTP %s:%d, debug %s:%d; configuration %s (%d domains)",
+            settings.grpc_host,
+            settings.grpc_port,
+            settings.host,
+            settings.port,
+            settings.debug_host,
+            settings.debug_port,
+            settings.config_directory,
+            len(configs.current.domains),
+        )
+
+    def _http(self, method: str, target: str, headers: dict[str, str], peer: str) -> bytes:
+        if target.partition("?")[0] == "/healthcheck":
+            return _OK if self.health is not None and self.health.ok else _FAILING
+        return _NOT_FOUND
+
+    def _debug(self, method: str, target: str, headers: dict[str, str], peer: str) -> bytes:
+        path = target.partition("?")[0]
+        if path == "/rlconfig" and self.configs is not None:
+            body = "\n".join(sorted(self.configs.current.domains)).encode() + b"\n"
+            return response(200, "OK", (("content-type", "text/plain"),), body)
+        return self._http(method, target, headers, peer)
+
+    async def _start_grpc(
+        self, service: RateLimitService, servicer: health.aio.HealthServicer
+    ) -> grpc.aio.Server:
+        server = grpc.aio.server()
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(service), server)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        if server.add_insecure_port(address) == 0:
+            raise OSError(f"cannot listen for gRPC on {address}")
+        await server.start()
+        return server
+
+    async def _probe_redis(self, store: CounterStore) -> None:
+        """Health follows Redis: the peer marks itself unhealthy when its Redis connection fails."""
+        assert self.health is not None
+        while True:
+            await asyncio.sleep(REDIS_PROBE_SECONDS)
+            reachable = await store.ping()
+            if reachable != self.health.components["redis"]:
+                log.warning("Redis %s", "reachable again" if reachable else "unreachable: health NOT_SERVING")
+                await self.health.set("redis", reachable)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        self._tasks.append(asyncio.create_task(work))
+
+    async def draining(self) -> None:
+        """SIGTERM: fail health first, so that load balancers stop sending."""
+        if self.health is not None:
+            await self.health.set("sigterm", False)
+
+    async def stop(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(GRPC_STOP_GRACE_SECONDS)
+        for listener in self._listeners:
+            listener.close()
+            await listener.wait_closed()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._store is not None:
+            await self._store.close()
+
+
+class _JsonFormatter(logging.Formatter):
+    """The peer's LOG_FORMAT=json fields: @timestamp, @message, level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "@timestamp": self.formatTime(record),
+                "@message": record.getMessage(),
+                "level": record.levelname.lower(),
+            }
+        )
+
+
+def configure_logging(settings: RlsSettings) -> None:
+    """LOG_LEVEL (the peer's names: debug, info, warn, error) and LOG_FORMAT (text, json)."""
+    root = logging.getLogger()
+    root.setLevel(
+        {"WARN": "WARNING", "FATAL": "CRITICAL", "PANIC": "CRITICAL"}.get(
+            settings.log_level, settings.log_level
+        )
+    )
+    if settings.log_format == "json":
+        for handler in root.handlers:
+            handler.setFormatter(_JsonFormatter())
+
+
+def _listening(host: str, port: int) -> socket.socket:
+    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setblocking(False)
+    return sock
+
+
+async def run(settings: RlsSettings) -> None:
+    """Serve until SIGINT or SIGTERM."""
+    app = RlsApp(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await app.start()
+        await stop.wait()
+        await app.draining()
+    finally:
+        await app.stop()

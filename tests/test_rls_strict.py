@@ -1,0 +1,206 @@
+"""envoyproxy/ratelimit's answers in strict compatibility, as plain values: the cases of its
+test/service/ratelimit_test.go, test/redis/fixed_cache_impl_test.go and
+test/limiter/base_limiter_test.go, rewritten for meshtoll (the clock is set, never slept on).
+The configuration files are the peer's own (tests/fixtures/ratelimit, see NOTICE.md)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from meshtoll.errors import InvalidRateLimitRequest
+from meshtoll.ratelimit.decision import Descriptor, DescriptorStatus, RateLimitDecision
+from meshtoll.ratelimit.descriptor_config import DescriptorConfigs, load_descriptor_configs
+from meshtoll.ratelimit.limiter import Limiter
+from meshtoll.ratelimit.limits import Increment, RateLimit
+from meshtoll.ratelimit.strict import StrictLimiter, StrictOptions
+from meshtoll.storage.memory import MemoryCounterStore
+
+FIXTURES = Path(__file__).parent / "fixtures" / "ratelimit"
+# 1234 s past a day's start: 26 s left in the minute, 2366 s in the hour.
+NOW = 1_700_006_400 + 1234
+
+
+class Clock:
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def configs_of(tmp_path: Path, *files: str) -> DescriptorConfigs:
+    for name in files:
+        shutil.copy(FIXTURES / name, tmp_path / Path(name).name)
+    return load_descriptor_configs(tmp_path)
+
+
+def service(
+    store: MemoryCounterStore | None = None,
+    *,
+    shadow: bool = False,
+    clock: Clock | None = None,
+    **options: object,
+) -> StrictLimiter:
+    limiter = Limiter(
+        store or MemoryCounterStore(), shadow=shadow, clock=clock or Clock(), failure_mode="closed"
+    )
+    return StrictLimiter(limiter, StrictOptions(**options))  # type: ignore[arg-type]
+
+
+def d(*entries: tuple[str, str], hits: int | None = None, override: RateLimit | None = None) -> Descriptor:
+    return Descriptor(tuple(entries), override, hits)
+
+
+async def ask(
+    strict: StrictLimiter,
+    configs: DescriptorConfigs,
+    domain: str,
+    descriptors: Sequence[Descriptor],
+    hits: int = 1,
+) -> RateLimitDecision:
+    return await strict.decide(configs, domain, descriptors, hits)
+
+
+def view(status: DescriptorStatus) -> tuple[bool, int | None, int, int]:
+    return (
+        status.over_limit,
+        None if status.limit is None else status.limit.requests,
+        status.remaining,
+        int(status.reset_seconds),
+    )
+
+
+async def stored(store: MemoryCounterStore, key: str) -> int:
+    # Adding 0 hits reads a counter.
+    [value] = await store.increment([Increment(key, 0, 0, 60)], NOW)
+    return value
+
+
+@pytest.fixture
+def another(tmp_path: Path) -> DescriptorConfigs:
+    return configs_of(tmp_path, "integration/config/another.yaml", "integration/config/basic.yaml")
+
+
+async def test_one_descriptor_over_limit_leaves_the_others_counting_and_reporting(
+    another: DescriptorConfigs,
+) -> None:
+    # integration_test.go: key2 (20/minute) and key3 (10/hour) together, 15 times.
+    strict = service()
+    answers = [await ask(strict, another, "another", [d(("key2", "7")), d(("key3", "7"))]) for _ in range(15)]
+    assert [a.over_limit for a in answers] == [False] * 10 + [True] * 5
+    assert [a.statuses[0].remaining for a in answers] == [20 - n for n in range(1, 16)]
+    assert [a.statuses[0].over_limit for a in answers] == [False] * 15
+    assert [a.statuses[1].remaining for a in answers] == [10 - n for n in range(1, 11)] + [0] * 5
+    assert {int(a.statuses[0].reset_seconds) for a in answers} == {26}
+    assert {int(a.statuses[1].reset_seconds) for a in answers} == {3600 - 1234}
+
+
+async def test_stop_increment_when_over_limit_keeps_the_other_counter_unchanged(
+    another: DescriptorConfigs,
+) -> None:
+    strict = service(stop_when_over=True)
+    answers = [await ask(strict, another, "another", [d(("key2", "8")), d(("key3", "8"))]) for _ in range(15)]
+    assert [a.statuses[0].remaining for a in answers] == [20 - n for n in range(1, 11)] + [10] * 5
+
+
+async def test_a_counter_refuses_only_once_its_count_passes_the_limit(another: DescriptorConfigs) -> None:
+    strict = service()
+    answers = [await ask(strict, another, "another", [d(("key2", "9"))]) for _ in range(25)]
+    assert [a.over_limit for a in answers] == [False] * 20 + [True] * 5
+    assert [view(a.statuses[0]) for a in answers[19:21]] == [(False, 20, 0, 26), (True, 20, 0, 26)]
+
+
+async def test_hits_addend_zero_at_the_limit_only_looks_and_is_ok(another: DescriptorConfigs) -> None:
+    # token-quota.sh: a look with 0 hits at count == limit is not a refusal.
+    strict = service()
+    await ask(strict, another, "another", [d(("key3", "z"))], hits=10)
+    looked = await ask(strict, another, "another", [d(("key3", "z"), hits=0)])
+    assert view(looked.statuses[0])[:3] == (False, 10, 0)
+    assert (await ask(strict, another, "another", [d(("key3", "z"))])).over_limit
+
+
+async def test_duration_until_reset_is_whole_seconds_to_the_window_end(another: DescriptorConfigs) -> None:
+    clock = Clock(NOW + 0.927)
+    strict = service(clock=clock)
+    answer = await ask(strict, another, "another", [d(("key4", "durTest"))])
+    assert answer.statuses[0].reset_seconds == 86400 - 1234
+    clock.now += 2
+    later = await ask(strict, another, "another", [d(("key4", "durTest"))])
+    assert later.statuses[0].reset_seconds == 86400 - 1236
+
+
+async def test_an_override_on_an_unknown_domain_applies_no_limit(another: DescriptorConfigs) -> None:
+    strict = service()
+    answer = await ask(strict, another, "nowhere", [d(("a", "b"), override=RateLimit(0, "day"))])
+    assert (answer.over_limit, view(answer.statuses[0])) == (False, (False, None, 0, 0))
+
+
+async def test_an_override_replaces_the_configured_limit_and_has_no_name(another: DescriptorConfigs) -> None:
+    strict = service()
+    answers = [
+        await ask(strict, another, "another", [d(("key2", "o"), override=RateLimit(1, "hour"))])
+        for _ in range(2)
+    ]
+    assert [a.over_limit for a in answers] == [False, True]
+    assert answers[0].statuses[0].limit == RateLimit(1, "hour")
+
+
+@pytest.mark.parametrize(
+    ("domain", "descriptors", "message"),
+    [
+        ("", [d(("key2", "x"))], "rate limit domain must not be empty"),
+        ("another", [], "rate limit descriptor list must not be empty"),
+    ],
+)
+async def test_an_empty_domain_or_no_descriptors_is_an_error(
+    another: DescriptorConfigs, domain: str, descriptors: list[Descriptor], message: str
+) -> None:
+    with pytest.raises(InvalidRateLimitRequest, match=message):
+        await ask(service(), another, domain, descriptors)
+
+
+async def test_global_shadow_mode_keeps_each_descriptors_code_and_answers_ok(
+    another: DescriptorConfigs,
+) -> None:
+    # ratelimit_test.go TestServiceGlobalShadowMode
+    strict = service(shadow=True)
+    for _ in range(10):
+        await ask(strict, another, "another", [d(("key3", "s"))])
+    answer = await ask(strict, another, "another", [d(("key2", "s")), d(("key3", "s"))])
+    assert answer.over_limit is False
+    assert [s.over_limit for s in answer.statuses] == [False, True]
+
+
+async def test_unknown_descriptors_and_unlimited_ones_count_nothing(another: DescriptorConfigs) -> None:
+    strict = service()
+    answer = await ask(strict, another, "another", [d(("hello", "world"))])
+    assert view(answer.statuses[0]) == (False, None, 0, 0)
+
+
+async def test_the_local_cache_answers_an_over_limit_counter_without_counting(
+    another: DescriptorConfigs,
+) -> None:
+    store = MemoryCounterStore()
+    strict = service(store, local_cache=True)
+    for _ in range(11):
+        await ask(strict, another, "another", [d(("key3_local", "c"))])
+    answer = await ask(strict, another, "another", [d(("key2_local", "c")), d(("key3_local", "c"))])
+    assert [view(s)[:3] for s in answer.statuses] == [(False, 20, 19), (True, 10, 0)]
+    hour = NOW // 3600 * 3600
+    assert await stored(store, f"another_key3_local_c_{hour}") == 11
+
+
+async def test_counters_use_the_peer_key_with_prefix_and_30_day_months(tmp_path: Path) -> None:
+    (tmp_path / "m.yaml").write_text(
+        "domain: m\ndescriptors:\n  - key: k\n    rate_limit: {unit: month, requests_per_unit: 2}\n"
+    )
+    store = MemoryCounterStore()
+    strict = service(store, key_prefix="prefix:")
+    await ask(strict, load_descriptor_configs(tmp_path), "m", [d(("k", "v"))])
+    month = 30 * 86400
+    start = NOW // month * month
+    assert await stored(store, f"prefix:m_k_v_{start}") == 1
