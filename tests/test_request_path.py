@@ -66,6 +66,7 @@ def test_dots_slashes_and_unreserved_escapes_are_resolved(target: str, path: str
         ("/v1/public/..\\admin", BACKSLASH),
         ("/v1/public/..;/admin", PATH_PARAMETER),
         ("/v1/public;jsessionid=1/x", PATH_PARAMETER),
+        ("/v1/public/%2e%2e;/admin", PATH_PARAMETER),
         ("/v1/public/../../../admin", ABOVE_ROOT),
         ("/../v1/status", ABOVE_ROOT),
         ("/v1/public/x%00", CONTROL_CHARACTER),

@@ -35,6 +35,7 @@ TRICKS = {
     "/v1/public/..\\admin": "bad_path",
     "/v1/public/..;/admin": "bad_path",
     "/v1/public/..;jsessionid=1/admin": "bad_path",
+    "/v1/public/%2e%2e;/admin": "bad_path",  # Envoy forwards this one as `..;`: meshtoll refuses it
     "/v1/public/../../../admin": "bad_path",
     "http://evil/v1/public/../admin": "bad_path",
 }
