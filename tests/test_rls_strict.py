@@ -16,6 +16,7 @@ from meshtoll.ratelimit.decision import Descriptor, DescriptorStatus, RateLimitD
 from meshtoll.ratelimit.descriptor_config import DescriptorConfigs, load_descriptor_configs
 from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.ratelimit.limits import Increment, RateLimit
+from meshtoll.ratelimit.peer_response import HeaderNames
 from meshtoll.ratelimit.strict import StrictLimiter, StrictOptions
 from meshtoll.storage.memory import MemoryCounterStore
 
@@ -204,3 +205,60 @@ async def test_counters_use_the_peer_key_with_prefix_and_30_day_months(tmp_path:
     month = 30 * 86400
     start = NOW // month * month
     assert await stored(store, f"prefix:m_k_v_{start}") == 1
+
+
+async def test_rate_limit_headers_describe_the_refusing_descriptor(another: DescriptorConfigs) -> None:
+    # ratelimit_test.go TestServiceWithDefaultRatelimitHeaders
+    strict = service(headers=HeaderNames())
+    for _ in range(20):
+        await ask(strict, another, "another", [d(("key2", "h"))])
+    answer = await ask(strict, another, "another", [d(("key2", "h")), d(("hello", "world"))])
+    assert answer.headers == (
+        ("RateLimit-Limit", "20"),
+        ("RateLimit-Remaining", "0"),
+        ("RateLimit-Reset", "26"),
+    )
+
+
+async def test_rate_limit_headers_describe_the_descriptor_closest_to_its_limit(
+    another: DescriptorConfigs,
+) -> None:
+    strict = service(headers=HeaderNames("X-Limit", "X-Left", "X-Reset"))
+    answer = await ask(strict, another, "another", [d(("key2", "c")), d(("key3", "c"))])
+    assert answer.headers == (("X-Limit", "10"), ("X-Left", "9"), ("X-Reset", str(3600 - 1234)))
+    assert (await ask(strict, another, "another", [d(("hello", "world"))])).headers == ()
+
+
+async def test_global_quota_mode_refuses_only_when_every_descriptor_is_over(
+    another: DescriptorConfigs,
+) -> None:
+    # ratelimit_test.go TestServiceGlobalQuotaMode, TestServiceQuotaModeOnlySomeOverTheLimit
+    strict = service(quota_mode=True)
+    for _ in range(10):
+        await ask(strict, another, "another", [d(("key3", "q"))])
+    some = await ask(strict, another, "another", [d(("key2", "q")), d(("key3", "q"))])
+    assert (some.over_limit, [s.over_limit for s in some.statuses]) == (False, [False, True])
+    for _ in range(20):
+        await ask(strict, another, "another", [d(("key2", "q"))])
+    every = await ask(strict, another, "another", [d(("key2", "q")), d(("key3", "q"))])
+    assert (every.over_limit, [s.over_limit for s in every.statuses]) == (True, [True, True])
+
+
+async def test_dynamic_metadata_describes_the_request(another: DescriptorConfigs) -> None:
+    strict = service(dynamic_metadata=True)
+    answer = await ask(
+        strict,
+        another,
+        "another",
+        [d(("key2", "m"), ("sub", "x"), hits=3), d(("key3", "m"), override=RateLimit(4, "hour"))],
+        hits=2,
+    )
+    assert answer.dynamic_metadata == {
+        "domain": "another",
+        "descriptors": [
+            {"entries": ["key2=m", "sub=x"], "hitsAddend": 3.0},
+            {"entries": ["key3=m"], "limit": "requests_per_unit:4 unit:HOUR"},
+        ],
+        "hitsAddend": 2.0,
+    }
+    assert (await ask(service(), another, "another", [d(("key2", "m"))])).dynamic_metadata is None

@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from meshtoll.httpserver import response, serve_http
 from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder, watch_descriptor_configs
 from meshtoll.ratelimit.limiter import Limiter
+from meshtoll.ratelimit.peer_response import HeaderNames
 from meshtoll.ratelimit.peer_settings import RlsSettings
 from meshtoll.ratelimit.rls import RateLimitServicer
 from meshtoll.ratelimit.service import RateLimitService
@@ -94,6 +95,9 @@ class RlsApp:
             stop_when_over=settings.stop_cache_key_increment_when_overlimit,
             local_cache=settings.local_cache,
             expiration_jitter_seconds=settings.expiration_jitter_seconds,
+            quota_mode=settings.quota_mode,
+            headers=None if settings.response_headers is None else HeaderNames(*settings.response_headers),
+            dynamic_metadata=settings.response_dynamic_metadata,
         )
         service = RateLimitService(
             None, limiter, lambda: configs.current, compat="strict", strict=StrictLimiter(limiter, options)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from meshtoll.ratelimit.limits import RateLimit
 
@@ -30,3 +31,5 @@ class DescriptorStatus:
 class RateLimitDecision:
     over_limit: bool
     statuses: tuple[DescriptorStatus, ...]
+    headers: tuple[tuple[str, str], ...] = ()  # for Envoy to add to the client's response
+    dynamic_metadata: dict[str, Any] | None = None  # for Envoy's filter metadata

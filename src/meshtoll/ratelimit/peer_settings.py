@@ -38,6 +38,10 @@ class RlsSettings:
     log_format: str = "text"
     redis_health_check_active_connection: bool = False
     healthy_with_at_least_one_config_loaded: bool = False
+    quota_mode: bool = False
+    response_dynamic_metadata: bool = False
+    # LIMIT_RESPONSE_HEADERS_ENABLED: the limit, remaining and reset header names
+    response_headers: tuple[str, str, str] | None = None
 
 
 def _boolean(raw: str) -> bool:
@@ -98,6 +102,15 @@ def rls_settings_from(environ: Mapping[str, str] = os.environ) -> RlsSettings:
         healthy_with_at_least_one_config_loaded=bool(
             read("HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED", "false", _boolean)
         ),
+        quota_mode=bool(read("QUOTA_MODE", "false", _boolean)),
+        response_dynamic_metadata=bool(read("RESPONSE_DYNAMIC_METADATA", "false", _boolean)),
+        response_headers=(
+            str(read("LIMIT_LIMIT_HEADER", "RateLimit-Limit")),
+            str(read("LIMIT_REMAINING_HEADER", "RateLimit-Remaining")),
+            str(read("LIMIT_RESET_HEADER", "RateLimit-Reset")),
+        )
+        if read("LIMIT_RESPONSE_HEADERS_ENABLED", "false", _boolean)
+        else None,
     )
 
 

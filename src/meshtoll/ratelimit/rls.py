@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import grpc
+from envoy.config.core.v3 import base_pb2
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from envoy.type.v3 import ratelimit_unit_pb2
@@ -29,10 +30,8 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
     ) -> rls_pb2.RateLimitResponse:
         descriptors = [descriptor_from_envoy(descriptor) for descriptor in request.descriptors]
-        # proto3 cannot tell an unset request-level hits_addend from 0: unset means 1.
-        hits = request.hits_addend or 1
         try:
-            decision = await self._service.decide(request.domain, descriptors, hits)
+            decision = await self._service.decide(request.domain, descriptors, request.hits_addend)
         except StorageUnavailable:
             # The "closed" failure policy: UNAVAILABLE lets Envoy's failure_mode_deny refuse.
             await context.abort(grpc.StatusCode.UNAVAILABLE, "rate-limit store unavailable")
@@ -41,10 +40,17 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[
             # envoyproxy/ratelimit returns a plain Go error, which grpc-go sends as UNKNOWN.
             await context.abort(grpc.StatusCode.UNKNOWN, str(exc))
             raise
-        return _Response(
+        answer = _Response(
             overall_code=_OVER_LIMIT if decision.over_limit else _OK,
             statuses=[status_to_envoy(status) for status in decision.statuses],
         )
+        if decision.headers:
+            answer.response_headers_to_add.extend(
+                base_pb2.HeaderValue(key=name, value=value) for name, value in decision.headers
+            )
+        if decision.dynamic_metadata is not None:
+            answer.dynamic_metadata.update(decision.dynamic_metadata)
+        return answer
 
 
 def descriptor_from_envoy(descriptor: ratelimit_pb2.RateLimitDescriptor) -> Descriptor:

@@ -77,6 +77,7 @@ class RateLimitService:
         InvalidRateLimitRequest where envoyproxy/ratelimit answers with an error."""
         if self._strict is not None and not self._is_policy_domain(domain):
             return await self._strict.decide(self._descriptor_configs(), domain, descriptors, hits_addend)
+        hits_addend = hits_addend or 1  # proto3 cannot tell an unset hits_addend from 0: unset means 1
         planned = self._plan(domain, descriptors, hits_addend)
         checks = [check for each in planned for check in each.checks]
         results = await self._limiter.results(checks) if checks else []

@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from meshtoll.errors import InvalidRateLimitRequest
 from meshtoll.ratelimit.decision import Descriptor, DescriptorStatus, RateLimitDecision
@@ -31,6 +32,7 @@ from meshtoll.ratelimit.descriptor_config import (
 )
 from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.ratelimit.limits import Increment, RateLimit
+from meshtoll.ratelimit.peer_response import HeaderNames, dynamic_metadata, rate_limit_headers
 
 # envoyproxy/ratelimit's window lengths (its UnitToDivider).
 UNIT_SECONDS: dict[str, int] = {
@@ -51,6 +53,9 @@ class StrictOptions:
     stop_when_over: bool = False  # STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT
     local_cache: bool = False  # LOCAL_CACHE_SIZE_IN_BYTES > 0
     expiration_jitter_seconds: int = 0  # EXPIRATION_JITTER_MAX_SECONDS
+    quota_mode: bool = False  # QUOTA_MODE: every descriptor is a quota descriptor
+    headers: HeaderNames | None = None  # LIMIT_RESPONSE_HEADERS_ENABLED, with its names
+    dynamic_metadata: bool = False  # RESPONSE_DYNAMIC_METADATA
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,7 @@ class _Lookup:
     limit: RateLimit | None = None
     unlimited: bool = False
     quota: bool = False
+    metadata: dict[str, Any] | None = None
 
 
 _NOTHING = _Lookup()
@@ -90,11 +96,24 @@ class StrictLimiter:
             raise InvalidRateLimitRequest("rate limit descriptor list must not be empty")
         lookups = _lookups(configs, domain, descriptors)
         now = self._limiter.now()
-        statuses = await self._statuses(lookups, [d.hits(hits_addend) for d in descriptors], now)
-        over = _overall(lookups, statuses)
+        hits = [d.hits(hits_addend or 1) for d in descriptors]  # proto3: unset (0) means 1
+        statuses = await self._statuses(lookups, hits, now)
+        # None: an unlimited descriptor, which is neither a quota nor a rate limit.
+        quota = [None if each.unlimited else self.options.quota_mode or each.quota for each in lookups]
+        over = _overall(quota, statuses)
         if self._limiter.shadow:
             over = False  # global shadow mode: every descriptor's own code stays as it is
-        return RateLimitDecision(over, tuple(statuses))
+        options = self.options
+        return RateLimitDecision(
+            over,
+            tuple(statuses),
+            ()
+            if options.headers is None
+            else rate_limit_headers(options.headers, statuses, [q is True for q in quota]),
+            dynamic_metadata(domain, descriptors, hits_addend, _passed_metadata(lookups, statuses))
+            if options.dynamic_metadata
+            else None,
+        )
 
     async def _statuses(self, lookups: list[_Lookup], hits: list[int], now: float) -> list[DescriptorStatus]:
         windows: dict[int, str] = {}
@@ -191,11 +210,22 @@ def _from_match(match: DescriptorMatch) -> _Lookup:
     return _Lookup(match.key, match.limit)
 
 
-def _overall(lookups: Sequence[_Lookup], statuses: Sequence[DescriptorStatus]) -> bool:
+def _overall(quota: Sequence[bool | None], statuses: Sequence[DescriptorStatus]) -> bool:
     """OVER_LIMIT when a rate-limit descriptor is over, or every quota descriptor is."""
-    quota = [status.over_limit for lookup, status in zip(lookups, statuses, strict=True) if lookup.quota]
-    limits = [status.over_limit for lookup, status in zip(lookups, statuses, strict=True) if not lookup.quota]
-    return any(limits) or (bool(quota) and all(quota))
+    pairs = list(zip(quota, statuses, strict=True))
+    quotas = [status.over_limit for is_quota, status in pairs if is_quota is True]
+    limits = [status.over_limit for is_quota, status in pairs if is_quota is False]
+    return any(limits) or (bool(quotas) and all(quotas))
+
+
+def _passed_metadata(
+    lookups: Sequence[_Lookup], statuses: Sequence[DescriptorStatus]
+) -> list[dict[str, Any]]:
+    return [
+        lookup.metadata
+        for lookup, status in zip(lookups, statuses, strict=True)
+        if lookup.metadata is not None and not lookup.unlimited and not status.over_limit
+    ]
 
 
 def _reset(limit: RateLimit, now: float) -> int:
