@@ -39,6 +39,8 @@ class RlsSettings:
     redis_health_check_active_connection: bool = False
     healthy_with_at_least_one_config_loaded: bool = False
     quota_mode: bool = False
+    merge_domain_config: bool = False
+    near_limit_ratio: float = 0.8
     response_dynamic_metadata: bool = False
     # LIMIT_RESPONSE_HEADERS_ENABLED: the limit, remaining and reset header names
     response_headers: tuple[str, str, str] | None = None
@@ -103,6 +105,8 @@ def rls_settings_from(environ: Mapping[str, str] = os.environ) -> RlsSettings:
             read("HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED", "false", _boolean)
         ),
         quota_mode=bool(read("QUOTA_MODE", "false", _boolean)),
+        merge_domain_config=bool(read("MERGE_DOMAIN_CONFIG", "false", _boolean)),
+        near_limit_ratio=float(str(read("NEAR_LIMIT_RATIO", "0.8", float))),
         response_dynamic_metadata=bool(read("RESPONSE_DYNAMIC_METADATA", "false", _boolean)),
         response_headers=(
             str(read("LIMIT_LIMIT_HEADER", "RateLimit-Limit")),
