@@ -8,8 +8,9 @@ Envoy answering 200: the limit of any one-hop design); (c) meshtoll HTTP authz a
 meshtoll gRPC authz, API keys against a policy of 10,000 tenants; (e) gRPC authz +
 Envoy's ratelimit filter calling meshtoll's RLS; (f) the fused HTTP authz with a
 per-second limit and a daily quota on Redis; (g) (c) + the meter, every request
-admitted and metered; (h) the full chain: fused HTTP authz with limits + the meter. Each row runs wrk
-with one thread against Envoy with one worker.
+admitted and metered; (h) the full chain: fused HTTP authz with limits + the meter; (i) Envoy's
+ratelimit filter as the only call to meshtoll, run as `meshtoll ratelimit` (the RLS alone). Each
+row runs wrk with one thread against Envoy with one worker.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+
+from rls_alone import run_rls_alone
 
 from meshtoll.devstack import LocalStack, RedisServer, StackConfig, find_envoy
 
@@ -64,6 +68,8 @@ ROWS = [
     # without limits. Identity headers sent by a client are stripped before any logger.
     Row("g", "meshtoll HTTP authz + meter, every request metered (Redis)", "listen_full_port"),
     Row("h", "full chain: fused HTTP authz with limits + meter (Redis)", "listen_full_port", key=LIMITED_KEY),
+    # Its own Envoy and `meshtoll ratelimit` (bench/rls_alone.py), not the stack's.
+    Row("i", "Envoy ratelimit filter -> meshtoll ratelimit alone (strict, Redis)", "", key=BENCH_KEY),
 ]
 TARGETS: dict[str, tuple[str, float]] = {
     "c": ("b", 0.80),
@@ -156,9 +162,12 @@ def process_tree_cpu_seconds(pid: int) -> float:
 
 def measure(stack: LocalStack, row: Row, seconds: float, connections: int) -> Measurement:
     url = stack.url(row.listener, row.path)
+    return measure_at(url, stack.children["meshtoll"].pid, row=row, seconds=seconds, connections=connections)
+
+
+def measure_at(url: str, meshtoll_pid: int, *, row: Row, seconds: float, connections: int) -> Measurement:
     headers = [*row.headers, *([f"x-api-key: {row.key}"] if row.key is not None else [])]
     wrk(url, headers, min(2.0, seconds), connections)  # warm-up: connections and caches
-    meshtoll_pid = stack.children["meshtoll"].pid
     cpu_before = process_tree_cpu_seconds(meshtoll_pid)
     result = wrk(url, headers, seconds, connections)
     cpu = process_tree_cpu_seconds(meshtoll_pid) - cpu_before
@@ -218,12 +227,22 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="meshtoll-bench-") as directory, RedisServer() as redis:
         policy = write_policy(Path(directory))
         config = StackConfig(policy=policy, redis_url=redis.url, authz_stub=True, workers=args.workers)
-        with LocalStack(config) as stack:
-            measurements = []
-            for row in ROWS:
-                if row.name in wanted:
+        measurements = []
+        stack_rows = [row for row in ROWS if row.name in wanted and row.listener]
+        if stack_rows:
+            with LocalStack(config) as stack:
+                for row in stack_rows:
                     progress(f"({row.name}) {row.setup} ...")
                     measurements.append(measure(stack, row, args.duration, args.connections))
+        for row in ROWS:
+            if row.name in wanted and not row.listener:
+                progress(f"({row.name}) {row.setup} ...")
+                measurements.append(
+                    run_rls_alone(
+                        redis.url,
+                        partial(measure_at, row=row, seconds=args.duration, connections=args.connections),
+                    )
+                )
     report = table(measurements)
     print(report)
     if args.json is not None:

@@ -1,0 +1,156 @@
+"""Row (i) of the benchmark: Envoy's ratelimit filter is the only call to meshtoll, which runs
+as `meshtoll ratelimit` (the RLS alone, strict compatibility) from envoyproxy/ratelimit's
+environment variables, counting in Redis: the setup a team replacing envoyproxy/ratelimit
+runs. Each request is one descriptor `(api_key, <key>)` of domain `bench`, never over its
+limit, so every call is one Redis round trip and an OK."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from meshtoll.devstack import find_envoy
+from meshtoll.processes import Child, free_ports, http_ok, tcp_accepts
+
+CONFIG = """\
+domain: bench
+descriptors:
+  - key: api_key
+    rate_limit: {unit: second, requests_per_unit: 1000000000}
+"""
+
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ENVOY = """\
+static_resources:
+  listeners:
+  - address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": {hcm}
+          stat_prefix: rls_alone
+          http_filters:
+          - name: envoy.filters.http.ratelimit
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit
+              domain: bench
+              failure_mode_deny: true
+              timeout: 0.25s
+              rate_limit_service:
+                transport_api_version: V3
+                grpc_service: {{envoy_grpc: {{cluster_name: rls}}}}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+          route_config:
+            virtual_hosts:
+            - name: direct
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /}}
+                route:
+                  cluster: upstream
+                  rate_limits:
+                  - actions:
+                    - request_headers: {{header_name: x-api-key, descriptor_key: api_key}}
+  # The ratelimit filter acts only on routes to a cluster: the upstream is a listener of
+  # this same Envoy answering 200 itself.
+  - address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": {hcm}
+          stat_prefix: upstream
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+          route_config:
+            virtual_hosts:
+            - name: direct
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /}}
+                direct_response: {{status: 200, body: {{inline_string: ok}}}}
+  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}}}
+  - name: rls
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: rls
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {grpc}}}}}}}
+"""
+
+
+Measured = TypeVar("Measured")
+
+
+def run_rls_alone(redis_url: str, measure: Callable[[str, int], Measured]) -> Measured:
+    """Start `meshtoll ratelimit` and an Envoy in front of it; `measure(url, pid)` drives
+    the listener at `url` and reads meshtoll's CPU by `pid`."""
+    with tempfile.TemporaryDirectory(prefix="meshtoll-rls-bench-") as directory:
+        work = Path(directory)
+        (work / "ratelimit" / "config").mkdir(parents=True)
+        (work / "ratelimit" / "config" / "bench.yaml").write_text(CONFIG)
+        listen, upstream, grpc, port, debug = free_ports(5)
+        rls = Child(
+            "meshtoll ratelimit",
+            [sys.executable, "-m", "meshtoll", "ratelimit"],
+            work / "rls.log",
+            {
+                "RUNTIME_ROOT": str(work),
+                "RUNTIME_SUBDIRECTORY": "ratelimit",
+                "REDIS_SOCKET_TYPE": "tcp",
+                "REDIS_URL": redis_url.removeprefix("redis://"),
+                "HOST": "127.0.0.1",
+                "GRPC_HOST": "127.0.0.1",
+                "DEBUG_HOST": "127.0.0.1",
+                "GRPC_PORT": str(grpc),
+                "PORT": str(port),
+                "DEBUG_PORT": str(debug),
+            },
+        )
+        envoy: Child | None = None
+        try:
+            rls.wait_ready(http_ok(f"http://127.0.0.1:{port}/healthcheck"), timeout=30)
+            (work / "envoy.yaml").write_text(
+                ENVOY.format(listen=listen, upstream=upstream, grpc=grpc, hcm=_HCM)
+            )
+            envoy = Child(
+                "envoy",
+                [
+                    str(find_envoy()),
+                    "-c",
+                    str(work / "envoy.yaml"),
+                    "--concurrency",
+                    "1",
+                    "--log-level",
+                    "warn",
+                ],
+                work / "envoy.log",
+            )
+            envoy.wait_ready(tcp_accepts(listen), timeout=30)
+            return measure(f"http://127.0.0.1:{listen}/items", rls.pid)
+        finally:
+            if envoy is not None:
+                envoy.stop()
+            rls.stop()
