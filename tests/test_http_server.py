@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from meshtoll.authz.http_transport import uri_sans_from_xfcc
-from meshtoll.httpserver import response, reuse_port_socket, serve_http
+from meshtoll.httplistener import listening_socket
+from meshtoll.httpserver import response, serve_http
 
 SEEN: list[tuple[str, str, dict[str, str]]] = []
 
@@ -21,7 +22,7 @@ def echo_path(method: str, target: str, headers: dict[str, str], peer: str) -> b
 @pytest.fixture
 async def port() -> AsyncIterator[int]:
     SEEN.clear()
-    sock = reuse_port_socket("127.0.0.1", 0)
+    sock = listening_socket("127.0.0.1", 0)
     server = await serve_http(echo_path, sock)
     yield sock.getsockname()[1]
     server.close()

@@ -25,7 +25,9 @@ from meshtoll.authz.grpc_transport import AuthorizationServicer
 from meshtoll.authz.http_transport import HttpAuthzHandler
 from meshtoll.authz.jwks import JwksCache
 from meshtoll.extproc.service import ExternalProcessorServicer
-from meshtoll.httpserver import reuse_port_socket, serve_http
+from meshtoll.httplistener import HttpListener
+from meshtoll.httpserver import serve_http
+from meshtoll.listeners import Listeners, bind_listeners, port_limits
 from meshtoll.meter.als import AccessLogServicer
 from meshtoll.meter.reconcile import AdmissionRecorder, Reconciler
 from meshtoll.meter.settle import Settlement
@@ -56,11 +58,12 @@ SERVICES = (
 
 
 class App:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, listeners: Listeners) -> None:
         self.settings = settings
+        self.listeners = listeners
         self.decisions = DecisionCounts()
         self.admin = AdminHandler(self.decisions, settings.admin_token)
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[HttpListener] = []
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._store: CounterStore | None = None
@@ -70,10 +73,9 @@ class App:
     async def start(self) -> None:
         settings = self.settings
         tls = load_service_tls(settings)
+        authz_limits, admin_limits = port_limits(settings)
         # Admin first, so that probes get a clean 503 while a large policy compiles.
-        self._servers.append(
-            await serve_http(self.admin, reuse_port_socket(settings.host, settings.admin_port))
-        )
+        self._servers.append(await serve_http(self.admin, self.listeners.admin, limits=admin_limits))
         holder = await asyncio.to_thread(PolicyHolder.from_file, settings.policy)
         configs = None
         if settings.ratelimit_config is not None:
@@ -107,8 +109,9 @@ class App:
         self._servers.append(
             await serve_http(
                 http_authz,
-                reuse_port_socket(settings.host, settings.http_authz_port),
+                self.listeners.http_authz,
                 None if tls is None else tls.context,
+                limits=authz_limits,
             )
         )
         ratelimit = RateLimitService(
@@ -186,7 +189,8 @@ class App:
         ext_proc_pb2_grpc.add_ExternalProcessorServicer_to_server(hooks, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        address = f"{self.settings.host}:{self.settings.grpc_port}"
+        # SO_REUSEPORT joins the port the owner holds (see listeners.py), and nobody else's.
+        address = f"{self.settings.host}:{self.listeners.grpc_port}"
         if tls is None:
             bound = server.add_insecure_port(address)
         else:
@@ -226,9 +230,11 @@ class App:
             await self._usage.close()
 
 
-async def run(settings: Settings) -> None:
-    """Serve until SIGINT or SIGTERM."""
-    app = App(settings)
+async def run(settings: Settings, listeners: Listeners | None = None) -> None:
+    """Serve until SIGINT or SIGTERM, on the supervisor's listeners or on ports bound here."""
+    if listeners is None:
+        listeners = bind_listeners(settings)
+    app = App(settings, listeners)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -238,3 +244,4 @@ async def run(settings: Settings) -> None:
         await stop.wait()
     finally:
         await app.stop()
+        listeners.close()

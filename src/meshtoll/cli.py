@@ -84,6 +84,26 @@ def _parser() -> argparse.ArgumentParser:
         ("--tls-cert", "tls_cert", Path, "PEM certificate chain: TLS on the gRPC and HTTP authz ports"),
         ("--tls-key", "tls_key", Path, "PEM private key of --tls-cert"),
         ("--tls-client-ca", "tls_client_ca", Path, "PEM CA bundle: require client certificates (mTLS)"),
+        (
+            "--http-header-timeout-seconds",
+            "http_header_timeout_seconds",
+            float,
+            "HTTP ports: a request must arrive within this time of its first byte, or get 408",
+        ),
+        (
+            "--http-idle-timeout-seconds",
+            "http_idle_timeout_seconds",
+            float,
+            "HTTP ports: close a keep-alive connection after this long without a request",
+        ),
+        (
+            "--http-max-connections",
+            "http_max_connections",
+            int,
+            "HTTP authz port: open connections per process, more get 503 (0: half the file descriptors, "
+            "at most 10000)",
+        ),
+        ("--admin-max-connections", "admin_max_connections", int, "admin port: open connections per process"),
     ):
         default = getattr(defaults, field)
         serve.add_argument(

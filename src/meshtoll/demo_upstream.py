@@ -20,7 +20,8 @@ import signal
 from collections.abc import Sequence
 from urllib.parse import parse_qs, urlsplit
 
-from meshtoll.httpserver import response, reuse_port_socket, serve_http
+from meshtoll.httplistener import listening_socket
+from meshtoll.httpserver import response, serve_http
 
 _JSON = (("content-type", "application/json"),)
 
@@ -45,7 +46,7 @@ def echo(method: str, target: str, headers: dict[str, str], peer: str) -> bytes:
 
 async def serve(host: str, port: int) -> None:
     """Serve until SIGTERM or SIGINT, then close the listening socket and return."""
-    server = await serve_http(echo, reuse_port_socket(host, port))
+    server = await serve_http(echo, listening_socket(host, port))
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

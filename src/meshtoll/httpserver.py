@@ -4,6 +4,10 @@ The HTTP ext_authz fast path exists because this costs about a tenth of the CPU 
 call per request (see DESIGN.md), so nothing here allocates more than a request needs:
 the handler gets the method, the raw target and a dict of lower-case headers, and returns
 the complete response bytes, which it is free to have built once in advance.
+
+What a slow or greedy client may hold is bounded by HttpLimits, enforced by the listener
+(httplistener.py); a connection here only records which state it is in and since when, on
+the coarse clock the listener ticks, so that the bounds cost a request two stores.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import httptools
+
+from meshtoll.httplistener import Connection, HttpLimits, HttpListener
 
 log = logging.getLogger("meshtoll.http")
 
@@ -36,48 +43,59 @@ def response(status: int, reason: str, headers: tuple[tuple[str, str], ...], bod
     return f"{head}content-length: {len(body)}\r\n\r\n".encode("latin-1") + body
 
 
-HEADERS_TOO_LARGE = response(
-    431,
-    "Request Header Fields Too Large",
-    (("content-type", "application/json"), ("connection", "close")),
-    b'{"error":"headers_too_large","message":"request headers exceed 65536 bytes"}',
-)
-BODY_TOO_LARGE = response(
-    413,
-    "Content Too Large",
-    (("content-type", "application/json"), ("connection", "close")),
-    b'{"error":"body_too_large","message":"request body exceeds 1048576 bytes"}',
-)
-BAD_REQUEST = response(
-    400,
-    "Bad Request",
-    (("content-type", "application/json"), ("connection", "close")),
-    b'{"error":"bad_request","message":"malformed HTTP/1.1 request"}',
-)
-
-INTERNAL_ERROR = response(
-    500,
-    "Internal Server Error",
-    (("content-type", "application/json"), ("connection", "close")),
-    b'{"error":"internal_error","message":"the request could not be handled"}',
-)
+def error_response(status: int, reason: str, error: str, message: str) -> bytes:
+    """A JSON error with a stable `error` code, after which the connection closes."""
+    body = f'{{"error":"{error}","message":"{message}"}}'.encode()
+    return response(status, reason, (("content-type", "application/json"), ("connection", "close")), body)
 
 
-class HttpProtocol(asyncio.Protocol):
+HEADERS_TOO_LARGE = error_response(
+    431, "Request Header Fields Too Large", "headers_too_large", "request headers exceed 65536 bytes"
+)
+BODY_TOO_LARGE = error_response(
+    413, "Content Too Large", "body_too_large", "request body exceeds 1048576 bytes"
+)
+BAD_REQUEST = error_response(400, "Bad Request", "bad_request", "malformed HTTP/1.1 request")
+# Upgrade (websocket, h2c) and CONNECT hand the connection to another protocol, which this
+# server does not speak; 501 says "not implemented here", not "your request is malformed".
+UPGRADE_NOT_SUPPORTED = error_response(
+    501,
+    "Not Implemented",
+    "upgrade_not_supported",
+    "this port speaks HTTP/1.1 only: no Upgrade, no CONNECT",
+)
+REQUEST_TIMEOUT = error_response(
+    408, "Request Timeout", "request_timeout", "the request did not arrive in time"
+)
+# Over the listener's max_connections: Envoy passes a 503 on to its client, who may retry.
+TOO_MANY_CONNECTIONS = error_response(
+    503, "Service Unavailable", "too_many_connections", "this port has as many connections as it allows"
+)
+INTERNAL_ERROR = error_response(
+    500, "Internal Server Error", "internal_error", "the request could not be handled"
+)
+
+
+class HttpProtocol(Connection):
     __slots__ = (
         "_body_bytes",
         "_handler",
         "_header_bytes",
         "_headers",
+        "_in_message",
+        "_owner",
         "_parser",
         "_peer",
         "_pending",
+        "_since",
         "_transport",
         "_url",
+        "_write_paused",
     )
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, owner: HttpListener) -> None:
         self._handler = handler
+        self._owner = owner
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._peer = ""
@@ -86,6 +104,10 @@ class HttpProtocol(asyncio.Protocol):
         self._header_bytes = 0
         self._body_bytes = 0
         self._pending: deque[tuple[asyncio.Future[bytes], bool]] = deque()
+        # A new connection is there to send a request: the header timeout runs from accept.
+        self._in_message = True
+        self._since = owner.now
+        self._write_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -109,6 +131,55 @@ class HttpProtocol(asyncio.Protocol):
         for future, _ in self._pending:
             future.cancel()
         self._pending.clear()
+        self._owner.forget(self)
+
+    def pause_writing(self) -> None:
+        # The client is not reading its answers: read no more requests until it does, so
+        # that the answers waiting for it stay bounded.
+        self._write_paused = True
+        self._since = self._owner.now
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._since = self._owner.now
+        self._resume_reading()
+
+    def expire(self, now: float, limits: HttpLimits) -> None:
+        """A request that has not fully arrived within the header timeout gets 408; a
+        connection with nothing in flight, or whose client stopped reading, closes after the
+        idle timeout."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        waited = now - self._since
+        if self._write_paused:
+            if waited > limits.idle_timeout_seconds:
+                transport.abort()  # its unread answers would never drain
+        elif self._pending:
+            return  # the handler is at work; its own I/O has its own timeouts
+        elif self._in_message:
+            if waited > limits.header_timeout_seconds:
+                self._fail(REQUEST_TIMEOUT)
+        elif waited > limits.idle_timeout_seconds:
+            # Between requests nothing is lost by closing: an HTTP/1.1 client (Envoy's pool
+            # among them) sees the FIN and opens a new connection for its next request.
+            transport.close()
+
+    def close_when_idle(self) -> None:
+        if self._transport is None:
+            return
+        self._transport.pause_reading()
+        if not self._pending:
+            self._transport.close()
+            return
+        future, _ = self._pending.pop()
+        self._pending.append((future, False))  # the last answer closes the connection
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
     def _fail(self, reply: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -117,6 +188,8 @@ class HttpProtocol(asyncio.Protocol):
 
     # httptools callbacks
     def on_message_begin(self) -> None:
+        self._in_message = True
+        self._since = self._owner.now
         self._url = b""
         self._headers = {}
         self._header_bytes = 0
@@ -139,6 +212,12 @@ class HttpProtocol(asyncio.Protocol):
             raise _Refused(BODY_TOO_LARGE)
 
     def on_message_complete(self) -> None:
+        if self._parser.should_upgrade():
+            # Refused before the handler runs: httptools would raise HttpParserUpgrade once
+            # this callback returns, and the bytes after the head are not HTTP/1.1.
+            raise _Refused(UPGRADE_NOT_SUPPORTED)
+        self._in_message = False
+        self._since = self._owner.now
         method = self._parser.get_method().decode("latin-1")
         reply = self._handler(method, self._url.decode("latin-1"), self._headers, self._peer)
         keep_alive = self._parser.should_keep_alive()
@@ -163,12 +242,18 @@ class HttpProtocol(asyncio.Protocol):
                 self._fail(INTERNAL_ERROR)
                 return
             self._send(future.result(), keep_alive)
+        self._since = self._owner.now  # idle, if nothing else is pending, from now
+        self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        transport = self._transport
         if (
-            len(self._pending) < MAX_PENDING
-            and self._transport is not None
-            and not self._transport.is_closing()
+            transport is not None
+            and not transport.is_closing()
+            and len(self._pending) < MAX_PENDING
+            and not self._write_paused
         ):
-            self._transport.resume_reading()
+            transport.resume_reading()
 
     def _send(self, reply: bytes, keep_alive: bool) -> None:
         transport = self._transport
@@ -195,22 +280,16 @@ class _Refused(Exception):
     response: bytes
 
 
-def reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A listening socket that several worker processes can share (SO_REUSEPORT)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
-
-
 async def serve_http(
-    handler: Handler, sock: socket.socket, tls: ssl.SSLContext | None = None
-) -> asyncio.Server:
-    """Serve on `sock`; over TLS when `tls` is given (the handshake happens before the handler sees
-    anything, so a client refused by mutual TLS never reaches it)."""
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: HttpProtocol(handler), sock=sock, ssl=tls)
+    handler: Handler,
+    sock: socket.socket,
+    tls: ssl.SSLContext | None = None,
+    limits: HttpLimits | None = None,
+) -> HttpListener:
+    """Serve on the listening `sock`; over TLS when `tls` is given (the handshake happens
+    before the handler sees anything, so a client refused by mutual TLS never reaches it)."""
+    listener = HttpListener(
+        sock, partial(HttpProtocol, handler), limits or HttpLimits(), tls, TOO_MANY_CONNECTIONS
+    )
+    listener.start()
+    return listener

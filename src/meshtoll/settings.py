@@ -9,8 +9,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from meshtoll.errors import ConfigError
+from meshtoll.httplistener import HttpLimits
 
 FAILURE_MODES = ("open", "closed")
+
+_HTTP = HttpLimits(max_connections=0)  # the defaults of the HTTP timeouts live there
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,13 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # Bounds on the HTTP authz and admin ports' connections (see httplistener.py): a request
+    # must arrive within the header timeout, a connection idle this long closes.
+    http_header_timeout_seconds: float = _HTTP.header_timeout_seconds
+    http_idle_timeout_seconds: float = _HTTP.idle_timeout_seconds
+    http_max_connections: int = 0  # 0: half the process's file descriptors, at most 10,000
+    # The admin port's own cap, so that /healthz answers while the authz port is flooded.
+    admin_max_connections: int = 256
 
     @staticmethod
     def env_name(field: str) -> str:
@@ -70,6 +80,18 @@ class Settings:
         if self.admin_token is not None and not _is_token(self.admin_token):
             raise ConfigError("admin_token must be non-empty printable ASCII without spaces")
         self._check_tls()
+        self._check_http_limits()
+
+    def _check_http_limits(self) -> None:
+        for name in ("http_header_timeout_seconds", "http_idle_timeout_seconds"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be positive")
+        if self.http_max_connections < 0:
+            raise ConfigError(
+                f"http_max_connections: {self.http_max_connections} must be 0 (automatic) or more"
+            )
+        if self.admin_max_connections < 1:
+            raise ConfigError(f"admin_max_connections: {self.admin_max_connections} must be at least 1")
 
     def _check_tls(self) -> None:
         # A half configuration would silently serve plain text where TLS was meant.
@@ -103,6 +125,10 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "http_authz_port": int,
     "admin_port": int,
     "workers": int,
+    "http_header_timeout_seconds": float,
+    "http_idle_timeout_seconds": float,
+    "http_max_connections": int,
+    "admin_max_connections": int,
     "redis_timeout_ms": int,
     "policy_poll_seconds": float,
     "reconcile_grace_seconds": float,

@@ -1,7 +1,10 @@
-"""Run `meshtoll serve` as several worker processes sharing ports (SO_REUSEPORT).
+"""Run `meshtoll serve` as several worker processes sharing its ports.
 
-The parent only supervises: it starts the workers, restarts one that dies, and passes
-SIGTERM/SIGINT on so that each worker drains its servers.
+The parent binds the ports before any worker starts (listeners.py), so a port taken by
+someone else is one clear error rather than a restart loop, and no stranger can join them;
+each worker inherits the HTTP listening sockets and joins the gRPC port the parent holds.
+Then the parent only supervises: it restarts a worker that dies, and passes SIGTERM/SIGINT
+on so that each worker drains its servers.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from meshtoll.app import run
+from meshtoll.listeners import Listeners, bind_listeners
 from meshtoll.settings import Settings
 
 log = logging.getLogger("meshtoll.workers")
@@ -23,14 +27,22 @@ RESTART_BACKOFF_SECONDS = 1.0
 STOP_GRACE_SECONDS = 10.0
 
 
-def serve_worker(settings: Settings) -> None:
+def serve_worker(settings: Settings, listeners: Listeners) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"
     )
-    asyncio.run(run(settings))
+    asyncio.run(run(settings, listeners))
 
 
 def supervise(settings: Settings) -> int:
+    listeners = bind_listeners(settings)
+    try:
+        return _supervise(settings, listeners)
+    finally:
+        listeners.close()
+
+
+def _supervise(settings: Settings, listeners: Listeners) -> int:
     context = multiprocessing.get_context("spawn")
     stopping = False
 
@@ -42,7 +54,8 @@ def supervise(settings: Settings) -> int:
     signal.signal(signal.SIGINT, request_stop)
 
     def start() -> BaseProcess:
-        process = context.Process(target=serve_worker, args=(settings,), daemon=False)
+        # multiprocessing passes the sockets' descriptors on to the spawned child.
+        process = context.Process(target=serve_worker, args=(settings, listeners.for_worker()), daemon=False)
         process.start()
         return process
 

@@ -1,0 +1,190 @@
+"""`meshtoll serve` owns its ports: a second instance on them exits with an error naming
+the port instead of silently taking half the traffic, while the workers of one instance
+share them; and its admin port answers while its HTTP authz port is flooded. Real
+processes on free loopback ports, with examples/policy.yaml."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from meshtoll.processes import Child, free_ports, http_ok
+
+pytestmark = pytest.mark.integration
+
+POLICY = Path(__file__).parent.parent / "examples" / "policy.yaml"
+Serve = Callable[..., Child]  # (grpc, http authz, admin ports), *flags -> a ready meshtoll serve
+
+
+def serve_argv(ports: list[int], *flags: str) -> list[str]:
+    grpc_port, http_port, admin_port = ports
+    return [
+        sys.executable,
+        "-m",
+        "meshtoll",
+        "serve",
+        "--policy",
+        str(POLICY),
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        str(grpc_port),
+        "--http-authz-port",
+        str(http_port),
+        "--admin-port",
+        str(admin_port),
+        *flags,
+    ]
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    started: list[Child] = []
+
+    def start(ports: list[int], *flags: str) -> Child:
+        child = Child("meshtoll", serve_argv(ports, *flags), tmp_path / f"serve-{len(started)}.log")
+        started.append(child)
+        child.wait_ready(http_ok(f"http://127.0.0.1:{ports[2]}/readyz"), timeout=30)
+        return child
+
+    yield start
+    for child in started:
+        child.stop()
+
+
+def second_serve(ports: list[int], *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(serve_argv(ports, *flags), capture_output=True, text=True, timeout=30)
+
+
+def grpc_serving(port: int) -> bool:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def http_status(port: int, path: str = "/healthz") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode())
+        return sock.recv(65536).split(b"\r\n", 1)[0]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("clash", ["grpc_port", "http_authz_port", "admin_port"])
+def test_a_second_serve_on_a_taken_port_exits_naming_the_port(
+    serve: Serve,
+    clash: str,
+    workers: str,
+) -> None:
+    ports = free_ports(6)
+    first = serve(ports[:3], "--workers", workers)
+    # The second instance has ports of its own but for the one that clashes.
+    mine = ports[3:]
+    index = ("grpc_port", "http_authz_port", "admin_port").index(clash)
+    mine[index] = ports[index]
+    second = second_serve(mine, "--workers", workers)
+    assert second.returncode != 0
+    assert f"{clash}: 127.0.0.1:{ports[index]} is already in use" in second.stderr
+    assert first.returncode is None
+    assert grpc_serving(ports[0])
+    assert http_status(ports[2]) == b"HTTP/1.1 200 OK"
+
+
+def test_two_workers_share_every_port_and_survive_the_loss_of_one(
+    serve: Serve,
+) -> None:
+    ports = free_ports(3)
+    supervisor = serve(ports, "--workers", "2")
+    workers = _children(supervisor.pid)
+    deadline = time.monotonic() + 20
+    while len(workers) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        workers = _children(supervisor.pid)
+    assert len(workers) == 2
+    # Every worker has every port: the inherited HTTP sockets and a gRPC listener of its own.
+    while not all(_listening_ports(worker) >= set(ports) for worker in workers):
+        assert time.monotonic() < deadline, [_listening_ports(worker) for worker in workers]
+        time.sleep(0.1)
+    assert grpc_serving(ports[0])
+    assert http_status(ports[1], "/v1/x") != b""
+    os.kill(workers[0], signal.SIGKILL)
+    while _listening_ports(workers[0]):  # dead once its sockets are gone (a zombie has none)
+        time.sleep(0.01)
+    # The other worker accepts from the same sockets at once, before the restart (a second on).
+    for _ in range(20):
+        assert http_status(ports[2]) == b"HTTP/1.1 200 OK"
+        assert grpc_serving(ports[0])
+
+
+def test_admin_answers_healthz_while_the_authz_port_is_flooded(
+    serve: Serve,
+) -> None:
+    ports = free_ports(3)
+    serve(ports, "--http-max-connections", "100", "--http-header-timeout-seconds", "30")
+    flood = [socket.create_connection(("127.0.0.1", ports[1])) for _ in range(300)]
+    try:
+        time.sleep(0.5)
+        assert http_status(ports[2]) == b"HTTP/1.1 200 OK"
+        refused = flood[-1].recv(65536)
+        assert refused.startswith(b"HTTP/1.1 503 ")
+        assert json.loads(refused.partition(b"\r\n\r\n")[2])["error"] == "too_many_connections"
+    finally:
+        for sock in flood:
+            sock.close()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    # multiprocessing's spawn also starts a resource tracker; the workers are the others.
+    return [child for child in found if "resource_tracker" not in _cmdline(child)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def _listening_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on; none once it has exited."""
+    proc = Path("/proc") / str(pid)
+    try:
+        descriptors = list((proc / "fd").iterdir())
+        # grpcio listens on IPv4-mapped IPv6 sockets, so both tables.
+        lines = [
+            line for table in ("tcp", "tcp6") for line in (proc / "net" / table).read_text().splitlines()[1:]
+        ]
+    except OSError:
+        return set()
+    inodes = set()
+    for fd in descriptors:
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for line in lines:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
