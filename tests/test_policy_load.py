@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from meshtoll.cli import main
 from meshtoll.errors import PolicyError
 from meshtoll.policy import load_policy, load_policy_text
+from meshtoll.policy.screening import MAX_DOCUMENT_BYTES
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "policy.yaml"
 
@@ -169,3 +171,135 @@ def test_a_policy_of_100000_tenants_loads_in_seconds() -> None:
     elapsed = time.perf_counter() - started
     assert len(policy.tenants) == 100_000
     assert elapsed < 20, f"loading took {elapsed:.1f}s"
+
+
+# Hostile input: whatever a file holds, loading it ends in a located PolicyError.
+
+GOOD_HEAD = "plans: {free: {}}\ntenants:\n  acme: {plan: free}\n"
+
+
+def test_a_nul_byte_is_refused_at_its_line_not_read_as_the_end_of_the_file() -> None:
+    # yaml-rs stops at a NUL: the tenant after it (its revoked key, say) would silently vanish.
+    text = GOOD_HEAD + "\x00\n  globex: {plan: free}\n"
+    assert problems_of(text) == ["policy.yaml:4: control character U+0000 at column 1 is not allowed in YAML"]
+    assert problems_of("plans: {free: {}}\ntenants: {a: {plan: \x00}}\n") == [
+        "policy.yaml:2: control character U+0000 at column 21 is not allowed in YAML"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("escaped", "code"), [("\\x00", "0000"), ("\\u0007", "0007"), ("\\x7f", "007F"), ("\\n", "000A")]
+)
+def test_control_characters_written_as_escapes_are_refused_with_their_field(escaped: str, code: str) -> None:
+    text = f'plans: {{free: {{}}}}\nroutes:\n  - {{prefix: "/v1/{escaped}"}}\n'
+    [found] = problems_of(text)
+    assert found.startswith(f"policy.yaml:3 routes[0].prefix: control character U+{code} in a string")
+
+
+def test_keys_that_are_not_strings_are_named_with_their_line() -> None:
+    assert problems_of("~: 1\n") == ["policy.yaml:1 [null]: key null is not a string: quote it"]
+    assert problems_of(GOOD_HEAD + "0.25: x\n") == [
+        "policy.yaml:4 [0.25]: key 0.25 is not a string: quote it"
+    ]
+    assert problems_of(GOOD_HEAD + "? [1, 2]\n: x\n") == [
+        "policy.yaml:1 [(1, 2)]: key (1, 2) is not a string: quote it"
+    ]
+
+
+def test_an_integer_of_thousands_of_digits_is_refused_not_converted() -> None:
+    limits = "plans: {free: {limits: [{requests: %s, per: second}]}}\n"
+    [huge] = problems_of(limits % ("9" * 5000))
+    assert huge.startswith("policy.yaml:1 plans.free.limits[0].requests: an integer of 16610 bits")
+    assert problems_of("plans: {}\n" + "9" * 30 + ": x\n") == [
+        "policy.yaml:2 [<an integer of 100 bits>]: key <an integer of 100 bits> is not a string: quote it"
+    ]
+    assert problems_of(limits % (2**60)) == [
+        "policy.yaml:1 plans.free.limits[0].requests: expected an integer of at most 9007199254740991 (2**53 - 1)"
+    ]
+
+
+def test_values_yaml_reads_as_timestamps_or_sets_are_refused() -> None:
+    [found] = problems_of("plans: {free: {}}\ntenants: {acme: {plan: free, jwt: {issuer: !!set {a}}}}\n")
+    assert found.startswith("policy.yaml:2 tenants.acme.jwt.issuer: a YAML set value is not expected here")
+
+
+def test_an_alias_bomb_is_refused_quickly_and_in_little_memory() -> None:
+    # "Billion laughs": 9 levels of 9 aliases, 400 bytes that expand to 387 million strings.
+    text = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+    for level, name in enumerate("bcdefghi"):
+        text += f"{name}: &{name} [" + ", ".join(["*" + "abcdefghi"[level]] * 9) + "]\n"
+    text += "plans: {free: {}}\n"
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        found = problems_of(text)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 1
+    assert peak < 20 * 2**20
+    assert found == [
+        "policy.yaml:2: invalid YAML: aliases expand to more than 100,000 YAML values: write the values out"
+    ]
+
+
+def test_a_few_aliases_still_share_a_value_and_problems_under_them_are_located() -> None:
+    text = """\
+plans:
+  free: {limits: &basic [{requests: 5, per: second}]}
+  pro: {limits: *basic}
+tenants:
+  acme: {plan: free, status: &state sleeping}
+  globex: {plan: pro, status: *state}
+"""
+    assert problems_of(text) == [
+        "policy.yaml:5 tenants.acme.status: expected one of active, suspended, got 'sleeping'",
+        "policy.yaml:6 tenants.globex.status: expected one of active, suspended, got 'sleeping'",
+    ]
+
+
+def test_nesting_deeper_than_any_policy_needs_is_refused() -> None:
+    [found] = problems_of("plans: {free: {}}\nroutes: " + "[" * 100 + "]" * 100 + "\n")
+    assert found.startswith("policy.yaml:2 routes[0][0]")
+    assert found.endswith("nested deeper than 64 levels")
+    assert problems_of("[" * 10_000 + "]" * 10_000) == [
+        "policy.yaml:1: invalid YAML: exceeded maximum nesting depth"
+    ]
+
+
+def test_a_file_that_is_not_utf8_names_the_line_of_the_bad_byte(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_bytes(GOOD_HEAD.encode() + b"  glob\xffex: {plan: free}\n")
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    assert str(caught.value) == f"{path}:4: not UTF-8: byte 0xff at column 7"
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_key(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD_HEAD.encode())
+    assert set(load_policy(path).tenants) == {"acme"}
+
+
+def test_a_file_over_the_size_limit_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    with path.open("wb") as stream:
+        stream.truncate(MAX_DOCUMENT_BYTES + 1)  # sparse: costs no disk
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    assert str(caught.value) == f"{path}: larger than 64 MiB: not read"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"plans: {free: {}}\x00\n", b"~: 1\n", b"a: " + b"9" * 5000 + b"\n", b"\xff\xfe", b"a: &a [*a]\n"],
+)
+def test_policy_check_refuses_hostile_files_with_exit_1_and_no_traceback(
+    tmp_path: Path, content: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "policy.yaml"
+    bad.write_bytes(content)
+    assert main(["policy", "check", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(str(bad))
+    assert "Traceback" not in err

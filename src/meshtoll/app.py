@@ -81,6 +81,7 @@ class App:
         if settings.ratelimit_config is not None:
             configs = await asyncio.to_thread(DescriptorConfigHolder, settings.ratelimit_config)
             self._background(watch_descriptor_configs(configs, settings.policy_poll_seconds))
+            self.admin.metrics.count_rejected_ratelimit_configs(configs)
         self._store = store = open_counter_store(settings.redis_url, timeout_ms=settings.redis_timeout_ms)
         limiter = Limiter(
             store,

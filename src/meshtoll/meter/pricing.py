@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Context, Decimal, localcontext
 
-from meshtoll.policy.model import Price
+from meshtoll.policy.model import MONEY_FRACTION_DIGITS, MONEY_INTEGER_DIGITS, Price
 
 # ISO 4217 minor units of the currencies that are not 2-decimal.
 MINOR_UNITS = {
@@ -29,6 +29,11 @@ MINOR_UNITS = {
     "JOD": 3,
 }
 ZERO = Decimal(0)
+# Exact arithmetic for every invoice a valid policy allows: a price has at most 30 digits
+# (policy/fields.py refuses more), units fit in 64 bits (20 digits), and a sum of lines adds
+# a few more. Decimal's default of 28 digits would round a line silently and make the
+# total's quantize() raise.
+_EXACT = Context(prec=MONEY_INTEGER_DIGITS + MONEY_FRACTION_DIGITS + 20 + 10)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +60,13 @@ def invoice(
     tenant: str, period: str, price: Price, usage: Sequence[tuple[str, int]], unreconciled: int = 0
 ) -> Invoice:
     """`usage`: (route, billable units) pairs for the period."""
-    lines = [InvoiceLine("base fee", "", 0, None, price.base_fee, price.base_fee)] if price.base_fee else []
-    lines += price_units(price, usage)
-    exponent = Decimal(1).scaleb(-MINOR_UNITS.get(price.currency, 2))
-    total = sum((line.amount for line in lines), ZERO).quantize(exponent, rounding=ROUND_HALF_UP)
+    with localcontext(_EXACT):
+        lines = (
+            [InvoiceLine("base fee", "", 0, None, price.base_fee, price.base_fee)] if price.base_fee else []
+        )
+        lines += price_units(price, usage)
+        exponent = Decimal(1).scaleb(-MINOR_UNITS.get(price.currency, 2))
+        total = sum((line.amount for line in lines), ZERO).quantize(exponent, rounding=ROUND_HALF_UP)
     return Invoice(tenant, period, price.currency, tuple(lines), total, unreconciled)
 
 

@@ -6,13 +6,22 @@ None, so that one pass reports every problem in the document, not just the first
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import TypeVar
 
 from meshtoll.policy.document import Document, FieldPath
+from meshtoll.policy.model import MONEY_FRACTION_DIGITS, MONEY_INTEGER_DIGITS
 
 Choice = TypeVar("Choice", bound=str)
+
+# Counts and amounts go to Redis scripts, where a number is a Lua double: exact up to 2**53.
+MAX_INTEGER = 2**53 - 1
+# ASCII digits only: Decimal() would also take "1e30", "Infinity", "1_000", " 1 " and
+# Arabic-Indic digits, and an exponent such as 1E+999999999 passes validation only to make
+# invoicing raise. The bounds keep every invoice within exact Decimal arithmetic.
+_MONEY = re.compile(rf"[0-9]{{1,{MONEY_INTEGER_DIGITS}}}(\.[0-9]{{1,{MONEY_FRACTION_DIGITS}}})?")
 
 
 class Fields:
@@ -77,10 +86,13 @@ class Fields:
 
     def integer(self, value: object, path: FieldPath, *, minimum: int = 0) -> int | None:
         # bool is an int subclass in Python; `requests: true` is a mistake, not 1.
-        if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
-            return value
-        self.problem(path, f"expected an integer >= {minimum}, got {_kind(value)}")
-        return None
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            self.problem(path, f"expected an integer >= {minimum}, got {_kind(value)}")
+            return None
+        if value > MAX_INTEGER:
+            self.problem(path, f"expected an integer of at most {MAX_INTEGER} (2**53 - 1)")
+            return None
+        return value
 
     def money(self, value: object, path: FieldPath) -> Decimal | None:
         """A non-negative amount written as a string ("49.00"): a YAML float would already
@@ -88,14 +100,14 @@ class Fields:
         if not isinstance(value, str):
             self.problem(path, f'money is written as a string, e.g. "49.00", got {_kind(value)}')
             return None
-        try:
-            amount = Decimal(value)
-        except InvalidOperation:
-            amount = None
-        if amount is None or not amount.is_finite() or amount < 0:
-            self.problem(path, f"{value!r} is not a non-negative decimal amount")
+        if not _MONEY.fullmatch(value):
+            self.problem(
+                path,
+                f"{value[:40]!r} is not a non-negative decimal amount (digits and an optional '.', "
+                f'at most {MONEY_INTEGER_DIGITS} before it and {MONEY_FRACTION_DIGITS} after, e.g. "49.00")',
+            )
             return None
-        return amount
+        return Decimal(value)
 
     def boolean(self, value: object, path: FieldPath) -> bool | None:
         if isinstance(value, bool):

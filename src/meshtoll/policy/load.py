@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from meshtoll.errors import PolicyError, PolicyProblem
 from meshtoll.policy.compiled import CompiledPolicy
 from meshtoll.policy.document import parse_document
 from meshtoll.policy.schema import build_policy
+from meshtoll.policy.screening import read_document
 
 
 def load_policy(path: str | Path) -> CompiledPolicy:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError([PolicyProblem(str(path), None, "", f"cannot read: {exc}")]) from None
-    return load_policy_text(text, str(path))
+    """Raises PolicyError, located, for any content of the file whatsoever."""
+    return load_policy_text(read_document(Path(path)), str(path))
 
 
 def load_policy_text(text: str, file: str) -> CompiledPolicy:

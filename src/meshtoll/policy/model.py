@@ -35,6 +35,13 @@ BillingPeriod = Literal["month", "year"]
 BILLING_PERIODS: tuple[BillingPeriod, ...] = ("month", "year")
 
 
+# Money in a policy: a plain decimal of at most this many digits before and after the point.
+# Enough for any price (a quintillion, a trillionth); invoicing relies on the bound to stay
+# exact (see meter/pricing.py).
+MONEY_INTEGER_DIGITS = 18
+MONEY_FRACTION_DIGITS = 12
+
+
 @dataclass(frozen=True, slots=True)
 class Tier:
     up_to: int | None  # billable units (after the included ones) this tier reaches; None: no bound

@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from meshtoll.errors import PolicyError
 from meshtoll.policy.compiled import CompiledPolicy
@@ -21,6 +22,7 @@ from meshtoll.policy.load import load_policy
 log = logging.getLogger("meshtoll.policy")
 
 Fingerprint = tuple[str, int, int, int]
+Loaded = TypeVar("Loaded")
 
 
 class PolicyHolder:
@@ -47,7 +49,12 @@ class PolicyHolder:
         self.current = policy
         self.version += 1
         for listener in self._listeners:
-            listener(policy)
+            try:
+                listener(policy)
+            except Exception:
+                # The version is active already; one failing listener must neither keep the
+                # others from hearing of it nor end the watcher that called us.
+                log.exception("policy version %d: a listener failed", self.version)
 
 
 def fingerprint(path: Path) -> Fingerprint | None:
@@ -68,12 +75,28 @@ async def watch_policy(holder: PolicyHolder, interval: float) -> None:
         if current is None or current == seen:
             continue
         seen = holder.loaded = current
-        try:
-            # Off the event loop: a large policy takes seconds to compile.
-            policy = await asyncio.to_thread(load_policy, holder.path)
-        except PolicyError as exc:
+        policy = await load_off_loop(load_policy, holder.path, log)
+        if policy is None:
             holder.rejected_versions += 1
-            log.error("policy reload rejected, keeping version %d:\n%s", holder.version, exc)
             continue
         holder.replace(policy)
         log.info("policy reloaded: version %d, %d tenants", holder.version, len(policy.tenants))
+
+
+async def load_off_loop(
+    load: Callable[[Path], Loaded], source: Path, logger: logging.Logger
+) -> Loaded | None:
+    """Load a new version in a thread (a large policy takes seconds to compile); None, logged,
+    when the version is rejected.
+
+    Whatever the version holds, the watcher calling this must live on: a later version (a
+    revoked key) still has to apply. So an exception the loader did not mean to raise is
+    logged with its traceback and treated as a rejection, not passed up to end the watcher.
+    """
+    try:
+        return await asyncio.to_thread(load, source)
+    except PolicyError as exc:
+        logger.error("%s: new version rejected, the previous one stays:\n%s", source, exc)
+    except Exception:
+        logger.exception("%s: new version failed to load (a meshtoll bug), the previous one stays", source)
+    return None

@@ -32,6 +32,8 @@ from pathlib import Path
 from meshtoll.errors import PolicyError, PolicyProblem
 from meshtoll.policy.document import Document, FieldPath, parse_document
 from meshtoll.policy.fields import Fields
+from meshtoll.policy.reload import load_off_loop
+from meshtoll.policy.screening import read_document
 from meshtoll.ratelimit.limits import RateLimit
 
 log = logging.getLogger("meshtoll.ratelimit.config")
@@ -110,20 +112,20 @@ def resolve_replaces(matches: Sequence[DescriptorMatch | None]) -> list[Descript
 
 
 def load_descriptor_configs(directory: Path) -> DescriptorConfigs:
-    files = sorted(
-        path for path in directory.iterdir() if path.suffix in (".yaml", ".yml") and path.is_file()
-    )
+    try:
+        files = sorted(
+            path for path in directory.iterdir() if path.suffix in (".yaml", ".yml") and path.is_file()
+        )
+    except OSError as exc:
+        raise PolicyError([PolicyProblem(str(directory), None, "", f"cannot list: {exc}")]) from None
     problems: list[PolicyProblem] = []
     domains: dict[str, Level] = {}
     origin: dict[str, str] = {}
     for path in files:
         try:
-            document = parse_document(path.read_text(encoding="utf-8"), str(path))
+            document = parse_document(read_document(path), str(path))
         except PolicyError as exc:
             problems += exc.problems
-            continue
-        except (OSError, UnicodeDecodeError) as exc:
-            problems.append(PolicyProblem(str(path), None, "", f"cannot read: {exc}"))
             continue
         domain, level = _read_file(document)
         if domain is not None and domain in domains:
@@ -245,10 +247,9 @@ async def watch_descriptor_configs(holder: DescriptorConfigHolder, interval: flo
         if not current or current == holder.loaded:
             continue
         holder.loaded = current
-        try:
-            holder.current = await asyncio.to_thread(load_descriptor_configs, holder.directory)
-        except PolicyError as exc:
+        configs = await load_off_loop(load_descriptor_configs, holder.directory, log)
+        if configs is None:
             holder.rejected_versions += 1
-            log.error("rate-limit configuration reload rejected, keeping the previous one:\n%s", exc)
             continue
-        log.info("rate-limit configuration reloaded: %d domains", len(holder.current.domains))
+        holder.current = configs
+        log.info("rate-limit configuration reloaded: %d domains", len(configs.domains))

@@ -17,6 +17,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import Gauge, InMemoryMetricReader, Sum
 
 from meshtoll.policy.reload import PolicyHolder
+from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder
 
 
 class DecisionCounts:
@@ -44,12 +45,28 @@ class Metrics:
         policy_gauges: tuple[tuple[str, str, Callable[[PolicyHolder], int]], ...] = (
             ("meshtoll_policy_version", "active policy version (1 at start, +1 per reload)", _version),
             ("meshtoll_policy_tenants", "tenants in the active policy", _tenants),
-            ("meshtoll_policy_rejected_reloads", "policy versions rejected since start", _rejected),
         )
         for name, description, read in policy_gauges:
             meter.create_observable_gauge(
                 name, callbacks=[_observe_policy(policy, read)], description=description
             )
+        meter.create_observable_counter(
+            "meshtoll_policy_rejected_reloads",
+            callbacks=[_observe_policy(policy, _rejected)],
+            description="policy file versions rejected since start (each logged with its problems)",
+        )
+
+    def count_rejected_ratelimit_configs(self, holder: DescriptorConfigHolder) -> None:
+        """Export how many versions of the envoyproxy/ratelimit directory were rejected."""
+
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(holder.rejected_versions)]
+
+        self.provider.get_meter("meshtoll").create_observable_counter(
+            "meshtoll_ratelimit_config_rejected_reloads",
+            callbacks=[observe],
+            description="rate-limit configuration versions rejected since start (each logged)",
+        )
 
     def count_outcomes(self, name: str, description: str, outcomes: Counter[str]) -> None:
         """Export a service's outcome counter (as the service keeps it) as `name{outcome}`."""
