@@ -8,6 +8,7 @@ import hashlib
 import re
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -23,19 +24,36 @@ from tests.conftest import StartStack
 pytestmark = pytest.mark.integration
 
 KEY = "k-trusted"
+LEAVING_KEY = "k-leaving"
 PRICE = "{currency: EUR, base_fee: '49.00', tiers: [{up_to: null, unit_price: '0.50'}]}"  # every unit priced
 
 
-@pytest.fixture(scope="module")
-def stack(start_stack: StartStack, tmp_path_factory: pytest.TempPathFactory) -> LocalStack:
-    path = tmp_path_factory.mktemp("trust") / "policy.yaml"
-    digest = hashlib.sha256(KEY.encode()).hexdigest()
-    path.write_text(
+def policy_text(*, with_leaving: bool) -> str:
+    def key(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    leaving = (
+        f", leaving: {{plan: pro, api_keys: [{{id: ci, sha256: {key(LEAVING_KEY)}}}]}}"
+        if with_leaving
+        else ""
+    )
+    return (
         f"plans: {{pro: {{price: {PRICE}}}}}\n"
-        f"tenants: {{payer: {{plan: pro, api_keys: [{{id: ci, sha256: {digest}}}]}}, victim: {{plan: pro}}}}\n"
+        f"tenants: {{payer: {{plan: pro, api_keys: [{{id: ci, sha256: {key(KEY)}}}]}}, victim: {{plan: pro}}{leaving}}}\n"
         "routes: [{prefix: /v1/, name: v1}]\n"
     )
-    return start_stack(path)
+
+
+@pytest.fixture(scope="module")
+def policy_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("trust") / "policy.yaml"
+    path.write_text(policy_text(with_leaving=True))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(start_stack: StartStack, policy_path: Path) -> LocalStack:
+    return start_stack(policy_path)
 
 
 def usage_of(stack: LocalStack, tenant: str) -> dict[str, object]:
@@ -128,3 +146,24 @@ def test_the_reconciliation_backlog_and_waiting_entries_are_metrics(stack: Local
     text = fetch(f"{stack.meshtoll_admin_url}/metrics").body.decode()
     assert re.search(r"^meshtoll_reconcile_backlog \d+", text, re.MULTILINE)
     assert re.search(r"^meshtoll_meter_waiting_records \d+", text, re.MULTILINE)
+
+
+# Last in the module: it rewrites the policy the stack serves.
+def test_a_tenant_removed_from_the_policy_keeps_its_usage_and_invoice(
+    stack: LocalStack, policy_path: Path
+) -> None:
+    for _ in range(3):
+        assert (
+            fetch(stack.url("listen_full_port", "/v1/items"), headers={"x-api-key": LEAVING_KEY}).status
+            == 200
+        )
+    wait_for(lambda: usage_of(stack, "leaving")["requests"] == 3)
+    version = fetch(f"{stack.meshtoll_admin_url}/api/policy").json()["version"]
+    policy_path.write_text(policy_text(with_leaving=False))
+    wait_for(lambda: fetch(f"{stack.meshtoll_admin_url}/api/policy").json()["version"] > version)
+    assert fetch(stack.url("listen_full_port", "/v1/items"), headers={"x-api-key": LEAVING_KEY}).status == 401
+    assert usage_of(stack, "leaving")["requests"] == 3
+    bill = fetch(f"{stack.meshtoll_admin_url}/api/tenants/leaving/invoice").json()
+    assert (bill["tenant"], bill["total"]) == ("leaving", "50.50")  # the base fee and 3 units at 0.50
+    nobody = fetch(f"{stack.meshtoll_admin_url}/api/tenants/nobody-ever/invoice")
+    assert (nobody.status, nobody.json()["error"]) == (404, "unknown_tenant")

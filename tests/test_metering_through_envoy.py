@@ -105,7 +105,7 @@ def test_the_usage_api_names_unknown_tenants_and_bad_periods(stack: LocalStack) 
 @pytest.mark.parametrize(
     ("path", "status", "error", "message"),
     [
-        ("/nobody/invoice", 404, "unknown_tenant", "no tenant 'nobody' in the policy"),
+        ("/nobody/invoice", 404, "unknown_tenant", "no tenant 'nobody' in the policy or in the usage store"),
         (
             "/metered/invoice?period=2026-13",
             400,

@@ -91,9 +91,11 @@ class AdminHandler:
     async def _tenant_report(self, tenant: str, period: str | None, build: Report) -> bytes:
         if self.policy is None or self.usage is None:
             return _NOT_READY
-        if tenant not in self.policy.current.tenants:
-            return _json(404, {"error": "unknown_tenant", "message": f"no tenant {tenant!r} in the policy"})
         try:
+            # A tenant that has left the policy still has its usage and owes its invoice.
+            if tenant not in self.policy.current.tenants and tenant not in await self.usage.tenants():
+                message = f"no tenant {tenant!r} in the policy or in the usage store"
+                return _json(404, {"error": "unknown_tenant", "message": message})
             return _json(200, await build(self.usage, self.policy.current, tenant, period))
         except BadPeriod as exc:
             return _json(400, {"error": "bad_period", "message": f"period {exc}"})
