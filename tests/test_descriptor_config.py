@@ -18,6 +18,7 @@ from meshtoll.ratelimit.descriptor_config import (
     resolve_replaces,
     watch_descriptor_configs,
 )
+from meshtoll.telemetry.metrics import DecisionCounts, Metrics
 
 
 def configs(tmp_path: Path, *documents: str) -> DescriptorConfigs:
@@ -300,3 +301,48 @@ async def test_a_bad_reload_keeps_the_previous_configuration(tmp_path: Path) -> 
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def test_a_key_that_is_not_a_string_is_located_not_a_traceback(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        "domain: d\ndescriptors:\n  - key: k\n    0.25: x\n    rate_limit: {unit: second, requests_per_unit: 1}\n",
+    )
+    assert found == [
+        f"{tmp_path / 'config0.yaml'}:4 descriptors[0][0.25]: key 0.25 is not a string: quote it"
+    ]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"domain: d\x00\n", b"~: 1\n", b"domain: \xff\n", b"a: &a [*a]\ndomain: d\n", b"domain: d\n0.25: x\n"],
+)
+def test_hostile_files_are_refused_at_start_with_a_located_error(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "bad.yaml").write_bytes(content)
+    with pytest.raises(PolicyError) as caught:
+        DescriptorConfigHolder(tmp_path)
+    assert all(problem.file == str(tmp_path / "bad.yaml") for problem in caught.value.problems)
+    assert all(problem.line is not None for problem in caught.value.problems)
+
+
+async def test_hostile_reloads_are_counted_and_the_watcher_lives_on(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("domain: d\n")
+    holder = DescriptorConfigHolder(tmp_path)
+    metrics = Metrics(DecisionCounts(), lambda: None)
+    metrics.count_rejected_ratelimit_configs(holder)
+    task = asyncio.create_task(watch_descriptor_configs(holder, 0.02))
+    try:
+        for count, content in enumerate([b"domain: d\n0.25: x\n", b"~: 1\n", b"domain: e\x00\n"], start=1):
+            (tmp_path / "b.yaml").write_bytes(content)
+            async with asyncio.timeout(5):
+                while holder.rejected_versions < count:
+                    await asyncio.sleep(0.02)
+        (tmp_path / "b.yaml").write_text("domain: e\n")
+        async with asyncio.timeout(5):
+            while "e" not in holder.current.domains:
+                await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert "meshtoll_ratelimit_config_rejected_reloads_total 3" in metrics.prometheus_text()

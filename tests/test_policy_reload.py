@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from meshtoll.policy import CompiledPolicy, load_policy, reload
 from meshtoll.policy.reload import PolicyHolder, watch_policy
+from meshtoll.telemetry.metrics import DecisionCounts, Metrics
 
 POLL = 0.02
 
@@ -107,3 +109,82 @@ async def test_listeners_hear_each_accepted_version(tmp_path: Path, listeners: i
         write(path, version("acme globex"))
         await until(lambda: len(heard) == listeners)
         assert heard == [2] * listeners
+
+
+HOSTILE_VERSIONS = {
+    "a NUL byte": "plans: {free: {}}\x00\ntenants: {}\n",
+    "a null key": "~: 1\n",
+    "an integer of 5,000 digits": "plans: {free: {limits: [{requests: " + "9" * 5000 + ", per: second}]}}\n",
+    "an alias bomb": "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+    ),
+}
+
+
+async def test_no_hostile_version_ends_the_watcher_and_each_is_logged_once_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(version("acme"))
+    async with watching(path) as holder:
+        for count, text in enumerate(HOSTILE_VERSIONS.values(), start=1):
+            write(path, text)
+            await until(lambda count=count: holder.rejected_versions == count)
+            assert set(holder.current.tenants) == {"acme"}
+        # A later edit (here: acme gone, as when a tenant's access is withdrawn) still applies.
+        write(path, version("globex"))
+        await until(lambda: set(holder.current.tenants) == {"globex"})
+    rejections = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert len(rejections) == len(HOSTILE_VERSIONS)
+    assert all(str(path) in record.getMessage() for record in rejections)
+
+
+async def test_an_unexpected_loader_failure_is_logged_counted_and_survived(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(path: Path) -> CompiledPolicy:
+        raise RuntimeError("a bug in the loader")
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(version("acme"))
+    async with watching(path) as holder:
+        monkeypatch.setattr(reload, "load_policy", broken)
+        write(path, version("acme globex"))
+        await until(lambda: holder.rejected_versions == 1)
+        monkeypatch.setattr(reload, "load_policy", load_policy)
+        write(path, version("initech"))
+        await until(lambda: set(holder.current.tenants) == {"initech"})
+    [failure] = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert str(path) in failure.getMessage()
+    assert failure.exc_info is not None
+
+
+async def test_a_failing_listener_neither_undoes_the_swap_nor_silences_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(version("acme"))
+    heard: list[int] = []
+
+    def failing(policy: CompiledPolicy) -> None:
+        raise RuntimeError("listener bug")
+
+    async with watching(path) as holder:
+        holder.on_change(failing)
+        holder.on_change(lambda policy: heard.append(len(policy.tenants)))
+        write(path, version("acme globex"))
+        await until(lambda: heard == [2])
+        write(path, version("initech"))
+        await until(lambda: heard == [2, 1])
+        assert holder.version == 3
+
+
+async def test_rejected_reloads_are_a_prometheus_counter(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(version("acme"))
+    async with watching(path) as holder:
+        metrics = Metrics(DecisionCounts(), lambda: holder)
+        write(path, "~: 1\n")
+        await until(lambda: holder.rejected_versions == 1)
+        text = metrics.prometheus_text()
+    assert "# TYPE meshtoll_policy_rejected_reloads counter" in text
+    assert "meshtoll_policy_rejected_reloads_total 1" in text
