@@ -116,6 +116,7 @@ async def test_a_forged_entry_without_an_admission_bills_nothing(
     usage = await usage_store.usage(tenant, "2026-11")
     assert (usage.requests, usage.units) == (0, 0)
     assert tenant not in await usage_store.tenants()
+    assert not await usage_store.has_usage(tenant)
 
 
 async def test_an_entry_that_comes_before_its_admission_waits_for_it(
@@ -130,6 +131,7 @@ async def test_an_entry_that_comes_before_its_admission_waits_for_it(
     usage = await usage_store.usage(tenant, "2026-11")
     assert (usage.requests, usage.units, usage.unreconciled, settlement.waiting) == (1, 5, 0, 0)
     assert tenant in await usage_store.tenants()
+    assert await usage_store.has_usage(tenant)
 
 
 async def test_a_body_metered_entry_waits_for_the_units_ext_proc_reports(

@@ -93,7 +93,7 @@ class AdminHandler:
             return _NOT_READY
         try:
             # A tenant that has left the policy still has its usage and owes its invoice.
-            if tenant not in self.policy.current.tenants and tenant not in await self.usage.tenants():
+            if tenant not in self.policy.current.tenants and not await self.usage.has_usage(tenant):
                 message = f"no tenant {tenant!r} in the policy or in the usage store"
                 return _json(404, {"error": "unknown_tenant", "message": message})
             return _json(200, await build(self.usage, self.policy.current, tenant, period))

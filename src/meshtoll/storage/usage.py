@@ -79,6 +79,10 @@ class UsageStore(Protocol):
         """Every tenant that has usage in the store, whatever today's policy says, sorted."""
         ...
 
+    async def has_usage(self, tenant: str) -> bool:
+        """Whether the tenant is in that index."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -209,6 +213,9 @@ class MemoryUsageStore:
 
     async def tenants(self) -> list[str]:
         return sorted(self._tenants)
+
+    async def has_usage(self, tenant: str) -> bool:
+        return tenant in self._tenants
 
     async def close(self) -> None:
         return None

@@ -257,6 +257,12 @@ class RedisUsageStore:
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StorageUnavailable(f"Redis did not answer: {exc}") from None
 
+    async def has_usage(self, tenant: str) -> bool:
+        try:
+            return bool(await self._client.sismember(USAGE_TENANTS_KEY, tenant))
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise StorageUnavailable(f"Redis did not answer: {exc}") from None
+
     async def close(self) -> None:
         if self._lean is not None:
             await self._lean.close()
