@@ -84,11 +84,11 @@ def test_a_key_without_value_limits_each_value_with_its_own_counter(
     assert [answer.statuses[0].limit_remaining for answer in answers[:3]] == [2, 1, 0]
     assert 0 < status.duration_until_reset.seconds <= 60
     assert ask(rls, descriptor(("remote_address", "50.0.0.2"))).overall_code == OK
-    # envoyproxy/ratelimit's key format: counters carry over either way.
+    # envoyproxy/ratelimit's key format, and its counting: the refused hit counts too.
     start, _ = window("minute", time.time())
     client = redis.Redis.from_url(redis_url)
     try:
-        assert int(client.get(f"compat_remote_address_50.0.0.1_{start}") or 0) == 3
+        assert int(client.get(f"compat_remote_address_50.0.0.1_{start}") or 0) == 4
     finally:
         client.close()
 
@@ -113,8 +113,12 @@ def test_hits_addend_consumes_several_and_zero_only_checks(rls: rls_pb2_grpc.Rat
     assert ask(rls, descriptor(("client", "a")), hits=4).statuses[0].limit_remaining == 1
     looked = ask(rls, descriptor(("client", "a"), hits=0))
     assert (looked.overall_code, looked.statuses[0].limit_remaining) == (OK, 1)
+    assert ask(rls, descriptor(("client", "a"))).statuses[0].limit_remaining == 0
+    at_the_limit = ask(rls, descriptor(("client", "a"), hits=0))
+    assert (at_the_limit.overall_code, at_the_limit.statuses[0].limit_remaining) == (OK, 0)
+    # Strict compatibility: refused hits count, as envoyproxy/ratelimit counts them.
     assert ask(rls, descriptor(("client", "a"), hits=2)).overall_code == OVER_LIMIT
-    assert ask(rls, descriptor(("client", "a"))).overall_code == OK
+    assert ask(rls, descriptor(("client", "a"))).overall_code == OVER_LIMIT
 
 
 def test_the_limit_envoy_sends_with_a_descriptor_overrides_the_configured_one(
@@ -137,5 +141,5 @@ def test_a_bad_configuration_file_keeps_the_last_good_one(
     time.sleep(1.5)  # one reload poll (1 s) must have seen it
     assert ask(rls, descriptor(("remote_address", "50.0.0.5"))).overall_code == OVER_LIMIT
     log = (stack.work_dir / "meshtoll.log").read_text()
-    assert "rate-limit configuration reload rejected" in log
+    assert "new version rejected, the previous one stays" in log
     assert "broken.yaml:2 descriptors[0].rate_limit.unit: expected one of second" in log

@@ -17,6 +17,7 @@ from meshtoll.ratelimit.descriptor_config import DescriptorConfigs, load_descrip
 from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.ratelimit.limits import Increment, RateLimit
 from meshtoll.ratelimit.peer_response import HeaderNames
+from meshtoll.ratelimit.service import RateLimitService
 from meshtoll.ratelimit.strict import StrictLimiter, StrictOptions
 from meshtoll.storage.memory import MemoryCounterStore
 
@@ -262,3 +263,13 @@ async def test_dynamic_metadata_describes_the_request(another: DescriptorConfigs
         "hitsAddend": 2.0,
     }
     assert (await ask(service(), another, "another", [d(("key2", "m"))])).dynamic_metadata is None
+
+
+async def test_meshtoll_compatibility_keeps_a_refused_request_from_consuming(
+    another: DescriptorConfigs,
+) -> None:
+    limiter = Limiter(MemoryCounterStore(), clock=Clock(), failure_mode="closed")
+    meshtoll = RateLimitService(None, limiter, lambda: another, compat="meshtoll")
+    answers = [await meshtoll.decide("another", [d(("key2", "m")), d(("key3", "m"))], 1) for _ in range(12)]
+    assert [a.over_limit for a in answers] == [False] * 10 + [True] * 2
+    assert answers[9].statuses[0].remaining == 10  # key2 counted only the 10 admitted requests

@@ -2,7 +2,8 @@
 envoyproxy/ratelimit runs, from its environment variables (ratelimit/peer_settings.py).
 
 Ports as the peer's: gRPC (RLS and health), HTTP `/healthcheck`, and a debug port with
-`/rlconfig` and `/metrics`. Health is the peer's: SERVING once Redis answers (and, with
+`/rlconfig` and `/metrics` (the per-limit statistics under the names the peer's
+Prometheus mapping gives them). Health is the peer's: SERVING once Redis answers (and, with
 HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED, once a configuration with a domain is loaded),
 NOT_SERVING from SIGTERM on, so that Kubernetes stops sending before the pod goes.
 An invalid initial configuration refuses to start (the peer starts and fails every call):
@@ -18,6 +19,7 @@ import logging
 import signal
 import socket
 from collections.abc import Awaitable, Coroutine
+from functools import partial
 from typing import Any, Protocol
 
 import grpc
@@ -29,6 +31,7 @@ from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder, watch_d
 from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.ratelimit.peer_response import HeaderNames
 from meshtoll.ratelimit.peer_settings import RlsSettings
+from meshtoll.ratelimit.peer_stats import DescriptorStats
 from meshtoll.ratelimit.rls import RateLimitServicer
 from meshtoll.ratelimit.service import RateLimitService
 from meshtoll.ratelimit.strict import StrictLimiter, StrictOptions
@@ -81,11 +84,19 @@ class RlsApp:
         self._store: CounterStore | None = None
         self.health: Health | None = None
         self.configs: DescriptorConfigHolder | None = None
+        self.stats = DescriptorStats()
 
     async def start(self) -> None:
         settings = self.settings
         # Raises PolicyError (file, line, field path) for an invalid initial configuration.
-        self.configs = configs = await asyncio.to_thread(DescriptorConfigHolder, settings.config_directory)
+        self.configs = configs = await asyncio.to_thread(
+            partial(
+                DescriptorConfigHolder,
+                settings.config_directory,
+                merge_domains=settings.merge_domain_config,
+                ignore_dot_files=settings.ignore_dot_files,
+            )
+        )
         self._background(watch_descriptor_configs(configs, CONFIG_POLL_SECONDS))
         self._store = store = open_counter_store(settings.redis_url, timeout_ms=settings.redis_timeout_ms)
         # "closed": a store that cannot answer is a gRPC error, as the peer's Redis errors are.
@@ -99,9 +110,9 @@ class RlsApp:
             headers=None if settings.response_headers is None else HeaderNames(*settings.response_headers),
             dynamic_metadata=settings.response_dynamic_metadata,
         )
-        service = RateLimitService(
-            None, limiter, lambda: configs.current, compat="strict", strict=StrictLimiter(limiter, options)
-        )
+        self.stats = DescriptorStats(settings.near_limit_ratio)
+        strict = StrictLimiter(limiter, options, stats=self.stats)
+        service = RateLimitService(None, limiter, lambda: configs.current, compat="strict", strict=strict)
         servicer = health.aio.HealthServicer()
         components = {"redis": False, "sigterm": True}
         if settings.healthy_with_at_least_one_config_loaded:
@@ -136,6 +147,9 @@ class RlsApp:
         if path == "/rlconfig" and self.configs is not None:
             body = "\n".join(sorted(self.configs.current.domains)).encode() + b"\n"
             return response(200, "OK", (("content-type", "text/plain"),), body)
+        if path == "/metrics":
+            body = self.stats.prometheus_text().encode()
+            return response(200, "OK", (("content-type", "text/plain; version=0.0.4"),), body)
         return self._http(method, target, headers, peer)
 
     async def _start_grpc(

@@ -27,12 +27,14 @@ from meshtoll.ratelimit.decision import Descriptor, DescriptorStatus, RateLimitD
 from meshtoll.ratelimit.descriptor_config import (
     UNLIMITED_REMAINING,
     DescriptorConfigs,
-    DescriptorMatch,
     counter_key,
+    stats_key,
 )
+from meshtoll.ratelimit.descriptor_tree import DescriptorMatch
 from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.ratelimit.limits import Increment, RateLimit
 from meshtoll.ratelimit.peer_response import HeaderNames, dynamic_metadata, rate_limit_headers
+from meshtoll.ratelimit.peer_stats import DescriptorStats
 
 # envoyproxy/ratelimit's window lengths (its UnitToDivider).
 UNIT_SECONDS: dict[str, int] = {
@@ -67,6 +69,7 @@ class _Lookup:
     unlimited: bool = False
     quota: bool = False
     metadata: dict[str, Any] | None = None
+    stats_key: str = ""
 
 
 _NOTHING = _Lookup()
@@ -74,10 +77,15 @@ _NOTHING = _Lookup()
 
 class StrictLimiter:
     def __init__(
-        self, limiter: Limiter, options: StrictOptions = StrictOptions(), jitter: random.Random | None = None
+        self,
+        limiter: Limiter,
+        options: StrictOptions = StrictOptions(),
+        jitter: random.Random | None = None,
+        stats: DescriptorStats | None = None,
     ) -> None:
         self._limiter = limiter
         self.options = options
+        self.stats = stats or DescriptorStats()
         self._jitter = jitter or random.Random()
         self._over_until: dict[str, float] = {}  # the local cache: window key -> window end
 
@@ -146,6 +154,14 @@ class StrictLimiter:
                 continue
             else:
                 over = by_key[key] > limit.requests
+            self.stats.record(
+                lookup.stats_key,
+                limit.requests,
+                by_key.get(key, 0),
+                hits[index],
+                from_local_cache=index in cached,
+                shadow=limit.shadow,
+            )
             if over:
                 self._remember_over(key, limit, now)
                 # A shadow limit reports its refusal as OK, remaining 0.
@@ -186,7 +202,12 @@ def _lookups(
     for descriptor in descriptors:
         if descriptor.override is not None:
             # Envoy's own limit wins; it has no name and no shadow mode.
-            lookups.append(_Lookup(counter_key(domain, descriptor.entries), descriptor.override))
+            entries = descriptor.entries
+            lookups.append(
+                _Lookup(
+                    counter_key(domain, entries), descriptor.override, stats_key=stats_key(domain, entries)
+                )
+            )
             continue
         match = configs.match(domain, descriptor.entries)
         if match is None:
@@ -207,7 +228,9 @@ def _lookups(
 def _from_match(match: DescriptorMatch) -> _Lookup:
     if match.limit is None:
         return _Lookup(match.key, None, unlimited=True)
-    return _Lookup(match.key, match.limit)
+    return _Lookup(
+        match.key, match.limit, quota=match.quota, metadata=match.metadata, stats_key=match.stats_key
+    )
 
 
 def _overall(quota: Sequence[bool | None], statuses: Sequence[DescriptorStatus]) -> bool:

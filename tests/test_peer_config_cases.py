@@ -1,0 +1,205 @@
+"""envoyproxy/ratelimit's configuration cases (test/config/config_test.go), rewritten for
+meshtoll's loader: the peer's own files (tests/fixtures/ratelimit/config, see NOTICE.md)
+load, match and fail as they do there. meshtoll's errors are worded its own way (file,
+line, field path), so an invalid file is checked for where it points and what it says."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from meshtoll.errors import PolicyError
+from meshtoll.ratelimit.descriptor_config import DescriptorConfigs, load_descriptor_configs
+from meshtoll.ratelimit.descriptor_tree import DescriptorMatch
+
+CONFIG = Path(__file__).parent / "fixtures" / "ratelimit" / "config"
+EXAMPLES = Path(__file__).parent / "fixtures" / "ratelimit" / "examples"
+
+
+def load(tmp_path: Path, *names: str, merge: bool = False) -> DescriptorConfigs:
+    for n, name in enumerate(names):
+        # Numbered: the peer loads files in the order given, meshtoll in name order.
+        shutil.copy(CONFIG / name, tmp_path / f"{n:02d}_{name}")
+    return load_descriptor_configs(tmp_path, merge_domains=merge)
+
+
+def limit_of(
+    configs: DescriptorConfigs, *entries: tuple[str, str], domain: str = "test-domain"
+) -> DescriptorMatch:
+    found = configs.match(domain, entries)
+    assert found is not None, entries
+    return found
+
+
+def requests_and_unit(found: DescriptorMatch | None) -> tuple[int, str] | None:
+    if found is None or found.limit is None:
+        return None
+    return found.limit.requests, found.limit.period
+
+
+def test_basic_config(tmp_path: Path) -> None:
+    """TestBasicConfig."""
+    configs = load(tmp_path, "basic_config.yaml")
+    assert configs.match("foo_domain", ()) is None
+    assert configs.match("test-domain", ()) is None
+    for nothing in (
+        [("key1", "something")],
+        [("key1", "value1")],
+        [("key2", "value2"), ("subkey", "subvalue")],
+        [("key5", "value5"), ("subkey5", "subvalue")],
+        [("key2", "value3")],
+    ):
+        assert configs.match("test-domain", nothing) is None, nothing
+    cases = {
+        (("key1", "value1"), ("subkey1", "something")): (5, "second"),
+        (("key1", "value1"), ("subkey1", "subvalue1")): (10, "second"),
+        (("key2", "something"),): (20, "minute"),
+        (("key2", "value2"),): (30, "minute"),
+        (("key3", "foo"),): (1, "hour"),
+        (("key4", "foo"),): (1, "day"),
+        (("key7", "unspecified_value"),): (70, "minute"),
+        (("key7", "another_value"),): (70, "minute"),
+    }
+    for entries, expected in cases.items():
+        assert requests_and_unit(configs.match("test-domain", entries)) == expected, entries
+    key3, key4 = limit_of(configs, ("key3", "foo")), limit_of(configs, ("key4", "foo"))
+    names = [None if found.limit is None else found.limit.name for found in (key3, key4)]
+    assert names == ["", "key4_rate_limit"]  # no name in the file: none invented
+    unlimited = limit_of(configs, ("key6", "foo"))
+    assert unlimited.limit is None  # unlimited
+
+
+def test_domain_merge(tmp_path: Path) -> None:
+    """TestDomainMerge: MERGE_DOMAIN_CONFIG joins two files of one domain."""
+    configs = load(tmp_path, "merge_domain_key1.yaml", "merge_domain_key2.yaml", merge=True)
+    assert requests_and_unit(configs.match("test-domain", [("key1", "value1")])) == (10, "minute")
+    assert requests_and_unit(configs.match("test-domain", [("key2", "value2")])) == (20, "minute")
+
+
+def test_shadow_mode_config(tmp_path: Path) -> None:
+    """TestShadowModeConfig."""
+    configs = load(tmp_path, "shadowmode_config.yaml")
+    shadows = {
+        (("key1", "value1"), ("subkey1", "something")): False,
+        (("key1", "value1"), ("subkey1", "subvalue1")): True,
+        (("key2", "something"),): True,
+        (("key2", "value2"),): False,
+    }
+    for entries, shadow in shadows.items():
+        found = limit_of(configs, *entries).limit
+        assert (found is not None, found and found.shadow) == (True, shadow), entries
+
+
+def test_wildcard_config(tmp_path: Path) -> None:
+    """TestWildcardConfig: a `*` anywhere in a value matches any run of characters."""
+    configs = load(tmp_path, "wildcard.yaml")
+    matching = [
+        [("noVal", "foo1")],
+        [("wild", "foo1")],
+        [("wild", "foo2")],
+        [("nestedWild", "val1"), ("wild", "goo2")],
+        [("midWild", "barab")],
+        [("midWild", "bar123b")],
+        [("midWild", "barb")],
+        [("multiWild", "foo123bar456baz")],
+        [("multiWild", "foobarbaz")],
+    ]
+    for entries in matching:
+        assert configs.match("test-domain", entries) is not None, entries
+    for entries in (
+        [("wild", "bar")],
+        [("noWild", "foo1")],
+        [("midWild", "bara")],
+        [("midWild", "xbarb")],
+        [("multiWild", "foo123baz")],
+        [("multiWild", "bar456baz")],
+    ):
+        assert configs.match("test-domain", entries) is None, entries
+    assert limit_of(configs, ("midWild", "barab")).limit == limit_of(configs, ("midWild", "bar123b")).limit
+    # Each value keeps its own counter (no share_threshold).
+    assert limit_of(configs, ("wild", "foo1")).key != limit_of(configs, ("wild", "foo2")).key
+
+
+def test_share_threshold_values_of_a_wildcard_share_one_counter(tmp_path: Path) -> None:
+    """TestShareThreshold: the counter key carries the pattern instead of the value."""
+    configs = load(tmp_path, "share_threshold.yaml")
+    keys = {limit_of(configs, ("files", f"files/{name}")).key for name in ("a.pdf", "b.csv", "c/d")}
+    assert keys == {"test-domain_files_files/*"}
+    nested = limit_of(configs, ("nested", "parent"), ("files", "nested/x"))
+    assert nested.key == "test-domain_nested_parent_files_nested/*"
+    same_key_twice = limit_of(configs, ("files", "top/1"), ("files", "nested/2"))
+    assert (same_key_twice.key, requests_and_unit(same_key_twice)) == (
+        "test-domain_files_top/*_files_nested/*",
+        (300, "minute"),
+    )
+    mixed = limit_of(configs, ("path", "path/a"), ("file", "file/b"), ("type", "pdf"))
+    assert mixed.key == "test-domain_path_path/*_file_file/b_type_pdf"
+    # An explicit value wins over a wildcard, and keeps its own counter.
+    explicit = limit_of(configs, ("file", "test1"))
+    assert (explicit.key, requests_and_unit(explicit)) == ("test-domain_file_test1", (50, "minute"))
+    assert limit_of(configs, ("file", "test2")).key == "test-domain_file_test*"
+    assert limit_of(configs, ("midpath", "/api/v1")).key == "test-domain_midpath_/api*v1"
+    assert configs.match("test-domain", [("midpath", "/api/v2")]) is None
+    assert limit_of(configs, ("multiroute", "svcXepYrpc")).key == "test-domain_multiroute_svc*ep*rpc"
+    both = limit_of(configs, ("tenant", "t1prod"), ("resource", "res9v2"))
+    assert both.key == "test-domain_tenant_t*prod_resource_res*v2"
+
+
+def test_metadata_is_returned_with_the_limit(tmp_path: Path) -> None:
+    """TestMetadata."""
+    configs = load(tmp_path, "metadata.yaml")
+    assert limit_of(configs, ("key1", "value1"), ("subkey1", "something")).metadata == {"name": "service_1"}
+    assert limit_of(configs, ("key2", "something")).metadata == {"service_with_quota": {"name": "service_2"}}
+    assert limit_of(configs, ("key1", "value1"), ("subkey1", "subvalue1")).metadata is None
+
+
+@pytest.mark.parametrize(
+    ("files", "where", "says"),
+    [
+        (["empty_domain.yaml"], "empty_domain.yaml", "domain"),
+        (
+            ["basic_config.yaml", "duplicate_domain.yaml"],
+            "duplicate_domain.yaml",
+            "domain 'test-domain' is already",
+        ),
+        (["empty_key.yaml"], "empty_key.yaml:3 descriptors[0]", "'key'"),
+        (["duplicate_key.yaml"], "duplicate_key.yaml:6 descriptors[1]", "duplicate descriptor 'key1_value1'"),
+        (["bad_limit_unit.yaml"], "bad_limit_unit.yaml:6 descriptors[0].rate_limit.unit", "expected one of"),
+        (["replaces_self.yaml"], "replaces_self.yaml:", "replaces its own name 'self'"),
+        (["replaces_empty.yaml"], "replaces_empty.yaml:", "name"),
+        (["bad_yaml.yaml"], "bad_yaml.yaml", ""),
+        (["misspelled_key.yaml"], "misspelled_key.yaml:5 descriptors[0].ratelimit", "unknown field"),
+        (
+            ["misspelled_key2.yaml"],
+            "misspelled_key2.yaml:7 descriptors[0].rate_limit.requestsperunit",
+            "unknown field",
+        ),
+        (["non_string_key.yaml"], "non_string_key.yaml:", "0.25"),
+        (["non_map_list.yaml"], "non_map_list.yaml:3 descriptors[0]", "mapping"),
+        (["unlimited_with_unit.yaml"], "unlimited_with_unit.yaml:", "unit"),
+    ],
+)
+def test_invalid_configs_are_rejected_with_where_and_why(
+    tmp_path: Path, files: list[str], where: str, says: str
+) -> None:
+    """TestEmptyDomain ... TestUnlimitedWithRateLimitUnit: every file the peer rejects."""
+    with pytest.raises(PolicyError) as rejected:
+        load(tmp_path, *files)
+    text = str(rejected.value).replace(f"{tmp_path}/", "").replace("00_", "").replace("01_", "")
+    assert where in text, text
+    assert says in text, text
+
+
+def test_a_duplicate_key_across_merged_files_is_rejected(tmp_path: Path) -> None:
+    """TestDuplicateKeyDomainMerge."""
+    shutil.copy(CONFIG / "merge_domain_key1.yaml", tmp_path / "a.yaml")
+    shutil.copy(CONFIG / "merge_domain_key1.yaml", tmp_path / "b.yaml")
+    with pytest.raises(PolicyError, match="duplicate descriptor 'key1_value1'"):
+        load_descriptor_configs(tmp_path, merge_domains=True)
+
+
+@pytest.mark.parametrize("directory", [EXAMPLES, CONFIG.parent / "integration" / "config"])
+def test_the_peers_example_and_integration_configs_load_unchanged(directory: Path) -> None:
+    assert load_descriptor_configs(directory).domains
