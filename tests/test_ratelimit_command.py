@@ -1,0 +1,82 @@
+"""`meshtoll ratelimit` as a container replacing envoyproxy/ratelimit: it refuses a bad
+initial configuration with located errors, and its health follows Redis."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from meshtoll.devstack import RedisServer
+from tests.conftest import RunningRls, StartRls
+
+pytestmark = pytest.mark.integration
+
+CONFIG = Path(__file__).parent / "fixtures" / "ratelimit" / "config"
+
+
+def test_an_invalid_initial_configuration_refuses_to_start_with_located_errors(tmp_path: Path) -> None:
+    (tmp_path / "ratelimit" / "config").mkdir(parents=True)
+    shutil.copy(CONFIG / "non_string_key.yaml", tmp_path / "ratelimit" / "config")
+    shutil.copy(CONFIG / "replaces_self.yaml", tmp_path / "ratelimit" / "config")
+    environment = {
+        **os.environ,
+        "RUNTIME_ROOT": str(tmp_path),
+        "RUNTIME_SUBDIRECTORY": "ratelimit",
+        "REDIS_SOCKET_TYPE": "tcp",
+        "REDIS_URL": "127.0.0.1:1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "meshtoll", "ratelimit"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "rate-limit configuration rejected" in done.stderr
+    assert "non_string_key.yaml:1" in done.stderr
+    assert "replaces_self.yaml:10" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def healthy(rls: RunningRls) -> tuple[int, int]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{rls.port}/healthcheck", timeout=5) as reply:
+            http = reply.status
+    except urllib.error.HTTPError as error:
+        http = error.code
+    with grpc.insecure_channel(f"127.0.0.1:{rls.grpc_port}") as channel:
+        checked = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="ratelimit")
+        )
+    return http, checked.status
+
+
+def test_health_follows_redis(start_rls: StartRls, tmp_path: Path) -> None:
+    (tmp_path / "ratelimit" / "config").mkdir(parents=True)
+    shutil.copy(CONFIG / "basic_config.yaml", tmp_path / "ratelimit" / "config")
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    with RedisServer(tmp_path / "redis") as redis:
+        port = redis.port
+        rls = start_rls(tmp_path, REDIS_URL=f"127.0.0.1:{port}", REDIS_TIMEOUT="200ms")
+        assert healthy(rls) == (200, serving)
+    assert wait_for_health(rls, (500, not_serving))
+    with RedisServer(tmp_path / "redis-again", port=port):
+        assert wait_for_health(rls, (200, serving))
+
+
+def wait_for_health(rls: RunningRls, wanted: tuple[int, int]) -> bool:
+    deadline = time.monotonic() + 10
+    while healthy(rls) != wanted and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return healthy(rls) == wanted
