@@ -7,8 +7,8 @@ open at once; the next one gets the refusal (503 + close) at once.
 
 One timer per listener enforces the timeouts: a sweep each second (less when a timeout is
 shorter) asks every connection whether it has waited too long, on a coarse clock it ticks
-itself, so a request pays nothing for them but storing the clock's value; the timeouts are
-exact to within one sweep.
+itself, so a request pays nothing for them but storing the clock's value; a timeout fires
+between its time and two sweeps later, never before.
 
 The listener runs its own accept loop rather than loop.create_server because CPython's
 (3.11) meets EMFILE by logging a traceback and scheduling a retry for each of up to 100
@@ -231,10 +231,14 @@ class HttpListener:
             self.forget(connection)
 
     def _sweep(self) -> None:
-        self.now = now = self._loop.time()
+        now = self._loop.time()
+        # Connections stamp their states with this clock, which may be up to a sweep behind
+        # the truth; judging them a sweep behind too means no timeout ever fires early.
+        judged_at = now - self._sweep_seconds
+        self.now = now
         limits = self.limits
         for connection in tuple(self._connections):
-            connection.expire(now, limits)
+            connection.expire(judged_at, limits)
         self._timer = self._loop.call_later(self._sweep_seconds, self._sweep)
 
 
