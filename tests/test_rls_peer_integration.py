@@ -83,34 +83,69 @@ def assert_answer(answer: rls_pb2.RateLimitResponse, overall: int, *statuses: ob
 
 
 def test_basic_config(stub: rls_pb2_grpc.RateLimitServiceStub) -> None:
-    """testBasicBaseConfig, without the local cache: unknown domain, one limit, over a
-    minute limit, two descriptors of one domain, and the reset ticking down."""
-    answer = stub.ShouldRateLimit(request("foo", [("hello", "world")]))
+    """testBasicBaseConfig "WithoutPerSecondRedis": unknown domain, one limit, over a minute
+    limit, two descriptors of one domain, and the reset ticking down."""
+    basic_config(stub)
+
+
+@pytest.mark.parametrize(
+    ("environment", "local", "stops"),
+    [
+        ({"LOCAL_CACHE_SIZE_IN_BYTES": "1000"}, True, False),
+        ({"CACHE_KEY_PREFIX": "prefix:"}, False, False),
+        ({"STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT": "true"}, False, True),
+        (
+            {"STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT": "true", "LOCAL_CACHE_SIZE_IN_BYTES": "1000"},
+            True,
+            True,
+        ),
+    ],
+    ids=["local-cache", "cache-key-prefix", "stop-increment", "stop-increment-local-cache"],
+)
+def test_basic_config_variants(
+    start_rls: StartRls, root: Path, environment: dict[str, str], local: bool, stops: bool
+) -> None:
+    """testBasicConfig's other settings (the same calls; with the local cache, the keys
+    ending in `_local` of the peer's basic.yaml and another.yaml)."""
+    started = start_rls(root, **environment)
+    with grpc.insecure_channel(f"127.0.0.1:{started.grpc_port}") as channel:
+        basic_config(rls_pb2_grpc.RateLimitServiceStub(channel), local=local, stops=stops)
+
+
+def basic_config(
+    stub: rls_pb2_grpc.RateLimitServiceStub, *, local: bool = False, stops: bool = False
+) -> None:
+    def key(name: str) -> str:
+        return f"{name}_local" if local else name
+
+    answer = stub.ShouldRateLimit(request("foo", [(key("hello"), "world")]))
     assert_answer(answer, OK, Response.DescriptorStatus(code=OK))
 
-    answer = stub.ShouldRateLimit(request("basic", [("key1", "foo")]))
+    answer = stub.ShouldRateLimit(request("basic", [(key("key1"), "foo")]))
     assert_answer(answer, OK, status(OK, 50, SECOND, 49, answer.statuses[0]))
 
     value = str(random.getrandbits(62))
     for i in range(25):
-        answer = stub.ShouldRateLimit(request("another", [("key2", value)]))
+        answer = stub.ShouldRateLimit(request("another", [(key("key2"), value)]))
         code, remaining = (OVER_LIMIT, 0) if i >= 20 else (OK, 20 - (i + 1))
         assert_answer(answer, code, status(code, 20, MINUTE, remaining, answer.statuses[0]))
 
     value = str(random.getrandbits(62))
     for i in range(15):
-        answer = stub.ShouldRateLimit(request("another", [("key2", value)], [("key3", value)]))
+        answer = stub.ShouldRateLimit(request("another", [(key("key2"), value)], [(key("key3"), value)]))
         code, remaining2 = (OVER_LIMIT, 0) if i >= 10 else (OK, 10 - (i + 1))
+        # Counting stopped at the limit: key2 no longer grows once key3 refuses.
+        remaining1 = 10 if stops and i >= 10 else 20 - (i + 1)
         assert_answer(
             answer,
             code,
-            status(OK, 20, MINUTE, 20 - (i + 1), answer.statuses[0]),
+            status(OK, 20, MINUTE, remaining1, answer.statuses[0]),
             status(code, 10, HOUR, remaining2, answer.statuses[1]),
         )
 
-    first = stub.ShouldRateLimit(request("another", [("key4", "durTest")]))
+    first = stub.ShouldRateLimit(request("another", [(key("key4"), "durTest")]))
     time.sleep(2)  # the peer's own wait: the reset is whole seconds from the real clock
-    second = stub.ShouldRateLimit(request("another", [("key4", "durTest")]))
+    second = stub.ShouldRateLimit(request("another", [(key("key4"), "durTest")]))
     assert second.statuses[0].duration_until_reset.seconds < first.statuses[0].duration_until_reset.seconds
 
 

@@ -137,6 +137,9 @@ class StrictLimiter:
                 cached.add(index)
                 continue
             increments.append(Increment(key, hits[index], lookup.limit.requests, self._expiry(seconds)))
+        if cached and self.options.stop_when_over:
+            # A counter the local cache holds over its limit stops every other from growing.
+            increments = [Increment(each.key, 0, each.limit, each.expire_seconds) for each in increments]
         counts = await self._limiter.counts(increments, now, stop_when_over=self.options.stop_when_over)
         by_key = {} if counts is None else dict(zip((i.key for i in increments), counts, strict=True))
         statuses = []
