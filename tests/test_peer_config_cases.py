@@ -203,3 +203,93 @@ def test_a_duplicate_key_across_merged_files_is_rejected(tmp_path: Path) -> None
 @pytest.mark.parametrize("directory", [EXAMPLES, CONFIG.parent / "integration" / "config"])
 def test_the_peers_example_and_integration_configs_load_unchanged(directory: Path) -> None:
     assert load_descriptor_configs(directory).domains
+
+
+VALUE_TO_METRIC = """
+domain: domain
+descriptors:
+  - key: route
+    value_to_metric: true
+    descriptors:
+      - key: http_method
+        value_to_metric: true
+        descriptors:
+          - key: subject_id
+            rate_limit: {unit: minute, requests_per_unit: 60}
+          - key: detailed
+            detailed_metric: true
+            rate_limit: {unit: minute, requests_per_unit: 60}
+  - key: k1
+    descriptors:
+      - key: k2
+        value_to_metric: true
+        descriptors:
+          - key: k3
+            rate_limit: {unit: second, requests_per_unit: 1}
+      - key: plain
+        rate_limit: {unit: second, requests_per_unit: 1}
+  - key: user
+    value_to_metric: true
+    descriptors:
+      - key: action
+        value: read*
+        value_to_metric: true
+        descriptors:
+          - key: resource
+            rate_limit: {unit: minute, requests_per_unit: 5}
+  - key: api
+    descriptors:
+      - key: method
+        value: GET
+        value_to_metric: true
+        descriptors:
+          - key: subject_id
+            rate_limit: {unit: minute, requests_per_unit: 60}
+  - key: key-1
+    detailed_metric: true
+    rate_limit: {unit: minute, requests_per_unit: 100}
+    descriptors:
+      - key: key-2
+        detailed_metric: true
+        rate_limit: {unit: minute, requests_per_unit: 5}
+"""
+
+
+@pytest.mark.parametrize(
+    ("entries", "metric"),
+    [
+        # TestValueToMetric_UsesRuntimeValuesInStats
+        (
+            [("route", "draw"), ("http_method", "GET"), ("subject_id", "123")],
+            "domain.route_draw.http_method_GET.subject_id",
+        ),
+        # TestValueToMetric_DoesNotOverrideDetailedMetric
+        (
+            [("route", "draw"), ("http_method", "GET"), ("detailed", "123")],
+            "domain.route_draw.http_method_GET.detailed_123",
+        ),
+        # TestValueToMetric_MidLevelOnly and _NoFlag_Unchanged
+        ([("k1", "X"), ("k2", "Y"), ("k3", "Z")], "domain.k1.k2_Y.k3"),
+        ([("k1", "X"), ("plain", "Y")], "domain.k1.plain"),
+        # TestValueToMetric_WithWildcard: the runtime value, not the pattern
+        (
+            [("user", "alice"), ("action", "readfile"), ("resource", "documents")],
+            "domain.user_alice.action_readfile.resource",
+        ),
+        # TestValueToMetric_WithConfiguredValues
+        ([("api", "v1"), ("method", "GET"), ("subject_id", "u1")], "domain.api.method_GET.subject_id"),
+        # TestValueToMetric_WithEmptyValue
+        (
+            [("route", ""), ("http_method", "GET"), ("subject_id", "123")],
+            "domain.route.http_method_GET.subject_id",
+        ),
+        # TestDetailedMetric: nested detailed limits name every value
+        ([("key-1", "value-1")], "domain.key-1_value-1"),
+        ([("key-1", "value-1"), ("key-2", "value-2")], "domain.key-1_value-1.key-2_value-2"),
+    ],
+)
+def test_metric_keys_of_value_to_metric_and_detailed_metric(
+    tmp_path: Path, entries: list[tuple[str, str]], metric: str
+) -> None:
+    (tmp_path / "metrics.yaml").write_text(VALUE_TO_METRIC)
+    assert limit_of(load_descriptor_configs(tmp_path), *entries, domain="domain").stats_key == metric
