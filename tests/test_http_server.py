@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import pytest
 
@@ -75,3 +75,20 @@ def test_xfcc_uri_sans_come_from_envoys_own_element_only() -> None:
         "spiffe://acme.test/bot",
     )
     assert uri_sans_from_xfcc("") == ()
+
+
+async def test_an_error_is_answered_after_the_answers_still_being_worked_on() -> None:
+    async def slowly(target: str) -> bytes:
+        await asyncio.sleep(0.1)
+        return response(200, "OK", (("x-target", target),))
+
+    def handler(method: str, target: str, headers: dict[str, str], peer: str) -> Awaitable[bytes]:
+        return slowly(target)
+
+    sock = listening_socket("127.0.0.1", 0)
+    async with await serve_http(handler, sock):
+        requests = b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\nNOT HTTP\r\n\r\n"
+        received = await exchange(sock.getsockname()[1], requests)
+    statuses = [line for line in received.split(b"\r\n") if line.startswith(b"HTTP/1.1")]
+    assert statuses == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request"]
+    assert received.index(b"x-target: /a") < received.index(b"x-target: /b")

@@ -161,7 +161,7 @@ class HttpProtocol(Connection):
             return  # the handler is at work; its own I/O has its own timeouts
         elif self._in_message:
             if waited > limits.header_timeout_seconds:
-                self._fail(REQUEST_TIMEOUT)
+                self._close_with(REQUEST_TIMEOUT)
         elif waited > limits.idle_timeout_seconds:
             # Between requests nothing is lost by closing: an HTTP/1.1 client (Envoy's pool
             # among them) sees the FIN and opens a new connection for its next request.
@@ -182,6 +182,16 @@ class HttpProtocol(Connection):
             self._transport.abort()
 
     def _fail(self, reply: bytes) -> None:
+        """Answer a request that cannot be served, after the answers still being worked on
+        for the requests before it, and close."""
+        if not self._pending:
+            self._close_with(reply)
+            return
+        self._pending.append((_done(reply), False))
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def _close_with(self, reply: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(reply)
             self._transport.close()
@@ -239,7 +249,7 @@ class HttpProtocol(Connection):
             error = future.exception()
             if error is not None:
                 log.error("HTTP handler failed", exc_info=error)
-                self._fail(INTERNAL_ERROR)
+                self._close_with(INTERNAL_ERROR)
                 return
             self._send(future.result(), keep_alive)
         self._since = self._owner.now  # idle, if nothing else is pending, from now
@@ -252,6 +262,7 @@ class HttpProtocol(Connection):
             and not transport.is_closing()
             and len(self._pending) < MAX_PENDING
             and not self._write_paused
+            and not (self._pending and not self._pending[-1][1])  # the last answer will close
         ):
             transport.resume_reading()
 
