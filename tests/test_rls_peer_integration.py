@@ -20,7 +20,10 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from meshtoll.devstack import find_redis_server
+from meshtoll.processes import Child, free_ports, tcp_accepts
 from tests.conftest import RunningRls, StartRls
+from tests.redis_topologies import redis_cluster, redis_sentinel
 
 pytestmark = pytest.mark.integration
 
@@ -232,3 +235,35 @@ def wait_for_answer(
         if done(answer) or time.monotonic() > deadline:
             return answer
         time.sleep(0.2)
+
+
+def test_basic_config_on_a_redis_cluster(start_rls: StartRls, root: Path, tmp_path: Path) -> None:
+    """testBasicConfigAuthWithRedisCluster, without the password: REDIS_TYPE=cluster."""
+    with redis_cluster(tmp_path) as ports:
+        nodes = ",".join(f"127.0.0.1:{port}" for port in ports)
+        started = start_rls(root, REDIS_TYPE="cluster", REDIS_URL=nodes)
+        with grpc.insecure_channel(f"127.0.0.1:{started.grpc_port}") as channel:
+            basic_config(rls_pb2_grpc.RateLimitServiceStub(channel))
+
+
+def test_basic_config_through_redis_sentinel(start_rls: StartRls, root: Path, tmp_path: Path) -> None:
+    """testBasicAuthConfigWithRedisSentinel, without the password: REDIS_TYPE=sentinel and
+    REDIS_URL naming the master, then the sentinels."""
+    with redis_sentinel(tmp_path, service="mymaster") as (_, sentinel):
+        started = start_rls(root, REDIS_TYPE="sentinel", REDIS_URL=f"mymaster,127.0.0.1:{sentinel}")
+        with grpc.insecure_channel(f"127.0.0.1:{started.grpc_port}") as channel:
+            basic_config(rls_pb2_grpc.RateLimitServiceStub(channel))
+
+
+def test_basic_config_with_redis_auth(start_rls: StartRls, root: Path, tmp_path: Path) -> None:
+    """testBasicConfigAuth: REDIS_AUTH with the password Redis requires."""
+    (port,) = free_ports(1)
+    argv = [str(find_redis_server()), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    redis_server = Child("redis-server", [*argv, "--requirepass", "password123"], tmp_path / "redis.log")
+    try:
+        redis_server.wait_ready(tcp_accepts(port), 15)
+        started = start_rls(root, REDIS_URL=f"127.0.0.1:{port}", REDIS_AUTH="password123")
+        with grpc.insecure_channel(f"127.0.0.1:{started.grpc_port}") as channel:
+            basic_config(rls_pb2_grpc.RateLimitServiceStub(channel))
+    finally:
+        redis_server.stop()
