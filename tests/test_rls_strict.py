@@ -273,3 +273,98 @@ async def test_meshtoll_compatibility_keeps_a_refused_request_from_consuming(
     answers = [await meshtoll.decide("another", [d(("key2", "m")), d(("key3", "m"))], 1) for _ in range(12)]
     assert [a.over_limit for a in answers] == [False] * 10 + [True] * 2
     assert answers[9].statuses[0].remaining == 10  # key2 counted only the 10 admitted requests
+
+
+MODES = """
+domain: svc
+descriptors:
+  - key: shadow
+    shadow_mode: true
+    rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: plain
+    rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: quota_a
+    quota_mode: true
+    rate_limit: {unit: minute, requests_per_unit: 1}
+    metadata: {service: {name: a}, tier: gold}
+  - key: quota_b
+    quota_mode: true
+    rate_limit: {unit: minute, requests_per_unit: 1}
+    metadata: {service: {name: b, zone: z1}}
+  - key: roomy
+    rate_limit: {unit: minute, requests_per_unit: 100}
+    metadata: {tier: silver}
+"""
+
+
+@pytest.fixture
+def modes(tmp_path: Path) -> DescriptorConfigs:
+    (tmp_path / "modes.yaml").write_text(MODES)
+    return load_descriptor_configs(tmp_path)
+
+
+async def spent(strict: StrictLimiter, modes: DescriptorConfigs, *keys: str) -> None:
+    """Each limit of `keys` at 1 of 1: the next request is over it."""
+    for key in keys:
+        await ask(strict, modes, "svc", [d((key, "x"))])
+
+
+@pytest.mark.parametrize(
+    ("keys", "spend", "over", "codes"),
+    [
+        (["shadow"], ["shadow"], False, [False]),  # TestRuleShadowMode
+        (["shadow", "plain"], ["shadow", "plain"], True, [False, True]),  # TestMixedRuleShadowMode
+        (["plain", "quota_a"], ["plain"], True, [True, False]),  # TestServicePerDescriptorQuotaMode
+        (["roomy", "quota_a"], ["quota_a"], True, [False, True]),  # TestServiceMixedPerDescriptorModes
+        (["roomy", "quota_a"], [], False, [False, False]),  # ...ModesUnderLimit
+        (
+            ["quota_a", "quota_b"],
+            ["quota_a", "quota_b"],
+            True,
+            [True, True],
+        ),  # ...QuotaModeOnlyAllOverTheLimit
+        (["quota_a", "quota_b"], ["quota_a"], False, [True, False]),  # ...QuotaModeOnlySomeOverTheLimit
+    ],
+)
+async def test_shadow_and_quota_descriptors_decide_the_answer_as_the_peer_does(
+    modes: DescriptorConfigs, keys: list[str], spend: list[str], over: bool, codes: list[bool]
+) -> None:
+    strict = service()
+    await spent(strict, modes, *spend)
+    answer = await ask(strict, modes, "svc", [d((key, "x")) for key in keys])
+    assert (answer.over_limit, [s.over_limit for s in answer.statuses]) == (over, codes)
+
+
+async def test_global_shadow_mode_answers_ok_over_quota_and_rate_limits(modes: DescriptorConfigs) -> None:
+    # TestServiceQuotaModeWithShadowMode, TestServiceMixedModeWithShadowMode
+    strict = service(shadow=True)
+    await spent(strict, modes, "plain", "quota_a", "quota_b")
+    answer = await ask(strict, modes, "svc", [d(("plain", "x")), d(("quota_a", "x")), d(("quota_b", "x"))])
+    assert (answer.over_limit, [s.over_limit for s in answer.statuses]) == (False, [True, True, True])
+
+
+async def test_metadata_of_the_passing_descriptors_is_merged_first_value_first(
+    modes: DescriptorConfigs,
+) -> None:
+    # TestMetadataReturnedForPassedDescriptors, ...ForAllPassedDescriptors,
+    # TestOverlappingMetadataReturnsTheFirstValue
+    strict = service(dynamic_metadata=True)
+    answer = await ask(strict, modes, "svc", [d(("quota_a", "x")), d(("quota_b", "x")), d(("roomy", "x"))])
+    assert answer.dynamic_metadata is not None
+    assert answer.dynamic_metadata["metadata"] == {"service": {"name": "a", "zone": "z1"}, "tier": "gold"}
+    later = await ask(strict, modes, "svc", [d(("quota_a", "x")), d(("roomy", "x"))])
+    assert later.dynamic_metadata is not None
+    assert later.dynamic_metadata["metadata"] == {
+        "tier": "silver"
+    }  # quota_a is over: its metadata is left out
+
+
+async def test_an_unlimited_descriptor_reports_max_remaining_and_counts_nothing(tmp_path: Path) -> None:
+    # TestUnlimited
+    (tmp_path / "u.yaml").write_text(
+        "domain: u\ndescriptors:\n  - key: free\n    rate_limit: {unlimited: true}\n"
+        "  - key: paid\n    rate_limit: {unit: minute, requests_per_unit: 1}\n"
+    )
+    strict = service()
+    answer = await ask(strict, load_descriptor_configs(tmp_path), "u", [d(("free", "x")), d(("paid", "x"))])
+    assert [view(s) for s in answer.statuses] == [(False, None, 2**32 - 1, 0), (False, 1, 0, 26)]
