@@ -3,6 +3,8 @@ initial configuration with located errors, and its health follows Redis."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -17,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshtoll.devstack import RedisServer
+from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder, watch_descriptor_configs
 from tests.conftest import RunningRls, StartRls
 
 pytestmark = pytest.mark.integration
@@ -80,3 +83,35 @@ def wait_for_health(rls: RunningRls, wanted: tuple[int, int]) -> bool:
     while healthy(rls) != wanted and time.monotonic() < deadline:
         time.sleep(0.2)
     return healthy(rls) == wanted
+
+
+async def test_a_kubernetes_configmap_update_is_picked_up(tmp_path: Path) -> None:
+    """A ConfigMap volume: each file a symlink through `..data`, which Kubernetes swaps to a
+    new timestamped directory on update (RUNTIME_IGNOREDOTFILES as the peer's manifests set it)."""
+
+    def version(name: str, requests: int) -> None:
+        (tmp_path / name).mkdir()
+        text = f"domain: d\ndescriptors: [{{key: k, rate_limit: {{unit: second, requests_per_unit: {requests}}}}}]\n"
+        (tmp_path / name / "config.yaml").write_text(text)
+        (tmp_path / "..data_new").symlink_to(name)
+        (tmp_path / "..data_new").rename(tmp_path / "..data")
+
+    version("..2026_12_01_1", 1)
+    (tmp_path / "config.yaml").symlink_to("..data/config.yaml")
+    holder = DescriptorConfigHolder(tmp_path, ignore_dot_files=True)
+    task = asyncio.create_task(watch_descriptor_configs(holder, 0.02))
+    try:
+        assert requests_of(holder) == 1
+        version("..2026_12_01_2", 7)
+        async with asyncio.timeout(5):
+            while requests_of(holder) != 7:
+                await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def requests_of(holder: DescriptorConfigHolder) -> int | None:
+    found = holder.current.match("d", [("k", "v")])
+    return None if found is None or found.limit is None else found.limit.requests
