@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from meshtoll.cli import main
 from meshtoll.errors import PolicyError
 from meshtoll.ratelimit.descriptor_config import (
     DescriptorConfigHolder,
@@ -346,3 +347,15 @@ async def test_hostile_reloads_are_counted_and_the_watcher_lives_on(tmp_path: Pa
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert "meshtoll_ratelimit_config_rejected_reloads_total 3" in metrics.prometheus_text()
+
+
+def test_serve_refuses_a_bad_configuration_before_any_worker_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a.yaml").write_text("domain: d\n0.25: x\n")
+    policy = Path(__file__).parent.parent / "examples" / "policy.yaml"
+    arguments = ["serve", "--policy", str(policy), "--ratelimit-config", str(tmp_path), "--workers", "2"]
+    assert main(arguments) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'a.yaml'}:2 [0.25]: key 0.25 is not a string: quote it" in err
+    assert "Traceback" not in err

@@ -215,6 +215,10 @@ def _serve(args: argparse.Namespace) -> int:
     settings = settings_from(vars(args))
     # Validate before any worker starts: a bad policy is one clear error, not a restart loop.
     load_policy(settings.policy)
+    if settings.ratelimit_config is not None:
+        from meshtoll.ratelimit.descriptor_config import load_descriptor_configs
+
+        load_descriptor_configs(settings.ratelimit_config)
     load_service_tls(settings)
     if settings.workers == 1:
         from meshtoll.app import run
