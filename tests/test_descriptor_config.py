@@ -239,6 +239,79 @@ def test_example_9_wildcard_values(tmp_path: Path) -> None:
     assert found.match("example9", [("key1", "other")]) is None
 
 
+def test_example_9_wildcards_in_the_middle_and_several(tmp_path: Path) -> None:
+    found = configs(
+        tmp_path,
+        """
+        domain: example9
+        descriptors:
+          - key: path
+            value: /api/*/action
+            rate_limit: {unit: minute, requests_per_unit: 20}
+          - key: route
+            value: /api/*/resource/*/action
+            rate_limit: {unit: minute, requests_per_unit: 20}
+    """,
+    )
+    for entry in [
+        ("path", "/api/123/action"),
+        ("path", "/api/user-id/action"),
+        ("route", "/api/v2/resource/456/action"),
+    ]:
+        assert limit_of(found, "example9", entry) == (20, "minute")
+    assert found.match("example9", [("path", "/api/123/other")]) is None
+
+
+def test_example_10_value_to_metric_names_the_runtime_values(tmp_path: Path) -> None:
+    found = configs(
+        tmp_path,
+        """
+        domain: example10
+        descriptors:
+          - key: route
+            value_to_metric: true
+            descriptors:
+              - key: http_method
+                value_to_metric: true
+                descriptors:
+                  - key: subject_id
+                    rate_limit: {unit: minute, requests_per_unit: 60}
+    """,
+    )
+    for (route, method, subject), metric in [
+        (("api", "GET", "123"), "example10.route_api.http_method_GET.subject_id"),
+        (("web", "POST", "456"), "example10.route_web.http_method_POST.subject_id"),
+    ]:
+        match = found.match("example10", [("route", route), ("http_method", method), ("subject_id", subject)])
+        assert match is not None
+        assert match.stats_key == metric
+
+
+def test_example_11_share_threshold_counts_a_wildcard_once(tmp_path: Path) -> None:
+    found = configs(
+        tmp_path,
+        """
+        domain: example11
+        descriptors:
+          - key: files
+            value: files/*
+            share_threshold: true
+            rate_limit: {unit: hour, requests_per_unit: 10}
+          - key: files_no_share
+            value: files_no_share/*
+            share_threshold: false
+            rate_limit: {unit: hour, requests_per_unit: 10}
+    """,
+    )
+    shared = {found.match("example11", [("files", f"files/{name}")]) for name in ("a.pdf", "b.csv", "c.txt")}
+    assert {match.key for match in shared if match is not None} == {"example11_files_files/*"}
+    apart = {found.match("example11", [("files_no_share", f"files_no_share/{name}")]) for name in ("a", "b")}
+    assert {match.key for match in apart if match is not None} == {
+        "example11_files_no_share_files_no_share/a",
+        "example11_files_no_share_files_no_share/b",
+    }
+
+
 def problems(tmp_path: Path, *documents: str) -> list[str]:
     with pytest.raises(PolicyError) as caught:
         configs(tmp_path, *documents)
