@@ -267,3 +267,14 @@ def test_basic_config_with_redis_auth(start_rls: StartRls, root: Path, tmp_path:
             basic_config(rls_pb2_grpc.RateLimitServiceStub(channel))
     finally:
         redis_server.stop()
+
+
+def test_an_override_without_a_unit_is_an_error_and_the_service_lives_on(
+    stub: rls_pb2_grpc.RateLimitServiceStub,
+) -> None:
+    asked = request("basic", [("key1", "unitless")])
+    asked.descriptors[0].limit.requests_per_unit = 5  # unit left UNKNOWN (0)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ShouldRateLimit(asked)
+    assert error.value.code() == grpc.StatusCode.UNKNOWN
+    assert stub.ShouldRateLimit(request("basic", [("key1", "after")])).overall_code == OK

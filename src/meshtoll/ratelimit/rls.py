@@ -20,6 +20,12 @@ from meshtoll.ratelimit.service import RateLimitService
 _Response = rls_pb2.RateLimitResponse
 _OK = _Response.OK
 _OVER_LIMIT = _Response.OVER_LIMIT
+# Envoy's RateLimitUnit numbers -> period names; UNKNOWN (0) and numbers beyond are not units.
+_UNITS = {
+    number: name.lower()
+    for name, number in ratelimit_unit_pb2.RateLimitUnit.items()
+    if number != ratelimit_unit_pb2.UNKNOWN
+}
 
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
@@ -29,8 +35,8 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[
     async def ShouldRateLimit(
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
     ) -> rls_pb2.RateLimitResponse:
-        descriptors = [descriptor_from_envoy(descriptor) for descriptor in request.descriptors]
         try:
+            descriptors = [descriptor_from_envoy(descriptor) for descriptor in request.descriptors]
             decision = await self._service.decide(request.domain, descriptors, request.hits_addend)
         except StorageUnavailable:
             # The "closed" failure policy: UNAVAILABLE lets Envoy's failure_mode_deny refuse.
@@ -58,7 +64,10 @@ def descriptor_from_envoy(descriptor: ratelimit_pb2.RateLimitDescriptor) -> Desc
     override = None
     if descriptor.HasField("limit"):
         limit = descriptor.limit
-        period = ratelimit_unit_pb2.RateLimitUnit.Name(limit.unit).lower()
+        period = _UNITS.get(limit.unit)
+        if period is None:
+            # envoyproxy/ratelimit panics on such a unit; an error answer is kinder to Envoy.
+            raise InvalidRateLimitRequest(f"descriptor limit override has no valid unit ({limit.unit})")
         # An override has no name: envoyproxy/ratelimit answers with an empty one.
         override = RateLimit(limit.requests_per_unit, period)
     hits = descriptor.hits_addend.value if descriptor.HasField("hits_addend") else None
