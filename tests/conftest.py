@@ -7,6 +7,7 @@ module returns the running stack, and every stack stops when its module ends.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
@@ -21,6 +22,8 @@ from meshtoll.processes import Child, free_ports, http_ok
 from meshtoll.storage.usage import MemoryUsageStore, UsageStore
 from meshtoll.storage.usage_redis import RedisUsageStore
 from tests.certs import TestPki, make_pki
+
+ENVOY_OVERRIDE = "MESHTOLL_TEST_ENVOY"
 
 
 class StartStack(Protocol):
@@ -42,6 +45,11 @@ class StartStack(Protocol):
 
 @pytest.fixture(scope="session")
 def envoy_binary() -> Path:
+    """The Envoy every through-Envoy test runs: MESHTOLL_TEST_ENVOY names another binary
+    than the installed one (`scripts/test --envoy-matrix` sets it for each supported Envoy)."""
+    chosen = os.environ.get(ENVOY_OVERRIDE)
+    if chosen:
+        return Path(chosen)
     return find_envoy()
 
 

@@ -24,7 +24,7 @@ def documents(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def test_the_network_policy_is_valid_and_opens_the_decision_ports_to_the_gateway_only() -> None:
-    policy = documents(ROOT / "deploy" / "kubernetes" / "network-policy.yaml")["NetworkPolicy"]
+    policy = documents(ROOT / "deploy" / "k8s" / "base" / "network-policy.yaml")["NetworkPolicy"]
     kubernetes_validate.validate(policy, KUBERNETES_VERSION, strict=True)
     for rule in policy["spec"]["ingress"]:
         ports = {port["port"] for port in rule["ports"]}
@@ -35,7 +35,7 @@ def test_the_network_policy_is_valid_and_opens_the_decision_ports_to_the_gateway
 
 
 def test_a_misspelt_network_policy_would_be_caught() -> None:
-    policy = documents(ROOT / "deploy" / "kubernetes" / "network-policy.yaml")["NetworkPolicy"]
+    policy = documents(ROOT / "deploy" / "k8s" / "base" / "network-policy.yaml")["NetworkPolicy"]
     policy["spec"]["ingress"][0]["ports"][0]["prot"] = 8081
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(policy, KUBERNETES_VERSION, strict=True)

@@ -3,6 +3,9 @@ exactly what envoy/local.yaml (tested end to end) asks for."""
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +21,13 @@ ISTIO = ROOT / "deploy" / "istio"
 CRDS = ROOT / "tests" / "schemas" / "istio-crds.yaml"
 
 
+@functools.cache
+def _crds() -> list[dict[str, Any]]:
+    return [document for document in yaml.load_all(CRDS.read_text(), Loader=yaml.CSafeLoader) if document]
+
+
 def crd_schema(kind: str, version: str) -> dict[str, Any]:
-    for document in yaml.safe_load_all(CRDS.read_text()):
+    for document in _crds():
         if not document or document["spec"]["names"]["kind"] != kind:
             continue
         for served in document["spec"]["versions"]:
@@ -148,7 +156,12 @@ def test_the_meter_provider_logs_what_the_local_envoy_logs() -> None:
     listener = next(item for item in bootstrap["static_resources"]["listeners"] if item["name"] == "full")
     (logger,) = listener["filter_chains"][0]["filters"][0]["typed_config"]["access_log"]
     local = logger["typed_config"]
-    assert telemetry["spec"]["accessLogging"][0]["providers"] == [{"name": "meshtoll-meter"}]
+    # `envoy` first: a Telemetry list replaces meshConfig.accessLogFile, so without it the
+    # gateway's own access log would stop.
+    assert telemetry["spec"]["accessLogging"][0]["providers"] == [
+        {"name": "envoy"},
+        {"name": "meshtoll-meter"},
+    ]
     assert provider["envoyHttpAls"]["logName"] == local["common_config"]["log_name"]
     assert (
         provider["envoyHttpAls"]["additionalRequestHeadersToLog"]
@@ -185,3 +198,73 @@ def test_the_mesh_normalises_paths_as_the_local_envoy_does() -> None:
     assert mesh["pathNormalization"] == {"normalization": "MERGE_SLASHES"}
     local = local_connection_manager()
     assert local["normalize_path"] is local["merge_slashes"] is True
+
+
+MESH_CONFIG_SCHEMA = ROOT / "tests" / "schemas" / "istio-meshconfig.json"
+ENVOYFILTERS = ["edge-envoyfilter.yaml", "hooks-envoyfilter.yaml", "ratelimit-envoyfilter.yaml"]
+
+
+def test_mesh_config_has_only_fields_istio_1_28_knows() -> None:
+    # istiod ignores a misspelt field with a warning; the schema (from istio/api's proto)
+    # refuses it here instead.
+    schema = json.loads(MESH_CONFIG_SCHEMA.read_text())
+    mesh = yaml.safe_load((ISTIO / "mesh-config.yaml").read_text())
+    jsonschema.Draft7Validator(schema).validate(mesh)
+    misspelt = copy.deepcopy(mesh)
+    misspelt["extensionProviders"][0]["envoyExtAuthzHttp"]["headersToUpstreamOnAllowed"] = ["x"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft7Validator(schema).validate(misspelt)
+
+
+def test_the_authorization_policy_exempts_no_path() -> None:
+    policy = yaml.safe_load((ISTIO / "authorization-policy.yaml").read_text())
+    # An exempt path would skip authz and keep the client's x-meshtoll-* headers; the
+    # gateway's readiness is another listener (15021) and needs no exemption.
+    assert policy["spec"]["rules"] == [{}]
+
+
+def test_envoyfilters_are_ordered_by_priority_hooks_before_ratelimit() -> None:
+    priorities = {}
+    for name in ENVOYFILTERS:
+        document = yaml.safe_load((ISTIO / name).read_text())
+        jsonschema.validate(document["spec"], crd_schema("EnvoyFilter", "v1alpha3")["properties"]["spec"])
+        priorities[document["metadata"]["name"]] = document["spec"]["priority"]
+    assert priorities["meshtoll-hooks"] < priorities["meshtoll-ratelimit"]
+
+
+@pytest.mark.parametrize("name", ENVOYFILTERS)
+def test_envoyfilter_patches_are_envoy_messages_this_envoy_api_accepts(name: str) -> None:
+    # The CRD schema takes any patch value (x-kubernetes-preserve-unknown-fields); Envoy's own
+    # message types do not: a misspelt field or @type fails to parse.
+    from envoy.config.listener.v3 import listener_components_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+    from google.protobuf import json_format
+
+    load_envoy_extensions()
+    document = yaml.safe_load((ISTIO / name).read_text())
+    for patch in document["spec"]["configPatches"]:
+        value = patch["patch"]["value"]
+        message: Any = (
+            http_connection_manager_pb2.HttpFilter()
+            if patch["applyTo"] == "HTTP_FILTER"
+            else listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager")
+        )
+        json_format.ParseDict(value, message)
+        with pytest.raises(json_format.ParseError):
+            json_format.ParseDict({**value, "typo_field": 1}, type(message)())
+
+
+def load_envoy_extensions() -> None:
+    """Import the message types the patches name in `@type`, so that Any can resolve them."""
+    import importlib
+
+    for module in (
+        "envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2",
+        "envoy.extensions.http.early_header_mutation.header_mutation.v3.header_mutation_pb2",
+        "envoy.extensions.common.matching.v3.extension_matcher_pb2",
+        "envoy.type.matcher.v3.http_inputs_pb2",
+        "envoy.extensions.filters.common.matcher.action.v3.skip_action_pb2",
+        "envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2",
+        "envoy.extensions.filters.http.ratelimit.v3.rate_limit_pb2",
+    ):
+        importlib.import_module(module)

@@ -1,0 +1,15 @@
+"""`meshtoll render`: every deployment file, generated from a few parameters.
+
+    params.py      DeployParams: namespace, gateway, service name, ports, versions
+    documents.py   YAML out: a header comment, then one or more documents
+    istio.py       deploy/istio: mesh-config providers, AuthorizationPolicy, EnvoyFilters,
+                   Telemetry, in-mesh access
+    kubernetes.py  deploy/k8s: kustomize base and overlays
+    envoy.py       deploy/envoy/envoy.yaml: a plain Envoy in front of meshtoll by host name
+    compose.py     docker-compose.yml
+    files.py       which target writes which file; write, or check what is checked in
+
+The Envoy filters come from the local stack's bootstrap (envoy/local.yaml, tested end to
+end), so that the gateway and the tests ask Envoy for the same thing; nothing under
+deploy/ is edited by hand (tests/test_render.py compares it with a fresh render).
+"""

@@ -1,0 +1,114 @@
+"""`meshtoll render`: the checked-in deployment files are its output for the defaults, and
+each parameter lands everywhere it belongs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meshtoll.cli import main
+from meshtoll.errors import ConfigError
+from meshtoll.render.files import TARGETS, rendered, stale
+from meshtoll.render.params import DeployParams
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_every_checked_in_deploy_file_is_what_render_makes_of_the_defaults() -> None:
+    differing = stale(rendered(list(TARGETS), DeployParams()), ROOT)
+    assert differing == [], "run `meshtoll render all` and commit the result"
+
+
+def test_no_file_under_deploy_is_left_unrendered() -> None:
+    # A hand-written file beside the rendered ones would drift unnoticed.
+    produced = set(rendered(list(TARGETS), DeployParams()))
+    on_disk = {path.relative_to(ROOT) for path in (ROOT / "deploy").rglob("*") if path.is_file()}
+    assert on_disk <= produced
+
+
+def test_check_mode_names_a_stale_file_and_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["render", "istio", "--out", str(tmp_path)]) == 0
+    assert main(["render", "istio", "--out", str(tmp_path), "--check"]) == 0
+    (tmp_path / "deploy" / "istio" / "telemetry.yaml").write_text("edited by hand\n")
+    assert main(["render", "istio", "--out", str(tmp_path), "--check"]) == 1
+    assert "stale:" in capsys.readouterr().out
+
+
+def test_a_helm_gateway_label_and_another_namespace_reach_every_file(tmp_path: Path) -> None:
+    main(
+        [
+            "render",
+            "all",
+            "--out",
+            str(tmp_path),
+            "--namespace",
+            "gw-auth",
+            "--gateway-selector",
+            "istio=ingress",
+        ]
+    )
+    istio = tmp_path / "deploy" / "istio"
+    for name in ("edge-envoyfilter.yaml", "hooks-envoyfilter.yaml", "ratelimit-envoyfilter.yaml"):
+        spec = yaml.safe_load((istio / name).read_text())["spec"]
+        assert spec["workloadSelector"] == {"labels": {"istio": "ingress"}}
+    hooks = (istio / "hooks-envoyfilter.yaml").read_text()
+    assert "outbound|8081||meshtoll.gw-auth.svc.cluster.local" in hooks
+    mesh = yaml.safe_load((istio / "mesh-config.yaml").read_text())
+    assert {item[next(iter(set(item) - {"name"}))]["service"] for item in mesh["extensionProviders"]} == {
+        "meshtoll.gw-auth.svc.cluster.local"
+    }
+    policy = yaml.safe_load((tmp_path / "deploy" / "k8s" / "base" / "network-policy.yaml").read_text())
+    assert policy["metadata"]["namespace"] == "gw-auth"
+    assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {"istio": "ingress"}
+
+
+def test_a_gateway_api_gateway_is_targeted_by_reference(tmp_path: Path) -> None:
+    main(
+        [
+            "render",
+            "istio",
+            "k8s",
+            "--out",
+            str(tmp_path),
+            "--gateway-ref",
+            "public",
+            "--gateway-namespace",
+            "edge",
+        ]
+    )
+    istio = tmp_path / "deploy" / "istio"
+    for name in ("authorization-policy.yaml", "telemetry.yaml", "hooks-envoyfilter.yaml"):
+        spec = yaml.safe_load((istio / name).read_text())["spec"]
+        assert spec["targetRefs"] == [
+            {"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "public"}
+        ]
+        assert "selector" not in spec
+        assert "workloadSelector" not in spec
+    access = list(yaml.safe_load_all((istio / "meshtoll-access.yaml").read_text()))[1]
+    assert access["spec"]["rules"][0]["from"][0]["source"]["principals"] == [
+        "cluster.local/ns/edge/sa/public-istio"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"istio_version": "1.27"}, "istio_version"),
+        ({"istio_version": "one"}, "istio_version"),
+        ({"namespace": "Mesh_Toll"}, "namespace"),
+        ({"grpc_port": 0}, "grpc_port"),
+        ({"gateway_selector": ("istio", "")}, "gateway_selector"),
+    ],
+)
+def test_parameters_istio_or_kubernetes_would_refuse_are_refused(
+    params: dict[str, object], named: str
+) -> None:
+    with pytest.raises(ConfigError, match=named):
+        DeployParams(**params)  # type: ignore[arg-type]
+
+
+def test_a_selector_without_a_value_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["render", "istio", "--gateway-selector", "ingressgateway", "--check"]) == 1
+    assert "key=value" in capsys.readouterr().err
