@@ -61,6 +61,9 @@ def test_every_client_listener_draws_the_trust_boundary_first(pki: TestPki) -> N
         assert {"remove": "x-request-id"} in mutations
         assert manager["normalize_path"] is manager["merge_slashes"] is True, listener["name"]
         assert manager["path_with_escaped_slashes_action"] == "REJECT_REQUEST", listener["name"]
+        # A failed authz call is a 503 on every Envoy (1.37.0 answers 403 without the mapper).
+        (mapper,) = manager["local_reply_config"]["mappers"]
+        assert mapper["status_code"] == 503, listener["name"]
 
 
 @pytest.mark.integration

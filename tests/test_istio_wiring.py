@@ -190,6 +190,8 @@ def test_the_edge_envoyfilter_draws_the_local_envoys_trust_boundary() -> None:
     # Client-sent x-meshtoll-* and x-request-id go before anything reads the request.
     assert merged["early_header_mutation_extensions"] == local["early_header_mutation_extensions"]
     assert merged["path_with_escaped_slashes_action"] == local["path_with_escaped_slashes_action"]
+    # A failed authz call is a 503 on every Envoy, 1.37.0 included.
+    assert merged["local_reply_config"] == local["local_reply_config"]
 
 
 def test_the_mesh_normalises_paths_as_the_local_envoy_does() -> None:
@@ -266,5 +268,6 @@ def load_envoy_extensions() -> None:
         "envoy.extensions.filters.common.matcher.action.v3.skip_action_pb2",
         "envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2",
         "envoy.extensions.filters.http.ratelimit.v3.rate_limit_pb2",
+        "envoy.extensions.access_loggers.filters.cel.v3.cel_pb2",
     ):
         importlib.import_module(module)

