@@ -303,3 +303,26 @@ def test_policy_check_refuses_hostile_files_with_exit_1_and_no_traceback(
     err = capsys.readouterr().err
     assert err.startswith(str(bad))
     assert "Traceback" not in err
+
+
+def test_a_second_yaml_document_in_the_file_is_refused_at_its_line() -> None:
+    assert problems_of("plans: {free: {}}\n---\nplans: {pro: {}}\n") == [
+        "policy.yaml:2: invalid YAML: expected one document, found another"
+    ]
+
+
+def test_locating_a_problem_in_a_large_policy_costs_memory_in_proportion() -> None:
+    lines = ["plans: {free: {}}", "tenants:"]
+    lines += [
+        f"  t{index}: {{plan: free, api_keys: [{{id: k, sha256: {sha(str(index))}}}]}}"
+        for index in range(20_000)
+    ]
+    lines.append("  late: {plan: gold}")
+    tracemalloc.start()
+    try:
+        found = problems_of("\n".join(lines))
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert found == ["policy.yaml:20003 tenants.late.plan: unknown plan 'gold' (plans: free)"]
+    assert peak < 80 * 2**20  # 50 MiB for this 2 MiB text; PyYAML's node tree took 120 MiB
