@@ -33,7 +33,7 @@ ENV PYTHONUNBUFFERED=1 \
     MESHTOLL_ADMIN_PORT=8090
 USER 10001:10001
 EXPOSE 8081 8082 8090
-# Ready, not merely alive: /readyz fails while the policy or Redis is not usable.
+# Ready, not merely alive: /readyz is 503 until the policy has loaded.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('MESHTOLL_ADMIN_PORT', '8090'), timeout=2)"]
 ENTRYPOINT ["meshtoll", "serve"]

@@ -257,6 +257,15 @@ def _render_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
             default=getattr(defaults, field),
             help=f"default {getattr(defaults, field)}",
         )
+    render.add_argument(
+        "--meshtoll-host", default=defaults.meshtoll_host, help="envoy, compose: meshtoll's host name"
+    )
+    render.add_argument(
+        "--upstream-host", default=defaults.upstream_host, help="envoy, compose: the upstream's host name"
+    )
+    render.add_argument(
+        "--upstream-port", type=int, default=defaults.upstream_port, help=f"default {defaults.upstream_port}"
+    )
     render.add_argument("--istio-version", default=defaults.istio_version, help="the oldest Istio to support")
     render.add_argument("--image", default=defaults.image, help="meshtoll's container image")
     render.set_defaults(command=_render)
@@ -277,6 +286,9 @@ def _render(args: argparse.Namespace) -> int:
         http_authz_port=args.http_authz_port,
         admin_port=args.admin_port,
         listen_port=args.listen_port,
+        meshtoll_host=args.meshtoll_host,
+        upstream_host=args.upstream_host,
+        upstream_port=args.upstream_port,
         istio_version=args.istio_version,
         image=args.image,
     )

@@ -192,8 +192,9 @@ def deployment(params: DeployParams) -> dict[str, Any]:
 DEPLOYMENT_COMMENT = """
 meshtoll serve, configured by MESHTOLL_* variables (the Redis URL and admin token from the
 Secret), two replicas on different nodes where possible, non-root, read-only root file
-system. /readyz turns false while the policy or Redis is not usable, so the Service sends
-no decisions to a pod that cannot take them; /healthz only says the process answers.
+system. /readyz is 503 until the policy has loaded, so the Service sends no decisions to a
+pod that cannot take them (a Redis outage it reports but stays ready: the failure policy
+decides then, not the probe); /healthz only says the process answers.
 The policy ConfigMap is mounted as a directory (never subPath, which would pin the first
 version): Kubernetes swaps the directory's symlink on update and meshtoll reloads it.
 """

@@ -13,9 +13,6 @@ from meshtoll.settings import Settings
 # warning, so on 1.27 `enforced_in: service` routes would go unlimited and closed hooks
 # would lose their 503. 1.28 is the first release that keeps both.
 MINIMUM_ISTIO = (1, 28)
-# The Envoy each supported Istio minor ships (the through-Envoy suite runs on each:
-# scripts/test --envoy-matrix).
-ISTIO_ENVOY = {(1, 28): "1.36", (1, 29): "1.37", (1, 30): "1.38", (1, 31): "1.39", (1, 32): "1.40"}
 # The Envoy of the official image in docker-compose.yml: the version the default suite runs.
 ENVOY_IMAGE = "envoyproxy/envoy:v1.40.0"
 # A Kubernetes label value or DNS-1123 name, as the API server checks them.
