@@ -73,34 +73,65 @@ Problem = tuple[tuple[object, ...], str]  # (field path, message)
 def screen_values(root: object) -> list[Problem]:
     """Problems of parsed values that no schema reader should have to expect."""
     problems: list[Problem] = []
-    stack: list[tuple[object, tuple[object, ...]]] = [(root, ())]
-    # Iterative, so that depth costs no recursion; the values under a non-string key are
-    # left unread, as no schema reader will see them.
+    stack: list[tuple[dict[object, object] | list[object], tuple[object, ...]]] = []
+    if isinstance(root, dict | list):
+        stack.append((root, ()))
+    else:
+        _screen_item(root, (), None, stack, problems)
+    # Iterative, so that depth costs no recursion. Strings and numbers, nearly all of a
+    # policy, are checked where their container is read: 100,000 tenants take a second.
     while stack:
         value, path = stack.pop()
-        if isinstance(value, str):
-            _screen_string(value, path, "string", problems)
-        elif isinstance(value, dict | list) and len(path) >= MAX_DEPTH:
+        if len(path) >= MAX_DEPTH:
             problems.append((path, f"nested deeper than {MAX_DEPTH} levels"))
-        elif isinstance(value, dict):
-            for key, item in reversed(value.items()):
-                if isinstance(key, str):
-                    _screen_string(key, (*path, key), "key", problems)
-                    stack.append((item, (*path, key)))
-                else:
-                    problems.append(((*path, key), f"key {shown(key)} is not a string: quote it"))
-        elif isinstance(value, list):
-            stack.extend((item, (*path, index)) for index, item in reversed(list(enumerate(value))))
-        elif isinstance(value, int) and abs(value) >= 2**64:
-            # Nothing counts that high; and Python cannot even print one of 4,300 digits.
-            message = f"an integer of {value.bit_length()} bits is out of range (64 at most)"
-            problems.append((path, f"{message}: quote it if it is text"))
-        elif not isinstance(value, int | float) and value is not None:
-            # bool is an int. Timestamps, sets, binary: no field takes one, and a value passed
-            # on unread (an inline JWK Set) must hold only what JSON can.
-            kind = type(value).__name__
-            problems.append((path, f"a YAML {kind} value is not expected here ({value!r:.40})"))
+            continue
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                if type(item) is not str or _CONTROL.search(item):
+                    _screen_item(item, path, index, stack, problems)
+            continue
+        for key, item in value.items():
+            if type(key) is not str:
+                # The value under it is left unread: no schema reader will see it.
+                problems.append(((*path, key), f"key {shown(key)} is not a string: quote it"))
+                continue
+            if _CONTROL.search(key):
+                _screen_string(key, (*path, key), "key", problems)
+            if type(item) is not str or _CONTROL.search(item):
+                _screen_item(item, path, key, stack, problems)
     return problems
+
+
+def _screen_item(
+    value: object,
+    parent: tuple[object, ...],
+    key: object,  # the item's key or index in `parent`, None for the root
+    stack: list[tuple[dict[object, object] | list[object], tuple[object, ...]]],
+    problems: list[Problem],
+) -> None:
+    # The item's path is built only when it is needed: most items need none.
+    if type(value) is str:
+        if _CONTROL.search(value):
+            _screen_string(value, _child(parent, key), "string", problems)
+        return
+    if value is None or type(value) in (bool, float) or (type(value) is int and abs(value) < 2**64):
+        return
+    path = _child(parent, key)
+    if isinstance(value, dict | list):
+        stack.append((value, path))
+    elif isinstance(value, int):
+        # Nothing counts that high; and Python cannot even print one of 4,300 digits.
+        message = f"an integer of {value.bit_length()} bits is out of range (64 at most)"
+        problems.append((path, f"{message}: quote it if it is text"))
+    else:
+        # Timestamps, sets, binary: no field takes one, and a value passed on unread (an
+        # inline JWK Set) must hold only what JSON can.
+        kind = type(value).__name__
+        problems.append((path, f"a YAML {kind} value is not expected here ({value!r:.40})"))
+
+
+def _child(parent: tuple[object, ...], key: object) -> tuple[object, ...]:
+    return parent if key is None else (*parent, key)
 
 
 def _screen_string(text: str, path: tuple[object, ...], kind: str, problems: list[Problem]) -> None:
