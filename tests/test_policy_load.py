@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import tracemalloc
 from pathlib import Path
@@ -326,3 +327,12 @@ def test_locating_a_problem_in_a_large_policy_costs_memory_in_proportion() -> No
         tracemalloc.stop()
     assert found == ["policy.yaml:20003 tenants.late.plan: unknown plan 'gold' (plans: free)"]
     assert peak < 80 * 2**20  # 50 MiB for this 2 MiB text; PyYAML's node tree took 120 MiB
+
+
+def test_a_fifo_or_a_directory_in_place_of_the_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "policy.yaml"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path):
+        with pytest.raises(PolicyError) as caught:
+            load_policy(path)
+        assert str(caught.value) == f"{path}: not a regular file"

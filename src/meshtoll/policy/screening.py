@@ -15,6 +15,7 @@ Aliases are bounded where the document is parsed (see `document.ALIAS_EVENT_BUDG
 from __future__ import annotations
 
 import re
+import stat
 from pathlib import Path
 
 from meshtoll.errors import PolicyError, PolicyProblem
@@ -39,6 +40,9 @@ def read_document(path: Path) -> str:
     """The file's text, or a located PolicyError: unreadable, too large or not UTF-8."""
     file = str(path)
     try:
+        # A FIFO would block the reading thread forever, a device never end: files only.
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise _error(file, None, "not a regular file")
         with path.open("rb") as stream:
             data = stream.read(MAX_DOCUMENT_BYTES + 1)
     except OSError as exc:
