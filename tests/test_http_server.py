@@ -9,7 +9,7 @@ import pytest
 
 from meshtoll.authz.http_transport import uri_sans_from_xfcc
 from meshtoll.httplistener import listening_socket
-from meshtoll.httpserver import response, serve_http
+from meshtoll.httpserver import response, serve_http, serve_http_reading_bodies
 
 SEEN: list[tuple[str, str, dict[str, str]]] = []
 
@@ -92,3 +92,36 @@ async def test_an_error_is_answered_after_the_answers_still_being_worked_on() ->
     statuses = [line for line in received.split(b"\r\n") if line.startswith(b"HTTP/1.1")]
     assert statuses == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request"]
     assert received.index(b"x-target: /a") < received.index(b"x-target: /b")
+
+
+async def test_a_body_handler_gets_each_pipelined_body_whole_and_de_chunked() -> None:
+    def reversing(method: str, target: str, headers: dict[str, str], peer: str, body: bytes) -> bytes:
+        return response(200, "OK", (), body[::-1])
+
+    sock = listening_socket("127.0.0.1", 0)
+    async with await serve_http_reading_bodies(reversing, sock):
+        requests = (
+            b"POST /a HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello"
+            b"POST /b HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+            b"GET /c HTTP/1.1\r\n\r\n"
+        )
+        received = await exchange(sock.getsockname()[1], requests)
+    bodies = [answer.split(b"\r\n\r\n", 1)[1] for answer in received.split(b"HTTP/1.1 ")[1:]]
+    assert bodies == [b"olleh", b"edcba", b""]
+
+
+async def test_a_body_handler_is_still_refused_bodies_over_the_cap() -> None:
+    seen: list[bytes] = []
+
+    def keeping(method: str, target: str, headers: dict[str, str], peer: str, body: bytes) -> bytes:
+        seen.append(body)
+        return response(200, "OK", ())
+
+    sock = listening_socket("127.0.0.1", 0)
+    async with await serve_http_reading_bodies(keeping, sock):
+        size = 1024 * 1024 + 1
+        received = await exchange(
+            sock.getsockname()[1], f"POST / HTTP/1.1\r\ncontent-length: {size}\r\n\r\n".encode() + b"x" * size
+        )
+    assert received.startswith(b"HTTP/1.1 413 ")
+    assert seen == []

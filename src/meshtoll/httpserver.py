@@ -3,7 +3,9 @@
 The HTTP ext_authz fast path exists because this costs about a tenth of the CPU of a gRPC
 call per request (see DESIGN.md), so nothing here allocates more than a request needs:
 the handler gets the method, the raw target and a dict of lower-case headers, and returns
-the complete response bytes, which it is free to have built once in advance.
+the complete response bytes, which it is free to have built once in advance. Bodies are
+counted against their cap and dropped, unless the port is served for a BodyHandler
+(serve_http_reading_bodies), whose connections keep each body for it.
 
 What a slow or greedy client may hold is bounded by HttpLimits, enforced by the listener
 (httplistener.py); a connection here only records which state it is in and since when, on
@@ -30,6 +32,9 @@ log = logging.getLogger("meshtoll.http")
 Handler = Callable[[str, str, dict[str, str], str], bytes | Awaitable[bytes]]
 """(method, target, headers, peer address) -> complete HTTP/1.1 response bytes, or an
 awaitable of them when the answer needs I/O (answers still go out in request order)."""
+
+BodyHandler = Callable[[str, str, dict[str, str], str, bytes], bytes | Awaitable[bytes]]
+"""A Handler that is given the request's body too (at most MAX_BODY_BYTES, de-chunked)."""
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 1024 * 1024
@@ -286,6 +291,31 @@ def _done(reply: bytes) -> asyncio.Future[bytes]:
     return future
 
 
+class BodyHttpProtocol(HttpProtocol):
+    """A connection that keeps each request's body for a BodyHandler. A subclass, so that
+    the ext_authz fast path's connections neither copy nor test for bodies."""
+
+    __slots__ = ("_body", "_body_handler")
+
+    def __init__(self, handler: BodyHandler, owner: HttpListener) -> None:
+        super().__init__(self._with_body, owner)
+        self._body_handler = handler
+        self._body: list[bytes] = []
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._body = []
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)  # the cap
+        self._body.append(body)
+
+    def _with_body(
+        self, method: str, target: str, headers: dict[str, str], peer: str
+    ) -> bytes | Awaitable[bytes]:
+        return self._body_handler(method, target, headers, peer, b"".join(self._body))
+
+
 @dataclass(slots=True)
 class _Refused(Exception):
     response: bytes
@@ -299,8 +329,25 @@ async def serve_http(
 ) -> HttpListener:
     """Serve on the listening `sock`; over TLS when `tls` is given (the handshake happens
     before the handler sees anything, so a client refused by mutual TLS never reaches it)."""
-    listener = HttpListener(
-        sock, partial(HttpProtocol, handler), limits or HttpLimits(), tls, TOO_MANY_CONNECTIONS
-    )
+    return _listen(partial(HttpProtocol, handler), sock, tls, limits)
+
+
+async def serve_http_reading_bodies(
+    handler: BodyHandler,
+    sock: socket.socket,
+    tls: ssl.SSLContext | None = None,
+    limits: HttpLimits | None = None,
+) -> HttpListener:
+    """serve_http for a handler that reads request bodies."""
+    return _listen(partial(BodyHttpProtocol, handler), sock, tls, limits)
+
+
+def _listen(
+    protocol: Callable[[HttpListener], Connection],
+    sock: socket.socket,
+    tls: ssl.SSLContext | None,
+    limits: HttpLimits | None,
+) -> HttpListener:
+    listener = HttpListener(sock, protocol, limits or HttpLimits(), tls, TOO_MANY_CONNECTIONS)
     listener.start()
     return listener

@@ -1,7 +1,7 @@
 """The composition root of `meshtoll ratelimit`: the rate-limit service alone, as
 envoyproxy/ratelimit runs, from its environment variables (ratelimit/peer_settings.py).
 
-Ports as the peer's: gRPC (RLS and health), HTTP `/healthcheck`, and a debug port with
+Ports as the peer's: gRPC (RLS and health), HTTP `/healthcheck` and `/json`, and a debug port with
 `/rlconfig` and `/metrics` (the per-limit statistics under the names the peer's
 Prometheus mapping gives them). Health is the peer's: SERVING once Redis answers (and, with
 HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED, once a configuration with a domain is loaded),
@@ -26,13 +26,14 @@ import grpc
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from meshtoll.httpserver import response, serve_http
+from meshtoll.httpserver import response, serve_http, serve_http_reading_bodies
 from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder, watch_descriptor_configs
 from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.ratelimit.peer_response import HeaderNames
 from meshtoll.ratelimit.peer_settings import RlsSettings
 from meshtoll.ratelimit.peer_stats import DescriptorStats
 from meshtoll.ratelimit.rls import RateLimitServicer
+from meshtoll.ratelimit.rls_json import JsonEndpoint
 from meshtoll.ratelimit.service import RateLimitService
 from meshtoll.ratelimit.strict import StrictLimiter, StrictOptions
 from meshtoll.storage import CounterStore, open_counter_store
@@ -85,6 +86,7 @@ class RlsApp:
         self.health: Health | None = None
         self.configs: DescriptorConfigHolder | None = None
         self.stats = DescriptorStats()
+        self._json: JsonEndpoint | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -113,6 +115,7 @@ class RlsApp:
         self.stats = DescriptorStats(settings.near_limit_ratio)
         strict = StrictLimiter(limiter, options, stats=self.stats)
         service = RateLimitService(None, limiter, lambda: configs.current, compat="strict", strict=strict)
+        self._json = JsonEndpoint(service)
         servicer = health.aio.HealthServicer()
         components = {"redis": False, "sigterm": True}
         if settings.healthy_with_at_least_one_config_loaded:
@@ -121,7 +124,9 @@ class RlsApp:
         self._grpc = await self._start_grpc(service, servicer)
         await self.health.set("redis", await store.ping())
         self._background(self._probe_redis(store))
-        self._listeners.append(await serve_http(self._http, _listening(settings.host, settings.port)))
+        self._listeners.append(
+            await serve_http_reading_bodies(self._http, _listening(settings.host, settings.port))
+        )
         self._listeners.append(
             await serve_http(self._debug, _listening(settings.debug_host, settings.debug_port))
         )
@@ -137,8 +142,16 @@ class RlsApp:
             len(configs.current.domains),
         )
 
-    def _http(self, method: str, target: str, headers: dict[str, str], peer: str) -> bytes:
-        if target.partition("?")[0] == "/healthcheck":
+    def _http(
+        self, method: str, target: str, headers: dict[str, str], peer: str, body: bytes
+    ) -> bytes | Awaitable[bytes]:
+        path = target.partition("?")[0]
+        if path == "/json" and self._json is not None:
+            return self._json.answer(body)  # any method, as the peer's router takes any
+        return self._healthcheck(path)
+
+    def _healthcheck(self, path: str) -> bytes:
+        if path == "/healthcheck":
             return _OK if self.health is not None and self.health.ok else _FAILING
         return _NOT_FOUND
 
@@ -150,7 +163,7 @@ class RlsApp:
         if path == "/metrics":
             body = self.stats.prometheus_text().encode()
             return response(200, "OK", (("content-type", "text/plain; version=0.0.4"),), body)
-        return self._http(method, target, headers, peer)
+        return self._healthcheck(path)
 
     async def _start_grpc(
         self, service: RateLimitService, servicer: health.aio.HealthServicer

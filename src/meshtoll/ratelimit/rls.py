@@ -36,8 +36,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
     ) -> rls_pb2.RateLimitResponse:
         try:
-            descriptors = [descriptor_from_envoy(descriptor) for descriptor in request.descriptors]
-            decision = await self._service.decide(request.domain, descriptors, request.hits_addend)
+            return await should_rate_limit(self._service, request)
         except StorageUnavailable:
             # The "closed" failure policy: UNAVAILABLE lets Envoy's failure_mode_deny refuse.
             await context.abort(grpc.StatusCode.UNAVAILABLE, "rate-limit store unavailable")
@@ -46,17 +45,26 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[
             # envoyproxy/ratelimit returns a plain Go error, which grpc-go sends as UNKNOWN.
             await context.abort(grpc.StatusCode.UNKNOWN, str(exc))
             raise
-        answer = _Response(
-            overall_code=_OVER_LIMIT if decision.over_limit else _OK,
-            statuses=[status_to_envoy(status) for status in decision.statuses],
+
+
+async def should_rate_limit(
+    service: RateLimitService, request: rls_pb2.RateLimitRequest
+) -> rls_pb2.RateLimitResponse:
+    """The answer to one RLS request, whichever transport brought it (gRPC, or the HTTP
+    `/json` endpoint). Raises StorageUnavailable and InvalidRateLimitRequest."""
+    descriptors = [descriptor_from_envoy(descriptor) for descriptor in request.descriptors]
+    decision = await service.decide(request.domain, descriptors, request.hits_addend)
+    answer = _Response(
+        overall_code=_OVER_LIMIT if decision.over_limit else _OK,
+        statuses=[status_to_envoy(status) for status in decision.statuses],
+    )
+    if decision.headers:
+        answer.response_headers_to_add.extend(
+            base_pb2.HeaderValue(key=name, value=value) for name, value in decision.headers
         )
-        if decision.headers:
-            answer.response_headers_to_add.extend(
-                base_pb2.HeaderValue(key=name, value=value) for name, value in decision.headers
-            )
-        if decision.dynamic_metadata is not None:
-            answer.dynamic_metadata.update(decision.dynamic_metadata)
-        return answer
+    if decision.dynamic_metadata is not None:
+        answer.dynamic_metadata.update(decision.dynamic_metadata)
+    return answer
 
 
 def descriptor_from_envoy(descriptor: ratelimit_pb2.RateLimitDescriptor) -> Descriptor:
