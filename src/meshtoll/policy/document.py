@@ -3,12 +3,12 @@ needs reporting.
 
 Two parsers, on purpose: yaml-rs (Rust) builds the values about 17 times faster than
 PyYAML's libyaml loader (0.6 s against 10 s for 100,000 tenants on a 2-core machine) but
-keeps no positions; PyYAML's composer keeps positions, so it runs only when a problem has
-to be reported, and only then does the document pay for it.
+keeps no positions; PyYAML's parser events carry positions, so they are read only when a
+problem has to be reported, and only then does the document pay for them.
 
-Nothing in the text may crash either parser's caller or cost more than the text's size:
-`screening` refuses what no policy needs, aliases are bounded (ALIAS_EVENT_BUDGET), and
-the locator visits each node once, however many aliases point at it.
+Nothing in the text may crash either parser's caller or cost much more than the text's
+size: `screening` refuses what no policy needs, aliases are bounded (ALIAS_EVENT_BUDGET),
+and the locator reads events, in which an alias is one event, never expanded.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ FieldPath = tuple[object, ...]  # str keys and int indexes; a key YAML read as n
 _Composer: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # Aliases are allowed (one JWK Set or limit list shared by several entries reads well), but
-# what they expand to is bounded: 2.4 KB of nested aliases ("billion laughs") would
-# otherwise expand to a billion values, gigabytes and minutes of a thread holding the GIL,
-# which stalls every decision of the event loop. Counted in YAML events (a scalar is one,
-# a list or mapping two plus its content): a shared JWK Set of a few keys is about 40.
+# what they expand to is bounded: 300 bytes of nested aliases ("billion laughs") would
+# otherwise expand to hundreds of millions of values, gigabytes and minutes of a thread
+# holding the GIL, which stalls every decision of the event loop. Counted in YAML events (a
+# scalar is one, a list or mapping two plus its content): a shared JWK Set is about 40;
+# 100,000 cost yaml-rs 20 ms.
 ALIAS_EVENT_BUDGET = 100_000
 _ALIAS_LIMITS = yaml_rs.AliasLimits(max_total_replayed_events=ALIAS_EVENT_BUDGET)
 _AT_LINE = re.compile(r"\bline (\d+)")
@@ -94,7 +95,7 @@ def _parse_error(text: str, file: str, exc: Exception) -> PolicyError:
     message = str(exc).partition("\n")[0]
     found = _AT_LINE.search(message)
     line = int(found.group(1)) if found else None
-    if "alias replay limit" in message:
+    if "alias replay limit" in message:  # yaml-rs has no exception type of its own for it
         message = f"aliases expand to more than {ALIAS_EVENT_BUDGET:,} YAML values: write the values out"
         line = _first_alias_line(text)
     return PolicyError([PolicyProblem(file, line, "", f"invalid YAML: {message}")])

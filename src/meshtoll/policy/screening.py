@@ -20,7 +20,7 @@ from pathlib import Path
 
 from meshtoll.errors import PolicyError, PolicyProblem
 
-# A policy of 100,000 tenants, each with a key, is about 11 MiB; the limit keeps a runaway
+# A policy of 100,000 tenants, each with a key, is about 12 MiB; the limit keeps a runaway
 # generator (or a wrong path: a log file, a disk image) from costing gigabytes to refuse.
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 # The deepest a policy goes is about 8 (tenants.t.jwt.jwks.keys[0].x); envoyproxy/ratelimit
