@@ -99,6 +99,7 @@ def test_a_gateway_api_gateway_is_targeted_by_reference(tmp_path: Path) -> None:
         ({"istio_version": "one"}, "istio_version"),
         ({"namespace": "Mesh_Toll"}, "namespace"),
         ({"grpc_port": 0}, "grpc_port"),
+        ({"authz_transport": "grcp"}, "authz_transport"),
         ({"gateway_selector": ("istio", "")}, "gateway_selector"),
     ],
 )
@@ -112,3 +113,9 @@ def test_parameters_istio_or_kubernetes_would_refuse_are_refused(
 def test_a_selector_without_a_value_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["render", "istio", "--gateway-selector", "ingressgateway", "--check"]) == 1
     assert "key=value" in capsys.readouterr().err
+
+
+def test_the_grpc_transport_is_a_parameter_not_an_edit(tmp_path: Path) -> None:
+    main(["render", "istio", "--out", str(tmp_path), "--authz-transport", "grpc"])
+    policy = yaml.safe_load((tmp_path / "deploy" / "istio" / "authorization-policy.yaml").read_text())
+    assert policy["spec"]["provider"] == {"name": "meshtoll-grpc"}

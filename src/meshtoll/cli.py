@@ -268,6 +268,12 @@ def _render_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     render.add_argument("--istio-version", default=defaults.istio_version, help="the oldest Istio to support")
     render.add_argument("--image", default=defaults.image, help="meshtoll's container image")
+    render.add_argument(
+        "--authz-transport",
+        choices=["http", "grpc"],
+        default=defaults.authz_transport,
+        help="the ext_authz provider the gateway's AuthorizationPolicy names (default http, the fast path)",
+    )
     render.set_defaults(command=_render)
 
 
@@ -291,6 +297,7 @@ def _render(args: argparse.Namespace) -> int:
         upstream_port=args.upstream_port,
         istio_version=args.istio_version,
         image=args.image,
+        authz_transport=args.authz_transport,
     )
     targets = list(TARGETS) if "all" in args.targets else list(dict.fromkeys(args.targets))
     return run_render(targets, params, args.out, args.check)

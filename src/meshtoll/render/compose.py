@@ -78,8 +78,9 @@ def compose_document(params: DeployParams) -> dict[str, Any]:
                 "image": params.envoy_image,
                 "command": ["envoy", "-c", "/etc/envoy/envoy.yaml", "--log-level", "warn"],
                 "volumes": ["./deploy/envoy/envoy.yaml:/etc/envoy/envoy.yaml:ro"],
+                # Loopback only, as `meshtoll dev` listens: the demo keys are public.
                 "ports": [
-                    f"{params.listen_port + offset}:{params.listen_port + offset}"
+                    f"127.0.0.1:{params.listen_port + offset}:{params.listen_port + offset}"
                     for offset in LISTENERS.values()
                 ],
                 "depends_on": _healthy(params.meshtoll_host, params.upstream_host),

@@ -156,7 +156,7 @@ def authorization_policy(params: DeployParams) -> str:
         "spec": {
             **_target(params, "selector"),
             "action": "CUSTOM",
-            "provider": {"name": HTTP_PROVIDER},
+            "provider": {"name": HTTP_PROVIDER if params.authz_transport == "http" else GRPC_PROVIDER},
             # One empty rule matches every request. No exempt paths: the gateway's own
             # readiness is another listener (port 15021), and an exempt path would skip
             # authz while keeping whatever x-meshtoll-* headers a client sent.
@@ -165,9 +165,9 @@ def authorization_policy(params: DeployParams) -> str:
     }
     return yaml_file(
         """
-Every request through the ingress gateway goes to meshtoll's HTTP ext_authz provider
-(meshtoll-http in mesh-config.yaml), without exceptions. Use `meshtoll-grpc` instead for
-the gRPC transport (`meshtoll render istio` has no switch for it: edit the provider name).
+Every request through the ingress gateway goes to one of meshtoll's ext_authz providers
+(mesh-config.yaml), without exceptions: meshtoll-http, the fast path, or meshtoll-grpc
+(`meshtoll render istio --authz-transport grpc`).
 """,
         document,
     )

@@ -38,6 +38,9 @@ class DeployParams:
     http_authz_port: int = _DEFAULTS.http_authz_port
     admin_port: int = _DEFAULTS.admin_port
     istio_version: str = "1.28"
+    # Which ext_authz provider the gateway's AuthorizationPolicy names: the HTTP fast path,
+    # or gRPC (about ten times the CPU per call; for setups that standardise on it).
+    authz_transport: str = "http"
     # The plain Envoy (deploy/envoy, docker-compose.yml): where it listens and the host
     # names it reaches meshtoll and the upstream by.
     listen_port: int = 8080
@@ -59,6 +62,8 @@ class DeployParams:
         for name in ("grpc_port", "http_authz_port", "admin_port", "listen_port", "upstream_port"):
             if not 1 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"{name}: {getattr(self, name)} is not a TCP port (1-65535)")
+        if self.authz_transport not in ("http", "grpc"):
+            raise ConfigError(f"authz_transport: {self.authz_transport!r} is not one of http, grpc")
         if self.istio_minor < MINIMUM_ISTIO:
             raise ConfigError(
                 f"istio_version: {self.istio_version} is older than {'.'.join(map(str, MINIMUM_ISTIO))}, "
