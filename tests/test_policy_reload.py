@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from meshtoll.policy import CompiledPolicy, load_policy, reload
-from meshtoll.policy.reload import PolicyHolder, watch_policy
+from meshtoll.policy.reload import LOGGED_PROBLEMS, PolicyHolder, watch_policy
 from meshtoll.telemetry.metrics import DecisionCounts, Metrics
 
 POLL = 0.02
@@ -188,3 +188,17 @@ async def test_rejected_reloads_are_a_prometheus_counter(tmp_path: Path) -> None
         text = metrics.prometheus_text()
     assert "# TYPE meshtoll_policy_rejected_reloads counter" in text
     assert "meshtoll_policy_rejected_reloads_total 1" in text
+
+
+async def test_a_version_wrong_in_every_entry_logs_its_first_problems_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(version("acme"))
+    async with watching(path) as holder:
+        write(path, "plans: {free: {}}\ntenants:\n" + "".join(f"  t{n}: {{plan: gold}}\n" for n in range(80)))
+        await until(lambda: holder.rejected_versions == 1)
+    [record] = [record for record in caplog.records if record.levelname == "ERROR"]
+    lines = record.getMessage().splitlines()
+    assert len(lines) == 1 + LOGGED_PROBLEMS + 1
+    assert lines[-1] == f"... and {80 - LOGGED_PROBLEMS} more problems"

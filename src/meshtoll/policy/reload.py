@@ -96,7 +96,19 @@ async def load_off_loop(
     try:
         return await asyncio.to_thread(load, source)
     except PolicyError as exc:
-        logger.error("%s: new version rejected, the previous one stays:\n%s", source, exc)
+        logger.error("%s: new version rejected, the previous one stays:\n%s", source, _first_problems(exc))
     except Exception:
         logger.exception("%s: new version failed to load (a meshtoll bug), the previous one stays", source)
     return None
+
+
+# A generated file can be wrong in every entry: the log gets the first problems, not a
+# hundred thousand lines at each poll of a broken version.
+LOGGED_PROBLEMS = 50
+
+
+def _first_problems(error: PolicyError) -> str:
+    lines = [str(problem) for problem in error.problems[:LOGGED_PROBLEMS]]
+    if len(error.problems) > LOGGED_PROBLEMS:
+        lines.append(f"... and {len(error.problems) - LOGGED_PROBLEMS} more problems")
+    return "\n".join(lines)
