@@ -16,6 +16,7 @@ from meshtoll.meter.billing import NotBillable, invoice_document, tenant_invoice
 from meshtoll.meter.billing_periods import BadPeriod, read_period
 from meshtoll.meter.usage_report import usage_document
 from meshtoll.policy.reload import PolicyHolder
+from meshtoll.ratelimit.peer_stats import DescriptorStats
 from meshtoll.ratelimit.quota import UnknownTenant, tenant_quota
 from meshtoll.telemetry.metrics import DecisionCounts, Metrics
 
@@ -46,6 +47,8 @@ class AdminHandler:
         self.metrics = Metrics(decisions, lambda: self.policy)
         self.store: CounterStore | None = None  # set with the policy
         self.usage: UsageStore | None = None  # likewise
+        # envoyproxy/ratelimit's per-limit statistics, under its names (with --ratelimit-config)
+        self.descriptor_stats: DescriptorStats | None = None
 
     def __call__(
         self, method: str, target: str, headers: dict[str, str], peer: str
@@ -73,8 +76,10 @@ class AdminHandler:
         if path == "/api/policy":
             return self._policy_summary()
         if path == "/metrics":
-            body = self.metrics.prometheus_text().encode()
-            return response(200, "OK", (("content-type", "text/plain; version=0.0.4"),), body)
+            text = self.metrics.prometheus_text()
+            if self.descriptor_stats is not None:
+                text += self.descriptor_stats.prometheus_text()
+            return response(200, "OK", (("content-type", "text/plain; version=0.0.4"),), text.encode())
         return _NOT_FOUND
 
     async def _quota(self, tenant: str) -> bytes:

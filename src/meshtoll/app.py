@@ -34,8 +34,10 @@ from meshtoll.meter.settle import Settlement
 from meshtoll.policy.reload import PolicyHolder, watch_policy
 from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder, watch_descriptor_configs
 from meshtoll.ratelimit.limiter import Limiter
+from meshtoll.ratelimit.peer_stats import DescriptorStats
 from meshtoll.ratelimit.rls import RateLimitServicer
 from meshtoll.ratelimit.service import RateLimitService
+from meshtoll.ratelimit.strict import StrictLimiter
 from meshtoll.service_tls import ServiceTls, load_service_tls
 from meshtoll.settings import Settings
 from meshtoll.storage import CounterStore, open_counter_store
@@ -115,12 +117,16 @@ class App:
                 limits=authz_limits,
             )
         )
+        stats = DescriptorStats()
         ratelimit = RateLimitService(
             holder,
             limiter,
             lambda: None if configs is None else configs.current,
             compat=settings.ratelimit_compat,  # type: ignore[arg-type]
+            strict=StrictLimiter(limiter, stats=stats),
         )
+        if configs is not None:
+            self.admin.descriptor_stats = stats
         meter = AccessLogServicer(settlement)
         authz = AuthorizationServicer(self._authorizers[1])
         hooks = ExternalProcessorServicer(lambda: holder.current, limiter, recorder)
