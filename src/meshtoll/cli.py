@@ -15,7 +15,7 @@ from pathlib import Path
 
 from meshtoll.errors import ConfigError, MeshtollError, PolicyError
 from meshtoll.policy import load_policy
-from meshtoll.settings import Settings, settings_from
+from meshtoll.settings import Settings, compat_domains, settings_from
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
@@ -104,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
             "at most 10000)",
         ),
         ("--admin-max-connections", "admin_max_connections", int, "admin port: open connections per process"),
+        (
+            "--uds-dir",
+            "uds_dir",
+            Path,
+            "also listen on Unix sockets grpc.sock and authz.sock here (for an Envoy in the same pod)",
+        ),
     ):
         default = getattr(defaults, field)
         serve.add_argument(
@@ -119,6 +125,16 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="evaluate and count every limit but enforce none (env MESHTOLL_RATELIMIT_SHADOW_MODE)",
+    )
+    serve.add_argument(
+        "--ratelimit-compat-domain",
+        dest="ratelimit_compat_domains",
+        action="extend",
+        type=_compat_domains,
+        default=None,
+        metavar="NAME=MODE",
+        help="answer domain NAME otherwise than --ratelimit-compat says: strict or meshtoll; repeat "
+        "for more (env MESHTOLL_RATELIMIT_COMPAT_DOMAINS, comma-separated)",
     )
     serve.set_defaults(command=_serve)
 
@@ -301,6 +317,13 @@ def _render(args: argparse.Namespace) -> int:
     )
     targets = list(TARGETS) if "all" in args.targets else list(dict.fromkeys(args.targets))
     return run_render(targets, params, args.out, args.check)
+
+
+def _compat_domains(text: str) -> tuple[tuple[str, str], ...]:
+    try:
+        return compat_domains(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -32,6 +32,8 @@ class Settings:
     # envoyproxy/ratelimit configuration domains: answered exactly as it answers ("strict"),
     # or counted meshtoll's way ("meshtoll": all or nothing, calendar months).
     ratelimit_compat: str = "strict"
+    # Domains answered otherwise than ratelimit_compat says: (domain, "strict" | "meshtoll").
+    ratelimit_compat_domains: tuple[tuple[str, str], ...] = ()
     redis_timeout_ms: int = 50
     reconcile_grace_seconds: float = 30.0  # how long an admission waits for its access-log record
     # How long the usage ledger keeps records for export; the period counters invoices read
@@ -51,6 +53,9 @@ class Settings:
     http_max_connections: int = 0  # 0: half the process's file descriptors, at most 10,000
     # The admin port's own cap, so that /healthz answers while the authz port is flooded.
     admin_max_connections: int = 256
+    # A directory where meshtoll also listens on Unix domain sockets (listeners.py names
+    # them), for an Envoy in the same pod: no TCP, no port a neighbour could reach.
+    uds_dir: Path | None = None
 
     @staticmethod
     def env_name(field: str) -> str:
@@ -71,6 +76,7 @@ class Settings:
             )
         if self.ratelimit_compat not in ("strict", "meshtoll"):
             raise ConfigError(f"ratelimit_compat: {self.ratelimit_compat!r} is not one of strict, meshtoll")
+        self._check_compat_domains()
         if self.reconcile_grace_seconds <= 0:
             raise ConfigError("reconcile_grace_seconds must be positive")
         if self.ledger_retention_days < 1:
@@ -81,6 +87,25 @@ class Settings:
             raise ConfigError("admin_token must be non-empty printable ASCII without spaces")
         self._check_tls()
         self._check_http_limits()
+        if self.uds_dir is not None and self.workers != 1:
+            # grpcio binds a Unix socket by its path in each worker; a second worker would
+            # take the path over from the first rather than share it.
+            raise ConfigError(
+                f"uds_dir needs workers 1 (given {self.workers}): a socket path cannot be shared"
+            )
+
+    def _check_compat_domains(self) -> None:
+        # A flag repeated arrives as a list; the frozen Settings keeps a tuple.
+        object.__setattr__(self, "ratelimit_compat_domains", tuple(self.ratelimit_compat_domains))
+        seen: set[str] = set()
+        for domain, compat in self.ratelimit_compat_domains:
+            if compat not in ("strict", "meshtoll"):
+                raise ConfigError(
+                    f"ratelimit_compat_domains: {compat!r} is not one of strict, meshtoll (domain {domain!r})"
+                )
+            if domain in seen:
+                raise ConfigError(f"ratelimit_compat_domains: domain {domain!r} is given twice")
+            seen.add(domain)
 
     def _check_http_limits(self) -> None:
         for name in ("http_header_timeout_seconds", "http_idle_timeout_seconds"):
@@ -106,6 +131,17 @@ def _is_token(text: str) -> bool:
     return text != "" and all("!" <= char <= "~" for char in text)
 
 
+def compat_domains(raw: str) -> tuple[tuple[str, str], ...]:
+    """`NAME=MODE[,NAME=MODE...]`, as --ratelimit-compat-domain and its variable are written."""
+    pairs = []
+    for item in raw.split(","):
+        domain, equals, compat = item.strip().partition("=")
+        if not equals or not domain:
+            raise ValueError(f"{item!r} is not NAME=strict or NAME=meshtoll")
+        pairs.append((domain, compat))
+    return tuple(pairs)
+
+
 def _boolean(raw: str) -> bool:
     if raw.lower() in ("1", "true", "yes", "on"):
         return True
@@ -121,6 +157,7 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "tls_cert": Path,
     "tls_key": Path,
     "tls_client_ca": Path,
+    "uds_dir": Path,
     "grpc_port": int,
     "http_authz_port": int,
     "admin_port": int,
@@ -134,6 +171,7 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "reconcile_grace_seconds": float,
     "ledger_retention_days": int,
     "ratelimit_shadow_mode": _boolean,
+    "ratelimit_compat_domains": compat_domains,
 }
 
 

@@ -7,12 +7,13 @@ limit the policy gives the tenant on that route, unless the route's limits are e
 the authz call (then the descriptor is not counted again here). Descriptors of any other
 domain are matched against envoyproxy/ratelimit configuration files and answered, by
 default, exactly as envoyproxy/ratelimit answers (strict.py); with the `meshtoll`
-compatibility they are counted meshtoll's way (all or nothing, calendar months).
+compatibility they are counted meshtoll's way (all or nothing, calendar months). The
+compatibility is chosen for all those domains, and may be chosen otherwise for some.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,20 +63,24 @@ class RateLimitService:
         *,
         compat: Compat = "strict",
         strict: StrictLimiter | None = None,
+        compat_domains: Mapping[str, Compat] | None = None,
     ) -> None:
-        """`policy` None: the RLS alone (`meshtoll ratelimit`), configuration files only."""
+        """`policy` None: the RLS alone (`meshtoll ratelimit`), configuration files only.
+        `compat_domains`: the domains whose compatibility is not `compat`."""
         self._policy = policy
         self._limiter = limiter
         self._descriptor_configs = descriptor_configs
         self._limits = None if policy is None else PolicyLimits(policy.current)
-        self._strict = (strict or StrictLimiter(limiter)) if compat == "strict" else None
+        self._compat = compat
+        self._compat_domains = dict(compat_domains or {})
+        self._strict = strict or StrictLimiter(limiter)
 
     async def decide(
         self, domain: str, descriptors: Sequence[Descriptor], hits_addend: int
     ) -> RateLimitDecision:
         """Raises StorageUnavailable only under the "closed" failure policy, and
         InvalidRateLimitRequest where envoyproxy/ratelimit answers with an error."""
-        if self._strict is not None and not self._is_policy_domain(domain):
+        if self._compat_domains.get(domain, self._compat) == "strict" and not self._is_policy_domain(domain):
             return await self._strict.decide(self._descriptor_configs(), domain, descriptors, hits_addend)
         hits_addend = hits_addend or 1  # proto3 cannot tell an unset hits_addend from 0: unset means 1
         planned = self._plan(domain, descriptors, hits_addend)
