@@ -115,3 +115,25 @@ async def test_a_kubernetes_configmap_update_is_picked_up(tmp_path: Path) -> Non
 def requests_of(holder: DescriptorConfigHolder) -> int | None:
     found = holder.current.match("d", [("k", "v")])
     return None if found is None or found.limit is None else found.limit.requests
+
+
+def test_with_at_least_one_config_required_health_follows_each_reload(
+    start_rls: StartRls, tmp_path: Path
+) -> None:
+    """The peer's SetConfig with HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED: a reload to a
+    configuration without a domain fails health, one with a domain restores it, and a
+    rejected reload changes nothing."""
+    directory = tmp_path / "ratelimit" / "config"
+    directory.mkdir(parents=True)
+    shutil.copy(CONFIG / "basic_config.yaml", directory)
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    rls = start_rls(tmp_path, HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED="true")
+    assert healthy(rls) == (200, serving)
+    (directory / "basic_config.yaml").unlink()
+    assert wait_for_health(rls, (500, not_serving))
+    shutil.copy(CONFIG / "basic_config.yaml", directory)
+    assert wait_for_health(rls, (200, serving))
+    (directory / "basic_config.yaml").unlink()
+    shutil.copy(CONFIG / "non_string_key.yaml", directory)  # rejected: the last good one stays
+    time.sleep(2.5)  # two reload polls
+    assert healthy(rls) == (200, serving)

@@ -4,7 +4,8 @@ envoyproxy/ratelimit runs, from its environment variables (ratelimit/peer_settin
 Ports as the peer's: gRPC (RLS and health), HTTP `/healthcheck` and `/json`, and a debug port with
 `/rlconfig` and `/metrics` (the per-limit statistics under the names the peer's
 Prometheus mapping gives them). Health is the peer's: SERVING once Redis answers (and, with
-HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED, once a configuration with a domain is loaded),
+HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED, while the active configuration has a domain, at
+start and after each reload),
 NOT_SERVING from SIGTERM on, so that Kubernetes stops sending before the pod goes.
 An invalid initial configuration refuses to start (the peer starts and fails every call):
 a pod that cannot answer correctly should not pass its readiness probe.
@@ -27,7 +28,11 @@ from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshtoll.httpserver import response, serve_http, serve_http_reading_bodies
-from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder, watch_descriptor_configs
+from meshtoll.ratelimit.descriptor_config import (
+    DescriptorConfigHolder,
+    DescriptorConfigs,
+    watch_descriptor_configs,
+)
 from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.ratelimit.peer_response import HeaderNames
 from meshtoll.ratelimit.peer_settings import RlsSettings
@@ -120,6 +125,7 @@ class RlsApp:
         components = {"redis": False, "sigterm": True}
         if settings.healthy_with_at_least_one_config_loaded:
             components["config"] = bool(configs.current.domains)
+            configs.on_change(self._config_loaded)
         self.health = Health(servicer, components)
         self._grpc = await self._start_grpc(service, servicer)
         await self.health.set("redis", await store.ping())
@@ -176,6 +182,12 @@ class RlsApp:
             raise OSError(f"cannot listen for gRPC on {address}")
         await server.start()
         return server
+
+    async def _config_loaded(self, configs: DescriptorConfigs) -> None:
+        """As the peer's SetConfig: a configuration without any domain fails health (a
+        rejected reload never gets here, and changes nothing)."""
+        if self.health is not None:
+            await self.health.set("config", bool(configs.domains))
 
     async def _probe_redis(self, store: CounterStore) -> None:
         """Health follows Redis: the peer marks itself unhealthy when its Redis connection fails."""

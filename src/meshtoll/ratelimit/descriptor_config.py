@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -131,6 +131,16 @@ class DescriptorConfigHolder:
         self.loaded = directory_fingerprint(directory)
         self.current = self.load(directory)
         self.rejected_versions = 0
+        self._listeners: list[Callable[[DescriptorConfigs], Awaitable[None]]] = []
+
+    def on_change(self, listener: Callable[[DescriptorConfigs], Awaitable[None]]) -> None:
+        """`listener` is awaited with each configuration a reload makes active."""
+        self._listeners.append(listener)
+
+    async def replace(self, configs: DescriptorConfigs) -> None:
+        self.current = configs
+        for listener in self._listeners:
+            await listener(configs)
 
 
 def directory_fingerprint(directory: Path) -> tuple[object, ...]:
@@ -154,5 +164,5 @@ async def watch_descriptor_configs(holder: DescriptorConfigHolder, interval: flo
         if configs is None:
             holder.rejected_versions += 1
             continue
-        holder.current = configs
+        await holder.replace(configs)
         log.info("rate-limit configuration reloaded: %d domains", len(configs.domains))
