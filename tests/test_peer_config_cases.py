@@ -293,3 +293,102 @@ def test_metric_keys_of_value_to_metric_and_detailed_metric(
 ) -> None:
     (tmp_path / "metrics.yaml").write_text(VALUE_TO_METRIC)
     assert limit_of(load_descriptor_configs(tmp_path), *entries, domain="domain").stats_key == metric
+
+
+@pytest.mark.parametrize(
+    ("entries", "metric"),
+    [
+        # Basic share_threshold: every value of the wildcard, one metric
+        ([("files", "files/a.pdf")], "test-domain.files_files/*"),
+        ([("files", "files/c.txt")], "test-domain.files_files/*"),
+        # share_threshold with metrics: it wins over value_to_metric and detailed_metric
+        ([("route", "api/v1"), ("method", "GET")], "test-domain.route_api/*.method"),
+        ([("service", "svc/user"), ("endpoint", "get")], "test-domain.service_svc/*.endpoint_get"),
+        # Nested wildcards
+        ([("nested", "parent"), ("files", "nested/file1.txt")], "test-domain.nested_parent.files_nested/*"),
+        (
+            [("files", "top/file1.txt"), ("files", "nested/file1.txt")],
+            "test-domain.files_top/*.files_nested/*",
+        ),
+        # a wildcard without share_threshold below one with it keeps the pattern too
+        (
+            [("path", "path/foo"), ("file", "file/doc1"), ("type", "pdf")],
+            "test-domain.path_path/*.file_file/*.type",
+        ),
+        (
+            [("user", "user/alice"), ("resource", "res/file1"), ("action", "read")],
+            "test-domain.user_user/*.resource_res/*.action",
+        ),
+        # Explicit value precedence over wildcard
+        ([("file", "test1")], "test-domain.file_test1"),
+        ([("file", "test2")], "test-domain.file_test*"),
+        ([("file", "test123")], "test-domain.file_test*"),
+        # Middle and multi wildcards
+        ([("midpath", "/api-beta-v1")], "test-domain.midpath_/api*v1"),
+        ([("midpath", "/apiXYZv1")], "test-domain.midpath_/api*v1"),
+        ([("multiroute", "svcXXXepYYYrpc")], "test-domain.multiroute_svc*ep*rpc"),
+        ([("multiroute", "svceprpc")], "test-domain.multiroute_svc*ep*rpc"),
+        # priority over value_to_metric with a middle wildcard
+        ([("midroute", "/api/v2")], "test-domain.midroute_/api*v2"),
+        ([("midroute", "/api-beta-v2")], "test-domain.midroute_/api*v2"),
+        # nested middle wildcards
+        ([("tenant", "t1prod"), ("resource", "resAv2")], "test-domain.tenant_t*prod.resource_res*v2"),
+        ([("tenant", "t99prod"), ("resource", "resBBBv2")], "test-domain.tenant_t*prod.resource_res*v2"),
+    ],
+)
+def test_share_threshold_metric_keys_name_the_pattern(
+    tmp_path: Path, entries: list[tuple[str, str]], metric: str
+) -> None:
+    """TestShareThreshold's metric sub-tests (Stats.Key, which FullKey equals)."""
+    assert limit_of(load(tmp_path, "share_threshold.yaml"), *entries).stats_key == metric
+
+
+def test_share_threshold_values_outside_the_pattern_match_nothing(tmp_path: Path) -> None:
+    configs = load(tmp_path, "share_threshold.yaml")
+    assert configs.match("test-domain", [("midpath", "/api/v2")]) is None
+    assert configs.match("test-domain", [("multiroute", "svcABCrpc")]) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "flags", "sent", "metric"),
+    [
+        ("foo*", "", "foo1", "test-domain.wild_foo*"),
+        ("foo*", "value_to_metric: true", "foo1", "test-domain.wild_foo1"),
+        ("foo*", "share_threshold: true", "foo1", "test-domain.wild_foo*"),
+        ("foo*", "share_threshold: true, value_to_metric: true", "foo1", "test-domain.wild_foo*"),
+        ("foo*bar*", "", "foo123bar456", "test-domain.wild_foo*bar*"),
+        ("foo*bar*", "", "fooXbarY", "test-domain.wild_foo*bar*"),
+        ("foo*bar*", "value_to_metric: true", "foo123bar456", "test-domain.wild_foo123bar456"),
+    ],
+)
+def test_wildcard_metric_keys_are_alike_wherever_the_star_is(
+    tmp_path: Path, value: str, flags: str, sent: str, metric: str
+) -> None:
+    """TestWildcardStatsBehavior: trailing and middle wildcards, with no flag, value_to_metric,
+    share_threshold, or both."""
+    extra = f"{flags}, " if flags else ""
+    (tmp_path / "wild.yaml").write_text(
+        "domain: test-domain\ndescriptors:\n"
+        f"  - {{key: wild, value: '{value}', {extra}rate_limit: {{unit: minute, requests_per_unit: 20}}}}\n"
+    )
+    assert limit_of(load_descriptor_configs(tmp_path), ("wild", sent)).stats_key == metric
+
+
+def test_value_to_metric_elsewhere_keeps_a_wildcards_pattern(tmp_path: Path) -> None:
+    """TestWildcardStatsBehavior: value_to_metric in other descriptor."""
+    (tmp_path / "wild.yaml").write_text(
+        """
+domain: test-domain
+descriptors:
+  - key: wild
+    value: foo*
+    descriptors:
+      - key: other
+        value_to_metric: true
+        descriptors:
+          - key: limit
+            rate_limit: {unit: minute, requests_per_unit: 20}
+"""
+    )
+    found = limit_of(load_descriptor_configs(tmp_path), ("wild", "foo1"), ("other", "bar"), ("limit", "X"))
+    assert found.stats_key == "test-domain.wild_foo*.other_bar.limit"

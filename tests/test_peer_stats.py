@@ -1,11 +1,23 @@
 """envoyproxy/ratelimit's per-limit statistics (test/redis/fixed_cache_impl_test.go
-TestNearLimit, TestOverLimitWithLocalCache, the shadow-mode cases), counted alike."""
+TestNearLimit, TestOverLimitWithLocalCache, the shadow-mode cases; test/config/config_test.go
+TestValueToMetric_FullKeyMatchesStatsKey and TestShareThreshold's shared counters), counted
+alike."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
+from meshtoll.ratelimit.decision import Descriptor
+from meshtoll.ratelimit.descriptor_config import load_descriptor_configs
+from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.ratelimit.peer_stats import DescriptorStats
+from meshtoll.ratelimit.strict import StrictLimiter
+from meshtoll.storage.memory import MemoryCounterStore
+
+CONFIG = Path(__file__).parent / "fixtures" / "ratelimit" / "config"
 
 Expected = dict[str, int]
 
@@ -55,3 +67,60 @@ def test_prometheus_text_names_the_domain_and_each_key_level() -> None:
     text = stats.prometheus_text()
     assert 'ratelimit_service_rate_limit_over_limit{domain="rl",key1="unspec_unspecified_value"} 1' in text
     assert 'ratelimit_service_rate_limit_total_hits{domain="rl",key1="unspec_unspecified_value"} 1' in text
+
+
+async def counted_requests(directory: Path, domain: str, *requests: list[tuple[str, str]]) -> DescriptorStats:
+    """Each request (one descriptor) answered by the strict limiter; the statistics it kept."""
+    configs = load_descriptor_configs(directory)
+    stats = DescriptorStats()
+    strict = StrictLimiter(Limiter(MemoryCounterStore(), clock=lambda: 1_700_000_000), stats=stats)
+    for entries in requests:
+        await strict.decide(configs, domain, [Descriptor(tuple(entries))], 1)
+    return stats
+
+
+def nested_route(flags: str) -> str:
+    return f"""
+domain: test-domain
+descriptors:
+  - key: route
+    {"value_to_metric: true" if flags == "value_to_metric" else ""}
+    descriptors:
+      - key: http_method
+        {"value_to_metric: true" if flags == "value_to_metric" else ""}
+        descriptors:
+          - key: subject_id
+            {"detailed_metric: true" if flags == "detailed_metric" else ""}
+            rate_limit: {{unit: minute, requests_per_unit: 60}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("flags", "metric"),
+    [
+        ("value_to_metric", "test-domain.route_api.http_method_GET.subject_id"),
+        ("none", "test-domain.route.http_method.subject_id"),
+        ("detailed_metric", "test-domain.route_api.http_method_GET.subject_id_user123"),
+    ],
+)
+async def test_statistics_are_counted_under_the_limits_metric_key(
+    tmp_path: Path, flags: str, metric: str
+) -> None:
+    """TestValueToMetric_FullKeyMatchesStatsKey: one key names the limit and its statistics."""
+    (tmp_path / "routes.yaml").write_text(nested_route(flags))
+    entries = [("route", "api"), ("http_method", "GET"), ("subject_id", "user123")]
+    stats = await counted_requests(tmp_path, "test-domain", entries)
+    match = load_descriptor_configs(tmp_path).match("test-domain", entries)
+    assert match is not None
+    assert match.stats_key == metric
+    assert {key for key, _ in stats.counts} == {metric}
+
+
+async def test_values_sharing_a_threshold_share_their_statistics(tmp_path: Path) -> None:
+    """TestShareThreshold, explicit value precedence: test2, test23 and test123 count on the
+    pattern's statistics, test1 on its own."""
+    shutil.copy(CONFIG / "share_threshold.yaml", tmp_path)
+    values = ("test2", "test23", "test123", "test1")
+    stats = await counted_requests(tmp_path, "test-domain", *([("file", value)] for value in values))
+    assert counted(stats, "test-domain.file_test*") == {"total_hits": 3, "within_limit": 3}
+    assert counted(stats, "test-domain.file_test1") == {"total_hits": 1, "within_limit": 1}
