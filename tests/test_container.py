@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from meshtoll.processes import Child, free_ports, http_ok
-from meshtoll.render.compose import READY_CHECK
+from meshtoll.render.container import READY_CHECK
 from meshtoll.render.params import ENVOY_IMAGE
 from meshtoll.settings import settings_from
 

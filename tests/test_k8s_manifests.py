@@ -19,7 +19,7 @@ from meshtoll.settings import Settings, settings_from
 ROOT = Path(__file__).parent.parent
 K8S = ROOT / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.33"
-KUSTOMIZATIONS = ["base", "overlays/in-cluster-redis"]
+KUSTOMIZATIONS = ["base", "overlays/in-cluster-redis", "overlays/gateway-sidecar"]
 
 
 def kustomize(directory: str) -> list[dict[str, Any]]:
@@ -141,3 +141,33 @@ def test_the_example_secret_is_valid_and_holds_the_keys_the_deployment_reads(
     (container,) = by_kind(base, "Deployment")["spec"]["template"]["spec"]["containers"]
     keys = {item["valueFrom"]["secretKeyRef"]["key"] for item in container["env"] if "valueFrom" in item}
     assert keys == set(secret["stringData"])
+
+
+def test_the_sidecar_gateway_reaches_meshtoll_only_through_its_unix_sockets() -> None:
+    documents = kustomize("overlays/gateway-sidecar")
+    pod = by_kind(documents, "Deployment", "meshtoll-gateway")["spec"]["template"]["spec"]
+    containers = {item["name"]: item for item in pod["containers"]}
+    envoy, meshtoll = containers["envoy"], containers["meshtoll"]
+    env = {item["name"]: item.get("value") for item in meshtoll["env"]}
+    (sockets,) = [item["mountPath"] for item in meshtoll["volumeMounts"] if item["name"] == "sockets"]
+    assert env["MESHTOLL_UDS_DIR"] == sockets
+    assert [item["mountPath"] for item in envoy["volumeMounts"] if item["name"] == "sockets"] == [sockets]
+    # TCP on loopback only: probes run inside the container, decisions come over the sockets.
+    assert env["MESHTOLL_HOST"] == "127.0.0.1"
+    assert "ports" not in meshtoll
+    # One uid for both: the sockets meshtoll creates are its owner's to connect to.
+    assert envoy["securityContext"]["runAsUser"] == meshtoll["securityContext"]["runAsUser"]
+    (config_volume,) = [item for item in pod["volumes"] if item["name"] == "envoy-config"]
+    bootstrap = yaml.safe_load(
+        by_kind(documents, "ConfigMap", config_volume["configMap"]["name"])["data"]["envoy.yaml"]
+    )
+    pipes = {
+        cluster["name"]: cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+            "pipe"
+        ]["path"]
+        for cluster in bootstrap["static_resources"]["clusters"]
+        if cluster["name"].startswith("meshtoll_")
+    }
+    assert pipes == {"meshtoll_http": f"{sockets}/authz.sock", "meshtoll_grpc": f"{sockets}/grpc.sock"}
+    # The client's own address reaches Envoy and so meshtoll's IP allow-lists.
+    assert by_kind(documents, "Service", "meshtoll-gateway")["spec"]["externalTrafficPolicy"] == "Local"

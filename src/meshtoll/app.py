@@ -27,7 +27,7 @@ from meshtoll.authz.jwks import JwksCache
 from meshtoll.extproc.service import ExternalProcessorServicer
 from meshtoll.httplistener import HttpListener
 from meshtoll.httpserver import serve_http
-from meshtoll.listeners import Listeners, bind_listeners, port_limits
+from meshtoll.listeners import UDS_GRPC, Listeners, bind_listeners, port_limits
 from meshtoll.meter.als import AccessLogServicer
 from meshtoll.meter.reconcile import AdmissionRecorder, Reconciler
 from meshtoll.meter.settle import Settlement
@@ -117,6 +117,10 @@ class App:
                 limits=authz_limits,
             )
         )
+        if self.listeners.http_authz_unix is not None:
+            self._servers.append(
+                await serve_http(http_authz, self.listeners.http_authz_unix, limits=authz_limits)
+            )
         stats = DescriptorStats()
         ratelimit = RateLimitService(
             holder,
@@ -205,6 +209,11 @@ class App:
             bound = server.add_secure_port(address, tls.grpc_credentials())
         if bound == 0:
             raise OSError(f"cannot listen for gRPC on {address}")
+        if self.settings.uds_dir is not None:
+            # Plain: the socket file's permissions, not TLS, keep others out of a pod.
+            unix = f"unix:{self.settings.uds_dir / UDS_GRPC}"
+            if server.add_insecure_port(unix) == 0:
+                raise OSError(f"cannot listen for gRPC on {unix}")
         await server.start()
         for service in ("", *SERVICES):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -104,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
             "at most 10000)",
         ),
         ("--admin-max-connections", "admin_max_connections", int, "admin port: open connections per process"),
+        (
+            "--uds-dir",
+            "uds_dir",
+            Path,
+            "also listen on Unix sockets grpc.sock and authz.sock here (for an Envoy in the same pod)",
+        ),
     ):
         default = getattr(defaults, field)
         serve.add_argument(

@@ -24,10 +24,15 @@ import errno
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from meshtoll.errors import ConfigError
 from meshtoll.httplistener import HttpLimits, connection_cap, listening_socket
 from meshtoll.settings import Settings
+
+# The Unix sockets in Settings.uds_dir: every gRPC service, and the HTTP ext_authz fast path.
+UDS_GRPC = "grpc.sock"
+UDS_HTTP_AUTHZ = "authz.sock"
 
 
 @dataclass(slots=True)
@@ -36,13 +41,14 @@ class Listeners:
     http_authz: socket.socket
     grpc_port: int  # as bound: a grpc_port of 0 in the settings becomes the kernel's choice
     grpc_guard: socket.socket | None  # the owner's; a worker gets None
+    http_authz_unix: socket.socket | None = None  # in Settings.uds_dir, when given
 
     def for_worker(self) -> Listeners:
         """What a worker needs: the HTTP sockets to accept from and the gRPC port to join."""
-        return Listeners(self.admin, self.http_authz, self.grpc_port, None)
+        return Listeners(self.admin, self.http_authz, self.grpc_port, None, self.http_authz_unix)
 
     def close(self) -> None:
-        for sock in (self.admin, self.http_authz, self.grpc_guard):
+        for sock in (self.admin, self.http_authz, self.grpc_guard, self.http_authz_unix):
             if sock is not None:
                 sock.close()
 
@@ -54,11 +60,32 @@ def bind_listeners(settings: Settings) -> Listeners:
         for name in ("admin_port", "http_authz_port"):
             bound.append(_bind(settings.host, name, getattr(settings, name), listening_socket))
         guard = _bind(settings.host, "grpc_port", settings.grpc_port, _grpc_guard)
+        bound.append(guard)
+        unix = None if settings.uds_dir is None else unix_listening_socket(settings.uds_dir / UDS_HTTP_AUTHZ)
     except ConfigError:
         for sock in bound:
             sock.close()
         raise
-    return Listeners(bound[0], bound[1], guard.getsockname()[1], guard)
+    return Listeners(bound[0], bound[1], guard.getsockname()[1], guard, unix)
+
+
+def unix_listening_socket(path: Path) -> socket.socket:
+    """A listening Unix socket at `path`. A socket file a previous run left behind is
+    replaced; one that a live server answers on is not (ConfigError), nor any other file."""
+    if path.is_socket():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex(str(path)) == 0:
+                raise ConfigError(f"uds_dir: {path} is already in use (another meshtoll serve?)")
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"uds_dir: cannot listen on {path} ({exc.strerror})") from None
+    sock.setblocking(False)
+    return sock
 
 
 def port_limits(settings: Settings) -> tuple[HttpLimits, HttpLimits]:

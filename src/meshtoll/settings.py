@@ -53,6 +53,9 @@ class Settings:
     http_max_connections: int = 0  # 0: half the process's file descriptors, at most 10,000
     # The admin port's own cap, so that /healthz answers while the authz port is flooded.
     admin_max_connections: int = 256
+    # A directory where meshtoll also listens on Unix domain sockets (listeners.py names
+    # them), for an Envoy in the same pod: no TCP, no port a neighbour could reach.
+    uds_dir: Path | None = None
 
     @staticmethod
     def env_name(field: str) -> str:
@@ -84,6 +87,12 @@ class Settings:
             raise ConfigError("admin_token must be non-empty printable ASCII without spaces")
         self._check_tls()
         self._check_http_limits()
+        if self.uds_dir is not None and self.workers != 1:
+            # grpcio binds a Unix socket by its path in each worker; a second worker would
+            # take the path over from the first rather than share it.
+            raise ConfigError(
+                f"uds_dir needs workers 1 (given {self.workers}): a socket path cannot be shared"
+            )
 
     def _check_compat_domains(self) -> None:
         # A flag repeated arrives as a list; the frozen Settings keeps a tuple.
@@ -148,6 +157,7 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "tls_cert": Path,
     "tls_key": Path,
     "tls_client_ca": Path,
+    "uds_dir": Path,
     "grpc_port": int,
     "http_authz_port": int,
     "admin_port": int,

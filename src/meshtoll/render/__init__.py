@@ -6,6 +6,8 @@
                    Telemetry, in-mesh access
     kubernetes.py  deploy/k8s: kustomize base and overlays
     envoy.py       deploy/envoy/envoy.yaml: a plain Envoy in front of meshtoll by host name
+                   (or, in the gateway-sidecar overlay, over Unix sockets)
+    container.py   what the image, the compose file and the manifests agree on
     compose.py     docker-compose.yml
     files.py       which target writes which file; write, or check what is checked in
 

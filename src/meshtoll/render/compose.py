@@ -9,18 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from meshtoll.render.container import POLICY_DIR, READY_CHECK, REDIS_IMAGE
 from meshtoll.render.documents import yaml_file
 from meshtoll.render.envoy import LISTENERS
-from meshtoll.render.kubernetes import POLICY_DIR, REDIS_IMAGE
 from meshtoll.render.params import DeployParams
 from meshtoll.settings import Settings
 
-# Readiness in the image's own Python (the slim image has no curl): exit 0 only on a 200.
-# The Dockerfile's HEALTHCHECK says the same (a test compares them).
-READY_CHECK = (
-    "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' "
-    "% os.environ.get('MESHTOLL_ADMIN_PORT', '8090'), timeout=2)"
-)
 _INTERVAL = {"interval": "5s", "timeout": "3s", "retries": 12, "start_period": "5s"}
 
 

@@ -8,8 +8,10 @@ offers them, with the clusters resolved by DNS instead of pointing at 127.0.0.1.
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Any
 
+from meshtoll.listeners import UDS_GRPC, UDS_HTTP_AUTHZ
 from meshtoll.render.documents import yaml_file
 from meshtoll.render.local_filters import LocalFilters
 from meshtoll.render.params import DeployParams
@@ -27,27 +29,37 @@ def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def bootstrap(params: DeployParams) -> dict[str, Any]:
+def _by_host_name(host: str, port: int) -> dict[str, Any]:
+    # Containers come and go with new addresses: re-resolve rather than pin one.
+    return {"type": "STRICT_DNS", "dns_lookup_family": "V4_ONLY", "address": _address(host, port)}
+
+
+def _by_unix_socket(path: PurePosixPath) -> dict[str, Any]:
+    return {"type": "STATIC", "address": {"pipe": {"path": str(path)}}}
+
+
+def bootstrap(params: DeployParams, unix_sockets: PurePosixPath | None = None) -> dict[str, Any]:
+    """Reaching meshtoll by `params.meshtoll_host`, or through the Unix sockets `meshtoll
+    serve --uds-dir` makes in the directory `unix_sockets` (meshtoll in the same pod)."""
     local = LocalFilters.load()
     listeners = []
     for name, offset in LISTENERS.items():
         listener = local.listener(name)
         listener["address"] = _address("0.0.0.0", params.listen_port + offset)
         listeners.append(listener)
-    endpoints = {
-        "upstream": (params.upstream_host, params.upstream_port),
-        "meshtoll_http": (params.meshtoll_host, params.http_authz_port),
-        "meshtoll_grpc": (params.meshtoll_host, params.grpc_port),
-    }
+    endpoints = {"upstream": _by_host_name(params.upstream_host, params.upstream_port)}
+    if unix_sockets is None:
+        endpoints["meshtoll_http"] = _by_host_name(params.meshtoll_host, params.http_authz_port)
+        endpoints["meshtoll_grpc"] = _by_host_name(params.meshtoll_host, params.grpc_port)
+    else:
+        endpoints["meshtoll_http"] = _by_unix_socket(unix_sockets / UDS_HTTP_AUTHZ)
+        endpoints["meshtoll_grpc"] = _by_unix_socket(unix_sockets / UDS_GRPC)
     clusters = []
-    for name, (host, port) in endpoints.items():
+    for name, endpoint in endpoints.items():
         cluster = local.cluster(name)
-        # Containers come and go with new addresses: re-resolve rather than pin one.
-        cluster["type"] = "STRICT_DNS"
-        cluster["dns_lookup_family"] = "V4_ONLY"
-        cluster["load_assignment"]["endpoints"] = [
-            {"lb_endpoints": [{"endpoint": {"address": _address(host, port)}}]}
-        ]
+        address = endpoint.pop("address")
+        cluster |= endpoint
+        cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": [{"endpoint": {"address": address}}]}]
         clusters.append(cluster)
     return {
         # The admin interface stays on the container's loopback: it can stop Envoy.
@@ -68,4 +80,15 @@ and the upstream at {params.upstream_host}:{params.upstream_port}.
 The README's "Envoy wiring" explains each setting; envoy/local.yaml has the comments.
 """,
         bootstrap(params),
+    )
+
+
+def sidecar_bootstrap(params: DeployParams, unix_sockets: PurePosixPath) -> str:
+    return yaml_file(
+        f"""
+The gateway pod's Envoy, with meshtoll as its sidecar: meshtoll reached over the Unix
+sockets in {unix_sockets} (`meshtoll serve --uds-dir`), the upstream at
+{params.upstream_host}:{params.upstream_port}; otherwise deploy/envoy/envoy.yaml.
+""",
+        bootstrap(params, unix_sockets),
     )

@@ -2,22 +2,25 @@
 
 base/                       Deployment, Service, policy ConfigMap, HPA, PDB, NetworkPolicy
 overlays/in-cluster-redis/  plus a single Redis and the Secret that points meshtoll at it
+overlays/gateway-sidecar/   instead: an Envoy gateway pod with meshtoll as its sidecar,
+                            over Unix sockets (for Kubernetes without Istio)
 """
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Any
 
+from meshtoll.render.container import POLICY_DIR, READY_CHECK, REDIS_IMAGE
 from meshtoll.render.documents import yaml_file
+from meshtoll.render.envoy import LISTENERS, sidecar_bootstrap
 from meshtoll.render.params import DeployParams
 from meshtoll.settings import Settings
 
 NAME = "meshtoll"
 SELECTOR = {"app.kubernetes.io/name": NAME}
 LABELS = {**SELECTOR, "app.kubernetes.io/part-of": NAME}
-POLICY_DIR = "/etc/meshtoll/policy"
 SECRET = NAME  # keys: redis-url, admin-token
-REDIS_IMAGE = "redis:7.4.2-alpine"
 _NON_ROOT_UID = 10001  # the image's USER (Dockerfile)
 
 STARTER_POLICY = """\
@@ -45,7 +48,7 @@ def kubernetes_files(params: DeployParams) -> dict[str, str]:
         "base/network-policy.yaml": yaml_file(NETWORK_POLICY_COMMENT, network_policy(params)),
         "secret.example.yaml": yaml_file(SECRET_COMMENT, secret(params, _redis_url(params), "")),
     }
-    return base | redis_overlay(params)
+    return base | redis_overlay(params) | sidecar_overlay(params)
 
 
 def _metadata(name: str, params: DeployParams, labels: dict[str, str] = LABELS) -> dict[str, Any]:
@@ -426,3 +429,134 @@ In production, point the base's Secret at a Redis you run with persistence or a 
             only_meshtoll,
         ),
     }
+
+
+SOCKETS = PurePosixPath("/run/meshtoll")
+GATEWAY = "meshtoll-gateway"
+
+
+def sidecar_overlay(params: DeployParams) -> dict[str, str]:
+    labels = {"app.kubernetes.io/name": GATEWAY, "app.kubernetes.io/part-of": NAME}
+    selector = {"app.kubernetes.io/name": GATEWAY}
+    ports = {
+        "http": params.listen_port + LISTENERS["full"],
+        "grpc-authz": params.listen_port + LISTENERS["grpc_authz"],
+    }
+    envoy = {
+        "name": "envoy",
+        "image": params.envoy_image,
+        # No hot restart: it needs shared memory, and Kubernetes replaces pods instead.
+        "command": ["envoy", "-c", "/etc/envoy/envoy.yaml", "--disable-hot-restart", "--log-level", "warn"],
+        "ports": [{"name": name, "containerPort": port, "protocol": "TCP"} for name, port in ports.items()],
+        "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 5},
+        "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        # meshtoll's uid: the sockets meshtoll creates are its owner's to connect to.
+        "securityContext": _security_context(),
+        "volumeMounts": [
+            {"name": "envoy-config", "mountPath": "/etc/envoy", "readOnly": True},
+            {"name": "sockets", "mountPath": str(SOCKETS)},
+        ],
+    }
+    # Loopback TCP (the probes run inside the container), the decisions over the sockets:
+    # nothing outside the pod reaches meshtoll.
+    environment = [
+        {"name": Settings.env_name("policy"), "value": f"{POLICY_DIR}/policy.yaml"},
+        {"name": Settings.env_name("host"), "value": "127.0.0.1"},
+        {"name": Settings.env_name("uds_dir"), "value": str(SOCKETS)},
+        *[item for item in _env(params) if "valueFrom" in item],
+    ]
+    probe = ["python", "-c", READY_CHECK]
+    meshtoll = {
+        "name": NAME,
+        "image": params.image,
+        "args": ["serve"],
+        "env": environment,
+        "readinessProbe": {"exec": {"command": probe}, "periodSeconds": 5, "timeoutSeconds": 3},
+        "livenessProbe": {
+            "exec": {"command": probe},
+            "periodSeconds": 10,
+            "timeoutSeconds": 3,
+            "failureThreshold": 6,
+        },
+        "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        "securityContext": _security_context(),
+        "volumeMounts": [
+            {"name": "policy", "mountPath": POLICY_DIR, "readOnly": True},
+            {"name": "sockets", "mountPath": str(SOCKETS)},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    gateway = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(GATEWAY, params, labels),
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "securityContext": {"fsGroup": _NON_ROOT_UID},
+                    "containers": [envoy, meshtoll],
+                    "volumes": [
+                        {"name": "envoy-config", "configMap": {"name": f"{GATEWAY}-envoy"}},
+                        {"name": "policy", "configMap": {"name": "meshtoll-policy"}},
+                        {"name": "sockets", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+                        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+                    ],
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(GATEWAY, params, labels),
+        "spec": {
+            "type": "LoadBalancer",
+            # The client's own address reaches Envoy (use_remote_address) and so meshtoll's
+            # IP allow-lists; Cluster would show a node's address instead.
+            "externalTrafficPolicy": "Local",
+            "selector": selector,
+            "ports": [
+                {"name": name, "port": port, "targetPort": name, "appProtocol": "http"}
+                for name, port in ports.items()
+            ],
+        },
+    }
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": params.namespace,
+        "resources": ["namespace.yaml", "gateway.yaml"],
+        "configMapGenerator": [
+            # A hash suffix: a new Envoy configuration rolls the gateway's pods.
+            {"name": f"{GATEWAY}-envoy", "files": ["envoy.yaml"], "options": {"labels": dict(labels)}},
+            {
+                "name": "meshtoll-policy",
+                "files": ["policy.yaml"],
+                "options": {"disableNameSuffixHash": True, "labels": dict(LABELS)},
+            },
+        ],
+    }
+    root = "overlays/gateway-sidecar"
+    return {
+        f"{root}/kustomization.yaml": yaml_file(SIDECAR_COMMENT, kustomization),
+        f"{root}/namespace.yaml": yaml_file("meshtoll's own namespace.", _namespace(params)),
+        f"{root}/gateway.yaml": yaml_file(
+            "The gateway: Envoy and meshtoll in one pod, talking over Unix sockets.", gateway, service
+        ),
+        f"{root}/envoy.yaml": sidecar_bootstrap(params, SOCKETS),
+        f"{root}/policy.yaml": STARTER_POLICY,
+    }
+
+
+SIDECAR_COMMENT = f"""
+For Kubernetes without Istio: a gateway of its own, each pod an Envoy with meshtoll as its
+sidecar. Envoy reaches meshtoll over Unix sockets in a shared in-memory volume
+({SOCKETS}, `meshtoll serve --uds-dir`): no network hop, no port another pod could
+reach, so no NetworkPolicy is needed for meshtoll. Applied instead of the base (not with
+it); it reads the same Secret `{SECRET}`. Render it for your upstream:
+  meshtoll render k8s --upstream-host my-app.my-namespace.svc.cluster.local --upstream-port 80
+"""

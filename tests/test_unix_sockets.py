@@ -1,0 +1,164 @@
+"""meshtoll as a sidecar: `meshtoll serve --uds-dir` answers every service over Unix
+sockets, and the sidecar gateway's Envoy configuration (deploy/k8s/overlays/gateway-sidecar)
+carries real traffic to it through them, the hooks and the meter included."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+
+from meshtoll.dev import DEMO_ACME_KEY, EXAMPLE_POLICY
+from meshtoll.errors import ConfigError
+from meshtoll.listeners import unix_listening_socket
+from meshtoll.processes import Child, free_ports, http_ok
+from meshtoll.render.envoy import bootstrap
+from meshtoll.render.params import DeployParams
+from meshtoll.settings import Settings
+from tests.client import fetch
+
+
+def test_unix_sockets_need_a_single_worker() -> None:
+    with pytest.raises(ConfigError, match="uds_dir needs workers 1"):
+        Settings(uds_dir=Path("/run/meshtoll"), workers=2)
+
+
+def test_a_live_socket_is_not_taken_over_but_a_stale_one_is(tmp_path: Path) -> None:
+    path = tmp_path / "authz.sock"
+    live = unix_listening_socket(path)
+    try:
+        with pytest.raises(ConfigError, match="already in use"):
+            unix_listening_socket(path)
+    finally:
+        live.close()
+    unix_listening_socket(path).close()  # the file a stopped server left behind
+    path.unlink()
+    path.write_text("not a socket")
+    with pytest.raises(ConfigError, match="cannot listen"):
+        unix_listening_socket(path)
+
+
+def refuses(url: str) -> Callable[[], bool]:
+    """Ready once Envoy answers and meshtoll, behind it, refuses a request without a key."""
+
+    def probe() -> bool:
+        try:
+            return fetch(url).status == 401
+        except OSError:
+            return False
+
+    return probe
+
+
+@pytest.fixture(scope="module")
+def sockets() -> Iterator[Path]:
+    # Unix socket paths are limited to 107 bytes: a short directory, not pytest's tmp_path.
+    with tempfile.TemporaryDirectory(prefix="mt-uds-") as directory:
+        yield Path(directory)
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    sockets: Path, envoy_binary: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
+    """(the HTTP ext_authz listener's URL, the gRPC ext_authz listener's)"""
+    work = tmp_path_factory.mktemp("sidecar")
+    grpc_port, http_port, admin_port, upstream_port, listen_port, grpc_listen_port = free_ports(6)
+    children = []
+    try:
+        serve = Child(
+            "meshtoll serve --uds-dir",
+            [
+                sys.executable,
+                "-m",
+                "meshtoll",
+                "serve",
+                "--policy",
+                str(EXAMPLE_POLICY),
+                "--host",
+                "127.0.0.1",
+            ],
+            work / "serve.log",
+            {
+                "MESHTOLL_GRPC_PORT": str(grpc_port),
+                "MESHTOLL_HTTP_AUTHZ_PORT": str(http_port),
+                "MESHTOLL_ADMIN_PORT": str(admin_port),
+                "MESHTOLL_UDS_DIR": str(sockets),
+                "MESHTOLL_REDIS_URL": "",
+            },
+        )
+        children.append(serve)
+        serve.wait_ready(http_ok(f"http://127.0.0.1:{admin_port}/readyz"), timeout=30)
+        upstream = Child(
+            "demo upstream",
+            [
+                sys.executable,
+                "-m",
+                "meshtoll.demo_upstream",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(upstream_port),
+            ],
+            work / "upstream.log",
+        )
+        children.append(upstream)
+        upstream.wait_ready(http_ok(f"http://127.0.0.1:{upstream_port}/healthz"), timeout=30)
+        params = DeployParams(listen_port=listen_port, upstream_host="127.0.0.1", upstream_port=upstream_port)
+        config = bootstrap(params, PurePosixPath(sockets))
+        # Loopback, and a port of its own for each listener (the next port may be taken).
+        for listener, port in zip(
+            config["static_resources"]["listeners"], (listen_port, grpc_listen_port), strict=True
+        ):
+            listener["address"]["socket_address"] |= {"address": "127.0.0.1", "port_value": port}
+        config["admin"]["address"]["socket_address"]["port_value"] = 0
+        path = work / "envoy.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        validated = subprocess.run(
+            [str(envoy_binary), "--mode", "validate", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert validated.returncode == 0, validated.stderr
+        envoy = Child(
+            "sidecar envoy",
+            [str(envoy_binary), "-c", str(path), "--disable-hot-restart", "--log-level", "warn"],
+            work / "envoy.log",
+        )
+        children.append(envoy)
+        envoy.wait_ready(refuses(f"http://127.0.0.1:{listen_port}/"), timeout=30)
+        yield f"http://127.0.0.1:{listen_port}", f"http://127.0.0.1:{grpc_listen_port}"
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+@pytest.mark.integration
+def test_the_sidecar_gateway_decides_over_the_unix_sockets(gateway: tuple[str, str]) -> None:
+    http, _ = gateway
+    denied = fetch(f"{http}/v1/search")
+    assert denied.status == 401
+    assert denied.headers["content-type"] == "application/json"
+    allowed = fetch(f"{http}/v1/search?q=uds", headers={"x-api-key": DEMO_ACME_KEY})
+    assert allowed.status == 200, allowed
+    assert allowed.json()["headers"]["x-meshtoll-tenant"] == "acme"
+
+
+@pytest.mark.integration
+def test_hooks_reach_meshtoll_over_the_grpc_socket(gateway: tuple[str, str]) -> None:
+    http, _ = gateway
+    reply = fetch(f"{http}/v1/chat/completions?tokens=5", headers={"x-api-key": DEMO_ACME_KEY})
+    assert reply.status == 200, reply
+    assert reply.json()["headers"]["x-tenant-id"] == "acme"
+
+
+@pytest.mark.integration
+def test_the_grpc_authz_listener_works_over_the_socket(gateway: tuple[str, str]) -> None:
+    _, grpc = gateway
+    assert fetch(f"{grpc}/v1/items", headers={"x-api-key": DEMO_ACME_KEY}).status == 200
