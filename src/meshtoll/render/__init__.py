@@ -4,7 +4,9 @@
     documents.py   YAML out: a header comment, then one or more documents
     istio.py       deploy/istio: mesh-config providers, AuthorizationPolicy, EnvoyFilters,
                    Telemetry, in-mesh access
-    kubernetes.py  deploy/k8s: kustomize base and overlays
+    kubernetes.py  deploy/k8s: the kustomize base (and which overlay goes where)
+    overlays.py    deploy/k8s/overlays: in-cluster Redis; the gateway-sidecar shape
+    k8s_objects.py what base and overlays share: names, labels, environment, Secret
     envoy.py       deploy/envoy/envoy.yaml: a plain Envoy in front of meshtoll by host name
                    (or, in the gateway-sidecar overlay, over Unix sockets)
     container.py   what the image, the compose file and the manifests agree on

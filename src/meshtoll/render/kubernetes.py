@@ -3,60 +3,45 @@
 base/                       Deployment, Service, policy ConfigMap, HPA, PDB, NetworkPolicy
 overlays/in-cluster-redis/  plus a single Redis and the Secret that points meshtoll at it
 overlays/gateway-sidecar/   instead: an Envoy gateway pod with meshtoll as its sidecar,
-                            over Unix sockets (for Kubernetes without Istio)
+                            over Unix sockets (for Kubernetes without Istio; overlays.py)
 """
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
 from typing import Any
 
-from meshtoll.render.container import POLICY_DIR, READY_CHECK, REDIS_IMAGE
+from meshtoll.render.container import POLICY_DIR
 from meshtoll.render.documents import yaml_file
-from meshtoll.render.envoy import LISTENERS, sidecar_bootstrap
+from meshtoll.render.k8s_objects import (
+    LABELS,
+    NAME,
+    NON_ROOT_UID,
+    SECRET,
+    SELECTOR,
+    STARTER_POLICY,
+    meshtoll_env,
+    metadata,
+    namespace_object,
+    redis_url,
+    secret,
+    security_context,
+)
+from meshtoll.render.overlays import redis_overlay, sidecar_overlay
 from meshtoll.render.params import DeployParams
-from meshtoll.settings import Settings
-
-NAME = "meshtoll"
-SELECTOR = {"app.kubernetes.io/name": NAME}
-LABELS = {**SELECTOR, "app.kubernetes.io/part-of": NAME}
-SECRET = NAME  # keys: redis-url, admin-token
-_NON_ROOT_UID = 10001  # the image's USER (Dockerfile)
-
-STARTER_POLICY = """\
-# The policy meshtoll serves, mounted as a directory at /etc/meshtoll/policy (no subPath):
-# Kubernetes swaps the directory's symlink on a ConfigMap update and meshtoll reloads
-# within a second; a version that does not load is logged and the last good one stays.
-# A starter with no tenants (every request gets 401): put your own here, checked first
-# with `meshtoll policy check`. The README's policy reference lists every key.
-plans:
-  free:
-    limits:
-      - {requests: 10, per: second}
-tenants: {}
-"""
 
 
 def kubernetes_files(params: DeployParams) -> dict[str, str]:
     base = {
         "base/kustomization.yaml": base_kustomization(params),
         "base/policy.yaml": STARTER_POLICY,
-        "base/namespace.yaml": yaml_file("meshtoll's own namespace.", _namespace(params)),
+        "base/namespace.yaml": yaml_file("meshtoll's own namespace.", namespace_object(params)),
         "base/deployment.yaml": yaml_file(DEPLOYMENT_COMMENT, deployment(params)),
         "base/service.yaml": yaml_file(SERVICE_COMMENT, service(params)),
         "base/autoscaling.yaml": yaml_file(AUTOSCALING_COMMENT, *autoscaling(params)),
         "base/network-policy.yaml": yaml_file(NETWORK_POLICY_COMMENT, network_policy(params)),
-        "secret.example.yaml": yaml_file(SECRET_COMMENT, secret(params, _redis_url(params), "")),
+        "secret.example.yaml": yaml_file(SECRET_COMMENT, secret(params, redis_url(params), "")),
     }
     return base | redis_overlay(params) | sidecar_overlay(params)
-
-
-def _metadata(name: str, params: DeployParams, labels: dict[str, str] = LABELS) -> dict[str, Any]:
-    return {"name": name, "namespace": params.namespace, "labels": dict(labels)}
-
-
-def _namespace(params: DeployParams) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": params.namespace}}
 
 
 def base_kustomization(params: DeployParams) -> str:
@@ -91,27 +76,6 @@ meshtoll in Kubernetes: `kubectl apply -k deploy/k8s/base` after creating the Se
     )
 
 
-def _env(params: DeployParams) -> list[dict[str, Any]]:
-    plain = {
-        "policy": f"{POLICY_DIR}/policy.yaml",
-        "host": "0.0.0.0",
-        "grpc_port": params.grpc_port,
-        "http_authz_port": params.http_authz_port,
-        "admin_port": params.admin_port,
-    }
-    env: list[dict[str, Any]] = [
-        {"name": Settings.env_name(key), "value": str(value)} for key, value in plain.items()
-    ]
-    for field, key, optional in (("redis_url", "redis-url", False), ("admin_token", "admin-token", True)):
-        env.append(
-            {
-                "name": Settings.env_name(field),
-                "valueFrom": {"secretKeyRef": {"name": SECRET, "key": key, "optional": optional}},
-            }
-        )
-    return env
-
-
 def _probe(path: str, params: DeployParams, period: int, failures: int) -> dict[str, Any]:
     return {
         "httpGet": {"path": path, "port": "admin"},
@@ -121,25 +85,13 @@ def _probe(path: str, params: DeployParams, period: int, failures: int) -> dict[
     }
 
 
-def _security_context() -> dict[str, Any]:
-    return {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "runAsNonRoot": True,
-        "runAsUser": _NON_ROOT_UID,
-        "runAsGroup": _NON_ROOT_UID,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
 def deployment(params: DeployParams) -> dict[str, Any]:
     container = {
         "name": NAME,
         "image": params.image,
         "imagePullPolicy": "IfNotPresent",
         "args": ["serve"],
-        "env": _env(params),
+        "env": meshtoll_env(params),
         "ports": [
             {"name": "grpc", "containerPort": params.grpc_port, "protocol": "TCP"},
             {"name": "http-authz", "containerPort": params.http_authz_port, "protocol": "TCP"},
@@ -149,7 +101,7 @@ def deployment(params: DeployParams) -> dict[str, Any]:
         "livenessProbe": _probe("/healthz", params, period=10, failures=3),
         "startupProbe": _probe("/healthz", params, period=2, failures=30),
         "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
-        "securityContext": _security_context(),
+        "securityContext": security_context(),
         "volumeMounts": [
             {"name": "policy", "mountPath": POLICY_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
@@ -158,7 +110,7 @@ def deployment(params: DeployParams) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(NAME, params),
+        "metadata": metadata(NAME, params),
         "spec": {
             "replicas": 2,
             "selector": {"matchLabels": dict(SELECTOR)},
@@ -167,7 +119,7 @@ def deployment(params: DeployParams) -> dict[str, Any]:
                 "spec": {
                     "automountServiceAccountToken": False,
                     "terminationGracePeriodSeconds": 30,
-                    "securityContext": {"fsGroup": _NON_ROOT_UID},
+                    "securityContext": {"fsGroup": NON_ROOT_UID},
                     "affinity": {
                         "podAntiAffinity": {
                             "preferredDuringSchedulingIgnoredDuringExecution": [
@@ -207,7 +159,7 @@ def service(params: DeployParams) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(NAME, params),
+        "metadata": metadata(NAME, params),
         "spec": {
             "selector": dict(SELECTOR),
             "ports": [
@@ -240,7 +192,7 @@ def autoscaling(params: DeployParams) -> tuple[dict[str, Any], dict[str, Any]]:
     hpa = {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
-        "metadata": _metadata(NAME, params),
+        "metadata": metadata(NAME, params),
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": NAME},
             "minReplicas": 2,
@@ -256,7 +208,7 @@ def autoscaling(params: DeployParams) -> tuple[dict[str, Any], dict[str, Any]]:
     pdb = {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": _metadata(NAME, params),
+        "metadata": metadata(NAME, params),
         "spec": {"minAvailable": 1, "selector": {"matchLabels": dict(SELECTOR)}},
     }
     return hpa, pdb
@@ -272,7 +224,7 @@ def network_policy(params: DeployParams) -> dict[str, Any]:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": _metadata(NAME, params),
+        "metadata": metadata(NAME, params),
         "spec": {
             "podSelector": {"matchLabels": dict(SELECTOR)},
             "policyTypes": ["Ingress"],
@@ -312,20 +264,6 @@ the `monitoring` namespace (Prometheus); kubelet probes are not subject to Netwo
 """
 
 
-def _redis_url(params: DeployParams) -> str:
-    return f"redis://redis.{params.namespace}.svc.cluster.local:6379/0"
-
-
-def secret(params: DeployParams, redis_url: str, admin_token: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": _metadata(SECRET, params),
-        "type": "Opaque",
-        "stringData": {"redis-url": redis_url, "admin-token": admin_token},
-    }
-
-
 SECRET_COMMENT = """
 The Secret the base expects (not part of it, so that re-applying the base never resets
 your values). Create it rather than committing it:
@@ -333,230 +271,4 @@ your values). Create it rather than committing it:
     --from-literal=redis-url='rediss://:PASSWORD@your-redis:6380/0' \\
     --from-literal=admin-token="$(openssl rand -hex 32)"
 An empty admin-token leaves the admin API's /api/* to loopback clients only.
-"""
-
-
-def redis_overlay(params: DeployParams) -> dict[str, str]:
-    labels = {"app.kubernetes.io/name": "redis", "app.kubernetes.io/part-of": NAME}
-    selector = {"app.kubernetes.io/name": "redis"}
-    redis = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": _metadata("redis", params, labels),
-        "spec": {
-            "replicas": 1,
-            "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": selector},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "automountServiceAccountToken": False,
-                    "securityContext": {"fsGroup": 999},
-                    "containers": [
-                        {
-                            "name": "redis",
-                            "image": REDIS_IMAGE,
-                            "args": ["--appendonly", "yes", "--dir", "/data"],
-                            "ports": [{"name": "redis", "containerPort": 6379, "protocol": "TCP"}],
-                            "readinessProbe": {
-                                "exec": {"command": ["redis-cli", "ping"]},
-                                "periodSeconds": 5,
-                            },
-                            "resources": {
-                                "requests": {"cpu": "100m", "memory": "128Mi"},
-                                "limits": {"memory": "512Mi"},
-                            },
-                            "securityContext": {**_security_context(), "runAsUser": 999, "runAsGroup": 999},
-                            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-                        }
-                    ],
-                    "volumes": [{"name": "data", "emptyDir": {}}],
-                },
-            },
-        },
-    }
-    redis_service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _metadata("redis", params, labels),
-        "spec": {
-            "selector": selector,
-            "ports": [{"name": "tcp-redis", "port": 6379, "targetPort": "redis", "appProtocol": "redis"}],
-        },
-    }
-    only_meshtoll = {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": _metadata("redis", params, labels),
-        "spec": {
-            "podSelector": {"matchLabels": selector},
-            "policyTypes": ["Ingress"],
-            "ingress": [
-                {
-                    "from": [{"podSelector": {"matchLabels": dict(SELECTOR)}}],
-                    "ports": [{"protocol": "TCP", "port": 6379}],
-                }
-            ],
-        },
-    }
-    kustomization = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "namespace": params.namespace,
-        "resources": ["../../base", "redis.yaml"],
-        "secretGenerator": [
-            {
-                "name": SECRET,
-                "literals": [f"redis-url={_redis_url(params)}"],
-                "options": {"disableNameSuffixHash": True, "labels": dict(LABELS)},
-            }
-        ],
-    }
-    return {
-        "overlays/in-cluster-redis/kustomization.yaml": yaml_file(
-            """
-The base plus a single in-cluster Redis and the Secret that points meshtoll at it (no
-admin token: /api/* answers loopback clients only until you add one). For trying meshtoll
-out: the Redis keeps usage and billing data on an emptyDir, which a rescheduled pod loses.
-In production, point the base's Secret at a Redis you run with persistence or a replica.
-""",
-            kustomization,
-        ),
-        "overlays/in-cluster-redis/redis.yaml": yaml_file(
-            "One Redis for meshtoll's counters and usage ledger, reachable by meshtoll's pods only.",
-            redis,
-            redis_service,
-            only_meshtoll,
-        ),
-    }
-
-
-SOCKETS = PurePosixPath("/run/meshtoll")
-GATEWAY = "meshtoll-gateway"
-
-
-def sidecar_overlay(params: DeployParams) -> dict[str, str]:
-    labels = {"app.kubernetes.io/name": GATEWAY, "app.kubernetes.io/part-of": NAME}
-    selector = {"app.kubernetes.io/name": GATEWAY}
-    ports = {
-        "http": params.listen_port + LISTENERS["full"],
-        "grpc-authz": params.listen_port + LISTENERS["grpc_authz"],
-    }
-    envoy = {
-        "name": "envoy",
-        "image": params.envoy_image,
-        # No hot restart: it needs shared memory, and Kubernetes replaces pods instead.
-        "command": ["envoy", "-c", "/etc/envoy/envoy.yaml", "--disable-hot-restart", "--log-level", "warn"],
-        "ports": [{"name": name, "containerPort": port, "protocol": "TCP"} for name, port in ports.items()],
-        "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 5},
-        "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
-        # meshtoll's uid: the sockets meshtoll creates are its owner's to connect to.
-        "securityContext": _security_context(),
-        "volumeMounts": [
-            {"name": "envoy-config", "mountPath": "/etc/envoy", "readOnly": True},
-            {"name": "sockets", "mountPath": str(SOCKETS)},
-        ],
-    }
-    # Loopback TCP (the probes run inside the container), the decisions over the sockets:
-    # nothing outside the pod reaches meshtoll.
-    environment = [
-        {"name": Settings.env_name("policy"), "value": f"{POLICY_DIR}/policy.yaml"},
-        {"name": Settings.env_name("host"), "value": "127.0.0.1"},
-        {"name": Settings.env_name("uds_dir"), "value": str(SOCKETS)},
-        *[item for item in _env(params) if "valueFrom" in item],
-    ]
-    probe = ["python", "-c", READY_CHECK]
-    meshtoll = {
-        "name": NAME,
-        "image": params.image,
-        "args": ["serve"],
-        "env": environment,
-        "readinessProbe": {"exec": {"command": probe}, "periodSeconds": 5, "timeoutSeconds": 3},
-        "livenessProbe": {
-            "exec": {"command": probe},
-            "periodSeconds": 10,
-            "timeoutSeconds": 3,
-            "failureThreshold": 6,
-        },
-        "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
-        "securityContext": _security_context(),
-        "volumeMounts": [
-            {"name": "policy", "mountPath": POLICY_DIR, "readOnly": True},
-            {"name": "sockets", "mountPath": str(SOCKETS)},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
-    }
-    gateway = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": _metadata(GATEWAY, params, labels),
-        "spec": {
-            "replicas": 2,
-            "selector": {"matchLabels": selector},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "automountServiceAccountToken": False,
-                    "securityContext": {"fsGroup": _NON_ROOT_UID},
-                    "containers": [envoy, meshtoll],
-                    "volumes": [
-                        {"name": "envoy-config", "configMap": {"name": f"{GATEWAY}-envoy"}},
-                        {"name": "policy", "configMap": {"name": "meshtoll-policy"}},
-                        {"name": "sockets", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
-                        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
-                    ],
-                },
-            },
-        },
-    }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _metadata(GATEWAY, params, labels),
-        "spec": {
-            "type": "LoadBalancer",
-            # The client's own address reaches Envoy (use_remote_address) and so meshtoll's
-            # IP allow-lists; Cluster would show a node's address instead.
-            "externalTrafficPolicy": "Local",
-            "selector": selector,
-            "ports": [
-                {"name": name, "port": port, "targetPort": name, "appProtocol": "http"}
-                for name, port in ports.items()
-            ],
-        },
-    }
-    kustomization = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "namespace": params.namespace,
-        "resources": ["namespace.yaml", "gateway.yaml"],
-        "configMapGenerator": [
-            # A hash suffix: a new Envoy configuration rolls the gateway's pods.
-            {"name": f"{GATEWAY}-envoy", "files": ["envoy.yaml"], "options": {"labels": dict(labels)}},
-            {
-                "name": "meshtoll-policy",
-                "files": ["policy.yaml"],
-                "options": {"disableNameSuffixHash": True, "labels": dict(LABELS)},
-            },
-        ],
-    }
-    root = "overlays/gateway-sidecar"
-    return {
-        f"{root}/kustomization.yaml": yaml_file(SIDECAR_COMMENT, kustomization),
-        f"{root}/namespace.yaml": yaml_file("meshtoll's own namespace.", _namespace(params)),
-        f"{root}/gateway.yaml": yaml_file(
-            "The gateway: Envoy and meshtoll in one pod, talking over Unix sockets.", gateway, service
-        ),
-        f"{root}/envoy.yaml": sidecar_bootstrap(params, SOCKETS),
-        f"{root}/policy.yaml": STARTER_POLICY,
-    }
-
-
-SIDECAR_COMMENT = f"""
-For Kubernetes without Istio: a gateway of its own, each pod an Envoy with meshtoll as its
-sidecar. Envoy reaches meshtoll over Unix sockets in a shared in-memory volume
-({SOCKETS}, `meshtoll serve --uds-dir`): no network hop, no port another pod could
-reach, so no NetworkPolicy is needed for meshtoll. Applied instead of the base (not with
-it); it reads the same Secret `{SECRET}`. Render it for your upstream:
-  meshtoll render k8s --upstream-host my-app.my-namespace.svc.cluster.local --upstream-port 80
 """
