@@ -11,11 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
 import yaml
 
+from meshtoll.dev import EXAMPLE_POLICY, demo_requests
 from meshtoll.processes import Child, free_ports, http_ok
 from meshtoll.render.container import READY_CHECK
 from meshtoll.render.params import ENVOY_IMAGE
@@ -162,3 +164,17 @@ def test_the_image_entrypoint_serves_with_the_image_environment(
         assert check.returncode == 0, check.stderr
     finally:
         child.stop()
+
+
+def test_compose_offers_what_meshtoll_dev_offers() -> None:
+    # The same policy (its demo keys), and the same two client ports the banner's curl lines use.
+    services: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    (policy_mount,) = services["meshtoll"]["volumes"]
+    assert (ROOT / policy_mount.split(":")[0]).resolve() == EXAMPLE_POLICY.parent
+    published = {int(item.rsplit(":", 1)[1]) for item in services["envoy"]["ports"]}
+    dev_ports = {
+        urlsplit(request.url).port
+        for request in demo_requests("http://127.0.0.1:8080", "http://127.0.0.1:8081")
+    }
+    assert published == dev_ports == {8080, 8081}
+    assert all(item.startswith("127.0.0.1:") for item in services["envoy"]["ports"])
