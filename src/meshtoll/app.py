@@ -26,7 +26,7 @@ from meshtoll.authz.http_transport import HttpAuthzHandler
 from meshtoll.authz.jwks import JwksCache
 from meshtoll.extproc.service import ExternalProcessorServicer
 from meshtoll.httplistener import HttpListener
-from meshtoll.httpserver import serve_http
+from meshtoll.httpserver import StartingHandler, serve_http
 from meshtoll.listeners import UDS_GRPC, Listeners, bind_listeners, port_limits
 from meshtoll.meter.als import AccessLogServicer
 from meshtoll.meter.reconcile import AdmissionRecorder, Reconciler
@@ -76,8 +76,22 @@ class App:
         settings = self.settings
         tls = load_service_tls(settings)
         authz_limits, admin_limits = port_limits(settings)
-        # Admin first, so that probes get a clean 503 while a large policy compiles.
+        # Every HTTP port answers from the start, so that probes and Envoy get a clean 503
+        # while a large policy compiles rather than a connection left in the queue.
         self._servers.append(await serve_http(self.admin, self.listeners.admin, limits=admin_limits))
+        http_authz_port = StartingHandler()
+        self._servers.append(
+            await serve_http(
+                http_authz_port,
+                self.listeners.http_authz,
+                None if tls is None else tls.context,
+                limits=authz_limits,
+            )
+        )
+        if self.listeners.http_authz_unix is not None:
+            self._servers.append(
+                await serve_http(http_authz_port, self.listeners.http_authz_unix, limits=authz_limits)
+            )
         holder = await asyncio.to_thread(PolicyHolder.from_file, settings.policy)
         configs = None
         if settings.ratelimit_config is not None:
@@ -109,18 +123,7 @@ class App:
         )
         self._authorizers = [authorizer_for(transport="http"), authorizer_for(transport="grpc")]
         http_authz = HttpAuthzHandler(self._authorizers[0])
-        self._servers.append(
-            await serve_http(
-                http_authz,
-                self.listeners.http_authz,
-                None if tls is None else tls.context,
-                limits=authz_limits,
-            )
-        )
-        if self.listeners.http_authz_unix is not None:
-            self._servers.append(
-                await serve_http(http_authz, self.listeners.http_authz_unix, limits=authz_limits)
-            )
+        http_authz_port.ready(http_authz)
         stats = DescriptorStats()
         ratelimit = RateLimitService(
             holder,

@@ -79,6 +79,34 @@ TOO_MANY_CONNECTIONS = error_response(
 INTERNAL_ERROR = error_response(
     500, "Internal Server Error", "internal_error", "the request could not be handled"
 )
+NOT_READY = error_response(
+    503, "Service Unavailable", "not_ready", "this meshtoll process is starting: the policy is not loaded yet"
+)
+
+
+class StartingHandler:
+    """A port's handler while the process starts: 503 `not_ready` until `ready(handler)`.
+
+    The ports are bound before the policy loads, so the kernel accepts connections from
+    then on. Left queued, a request would be decided only after Envoy's ext_authz timeout
+    had already answered its client 503, and its admission billed for a request nobody
+    served; answered at once, it is refused and admits nothing."""
+
+    __slots__ = ("_handler",)
+
+    def __init__(self) -> None:
+        self._handler: Handler | None = None
+
+    def ready(self, handler: Handler) -> None:
+        self._handler = handler
+
+    def __call__(
+        self, method: str, target: str, headers: dict[str, str], peer: str
+    ) -> bytes | Awaitable[bytes]:
+        handler = self._handler
+        if handler is None:
+            return NOT_READY
+        return handler(method, target, headers, peer)
 
 
 class HttpProtocol(Connection):

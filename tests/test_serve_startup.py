@@ -1,0 +1,58 @@
+"""A starting `meshtoll serve` answers at once: while its policy loads, the HTTP authz port
+refuses with 503 `not_ready` rather than leaving a request queued until after Envoy's
+ext_authz timeout (when its admission would bill a request nobody served)."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from meshtoll.processes import Child, free_ports, http_ok
+from tests.client import fetch
+
+pytestmark = pytest.mark.integration
+
+TENANTS = 60_000  # a policy that takes this machine a few seconds to load
+
+
+def large_policy(path: Path) -> Path:
+    lines = ["plans: {pro: {}}", "tenants:"]
+    lines += [
+        f"  t{n}: {{plan: pro, api_keys: [{{id: k{n}, sha256: {hashlib.sha256(str(n).encode()).hexdigest()}}}]}}"
+        for n in range(TENANTS)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_the_http_authz_port_refuses_at_once_while_the_policy_loads(tmp_path: Path) -> None:
+    grpc_port, http_authz_port, admin_port = free_ports(3)
+    argv = [
+        sys.executable,
+        "-m",
+        "meshtoll",
+        "serve",
+        "--policy",
+        str(large_policy(tmp_path / "policy.yaml")),
+    ]
+    argv += ["--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-authz-port", str(http_authz_port)]
+    argv += ["--admin-port", str(admin_port)]
+    child = Child("meshtoll", argv, tmp_path / "meshtoll.log", {"MESHTOLL_REDIS_URL": ""})
+    try:
+        child.wait_ready(http_ok(f"http://127.0.0.1:{admin_port}/healthz"), timeout=30)
+        assert fetch(f"http://127.0.0.1:{admin_port}/readyz").status == 503, (
+            "the policy loaded too fast to test"
+        )
+        started = time.monotonic()
+        reply = fetch(f"http://127.0.0.1:{http_authz_port}/v1/items", headers={"x-api-key": "1"}, timeout=2)
+        assert time.monotonic() - started < 0.25  # inside Envoy's ext_authz timeout
+        assert (reply.status, reply.json()["error"]) == (503, "not_ready")
+        child.wait_ready(http_ok(f"http://127.0.0.1:{admin_port}/readyz"), timeout=60)
+        allowed = fetch(f"http://127.0.0.1:{http_authz_port}/v1/items", headers={"x-api-key": "1"})
+        assert allowed.status == 200
+    finally:
+        child.stop()
