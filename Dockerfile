@@ -24,6 +24,9 @@ RUN pip install --no-cache-dir --no-index --find-links /wheels meshtoll && rm -r
 # A starter policy with no tenants (every request gets 401): mount yours as a directory
 # over /etc/meshtoll/policy (a ConfigMap, or a bind mount), which meshtoll reloads.
 COPY deploy/k8s/base/policy.yaml /etc/meshtoll/policy/policy.yaml
+# envoyproxy/ratelimit's image runs /bin/ratelimit (its Deployments name it in `command:`):
+# here that is `meshtoll ratelimit`, so such a Deployment runs by changing only the image.
+RUN printf '#!/bin/sh\nexec meshtoll ratelimit "$@"\n' > /bin/ratelimit && chmod 0755 /bin/ratelimit
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MESHTOLL_HOST=0.0.0.0 \

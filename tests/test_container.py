@@ -178,3 +178,12 @@ def test_compose_offers_what_meshtoll_dev_offers() -> None:
     }
     assert published == dev_ports == {8080, 8081}
     assert all(item.startswith("127.0.0.1:") for item in services["envoy"]["ports"])
+
+
+def test_the_image_runs_the_rate_limit_service_alone_as_bin_ratelimit(tmp_path: Path) -> None:
+    """A Deployment written for envoyproxy/ratelimit sets `command: ["/bin/ratelimit"]`."""
+    (run,) = [rest for keyword, rest in final_stage() if keyword == "RUN" and "/bin/ratelimit" in rest]
+    script = tmp_path / "ratelimit"
+    subprocess.run(["sh", "-c", run.replace("/bin/ratelimit", str(script))], check=True)
+    assert script.read_text().splitlines() == ["#!/bin/sh", 'exec meshtoll ratelimit "$@"']
+    assert os.access(script, os.X_OK)
