@@ -121,10 +121,18 @@ def test_two_workers_share_every_port_and_survive_the_loss_of_one(
     os.kill(workers[0], signal.SIGKILL)
     while _listening_ports(workers[0]):  # dead once its sockets are gone (a zombie has none)
         time.sleep(0.01)
-    # The other worker accepts from the same sockets at once, before the restart (a second on).
-    for _ in range(20):
+    # For a moment after the process is gone the kernel can still hand a new gRPC
+    # connection to its closing SO_REUSEPORT socket, which resets it (seen on loaded runs):
+    # the HTTP ports, one inherited socket, have no such moment.
+    time.sleep(0.3)
+    killed_at = time.monotonic()
+    # The other worker accepts from the same sockets before the restart a second on: checked
+    # within half of that second, so that a worker joining the group is not part of it.
+    served = 0
+    while not served or time.monotonic() - killed_at < 0.5:
         assert http_status(ports[2]) == b"HTTP/1.1 200 OK"
         assert grpc_serving(ports[0])
+        served += 1
 
 
 def test_admin_answers_healthz_while_the_authz_port_is_flooded(
