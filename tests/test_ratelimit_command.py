@@ -137,3 +137,33 @@ def test_with_at_least_one_config_required_health_follows_each_reload(
     shutil.copy(CONFIG / "non_string_key.yaml", directory)  # rejected: the last good one stays
     time.sleep(2.5)  # two reload polls
     assert healthy(rls) == (200, serving)
+
+
+def test_it_will_not_share_a_grpc_port_that_meshtoll_serve_holds(tmp_path: Path) -> None:
+    from meshtoll.processes import free_ports
+    from tests.serve import running_serve
+
+    (tmp_path / "ratelimit" / "config").mkdir(parents=True)
+    shutil.copy(CONFIG / "basic_config.yaml", tmp_path / "ratelimit" / "config")
+    port, debug_port = free_ports(2)
+    with running_serve(tmp_path) as serving:
+        environment = {
+            **os.environ,
+            "RUNTIME_ROOT": str(tmp_path),
+            "RUNTIME_SUBDIRECTORY": "ratelimit",
+            "REDIS_SOCKET_TYPE": "tcp",
+            "REDIS_URL": "127.0.0.1:1",
+            "GRPC_PORT": str(serving.grpc_port),
+            "PORT": str(port),
+            "DEBUG_PORT": str(debug_port),
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "meshtoll", "ratelimit"],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode != 0
+    assert str(serving.grpc_port) in done.stderr
+    assert "Traceback" not in done.stderr

@@ -27,6 +27,7 @@ import grpc
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from meshtoll.errors import ConfigError
 from meshtoll.httpserver import response, serve_http, serve_http_reading_bodies
 from meshtoll.ratelimit.descriptor_config import (
     DescriptorConfigHolder,
@@ -174,12 +175,19 @@ class RlsApp:
     async def _start_grpc(
         self, service: RateLimitService, servicer: health.aio.HealthServicer
     ) -> grpc.aio.Server:
-        server = grpc.aio.server()
+        # grpcio sets SO_REUSEPORT by default, which would let this server join a port that
+        # another process (a `meshtoll serve`) holds and take part of its calls: this one
+        # owns its port alone, or fails to start.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(service), server)
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-        if server.add_insecure_port(address) == 0:
-            raise OSError(f"cannot listen for gRPC on {address}")
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError:  # newer grpcio raises where older ones return 0
+            bound = 0
+        if bound == 0:
+            raise ConfigError(f"GRPC_PORT: cannot listen on {address} (in use, or not an address here)")
         await server.start()
         return server
 
