@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import pytest
@@ -14,10 +14,11 @@ from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from meshtoll.errors import StorageUnavailable
 from meshtoll.meter.als import AccessLogServicer, observation_from_envoy
 from meshtoll.meter.records import Admission, ReportedUnits
 from meshtoll.meter.settle import Settlement
-from meshtoll.storage.usage import UsageStore
+from meshtoll.storage.usage import MemoryUsageStore, PendingAdmissions, UsageStore
 
 START = 1_795_618_437  # 2026-11-25T10:53:57Z
 _tenants = itertools.count()
@@ -192,3 +193,44 @@ async def test_a_batch_sent_twice_over_the_access_log_stream_counts_once(
         assert len(await usage_store.ledger(tenant, START, START + 1)) == 5
     finally:
         await server.stop(None)
+
+
+async def test_an_entry_cannot_move_its_request_to_another_period(
+    usage_store: UsageStore, tenant: str
+) -> None:
+    await usage_store.admit([admitted(tenant, "known-id")])
+    settlement = Settlement(usage_store, clock=Clock())
+    moved = entry("known-id", headers={"x-meshtoll-tenant": tenant})
+    moved.common_properties.start_time.FromSeconds(1_579_046_400)  # 2020-01-15
+    seen = observation_from_envoy(moved)
+    assert seen is not None
+    await settlement.settle([seen])
+    assert (await usage_store.usage(tenant, "2020-01")).requests == 0
+    assert (await usage_store.usage(tenant, "2026-11")).requests == 1  # authz admitted it then
+
+
+class FlakyStore(MemoryUsageStore):
+    """A store whose first lookup of pending admissions fails, as in a Redis outage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    async def pending(self, requests: Sequence[tuple[str, str]]) -> PendingAdmissions:
+        if self.failures:
+            self.failures -= 1
+            raise StorageUnavailable("Redis is away")
+        return await super().pending(requests)
+
+
+async def test_entries_wait_anew_after_the_store_was_unavailable(tenant: str) -> None:
+    store, clock = FlakyStore(), Clock()
+    settlement = Settlement(store, clock=clock, wait_seconds=5)
+    seen = observation_from_envoy(entry("r1", headers={"x-meshtoll-tenant": tenant}))
+    assert seen is not None
+    clock.now += 4
+    await settlement.settle([seen])  # the store fails: the entry waits
+    clock.now += 4  # past the first give-up time, within a wait that started at the failure
+    await store.admit([admitted(tenant, "r1")])
+    await settlement.retry_waiting()
+    assert (settlement.outcomes["billed"], settlement.outcomes["unmatched"]) == (1, 0)

@@ -220,18 +220,39 @@ async def own_usage_store(request: pytest.FixtureRequest, tmp_path: Path) -> Asy
         await store.close()
 
 
+@pytest.mark.parametrize("tenant_count", [4, 1000])
 async def test_reconciliation_catches_up_a_backlog_far_faster_than_admissions_come(
-    own_usage_store: UsageStore, tenant: str
+    own_usage_store: UsageStore, tenant: str, tenant_count: int
 ) -> None:
     # 20,000 overdue admissions, as after a Redis outage at a steady ~430 requests a second:
-    # one round bills them all, at well over ten times that rate.
+    # one round bills them all, at well over ten times that rate, however many tenants.
     store = own_usage_store
-    tenants = [f"{tenant}-{n}" for n in range(4)]
-    await store.admit([admission(tenants[n % 4], f"backlog-{n}", at=T + n / 1000) for n in range(20_000)])
+    tenants = [f"{tenant}-{n}" for n in range(tenant_count)]
+    await store.admit(
+        [admission(tenants[n % tenant_count], f"backlog-{n}", at=T + n / 1000) for n in range(20_000)]
+    )
     assert await store.backlog() == 20_000
     started = time.perf_counter()
     assert await reconcile(store, now=T + 100, grace=10) == 20_000
     took = time.perf_counter() - started
     assert 20_000 / took > 10 * 430, f"{20_000 / took:.0f} admissions a second"
-    assert [(await store.usage(name, "2026-11")).requests for name in tenants] == [5000] * 4
+    each = 20_000 // tenant_count
+    assert [(await store.usage(name, "2026-11")).requests for name in tenants[:3]] == [each] * 3
     assert await store.backlog() == 0
+
+
+async def test_a_body_metered_admission_waits_an_hour_for_its_streamed_units(
+    own_usage_store: UsageStore, tenant: str
+) -> None:
+    usage_store = own_usage_store  # reconciled up to now: nothing else of the session's
+    streamed = replace(admission(tenant, "stream"), awaits_report=True)
+    await usage_store.admit([streamed])
+    # A response still streaming a minute on is not billed at the route's cost meanwhile...
+    assert not [a for a in await usage_store.overdue(T + 60) if a.tenant == tenant]
+    assert [a.request_id for a in await usage_store.overdue(T + 3601) if a.tenant == tenant] == ["stream"]
+    await usage_store.report_units([ReportedUnits(tenant, "stream", 50_000)])
+    # ...and once ext_proc reports the units (the stream has ended), a missing entry is
+    # billed those units after the ordinary grace.
+    assert await reconcile(usage_store, now=time.time() + 31, grace=30) >= 1
+    usage = await usage_store.usage(tenant, "2026-11")
+    assert (usage.requests, usage.units, usage.unreconciled) == (1, 50_000, 1)

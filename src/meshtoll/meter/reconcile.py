@@ -70,16 +70,21 @@ class AdmissionRecorder:
             await self.flush()
 
 
+# Bounds one reconciliation call (about a million admissions): a store that failed to
+# settle what it billed must not keep the loop going forever.
+MAX_BATCHES = 1000
+
+
 async def reconcile(store: UsageStore, now: float, grace: float, batch: int = 1000) -> int:
-    """Bill every admission older than `grace` seconds that no access-log record settled, in
-    batches of `batch` until none is left."""
+    """Bill every admission due more than `grace` seconds ago that no access-log record
+    settled, in batches of about `batch` until none is left."""
     billed = 0
-    while True:
+    for _ in range(MAX_BATCHES):
         overdue = await store.overdue(now - grace, batch)
-        if overdue:
-            billed += await store.record([admission.as_record() for admission in overdue])
-        if len(overdue) < batch:
-            return billed
+        if not overdue:
+            break
+        billed += await store.record([admission.as_record() for admission in overdue])
+    return billed
 
 
 class Reconciler:

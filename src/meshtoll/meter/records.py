@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 Source = Literal["access_log", "admission"]
+STREAMING_GRACE_SECONDS = 3600.0
 # By status // 100: a lookup, where formatting the class costs half a microsecond per record.
 _STATUS_CLASSES = ("unknown", "1xx", "2xx", "3xx", "4xx", "5xx")
 
@@ -130,10 +131,17 @@ class Admission:
         went: who, which route and how many units are authz's and ext_proc's word, never
         the log's."""
         units = (self.units if reported is None else reported) if is_billable_status(seen.status) else 0
+        # Billed in the period authz admitted it: the entry's own clock could move it.
         return UsageRecord(
-            self.request_id, seen.time, self.tenant, self.consumer, self.plan, self.route, self.method,
+            self.request_id, self.time, self.tenant, self.consumer, self.plan, self.route, self.method,
             seen.status, seen.request_bytes, seen.response_bytes, seen.duration_ms, units,
         )  # fmt: skip
+
+    def due(self) -> float:
+        """When reconciliation may bill this admission without its access-log entry. A
+        body-metered response can stream for minutes (an LLM's tokens), and its units are
+        reported only at its end: its admission waits an hour more."""
+        return self.time + (STREAMING_GRACE_SECONDS if self.awaits_report else 0.0)
 
 
 @dataclass(slots=True)

@@ -74,7 +74,10 @@ class Settlement:
         try:
             found = await self._store.pending([(seen.tenant, seen.request_id) for _, seen in batch])
         except StorageUnavailable as exc:
-            self._wait_more(batch)
+            # The wait starts again: an outage must not turn genuine entries into unmatched
+            # ones before the admissions buffered meanwhile can reach the store.
+            give_up_at = self._clock() + self._wait
+            self._wait_more([(give_up_at, seen) for _, seen in batch])
             self.outcomes["unavailable"] += 1
             log.warning("access-log entries wait: the usage store did not answer: %s", exc)
             return

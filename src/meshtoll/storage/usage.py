@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -63,8 +63,9 @@ class UsageStore(Protocol):
         ...
 
     async def overdue(self, before: float, limit: int = 1000) -> list[Admission]:
-        """Admissions made before `before` that no usage record has settled yet, with the
-        units reported for them."""
+        """Admissions due (Admission.due) before `before` that no usage record has settled
+        yet, with the units reported for them: about `limit` of them, oldest first within
+        each tenant; call again until none is left."""
         ...
 
     async def pending(self, requests: Sequence[tuple[str, str]]) -> PendingAdmissions:
@@ -149,13 +150,20 @@ def tenant_usage(tenant: str, period: str, fields: dict[str, int]) -> TenantUsag
 
 
 class MemoryUsageStore:
-    def __init__(self, *, ledger_retention_seconds: float = DEFAULT_LEDGER_RETENTION_SECONDS) -> None:
+    def __init__(
+        self,
+        *,
+        ledger_retention_seconds: float = DEFAULT_LEDGER_RETENTION_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._ledger_retention = ledger_retention_seconds
+        self._clock = clock
         self._seen: set[tuple[str, str]] = set()
         self._hashes: dict[str, dict[str, int]] = {}
         self.ledger_records: list[UsageRecord] = []
         self._pending: dict[tuple[str, str], Admission] = {}
         self._reported: dict[tuple[str, str], int] = {}
+        self._reported_at: dict[tuple[str, str], float] = {}
         self._tenants: set[str] = set()
 
     async def record(self, records: Sequence[UsageRecord]) -> int:
@@ -163,6 +171,7 @@ class MemoryUsageStore:
         for record in records:
             self._pending.pop((record.tenant, record.request_id), None)
             self._reported.pop((record.tenant, record.request_id), None)
+            self._reported_at.pop((record.tenant, record.request_id), None)
             if (record.tenant, record.request_id) in self._seen:
                 continue
             self._seen.add((record.tenant, record.request_id))
@@ -196,10 +205,16 @@ class MemoryUsageStore:
         for report in reports:
             if (report.tenant, report.request_id) not in self._seen:
                 self._reported[(report.tenant, report.request_id)] = report.units
+                self._reported_at[(report.tenant, report.request_id)] = self._clock()
 
     async def overdue(self, before: float, limit: int = 1000) -> list[Admission]:
-        found = sorted((a for a in self._pending.values() if a.time < before), key=lambda a: a.time)
+        found = sorted((a for a in self._pending.values() if self._due(a) < before), key=lambda a: a.time)
         return [with_reported_units(a, self._reported.get((a.tenant, a.request_id))) for a in found[:limit]]
+
+    def _due(self, admission: Admission) -> float:
+        # A report means the stream has ended: the ordinary grace counts from then.
+        reported_at = self._reported_at.get((admission.tenant, admission.request_id))
+        return admission.due() if reported_at is None else min(admission.due(), reported_at)
 
     async def pending(self, requests: Sequence[tuple[str, str]]) -> PendingAdmissions:
         return {

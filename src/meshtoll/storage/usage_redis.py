@@ -161,7 +161,7 @@ class RedisUsageStore:
                     pipe.hset(
                         admissions_key(tenant), mapping={a.request_id: json.dumps(asdict(a)) for a in batch}
                     )
-                    pipe.zadd(pending_key(tenant), {a.request_id: a.time for a in batch})
+                    pipe.zadd(pending_key(tenant), {a.request_id: a.due() for a in batch})
                 await pipe.execute()
             # Only once the admissions are in: `overdue` drops a tenant whose pending set it
             # finds empty, and must not find it empty after this.
@@ -173,6 +173,7 @@ class RedisUsageStore:
         by_tenant: dict[str, dict[str, int]] = {}
         for report in reports:
             by_tenant.setdefault(report.tenant, {})[report.request_id] = report.units
+        now = self._clock()
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for tenant, units in by_tenant.items():
@@ -180,6 +181,10 @@ class RedisUsageStore:
                     # Settled reports leave with their record; the rest (a report of a
                     # request already billed) must not stay forever.
                     pipe.expire(reported_units_key(tenant), REPORTED_UNITS_SECONDS)
+                    # The stream has ended: its admission is due the ordinary grace from now,
+                    # no longer after the streaming grace (XX: only a pending one; LT: never
+                    # later than it was).
+                    pipe.zadd(pending_key(tenant), dict.fromkeys(units, now), xx=True, lt=True)
                 await pipe.execute()
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StorageUnavailable(f"Redis did not take the reported units: {exc}") from None
@@ -187,11 +192,13 @@ class RedisUsageStore:
     async def overdue(self, before: float, limit: int = 1000) -> list[Admission]:
         try:
             tenants = [raw.decode() for raw in await self._client.smembers(PENDING_TENANTS_KEY)]
-            # Two round trips for any number of tenants: reconciliation must keep up with
-            # every admission authz makes.
+            # Each tenant's share of `limit` (at least 100), so that the work of a call is
+            # bounded however many tenants wait, and two round trips whatever their number:
+            # reconciliation must keep up with every admission authz makes.
+            share = max(100, limit // max(1, len(tenants)))
             async with self._client.pipeline(transaction=False) as pipe:
                 for tenant in tenants:
-                    pipe.zrangebyscore(pending_key(tenant), "-inf", f"({before}", start=0, num=limit)
+                    pipe.zrangebyscore(pending_key(tenant), "-inf", f"({before}", start=0, num=share)
                     pipe.zcard(pending_key(tenant))
                 replies = await pipe.execute()
             due: list[tuple[str, list[bytes]]] = []
@@ -201,10 +208,21 @@ class RedisUsageStore:
                 elif ids:
                     due.append((tenant, ids))
             found = await self._pending_admissions(due)
+            await self._drop_orphans(due, found)
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StorageUnavailable(f"Redis did not answer: {exc}") from None
         overdue = [with_reported_units(admission, units) for admission, units in found.values()]
-        return sorted(overdue, key=lambda admission: admission.time)[:limit]
+        return sorted(overdue, key=lambda admission: admission.time)
+
+    async def _drop_orphans(self, due: list[tuple[str, list[bytes]]], found: PendingAdmissions) -> None:
+        """Pending ids whose admission is gone (settled since the read): out of the pending
+        set, so that they never take up a tenant's share again."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for tenant, ids in due:
+                orphans = [raw for raw in ids if (tenant, raw.decode()) not in found]
+                if orphans:
+                    pipe.zrem(pending_key(tenant), *orphans)
+            await pipe.execute()
 
     async def _forget_pending_tenant(self, tenant: str) -> None:
         await self._client.srem(PENDING_TENANTS_KEY, tenant)

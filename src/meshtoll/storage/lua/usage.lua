@@ -8,7 +8,8 @@
 -- the caller drops them and calls again.
 --
 -- KEYS[1]  the tenant's admissions hash (request id -> what authz admitted), awaiting a record
--- KEYS[2]  the tenant's pending admissions, a sorted set of request ids by admission time
+-- KEYS[2]  the tenant's pending admissions, a sorted set of request ids by when they are due
+--          for reconciliation (Admission.due)
 -- KEYS[3]  the tenant's ledger stream: one entry per batch, field `records`, a JSON array
 -- KEYS[4]  the set of request ids counted this week (the caller's clock), where new ids go
 -- KEYS[5]  the set of those counted last week: with KEYS[4], a request counted in the last
