@@ -13,6 +13,7 @@ import pytest
 
 from meshtoll.processes import Child, free_ports, http_ok
 from tests.client import fetch
+from tests.serve import running_serve
 
 pytestmark = pytest.mark.integration
 
@@ -56,3 +57,15 @@ def test_the_http_authz_port_refuses_at_once_while_the_policy_loads(tmp_path: Pa
         assert allowed.status == 200
     finally:
         child.stop()
+
+
+def test_decision_ports_open_beyond_loopback_without_client_certificates_are_warned_about(
+    tmp_path: Path,
+) -> None:
+    # Bound to every address (as in a pod), no traffic sent: the warning is in the log.
+    for name in ("open", "local"):
+        (tmp_path / name).mkdir()
+    with running_serve(tmp_path / "open", host="0.0.0.0") as serving:
+        assert "decision ports listen on 0.0.0.0 without client certificates" in serving.child.log_tail()
+    with running_serve(tmp_path / "local") as serving:
+        assert "without client certificates" not in serving.child.log_tail()

@@ -8,7 +8,8 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Coroutine
+from collections import Counter
+from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any
 
@@ -20,6 +21,7 @@ from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshtoll.admin import AdminHandler
+from meshtoll.admin_access import is_loopback
 from meshtoll.authz.authorizer import Authorizer
 from meshtoll.authz.grpc_transport import AuthorizationServicer
 from meshtoll.authz.http_transport import HttpAuthzHandler
@@ -71,6 +73,7 @@ class App:
         self._store: CounterStore | None = None
         self._usage: UsageStore | None = None
         self._authorizers: list[Authorizer] = []
+        self.restarts: Counter[str] = Counter()  # background work started again, by name
 
     async def start(self) -> None:
         settings = self.settings
@@ -96,7 +99,10 @@ class App:
         configs = None
         if settings.ratelimit_config is not None:
             configs = await asyncio.to_thread(DescriptorConfigHolder, settings.ratelimit_config)
-            self._background(watch_descriptor_configs(configs, settings.policy_poll_seconds))
+            self._background(
+                "rate-limit config watcher",
+                lambda: watch_descriptor_configs(configs, settings.policy_poll_seconds),
+            )
             self.admin.metrics.count_rejected_ratelimit_configs(configs)
         self._store = store = open_counter_store(settings.redis_url, timeout_ms=settings.redis_timeout_ms)
         limiter = Limiter(
@@ -106,18 +112,18 @@ class App:
         )
         jwks = JwksCache()
         holder.on_change(jwks.policy_changed)
-        self._background(watch_policy(holder, settings.policy_poll_seconds))
-        self._background(jwks.refresh_forever(lambda: holder.current))
+        self._background("policy watcher", lambda: watch_policy(holder, settings.policy_poll_seconds))
+        self._background("JWKS refresher", lambda: jwks.refresh_forever(lambda: holder.current))
         self._usage = usage = open_usage_store(
             settings.redis_url, ledger_retention_seconds=settings.ledger_retention_days * 86400
         )
         recorder = AdmissionRecorder(usage)
-        self._background(recorder.flush_forever())
+        self._background("admission recorder", recorder.flush_forever)
         reconciler = Reconciler(usage, settings.reconcile_grace_seconds, time.time)
-        self._background(reconciler.run_forever())
+        self._background("reconciler", reconciler.run_forever)
         settlement = Settlement(usage, clock=time.time)
-        self._background(settlement.retry_forever())
-        self._count_metering(reconciler, settlement)
+        self._background("meter settlement", settlement.retry_forever)
+        self._count_metering(reconciler, settlement, recorder)
         authorizer_for = partial(
             Authorizer, holder, jwks, counts=self.decisions, limiter=limiter, recorder=recorder
         )
@@ -145,7 +151,7 @@ class App:
         )
         self._grpc = await self._start_grpc(authz, ratelimit, meter, hooks, tls)
         if settings.redis_url is not None:
-            self._background(self._probe_redis(store))
+            self._background("Redis probe", lambda: self._probe_redis(store))
         self.admin.store = store
         self.admin.usage = self._usage
         self.admin.policy = holder
@@ -166,13 +172,34 @@ class App:
             "plain text" if tls is None else "mutual TLS" if tls.mutual else "TLS",
             "bearer token" if self.admin.access.needs_token else "loopback clients only",
         )
+        if not is_loopback(settings.host) and (tls is None or not tls.mutual):
+            # Not an error: in Kubernetes a NetworkPolicy or the mesh's mTLS may be the guard.
+            log.warning(
+                "the decision ports listen on %s without client certificates: whatever reaches "
+                "them can settle access-log entries, report ext_proc units, spend tenants' limits "
+                "through the RLS and make admissions for keys it holds; let only the gateway reach "
+                "them (NetworkPolicy, mesh mTLS) or set --tls-client-ca",
+                settings.host,
+            )
 
-    def _count_metering(self, reconciler: Reconciler, settlement: Settlement) -> None:
+    def _count_metering(
+        self, reconciler: Reconciler, settlement: Settlement, recorder: AdmissionRecorder
+    ) -> None:
         metrics = self.admin.metrics
+        metrics.count_outcomes(
+            "meshtoll_background_restarts",
+            "background work (watchers, the meter's flushes, reconciliation) started again after a failure",
+            self.restarts,
+        )
+        metrics.gauge(
+            "meshtoll_admissions_dropped",
+            "admissions and unit reports lost because a million were already waiting for the store",
+            lambda: recorder.dropped,
+        )
         metrics.count_outcomes(
             "meshtoll_meter_records",
             "access-log entries by outcome: billed, unmatched (no admission: never billed), "
-            "replayed, waited, overflow, unavailable",
+            "anonymous (no tenant), replayed, waited, overflow, unavailable",
             settlement.outcomes,
         )
         metrics.gauge(
@@ -186,8 +213,8 @@ class App:
             lambda: reconciler.backlog,
         )
 
-    def _background(self, work: Coroutine[Any, Any, None]) -> None:
-        self._tasks.append(asyncio.create_task(work))
+    def _background(self, name: str, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._tasks.append(asyncio.create_task(keep_running(name, work, self.restarts)))
 
     async def _start_grpc(
         self,
@@ -248,6 +275,27 @@ class App:
             await self._store.close()
         if self._usage is not None:
             await self._usage.close()
+
+
+BACKGROUND_RESTART_SECONDS = 1.0
+
+
+async def keep_running(
+    name: str, work: Callable[[], Coroutine[Any, Any, None]], restarts: Counter[str]
+) -> None:
+    """Run background work (a watcher, the meter's flushes, reconciliation) until it returns
+    or is cancelled. An unexpected exception is logged, counted and the work started again a
+    second later: billing and reloading must never stop silently while /readyz says ready."""
+    while True:
+        try:
+            await work()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            restarts[name] += 1
+            log.exception("%s failed; starting it again in %.0f s", name, BACKGROUND_RESTART_SECONDS)
+            await asyncio.sleep(BACKGROUND_RESTART_SECONDS)
 
 
 async def run(settings: Settings, listeners: Listeners | None = None) -> None:

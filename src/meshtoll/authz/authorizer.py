@@ -8,6 +8,7 @@ limiter has to ask the store: the common no-limit path never pays for a coroutin
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
@@ -25,6 +26,8 @@ from meshtoll.telemetry.metrics import DecisionCounts
 if TYPE_CHECKING:
     from meshtoll.meter.reconcile import AdmissionRecorder
     from meshtoll.ratelimit.limiter import Limiter
+
+log = logging.getLogger("meshtoll.authz")
 
 SHUTTING_DOWN = Deny(503, "shutting_down", "this meshtoll process is stopping; retry")
 LIMITS_UNAVAILABLE = Deny(
@@ -55,6 +58,7 @@ class Authorizer:
         self._clock = clock
         self._limits = PolicyLimits(policy.current)
         self._admitting = True
+        self._warned_no_request_id = False
 
     def stop_admitting(self) -> None:
         """From now on refuse every request (503): a process that is stopping must not admit
@@ -99,8 +103,18 @@ class Authorizer:
             self._counts[(self._transport, verdict.code)] += 1
             return verdict
         self._counts[(self._transport, "allow")] += 1
-        if self._recorder is not None and request.request_id:
-            self._recorder.admit(self._admission(request, verdict))
+        if self._recorder is not None:
+            if request.request_id:
+                self._recorder.admit(self._admission(request, verdict))
+            elif not self._warned_no_request_id:
+                # Nothing can settle or bill an admission without an id: the gateway must
+                # send x-request-id (allowed_headers / includeRequestHeadersInCheck).
+                self._warned_no_request_id = True
+                log.warning(
+                    "%s authz admitted a request without x-request-id: it cannot be billed; "
+                    "make the gateway send x-request-id to meshtoll",
+                    self._transport,
+                )
         return verdict
 
     def _admission(self, request: CheckRequest, allow: Allow) -> Admission:

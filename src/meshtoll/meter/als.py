@@ -19,7 +19,6 @@ from meshtoll.meter.settle import Settlement
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     def __init__(self, settlement: Settlement) -> None:
         self._settlement = settlement
-        self.anonymous = 0  # entries of requests no tenant was established for: not metered
 
     async def StreamAccessLogs(
         self, requests: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
@@ -27,7 +26,8 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         async for message in requests:
             entries = message.http_logs.log_entry
             observations = [seen for entry in entries if (seen := observation_from_envoy(entry)) is not None]
-            self.anonymous += len(entries) - len(observations)
+            # Requests no tenant was established for (authz refused them): not metered.
+            self._settlement.outcomes["anonymous"] += len(entries) - len(observations)
             if observations:
                 await self._settlement.settle(observations)
         return als_pb2.StreamAccessLogsResponse()

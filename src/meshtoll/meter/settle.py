@@ -47,7 +47,8 @@ class Settlement:
         self._max_waiting = max_waiting
         self._waiting: deque[tuple[float, Observation]] = deque()  # (give up at, entry)
         # billed, replayed (settled before), unmatched (no admission in time), waited,
-        # overflow (dropped unseen: too many waiting), unavailable (the store did not answer)
+        # overflow (dropped unseen: too many waiting), unavailable (the store did not answer),
+        # anonymous (no tenant: a request authz refused; counted by the access-log adapter)
         self.outcomes: Counter[str] = Counter()
 
     @property
