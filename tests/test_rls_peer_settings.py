@@ -77,6 +77,7 @@ def test_redis_variables_become_one_url(environment: dict[str, str], url: str) -
         {**TCP, "BACKEND_TYPE": "memcache"},
         {**TCP, "REDIS_PERSECOND": "true"},
         {**TCP, "GRPC_PORT": "eighty"},
+        {**TCP, "CONFIG_TYPE": "GRPC_XDS_SOTW"},
     ],
 )
 def test_what_meshtoll_cannot_do_is_refused_not_ignored(environment: dict[str, str]) -> None:

@@ -2,8 +2,9 @@
 environment variables, so that a Deployment written for it runs by changing the image.
 
 Variables with a meaning here are read with the peer's defaults; BACKEND_TYPE other than
-redis, and Redis per-second instances, are refused rather than silently ignored. The rest
-of the peer's variables (statsd, tracing, xDS, memcache...) are ignored.
+redis, Redis per-second instances and configuration over xDS (CONFIG_TYPE other than FILE)
+are refused rather than silently ignored. The rest of the peer's variables (statsd,
+tracing, memcache settings...) are ignored.
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ def rls_settings_from(environ: Mapping[str, str] = os.environ) -> RlsSettings:
         raise ConfigError(f"BACKEND_TYPE={backend!r}: meshtoll counts in Redis only")
     if read("REDIS_PERSECOND", "false", _boolean):
         raise ConfigError("REDIS_PERSECOND=true: a separate per-second Redis is not supported")
+    # A Deployment that gets its limits over xDS would otherwise run on whatever files it has.
+    config_type = str(read("CONFIG_TYPE", "FILE")).upper()
+    if config_type != "FILE":
+        raise ConfigError(f"CONFIG_TYPE={config_type!r}: meshtoll reads its limits from files only (FILE)")
     root = Path(str(read("RUNTIME_ROOT", "/srv/runtime_data/current")))
     directory = root / str(read("RUNTIME_SUBDIRECTORY", "")) / str(read("RUNTIME_APPDIRECTORY", "config"))
     return RlsSettings(
