@@ -16,9 +16,13 @@ def python(code: str, tmp_path: Path) -> Child:
     return Child("toy", [sys.executable, "-c", code], tmp_path / "toy.log")
 
 
-def test_free_ports_are_distinct() -> None:
+def test_free_ports_are_distinct_and_below_the_ephemeral_range() -> None:
+    # An outgoing connection takes its port from the ephemeral range: a listener chosen
+    # there could lose its port to one before it binds (it did, once, to a Redis client).
     ports = free_ports(20)
     assert len(set(ports)) == 20
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert all(1024 <= port < low for port in ports)
 
 
 def test_a_child_that_exits_before_ready_fails_with_its_last_output(tmp_path: Path) -> None:

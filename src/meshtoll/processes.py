@@ -9,6 +9,7 @@ cannot block on a full pipe; the log's tail explains a child that failed to star
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,13 +28,33 @@ _POLL_SECONDS = 0.05
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct loopback ports that were free a moment ago."""
+    """`count` distinct loopback ports that were free a moment ago, below the kernel's range
+    of ephemeral ports: a port bind(0) picks there can be taken by any outgoing connection
+    (meshtoll's to Redis, say) before the process meant to listen on it binds it."""
+    low, _ = _ephemeral_range()
+    candidates = list(range(max(1024, low - 12_000), low))
+    random.shuffle(candidates)
+    found: list[int] = []
     with ExitStack() as held:
         # Holding every socket open until all are bound keeps the ports distinct.
-        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
+        for port in candidates:
+            sock = held.enter_context(socket.socket())
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            found.append(port)
+            if len(found) == count:
+                return found
+    raise ProcessStartError(f"no {count} free loopback ports below {low}")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def tcp_accepts(port: int) -> Probe:
