@@ -8,14 +8,14 @@ from collections import Counter
 
 import pytest
 
-from meshtoll import app
-from meshtoll.app import keep_running
+from meshtoll import lifecycle
+from meshtoll.lifecycle import keep_running
 
 
 async def test_failed_background_work_is_logged_counted_and_started_again(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(app, "BACKGROUND_RESTART_SECONDS", 0.01)
+    monkeypatch.setattr(lifecycle, "BACKGROUND_RESTART_SECONDS", 0.01)
     runs: list[int] = []
 
     async def work() -> None:

@@ -4,7 +4,6 @@ from Settings, and runs them until told to stop."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
@@ -29,6 +28,7 @@ from meshtoll.authz.jwks import JwksCache
 from meshtoll.extproc.service import ExternalProcessorServicer
 from meshtoll.httplistener import HttpListener
 from meshtoll.httpserver import StartingHandler, serve_http
+from meshtoll.lifecycle import keep_running, stop_serving
 from meshtoll.listeners import UDS_GRPC, Listeners, bind_listeners, port_limits
 from meshtoll.meter.als import AccessLogServicer
 from meshtoll.meter.reconcile import AdmissionRecorder, Reconciler
@@ -48,9 +48,6 @@ from meshtoll.telemetry.metrics import DecisionCounts
 
 log = logging.getLogger("meshtoll")
 
-# Unary calls (authz, RLS) finish within Envoy's 0.25-0.5 s timeouts; the access-log stream
-# never ends by itself, so a longer grace would only delay every shutdown by all of it.
-GRPC_STOP_GRACE_SECONDS = 1.0
 REDIS_PROBE_SECONDS = 2.0
 SERVICES = (
     "envoy.service.auth.v3.Authorization",
@@ -261,41 +258,11 @@ class App:
         # admissions among it) finish: every admitted request reaches the store.
         for authorizer in self._authorizers:
             authorizer.stop_admitting()
-        if self._grpc is not None:
-            await self._grpc.stop(GRPC_STOP_GRACE_SECONDS)
-        for server in self._servers:
-            server.close()
-            await server.wait_closed()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_serving(self._grpc, self._servers, self._tasks)
         if self._store is not None:
             await self._store.close()
         if self._usage is not None:
             await self._usage.close()
-
-
-BACKGROUND_RESTART_SECONDS = 1.0
-
-
-async def keep_running(
-    name: str, work: Callable[[], Coroutine[Any, Any, None]], restarts: Counter[str]
-) -> None:
-    """Run background work (a watcher, the meter's flushes, reconciliation) until it returns
-    or is cancelled. An unexpected exception is logged, counted and the work started again a
-    second later: billing and reloading must never stop silently while /readyz says ready."""
-    while True:
-        try:
-            await work()
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            restarts[name] += 1
-            log.exception("%s failed; starting it again in %.0f s", name, BACKGROUND_RESTART_SECONDS)
-            await asyncio.sleep(BACKGROUND_RESTART_SECONDS)
 
 
 async def run(settings: Settings, listeners: Listeners | None = None) -> None:

@@ -14,14 +14,14 @@ a pod that cannot answer correctly should not pass its readiness probe.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import signal
 import socket
-from collections.abc import Awaitable, Coroutine
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshtoll.errors import ConfigError
 from meshtoll.httpserver import response, serve_http, serve_http_reading_bodies
+from meshtoll.lifecycle import Listener, keep_running, stop_serving
 from meshtoll.ratelimit.descriptor_config import (
     DescriptorConfigHolder,
     DescriptorConfigs,
@@ -50,16 +51,9 @@ log = logging.getLogger("meshtoll.ratelimit")
 HEALTH_SERVICES = ("", "ratelimit", "envoy.service.ratelimit.v3.RateLimitService")
 REDIS_PROBE_SECONDS = 1.0
 CONFIG_POLL_SECONDS = 1.0
-GRPC_STOP_GRACE_SECONDS = 1.0
 _OK = response(200, "OK", (("content-type", "text/plain"),), b"OK")
 _FAILING = response(500, "Internal Server Error", (("content-type", "text/plain"),), b"")
 _NOT_FOUND = response(404, "Not Found", (("content-type", "text/plain"),), b"404 page not found\n")
-
-
-class _Listener(Protocol):
-    def close(self) -> None: ...
-
-    def wait_closed(self) -> Awaitable[None]: ...
 
 
 class Health:
@@ -86,8 +80,9 @@ class RlsApp:
     def __init__(self, settings: RlsSettings) -> None:
         self.settings = settings
         self._grpc: grpc.aio.Server | None = None
-        self._listeners: list[_Listener] = []
+        self._listeners: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self.restarts: Counter[str] = Counter()  # background work started again, by name
         self._store: CounterStore | None = None
         self.health: Health | None = None
         self.configs: DescriptorConfigHolder | None = None
@@ -105,7 +100,9 @@ class RlsApp:
                 ignore_dot_files=settings.ignore_dot_files,
             )
         )
-        self._background(watch_descriptor_configs(configs, CONFIG_POLL_SECONDS))
+        self._background(
+            "rate-limit config watcher", lambda: watch_descriptor_configs(configs, CONFIG_POLL_SECONDS)
+        )
         self._store = store = open_counter_store(settings.redis_url, timeout_ms=settings.redis_timeout_ms)
         # "closed": a store that cannot answer is a gRPC error, as the peer's Redis errors are.
         limiter = Limiter(store, failure_mode="closed", shadow=settings.shadow_mode)
@@ -130,7 +127,7 @@ class RlsApp:
         self.health = Health(servicer, components)
         self._grpc = await self._start_grpc(service, servicer)
         await self.health.set("redis", await store.ping())
-        self._background(self._probe_redis(store))
+        self._background("Redis probe", lambda: self._probe_redis(store))
         self._listeners.append(
             await serve_http_reading_bodies(self._http, _listening(settings.host, settings.port))
         )
@@ -207,8 +204,8 @@ class RlsApp:
                 log.warning("Redis %s", "reachable again" if reachable else "unreachable: health NOT_SERVING")
                 await self.health.set("redis", reachable)
 
-    def _background(self, work: Coroutine[Any, Any, None]) -> None:
-        self._tasks.append(asyncio.create_task(work))
+    def _background(self, name: str, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._tasks.append(asyncio.create_task(keep_running(name, work, self.restarts)))
 
     async def draining(self) -> None:
         """SIGTERM: fail health first, so that load balancers stop sending."""
@@ -216,16 +213,7 @@ class RlsApp:
             await self.health.set("sigterm", False)
 
     async def stop(self) -> None:
-        if self._grpc is not None:
-            await self._grpc.stop(GRPC_STOP_GRACE_SECONDS)
-        for listener in self._listeners:
-            listener.close()
-            await listener.wait_closed()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_serving(self._grpc, self._listeners, self._tasks)
         if self._store is not None:
             await self._store.close()
 

@@ -1,0 +1,63 @@
+"""What every meshtoll server process (`meshtoll serve`, `meshtoll ratelimit`) does around
+its servers: background work that never stops silently, and an orderly stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Protocol
+
+import grpc
+
+log = logging.getLogger("meshtoll")
+
+# Unary calls (authz, RLS) finish within Envoy's 0.25-0.5 s timeouts; the access-log stream
+# never ends by itself, so a longer grace would only delay every shutdown by all of it.
+GRPC_STOP_GRACE_SECONDS = 1.0
+BACKGROUND_RESTART_SECONDS = 1.0
+
+
+class Listener(Protocol):
+    def close(self) -> None: ...
+
+    def wait_closed(self) -> Awaitable[None]: ...
+
+
+async def keep_running(
+    name: str, work: Callable[[], Coroutine[Any, Any, None]], restarts: Counter[str]
+) -> None:
+    """Run background work (a watcher, the meter's flushes, reconciliation) until it returns
+    or is cancelled. An unexpected exception is logged, counted and the work started again a
+    second later: billing and reloading must never stop silently while /readyz says ready."""
+    while True:
+        try:
+            await work()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            restarts[name] += 1
+            log.exception("%s failed; starting it again in %.0f s", name, BACKGROUND_RESTART_SECONDS)
+            await asyncio.sleep(BACKGROUND_RESTART_SECONDS)
+
+
+async def stop_serving(
+    grpc_server: grpc.aio.Server | None,
+    listeners: Sequence[Listener],
+    tasks: Sequence[asyncio.Task[None]],
+) -> None:
+    """Stop serving, letting calls in flight finish, then end the background work (whose
+    own clean-up, a last flush among it, runs as it is cancelled)."""
+    if grpc_server is not None:
+        await grpc_server.stop(GRPC_STOP_GRACE_SECONDS)
+    for listener in listeners:
+        listener.close()
+        await listener.wait_closed()
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
