@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
 
 from meshtoll.devstack import find_envoy
 from meshtoll.processes import Child, free_ports, http_ok, tcp_accepts
@@ -101,12 +101,10 @@ static_resources:
 """
 
 
-Measured = TypeVar("Measured")
-
-
-def run_rls_alone(redis_url: str, measure: Callable[[str, int], Measured]) -> Measured:
-    """Start `meshtoll ratelimit` and an Envoy in front of it; `measure(url, pid)` drives
-    the listener at `url` and reads meshtoll's CPU by `pid`."""
+@contextmanager
+def rls_alone(redis_url: str) -> Iterator[tuple[str, dict[str, int]]]:
+    """Start `meshtoll ratelimit` and an Envoy in front of it; yields the URL to drive and
+    the pids of "meshtoll" and "envoy" (which is its own upstream here)."""
     with tempfile.TemporaryDirectory(prefix="meshtoll-rls-bench-") as directory:
         work = Path(directory)
         (work / "ratelimit" / "config").mkdir(parents=True)
@@ -149,7 +147,7 @@ def run_rls_alone(redis_url: str, measure: Callable[[str, int], Measured]) -> Me
                 work / "envoy.log",
             )
             envoy.wait_ready(tcp_accepts(listen), timeout=30)
-            return measure(f"http://127.0.0.1:{listen}/items", rls.pid)
+            yield f"http://127.0.0.1:{listen}/items", {"meshtoll": rls.pid, "envoy": envoy.pid}
         finally:
             if envoy is not None:
                 envoy.stop()

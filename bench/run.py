@@ -4,13 +4,16 @@ measured in the same run (the machine is shared and noisy, absolute numbers drif
     python bench/run.py [--duration S] [--connections N] [--workers N] [--json FILE] [--only a,c]
 
 Rows: (a) Envoy alone, direct response; (b) Envoy + a zero-cost HTTP authz stub (a second
-Envoy answering 200: the limit of any one-hop design); (c) meshtoll HTTP authz and (d)
-meshtoll gRPC authz, API keys against a policy of 10,000 tenants; (e) gRPC authz +
-Envoy's ratelimit filter calling meshtoll's RLS; (f) the fused HTTP authz with a
-per-second limit and a daily quota on Redis; (g) (c) + the meter, every request
-admitted and metered; (h) the full chain: fused HTTP authz with limits + the meter; (i) Envoy's
-ratelimit filter as the only call to meshtoll, run as `meshtoll ratelimit` (the RLS alone). Each
-row runs wrk with one thread against Envoy with one worker.
+Envoy answering 200); (b2) the same listener with nginx answering `return 200;` as the authz
+server (the nearest measurable limit of any one-hop design; needs nginx installed); (c)
+meshtoll HTTP authz and (d) meshtoll gRPC authz, API keys against a policy of 10,000
+tenants; (c100k) row (c) against 100,000 tenants; (e) gRPC authz + Envoy's ratelimit filter
+calling meshtoll's RLS; (f) the fused HTTP authz with a per-second limit and a daily quota
+on Redis; (g) (c) + the meter, every request admitted and metered; (h) the full chain: fused
+HTTP authz with limits + the meter; (i) Envoy's ratelimit filter as the only call to
+meshtoll, run as `meshtoll ratelimit` (the RLS alone). Each row runs wrk with one thread
+against Envoy with one worker, and reports the µs of CPU per request that Envoy, the authz
+server, Redis, the upstream, wrk and everything else spent (bench/cpu.py).
 """
 
 from __future__ import annotations
@@ -21,40 +24,58 @@ import json
 import os
 import platform
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
-from rls_alone import run_rls_alone
+from cpu import CpuSample, cpu_share
+from nginx_authz import NGINX_INSTALL_HINT, find_nginx, nginx_allow_all
+from rls_alone import rls_alone
 
 from meshtoll.devstack import LocalStack, RedisServer, StackConfig, find_envoy
 
-TENANTS = 10_000
-BENCH_KEY = "bench-key-4242"  # tenant t4242's key: any tenant would do
+BENCH_KEY = "bench-key-4242"  # tenant t4242's key, in both policies: any tenant would do
 LIMITED_KEY = "bench-limited-key"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
 class Row:
     name: str
     setup: str
-    listener: str
+    listener: str  # an EnvoyPorts field of the row's environment's Envoy
     path: str = "/v1/items"
     key: str | None = BENCH_KEY
-    meshtoll: bool = True  # whether meshtoll's CPU time belongs to this row
+    authz: str | None = "meshtoll"  # the process answering authz calls, for its CPU column
+    environment: str = "stack"  # see open_environments
     headers: tuple[str, ...] = ()  # more request headers, "name: value"
 
 
 ROWS = [
-    Row("a", "Envoy alone (direct response)", "listen_direct_port", key=None, meshtoll=False),
-    Row("b", "Envoy + zero-cost HTTP authz stub", "listen_stub_authz_port", meshtoll=False),
+    Row("a", "Envoy alone (direct response)", "listen_direct_port", key=None, authz=None),
+    Row(
+        "b", "Envoy + zero-cost HTTP authz stub (second Envoy)", "listen_stub_authz_port", authz="authz-stub"
+    ),
+    # (b)'s listener, with its authz cluster pointed at nginx instead of the second Envoy.
+    Row(
+        "b2",
+        "Envoy + HTTP authz to nginx `return 200;`",
+        "listen_stub_authz_port",
+        authz="nginx",
+        environment="nginx",
+    ),
     Row("c", "meshtoll HTTP authz (API key, 10k tenants)", "listen_http_authz_port"),
+    Row(
+        "c100k",
+        "meshtoll HTTP authz (API key, 100k tenants)",
+        "listen_http_authz_port",
+        environment="tenants100k",
+    ),
     Row("d", "meshtoll gRPC authz (API key, 10k tenants)", "listen_grpc_authz_port"),
     Row("e", "meshtoll gRPC authz + RLS filter (Redis)", "listen_rls_port", "/rls/items", LIMITED_KEY),
     Row(
@@ -69,15 +90,24 @@ ROWS = [
     Row("g", "meshtoll HTTP authz + meter, every request metered (Redis)", "listen_full_port"),
     Row("h", "full chain: fused HTTP authz with limits + meter (Redis)", "listen_full_port", key=LIMITED_KEY),
     # Its own Envoy and `meshtoll ratelimit` (bench/rls_alone.py), not the stack's.
-    Row("i", "Envoy ratelimit filter -> meshtoll ratelimit alone (strict, Redis)", "", key=BENCH_KEY),
+    Row(
+        "i",
+        "Envoy ratelimit filter -> meshtoll ratelimit alone (strict, Redis)",
+        "",
+        environment="rls_alone",
+    ),
 ]
-TARGETS: dict[str, tuple[str, float]] = {
-    "c": ("b", 0.80),
-    "d": ("b", 0.40),
-    "e": ("b", 0.30),
-    "f": ("b", 0.70),
-    "g": ("c", 0.75),
-}
+# (row, baseline, the least share of the baseline's requests/s the row should reach)
+TARGETS = [
+    ("c", "b", 0.80),
+    ("c", "b2", 0.85),
+    ("c100k", "c", 0.90),
+    ("d", "b", 0.40),
+    ("e", "b", 0.30),
+    ("f", "b", 0.70),
+    ("g", "c", 0.75),
+]
+CPU_COLUMNS = ("envoy", "authz", "redis", "upstream", "wrk", "other")
 
 
 @dataclass
@@ -89,10 +119,21 @@ class Measurement:
     p99_ms: float
     non_2xx: int
     requests: int
-    meshtoll_cpu_us_per_request: float | None
+    # µs per request by process: "envoy", the authz server ("meshtoll", "authz-stub" or
+    # "nginx"), "redis", "upstream", "wrk" and "other" (busy time none of them account for)
+    cpu_us_per_request: dict[str, float]
+    machine_idle_percent: float
 
 
-def write_policy(directory: Path) -> Path:
+@dataclass(frozen=True)
+class Environment:
+    """Running processes that rows are measured against."""
+
+    url: Callable[[Row], str]
+    pids: dict[str, int]  # process name -> pid, for CPU accounting
+
+
+def write_policy(directory: Path, tenants: int) -> Path:
     def sha(key: str) -> str:
         return hashlib.sha256(key.encode()).hexdigest()
 
@@ -104,13 +145,80 @@ def write_policy(directory: Path) -> Path:
         "tenants:",
         f"  limited: {{plan: metered, api_keys: [{{id: limited, sha256: {sha(LIMITED_KEY)}}}]}}",
     ]
-    for index in range(TENANTS):
-        key = BENCH_KEY if index == 4242 else f"bench-key-{index:05d}"
+    for index in range(tenants):
+        key = BENCH_KEY if index == 4242 else f"bench-key-{index:06d}"
         lines.append(f"  t{index}: {{plan: pro, api_keys: [{{id: t{index}, sha256: {sha(key)}}}]}}")
     lines.append("routes: [{prefix: /rls/, name: rls, enforced_in: service}, {prefix: /v1/, name: v1}]")
-    path = directory / "policy.yaml"
+    path = directory / f"policy-{tenants}.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@contextmanager
+def stack_environment(config: StackConfig, more_pids: dict[str, int] | None = None) -> Iterator[Environment]:
+    with LocalStack(config) as stack:
+        pids = {name: child.pid for name, child in stack.children.items()} | (more_pids or {})
+        yield Environment(lambda row: stack.url(row.listener, row.path), pids)
+
+
+@contextmanager
+def nginx_environment(directory: Path, redis_url: str) -> Iterator[Environment]:
+    """A stack without meshtoll whose stub_authz listener calls nginx: envoy/local.yaml
+    already points that listener's authz cluster at `stub_authz_port`, so fixing that port
+    to nginx's gives (b)'s exact Envoy configuration with only the authz server changed."""
+    nginx_dir = directory / "nginx"
+    nginx_dir.mkdir()
+    with nginx_allow_all(nginx_dir) as (port, nginx):
+        stack = StackConfig(redis_url=redis_url, fixed_ports={"stub_authz_port": port})
+        with stack_environment(stack, {"nginx": nginx.pid}) as environment:
+            yield environment
+
+
+@contextmanager
+def rls_alone_environment(redis_url: str) -> Iterator[Environment]:
+    with rls_alone(redis_url) as (url, pids):
+        yield Environment(lambda row: url, pids)
+
+
+@contextmanager
+def open_environments(
+    names: set[str], directory: Path, redis: RedisServer, workers: int
+) -> Iterator[dict[str, Environment]]:
+    """Every environment a wanted row needs, all running at once, so that rows run in table
+    order ((b), (b2), (c) next to each other in time) on a machine whose speed drifts. The
+    idle ones cost little; what they do spend shows in the "other" column."""
+    factories: dict[str, Callable[[], AbstractContextManager[Environment]]] = {
+        "stack": lambda: stack_environment(
+            StackConfig(
+                policy=write_policy(directory, 10_000), redis_url=redis.url, authz_stub=True, workers=workers
+            )
+        ),
+        "nginx": lambda: nginx_environment(directory, redis.url),
+        "tenants100k": lambda: stack_environment(
+            StackConfig(policy=write_policy(directory, 100_000), redis_url=redis.url, workers=workers)
+        ),
+        "rls_alone": lambda: rls_alone_environment(redis.url),
+    }
+    redis_pid = redis_server_pid(redis.port)
+    with ExitStack() as running:
+        environments = {}
+        for name in sorted(names, key=list(factories).index):
+            environment = running.enter_context(factories[name]())
+            environments[name] = Environment(environment.url, environment.pids | {"redis": redis_pid})
+        yield environments
+
+
+def redis_server_pid(port: int) -> int:
+    """redis-server's pid from its own INFO (RedisServer does not expose its process)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(b"INFO server\r\n")
+        reply = b""
+        while (found := re.search(rb"process_id:(\d+)\r\n", reply)) is None:
+            chunk = connection.recv(65536)
+            if not chunk:
+                raise RuntimeError("redis-server's INFO has no process_id")
+            reply += chunk
+    return int(found.group(1))
 
 
 def wrk(url: str, headers: list[str], seconds: float, connections: int) -> dict[str, float]:
@@ -144,37 +252,18 @@ def _latencies(output: str) -> dict[str, float]:
     }
 
 
-def process_tree_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and all its live descendants (meshtoll's workers)."""
-    total = 0.0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-        pending += [int(child) for child in children]
-    return total
-
-
-def measure(stack: LocalStack, row: Row, seconds: float, connections: int) -> Measurement:
-    url = stack.url(row.listener, row.path)
-    return measure_at(url, stack.children["meshtoll"].pid, row=row, seconds=seconds, connections=connections)
-
-
-def measure_at(url: str, meshtoll_pid: int, *, row: Row, seconds: float, connections: int) -> Measurement:
+def measure(environment: Environment, row: Row, seconds: float, connections: int) -> Measurement:
+    url = environment.url(row)
     headers = [*row.headers, *([f"x-api-key: {row.key}"] if row.key is not None else [])]
     wrk(url, headers, min(2.0, seconds), connections)  # warm-up: connections and caches
-    cpu_before = process_tree_cpu_seconds(meshtoll_pid)
+    components = ("envoy", row.authz, "redis", "upstream")
+    pids = {name: environment.pids[name] for name in components if name in environment.pids}
+    before = CpuSample.take(pids)
     result = wrk(url, headers, seconds, connections)
-    cpu = process_tree_cpu_seconds(meshtoll_pid) - cpu_before
-    per_request = cpu / result["requests"] * 1e6 if row.meshtoll and result["requests"] else None
+    share = cpu_share(before, CpuSample.take(pids), int(result["requests"]))
     return Measurement(
         row.name, row.setup, result["rps"], result["p50"], result["p99"], int(result["non_2xx"]),
-        int(result["requests"]), per_request,
+        int(result["requests"]), share.us_per_request, share.idle_percent,
     )  # fmt: skip
 
 
@@ -185,22 +274,42 @@ def table(measurements: list[Measurement]) -> str:
         return f"{m.requests_per_second / by_name[base].requests_per_second:.0%}" if base in by_name else "-"
 
     lines = [
-        "| row | setup | requests/s | p50 ms | p99 ms | non-2xx | meshtoll µs CPU/req | vs (a) | vs (b) |",
+        "| row | setup | requests/s | p50 ms | p99 ms | non-2xx | vs (a) | vs (b) | vs (b2) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in measurements:
-        cpu = "-" if m.meshtoll_cpu_us_per_request is None else f"{m.meshtoll_cpu_us_per_request:.0f}"
         lines.append(
             f"| ({m.row}) | {m.setup} | {m.requests_per_second:,.0f} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | "
-            f"{m.non_2xx} | {cpu} | {ratio(m, 'a')} | {ratio(m, 'b')} |"
+            f"{m.non_2xx} | {ratio(m, 'a')} | {ratio(m, 'b')} | {ratio(m, 'b2')} |"
         )
-    lines.append("")
-    for name, (base, target) in TARGETS.items():
+    lines += ["", *cpu_table(measurements), ""]
+    for name, base, target in TARGETS:
         if name in by_name and base in by_name:
             achieved = by_name[name].requests_per_second / by_name[base].requests_per_second
             verdict = "met" if achieved >= target else "missed"
             lines.append(f"- target ({name}) >= {target:.0%} of ({base}): {achieved:.0%}, {verdict}")
     return "\n".join(lines)
+
+
+def cpu_table(measurements: list[Measurement]) -> list[str]:
+    """µs of CPU per request by process; "total" is the machine's busy time per request."""
+    lines = [
+        "| row | Envoy | authz server | Redis | upstream | wrk | other | total | machine idle |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in measurements:
+        row = next(row for row in ROWS if row.name == m.row)
+        spent = dict(m.cpu_us_per_request)
+        if row.authz is not None:
+            spent["authz"] = spent.pop(row.authz)
+        cells = [f"{spent[name]:,.0f}" if name in spent else "-" for name in CPU_COLUMNS]
+        authz = f"{cells[1]} ({row.authz})" if row.authz is not None else "-"
+        total = sum(m.cpu_us_per_request.values())
+        lines.append(
+            f"| ({m.row}) | {cells[0]} | {authz} | {' | '.join(cells[2:])} | {total:,.0f} | "
+            f"{m.machine_idle_percent:.0f}% |"
+        )
+    return lines
 
 
 def machine() -> dict[str, object]:
@@ -224,25 +333,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     wanted = set(args.only.split(",")) if args.only else {row.name for row in ROWS}
     progress: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    rows = [row for row in ROWS if row.name in wanted]
+    unknown = wanted - {row.name for row in ROWS}
+    if unknown:
+        parser.error(f"unknown rows: {', '.join(sorted(unknown))}")
+    if any(row.environment == "nginx" for row in rows) and find_nginx() is None:
+        parser.error(NGINX_INSTALL_HINT)
     with tempfile.TemporaryDirectory(prefix="meshtoll-bench-") as directory, RedisServer() as redis:
-        policy = write_policy(Path(directory))
-        config = StackConfig(policy=policy, redis_url=redis.url, authz_stub=True, workers=args.workers)
-        measurements = []
-        stack_rows = [row for row in ROWS if row.name in wanted and row.listener]
-        if stack_rows:
-            with LocalStack(config) as stack:
-                for row in stack_rows:
-                    progress(f"({row.name}) {row.setup} ...")
-                    measurements.append(measure(stack, row, args.duration, args.connections))
-        for row in ROWS:
-            if row.name in wanted and not row.listener:
+        progress(f"starting {', '.join(sorted({row.environment for row in rows}))} ...")
+        with open_environments(
+            {row.environment for row in rows}, Path(directory), redis, args.workers
+        ) as ready:
+            measurements = []
+            for row in rows:
                 progress(f"({row.name}) {row.setup} ...")
-                measurements.append(
-                    run_rls_alone(
-                        redis.url,
-                        partial(measure_at, row=row, seconds=args.duration, connections=args.connections),
-                    )
-                )
+                measurements.append(measure(ready[row.environment], row, args.duration, args.connections))
     report = table(measurements)
     print(report)
     if args.json is not None:
