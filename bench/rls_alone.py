@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from meshtoll.devstack import find_envoy
+from meshtoll.devstack import find_envoy, rls_environment
 from meshtoll.processes import Child, free_ports, http_ok, tcp_accepts
 
 CONFIG = """\
@@ -114,18 +114,7 @@ def rls_alone(redis_url: str) -> Iterator[tuple[str, dict[str, int]]]:
             "meshtoll ratelimit",
             [sys.executable, "-m", "meshtoll", "ratelimit"],
             work / "rls.log",
-            {
-                "RUNTIME_ROOT": str(work),
-                "RUNTIME_SUBDIRECTORY": "ratelimit",
-                "REDIS_SOCKET_TYPE": "tcp",
-                "REDIS_URL": redis_url.removeprefix("redis://"),
-                "HOST": "127.0.0.1",
-                "GRPC_HOST": "127.0.0.1",
-                "DEBUG_HOST": "127.0.0.1",
-                "GRPC_PORT": str(grpc),
-                "PORT": str(port),
-                "DEBUG_PORT": str(debug),
-            },
+            rls_environment(work, redis_url, grpc, port, debug),
         )
         envoy: Child | None = None
         try:

@@ -17,7 +17,14 @@ from typing import Protocol
 
 import pytest
 
-from meshtoll.devstack import LocalStack, RedisServer, StackConfig, find_envoy, find_redis_server
+from meshtoll.devstack import (
+    LocalStack,
+    RedisServer,
+    StackConfig,
+    find_envoy,
+    find_redis_server,
+    rls_environment,
+)
 from meshtoll.processes import Child, free_ports, http_ok
 from meshtoll.storage.usage import MemoryUsageStore, UsageStore
 from meshtoll.storage.usage_redis import RedisUsageStore
@@ -142,16 +149,7 @@ def start_rls(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Itera
         def start(runtime_root: Path, **environment: str) -> RunningRls:
             grpc_port, port, debug_port = free_ports(3)
             env = {
-                "RUNTIME_ROOT": str(runtime_root),
-                "RUNTIME_SUBDIRECTORY": "ratelimit",
-                "REDIS_SOCKET_TYPE": "tcp",
-                "REDIS_URL": redis_url.removeprefix("redis://"),
-                "HOST": "127.0.0.1",
-                "GRPC_HOST": "127.0.0.1",
-                "DEBUG_HOST": "127.0.0.1",
-                "GRPC_PORT": str(grpc_port),
-                "PORT": str(port),
-                "DEBUG_PORT": str(debug_port),
+                **rls_environment(runtime_root, redis_url, grpc_port, port, debug_port),
                 "LOG_LEVEL": "info",
                 **environment,
             }

@@ -3,7 +3,6 @@ listeners that need no meshtoll answer as the benchmark expects."""
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import fields
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from meshtoll.envoy_config import EnvoyPorts, MtlsFiles, StubPorts, render_authz
 from tests.certs import TestPki
 from tests.client import fetch
 from tests.conftest import StartStack
+from tests.envoy_validate import assert_envoy_accepts
 
 PORTS = EnvoyPorts(*range(20000, 20000 + len(fields(EnvoyPorts))))
 MTLS_LISTENERS = {"mtls_grpc_authz", "mtls_http_authz"}
@@ -73,14 +73,7 @@ def test_every_bootstrap_variant_passes_envoy_validation(
 ) -> None:
     config = tmp_path / f"{variant}.yaml"
     config.write_text(variants(pki)[variant])
-    result = subprocess.run(
-        [str(envoy_binary), "--mode", "validate", "-c", str(config), "--log-level", "warn"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_envoy_accepts(envoy_binary, config)
 
 
 @pytest.mark.integration

@@ -4,7 +4,6 @@ provider's ext_authz, the EnvoyFilters in priority order, HTTP/2 to the gRPC por
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from meshtoll.devstack import LocalStack
 from meshtoll.processes import Child, free_ports, http_ok
 from tests.client import fetch
 from tests.conftest import StartStack
+from tests.envoy_validate import assert_envoy_accepts
 from tests.istiod_gateway import cluster_name, gateway_bootstrap, provider
 
 pytestmark = pytest.mark.integration
@@ -76,14 +76,7 @@ def gateway(stack: LocalStack, envoy_binary: Path, tmp_path_factory: pytest.Temp
 def test_the_assembled_gateway_passes_envoy_validation(envoy_binary: Path, tmp_path: Path) -> None:
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump(gateway_bootstrap(1, 2, 3, {8081: 4, 8082: 5, 8090: 6})))
-    result = subprocess.run(
-        [str(envoy_binary), "--mode", "validate", "-c", str(config), "--log-level", "warn"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_envoy_accepts(envoy_binary, config)
 
 
 def test_filters_run_authz_then_hooks_then_ratelimit_then_the_router() -> None:

@@ -18,7 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshtoll.devstack import RedisServer
+from meshtoll.devstack import RedisServer, rls_environment
 from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder, watch_descriptor_configs
 from tests.conftest import RunningRls, StartRls
 
@@ -149,13 +149,7 @@ def test_it_will_not_share_a_grpc_port_that_meshtoll_serve_holds(tmp_path: Path)
     with running_serve(tmp_path) as serving:
         environment = {
             **os.environ,
-            "RUNTIME_ROOT": str(tmp_path),
-            "RUNTIME_SUBDIRECTORY": "ratelimit",
-            "REDIS_SOCKET_TYPE": "tcp",
-            "REDIS_URL": "127.0.0.1:1",
-            "GRPC_PORT": str(serving.grpc_port),
-            "PORT": str(port),
-            "DEBUG_PORT": str(debug_port),
+            **rls_environment(tmp_path, "redis://127.0.0.1:1", serving.grpc_port, port, debug_port),
         }
         done = subprocess.run(
             [sys.executable, "-m", "meshtoll", "ratelimit"],

@@ -4,7 +4,6 @@ carries real traffic to it through them, the hooks and the meter included."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from meshtoll.render.envoy import bootstrap
 from meshtoll.render.params import DeployParams
 from meshtoll.settings import Settings
 from tests.client import fetch
+from tests.envoy_validate import assert_envoy_accepts
 
 
 def test_unix_sockets_need_a_single_worker() -> None:
@@ -119,13 +119,7 @@ def gateway(
         config["admin"]["address"]["socket_address"]["port_value"] = 0
         path = work / "envoy.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        validated = subprocess.run(
-            [str(envoy_binary), "--mode", "validate", "-c", str(path)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert validated.returncode == 0, validated.stderr
+        assert_envoy_accepts(envoy_binary, path)
         envoy = Child(
             "sidecar envoy",
             [str(envoy_binary), "-c", str(path), "--disable-hot-restart", "--log-level", "warn"],

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -28,7 +27,7 @@ from meshtoll.authz.jwks import JwksCache
 from meshtoll.extproc.service import ExternalProcessorServicer
 from meshtoll.httplistener import HttpListener
 from meshtoll.httpserver import StartingHandler, serve_http
-from meshtoll.lifecycle import keep_running, stop_serving
+from meshtoll.lifecycle import keep_running, serve_until_signalled, stop_serving
 from meshtoll.listeners import UDS_GRPC, Listeners, bind_listeners, port_limits
 from meshtoll.meter.als import AccessLogServicer
 from meshtoll.meter.reconcile import AdmissionRecorder, Reconciler
@@ -270,13 +269,9 @@ async def run(settings: Settings, listeners: Listeners | None = None) -> None:
     if listeners is None:
         listeners = bind_listeners(settings)
     app = App(settings, listeners)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await app.start()
-        await stop.wait()
-    finally:
+
+    async def stop() -> None:
         await app.stop()
         listeners.close()
+
+    await serve_until_signalled(app.start, stop)

@@ -51,6 +51,25 @@ def find_redis_server() -> Path | None:
     return None if found is None else Path(found)
 
 
+def rls_environment(
+    runtime_root: Path, redis_url: str, grpc_port: int, port: int, debug_port: int
+) -> dict[str, str]:
+    """The environment of a local `meshtoll ratelimit` (envoyproxy/ratelimit's variables):
+    its configuration under `runtime_root`/ratelimit/config, every port on loopback."""
+    return {
+        "RUNTIME_ROOT": str(runtime_root),
+        "RUNTIME_SUBDIRECTORY": "ratelimit",
+        "REDIS_SOCKET_TYPE": "tcp",
+        "REDIS_URL": redis_url.removeprefix("redis://"),
+        "HOST": "127.0.0.1",
+        "GRPC_HOST": "127.0.0.1",
+        "DEBUG_HOST": "127.0.0.1",
+        "GRPC_PORT": str(grpc_port),
+        "PORT": str(port),
+        "DEBUG_PORT": str(debug_port),
+    }
+
+
 def _make_work_dir(given: Path | None, prefix: str, cleanup: ExitStack) -> Path:
     """`given`, or a temporary directory that `cleanup` removes."""
     if given is None:

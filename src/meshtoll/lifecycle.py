@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol
@@ -61,3 +62,23 @@ async def stop_serving(
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def serve_until_signalled(
+    start: Callable[[], Awaitable[None]],
+    stop: Callable[[], Awaitable[None]],
+    draining: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Start, serve until SIGINT or SIGTERM, then (after `draining`, for a service whose
+    health should say so before its ports close) stop, whatever happened on the way."""
+    signalled = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, signalled.set)
+    try:
+        await start()
+        await signalled.wait()
+        if draining is not None:
+            await draining()
+    finally:
+        await stop()

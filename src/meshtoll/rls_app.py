@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
@@ -29,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshtoll.errors import ConfigError
 from meshtoll.httpserver import response, serve_http, serve_http_reading_bodies
-from meshtoll.lifecycle import Listener, keep_running, stop_serving
+from meshtoll.lifecycle import Listener, keep_running, serve_until_signalled, stop_serving
 from meshtoll.ratelimit.descriptor_config import (
     DescriptorConfigHolder,
     DescriptorConfigs,
@@ -253,13 +252,4 @@ def _listening(host: str, port: int) -> socket.socket:
 async def run(settings: RlsSettings) -> None:
     """Serve until SIGINT or SIGTERM."""
     app = RlsApp(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await app.start()
-        await stop.wait()
-        await app.draining()
-    finally:
-        await app.stop()
+    await serve_until_signalled(app.start, app.stop, app.draining)
