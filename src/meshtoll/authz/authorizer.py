@@ -25,6 +25,7 @@ from meshtoll.telemetry.metrics import DecisionCounts
 
 if TYPE_CHECKING:
     from meshtoll.meter.reconcile import AdmissionRecorder
+    from meshtoll.policy import CompiledPolicy
     from meshtoll.ratelimit.limiter import Limiter
 
 log = logging.getLogger("meshtoll.authz")
@@ -75,20 +76,26 @@ class Authorizer:
                 self._limits = PolicyLimits(policy)
             checks = self._limits.checks(verdict.tenant, verdict.route, where="authz")
             if checks:
-                return self._limited(request, verdict, checks, self._limiter)
-        return self._counted(request, verdict)
+                return self._limited(request, verdict, checks, self._limiter, policy)
+        return self._counted(request, verdict, policy)
 
     async def _limited(
-        self, request: CheckRequest, allow: Allow, checks: Sequence[Check], limiter: Limiter
+        self,
+        request: CheckRequest,
+        allow: Allow,
+        checks: Sequence[Check],
+        limiter: Limiter,
+        policy: CompiledPolicy,
     ) -> Verdict:
         try:
             limits = await limiter.check(checks)
         except StorageUnavailable:
-            return self._counted(request, LIMITS_UNAVAILABLE)
+            return self._counted(request, LIMITS_UNAVAILABLE, policy)
         if limits.admitted:
-            if limits.headers and self._policy.current.policy.ratelimit.headers:
-                return self._counted(request, dataclasses.replace(allow, response_headers=limits.headers))
-            return self._counted(request, allow)
+            if limits.headers and policy.policy.ratelimit.headers:
+                with_headers = dataclasses.replace(allow, response_headers=limits.headers)
+                return self._counted(request, with_headers, policy)
+            return self._counted(request, allow, policy)
         assert limits.deciding is not None
         name = limits.deciding[0].limit.name
         message = (
@@ -96,16 +103,18 @@ class Authorizer:
             if limits.code == "quota_exceeded"
             else f"the rate limit {name!r} is exceeded"
         )
-        return self._counted(request, Deny(429, limits.code, message, limits.headers))
+        return self._counted(request, Deny(429, limits.code, message, limits.headers), policy)
 
-    def _counted(self, request: CheckRequest, verdict: Verdict) -> Verdict:
+    def _counted(self, request: CheckRequest, verdict: Verdict, policy: CompiledPolicy) -> Verdict:
+        """Count the decision and, for an allow, record its admission: by the policy version
+        that decided it (one snapshot per decision)."""
         if isinstance(verdict, Deny):
             self._counts[(self._transport, verdict.code)] += 1
             return verdict
         self._counts[(self._transport, "allow")] += 1
         if self._recorder is not None:
             if request.request_id:
-                self._recorder.admit(self._admission(request, verdict))
+                self._recorder.admit(self._admission(request, verdict, policy))
             elif not self._warned_no_request_id:
                 # Nothing can settle or bill an admission without an id: the gateway must
                 # send x-request-id (allowed_headers / includeRequestHeadersInCheck).
@@ -117,16 +126,11 @@ class Authorizer:
                 )
         return verdict
 
-    def _admission(self, request: CheckRequest, allow: Allow) -> Admission:
+    def _admission(self, request: CheckRequest, allow: Allow, policy: CompiledPolicy) -> Admission:
         """What the meter bills this request by: every metered access-log record must settle
         an admission, so every admitted request of every tenant has one."""
-        policy = self._policy.current
         route = allow.route
-        units = policy.route_costs.get(route, 1)
-        hooked = policy.hooked_routes.get(route)
-        hooks = None if hooked is None else hooked.hooks
-        awaits_report = hooks is not None and hooks.usage_from_body is not None
         return Admission(
             request.request_id, self._clock(), allow.tenant, allow.consumer, allow.plan, route,
-            request.method, units, awaits_report,
+            request.method, policy.route_costs.get(route, 1), route in policy.body_metered_routes,
         )  # fmt: skip

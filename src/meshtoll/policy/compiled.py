@@ -79,7 +79,11 @@ class CompiledPolicy:
         self.route_costs = {route.name: route.cost for route in policy.routes}
         # Routes whose requests go through the ext_proc service, by name.
         self.hooked_routes = {route.name: route for route in policy.routes if route.hooks is not None}
-        self.priced_plans = frozenset(name for name, plan in policy.plans.items() if plan.price is not None)
+        # Routes whose units ext_proc reads from the response body: their admissions wait
+        # for its report.
+        self.body_metered_routes = frozenset(
+            name for name, route in self.hooked_routes.items() if route.hooks and route.hooks.usage_from_body
+        )
         for compiled in self.tenants.values():
             self._index(compiled, document)
         self._check_shared_issuers(document)
