@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
+from meshtoll.meter.records import is_billable_status
 from meshtoll.policy.model import HeaderRules, Hooks
 
 # Where a hook's units land in Envoy's dynamic metadata: %DYNAMIC_METADATA(meshtoll:units)%,
@@ -53,15 +54,11 @@ def wants_response_headers(hooks: Hooks) -> bool:
 def wants_body(hooks: Hooks, status: int, content_length: int | None) -> bool | UsageFallback:
     """Whether the response body should be read for units: False for a response that bills
     nothing (not 2xx/3xx), a fallback reason when the body is known to be over the cap."""
-    if hooks.usage_from_body is None or not billable_status(status):
+    if hooks.usage_from_body is None or not is_billable_status(status):
         return False
     if content_length is not None and content_length > hooks.max_body_bytes:
         return "body_too_large"
     return True
-
-
-def billable_status(status: int) -> bool:
-    return 200 <= status < 400
 
 
 def units_from_capped_body(body: bytes, hooks: Hooks, *, complete: bool) -> int | UsageFallback:
