@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from meshtoll.errors import ProcessStartError
-from meshtoll.processes import Child, free_ports, tcp_accepts
+from meshtoll.local.processes import Child, free_ports, tcp_accepts
 
 NGINX_INSTALL_HINT = (
     "row (b2) needs nginx on PATH: apt-get install nginx (Debian/Ubuntu), or leave b2 out of --only"

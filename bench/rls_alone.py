@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from meshtoll.devstack import find_envoy, rls_environment
-from meshtoll.processes import Child, free_ports, http_ok, tcp_accepts
+from meshtoll.local.devstack import find_envoy, rls_environment
+from meshtoll.local.processes import Child, free_ports, http_ok, tcp_accepts
 
 CONFIG = """\
 domain: bench

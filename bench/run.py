@@ -38,7 +38,7 @@ from cpu import CpuSample, cpu_share
 from nginx_authz import NGINX_INSTALL_HINT, find_nginx, nginx_allow_all
 from rls_alone import rls_alone
 
-from meshtoll.devstack import LocalStack, RedisServer, StackConfig, find_envoy
+from meshtoll.local.devstack import LocalStack, RedisServer, StackConfig, find_envoy
 
 BENCH_KEY = "bench-key-4242"  # tenant t4242's key, in both policies: any tenant would do
 LIMITED_KEY = "bench-limited-key"

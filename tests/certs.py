@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from meshtoll.envoy_config import MtlsFiles
+from meshtoll.local.envoy_config import MtlsFiles
 
 BOT_SPIFFE_ID = "spiffe://acme.test/ns/ci/sa/bot"
 OTHER_SPIFFE_ID = "spiffe://acme.test/ns/other/sa/intruder"

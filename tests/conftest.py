@@ -17,7 +17,7 @@ from typing import Protocol
 
 import pytest
 
-from meshtoll.devstack import (
+from meshtoll.local.devstack import (
     LocalStack,
     RedisServer,
     StackConfig,
@@ -25,9 +25,10 @@ from meshtoll.devstack import (
     find_redis_server,
     rls_environment,
 )
-from meshtoll.processes import Child, free_ports, http_ok
-from meshtoll.storage.usage import MemoryUsageStore, UsageStore
+from meshtoll.local.processes import Child, free_ports, http_ok
+from meshtoll.storage import MemoryUsageStore
 from meshtoll.storage.usage_redis import RedisUsageStore
+from meshtoll.usage.store import UsageStore
 from tests.certs import TestPki, make_pki
 
 ENVOY_OVERRIDE = "MESHTOLL_TEST_ENVOY"

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from meshtoll.devstack import find_redis_server
-from meshtoll.processes import Child, free_ports, tcp_accepts
+from meshtoll.local.devstack import find_redis_server
+from meshtoll.local.processes import Child, free_ports, tcp_accepts
 
 START_SECONDS = 15.0
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshtoll.processes import Child, free_ports, http_ok
+from meshtoll.local.processes import Child, free_ports, http_ok
 
 EXAMPLE_POLICY = Path(__file__).parent.parent / "examples" / "policy.yaml"
 

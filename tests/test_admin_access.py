@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from meshtoll.admin import AdminHandler
 from meshtoll.policy.reload import PolicyHolder
+from meshtoll.server.admin import AdminHandler
 from meshtoll.telemetry.metrics import DecisionCounts
 from tests.client import fetch
 from tests.serve import EXAMPLE_POLICY, running_serve

@@ -12,9 +12,9 @@ import pytest
 from meshtoll.authz.authorizer import Authorizer
 from meshtoll.authz.jwks import JwksCache
 from meshtoll.authz.verdict import Allow, CheckRequest
-from meshtoll.meter.reconcile import AdmissionRecorder
 from meshtoll.policy.reload import PolicyHolder
-from meshtoll.storage.usage import MemoryUsageStore
+from meshtoll.storage import MemoryUsageStore
+from meshtoll.usage.recorder import AdmissionRecorder
 
 KEY = "k-admitted"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from meshtoll.devstack import LocalStack
+from meshtoll.local.devstack import LocalStack
 from tests.certs import BOT_SPIFFE_ID, TestPki
 from tests.client import Reply, fetch
 from tests.conftest import StartStack

@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from meshtoll import lifecycle
-from meshtoll.lifecycle import keep_running
+from meshtoll.server import lifecycle
+from meshtoll.server.lifecycle import keep_running
 
 
 async def test_failed_background_work_is_logged_counted_and_started_again(

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from meshtoll.cli import main
-from meshtoll.meter.records import Source, UsageRecord
 from meshtoll.storage.usage_redis import RedisUsageStore
+from meshtoll.usage.records import Source, UsageRecord
 
 POLICY = """
 plans:

@@ -17,7 +17,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from meshtoll.devstack import LocalStack
+from meshtoll.local.devstack import LocalStack
 from tests.client import fetch
 from tests.conftest import StartStack
 

@@ -17,8 +17,8 @@ import jsonschema
 import pytest
 import yaml
 
-from meshtoll.dev import EXAMPLE_POLICY, demo_requests
-from meshtoll.processes import Child, free_ports, http_ok
+from meshtoll.local.dev import EXAMPLE_POLICY, demo_requests
+from meshtoll.local.processes import Child, free_ports, http_ok
 from meshtoll.render.container import READY_CHECK
 from meshtoll.render.params import ENVOY_IMAGE
 from meshtoll.settings import settings_from

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 import redis.asyncio
 
-from meshtoll.ratelimit.limits import Check, Increment, RateLimit
+from meshtoll.counting.limits import Check, Increment, RateLimit
 from meshtoll.storage import CounterStore, MemoryCounterStore
 from meshtoll.storage.redis import RedisCounterStore
 

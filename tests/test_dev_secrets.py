@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from meshtoll.cli import main
-from meshtoll.dev import DEMO_ACME_KEY
-from meshtoll.devstack import find_redis_server
 from meshtoll.errors import ConfigError
-from meshtoll.processes import Child, free_ports, tcp_accepts
+from meshtoll.local.dev import DEMO_ACME_KEY
+from meshtoll.local.devstack import find_redis_server
+from meshtoll.local.processes import Child, free_ports, tcp_accepts
 from meshtoll.storage.urls import parse_redis_url, redact_redis_url
 from tests.client import fetch
 from tests.test_dev_stack import _descendants, running_dev

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from meshtoll.cli import main
-from meshtoll.dev import DEMO_ACME_KEY, EXAMPLE_POLICY, demo_requests
-from meshtoll.processes import free_ports
+from meshtoll.local.dev import DEMO_ACME_KEY, EXAMPLE_POLICY, demo_requests
+from meshtoll.local.processes import free_ports
 from tests.client import fetch
 from tests.conftest import StartStack
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from meshtoll.errors import ProcessStartError
-from meshtoll.processes import Child, free_ports, tcp_accepts
+from meshtoll.local.processes import Child, free_ports, tcp_accepts
 
 
 def python(code: str, tmp_path: Path) -> Child:

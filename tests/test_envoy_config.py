@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meshtoll.envoy_config import EnvoyPorts, MtlsFiles, StubPorts, render_authz_stub, render_bootstrap
+from meshtoll.local.envoy_config import EnvoyPorts, MtlsFiles, StubPorts, render_authz_stub, render_bootstrap
 from tests.certs import TestPki
 from tests.client import fetch
 from tests.conftest import StartStack

@@ -7,7 +7,7 @@ import json
 from dataclasses import replace
 
 from meshtoll.meter.export import export
-from meshtoll.meter.records import UsageRecord
+from meshtoll.usage.records import UsageRecord
 
 RECORD = UsageRecord(
     request_id="4b1f0c3e-req", time=1_795_000_000.25, tenant="acme", consumer="ci", plan="pro",

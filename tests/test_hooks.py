@@ -13,8 +13,8 @@ from meshtoll.extproc.hooks import (
     wants_body,
 )
 from meshtoll.policy import load_policy_text
+from meshtoll.policy.limits import PolicyLimits
 from meshtoll.policy.model import Hooks
-from meshtoll.ratelimit.policy_limits import PolicyLimits
 
 CONTEXT = RequestContext(tenant="acme", plan="pro", consumer="app-1", route="chat")
 

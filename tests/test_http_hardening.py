@@ -18,10 +18,10 @@ from contextlib import asynccontextmanager
 import pytest
 
 from meshtoll.errors import ConfigError
-from meshtoll.httplistener import HttpLimits, HttpListener, connection_cap, listening_socket
-from meshtoll.httpserver import response, serve_http
-from meshtoll.listeners import port_limits
+from meshtoll.server.listeners import port_limits
 from meshtoll.settings import settings_from
+from meshtoll.transport.http_listener import HttpLimits, HttpListener, connection_cap, listening_socket
+from meshtoll.transport.http_server import response, serve_http
 
 OK = response(200, "OK", (("content-type", "text/plain"),), b"ok")
 GOOD_REQUEST = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
@@ -251,8 +251,8 @@ async def test_shutting_down_closes_idle_connections_and_finishes_answers_in_fli
 # A server in its own process with 64 descriptors, so that it runs out of them.
 _STARVED_SERVER = """
 import asyncio, logging, resource, sys
-from meshtoll.httplistener import HttpLimits, listening_socket
-from meshtoll.httpserver import response, serve_http
+from meshtoll.transport.http_listener import HttpLimits, listening_socket
+from meshtoll.transport.http_server import response, serve_http
 
 logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))

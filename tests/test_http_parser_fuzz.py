@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import pytest
 
-from meshtoll.httplistener import HttpLimits, listening_socket
-from meshtoll.httpserver import response, serve_http
+from meshtoll.transport.http_listener import HttpLimits, listening_socket
+from meshtoll.transport.http_server import response, serve_http
 
 SEED = 20261201
 CASES = 3000

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Awaitable
 import pytest
 
 from meshtoll.authz.http_transport import uri_sans_from_xfcc
-from meshtoll.httplistener import listening_socket
-from meshtoll.httpserver import response, serve_http, serve_http_reading_bodies
+from meshtoll.transport.http_listener import listening_socket
+from meshtoll.transport.http_server import response, serve_http, serve_http_reading_bodies
 
 SEEN: list[tuple[str, str, dict[str, str]]] = []
 

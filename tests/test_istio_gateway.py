@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from meshtoll.dev import DEMO_ACME_KEY, EXAMPLE_POLICY
-from meshtoll.devstack import LocalStack
-from meshtoll.processes import Child, free_ports, http_ok
+from meshtoll.local.dev import DEMO_ACME_KEY, EXAMPLE_POLICY
+from meshtoll.local.devstack import LocalStack
+from meshtoll.local.processes import Child, free_ports, http_ok
 from tests.client import fetch
 from tests.conftest import StartStack
 from tests.envoy_validate import assert_envoy_accepts

@@ -13,8 +13,8 @@ import jsonschema
 import pytest
 import yaml
 
-from meshtoll.devstack import StackPorts
-from meshtoll.envoy_config import render_bootstrap
+from meshtoll.local.devstack import StackPorts
+from meshtoll.local.envoy_config import render_bootstrap
 
 ROOT = Path(__file__).parent.parent
 ISTIO = ROOT / "deploy" / "istio"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from meshtoll.counting.limits import Check, CheckResult, RateLimit
+from meshtoll.counting.periods import previous_window, window
 from meshtoll.policy import load_policy_text
-from meshtoll.ratelimit.limits import Check, CheckResult, RateLimit
-from meshtoll.ratelimit.periods import previous_window, window
-from meshtoll.ratelimit.policy_limits import PolicyLimits
+from meshtoll.policy.limits import PolicyLimits
 from meshtoll.ratelimit.verdict import limit_verdict
 
 PER_SECOND = RateLimit(5, "second", name="burst")

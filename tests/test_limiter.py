@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import pytest
 
+from meshtoll.counting.limits import Check, CheckResult, RateLimit
 from meshtoll.errors import StorageUnavailable
 from meshtoll.ratelimit.limiter import Limiter
-from meshtoll.ratelimit.limits import Check, CheckResult, RateLimit
 from meshtoll.storage import MemoryCounterStore
 
 LIMIT = Check("meshtoll_{acme}_tenant_2/minute", RateLimit(2, "minute"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from meshtoll.devstack import LocalStack
+from meshtoll.local.devstack import LocalStack
 from tests.client import Reply, fetch
 from tests.conftest import StartStack
 

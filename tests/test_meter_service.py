@@ -16,9 +16,10 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from meshtoll.errors import StorageUnavailable
 from meshtoll.meter.als import AccessLogServicer, observation_from_envoy
-from meshtoll.meter.records import Admission, ReportedUnits
 from meshtoll.meter.settle import Settlement
-from meshtoll.storage.usage import MemoryUsageStore, PendingAdmissions, UsageStore
+from meshtoll.storage import MemoryUsageStore
+from meshtoll.usage.records import Admission, ReportedUnits
+from meshtoll.usage.store import PendingAdmissions, UsageStore
 
 START = 1_795_618_437  # 2026-11-25T10:53:57Z
 _tenants = itertools.count()

@@ -17,9 +17,9 @@ from decimal import Decimal
 import pytest
 
 from meshtoll.cli import main
-from meshtoll.devstack import LocalStack
-from meshtoll.meter.records import UsageRecord
+from meshtoll.local.devstack import LocalStack
 from meshtoll.storage.usage_redis import RedisUsageStore
+from meshtoll.usage.records import UsageRecord
 from tests.client import fetch
 from tests.conftest import StartStack
 

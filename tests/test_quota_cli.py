@@ -11,7 +11,7 @@ import pytest
 
 from meshtoll.cli import main
 from meshtoll.policy import load_policy
-from meshtoll.ratelimit.policy_limits import PolicyLimits
+from meshtoll.policy.limits import PolicyLimits
 from meshtoll.storage.redis import RedisCounterStore
 
 POLICY = """

@@ -18,7 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshtoll.devstack import RedisServer, rls_environment
+from meshtoll.local.devstack import RedisServer, rls_environment
 from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder, watch_descriptor_configs
 from tests.conftest import RunningRls, StartRls
 
@@ -140,7 +140,7 @@ def test_with_at_least_one_config_required_health_follows_each_reload(
 
 
 def test_it_will_not_share_a_grpc_port_that_meshtoll_serve_holds(tmp_path: Path) -> None:
-    from meshtoll.processes import free_ports
+    from meshtoll.local.processes import free_ports
     from tests.serve import running_serve
 
     (tmp_path / "ratelimit" / "config").mkdir(parents=True)

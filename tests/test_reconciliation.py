@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from meshtoll.devstack import LocalStack, RedisServer
-from meshtoll.meter.reconcile import AdmissionRecorder, reconcile
-from meshtoll.meter.records import Admission, ReportedUnits, UsageRecord
-from meshtoll.storage.usage import MemoryUsageStore, UsageStore
+from meshtoll.local.devstack import LocalStack, RedisServer
+from meshtoll.meter.reconcile import reconcile
+from meshtoll.storage import MemoryUsageStore
 from meshtoll.storage.usage_redis import RedisUsageStore
+from meshtoll.usage.recorder import AdmissionRecorder
+from meshtoll.usage.records import Admission, ReportedUnits, UsageRecord
+from meshtoll.usage.store import UsageStore
 from tests.client import fetch
 from tests.conftest import StartStack
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from meshtoll.devstack import LocalStack, RedisServer
-from meshtoll.processes import free_ports
+from meshtoll.local.devstack import LocalStack, RedisServer
+from meshtoll.local.processes import free_ports
 from tests.client import fetch
 from tests.conftest import StartStack
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from redis.crc import key_slot
 
-from meshtoll.meter.records import UsageRecord
-from meshtoll.ratelimit.limits import Check, RateLimit
-from meshtoll.ratelimit.periods import window
+from meshtoll.counting.limits import Check, RateLimit
+from meshtoll.counting.periods import window
 from meshtoll.storage.redis import RedisCounterStore
 from meshtoll.storage.usage_redis import RedisUsageStore
+from meshtoll.usage.records import UsageRecord
 from tests.client import fetch
 from tests.conftest import StartStack
 from tests.redis_topologies import counters_in_slot, redis_cluster, redis_sentinel, slot_owner

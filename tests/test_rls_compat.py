@@ -15,8 +15,8 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from envoy.type.v3 import ratelimit_unit_pb2
 from google.protobuf import wrappers_pb2
 
-from meshtoll.devstack import LocalStack
-from meshtoll.ratelimit.periods import window
+from meshtoll.counting.periods import window
+from meshtoll.local.devstack import LocalStack
 from tests.conftest import StartStack
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from meshtoll.devstack import RedisServer
+from meshtoll.local.devstack import RedisServer
 from tests.conftest import RunningRls, StartRls
 
 pytestmark = pytest.mark.integration

@@ -20,8 +20,8 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshtoll.devstack import find_redis_server
-from meshtoll.processes import Child, free_ports, tcp_accepts
+from meshtoll.local.devstack import find_redis_server
+from meshtoll.local.processes import Child, free_ports, tcp_accepts
 from tests.conftest import RunningRls, StartRls
 from tests.redis_topologies import redis_cluster, redis_sentinel
 

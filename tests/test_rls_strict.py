@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from meshtoll.counting.limits import Increment, RateLimit
 from meshtoll.errors import InvalidRateLimitRequest
 from meshtoll.ratelimit.decision import Descriptor, DescriptorStatus, RateLimitDecision
 from meshtoll.ratelimit.descriptor_config import DescriptorConfigs, load_descriptor_configs
 from meshtoll.ratelimit.limiter import Limiter
-from meshtoll.ratelimit.limits import Increment, RateLimit
 from meshtoll.ratelimit.peer_response import HeaderNames
 from meshtoll.ratelimit.service import RateLimitService
 from meshtoll.ratelimit.strict import StrictLimiter, StrictOptions

@@ -20,7 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshtoll.processes import Child, free_ports, http_ok
+from meshtoll.local.processes import Child, free_ports, http_ok
 
 pytestmark = pytest.mark.integration
 

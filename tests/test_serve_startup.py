@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from meshtoll.processes import Child, free_ports, http_ok
+from meshtoll.local.processes import Child, free_ports, http_ok
 from tests.client import fetch
 from tests.serve import running_serve
 

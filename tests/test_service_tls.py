@@ -13,11 +13,11 @@ import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 
 from meshtoll.cli import main
-from meshtoll.dev import DEMO_ACME_KEY, DEMO_GLOBEX_KEY
-from meshtoll.devstack import LocalStack, StackConfig
-from meshtoll.envoy_config import MeshtollTlsFiles
 from meshtoll.errors import ConfigError
-from meshtoll.service_tls import load_service_tls
+from meshtoll.local.dev import DEMO_ACME_KEY, DEMO_GLOBEX_KEY
+from meshtoll.local.devstack import LocalStack, StackConfig
+from meshtoll.local.envoy_config import MeshtollTlsFiles
+from meshtoll.server.tls import load_service_tls
 from meshtoll.settings import Settings
 from tests.certs import ClientCert, TestPki
 from tests.client import fetch

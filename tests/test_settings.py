@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from meshtoll.admin import AdminHandler
 from meshtoll.errors import ConfigError
 from meshtoll.policy.reload import PolicyHolder
+from meshtoll.server.admin import AdminHandler
 from meshtoll.settings import Settings, settings_from
 from meshtoll.telemetry.metrics import DecisionCounts
 

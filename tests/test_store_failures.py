@@ -8,8 +8,8 @@ import time
 import pytest
 import redis.asyncio
 
+from meshtoll.counting.limits import Check, RateLimit
 from meshtoll.errors import ConfigError, StorageUnavailable
-from meshtoll.ratelimit.limits import Check, RateLimit
 from meshtoll.storage.breaker import CircuitBreaker
 from meshtoll.storage.redis import RedisCounterStore
 from meshtoll.storage.urls import parse_redis_url

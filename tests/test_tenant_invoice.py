@@ -11,9 +11,9 @@ import pytest
 
 from meshtoll.meter.billing import NotBillable, billable_tenants, tenant_invoice
 from meshtoll.meter.billing_periods import BadPeriod
-from meshtoll.meter.records import Source, UsageRecord
 from meshtoll.policy import CompiledPolicy, load_policy_text
-from meshtoll.storage.usage import MemoryUsageStore
+from meshtoll.storage import MemoryUsageStore
+from meshtoll.usage.records import Source, UsageRecord
 
 TIERS = "included_units: 10, tiers: [{up_to: 100, unit_price: '0.10'}, {up_to: null, unit_price: '0.05'}]"
 POLICY = f"""

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import yaml
 
-from meshtoll.devstack import LocalStack
-from meshtoll.envoy_config import EnvoyPorts, render_bootstrap
-from meshtoll.processes import Child, free_ports, http_ok
+from meshtoll.local.devstack import LocalStack
+from meshtoll.local.envoy_config import EnvoyPorts, render_bootstrap
+from meshtoll.local.processes import Child, free_ports, http_ok
 from tests.certs import BOT_SPIFFE_ID, ClientCert, TestPki
 from tests.client import Reply, fetch
 from tests.conftest import StartStack

@@ -12,12 +12,12 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from meshtoll.dev import DEMO_ACME_KEY, EXAMPLE_POLICY
 from meshtoll.errors import ConfigError
-from meshtoll.listeners import unix_listening_socket
-from meshtoll.processes import Child, free_ports, http_ok
+from meshtoll.local.dev import DEMO_ACME_KEY, EXAMPLE_POLICY
+from meshtoll.local.processes import Child, free_ports, http_ok
 from meshtoll.render.envoy import bootstrap
 from meshtoll.render.params import DeployParams
+from meshtoll.server.listeners import unix_listening_socket
 from meshtoll.settings import Settings
 from tests.client import fetch
 from tests.envoy_validate import assert_envoy_accepts
@@ -99,7 +99,7 @@ def gateway(
             [
                 sys.executable,
                 "-m",
-                "meshtoll.demo_upstream",
+                "meshtoll.local.demo_upstream",
                 "--host",
                 "127.0.0.1",
                 "--port",

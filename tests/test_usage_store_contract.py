@@ -10,9 +10,11 @@ from datetime import UTC, datetime
 
 import redis.asyncio
 
-from meshtoll.meter.records import Source, UsageRecord
-from meshtoll.storage.usage import MemoryUsageStore, UsageStore, ledger_key
+from meshtoll.keys import ledger_key
+from meshtoll.storage import MemoryUsageStore
 from meshtoll.storage.usage_redis import MAX_RECORDS_PER_CALL, RedisUsageStore
+from meshtoll.usage.records import Source, UsageRecord
+from meshtoll.usage.store import UsageStore
 
 T = datetime(2026, 11, 30, 23, 30, tzinfo=UTC).timestamp()
 _tenants = itertools.count()

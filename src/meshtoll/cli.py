@@ -327,7 +327,7 @@ def _compat_domains(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from meshtoll.service_tls import load_service_tls
+    from meshtoll.server.tls import load_service_tls
 
     settings = settings_from(vars(args))
     # Validate before any worker starts: a bad policy is one clear error, not a restart loop.
@@ -338,18 +338,18 @@ def _serve(args: argparse.Namespace) -> int:
         load_descriptor_configs(settings.ratelimit_config)
     load_service_tls(settings)
     if settings.workers == 1:
-        from meshtoll.app import run
+        from meshtoll.server.app import run
 
         asyncio.run(run(settings))
         return 0
-    from meshtoll.workers import supervise
+    from meshtoll.server.workers import supervise
 
     return supervise(settings)
 
 
 def _ratelimit(args: argparse.Namespace) -> int:
     from meshtoll.ratelimit.peer_settings import rls_settings_from
-    from meshtoll.rls_app import configure_logging, run
+    from meshtoll.server.rls_app import configure_logging, run
 
     settings = rls_settings_from()
     configure_logging(settings)
@@ -362,7 +362,7 @@ def _ratelimit(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from meshtoll.dev import run_dev
+    from meshtoll.local.dev import run_dev
 
     redis_url = settings_from({"redis_url": args.redis_url}).redis_url
     return run_dev(policy=args.policy, port=args.port, admin_port=args.admin_port, redis_url=redis_url)
@@ -411,7 +411,8 @@ def _quota_show(args: argparse.Namespace) -> int:
 
 def _usage_show(args: argparse.Namespace) -> int:
     from meshtoll.meter.usage_report import usage_document, usage_table
-    from meshtoll.storage.usage import TenantUsage, open_usage_store
+    from meshtoll.storage import open_usage_store
+    from meshtoll.usage.tallies import TenantUsage
 
     settings = settings_from({"redis_url": args.redis_url})
     if settings.redis_url is None:
@@ -432,8 +433,8 @@ def _usage_show(args: argparse.Namespace) -> int:
 
 def _usage_export(args: argparse.Namespace) -> int:
     from meshtoll.meter.export import export
-    from meshtoll.meter.records import UsageRecord
-    from meshtoll.storage.usage import open_usage_store
+    from meshtoll.storage import open_usage_store
+    from meshtoll.usage.records import UsageRecord
 
     settings = settings_from({"redis_url": args.redis_url})
     if settings.redis_url is None:
@@ -486,7 +487,7 @@ def _billing_invoice(args: argparse.Namespace) -> int:
     )
     from meshtoll.meter.billing_periods import BadPeriod
     from meshtoll.meter.pricing import Invoice
-    from meshtoll.storage.usage import open_usage_store
+    from meshtoll.storage import open_usage_store
 
     settings = settings_from({"policy": args.policy, "redis_url": args.redis_url})
     if settings.redis_url is None:

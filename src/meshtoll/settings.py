@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from meshtoll.errors import ConfigError
-from meshtoll.httplistener import HttpLimits
+from meshtoll.transport.http_listener import HttpLimits
 
 FAILURE_MODES = ("open", "closed")
 
@@ -46,14 +46,14 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
-    # Bounds on the HTTP authz and admin ports' connections (see httplistener.py): a request
+    # Bounds on the HTTP authz and admin ports' connections (see transport/http_listener.py): a request
     # must arrive within the header timeout, a connection idle this long closes.
     http_header_timeout_seconds: float = _HTTP.header_timeout_seconds
     http_idle_timeout_seconds: float = _HTTP.idle_timeout_seconds
     http_max_connections: int = 0  # 0: half the process's file descriptors, at most 10,000
     # The admin port's own cap, so that /healthz answers while the authz port is flooded.
     admin_max_connections: int = 256
-    # A directory where meshtoll also listens on Unix domain sockets (listeners.py names
+    # A directory where meshtoll also listens on Unix domain sockets (server/listeners.py names
     # them), for an Envoy in the same pod: no TCP, no port a neighbour could reach.
     uds_dir: Path | None = None
 

@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING
 from meshtoll.authz.decide import decide
 from meshtoll.authz.jwks import JwksCache
 from meshtoll.authz.verdict import Allow, CheckRequest, Deny, Verdict
+from meshtoll.counting.limits import Check
 from meshtoll.errors import StorageUnavailable
-from meshtoll.meter.records import Admission
+from meshtoll.policy.limits import PolicyLimits
 from meshtoll.policy.reload import PolicyHolder
-from meshtoll.ratelimit.limits import Check
-from meshtoll.ratelimit.policy_limits import PolicyLimits
 from meshtoll.telemetry.metrics import DecisionCounts
+from meshtoll.usage.records import Admission
 
 if TYPE_CHECKING:
-    from meshtoll.meter.reconcile import AdmissionRecorder
     from meshtoll.policy import CompiledPolicy
     from meshtoll.ratelimit.limiter import Limiter
+    from meshtoll.usage.recorder import AdmissionRecorder
 
 log = logging.getLogger("meshtoll.authz")
 

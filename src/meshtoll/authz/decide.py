@@ -15,7 +15,9 @@ import jwt
 
 from meshtoll.authz.request_path import BadPath, normalize_request_path
 from meshtoll.authz.tokens import TokenRejected, looks_like_jwt, verify_token
-from meshtoll.authz.verdict import (
+from meshtoll.authz.verdict import Allow, CheckRequest, Deny, Verdict
+from meshtoll.policy import CompiledPolicy, CompiledTenant
+from meshtoll.wire import (
     CONSUMER_HEADER,
     CONSUMER_KEY,
     EXTPROC_HEADER,
@@ -27,12 +29,7 @@ from meshtoll.authz.verdict import (
     ROUTE_KEY,
     TENANT_HEADER,
     TENANT_KEY,
-    Allow,
-    CheckRequest,
-    Deny,
-    Verdict,
 )
-from meshtoll.policy import CompiledPolicy, CompiledTenant
 
 _REALM = 'Bearer realm="meshtoll"'
 MISSING_CREDENTIALS = Deny(

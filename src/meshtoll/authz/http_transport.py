@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Awaitable
 
 from meshtoll.authz.authorizer import Authorizer
-from meshtoll.authz.verdict import PEER_ADDRESS_HEADER, Allow, CheckRequest, Deny
-from meshtoll.httpserver import response
+from meshtoll.authz.verdict import Allow, CheckRequest, Deny
+from meshtoll.transport.http_server import response
+from meshtoll.wire import PEER_ADDRESS_HEADER
 
 _REASONS = {
     400: "Bad Request",

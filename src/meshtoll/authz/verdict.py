@@ -6,25 +6,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-# The one place that knows the names of meshtoll's identity headers.
-HEADER_PREFIX = "x-meshtoll-"
-TENANT_HEADER = "x-meshtoll-tenant"
-PLAN_HEADER = "x-meshtoll-plan"
-CONSUMER_HEADER = "x-meshtoll-consumer"
-ROUTE_HEADER = "x-meshtoll-route"
-# Marks a request for Envoy's ext_proc filter: "open" or "closed", the failure mode of the
-# route's hooks (one ext_proc filter instance per mode matches on it). Absent: no hooks.
-EXTPROC_HEADER = "x-meshtoll-extproc"
-# Envoy's own request id (generated at the edge): the key that ties an admission, a body
-# hook's units and the access-log record of one request together.
-REQUEST_ID_HEADER = "x-request-id"
-# Set by Envoy (never by the client) on the HTTP authz request: the downstream peer address.
-PEER_ADDRESS_HEADER = "x-meshtoll-peer-address"
-IDENTITY_HEADERS = frozenset({TENANT_HEADER, PLAN_HEADER, CONSUMER_HEADER, ROUTE_HEADER, EXTPROC_HEADER})
-# The same identity as dynamic metadata of a gRPC allow, which Envoy files under its
-# ext_authz filter's namespace, where the access log (and so the meter) finds it too.
-AUTHZ_METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
-TENANT_KEY, PLAN_KEY, CONSUMER_KEY, ROUTE_KEY = "tenant", "plan", "consumer", "route"
+from meshtoll.wire import REQUEST_ID_HEADER
 
 Headers = tuple[tuple[str, str], ...]
 

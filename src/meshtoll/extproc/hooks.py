@@ -7,13 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-from meshtoll.meter.records import is_billable_status
 from meshtoll.policy.model import HeaderRules, Hooks
-
-# Where a hook's units land in Envoy's dynamic metadata: %DYNAMIC_METADATA(meshtoll:units)%,
-# read by the access log (so the meter) and the rate-limit filter's charge after the response.
-METADATA_NAMESPACE = "meshtoll"
-UNITS_KEY = "units"
+from meshtoll.wire import is_billable_status
 
 # Why a hooked request billed its route's cost instead of units read from the body.
 UsageFallback = Literal["body_too_large", "body_truncated", "not_json", "field_missing", "not_a_count"]

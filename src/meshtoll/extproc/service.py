@@ -27,18 +27,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_pb2_grpc
 from google.protobuf import struct_pb2
 
-from meshtoll.authz.verdict import (
-    CONSUMER_HEADER,
-    EXTPROC_HEADER,
-    PLAN_HEADER,
-    REQUEST_ID_HEADER,
-    ROUTE_HEADER,
-    TENANT_HEADER,
-)
 from meshtoll.errors import StorageUnavailable
 from meshtoll.extproc.hooks import (
-    METADATA_NAMESPACE,
-    UNITS_KEY,
     HeaderChanges,
     RequestContext,
     UsageFallback,
@@ -47,13 +37,24 @@ from meshtoll.extproc.hooks import (
     wants_body,
     wants_response_headers,
 )
-from meshtoll.meter.reconcile import AdmissionRecorder
-from meshtoll.meter.records import ReportedUnits
 from meshtoll.policy import CompiledPolicy
+from meshtoll.policy.limits import PolicyLimits
 from meshtoll.policy.model import Hooks
 from meshtoll.ratelimit.limiter import Limiter
-from meshtoll.ratelimit.policy_limits import PolicyLimits
-from meshtoll.ratelimit.service import CHARGE_KEY, CHARGE_UNITS
+from meshtoll.usage.recorder import AdmissionRecorder
+from meshtoll.usage.records import ReportedUnits
+from meshtoll.wire import (
+    CHARGE_KEY,
+    CHARGE_UNITS,
+    CONSUMER_HEADER,
+    EXTPROC_HEADER,
+    METADATA_NAMESPACE,
+    PLAN_HEADER,
+    REQUEST_ID_HEADER,
+    ROUTE_HEADER,
+    TENANT_HEADER,
+    UNITS_KEY,
+)
 
 log = logging.getLogger("meshtoll.extproc")
 

@@ -11,9 +11,9 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-from meshtoll.authz.verdict import AUTHZ_METADATA_NAMESPACE, TENANT_HEADER, TENANT_KEY
-from meshtoll.meter.records import Observation
 from meshtoll.meter.settle import Settlement
+from meshtoll.usage.records import Observation
+from meshtoll.wire import AUTHZ_METADATA_NAMESPACE, TENANT_HEADER, TENANT_KEY
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]

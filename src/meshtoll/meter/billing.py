@@ -13,7 +13,7 @@ from meshtoll.meter.billing_periods import BadPeriod, months_of, read_period, un
 from meshtoll.meter.pricing import Invoice, InvoiceLine, invoice
 from meshtoll.policy import CompiledPolicy
 from meshtoll.policy.model import Price
-from meshtoll.storage.usage import UsageStore
+from meshtoll.usage.store import UsageStore
 
 
 class NotBillable(LookupError):

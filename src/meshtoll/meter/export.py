@@ -17,7 +17,7 @@ from dataclasses import asdict, fields
 from datetime import UTC, datetime
 from typing import Any
 
-from meshtoll.meter.records import UsageRecord
+from meshtoll.usage.records import UsageRecord
 
 EVENT_TYPE = "io.meshtoll.request"
 EVENT_SOURCE = "meshtoll"

@@ -13,61 +13,9 @@ import logging
 from collections.abc import Callable
 
 from meshtoll.errors import StorageUnavailable
-from meshtoll.meter.records import Admission, ReportedUnits
-from meshtoll.storage.usage import UsageStore
+from meshtoll.usage.store import UsageStore
 
 log = logging.getLogger("meshtoll.meter")
-
-FLUSH_SECONDS = 0.5
-MAX_BUFFERED = 1_000_000  # admissions kept in memory while the store is away
-
-
-class AdmissionRecorder:
-    """Admissions (from authz) and the units body hooks reported for them (from ext_proc),
-    buffered and handed to the store together."""
-
-    def __init__(self, store: UsageStore) -> None:
-        self._store = store
-        self._buffer: list[Admission] = []
-        self._reports: list[ReportedUnits] = []
-        self.dropped = 0
-
-    def admit(self, admission: Admission) -> None:
-        if len(self._buffer) < MAX_BUFFERED:
-            self._buffer.append(admission)
-        else:
-            self.dropped += 1
-
-    def report_units(self, report: ReportedUnits) -> None:
-        if len(self._reports) < MAX_BUFFERED:
-            self._reports.append(report)
-        else:
-            self.dropped += 1
-
-    async def flush(self) -> None:
-        batch, self._buffer = self._buffer, []
-        reports, self._reports = self._reports, []
-        try:
-            if batch:
-                await self._store.admit(batch)
-                batch = []
-            if reports:
-                await self._store.report_units(reports)
-        except StorageUnavailable as exc:
-            # Kept, oldest first, for the next flush.
-            self._buffer[:0] = batch
-            self._reports[:0] = reports
-            waiting = len(self._buffer) + len(self._reports)
-            log.warning("admissions not stored yet (%d waiting): %s", waiting, exc)
-
-    async def flush_forever(self) -> None:
-        try:
-            while True:
-                await asyncio.sleep(FLUSH_SECONDS)
-                await self.flush()
-        finally:
-            # On shutdown, what is buffered still goes out: these are billable requests.
-            await self.flush()
 
 
 # Bounds one reconciliation call (about a million admissions): a store that failed to

@@ -18,8 +18,9 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 
 from meshtoll.errors import StorageUnavailable
-from meshtoll.meter.records import Observation, UsageRecord, is_billable_status
-from meshtoll.storage.usage import UsageStore
+from meshtoll.usage.records import Observation, UsageRecord
+from meshtoll.usage.store import UsageStore
+from meshtoll.wire import is_billable_status
 
 log = logging.getLogger("meshtoll.meter")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshtoll.storage.usage import TenantUsage
+from meshtoll.usage.tallies import TenantUsage
 
 
 def usage_document(usage: TenantUsage) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from decimal import Decimal
 from ipaddress import IPv4Network, IPv6Network
 from typing import Literal
 
-from meshtoll.ratelimit.limits import RateLimit
+from meshtoll.counting.limits import RateLimit
 
 IPNetwork = IPv4Network | IPv6Network
 TenantStatus = Literal["active", "suspended"]

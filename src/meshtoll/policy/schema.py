@@ -6,6 +6,8 @@ import ipaddress
 import re
 import string
 
+from meshtoll.counting.limits import ALGORITHMS, Counted, RateLimit
+from meshtoll.counting.periods import PERIOD_SECONDS, PERIODS
 from meshtoll.policy.document import Document, FieldPath
 from meshtoll.policy.fields import Fields
 from meshtoll.policy.model import (
@@ -33,8 +35,6 @@ from meshtoll.policy.model import (
     Tenant,
     Tier,
 )
-from meshtoll.ratelimit.limits import ALGORITHMS, Counted, RateLimit
-from meshtoll.ratelimit.periods import PERIOD_SECONDS, PERIODS
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from meshtoll.ratelimit.limits import RateLimit
+from meshtoll.counting.limits import RateLimit
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshtoll.counting.limits import RateLimit
 from meshtoll.policy.document import Document, FieldPath
 from meshtoll.policy.fields import Fields
-from meshtoll.ratelimit.limits import RateLimit
 
 UNITS = ("second", "minute", "hour", "day", "week", "month", "year")
 _DESCRIPTOR_FIELDS = (

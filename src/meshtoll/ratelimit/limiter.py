@@ -11,10 +11,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+from meshtoll.counting.limits import Check, CheckResult, Increment, RateLimit
+from meshtoll.counting.store import CounterStore
 from meshtoll.errors import StorageUnavailable
-from meshtoll.ratelimit.limits import Check, CheckResult, Increment, RateLimit
 from meshtoll.ratelimit.verdict import ADMITTED_WITHOUT_LIMITS, LimitVerdict, limit_verdict
-from meshtoll.storage.base import CounterStore
 
 log = logging.getLogger("meshtoll.ratelimit")
 

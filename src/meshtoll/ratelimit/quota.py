@@ -6,12 +6,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from meshtoll.counting.limits import Check
 from meshtoll.policy import CompiledPolicy
-from meshtoll.ratelimit.limits import Check
-from meshtoll.ratelimit.policy_limits import PolicyLimits
+from meshtoll.policy.limits import PolicyLimits
 
 if TYPE_CHECKING:
-    from meshtoll.storage.base import CounterStore
+    from meshtoll.counting.store import CounterStore
 
 
 class UnknownTenant(LookupError):

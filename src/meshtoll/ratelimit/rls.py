@@ -12,9 +12,9 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from envoy.type.v3 import ratelimit_unit_pb2
 from google.protobuf import duration_pb2
 
+from meshtoll.counting.limits import RateLimit
 from meshtoll.errors import InvalidRateLimitRequest, StorageUnavailable
 from meshtoll.ratelimit.decision import Descriptor, DescriptorStatus
-from meshtoll.ratelimit.limits import RateLimit
 from meshtoll.ratelimit.service import RateLimitService
 
 _Response = rls_pb2.RateLimitResponse

@@ -17,9 +17,9 @@ from envoy.service.ratelimit.v3 import rls_pb2
 from google.protobuf import json_format
 
 from meshtoll.errors import InvalidRateLimitRequest, StorageUnavailable
-from meshtoll.httpserver import response
 from meshtoll.ratelimit.rls import should_rate_limit
 from meshtoll.ratelimit.service import RateLimitService
+from meshtoll.transport.http_server import response
 
 # The peer's answers to what it cannot serve are Go's http.Error: plain text, the reason.
 _TEXT = (("content-type", "text/plain; charset=utf-8"),)

@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from meshtoll.counting.limits import Check, CheckResult
+from meshtoll.policy.limits import PolicyLimits
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.decision import Descriptor, DescriptorStatus, RateLimitDecision
 from meshtoll.ratelimit.descriptor_config import (
@@ -26,17 +28,12 @@ from meshtoll.ratelimit.descriptor_config import (
     resolve_replaces,
 )
 from meshtoll.ratelimit.limiter import Limiter
-from meshtoll.ratelimit.limits import Check, CheckResult
-from meshtoll.ratelimit.policy_limits import PolicyLimits
 from meshtoll.ratelimit.strict import StrictLimiter
+from meshtoll.wire import CHARGE_KEY, CHARGE_UNITS
 
 Compat = Literal["strict", "meshtoll"]
 COMPAT_MODES: tuple[Compat, ...] = ("strict", "meshtoll")
 
-
-# The descriptor entry that marks a charge after the response: (charge, units).
-CHARGE_KEY = "charge"
-CHARGE_UNITS = "units"
 
 NO_LIMIT = DescriptorStatus(False, None, 0, 0.0)
 UNLIMITED = DescriptorStatus(False, None, UNLIMITED_REMAINING, 0.0)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from meshtoll.counting.limits import Increment, RateLimit
 from meshtoll.errors import InvalidRateLimitRequest
 from meshtoll.ratelimit.decision import Descriptor, DescriptorStatus, RateLimitDecision
 from meshtoll.ratelimit.descriptor_config import (
@@ -32,7 +33,6 @@ from meshtoll.ratelimit.descriptor_config import (
 )
 from meshtoll.ratelimit.descriptor_tree import DescriptorMatch
 from meshtoll.ratelimit.limiter import Limiter
-from meshtoll.ratelimit.limits import Increment, RateLimit
 from meshtoll.ratelimit.peer_response import HeaderNames, dynamic_metadata, rate_limit_headers
 from meshtoll.ratelimit.peer_stats import DescriptorStats
 

@@ -7,8 +7,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from meshtoll.ratelimit.limits import Check, CheckResult
-from meshtoll.ratelimit.periods import QUOTA_PERIODS
+from meshtoll.counting.limits import Check, CheckResult
+from meshtoll.counting.periods import QUOTA_PERIODS
 
 Headers = tuple[tuple[str, str], ...]
 

@@ -59,7 +59,7 @@ def compose_document(params: DeployParams) -> dict[str, Any]:
                 "entrypoint": [
                     "python",
                     "-m",
-                    "meshtoll.demo_upstream",
+                    "meshtoll.local.demo_upstream",
                     "--host",
                     "0.0.0.0",
                     "--port",

@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 from typing import Any
 
-from meshtoll.listeners import UDS_GRPC, UDS_HTTP_AUTHZ
 from meshtoll.render.documents import yaml_file
 from meshtoll.render.local_filters import LocalFilters
 from meshtoll.render.params import DeployParams
+from meshtoll.server.listeners import UDS_GRPC, UDS_HTTP_AUTHZ
 
 ADMIN_PORT = 9901
 # Local listener name -> its port's offset from listen_port (as `meshtoll dev` numbers them).

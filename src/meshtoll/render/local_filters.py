@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from meshtoll.envoy_config import EnvoyPorts, render_bootstrap
+from meshtoll.local.envoy_config import EnvoyPorts, render_bootstrap
 
 # Any ports: only the filters' configuration is read, never an address.
 _PORTS = EnvoyPorts(*range(20000, 20000 + len(fields(EnvoyPorts))))

@@ -1,9 +1,12 @@
-"""Counter storage behind one small Protocol (base.CounterStore): in memory, or Redis."""
+"""The ground floor: stores that implement meshtoll.counting.store.CounterStore and
+meshtoll.usage.store.UsageStore, in memory or in Redis (standalone, Sentinel, Cluster)."""
 
 from __future__ import annotations
 
-from meshtoll.storage.base import CounterStore
+from meshtoll.counting.store import CounterStore
 from meshtoll.storage.memory import MemoryCounterStore
+from meshtoll.storage.usage_memory import MemoryUsageStore
+from meshtoll.usage.store import DEFAULT_LEDGER_RETENTION_SECONDS, UsageStore
 
 
 def open_counter_store(url: str | None, *, timeout_ms: int = 50) -> CounterStore:
@@ -15,4 +18,14 @@ def open_counter_store(url: str | None, *, timeout_ms: int = 50) -> CounterStore
     return RedisCounterStore(url, timeout_ms=timeout_ms)
 
 
-__all__ = ["CounterStore", "MemoryCounterStore", "open_counter_store"]
+def open_usage_store(
+    url: str | None, *, ledger_retention_seconds: float = DEFAULT_LEDGER_RETENTION_SECONDS
+) -> UsageStore:
+    if url is None:
+        return MemoryUsageStore(ledger_retention_seconds=ledger_retention_seconds)
+    from meshtoll.storage.usage_redis import RedisUsageStore
+
+    return RedisUsageStore(url, ledger_retention_seconds=ledger_retention_seconds)
+
+
+__all__ = ["CounterStore", "MemoryCounterStore", "MemoryUsageStore", "open_counter_store", "open_usage_store"]

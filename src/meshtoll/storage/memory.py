@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from meshtoll.ratelimit.limits import Check, CheckResult, Increment
-from meshtoll.storage import algorithms
+from meshtoll.counting import algorithms
+from meshtoll.counting.limits import Check, CheckResult, Increment
 
 _PURGE_EVERY = 10_000  # writes between sweeps of expired counters
 

@@ -30,9 +30,9 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
+from meshtoll.counting import algorithms
+from meshtoll.counting.limits import Check, CheckResult, Increment
 from meshtoll.errors import StorageUnavailable
-from meshtoll.ratelimit.limits import Check, CheckResult, Increment
-from meshtoll.storage import algorithms
 from meshtoll.storage.breaker import CircuitBreaker
 from meshtoll.storage.resp import LeanRedis, encode
 from meshtoll.storage.urls import RedisTarget, parse_redis_url

@@ -18,32 +18,29 @@ import redis.asyncio
 import redis.exceptions
 
 from meshtoll.errors import StorageUnavailable
-from meshtoll.meter.records import (
-    Admission,
-    ReportedUnits,
-    Source,
-    UsageRecord,
-    counter_increments,
-    periods_of_hour,
-)
-from meshtoll.storage.redis import redis_py_client
-from meshtoll.storage.resp import LeanRedis
-from meshtoll.storage.urls import parse_redis_url
-from meshtoll.storage.usage import (
-    DEFAULT_LEDGER_RETENTION_SECONDS,
+from meshtoll.keys import (
     PENDING_TENANTS_KEY,
     USAGE_TENANTS_KEY,
-    PendingAdmissions,
-    TenantUsage,
     admissions_key,
     ledger_key,
     pending_key,
     reported_units_key,
     seen_key,
-    tenant_usage,
     usage_key,
+)
+from meshtoll.storage.redis import redis_py_client
+from meshtoll.storage.resp import LeanRedis
+from meshtoll.storage.urls import parse_redis_url
+from meshtoll.usage.records import (
+    Admission,
+    ReportedUnits,
+    Source,
+    UsageRecord,
+    periods_of_hour,
     with_reported_units,
 )
+from meshtoll.usage.store import DEFAULT_LEDGER_RETENTION_SECONDS, PendingAdmissions
+from meshtoll.usage.tallies import TenantUsage, counter_increments, tenant_usage
 
 # A replayed record is recognised for at least a week: the ids counted in each week are
 # kept in one set, and a batch looks in this week's and last week's.

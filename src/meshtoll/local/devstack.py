@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Self
 
-from meshtoll.envoy_config import (
+from meshtoll.errors import EnvoyNotFound, ProcessStartError
+from meshtoll.local.envoy_config import (
     EnvoyPorts,
     MeshtollTlsFiles,
     MtlsFiles,
@@ -26,8 +27,7 @@ from meshtoll.envoy_config import (
     render_authz_stub,
     render_bootstrap,
 )
-from meshtoll.errors import EnvoyNotFound, ProcessStartError
-from meshtoll.processes import Child, Probe, free_ports, http_ok, tcp_accepts
+from meshtoll.local.processes import Child, Probe, free_ports, http_ok, tcp_accepts
 from meshtoll.settings import Settings
 
 START_TIMEOUT_SECONDS = 30.0
@@ -211,7 +211,8 @@ class LocalStack:
 
     def _start_upstream(self) -> tuple[Child, Probe]:
         port = self.ports.envoy.upstream_port
-        argv = [sys.executable, "-m", "meshtoll.demo_upstream", "--host", "127.0.0.1", "--port", str(port)]
+        module = "meshtoll.local.demo_upstream"
+        argv = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port)]
         return self._spawn("upstream", argv), tcp_accepts(port)
 
     def _start_meshtoll(self, policy: Path) -> tuple[Child, Probe]:

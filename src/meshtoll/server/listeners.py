@@ -27,8 +27,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from meshtoll.errors import ConfigError
-from meshtoll.httplistener import HttpLimits, connection_cap, listening_socket
 from meshtoll.settings import Settings
+from meshtoll.transport.http_listener import HttpLimits, connection_cap, listening_socket
 
 # The Unix sockets in Settings.uds_dir: every gRPC service, and the HTTP ext_authz fast path.
 UDS_GRPC = "grpc.sock"

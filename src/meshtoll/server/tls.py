@@ -1,7 +1,7 @@
 """TLS, and with a client CA mutual TLS, for the ports Envoy calls (gRPC and HTTP authz).
 
 The admin port stays plain HTTP: kubelet probes and Prometheus scrapers talk to it, and its
-tenant data is guarded by the admin token (see admin_access.py) instead.
+tenant data is guarded by the admin token (see server/admin_access.py) instead.
 
 The files are read once at start-up, where a missing file or a certificate that does not
 match its key is a ConfigError naming the file; a certificate renewed on disk takes effect

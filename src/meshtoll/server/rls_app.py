@@ -27,8 +27,6 @@ from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshtoll.errors import ConfigError
-from meshtoll.httpserver import response, serve_http, serve_http_reading_bodies
-from meshtoll.lifecycle import Listener, keep_running, serve_until_signalled, stop_serving
 from meshtoll.ratelimit.descriptor_config import (
     DescriptorConfigHolder,
     DescriptorConfigs,
@@ -42,7 +40,9 @@ from meshtoll.ratelimit.rls import RateLimitServicer
 from meshtoll.ratelimit.rls_json import JsonEndpoint
 from meshtoll.ratelimit.service import RateLimitService
 from meshtoll.ratelimit.strict import StrictLimiter, StrictOptions
+from meshtoll.server.lifecycle import Listener, keep_running, serve_until_signalled, stop_serving
 from meshtoll.storage import CounterStore, open_counter_store
+from meshtoll.transport.http_server import response, serve_http, serve_http_reading_bodies
 
 log = logging.getLogger("meshtoll.ratelimit")
 

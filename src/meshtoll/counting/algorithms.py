@@ -12,8 +12,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from meshtoll.ratelimit.limits import Check, CheckResult, Increment
-from meshtoll.ratelimit.periods import nominal_seconds, previous_window, window
+from meshtoll.counting.limits import Check, CheckResult, Increment
+from meshtoll.counting.periods import nominal_seconds, previous_window, window
 
 FIXED, SLIDING, BUCKET = 1, 2, 3
 ALGORITHM_CODES = {"fixed_window": FIXED, "sliding_window": SLIDING, "token_bucket": BUCKET}

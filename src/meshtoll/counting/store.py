@@ -4,7 +4,7 @@
 non-shadow check admits its cost; then every cost is consumed (shadow ones too), otherwise
 nothing is: a refused request never eats quota. Atomic: concurrent callers, in any number
 of processes sharing a store, never overshoot. The meaning of each algorithm is the pure
-code in `meshtoll.storage.algorithms`, which the memory store runs and the Redis store's
+code in `meshtoll.counting.algorithms`, which the memory store runs and the Redis store's
 Lua script mirrors; one contract test suite runs against both.
 
 `increment` is envoyproxy/ratelimit's counting instead (every hit counted, refused or not),
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from meshtoll.ratelimit.limits import Check, CheckResult, Increment
+from meshtoll.counting.limits import Check, CheckResult, Increment
 
 
 class CounterStore(Protocol):

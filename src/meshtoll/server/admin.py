@@ -9,21 +9,21 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-from meshtoll.admin_access import OPEN_PATHS, AdminAccess
 from meshtoll.errors import StorageUnavailable
-from meshtoll.httpserver import response
 from meshtoll.meter.billing import NotBillable, invoice_document, tenant_invoice
 from meshtoll.meter.billing_periods import BadPeriod, read_period
 from meshtoll.meter.usage_report import usage_document
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.peer_stats import DescriptorStats
 from meshtoll.ratelimit.quota import UnknownTenant, tenant_quota
+from meshtoll.server.admin_access import OPEN_PATHS, AdminAccess
 from meshtoll.telemetry.metrics import DecisionCounts, Metrics
+from meshtoll.transport.http_server import response
 
 if TYPE_CHECKING:
+    from meshtoll.counting.store import CounterStore
     from meshtoll.policy import CompiledPolicy
-    from meshtoll.storage.base import CounterStore
-    from meshtoll.storage.usage import UsageStore
+    from meshtoll.usage.store import UsageStore
 
     # (usage store, policy, tenant, period as the query gave it, None when it gave none)
     Report = Callable[[UsageStore, CompiledPolicy, str, str | None], Awaitable[dict[str, Any]]]

@@ -18,19 +18,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_pb
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from meshtoll.admin import AdminHandler
-from meshtoll.admin_access import is_loopback
 from meshtoll.authz.authorizer import Authorizer
 from meshtoll.authz.grpc_transport import AuthorizationServicer
 from meshtoll.authz.http_transport import HttpAuthzHandler
 from meshtoll.authz.jwks import JwksCache
 from meshtoll.extproc.service import ExternalProcessorServicer
-from meshtoll.httplistener import HttpListener
-from meshtoll.httpserver import StartingHandler, serve_http
-from meshtoll.lifecycle import keep_running, serve_until_signalled, stop_serving
-from meshtoll.listeners import UDS_GRPC, Listeners, bind_listeners, port_limits
 from meshtoll.meter.als import AccessLogServicer
-from meshtoll.meter.reconcile import AdmissionRecorder, Reconciler
+from meshtoll.meter.reconcile import Reconciler
 from meshtoll.meter.settle import Settlement
 from meshtoll.policy.reload import PolicyHolder, watch_policy
 from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder, watch_descriptor_configs
@@ -39,11 +33,18 @@ from meshtoll.ratelimit.peer_stats import DescriptorStats
 from meshtoll.ratelimit.rls import RateLimitServicer
 from meshtoll.ratelimit.service import RateLimitService
 from meshtoll.ratelimit.strict import StrictLimiter
-from meshtoll.service_tls import ServiceTls, load_service_tls
+from meshtoll.server.admin import AdminHandler
+from meshtoll.server.admin_access import is_loopback
+from meshtoll.server.lifecycle import keep_running, serve_until_signalled, stop_serving
+from meshtoll.server.listeners import UDS_GRPC, Listeners, bind_listeners, port_limits
+from meshtoll.server.tls import ServiceTls, load_service_tls
 from meshtoll.settings import Settings
-from meshtoll.storage import CounterStore, open_counter_store
-from meshtoll.storage.usage import UsageStore, open_usage_store
+from meshtoll.storage import CounterStore, open_counter_store, open_usage_store
 from meshtoll.telemetry.metrics import DecisionCounts
+from meshtoll.transport.http_listener import HttpListener
+from meshtoll.transport.http_server import StartingHandler, serve_http
+from meshtoll.usage.recorder import AdmissionRecorder
+from meshtoll.usage.store import UsageStore
 
 log = logging.getLogger("meshtoll")
 
@@ -227,7 +228,7 @@ class App:
         ext_proc_pb2_grpc.add_ExternalProcessorServicer_to_server(hooks, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        # SO_REUSEPORT joins the port the owner holds (see listeners.py), and nobody else's.
+        # SO_REUSEPORT joins the port the owner holds (see server/listeners.py), and nobody else's.
         address = f"{self.settings.host}:{self.listeners.grpc_port}"
         if tls is None:
             bound = server.add_insecure_port(address)

@@ -9,15 +9,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from meshtoll.counting.limits import Check, RateLimit
+from meshtoll.keys import counter_key
 from meshtoll.policy import CompiledPolicy
 from meshtoll.policy.model import Route, Tenant
-from meshtoll.ratelimit.limits import Check, RateLimit
 
 CACHE_LIMIT = 100_000
-
-
-def counter_key(tenant: str, scope: str, limit: RateLimit) -> str:
-    return f"meshtoll_{{{tenant}}}_{scope}_{limit.name}"
 
 
 class PolicyLimits:

@@ -1,6 +1,6 @@
 """Run `meshtoll serve` as several worker processes sharing its ports.
 
-The parent binds the ports before any worker starts (listeners.py), so a port taken by
+The parent binds the ports before any worker starts (server/listeners.py), so a port taken by
 someone else is one clear error rather than a restart loop, and no stranger can join them;
 each worker inherits the HTTP listening sockets and joins the gRPC port the parent holds.
 Then the parent only supervises: it restarts a worker that dies, and passes SIGTERM/SIGINT
@@ -17,11 +17,11 @@ import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from meshtoll.app import run
-from meshtoll.listeners import Listeners, bind_listeners
+from meshtoll.server.app import run
+from meshtoll.server.listeners import Listeners, bind_listeners
 from meshtoll.settings import Settings
 
-log = logging.getLogger("meshtoll.workers")
+log = logging.getLogger("meshtoll.server.workers")
 
 RESTART_BACKOFF_SECONDS = 1.0
 STOP_GRACE_SECONDS = 10.0

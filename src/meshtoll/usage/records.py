@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
+
+from meshtoll.wire import is_billable_status
 
 Source = Literal["access_log", "admission"]
 STREAMING_GRACE_SECONDS = 3600.0
@@ -66,31 +69,6 @@ class UsageRecord:
         fields = dict(document)
         fields.pop("status_class", None)
         return cls(**fields)
-
-
-def is_billable_status(status: int) -> bool:
-    """Only a request that succeeded is billed its units; refused and failed ones bill 0."""
-    return 200 <= status < 400
-
-
-def counter_increments(
-    route: str, plan: str, status_class: str, source: Source, requests: int, units: int
-) -> list[tuple[str, int]]:
-    """The usage counters (hash fields) that `requests` requests of one route, plan, status
-    class and source add to, with their amounts: what both usage stores write, and what
-    storage.usage.tenant_usage reads back. The plan is counted so that a period can be
-    invoiced after its tenant has left the policy."""
-    found = [
-        ("requests", requests),
-        ("units", units),
-        (f"route:{route}:requests", requests),
-        (f"route:{route}:units", units),
-        (f"status:{status_class}", requests),
-        (f"plan:{plan}", requests),
-    ]
-    if source == "admission":
-        found.append(("unreconciled", requests))
-    return found
 
 
 @functools.lru_cache(maxsize=256)
@@ -168,3 +146,7 @@ class ReportedUnits:
     tenant: str
     request_id: str
     units: int
+
+
+def with_reported_units(admission: Admission, reported: int | None) -> Admission:
+    return admission if reported is None else dataclasses.replace(admission, units=reported)

@@ -8,7 +8,7 @@ usage-from-body hook; with `chunked=1` that answer comes chunked, without a cont
 It is also the upstream of the benchmarks, so it runs on meshtoll's
 lean HTTP server and nothing more.
 
-    python -m meshtoll.demo_upstream --host 127.0.0.1 --port 8000
+    python -m meshtoll.local.demo_upstream --host 127.0.0.1 --port 8000
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import signal
 from collections.abc import Sequence
 from urllib.parse import parse_qs, urlsplit
 
-from meshtoll.httplistener import listening_socket
-from meshtoll.httpserver import response, serve_http
+from meshtoll.transport.http_listener import listening_socket
+from meshtoll.transport.http_server import response, serve_http
 
 _JSON = (("content-type", "application/json"),)
 
@@ -56,7 +56,7 @@ async def serve(host: str, port: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m meshtoll.demo_upstream", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m meshtoll.local.demo_upstream", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)

@@ -13,15 +13,15 @@ from typing import Any
 
 import redis.exceptions
 
-from meshtoll.devstack import LocalStack, RedisServer, StackConfig, find_redis_server
 from meshtoll.errors import ConfigError
+from meshtoll.local.devstack import LocalStack, RedisServer, StackConfig, find_redis_server
 from meshtoll.storage.redis import redis_py_client
 from meshtoll.storage.urls import parse_redis_url, redact_redis_url
 
-log = logging.getLogger("meshtoll.dev")
+log = logging.getLogger("meshtoll.local.dev")
 
 # Packaged with meshtoll (a link to the repository's examples/ in a checkout).
-EXAMPLE_POLICY = (Path(__file__).parent / "examples" / "policy.yaml").resolve()
+EXAMPLE_POLICY = (Path(__file__).parent.parent / "examples" / "policy.yaml").resolve()
 
 # The demo credentials of examples/policy.yaml (which stores only their hashes); a test
 # checks that each still gets the answer the banner promises.

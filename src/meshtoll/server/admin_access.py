@@ -14,7 +14,7 @@ import hmac
 import ipaddress
 import json
 
-from meshtoll.httpserver import response
+from meshtoll.transport.http_server import response
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 

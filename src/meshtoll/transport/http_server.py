@@ -8,7 +8,7 @@ counted against their cap and dropped, unless the port is served for a BodyHandl
 (serve_http_reading_bodies), whose connections keep each body for it.
 
 What a slow or greedy client may hold is bounded by HttpLimits, enforced by the listener
-(httplistener.py); a connection here only records which state it is in and since when, on
+(transport/http_listener.py); a connection here only records which state it is in and since when, on
 the coarse clock the listener ticks, so that the bounds cost a request two stores.
 """
 
@@ -25,7 +25,7 @@ from functools import partial
 
 import httptools
 
-from meshtoll.httplistener import Connection, HttpLimits, HttpListener
+from meshtoll.transport.http_listener import Connection, HttpLimits, HttpListener
 
 log = logging.getLogger("meshtoll.http")
 

@@ -1,0 +1,49 @@
+"""Every Redis key meshtoll writes, in one place. Each key carries its tenant as a hash tag
+(`{tenant}`), so that all of one tenant's keys live on one Redis Cluster shard and one Lua
+call can touch them together. (envoyproxy/ratelimit's own key format, kept in strict
+compatibility, lives with that compatibility in ratelimit/strict.py.)"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meshtoll.counting.limits import RateLimit
+
+
+def counter_key(tenant: str, scope: str, limit: RateLimit) -> str:
+    return f"meshtoll_{{{tenant}}}_{scope}_{limit.name}"
+
+
+def usage_key(tenant: str, period: str) -> str:
+    return f"meshtoll_{{{tenant}}}_usage_{period}"
+
+
+def seen_key(tenant: str, week: int) -> str:
+    """The set of request ids counted in one week (counted from the epoch): where replays
+    are found."""
+    return f"meshtoll_{{{tenant}}}_seen_w{week}"
+
+
+def ledger_key(tenant: str) -> str:
+    return f"meshtoll_{{{tenant}}}_ledger"
+
+
+def admissions_key(tenant: str) -> str:
+    return f"meshtoll_{{{tenant}}}_admissions"
+
+
+def reported_units_key(tenant: str) -> str:
+    return f"meshtoll_{{{tenant}}}_reported_units"
+
+
+def pending_key(tenant: str) -> str:
+    return f"meshtoll_{{{tenant}}}_pending"
+
+
+# The tenants with admissions awaiting settlement, so reconciliation never scans them all.
+PENDING_TENANTS_KEY = "meshtoll_pending_tenants"
+
+
+# The set of every tenant with usage: exports and invoices find them without the policy.
+USAGE_TENANTS_KEY = "meshtoll_usage_tenants"
