@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from meshtoll.meter.billing_periods import BadPeriod, months_of, read_period, unit_of
+from meshtoll.errors import BadPeriod
+from meshtoll.meter.billing_periods import months_of, read_period, unit_of
 
 NOV_25_2026 = 1_795_615_200.0  # 2026-11-25T14:00Z
 

@@ -17,7 +17,6 @@ from meshtoll.ratelimit.descriptor_config import (
     DescriptorConfigs,
     load_descriptor_configs,
     resolve_replaces,
-    watch_descriptor_configs,
 )
 from meshtoll.telemetry.metrics import DecisionCounts, Metrics
 
@@ -358,7 +357,7 @@ async def test_a_bad_reload_keeps_the_previous_configuration(tmp_path: Path) -> 
         "domain: d\ndescriptors: [{key: k, rate_limit: {unit: second, requests_per_unit: 1}}]\n"
     )
     holder = DescriptorConfigHolder(tmp_path)
-    task = asyncio.create_task(watch_descriptor_configs(holder, 0.02))
+    task = asyncio.create_task(holder.watch(0.02))
     try:
         (tmp_path / "b.yaml").write_text("domain: [not, a, string]\n")
         async with asyncio.timeout(5):
@@ -404,7 +403,7 @@ async def test_hostile_reloads_are_counted_and_the_watcher_lives_on(tmp_path: Pa
     holder = DescriptorConfigHolder(tmp_path)
     metrics = Metrics(DecisionCounts(), lambda: None)
     metrics.count_rejected_ratelimit_configs(holder)
-    task = asyncio.create_task(watch_descriptor_configs(holder, 0.02))
+    task = asyncio.create_task(holder.watch(0.02))
     try:
         for count, content in enumerate([b"domain: d\n0.25: x\n", b"~: 1\n", b"domain: e\x00\n"], start=1):
             (tmp_path / "b.yaml").write_bytes(content)

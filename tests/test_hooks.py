@@ -13,7 +13,6 @@ from meshtoll.extproc.hooks import (
     wants_body,
 )
 from meshtoll.policy import load_policy_text
-from meshtoll.policy.limits import PolicyLimits
 from meshtoll.policy.model import Hooks
 
 CONTEXT = RequestContext(tenant="acme", plan="pro", consumer="app-1", route="chat")
@@ -112,7 +111,7 @@ plans:
 
 
 def test_unit_limits_cost_the_route_or_only_look_until_the_body_tells() -> None:
-    limits = PolicyLimits(load_policy_text(POLICY, "policy.yaml"))
+    limits = load_policy_text(POLICY, "policy.yaml").limits
     costs = {
         route: {check.limit.name: check.cost for check in limits.checks("acme", route, where="authz")}
         for route in ("chat", "search", "")

@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from meshtoll.counting.limits import Check, CheckResult, RateLimit
 from meshtoll.counting.periods import previous_window, window
 from meshtoll.policy import load_policy_text
-from meshtoll.policy.limits import PolicyLimits
 from meshtoll.ratelimit.verdict import limit_verdict
 
 PER_SECOND = RateLimit(5, "second", name="burst")
@@ -39,7 +38,7 @@ def test_fixed_periods_align_to_the_epoch_and_months_to_the_utc_calendar() -> No
 
 
 def test_plan_limits_and_route_limits_apply_where_they_are_enforced() -> None:
-    limits = PolicyLimits(load_policy_text(POLICY, "p.yaml"))
+    limits = load_policy_text(POLICY, "p.yaml").limits
     search = limits.checks("acme", "search", where="authz")
     assert [check.limit.name for check in search] == ["5/second", "monthly", "1/second"]
     assert {check.key.split("_", 2)[1] for check in search} == {"{acme}"}  # one hash tag: one shard
@@ -54,7 +53,7 @@ def test_plan_limits_and_route_limits_apply_where_they_are_enforced() -> None:
 
 
 def test_a_tenant_override_replaces_the_plan_limits() -> None:
-    limits = PolicyLimits(load_policy_text(POLICY, "p.yaml"))
+    limits = load_policy_text(POLICY, "p.yaml").limits
     (check,) = limits.checks("vip", "", where="authz")
     assert (check.limit.algorithm, check.limit.capacity) == ("token_bucket", 200)
 

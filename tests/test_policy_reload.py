@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from meshtoll.policy import CompiledPolicy, load_policy, reload
-from meshtoll.policy.reload import LOGGED_PROBLEMS, PolicyHolder, watch_policy
+from meshtoll.policy import CompiledPolicy, load_policy
+from meshtoll.policy.reload import PolicyHolder
 from meshtoll.telemetry.metrics import DecisionCounts, Metrics
+from meshtoll.watched import LOGGED_PROBLEMS, Watched, file_fingerprint
 
 POLL = 0.02
 
@@ -25,7 +27,7 @@ def version(tenants: str) -> str:
 @contextlib.asynccontextmanager
 async def watching(path: Path) -> AsyncIterator[PolicyHolder]:
     holder = PolicyHolder.from_file(path)
-    task = asyncio.create_task(watch_policy(holder, POLL))
+    task = asyncio.create_task(holder.watch(POLL))
     try:
         yield holder
     finally:
@@ -141,20 +143,31 @@ async def test_no_hostile_version_ends_the_watcher_and_each_is_logged_once_and_c
 
 
 async def test_an_unexpected_loader_failure_is_logged_counted_and_survived(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(path: Path) -> CompiledPolicy:
-        raise RuntimeError("a bug in the loader")
+    loader_is_broken = False
+
+    def loading(path: Path) -> CompiledPolicy:
+        if loader_is_broken:
+            raise RuntimeError("a bug in the loader")
+        return load_policy(path)
 
     path = tmp_path / "policy.yaml"
     path.write_text(version("acme"))
-    async with watching(path) as holder:
-        monkeypatch.setattr(reload, "load_policy", broken)
+    log = logging.getLogger("meshtoll.policy")
+    holder = Watched(path, loading, log=log, fingerprint=file_fingerprint, describe=str)
+    task = asyncio.create_task(holder.watch(POLL))
+    try:
+        loader_is_broken = True
         write(path, version("acme globex"))
         await until(lambda: holder.rejected_versions == 1)
-        monkeypatch.setattr(reload, "load_policy", load_policy)
+        loader_is_broken = False
         write(path, version("initech"))
         await until(lambda: set(holder.current.tenants) == {"initech"})
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     [failure] = [record for record in caplog.records if record.levelname == "ERROR"]
     assert str(path) in failure.getMessage()
     assert failure.exc_info is not None

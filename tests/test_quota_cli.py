@@ -11,7 +11,6 @@ import pytest
 
 from meshtoll.cli import main
 from meshtoll.policy import load_policy
-from meshtoll.policy.limits import PolicyLimits
 from meshtoll.storage.redis import RedisCounterStore
 
 POLICY = """
@@ -29,7 +28,7 @@ def policy(tmp_path: Path) -> Path:
 
 
 def consume(policy: Path, redis_url: str, times: int) -> None:
-    checks = PolicyLimits(load_policy(policy)).checks("quotacli", "search", where="authz")
+    checks = load_policy(policy).limits.checks("quotacli", "search", where="authz")
 
     async def run() -> None:
         store = RedisCounterStore(redis_url, timeout_ms=500)

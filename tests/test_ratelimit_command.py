@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshtoll.local.devstack import RedisServer, rls_environment
-from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder, watch_descriptor_configs
+from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder
 from tests.conftest import RunningRls, StartRls
 
 pytestmark = pytest.mark.integration
@@ -99,7 +99,7 @@ async def test_a_kubernetes_configmap_update_is_picked_up(tmp_path: Path) -> Non
     version("..2026_12_01_1", 1)
     (tmp_path / "config.yaml").symlink_to("..data/config.yaml")
     holder = DescriptorConfigHolder(tmp_path, ignore_dot_files=True)
-    task = asyncio.create_task(watch_descriptor_configs(holder, 0.02))
+    task = asyncio.create_task(holder.watch(0.02))
     try:
         assert requests_of(holder) == 1
         version("..2026_12_01_2", 7)

@@ -9,8 +9,8 @@ from decimal import Decimal
 
 import pytest
 
-from meshtoll.meter.billing import NotBillable, billable_tenants, tenant_invoice
-from meshtoll.meter.billing_periods import BadPeriod
+from meshtoll.errors import BadPeriod, NotBillable
+from meshtoll.meter.billing import billable_tenants, tenant_invoice
 from meshtoll.policy import CompiledPolicy, load_policy_text
 from meshtoll.storage import MemoryUsageStore
 from meshtoll.usage.records import Source, UsageRecord

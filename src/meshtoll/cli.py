@@ -385,7 +385,8 @@ def _policy_check(args: argparse.Namespace) -> int:
 
 
 def _quota_show(args: argparse.Namespace) -> int:
-    from meshtoll.ratelimit.quota import UnknownTenant, quota_table, tenant_quota
+    from meshtoll.errors import UnknownTenant
+    from meshtoll.ratelimit.quota import quota_table, tenant_quota
     from meshtoll.storage import open_counter_store
 
     settings = settings_from({"policy": args.policy, "redis_url": args.redis_url})
@@ -468,7 +469,8 @@ def _utc_time(text: str, flag: str) -> float:
 
 
 def _month(text: str | None, flag: str) -> str:
-    from meshtoll.meter.billing_periods import BadPeriod, read_period
+    from meshtoll.errors import BadPeriod
+    from meshtoll.meter.billing_periods import read_period
 
     try:
         return read_period(text, "month")
@@ -477,15 +479,14 @@ def _month(text: str | None, flag: str) -> str:
 
 
 def _billing_invoice(args: argparse.Namespace) -> int:
+    from meshtoll.errors import BadPeriod, NotBillable
     from meshtoll.meter.billing import (
-        NotBillable,
         billable_tenants,
         invoice_document,
         invoice_table,
         invoices_csv,
         tenant_invoice,
     )
-    from meshtoll.meter.billing_periods import BadPeriod
     from meshtoll.meter.pricing import Invoice
     from meshtoll.storage import open_usage_store
 

@@ -4,8 +4,18 @@
     ├── PolicyError               a policy document is invalid; carries every problem found
     │                             (each a PolicyProblem: file, line, field path, message)
     ├── ConfigError               a command-line / environment setting is invalid
-    ├── StorageUnavailable        the shared store did not answer in time (transient: retry,
-    │                             or apply the configured failure policy)
+    ├── StorageError              a call to the shared store failed; `transient` says whether
+    │   │                         the same call may succeed later. Callers apply the
+    │   │                         configured failure policy to both.
+    │   ├── StorageUnavailable    no answer in time, or the connection broke (transient)
+    │   │   └── ConnectionLost    the lean Redis client's connection closed under a call
+    │   └── StorageRefused        Redis answered with an error a retry will not fix (a
+    │                             script it refuses, a wrong type at a key)
+    ├── TokenRejected             a credential (JWT, key) the client sent does not identify it;
+    │                             carries the stable error code of the refusal
+    ├── UnknownTenant             a tenant the policy does not name
+    ├── NotBillable               a tenant that cannot be invoiced (unknown, or no price)
+    ├── BadPeriod                 text that names no billing period
     ├── InvalidRateLimitRequest   an RLS request envoyproxy/ratelimit answers with an error
     │                             (no domain, no descriptors)
     ├── EnvoyNotFound             no Envoy binary to run the local stack with
@@ -50,8 +60,47 @@ class ConfigError(MeshtollError):
     """A setting given on the command line or in the environment is invalid."""
 
 
-class StorageUnavailable(MeshtollError):
+class StorageError(MeshtollError):
+    """A call to the shared store failed."""
+
+    transient = False
+
+
+class StorageUnavailable(StorageError):
     """The shared store could not be reached in time; transient by nature."""
+
+    transient = True
+
+
+class ConnectionLost(StorageUnavailable):
+    """The connection to Redis closed while calls were waiting on it."""
+
+
+class StorageRefused(StorageError):
+    """The store answered with an error: retrying the same call will not help."""
+
+
+class TokenRejected(MeshtollError):
+    """A credential does not identify the caller: `code` is the stable error code of the
+    refusal. `unavailable`: the keys to check it could not be had, not the client's fault."""
+
+    def __init__(self, code: str, message: str, unavailable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.unavailable = unavailable
+
+
+class UnknownTenant(MeshtollError):
+    """A tenant the policy does not name."""
+
+
+class NotBillable(MeshtollError):
+    """The tenant is unknown, or its plan has no price."""
+
+
+class BadPeriod(MeshtollError):
+    """Text that is not a period in the expected form, or names a month that does not exist."""
 
 
 class InvalidRateLimitRequest(MeshtollError):

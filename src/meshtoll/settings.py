@@ -8,10 +8,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from meshtoll.counting.store import FAILURE_MODES
 from meshtoll.errors import ConfigError
 from meshtoll.transport.http_listener import HttpLimits
-
-FAILURE_MODES = ("open", "closed")
 
 _HTTP = HttpLimits(max_connections=0)  # the defaults of the HTTP timeouts live there
 

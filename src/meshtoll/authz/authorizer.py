@@ -17,8 +17,7 @@ from meshtoll.authz.decide import decide
 from meshtoll.authz.jwks import JwksCache
 from meshtoll.authz.verdict import Allow, CheckRequest, Deny, Verdict
 from meshtoll.counting.limits import Check
-from meshtoll.errors import StorageUnavailable
-from meshtoll.policy.limits import PolicyLimits
+from meshtoll.errors import StorageError
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.telemetry.metrics import DecisionCounts
 from meshtoll.usage.records import Admission
@@ -57,7 +56,6 @@ class Authorizer:
         self._limiter = limiter
         self._recorder = recorder
         self._clock = clock
-        self._limits = PolicyLimits(policy.current)
         self._admitting = True
         self._warned_no_request_id = False
 
@@ -72,9 +70,7 @@ class Authorizer:
         policy = self._policy.current
         verdict = decide(request, policy, self._jwks.key_sets, self._clock())
         if isinstance(verdict, Allow) and self._limiter is not None:
-            if self._limits.policy is not policy:
-                self._limits = PolicyLimits(policy)
-            checks = self._limits.checks(verdict.tenant, verdict.route, where="authz")
+            checks = policy.limits.checks(verdict.tenant, verdict.route, where="authz")
             if checks:
                 return self._limited(request, verdict, checks, self._limiter, policy)
         return self._counted(request, verdict, policy)
@@ -89,7 +85,7 @@ class Authorizer:
     ) -> Verdict:
         try:
             limits = await limiter.check(checks)
-        except StorageUnavailable:
+        except StorageError:
             return self._counted(request, LIMITS_UNAVAILABLE, policy)
         if limits.admitted:
             if limits.headers and policy.policy.ratelimit.headers:

@@ -14,8 +14,9 @@ from urllib.parse import parse_qs
 import jwt
 
 from meshtoll.authz.request_path import BadPath, normalize_request_path
-from meshtoll.authz.tokens import TokenRejected, looks_like_jwt, verify_token
+from meshtoll.authz.tokens import looks_like_jwt, verify_token
 from meshtoll.authz.verdict import Allow, CheckRequest, Deny, Verdict
+from meshtoll.errors import TokenRejected
 from meshtoll.policy import CompiledPolicy, CompiledTenant
 from meshtoll.wire import (
     CONSUMER_HEADER,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import jwt
 
+from meshtoll.errors import TokenRejected
 from meshtoll.policy import CompiledPolicy, CompiledTenant
 
 
@@ -19,13 +20,6 @@ from meshtoll.policy import CompiledPolicy, CompiledTenant
 class TokenIdentity:
     tenant: CompiledTenant
     consumer: str
-
-
-@dataclass(frozen=True, slots=True)
-class TokenRejected(Exception):
-    code: str
-    message: str
-    unavailable: bool = False  # the keys could not be had: not the client's fault
 
 
 def looks_like_jwt(value: str) -> bool:

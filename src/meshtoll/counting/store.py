@@ -14,9 +14,13 @@ for its configuration domains in strict compatibility.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 from meshtoll.counting.limits import Check, CheckResult, Increment
+
+# What a limit does when its store cannot answer: admit ("open") or refuse ("closed").
+FailureMode = Literal["open", "closed"]
+FAILURE_MODES: tuple[FailureMode, ...] = ("open", "closed")
 
 
 class CounterStore(Protocol):

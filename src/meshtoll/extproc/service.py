@@ -27,7 +27,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_pb2_grpc
 from google.protobuf import struct_pb2
 
-from meshtoll.errors import StorageUnavailable
+from meshtoll.errors import StorageError
 from meshtoll.extproc.hooks import (
     HeaderChanges,
     RequestContext,
@@ -38,7 +38,6 @@ from meshtoll.extproc.hooks import (
     wants_response_headers,
 )
 from meshtoll.policy import CompiledPolicy
-from meshtoll.policy.limits import PolicyLimits
 from meshtoll.policy.model import Hooks
 from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.usage.recorder import AdmissionRecorder
@@ -88,7 +87,6 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         self._policy = policy
         self._limiter = limiter
         self._recorder = recorder
-        self._limits: PolicyLimits | None = None
         # Outcomes by name: "units_from_body", "fallback_<reason>", "charge_failed", ...
         self.outcomes: Counter[str] = Counter()
 
@@ -192,15 +190,12 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
     async def _charge(self, context: RequestContext, units: int) -> None:
         if self._limiter is None:
             return
-        policy = self._policy()
-        if self._limits is None or self._limits.policy is not policy:
-            self._limits = PolicyLimits(policy)
-        charges = self._limits.charges(context.tenant, context.route, units, where="authz")
+        charges = self._policy().limits.charges(context.tenant, context.route, units, where="authz")
         if not charges:
             return
         try:
             await self._limiter.results(charges)
-        except StorageUnavailable as exc:
+        except StorageError as exc:
             # The response is served either way; the meter still bills the units.
             self.outcomes["charge_failed"] += 1
             log.warning("units of tenant %s not charged to its limits: %s", context.tenant, exc)

@@ -9,15 +9,12 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
-from meshtoll.meter.billing_periods import BadPeriod, months_of, read_period, unit_of
+from meshtoll.errors import BadPeriod, NotBillable
+from meshtoll.meter.billing_periods import months_of, read_period, unit_of
 from meshtoll.meter.pricing import Invoice, InvoiceLine, invoice
 from meshtoll.policy import CompiledPolicy
 from meshtoll.policy.model import Price
 from meshtoll.usage.store import UsageStore
-
-
-class NotBillable(LookupError):
-    """The tenant is unknown, or its plan has no price."""
 
 
 def plan_price(policy: CompiledPolicy, plan_name: str, tenant: str) -> Price:

@@ -9,6 +9,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from meshtoll.errors import BadPeriod
 from meshtoll.policy.model import BillingPeriod
 
 
@@ -26,10 +27,6 @@ _FORMS: dict[BillingPeriod, _Form] = {
     "month": _Form(re.compile(r"(?!0000)[0-9]{4}-(0[1-9]|1[0-2])"), "YYYY-MM", "2026-11", "%Y-%m"),
     "year": _Form(re.compile(r"(?!0000)[0-9]{4}"), "YYYY", "2026", "%Y"),
 }
-
-
-class BadPeriod(ValueError):
-    """Text that is not a period in the expected form, or names a month that does not exist."""
 
 
 def read_period(text: str | None, unit: BillingPeriod = "month", now: float | None = None) -> str:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from meshtoll.errors import StorageUnavailable
+from meshtoll.errors import StorageError
 from meshtoll.usage.store import UsageStore
 
 log = logging.getLogger("meshtoll.meter")
@@ -55,7 +55,7 @@ class Reconciler:
             try:
                 billed = await reconcile(self._store, self._clock(), self._grace)
                 self.backlog = await self._store.backlog()
-            except StorageUnavailable as exc:
+            except StorageError as exc:
                 log.warning("reconciliation skipped: %s", exc)
                 continue
             self.billed += billed

@@ -17,7 +17,7 @@ import logging
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 
-from meshtoll.errors import StorageUnavailable
+from meshtoll.errors import StorageError
 from meshtoll.usage.records import Observation, UsageRecord
 from meshtoll.usage.store import UsageStore
 from meshtoll.wire import is_billable_status
@@ -75,7 +75,7 @@ class Settlement:
     async def _settle(self, batch: list[tuple[float, Observation]]) -> None:
         try:
             found = await self._store.pending([(seen.tenant, seen.request_id) for _, seen in batch])
-        except StorageUnavailable as exc:
+        except StorageError as exc:
             # The wait starts again: an outage must not turn genuine entries into unmatched
             # ones before the admissions buffered meanwhile can reach the store.
             give_up_at = self._clock() + self._wait
@@ -111,7 +111,7 @@ class Settlement:
     async def _record(self, records: list[UsageRecord]) -> None:
         try:
             counted = await self._store.record(records)
-        except StorageUnavailable as exc:
+        except StorageError as exc:
             # Their admissions stay pending: reconciliation bills them.
             self.outcomes["unavailable"] += 1
             log.error("usage batch of %d records not stored: %s", len(records), exc)

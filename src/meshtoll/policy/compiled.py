@@ -9,6 +9,7 @@ from typing import Generic, TypeVar
 import jwt
 
 from meshtoll.policy.document import Document
+from meshtoll.policy.limits import PolicyLimits
 from meshtoll.policy.model import ApiKey, Policy, Route, RouteRule, Tenant
 
 T = TypeVar("T")
@@ -84,6 +85,9 @@ class CompiledPolicy:
         self.body_metered_routes = frozenset(
             name for name, route in self.hooked_routes.items() if route.hooks and route.hooks.usage_from_body
         )
+        # The counter checks of each (tenant, route), built on first use and kept with this
+        # version: a reload starts afresh, nothing else ever rebuilds them.
+        self.limits = PolicyLimits(policy)
         for compiled in self.tenants.values():
             self._index(compiled, document)
         self._check_shared_issuers(document)

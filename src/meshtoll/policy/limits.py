@@ -11,18 +11,18 @@ import functools
 
 from meshtoll.counting.limits import Check, RateLimit
 from meshtoll.keys import counter_key
-from meshtoll.policy import CompiledPolicy
-from meshtoll.policy.model import Route, Tenant
+from meshtoll.policy.model import Policy, Route, Tenant
 
 CACHE_LIMIT = 100_000
 
 
 class PolicyLimits:
-    """One per policy version; the checks of each (tenant, route) are built on first use."""
+    """One per policy version, part of its CompiledPolicy; the checks of each (tenant, route)
+    are built on first use."""
 
-    def __init__(self, policy: CompiledPolicy) -> None:
+    def __init__(self, policy: Policy) -> None:
         self.policy = policy
-        self._routes = {route.name: route for route in policy.policy.routes}
+        self._routes = {route.name: route for route in policy.routes}
         self._cache: dict[tuple[str, str, str], tuple[Check, ...]] = {}
 
     def route(self, name: str) -> Route | None:
@@ -30,7 +30,7 @@ class PolicyLimits:
 
     def enforced_in(self, route: str) -> str:
         found = self._routes.get(route)
-        default = self.policy.policy.ratelimit.enforced_in
+        default = self.policy.ratelimit.enforced_in
         return default if found is None or found.enforced_in is None else found.enforced_in
 
     def checks(self, tenant: str, route: str, *, where: str) -> tuple[Check, ...]:
@@ -64,19 +64,18 @@ class PolicyLimits:
 
     def tenant_checks(self, tenant: str) -> tuple[Check, ...]:
         """The tenant's own limits alone (plan or override): what `quota show` reports."""
-        compiled = self.policy.tenants.get(tenant)
-        if compiled is None:
+        found = self.policy.tenants.get(tenant)
+        if found is None:
             return ()
         return tuple(
-            Check(counter_key(tenant, "tenant", limit), limit)
-            for limit in _tenant_limits(self.policy, compiled.tenant)
+            Check(counter_key(tenant, "tenant", limit), limit) for limit in _tenant_limits(self.policy, found)
         )
 
     def route_checks(self, tenant: str) -> tuple[tuple[str, Check], ...]:
         """(route name, check) for every route limit of the tenant."""
         return tuple(
             (route.name, Check(counter_key(tenant, f"route_{route.name}", limit), limit))
-            for route in self.policy.policy.routes
+            for route in self.policy.routes
             for limit in route.limits
         )
 
@@ -109,8 +108,8 @@ def _forced(limit: RateLimit) -> RateLimit:
     return dataclasses.replace(limit, shadow=True)
 
 
-def _tenant_limits(policy: CompiledPolicy, tenant: Tenant) -> tuple[RateLimit, ...]:
+def _tenant_limits(policy: Policy, tenant: Tenant) -> tuple[RateLimit, ...]:
     if tenant.limits is not None:
         return tenant.limits
-    plan = policy.policy.plans.get(tenant.plan)
+    plan = policy.plans.get(tenant.plan)
     return () if plan is None else plan.limits

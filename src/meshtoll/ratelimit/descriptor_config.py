@@ -17,16 +17,13 @@ Differences from envoyproxy/ratelimit (how requests are counted is strict.py's):
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
 from meshtoll.errors import PolicyError, PolicyProblem
 from meshtoll.policy.document import parse_document
-from meshtoll.policy.reload import load_off_loop
 from meshtoll.policy.screening import read_document
 from meshtoll.ratelimit.descriptor_tree import (
     DescriptorMatch,
@@ -37,6 +34,7 @@ from meshtoll.ratelimit.descriptor_tree import (
     merge,
     read_domain,
 )
+from meshtoll.watched import Watched, directory_fingerprint
 
 log = logging.getLogger("meshtoll.ratelimit.config")
 
@@ -118,51 +116,19 @@ def load_descriptor_configs(
     return DescriptorConfigs(domains)
 
 
-class DescriptorConfigHolder:
-    """The active configuration of a directory; replaced whole, never mutated."""
+class DescriptorConfigHolder(Watched[DescriptorConfigs]):
+    """The active configuration of a directory."""
 
     def __init__(
         self, directory: Path, *, merge_domains: bool = False, ignore_dot_files: bool = False
     ) -> None:
-        self.directory = directory
-        self.load = partial(
+        load = partial(
             load_descriptor_configs, merge_domains=merge_domains, ignore_dot_files=ignore_dot_files
         )
-        self.loaded = directory_fingerprint(directory)
-        self.current = self.load(directory)
-        self.rejected_versions = 0
-        self._listeners: list[Callable[[DescriptorConfigs], Awaitable[None]]] = []
-
-    def on_change(self, listener: Callable[[DescriptorConfigs], Awaitable[None]]) -> None:
-        """`listener` is awaited with each configuration a reload makes active."""
-        self._listeners.append(listener)
-
-    async def replace(self, configs: DescriptorConfigs) -> None:
-        self.current = configs
-        for listener in self._listeners:
-            await listener(configs)
-
-
-def directory_fingerprint(directory: Path) -> tuple[object, ...]:
-    try:
-        resolved = os.path.realpath(directory)
-        entries = sorted(os.scandir(resolved), key=lambda entry: entry.name)
-        return (resolved, *((e.name, e.inode(), e.stat().st_mtime_ns, e.stat().st_size) for e in entries))
-    except OSError:
-        return ()
-
-
-async def watch_descriptor_configs(holder: DescriptorConfigHolder, interval: float) -> None:
-    """Reload the directory when any file in it changes; a bad version is logged and kept out."""
-    while True:
-        await asyncio.sleep(interval)
-        current = directory_fingerprint(holder.directory)
-        if not current or current == holder.loaded:
-            continue
-        holder.loaded = current
-        configs = await load_off_loop(holder.load, holder.directory, log)
-        if configs is None:
-            holder.rejected_versions += 1
-            continue
-        await holder.replace(configs)
-        log.info("rate-limit configuration reloaded: %d domains", len(configs.domains))
+        super().__init__(
+            directory,
+            load,
+            log=log,
+            fingerprint=directory_fingerprint,
+            describe=lambda configs: f"{len(configs.domains)} domains",
+        )

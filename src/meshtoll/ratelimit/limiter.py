@@ -9,17 +9,14 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 from meshtoll.counting.limits import Check, CheckResult, Increment, RateLimit
-from meshtoll.counting.store import CounterStore
-from meshtoll.errors import StorageUnavailable
+from meshtoll.counting.store import CounterStore, FailureMode
+from meshtoll.errors import StorageError
 from meshtoll.ratelimit.verdict import ADMITTED_WITHOUT_LIMITS, LimitVerdict, limit_verdict
 
 log = logging.getLogger("meshtoll.ratelimit")
 
-FailureMode = Literal["open", "closed"]
-FAILURE_MODES: tuple[FailureMode, ...] = ("open", "closed")
 # Admitted without a store answer: the failure policy was "open".
 ADMITTED_BLIND = ADMITTED_WITHOUT_LIMITS
 _REFUSAL_CACHE_LIMIT = 100_000
@@ -70,7 +67,7 @@ class Limiter:
             return cached
         try:
             results = await self.store.check(checks, now)
-        except StorageUnavailable as exc:
+        except StorageError as exc:
             self._store_failed(exc, now)
             return None
         self._remember_refusals(checks, results, now)
@@ -86,7 +83,7 @@ class Limiter:
         None when the store is unavailable and the policy is "open"."""
         try:
             return await self.store.increment(increments, now, stop_when_over=stop_when_over)
-        except StorageUnavailable as exc:
+        except StorageError as exc:
             self._store_failed(exc, now)
             return None
 
@@ -115,7 +112,7 @@ class Limiter:
                     self._refused_until = {key: t for key, t in self._refused_until.items() if t > now}
                 self._refused_until[(check.key, check.limit)] = now + result.retry_after
 
-    def _store_failed(self, exc: StorageUnavailable, now: float) -> None:
+    def _store_failed(self, exc: StorageError, now: float) -> None:
         self.outcomes[f"store_unavailable_{self.failure_mode}"] += 1
         if now - self._last_failure_log >= _FAILURE_LOG_INTERVAL_SECONDS:
             self._last_failure_log = now

@@ -7,15 +7,11 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from meshtoll.counting.limits import Check
+from meshtoll.errors import UnknownTenant
 from meshtoll.policy import CompiledPolicy
-from meshtoll.policy.limits import PolicyLimits
 
 if TYPE_CHECKING:
     from meshtoll.counting.store import CounterStore
-
-
-class UnknownTenant(LookupError):
-    pass
 
 
 async def tenant_quota(
@@ -23,7 +19,7 @@ async def tenant_quota(
 ) -> dict[str, Any]:
     if tenant not in policy.tenants:
         raise UnknownTenant(tenant)
-    limits = PolicyLimits(policy)
+    limits = policy.limits
     scoped = [("tenant", check) for check in limits.tenant_checks(tenant)]
     scoped += [(f"route:{route}", check) for route, check in limits.route_checks(tenant)]
     peeks = [Check(check.key, check.limit, cost=0) for _, check in scoped]

@@ -13,7 +13,7 @@ from envoy.type.v3 import ratelimit_unit_pb2
 from google.protobuf import duration_pb2
 
 from meshtoll.counting.limits import RateLimit
-from meshtoll.errors import InvalidRateLimitRequest, StorageUnavailable
+from meshtoll.errors import InvalidRateLimitRequest, StorageError
 from meshtoll.ratelimit.decision import Descriptor, DescriptorStatus
 from meshtoll.ratelimit.service import RateLimitService
 
@@ -37,7 +37,7 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[
     ) -> rls_pb2.RateLimitResponse:
         try:
             return await should_rate_limit(self._service, request)
-        except StorageUnavailable:
+        except StorageError:
             # The "closed" failure policy: UNAVAILABLE lets Envoy's failure_mode_deny refuse.
             await context.abort(grpc.StatusCode.UNAVAILABLE, "rate-limit store unavailable")
             raise  # abort raises; this line only tells the type checker

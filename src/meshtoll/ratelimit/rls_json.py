@@ -16,7 +16,7 @@ import json
 from envoy.service.ratelimit.v3 import rls_pb2
 from google.protobuf import json_format
 
-from meshtoll.errors import InvalidRateLimitRequest, StorageUnavailable
+from meshtoll.errors import InvalidRateLimitRequest, StorageError
 from meshtoll.ratelimit.rls import should_rate_limit
 from meshtoll.ratelimit.service import RateLimitService
 from meshtoll.transport.http_server import response
@@ -42,7 +42,7 @@ class JsonEndpoint:
             answer = await should_rate_limit(self._service, request)
         except InvalidRateLimitRequest:
             return BAD_REQUEST
-        except StorageUnavailable:
+        except StorageError:
             return UNAVAILABLE
         document = json.dumps(json_format.MessageToDict(answer), separators=(",", ":")).encode()
         if answer.overall_code == rls_pb2.RateLimitResponse.OVER_LIMIT:

@@ -29,6 +29,7 @@ from meshtoll.ratelimit.descriptor_config import (
 )
 from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.ratelimit.strict import StrictLimiter
+from meshtoll.ratelimit.verdict import most_restrictive
 from meshtoll.wire import CHARGE_KEY, CHARGE_UNITS
 
 Compat = Literal["strict", "meshtoll"]
@@ -67,7 +68,6 @@ class RateLimitService:
         self._policy = policy
         self._limiter = limiter
         self._descriptor_configs = descriptor_configs
-        self._limits = None if policy is None else PolicyLimits(policy.current)
         self._compat = compat
         self._compat_domains = dict(compat_domains or {})
         self._strict = strict or StrictLimiter(limiter)
@@ -97,11 +97,10 @@ class RateLimitService:
 
     def _plan(self, domain: str, descriptors: Sequence[Descriptor], hits_addend: int) -> list[_Planned]:
         if self._policy is not None and self._is_policy_domain(domain):
-            policy = self._policy.current
-            if self._limits is None or self._limits.policy is not policy:
-                self._limits = PolicyLimits(policy)
+            limits = self._policy.current.limits
             return [
-                self._policy_planned(descriptor, descriptor.hits(hits_addend)) for descriptor in descriptors
+                self._policy_planned(limits, descriptor, descriptor.hits(hits_addend))
+                for descriptor in descriptors
             ]
         configs = self._descriptor_configs()
         matches = [None if configs is None else configs.match(domain, d.entries) for d in descriptors]
@@ -120,18 +119,17 @@ class RateLimitService:
                 planned.append(_Planned((Check(match.key, match.limit, cost),)))
         return planned
 
-    def _policy_planned(self, descriptor: Descriptor, hits: int) -> _Planned:
+    def _policy_planned(self, limits: PolicyLimits, descriptor: Descriptor, hits: int) -> _Planned:
         entries = dict(descriptor.entries)
         tenant = entries.get("tenant")
-        assert self._limits is not None  # set by _plan for the policy's domain
         if tenant is None:
             return _Planned()
         route = entries.get("route", "")
         if entries.get(CHARGE_KEY) == CHARGE_UNITS:
             # Sent after the response (apply_on_stream_done) with the units the body hook
             # read as hits_addend: charge them to the unit limits that looked before.
-            return _Planned(self._limits.charges(tenant, route, hits, where="service"))
-        checks = self._limits.checks(tenant, route, where="service")
+            return _Planned(limits.charges(tenant, route, hits, where="service"))
+        checks = limits.checks(tenant, route, where="service")
         if descriptor.override is not None:
             # Envoy's per-descriptor limit replaces the policy's for this descriptor.
             return _Planned(
@@ -142,13 +140,9 @@ class RateLimitService:
     def _status(self, planned: _Planned, results: Sequence[CheckResult]) -> DescriptorStatus:
         if not planned.checks:
             return planned.empty_status
-        enforce = not self._limiter.shadow
-        pairs = list(zip(planned.checks, results, strict=True))
-        refusing = [pair for pair in pairs if not pair[1].allowed and not pair[0].limit.shadow and enforce]
-        if refusing:
-            check, result = max(refusing, key=lambda pair: pair[1].retry_after)
+        refused, check, result = most_restrictive(planned.checks, results, enforce=not self._limiter.shadow)
+        if refused:
             return DescriptorStatus(True, check.limit, 0, result.retry_after)
-        check, result = min(pairs, key=lambda pair: pair[1].remaining)
         return DescriptorStatus(False, check.limit, result.remaining, result.reset_seconds)
 
 

@@ -30,17 +30,29 @@ def limit_verdict(
     """`enforce=False` is global shadow mode: everything is evaluated, nothing refused."""
     if not checks:
         return ADMITTED_WITHOUT_LIMITS
+    refused, check, result = most_restrictive(checks, results, enforce=enforce)
+    if refused:
+        code = "quota_exceeded" if check.limit.period in QUOTA_PERIODS else "rate_limited"
+        return LimitVerdict(False, code, rate_limit_headers(check, result, refused=True), (check, result))
+    return LimitVerdict(True, "", rate_limit_headers(check, result, refused=False), (check, result))
+
+
+def most_restrictive(
+    checks: Sequence[Check], results: Sequence[CheckResult], *, enforce: bool = True
+) -> tuple[bool, Check, CheckResult]:
+    """The limit that speaks for a decision (at least one check): whether it refuses, and
+    which. Refused: the refusing limit that admits again last, since the client may retry
+    only then. Admitted: the enforced limit with the fewest requests left (the sooner reset
+    on a tie), or a shadow one when all are shadow. What authz's RateLimit headers and each
+    RLS descriptor status report."""
     pairs = list(zip(checks, results, strict=True))
     enforced = [(check, result) for check, result in pairs if not check.limit.shadow]
     refusing = [(check, result) for check, result in enforced if not result.allowed]
     if refusing and enforce:
-        # The client may retry once the last refusing limit admits again.
         check, result = max(refusing, key=lambda pair: pair[1].retry_after)
-        code = "quota_exceeded" if check.limit.period in QUOTA_PERIODS else "rate_limited"
-        return LimitVerdict(False, code, rate_limit_headers(check, result, refused=True), (check, result))
-    candidates = enforced or pairs
-    check, result = min(candidates, key=lambda pair: (pair[1].remaining, -pair[1].reset_seconds))
-    return LimitVerdict(True, "", rate_limit_headers(check, result, refused=False), (check, result))
+        return True, check, result
+    check, result = min(enforced or pairs, key=lambda pair: (pair[1].remaining, -pair[1].reset_seconds))
+    return False, check, result
 
 
 def rate_limit_headers(check: Check, result: CheckResult, *, refused: bool) -> Headers:

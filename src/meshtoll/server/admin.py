@@ -9,13 +9,13 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-from meshtoll.errors import StorageUnavailable
-from meshtoll.meter.billing import NotBillable, invoice_document, tenant_invoice
-from meshtoll.meter.billing_periods import BadPeriod, read_period
+from meshtoll.errors import BadPeriod, NotBillable, StorageError, UnknownTenant
+from meshtoll.meter.billing import invoice_document, tenant_invoice
+from meshtoll.meter.billing_periods import read_period
 from meshtoll.meter.usage_report import usage_document
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.peer_stats import DescriptorStats
-from meshtoll.ratelimit.quota import UnknownTenant, tenant_quota
+from meshtoll.ratelimit.quota import tenant_quota
 from meshtoll.server.admin_access import OPEN_PATHS, AdminAccess
 from meshtoll.telemetry.metrics import DecisionCounts, Metrics
 from meshtoll.transport.http_server import response
@@ -89,7 +89,7 @@ class AdminHandler:
             quota = await tenant_quota(self.policy.current, self.store, tenant, time.time())
         except UnknownTenant:
             return _json(404, {"error": "unknown_tenant", "message": f"no tenant {tenant!r} in the policy"})
-        except StorageUnavailable as exc:
+        except StorageError as exc:
             return _json(503, {"error": "store_unavailable", "message": str(exc)})
         return _json(200, quota)
 
@@ -106,7 +106,7 @@ class AdminHandler:
             return _json(400, {"error": "bad_period", "message": f"period {exc}"})
         except NotBillable as exc:
             return _json(404, {"error": "not_billable", "message": str(exc)})
-        except StorageUnavailable as exc:
+        except StorageError as exc:
             return _json(503, {"error": "store_unavailable", "message": str(exc)})
 
     @staticmethod

@@ -26,8 +26,8 @@ from meshtoll.extproc.service import ExternalProcessorServicer
 from meshtoll.meter.als import AccessLogServicer
 from meshtoll.meter.reconcile import Reconciler
 from meshtoll.meter.settle import Settlement
-from meshtoll.policy.reload import PolicyHolder, watch_policy
-from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder, watch_descriptor_configs
+from meshtoll.policy.reload import PolicyHolder
+from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder
 from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.ratelimit.peer_stats import DescriptorStats
 from meshtoll.ratelimit.rls import RateLimitServicer
@@ -98,7 +98,7 @@ class App:
             configs = await asyncio.to_thread(DescriptorConfigHolder, settings.ratelimit_config)
             self._background(
                 "rate-limit config watcher",
-                lambda: watch_descriptor_configs(configs, settings.policy_poll_seconds),
+                lambda: configs.watch(settings.policy_poll_seconds),
             )
             self.admin.metrics.count_rejected_ratelimit_configs(configs)
         self._store = store = open_counter_store(settings.redis_url, timeout_ms=settings.redis_timeout_ms)
@@ -109,7 +109,7 @@ class App:
         )
         jwks = JwksCache()
         holder.on_change(jwks.policy_changed)
-        self._background("policy watcher", lambda: watch_policy(holder, settings.policy_poll_seconds))
+        self._background("policy watcher", lambda: holder.watch(settings.policy_poll_seconds))
         self._background("JWKS refresher", lambda: jwks.refresh_forever(lambda: holder.current))
         self._usage = usage = open_usage_store(
             settings.redis_url, ledger_retention_seconds=settings.ledger_retention_days * 86400

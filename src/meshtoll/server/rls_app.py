@@ -30,7 +30,6 @@ from meshtoll.errors import ConfigError
 from meshtoll.ratelimit.descriptor_config import (
     DescriptorConfigHolder,
     DescriptorConfigs,
-    watch_descriptor_configs,
 )
 from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.ratelimit.peer_response import HeaderNames
@@ -99,9 +98,7 @@ class RlsApp:
                 ignore_dot_files=settings.ignore_dot_files,
             )
         )
-        self._background(
-            "rate-limit config watcher", lambda: watch_descriptor_configs(configs, CONFIG_POLL_SECONDS)
-        )
+        self._background("rate-limit config watcher", lambda: configs.watch(CONFIG_POLL_SECONDS))
         self._store = store = open_counter_store(settings.redis_url, timeout_ms=settings.redis_timeout_ms)
         # "closed": a store that cannot answer is a gRPC error, as the peer's Redis errors are.
         limiter = Limiter(store, failure_mode="closed", shadow=settings.shadow_mode)

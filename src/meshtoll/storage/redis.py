@@ -32,12 +32,12 @@ from redis.crc import key_slot
 
 from meshtoll.counting import algorithms
 from meshtoll.counting.limits import Check, CheckResult, Increment
-from meshtoll.errors import StorageUnavailable
+from meshtoll.errors import ConnectionLost, StorageRefused, StorageUnavailable
 from meshtoll.storage.breaker import CircuitBreaker
 from meshtoll.storage.resp import LeanRedis, encode
 from meshtoll.storage.urls import RedisTarget, parse_redis_url
 
-_FAILURES = (redis.exceptions.RedisError, OSError, TimeoutError, ssl.SSLError)
+_FAILURES = (redis.exceptions.RedisError, OSError, TimeoutError, ssl.SSLError, ConnectionLost)
 
 
 def _lua(name: str) -> str:
@@ -204,7 +204,7 @@ class _LeanRunner:
             await self._redis.call(encode(["SCRIPT", "LOAD", script.text]))
             reply = await self._redis.call(command)
         if isinstance(reply, hiredis.ReplyError):
-            raise StorageUnavailable(f"Redis refused the decision script: {reply}")
+            raise StorageRefused(f"Redis refused the decision script: {reply}")
         assert isinstance(reply, list)
         return reply
 

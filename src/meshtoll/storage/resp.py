@@ -17,11 +17,9 @@ from collections.abc import Sequence
 
 import hiredis
 
+from meshtoll.errors import ConnectionLost
+
 Argument = bytes | str | int
-
-
-class ConnectionLost(ConnectionError):
-    pass
 
 
 def encode(arguments: Sequence[Argument]) -> bytes:

@@ -17,7 +17,7 @@ import orjson
 import redis.asyncio
 import redis.exceptions
 
-from meshtoll.errors import StorageUnavailable
+from meshtoll.errors import StorageRefused, StorageUnavailable
 from meshtoll.keys import (
     PENDING_TENANTS_KEY,
     USAGE_TENANTS_KEY,
@@ -127,7 +127,7 @@ class RedisUsageStore:
             await self._lean.call(hiredis.pack_command(load))
             reply = await self._lean.call(command)
         if isinstance(reply, hiredis.ReplyError):
-            raise StorageUnavailable(f"Redis refused the usage batch: {reply}")
+            raise StorageRefused(f"Redis refused the usage batch: {reply}")
         return reply
 
     async def usage(self, tenant: str, period: str) -> TenantUsage:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import Gauge, InMemoryMetricReader, Sum
 
-from meshtoll.policy.reload import PolicyHolder
-from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder
+from meshtoll.watched import Watched
 
 
 class DecisionCounts:
@@ -34,7 +34,7 @@ class DecisionCounts:
 
 
 class Metrics:
-    def __init__(self, decisions: DecisionCounts, policy: Callable[[], PolicyHolder | None]) -> None:
+    def __init__(self, decisions: DecisionCounts, policy: Callable[[], Watched[Any] | None]) -> None:
         self.reader = InMemoryMetricReader()
         self.provider = MeterProvider(metric_readers=[self.reader])
         meter = self.provider.get_meter("meshtoll")
@@ -42,7 +42,7 @@ class Metrics:
             "meshtoll_authz_decisions", callbacks=[decisions.observe], description="authz decisions"
         )
 
-        policy_gauges: tuple[tuple[str, str, Callable[[PolicyHolder], int]], ...] = (
+        policy_gauges: tuple[tuple[str, str, Callable[[Watched[Any]], int]], ...] = (
             ("meshtoll_policy_version", "active policy version (1 at start, +1 per reload)", _version),
             ("meshtoll_policy_tenants", "tenants in the active policy", _tenants),
         )
@@ -56,7 +56,7 @@ class Metrics:
             description="policy file versions rejected since start (each logged with its problems)",
         )
 
-    def count_rejected_ratelimit_configs(self, holder: DescriptorConfigHolder) -> None:
+    def count_rejected_ratelimit_configs(self, holder: Watched[Any]) -> None:
         """Export how many versions of the envoyproxy/ratelimit directory were rejected."""
 
         def observe(options: CallbackOptions) -> Iterable[Observation]:
@@ -111,7 +111,7 @@ def _prometheus_lines(name: str, description: str | None, data: object) -> list[
 
 
 def _observe_policy(
-    policy: Callable[[], PolicyHolder | None], read: Callable[[PolicyHolder], int]
+    policy: Callable[[], Watched[Any] | None], read: Callable[[Watched[Any]], int]
 ) -> Callable[[CallbackOptions], Iterable[Observation]]:
     def observe(options: CallbackOptions) -> Iterable[Observation]:
         holder = policy()
@@ -120,13 +120,13 @@ def _observe_policy(
     return observe
 
 
-def _version(holder: PolicyHolder) -> int:
+def _version(holder: Watched[Any]) -> int:
     return holder.version
 
 
-def _tenants(holder: PolicyHolder) -> int:
+def _tenants(holder: Watched[Any]) -> int:
     return len(holder.current.tenants)
 
 
-def _rejected(holder: PolicyHolder) -> int:
+def _rejected(holder: Watched[Any]) -> int:
     return holder.rejected_versions

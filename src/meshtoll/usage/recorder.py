@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from meshtoll.errors import StorageUnavailable
+from meshtoll.errors import StorageError
 from meshtoll.usage.records import Admission, ReportedUnits
 from meshtoll.usage.store import UsageStore
 
@@ -50,7 +50,7 @@ class AdmissionRecorder:
                 batch = []
             if reports:
                 await self._store.report_units(reports)
-        except StorageUnavailable as exc:
+        except StorageError as exc:
             # Kept, oldest first, for the next flush.
             self._buffer[:0] = batch
             self._reports[:0] = reports

@@ -1,0 +1,131 @@
+"""A file (or directory) that is loaded, watched and swapped in whole when a new version
+validates: the policy and envoyproxy/ratelimit's configuration directory both live in one.
+
+Readers take `current` once and keep that object, so a swap never changes a version under a
+decision in flight. The source is polled by its resolved path and inode, which also catches
+a Kubernetes ConfigMap update (an atomic swap of the `..data` symlink that leaves the
+mounted file's own path and mtime looking unchanged). A rejected version is logged once,
+counted in `rejected_versions`, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+from collections.abc import Awaitable, Callable, Hashable
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from meshtoll.errors import PolicyError
+
+Loaded = TypeVar("Loaded")
+Fingerprint = Hashable
+Listener = Callable[[Loaded], Awaitable[None] | None]
+
+# A generated file can be wrong in every entry: the log gets the first problems, not a
+# hundred thousand lines at each poll of a broken version.
+LOGGED_PROBLEMS = 50
+
+
+class Watched(Generic[Loaded]):
+    """The active version of `path`; replaced whole, never mutated."""
+
+    def __init__(
+        self,
+        path: Path,
+        load: Callable[[Path], Loaded],
+        *,
+        log: logging.Logger,
+        fingerprint: Callable[[Path], Fingerprint | None],
+        describe: Callable[[Loaded], str],
+    ) -> None:
+        """Loads the first version now; its errors (PolicyError) are the caller's."""
+        self.path = path
+        self._load = load
+        self._log = log
+        self._fingerprint = fingerprint
+        self._describe = describe
+        # Fingerprint first: a change that lands while loading is then seen as a change.
+        self.loaded = fingerprint(path)  # the version `current` came from
+        self.current = load(path)
+        self.version = 1
+        self.rejected_versions = 0
+        self._listeners: list[Listener[Loaded]] = []
+
+    def on_change(self, listener: Listener[Loaded]) -> None:
+        """`listener` is called (awaited, if it is a coroutine) with each new version."""
+        self._listeners.append(listener)
+
+    async def replace(self, value: Loaded) -> None:
+        self.current = value
+        self.version += 1
+        for listener in self._listeners:
+            try:
+                heard = listener(value)
+                if inspect.isawaitable(heard):
+                    await heard
+            except Exception:
+                # The version is active already; one failing listener must neither keep the
+                # others from hearing of it nor end the watcher that called us.
+                self._log.exception("%s version %d: a listener failed", self.path, self.version)
+
+    async def watch(self, interval: float) -> None:
+        """Poll every `interval` seconds and reload on a change; runs until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            current = self._fingerprint(self.path)
+            if current is None or current == self.loaded:
+                continue
+            self.loaded = current
+            value = await load_off_loop(self._load, self.path, self._log)
+            if value is None:
+                self.rejected_versions += 1
+                continue
+            await self.replace(value)
+            self._log.info("%s reloaded: version %d, %s", self.path, self.version, self._describe(value))
+
+
+def file_fingerprint(path: Path) -> Fingerprint | None:
+    try:
+        resolved = os.path.realpath(path)
+        stat = os.stat(resolved)
+    except OSError:
+        return None
+    return (resolved, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+def directory_fingerprint(directory: Path) -> Fingerprint | None:
+    try:
+        resolved = os.path.realpath(directory)
+        entries = sorted(os.scandir(resolved), key=lambda entry: entry.name)
+        return (resolved, *((e.name, e.inode(), e.stat().st_mtime_ns, e.stat().st_size) for e in entries))
+    except OSError:
+        return None
+
+
+async def load_off_loop(
+    load: Callable[[Path], Loaded], source: Path, logger: logging.Logger
+) -> Loaded | None:
+    """Load a new version in a thread (a large policy takes seconds to compile); None, logged,
+    when the version is rejected.
+
+    Whatever the version holds, the watcher calling this must live on: a later version (a
+    revoked key) still has to apply. So an exception the loader did not mean to raise is
+    logged with its traceback and treated as a rejection, not passed up to end the watcher.
+    """
+    try:
+        return await asyncio.to_thread(load, source)
+    except PolicyError as exc:
+        logger.error("%s: new version rejected, the previous one stays:\n%s", source, _first_problems(exc))
+    except Exception:
+        logger.exception("%s: new version failed to load (a meshtoll bug), the previous one stays", source)
+    return None
+
+
+def _first_problems(error: PolicyError) -> str:
+    lines = [str(problem) for problem in error.problems[:LOGGED_PROBLEMS]]
+    if len(error.problems) > LOGGED_PROBLEMS:
+        lines.append(f"... and {len(error.problems) - LOGGED_PROBLEMS} more problems")
+    return "\n".join(lines)
