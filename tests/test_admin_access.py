@@ -3,14 +3,15 @@ probes and metrics open to all."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
 
-from meshtoll.policy.reload import PolicyHolder
 from meshtoll.server.admin import AdminHandler
-from meshtoll.telemetry.metrics import DecisionCounts
+from meshtoll.server.services import build
+from meshtoll.settings import Settings
 from tests.client import fetch
 from tests.serve import EXAMPLE_POLICY, running_serve
 
@@ -19,9 +20,7 @@ OPEN_PATHS = ("/healthz", "/readyz", "/metrics")
 
 
 def loaded_handler(admin_token: str | None = None) -> AdminHandler:
-    handler = AdminHandler(DecisionCounts(), admin_token)
-    handler.policy = PolicyHolder.from_file(EXAMPLE_POLICY)
-    return handler
+    return asyncio.run(build(Settings(policy=EXAMPLE_POLICY, admin_token=admin_token))).admin
 
 
 def answer(handler: AdminHandler, path: str, peer: str, headers: dict[str, str] | None = None) -> bytes:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from meshtoll.errors import ConfigError
-from meshtoll.policy.reload import PolicyHolder
-from meshtoll.server.admin import AdminHandler
+from meshtoll.server.admin import while_starting
+from meshtoll.server.services import build
 from meshtoll.settings import Settings, settings_from
-from meshtoll.telemetry.metrics import DecisionCounts
+from meshtoll.transport.http_server import Handler, StartingHandler
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "policy.yaml"
 
@@ -33,17 +34,18 @@ def test_bad_environment_values_name_the_variable() -> None:
         settings_from({"workers": 0}, {})
 
 
-def respond(handler: AdminHandler, path: str) -> bytes:
+def respond(handler: Handler, path: str) -> bytes:
     answer = handler("GET", path, {}, "127.0.0.1")
     assert isinstance(answer, bytes)
     return answer
 
 
 def test_readyz_is_503_until_the_policy_has_loaded_then_200() -> None:
-    handler = AdminHandler(DecisionCounts())
+    handler = StartingHandler(meanwhile=while_starting)
     assert respond(handler, "/healthz").startswith(b"HTTP/1.1 200 ")
     assert respond(handler, "/readyz").startswith(b"HTTP/1.1 503 ")
-    handler.policy = PolicyHolder.from_file(EXAMPLE)
+    assert respond(handler, "/api/policy").startswith(b"HTTP/1.1 503 ")
+    handler.ready(asyncio.run(build(Settings(policy=EXAMPLE))).admin)
     ready = respond(handler, "/readyz")
     assert ready.startswith(b"HTTP/1.1 200 ")
     assert ready.endswith(b'{"status": "ready", "policy_version": 1}')

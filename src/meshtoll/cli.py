@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
 import secrets
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from meshtoll.errors import ConfigError, MeshtollError, PolicyError
 from meshtoll.policy import load_policy
-from meshtoll.settings import Settings, compat_domains, settings_from
+from meshtoll.settings import Settings, boolean, settings_from
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
@@ -43,99 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands")
 
     serve = commands.add_parser("serve", help="run the services Envoy calls")
-    defaults = Settings()
-    for flag, field, kind, help_text in (
-        ("--policy", "policy", Path, "the tenant policy file"),
-        ("--host", "host", str, "address every port listens on (0.0.0.0: Envoy may be in another pod)"),
-        ("--grpc-port", "grpc_port", int, "gRPC port: ext_authz Check and health"),
-        ("--http-authz-port", "http_authz_port", int, "HTTP ext_authz port (the fast path)"),
-        ("--admin-port", "admin_port", int, "admin HTTP port: /healthz, /readyz, /api/*"),
-        ("--redis-url", "redis_url", str, "Redis URL for shared state"),
-        ("--workers", "workers", int, "worker processes sharing the ports"),
-        ("--policy-poll-seconds", "policy_poll_seconds", float, "how often to check the policy file"),
-        ("--ratelimit-config", "ratelimit_config", Path, "directory of envoyproxy/ratelimit YAML files"),
-        (
-            "--ratelimit-failure-mode",
-            "ratelimit_failure_mode",
-            str,
-            "without Redis: open (allow) or closed (refuse)",
-        ),
-        (
-            "--ratelimit-compat",
-            "ratelimit_compat",
-            str,
-            "envoyproxy/ratelimit domains: strict (answer as it does) or meshtoll (all or nothing)",
-        ),
-        ("--redis-timeout-ms", "redis_timeout_ms", int, "bound on each Redis round trip"),
-        (
-            "--reconcile-grace-seconds",
-            "reconcile_grace_seconds",
-            float,
-            "wait before billing from admissions",
-        ),
-        ("--ledger-retention-days", "ledger_retention_days", int, "how long the usage ledger keeps records"),
-        (
-            "--admin-token",
-            "admin_token",
-            str,
-            "bearer token the admin port's /api/* requires (without one, loopback clients only); "
-            "prefer the environment variable: every local user can read a process's arguments",
-        ),
-        ("--tls-cert", "tls_cert", Path, "PEM certificate chain: TLS on the gRPC and HTTP authz ports"),
-        ("--tls-key", "tls_key", Path, "PEM private key of --tls-cert"),
-        ("--tls-client-ca", "tls_client_ca", Path, "PEM CA bundle: require client certificates (mTLS)"),
-        (
-            "--http-header-timeout-seconds",
-            "http_header_timeout_seconds",
-            float,
-            "HTTP ports: a request must arrive within this time of its first byte, or get 408",
-        ),
-        (
-            "--http-idle-timeout-seconds",
-            "http_idle_timeout_seconds",
-            float,
-            "HTTP ports: close a keep-alive connection after this long without a request",
-        ),
-        (
-            "--http-max-connections",
-            "http_max_connections",
-            int,
-            "HTTP authz port: open connections per process, more get 503 (0: half the file descriptors, "
-            "at most 10000)",
-        ),
-        ("--admin-max-connections", "admin_max_connections", int, "admin port: open connections per process"),
-        (
-            "--uds-dir",
-            "uds_dir",
-            Path,
-            "also listen on Unix sockets grpc.sock and authz.sock here (for an Envoy in the same pod)",
-        ),
-    ):
-        default = getattr(defaults, field)
-        serve.add_argument(
-            flag,
-            dest=field,
-            type=kind,
-            default=None,
-            help=f"{help_text} (env {Settings.env_name(field)}, default {default})",
-        )
-    serve.add_argument(
-        "--ratelimit-shadow-mode",
-        dest="ratelimit_shadow_mode",
-        action="store_true",
-        default=None,
-        help="evaluate and count every limit but enforce none (env MESHTOLL_RATELIMIT_SHADOW_MODE)",
-    )
-    serve.add_argument(
-        "--ratelimit-compat-domain",
-        dest="ratelimit_compat_domains",
-        action="extend",
-        type=_compat_domains,
-        default=None,
-        metavar="NAME=MODE",
-        help="answer domain NAME otherwise than --ratelimit-compat says: strict or meshtoll; repeat "
-        "for more (env MESHTOLL_RATELIMIT_COMPAT_DOMAINS, comma-separated)",
-    )
+    _settings_flags(serve)
     serve.set_defaults(command=_serve)
 
     ratelimit = commands.add_parser(
@@ -319,11 +228,47 @@ def _render(args: argparse.Namespace) -> int:
     return run_render(targets, params, args.out, args.check)
 
 
-def _compat_domains(text: str) -> tuple[tuple[str, str], ...]:
-    try:
-        return compat_domains(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _settings_flags(serve: argparse.ArgumentParser) -> None:
+    """One flag per Settings field: --field-name, its help and parser from the field. None
+    when not given, so that settings_from can tell a flag from the environment."""
+    for field in dataclasses.fields(Settings):
+        meta = field.metadata
+        flag = meta["flag"] or "--" + field.name.replace("_", "-")
+        help_text = f"{meta['help']} (env {Settings.env_name(field.name)}, default {field.default})"
+        if meta["parse"] is boolean:
+            serve.add_argument(flag, dest=field.name, action="store_true", default=None, help=help_text)
+        elif isinstance(field.default, tuple):  # a list: the flag repeats, each one adds
+            serve.add_argument(
+                flag,
+                dest=field.name,
+                action="extend",
+                type=_flag_value(meta["parse"]),
+                default=None,
+                metavar=meta["metavar"],
+                help=help_text,
+            )
+        else:
+            serve.add_argument(
+                flag,
+                dest=field.name,
+                type=_flag_value(meta["parse"]),
+                default=None,
+                metavar=meta["metavar"],
+                help=help_text,
+            )
+
+
+def _flag_value(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """`parse`, with argparse's error (the flag named) when the text is not a value."""
+
+    def value(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc) or f"invalid value {text!r}") from None
+
+    value.__name__ = getattr(parse, "__name__", "value")
+    return value
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -387,19 +332,15 @@ def _policy_check(args: argparse.Namespace) -> int:
 def _quota_show(args: argparse.Namespace) -> int:
     from meshtoll.errors import UnknownTenant
     from meshtoll.ratelimit.quota import quota_table, tenant_quota
-    from meshtoll.storage import open_counter_store
+    from meshtoll.storage import counter_store
 
     settings = settings_from({"policy": args.policy, "redis_url": args.redis_url})
-    if settings.redis_url is None:
-        raise ConfigError("quota show reads the shared counters: give --redis-url or MESHTOLL_REDIS_URL")
+    _needs_redis(settings, "quota show reads the shared counters")
     policy = load_policy(settings.policy)
 
     async def read() -> dict[str, object]:
-        store = open_counter_store(settings.redis_url, timeout_ms=settings.redis_timeout_ms)
-        try:
+        async with counter_store(settings.redis_url, timeout_ms=settings.redis_timeout_ms) as store:
             return await tenant_quota(policy, store, args.tenant, time.time())
-        finally:
-            await store.close()
 
     try:
         quota = asyncio.run(read())
@@ -412,20 +353,16 @@ def _quota_show(args: argparse.Namespace) -> int:
 
 def _usage_show(args: argparse.Namespace) -> int:
     from meshtoll.meter.usage_report import usage_document, usage_table
-    from meshtoll.storage import open_usage_store
+    from meshtoll.storage import usage_store
     from meshtoll.usage.tallies import TenantUsage
 
     settings = settings_from({"redis_url": args.redis_url})
-    if settings.redis_url is None:
-        raise ConfigError("usage show reads the shared usage store: give --redis-url or MESHTOLL_REDIS_URL")
+    _needs_redis(settings, "usage show reads the shared usage store")
     period = _month(args.period, "--period")
 
     async def read() -> TenantUsage:
-        store = open_usage_store(settings.redis_url)
-        try:
+        async with usage_store(settings.redis_url) as store:
             return await store.usage(args.tenant, period)
-        finally:
-            await store.close()
 
     usage = asyncio.run(read())
     print(json.dumps(usage_document(usage), indent=2) if args.format == "json" else usage_table(usage))
@@ -434,26 +371,27 @@ def _usage_show(args: argparse.Namespace) -> int:
 
 def _usage_export(args: argparse.Namespace) -> int:
     from meshtoll.meter.export import export
-    from meshtoll.storage import open_usage_store
+    from meshtoll.storage import usage_store
     from meshtoll.usage.records import UsageRecord
 
     settings = settings_from({"redis_url": args.redis_url})
-    if settings.redis_url is None:
-        raise ConfigError("usage export reads the shared ledger: give --redis-url or MESHTOLL_REDIS_URL")
+    _needs_redis(settings, "usage export reads the shared ledger")
     since, until = _utc_time(args.since, "--since"), _utc_time(args.until, "--until")
 
     async def read() -> list[UsageRecord]:
-        store = open_usage_store(settings.redis_url)
-        try:
+        async with usage_store(settings.redis_url) as store:
             # Every tenant with usage, from the store's own index: one that has left the
             # policy still owes what it used.
             tenants = [args.tenant] if args.tenant else await store.tenants()
             return [record for tenant in tenants for record in await store.ledger(tenant, since, until)]
-        finally:
-            await store.close()
 
     sys.stdout.write(export(asyncio.run(read()), args.format))
     return 0
+
+
+def _needs_redis(settings: Settings, why: str) -> None:
+    if settings.redis_url is None:
+        raise ConfigError(f"{why}: give --redis-url or MESHTOLL_REDIS_URL")
 
 
 def _utc_time(text: str, flag: str) -> float:
@@ -488,19 +426,15 @@ def _billing_invoice(args: argparse.Namespace) -> int:
         tenant_invoice,
     )
     from meshtoll.meter.pricing import Invoice
-    from meshtoll.storage import open_usage_store
+    from meshtoll.storage import usage_store
 
     settings = settings_from({"policy": args.policy, "redis_url": args.redis_url})
-    if settings.redis_url is None:
-        raise ConfigError("billing reads the shared usage store: give --redis-url or MESHTOLL_REDIS_URL")
+    _needs_redis(settings, "billing reads the shared usage store")
     policy = load_policy(settings.policy)
 
     async def bills(tenants: list[str]) -> list[Invoice]:
-        store = open_usage_store(settings.redis_url)
-        try:
+        async with usage_store(settings.redis_url) as store:
             return [await tenant_invoice(policy, store, tenant, args.period) for tenant in tenants]
-        finally:
-            await store.close()
 
     try:
         found = asyncio.run(bills(billable_tenants(policy, args.period) if args.all else [args.tenant]))

@@ -7,54 +7,114 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TypeVar
 
 from meshtoll.counting.store import FAILURE_MODES
 from meshtoll.errors import ConfigError
 from meshtoll.transport.http_listener import HttpLimits
 
 _HTTP = HttpLimits(max_connections=0)  # the defaults of the HTTP timeouts live there
+Value = TypeVar("Value")
+
+
+def setting(
+    default: Value,
+    help: str,
+    parse: Callable[[str], object] = str,
+    *,
+    flag: str | None = None,
+    metavar: str | None = None,
+    secret: bool = False,
+) -> Value:
+    """A Settings field that knows its flag's help, and how to read its text (from a flag or
+    an environment variable)."""
+    metadata = {"help": help, "parse": parse, "flag": flag, "metavar": metavar}
+    return dataclasses.field(default=default, metadata=metadata, repr=not secret)
+
+
+def boolean(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+def compat_domains(raw: str) -> tuple[tuple[str, str], ...]:
+    """`NAME=MODE[,NAME=MODE...]`, as --ratelimit-compat-domain and its variable are written."""
+    pairs = []
+    for item in raw.split(","):
+        domain, equals, compat = item.strip().partition("=")
+        if not equals or not domain:
+            raise ValueError(f"{item!r} is not NAME=strict or NAME=meshtoll")
+        pairs.append((domain, compat))
+    return tuple(pairs)
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    policy: Path = Path("policy.yaml")
-    host: str = "0.0.0.0"
-    grpc_port: int = 8081
-    http_authz_port: int = 8082
-    admin_port: int = 8090
-    redis_url: str | None = None
-    workers: int = 1
-    policy_poll_seconds: float = 1.0
-    ratelimit_config: Path | None = None  # a directory of envoyproxy/ratelimit YAML files
-    ratelimit_failure_mode: str = "open"  # when the store cannot answer: allow, or refuse
-    ratelimit_shadow_mode: bool = False  # evaluate and count every limit, enforce none
-    # envoyproxy/ratelimit configuration domains: answered exactly as it answers ("strict"),
-    # or counted meshtoll's way ("meshtoll": all or nothing, calendar months).
-    ratelimit_compat: str = "strict"
-    # Domains answered otherwise than ratelimit_compat says: (domain, "strict" | "meshtoll").
-    ratelimit_compat_domains: tuple[tuple[str, str], ...] = ()
-    redis_timeout_ms: int = 50
-    reconcile_grace_seconds: float = 30.0  # how long an admission waits for its access-log record
-    # How long the usage ledger keeps records for export; the period counters invoices read
-    # keep their own, longer retention.
-    ledger_retention_days: int = 400
-    # Bearer token for the admin port's /api/*; without one, /api/* answers loopback clients
-    # only. Kept out of repr so that a logged Settings does not carry it.
-    admin_token: str | None = dataclasses.field(default=None, repr=False)
-    # TLS on the gRPC and HTTP authz ports (PEM files); with a client CA, mutual TLS.
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    # Bounds on the HTTP authz and admin ports' connections (see transport/http_listener.py): a request
-    # must arrive within the header timeout, a connection idle this long closes.
-    http_header_timeout_seconds: float = _HTTP.header_timeout_seconds
-    http_idle_timeout_seconds: float = _HTTP.idle_timeout_seconds
-    http_max_connections: int = 0  # 0: half the process's file descriptors, at most 10,000
-    # The admin port's own cap, so that /healthz answers while the authz port is flooded.
-    admin_max_connections: int = 256
-    # A directory where meshtoll also listens on Unix domain sockets (server/listeners.py names
-    # them), for an Envoy in the same pod: no TCP, no port a neighbour could reach.
-    uds_dir: Path | None = None
+    """Every field is a `meshtoll serve` flag (--field-name) and an environment variable
+    (MESHTOLL_FIELD_NAME), both generated from the field: its help and parser live here."""
+
+    policy: Path = setting(Path("policy.yaml"), "the tenant policy file", Path)
+    host: str = setting("0.0.0.0", "address every port listens on (0.0.0.0: Envoy may be in another pod)")
+    grpc_port: int = setting(8081, "gRPC port: ext_authz Check, RLS, access logs, ext_proc, health", int)
+    http_authz_port: int = setting(8082, "HTTP ext_authz port (the fast path)", int)
+    admin_port: int = setting(8090, "admin HTTP port: /healthz, /readyz, /metrics, /api/*", int)
+    redis_url: str | None = setting(None, "Redis URL for shared state (without one: in memory, one process)")
+    workers: int = setting(1, "worker processes sharing the ports", int)
+    policy_poll_seconds: float = setting(1.0, "how often to check the policy file", float)
+    ratelimit_config: Path | None = setting(None, "directory of envoyproxy/ratelimit YAML files", Path)
+    ratelimit_failure_mode: str = setting("open", "when Redis cannot answer: open (allow) or closed (refuse)")
+    ratelimit_shadow_mode: bool = setting(False, "evaluate and count every limit but enforce none", boolean)
+    ratelimit_compat: str = setting(
+        "strict",
+        "envoyproxy/ratelimit configuration domains: strict (answer exactly as it does) or meshtoll "
+        "(all or nothing, calendar months)",
+    )
+    ratelimit_compat_domains: tuple[tuple[str, str], ...] = setting(
+        (),
+        "answer domain NAME otherwise than --ratelimit-compat says: NAME=strict or NAME=meshtoll; repeat "
+        "the flag for more (the variable: comma-separated)",
+        compat_domains,
+        flag="--ratelimit-compat-domain",
+        metavar="NAME=MODE",
+    )
+    redis_timeout_ms: int = setting(50, "bound on each Redis round trip", int)
+    reconcile_grace_seconds: float = setting(30.0, "how long an admission waits for its access log", float)
+    # The period counters invoices read keep their own, longer retention.
+    ledger_retention_days: int = setting(400, "how long the usage ledger keeps records for export", int)
+    # Kept out of repr so that a logged Settings does not carry it.
+    admin_token: str | None = setting(
+        None,
+        "bearer token the admin port's /api/* requires (without one, loopback clients only); prefer "
+        "the environment variable: every local user can read a process's arguments",
+        secret=True,
+    )
+    tls_cert: Path | None = setting(None, "PEM certificate chain: TLS on the gRPC and HTTP authz ports", Path)
+    tls_key: Path | None = setting(None, "PEM private key of --tls-cert", Path)
+    tls_client_ca: Path | None = setting(None, "PEM CA bundle: require client certificates (mTLS)", Path)
+    # Bounds on the HTTP ports' connections (transport/http_listener.py has the defaults).
+    http_header_timeout_seconds: float = setting(
+        _HTTP.header_timeout_seconds,
+        "HTTP ports: a request must arrive within this time of its first byte, or get 408",
+        float,
+    )
+    http_idle_timeout_seconds: float = setting(
+        _HTTP.idle_timeout_seconds, "HTTP ports: close a keep-alive connection after this long idle", float
+    )
+    http_max_connections: int = setting(
+        0,
+        "HTTP authz port: open connections per process, more get 503 (0: half the file descriptors, "
+        "at most 10000)",
+        int,
+    )
+    # Its own cap, so that /healthz answers while the authz port is flooded.
+    admin_max_connections: int = setting(256, "admin port: open connections per process", int)
+    # No TCP, no port a neighbour could reach (server/listeners.py names the sockets).
+    uds_dir: Path | None = setting(
+        None, "also listen on Unix sockets grpc.sock and authz.sock here (for an Envoy in the same pod)", Path
+    )
 
     @staticmethod
     def env_name(field: str) -> str:
@@ -130,50 +190,6 @@ def _is_token(text: str) -> bool:
     return text != "" and all("!" <= char <= "~" for char in text)
 
 
-def compat_domains(raw: str) -> tuple[tuple[str, str], ...]:
-    """`NAME=MODE[,NAME=MODE...]`, as --ratelimit-compat-domain and its variable are written."""
-    pairs = []
-    for item in raw.split(","):
-        domain, equals, compat = item.strip().partition("=")
-        if not equals or not domain:
-            raise ValueError(f"{item!r} is not NAME=strict or NAME=meshtoll")
-        pairs.append((domain, compat))
-    return tuple(pairs)
-
-
-def _boolean(raw: str) -> bool:
-    if raw.lower() in ("1", "true", "yes", "on"):
-        return True
-    if raw.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(raw)
-
-
-# How each setting is read from an environment variable's text.
-_PARSERS: dict[str, Callable[[str], object]] = {
-    "policy": Path,
-    "ratelimit_config": Path,
-    "tls_cert": Path,
-    "tls_key": Path,
-    "tls_client_ca": Path,
-    "uds_dir": Path,
-    "grpc_port": int,
-    "http_authz_port": int,
-    "admin_port": int,
-    "workers": int,
-    "http_header_timeout_seconds": float,
-    "http_idle_timeout_seconds": float,
-    "http_max_connections": int,
-    "admin_max_connections": int,
-    "redis_timeout_ms": int,
-    "policy_poll_seconds": float,
-    "reconcile_grace_seconds": float,
-    "ledger_retention_days": int,
-    "ratelimit_shadow_mode": _boolean,
-    "ratelimit_compat_domains": compat_domains,
-}
-
-
 def settings_from(flags: Mapping[str, object], environ: Mapping[str, str] = os.environ) -> Settings:
     """Flags win over MESHTOLL_* environment variables, which win over the defaults."""
     values: dict[str, object] = {}
@@ -187,7 +203,7 @@ def settings_from(flags: Mapping[str, object], environ: Mapping[str, str] = os.e
         if raw is None or raw == "":
             continue
         try:
-            values[field.name] = _PARSERS.get(field.name, str)(raw)
+            values[field.name] = field.metadata["parse"](raw)
         except ValueError:
             raise ConfigError(f"{name}={raw!r} is not a valid {field.name.replace('_', ' ')}") from None
     return Settings(**values)  # type: ignore[arg-type]

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+from meshtoll.counting.store import CounterStore
 from meshtoll.errors import BadPeriod, NotBillable, StorageError, UnknownTenant
 from meshtoll.meter.billing import invoice_document, tenant_invoice
 from meshtoll.meter.billing_periods import read_period
@@ -17,13 +19,12 @@ from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.peer_stats import DescriptorStats
 from meshtoll.ratelimit.quota import tenant_quota
 from meshtoll.server.admin_access import OPEN_PATHS, AdminAccess
-from meshtoll.telemetry.metrics import DecisionCounts, Metrics
+from meshtoll.telemetry.metrics import Metrics
 from meshtoll.transport.http_server import response
+from meshtoll.usage.store import UsageStore
 
 if TYPE_CHECKING:
-    from meshtoll.counting.store import CounterStore
     from meshtoll.policy import CompiledPolicy
-    from meshtoll.usage.store import UsageStore
 
     # (usage store, policy, tenant, period as the query gave it, None when it gave none)
     Report = Callable[[UsageStore, CompiledPolicy, str, str | None], Awaitable[dict[str, Any]]]
@@ -37,18 +38,49 @@ _NOT_READY = response(
     b'{"error":"not_ready","message":"the policy is not loaded yet"}',
 )
 _HEALTHY = response(200, "OK", _JSON, b'{"status":"ok"}')
+REDIS_PROBE_SECONDS = 2.0
+
+
+class StoreProbe:
+    """Keeps the admin port's view of Redis current; readiness does not depend on it, since
+    what a dead Redis means is the configured failure policy."""
+
+    def __init__(self, store: CounterStore | None) -> None:
+        self._store = store
+        self.reachable: bool | None = None  # None: no Redis configured
+
+    async def run_forever(self) -> None:
+        while self._store is not None:
+            self.reachable = await self._store.ping()
+            await asyncio.sleep(REDIS_PROBE_SECONDS)
+
+
+def while_starting(method: str, target: str, headers: dict[str, str], peer: str) -> bytes:
+    """The admin port before the policy has loaded: alive, not ready, nothing else yet."""
+    return _HEALTHY if target.partition("?")[0] == "/healthz" else _NOT_READY
 
 
 class AdminHandler:
-    def __init__(self, decisions: DecisionCounts, admin_token: str | None = None) -> None:
-        self.access = AdminAccess(admin_token)
-        self.policy: PolicyHolder | None = None  # set once the first policy has loaded
-        self.redis_reachable: bool | None = None  # None: no Redis configured
-        self.metrics = Metrics(decisions, lambda: self.policy)
-        self.store: CounterStore | None = None  # set with the policy
-        self.usage: UsageStore | None = None  # likewise
-        # envoyproxy/ratelimit's per-limit statistics, under its names (with --ratelimit-config)
-        self.descriptor_stats: DescriptorStats | None = None
+    def __init__(
+        self,
+        access: AdminAccess,
+        metrics: Metrics,
+        policy: PolicyHolder,
+        store: CounterStore,
+        usage: UsageStore,
+        probe: StoreProbe,
+        *,
+        descriptor_stats: DescriptorStats | None = None,
+    ) -> None:
+        """`descriptor_stats`: envoyproxy/ratelimit's per-limit statistics, under its names
+        (with --ratelimit-config)."""
+        self.access = access
+        self.metrics = metrics
+        self.policy = policy
+        self.store = store
+        self.usage = usage
+        self.probe = probe
+        self.descriptor_stats = descriptor_stats
 
     def __call__(
         self, method: str, target: str, headers: dict[str, str], peer: str
@@ -83,8 +115,6 @@ class AdminHandler:
         return _NOT_FOUND
 
     async def _quota(self, tenant: str) -> bytes:
-        if self.policy is None or self.store is None:
-            return _NOT_READY
         try:
             quota = await tenant_quota(self.policy.current, self.store, tenant, time.time())
         except UnknownTenant:
@@ -94,8 +124,6 @@ class AdminHandler:
         return _json(200, quota)
 
     async def _tenant_report(self, tenant: str, period: str | None, build: Report) -> bytes:
-        if self.policy is None or self.usage is None:
-            return _NOT_READY
         try:
             # A tenant that has left the policy still has its usage and owes its invoice.
             if tenant not in self.policy.current.tenants and not await self.usage.has_usage(tenant):
@@ -122,16 +150,12 @@ class AdminHandler:
         return invoice_document(await tenant_invoice(policy, usage, tenant, period))
 
     def _ready(self) -> bytes:
-        if self.policy is None:
-            return _NOT_READY
         document: dict[str, object] = {"status": "ready", "policy_version": self.policy.version}
-        if self.redis_reachable is not None:
-            document["redis"] = "ok" if self.redis_reachable else "unreachable"
+        if self.probe.reachable is not None:
+            document["redis"] = "ok" if self.probe.reachable else "unreachable"
         return _json(200, document)
 
     def _policy_summary(self) -> bytes:
-        if self.policy is None:
-            return _NOT_READY
         current = self.policy.current.policy
         return _json(
             200,

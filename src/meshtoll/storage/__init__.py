@@ -3,6 +3,9 @@ meshtoll.usage.store.UsageStore, in memory or in Redis (standalone, Sentinel, Cl
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 from meshtoll.counting.store import CounterStore
 from meshtoll.storage.memory import MemoryCounterStore
 from meshtoll.storage.usage_memory import MemoryUsageStore
@@ -28,4 +31,32 @@ def open_usage_store(
     return RedisUsageStore(url, ledger_retention_seconds=ledger_retention_seconds)
 
 
-__all__ = ["CounterStore", "MemoryCounterStore", "MemoryUsageStore", "open_counter_store", "open_usage_store"]
+@contextlib.asynccontextmanager
+async def counter_store(url: str | None, *, timeout_ms: int = 50) -> AsyncIterator[CounterStore]:
+    """open_counter_store, closed when the block ends: for commands that read and leave."""
+    store = open_counter_store(url, timeout_ms=timeout_ms)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@contextlib.asynccontextmanager
+async def usage_store(url: str | None) -> AsyncIterator[UsageStore]:
+    """open_usage_store, closed when the block ends."""
+    store = open_usage_store(url)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+__all__ = [
+    "CounterStore",
+    "MemoryCounterStore",
+    "MemoryUsageStore",
+    "counter_store",
+    "open_counter_store",
+    "open_usage_store",
+    "usage_store",
+]

@@ -92,10 +92,12 @@ class StartingHandler:
     had already answered its client 503, and its admission billed for a request nobody
     served; answered at once, it is refused and admits nothing."""
 
-    __slots__ = ("_handler",)
+    __slots__ = ("_handler", "_meanwhile")
 
-    def __init__(self) -> None:
+    def __init__(self, meanwhile: Handler | None = None) -> None:
+        """`meanwhile` answers until then (the admin port's liveness probe), if given."""
         self._handler: Handler | None = None
+        self._meanwhile = meanwhile
 
     def ready(self, handler: Handler) -> None:
         self._handler = handler
@@ -103,7 +105,7 @@ class StartingHandler:
     def __call__(
         self, method: str, target: str, headers: dict[str, str], peer: str
     ) -> bytes | Awaitable[bytes]:
-        handler = self._handler
+        handler = self._handler or self._meanwhile
         if handler is None:
             return NOT_READY
         return handler(method, target, headers, peer)
