@@ -15,7 +15,7 @@ import redis.exceptions
 
 from meshtoll.errors import ConfigError
 from meshtoll.local.devstack import LocalStack, RedisServer, StackConfig, find_redis_server
-from meshtoll.storage.redis import redis_py_client
+from meshtoll.storage.redis_access import redis_py_client
 from meshtoll.storage.urls import parse_redis_url, redact_redis_url
 
 log = logging.getLogger("meshtoll.local.dev")

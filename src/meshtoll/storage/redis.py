@@ -13,39 +13,30 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import itertools
 import secrets
 import ssl
 from collections.abc import Sequence
-from importlib import resources
 from typing import Any
 
-import hiredis
 import redis.asyncio
 import redis.exceptions
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
-from redis.backoff import NoBackoff
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from meshtoll.counting import algorithms
 from meshtoll.counting.limits import Check, CheckResult, Increment
-from meshtoll.errors import ConnectionLost, StorageRefused, StorageUnavailable
+from meshtoll.errors import ConnectionLost, StorageUnavailable
 from meshtoll.storage.breaker import CircuitBreaker
-from meshtoll.storage.resp import LeanRedis, encode
+from meshtoll.storage.redis_access import LeanScript, lean_client, lua_script, redis_py_client
+from meshtoll.storage.resp import encode
 from meshtoll.storage.urls import RedisTarget, parse_redis_url
 
 _FAILURES = (redis.exceptions.RedisError, OSError, TimeoutError, ssl.SSLError, ConnectionLost)
 
 
-def _lua(name: str) -> str:
-    return (resources.files("meshtoll") / "storage" / "lua" / name).read_text()
-
-
-CHECK_SCRIPT = functools.partial(_lua, "check.lua")
-INCREMENT_SCRIPT = functools.partial(_lua, "increment.lua")
+CHECK_SCRIPT = functools.partial(lua_script, "check.lua")
+INCREMENT_SCRIPT = functools.partial(lua_script, "increment.lua")
 
 
 class RedisCounterStore:
@@ -181,13 +172,9 @@ class _LeanRunner:
     retries = False
 
     def __init__(self, target: RedisTarget, timeout: float) -> None:
-        host, port = target.nodes[0]
-        self._redis = LeanRedis(
-            host, port, timeout=timeout, db=target.db, password=target.password, username=target.username,
-            tls=target.tls,
-        )  # fmt: skip
-        self._check = _LeanScript(CHECK_SCRIPT())
-        self._increment = _LeanScript(INCREMENT_SCRIPT())
+        self._redis = lean_client(target, timeout)
+        self._check = LeanScript(CHECK_SCRIPT(), "the decision script")
+        self._increment = LeanScript(INCREMENT_SCRIPT(), "the increment script")
 
     async def run(self, keys: list[str], arguments: list[int]) -> list[Any]:
         return await self._call(self._check, keys, arguments)
@@ -195,16 +182,8 @@ class _LeanRunner:
     async def increment(self, keys: list[str], arguments: list[int]) -> list[Any]:
         return await self._call(self._increment, keys, arguments)
 
-    async def _call(self, script: _LeanScript, keys: list[str], arguments: list[int]) -> list[Any]:
-        command = script.evalsha(keys, arguments)
-        reply = await self._redis.call(command)
-        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-            # A restarted or flushed Redis forgot the script. NOSCRIPT means it did not run,
-            # so the second attempt cannot count twice.
-            await self._redis.call(encode(["SCRIPT", "LOAD", script.text]))
-            reply = await self._redis.call(command)
-        if isinstance(reply, hiredis.ReplyError):
-            raise StorageRefused(f"Redis refused the decision script: {reply}")
+    async def _call(self, script: LeanScript, keys: list[str], arguments: list[int]) -> list[Any]:
+        reply = await script.call(self._redis, script.evalsha(keys, arguments))
         assert isinstance(reply, list)
         return reply
 
@@ -213,24 +192,6 @@ class _LeanRunner:
 
     async def close(self) -> None:
         await self._redis.close()
-
-
-class _LeanScript:
-    """A Lua script as the lean client sends it: EVALSHA built as one text."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text.encode()
-        self.sha = hashlib.sha1(self.text).hexdigest()
-        self._head = f"$7\r\nEVALSHA\r\n$40\r\n{self.sha}\r\n"
-
-    def evalsha(self, keys: list[str], arguments: list[int]) -> bytes:
-        # The hot path's one allocation-heavy step, so built as one text: the fixed head
-        # once, each key and number as a RESP bulk string, encoded in a single call.
-        items = [*keys, *map(str, arguments)]
-        body = "".join([f"${len(item)}\r\n{item}\r\n" for item in items])
-        if not body.isascii():  # a key with non-ASCII text: lengths must count bytes
-            return encode(["EVALSHA", self.sha, len(keys), *keys, *arguments])
-        return f"*{len(items) + 3}\r\n{self._head}${len(str(len(keys)))}\r\n{len(keys)}\r\n{body}".encode()
 
 
 class _RedisPyRunner:
@@ -271,23 +232,3 @@ class _RedisPyRunner:
         await self._client.aclose()
         for sentinel in self._sentinels:
             await sentinel.aclose()
-
-
-def redis_py_client(target: RedisTarget, timeout: float) -> tuple[Any, list[Any]]:
-    """A redis-py client, and the Sentinel connections it was found through (closed with it)."""
-    options: dict[str, Any] = {
-        # One quick retry inside redis-py (a stale cluster slot map, a dropped connection):
-        # safe, because the script recognises a decision that already ran by its marker.
-        "retry": Retry(NoBackoff(), 1),
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        "password": target.password,
-        "username": target.username,
-    }
-    if target.topology == "standalone":
-        return redis.asyncio.Redis.from_url(target.url, **options), []
-    if target.topology == "sentinel":
-        sentinel = Sentinel(list(target.nodes), sentinel_kwargs={"socket_timeout": timeout}, **options)  # type: ignore[no-untyped-call]
-        return sentinel.master_for(target.service, db=target.db), list(sentinel.sentinels)
-    nodes = [ClusterNode(host, port) for host, port in target.nodes]
-    return RedisCluster(startup_nodes=nodes, ssl=target.tls, **options), []

@@ -3,13 +3,11 @@ batch (storage/lua/usage.lua), through the pipelining client on standalone Redis
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from importlib import resources
 from typing import Any
 
 import hiredis
@@ -17,7 +15,7 @@ import orjson
 import redis.asyncio
 import redis.exceptions
 
-from meshtoll.errors import StorageRefused, StorageUnavailable
+from meshtoll.errors import StorageUnavailable
 from meshtoll.keys import (
     PENDING_TENANTS_KEY,
     USAGE_TENANTS_KEY,
@@ -28,7 +26,7 @@ from meshtoll.keys import (
     seen_key,
     usage_key,
 )
-from meshtoll.storage.redis import redis_py_client
+from meshtoll.storage.redis_access import LeanScript, lean_client, lua_script, redis_py_client
 from meshtoll.storage.resp import LeanRedis
 from meshtoll.storage.urls import parse_redis_url
 from meshtoll.usage.records import (
@@ -52,7 +50,6 @@ REPORTED_UNITS_SECONDS = 2 * 86400
 # keeps that wait near a millisecond. (Lua's unpack() would take up to about 8,000.)
 MAX_RECORDS_PER_CALL = 250
 RETENTION_SECONDS = {"month": 3 * 366 * 86400, "day": 400 * 86400, "hour": 8 * 86400}
-USAGE_SCRIPT = (resources.files("meshtoll") / "storage" / "lua" / "usage.lua").read_text
 
 
 class RedisUsageStore:
@@ -68,19 +65,15 @@ class RedisUsageStore:
         self._clock = clock
         target = parse_redis_url(url)
         self._client, self._sentinels = redis_py_client(target, timeout_ms / 1000)
-        self._script = self._client.register_script(USAGE_SCRIPT())
+        text = lua_script("usage.lua")
+        self._script = self._client.register_script(text)
         # Standalone Redis: usage batches go through the pipelining client, whose C packing
         # costs a twentieth of redis-py's per argument (a batch brings one per record, its
         # request id). A batch may be resent safely: records are counted once by request id.
         self._lean: LeanRedis | None = None
         if target.topology == "standalone":
-            host, port = target.nodes[0]
-            self._lean = LeanRedis(
-                host, port, timeout=timeout_ms / 1000, db=target.db, password=target.password,
-                username=target.username, tls=target.tls,
-            )  # fmt: skip
-            self._script_text = USAGE_SCRIPT().encode()
-            self._sha = hashlib.sha1(self._script_text).hexdigest()
+            self._lean = lean_client(target, timeout_ms / 1000)
+            self._lean_script = LeanScript(text, "the usage batch")
 
     async def record(self, records: Sequence[UsageRecord]) -> int:
         by_tenant: dict[str, dict[str, UsageRecord]] = {}
@@ -119,16 +112,8 @@ class RedisUsageStore:
     async def _run_script(self, keys: list[str], arguments: list[Any]) -> Any:
         if self._lean is None:
             return await self._script(keys=keys, args=arguments)
-        parts: tuple[Any, ...] = ("EVALSHA", self._sha, len(keys), *keys, *arguments)
-        command = hiredis.pack_command(parts)
-        reply = await self._lean.call(command)
-        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-            load: tuple[Any, ...] = ("SCRIPT", "LOAD", self._script_text)
-            await self._lean.call(hiredis.pack_command(load))
-            reply = await self._lean.call(command)
-        if isinstance(reply, hiredis.ReplyError):
-            raise StorageRefused(f"Redis refused the usage batch: {reply}")
-        return reply
+        parts: tuple[Any, ...] = ("EVALSHA", self._lean_script.sha, len(keys), *keys, *arguments)
+        return await self._lean_script.call(self._lean, hiredis.pack_command(parts))
 
     async def usage(self, tenant: str, period: str) -> TenantUsage:
         try:
