@@ -1,6 +1,6 @@
 -- One decision's counter checks, atomically: evaluate every check; when every non-shadow
 -- check admits its cost, consume every cost; otherwise consume nothing.
--- The same algorithms as meshtoll/storage/algorithms.py (keep the two in step).
+-- The same algorithms as meshtoll/counting/algorithms.py (keep the two in step).
 --
 -- KEYS[#KEYS] only when #KEYS is odd: this decision's marker. When present the decision
 --             already ran (a client retried after a lost reply) and its stored answer is

@@ -1,6 +1,6 @@
 -- envoyproxy/ratelimit's counting, in one call: INCRBY then EXPIRE on every counter, as
 -- its Redis pipeline does, so that both services can share one Redis during a migration.
--- The same rule as meshtoll/storage/algorithms.py `hits_to_add` (keep the two in step).
+-- The same rule as meshtoll/counting/algorithms.py `hits_to_add` (keep the two in step).
 --
 -- KEYS[i]   counter i: envoyproxy/ratelimit's whole key, window start included
 -- ARGV[1]   1: stop at the limit (STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT): when any
