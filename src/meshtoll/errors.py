@@ -16,6 +16,7 @@
     ├── UnknownTenant             a tenant the policy does not name
     ├── NotBillable               a tenant that cannot be invoiced (unknown, or no price)
     ├── BadPeriod                 text that names no billing period
+    ├── MalformedLine             an access-log body that is not a meter line (counted, dropped)
     ├── InvalidRateLimitRequest   an RLS request envoyproxy/ratelimit answers with an error
     │                             (no domain, no descriptors)
     ├── EnvoyNotFound             no Envoy binary to run the local stack with
@@ -101,6 +102,10 @@ class NotBillable(MeshtollError):
 
 class BadPeriod(MeshtollError):
     """Text that is not a period in the expected form, or names a month that does not exist."""
+
+
+class MalformedLine(MeshtollError):
+    """An access-log body that is not a meter line of this version."""
 
 
 class InvalidRateLimitRequest(MeshtollError):

@@ -14,6 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_pb
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from meshtoll.meter.otlp import LOGS_SERVICE
 from meshtoll.server.admin import while_starting
 from meshtoll.server.admin_access import is_loopback
 from meshtoll.server.lifecycle import keep_running, serve_until_signalled, stop_serving
@@ -31,6 +32,7 @@ SERVICES = (
     "envoy.service.ratelimit.v3.RateLimitService",
     "ratelimit",  # the name envoyproxy/ratelimit's health service answers to
     "envoy.service.accesslog.v3.AccessLogService",
+    LOGS_SERVICE,
     "envoy.service.ext_proc.v3.ExternalProcessor",
 )
 
@@ -102,7 +104,10 @@ class App:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(services.grpc_authz, server)
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(services.ratelimit, server)
+        # The meter listens to both of Envoy's access loggers: OpenTelemetry (the default,
+        # cheaper for Envoy and for meshtoll) and the gRPC access log service.
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(services.meter, server)
+        server.add_generic_rpc_handlers((services.otlp_meter.handler(),))
         ext_proc_pb2_grpc.add_ExternalProcessorServicer_to_server(services.hooks, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -19,6 +19,7 @@ from meshtoll.authz.jwks import JwksCache
 from meshtoll.counting.store import CounterStore
 from meshtoll.extproc.service import ExternalProcessorServicer
 from meshtoll.meter.als import AccessLogServicer
+from meshtoll.meter.otlp import OtlpLogsReceiver
 from meshtoll.meter.reconcile import Reconciler
 from meshtoll.meter.settle import Settlement
 from meshtoll.policy.reload import PolicyHolder
@@ -50,7 +51,8 @@ class Services:
     http_authz: HttpAuthzHandler
     grpc_authz: AuthorizationServicer
     ratelimit: RateLimitServicer
-    meter: AccessLogServicer
+    meter: AccessLogServicer  # Envoy's gRPC access log
+    otlp_meter: OtlpLogsReceiver  # Envoy's OpenTelemetry access logger (the default)
     hooks: ExternalProcessorServicer
     admin: AdminHandler
     background: dict[str, Work]  # by name: what runs beside the servers, restarted if it fails
@@ -134,6 +136,7 @@ async def build(settings: Settings) -> Services:
         grpc_authz=AuthorizationServicer(grpc_authorizer),
         ratelimit=RateLimitServicer(ratelimit),
         meter=AccessLogServicer(settlement),
+        otlp_meter=OtlpLogsReceiver(settlement),
         hooks=hooks,
         admin=admin,
         background=background,
@@ -165,7 +168,7 @@ def _count(
     metrics.count_outcomes(
         "meshtoll_meter_records",
         "access-log entries by outcome: billed, unmatched (no admission: never billed), "
-        "anonymous (no tenant), replayed, waited, overflow, unavailable",
+        "anonymous (no tenant), malformed (not a meter line), replayed, waited, overflow, unavailable",
         settlement.outcomes,
     )
     metrics.gauge(

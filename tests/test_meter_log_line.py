@@ -1,0 +1,76 @@
+"""The meter's line from Envoy's OpenTelemetry access logger: read back field by field, and
+anything out of shape (forged, truncated, another format, numbers that are not numbers) is
+refused as malformed, never read into a neighbouring field."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshtoll.errors import MalformedLine
+from meshtoll.meter.log_line import LOG_LINE_FORMAT, parse_log_line
+from meshtoll.render.local_filters import LocalFilters
+from meshtoll.usage.records import Observation
+
+REQUEST_ID = "e9c7d676-1666-43b8-8ced-4df205e0199d"
+LINE = f"mt1 1795618437.250 200 200 40 90 300 12345 {REQUEST_ID} acme"
+
+
+def test_a_line_becomes_an_observation_with_every_field() -> None:
+    assert parse_log_line(LINE) == Observation(REQUEST_ID, "acme", 1795618437.25, 200, 240, 390, 12.345)
+
+
+def test_the_local_envoy_formats_exactly_the_line_the_meter_reads() -> None:
+    (logger,) = LocalFilters.load().connection_manager("full")["access_log"]
+    assert logger["name"] == "envoy.access_loggers.open_telemetry"
+    assert logger["typed_config"]["body"]["string_value"] == LOG_LINE_FORMAT
+
+
+@pytest.mark.parametrize("absent", [f"{REQUEST_ID} -", "- acme", "- -"])
+def test_a_request_without_a_tenant_or_a_request_id_is_not_metered(absent: str) -> None:
+    assert parse_log_line(f"mt1 1795618437.250 401 200 0 90 60 800 {absent}") is None
+
+
+def test_a_response_envoy_never_finished_has_no_duration() -> None:
+    seen = parse_log_line(f"mt1 1795618437.250 0 200 0 0 0 - {REQUEST_ID} acme")
+    assert seen is not None
+    assert (seen.status, seen.duration_ms) == (0, 0.0)
+
+
+def test_a_space_in_the_tenant_stays_in_the_tenant_and_moves_no_field() -> None:
+    seen = parse_log_line(f"mt1 1795618437.250 200 200 40 90 300 12345 {REQUEST_ID} acme 500 0 0")
+    assert seen is not None
+    assert (seen.tenant, seen.status, seen.response_bytes) == ("acme 500 0 0", 200, 390)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "",
+        "-",
+        "mt1",
+        LINE.replace("mt1", "mt2", 1),  # a later format this meshtoll does not know
+        LINE.replace("mt1 ", "", 1),
+        " " + LINE,
+        LINE.replace(" 200 200 ", " 200  200 ", 1),  # an empty field shifts the rest
+        LINE.replace(" 12345 ", " ", 1),  # a field missing
+        LINE.replace(" 200 200 ", " OK 200 ", 1),
+        LINE.replace(" 200 200 ", " -200 200 ", 1),
+        LINE.replace(" 200 200 ", " 1000 200 ", 1),
+        LINE.replace(" 40 ", " -40 ", 1),
+        LINE.replace(" 12345 ", " -1 ", 1),
+        LINE.replace("1795618437.250", "nan", 1),
+        LINE.replace("1795618437.250", "inf", 1),
+        LINE.replace("1795618437.250", "1e300", 1),
+        LINE.replace("1795618437.250", "-", 1),
+        LINE.replace(" 300 ", " \u0663\u0660\u0660 ", 1),  # Arabic-Indic digits: int() reads them
+        LINE.replace("acme", "acm\u00e9", 1),
+        LINE.replace("acme", "a" * 129, 1),
+        LINE.replace(REQUEST_ID, "r" * 129, 1),
+        f"mt1 1795618437.250 200 200 40 90 300 12345 {REQUEST_ID} ",  # an empty tenant
+        "mt1 " + "9" * 5000 + " 200 200 40 90 300 12345 r acme",
+        '{"request_id": "r", "tenant": "acme"}',  # Istio's JSON format
+    ],
+)
+def test_a_line_out_of_shape_is_malformed(line: str) -> None:
+    with pytest.raises(MalformedLine):
+        parse_log_line(line)
