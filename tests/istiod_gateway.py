@@ -5,7 +5,7 @@ in upstream Envoy and are left out; what meshtoll's files decide is reproduced.
 - the ext_authz filter, translated from the `meshtoll-http` mesh-config provider as istiod
   translates an envoyExtAuthzHttp provider named by a CUSTOM AuthorizationPolicy;
 - meshConfig.pathNormalization MERGE_SLASHES: normalize_path and merge_slashes;
-- the access log of the Telemetry's `meshtoll-meter` provider (envoyHttpAls: no buffer
+- the access log of the Telemetry's `meshtoll-meter` provider (envoyOtelAls: no buffer
   settings, Envoy's defaults);
 - the clusters `outbound|<port>||<service>` for meshtoll's Service ports, HTTP/2 exactly for
   the ports the Service declares gRPC (appProtocol or a grpc name), as istiod decides;
@@ -76,17 +76,26 @@ def ext_authz_filter() -> dict[str, Any]:
 
 
 def meter_logger() -> dict[str, Any]:
-    als = provider("meshtoll-meter")["envoyHttpAls"]
+    """The `meshtoll-meter` provider as istiod translates an envoyOtelAls provider: the log
+    name and the cluster in the (deprecated) common_config, Envoy's built-in labels off,
+    the text format as the body, no attributes without labels."""
+    otel = provider("meshtoll-meter")["envoyOtelAls"]
     return {
-        "name": "envoy.access_loggers.http_grpc",
+        "name": "envoy.access_loggers.open_telemetry",
         "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.open_telemetry.v3.OpenTelemetryAccessLogConfig",
             "common_config": {
-                "log_name": als["logName"],
+                "log_name": otel["logName"],
                 "transport_api_version": "V3",
-                "grpc_service": {"envoy_grpc": {"cluster_name": cluster_name(als["port"], als["service"])}},
+                "grpc_service": {
+                    "envoy_grpc": {
+                        "cluster_name": cluster_name(otel["port"], otel["service"]),
+                        "authority": otel["service"],
+                    }
+                },
             },
-            "additional_request_headers_to_log": als["additionalRequestHeadersToLog"],
+            "disable_builtin_labels": True,
+            "body": {"string_value": otel["logFormat"]["text"]},
         },
     }
 

@@ -125,7 +125,7 @@ def metered(stack: LocalStack) -> float:
 def test_the_meter_provider_bills_gateway_traffic(stack: LocalStack, gateway: str) -> None:
     before = metered(stack)
     assert fetch(f"{gateway}/v1/items", headers={"x-api-key": DEMO_ACME_KEY}).status == 200
-    # Istio's envoyHttpAls sets no buffer options: Envoy flushes every second by default.
+    # Istio's envoyOtelAls sets no buffer options: Envoy flushes every second by default.
     deadline = time.monotonic() + 10
     while metered(stack) <= before:
         assert time.monotonic() < deadline, "no access-log record was billed"

@@ -15,6 +15,7 @@ import yaml
 
 from meshtoll.local.devstack import StackPorts
 from meshtoll.local.envoy_config import render_bootstrap
+from meshtoll.meter.log_line import LOG_LINE_FORMAT
 
 ROOT = Path(__file__).parent.parent
 ISTIO = ROOT / "deploy" / "istio"
@@ -151,22 +152,22 @@ def test_the_meter_provider_logs_what_the_local_envoy_logs() -> None:
     telemetry = yaml.safe_load((ISTIO / "telemetry.yaml").read_text())
     jsonschema.validate(telemetry["spec"], crd_schema("Telemetry", "v1")["properties"]["spec"])
     mesh = yaml.safe_load((ISTIO / "mesh-config.yaml").read_text())
-    provider = next(item for item in mesh["extensionProviders"] if item["name"] == "meshtoll-meter")
-    bootstrap = yaml.safe_load(render_bootstrap(StackPorts.allocate({}).envoy))
-    listener = next(item for item in bootstrap["static_resources"]["listeners"] if item["name"] == "full")
-    (logger,) = listener["filter_chains"][0]["filters"][0]["typed_config"]["access_log"]
-    local = logger["typed_config"]
+    providers = {item["name"]: item for item in mesh["extensionProviders"]}
     # `envoy` first: a Telemetry list replaces meshConfig.accessLogFile, so without it the
-    # gateway's own access log would stop.
+    # gateway's own access log would stop. The meter is the OpenTelemetry provider.
     assert telemetry["spec"]["accessLogging"][0]["providers"] == [
         {"name": "envoy"},
         {"name": "meshtoll-meter"},
     ]
-    assert provider["envoyHttpAls"]["logName"] == local["common_config"]["log_name"]
-    assert (
-        provider["envoyHttpAls"]["additionalRequestHeadersToLog"]
-        == local["additional_request_headers_to_log"]
-    )
+    otel = providers["meshtoll-meter"]["envoyOtelAls"]
+    local = local_connection_manager("full")["access_log"][0]["typed_config"]
+    assert otel["logName"] == local["log_name"]
+    assert otel["logFormat"] == {"text": LOG_LINE_FORMAT} == {"text": local["body"]["string_value"]}
+    # The gRPC access log stays available as a second provider, as the local full_als logs.
+    als = providers["meshtoll-meter-als"]["envoyHttpAls"]
+    local_als = local_connection_manager("full_als")["access_log"][0]["typed_config"]
+    assert als["logName"] == local_als["common_config"]["log_name"]
+    assert als["additionalRequestHeadersToLog"] == local_als["additional_request_headers_to_log"]
 
 
 def local_connection_manager(listener_name: str = "full") -> dict[str, Any]:

@@ -20,6 +20,7 @@ PRIORITY = {"meshtoll-edge": -10, "meshtoll-hooks": 10, "meshtoll-ratelimit": 20
 HTTP_PROVIDER = "meshtoll-http"
 GRPC_PROVIDER = "meshtoll-grpc"
 METER_PROVIDER = "meshtoll-meter"
+METER_ALS_PROVIDER = "meshtoll-meter-als"
 _STATUS = {"ServiceUnavailable": "503", "Forbidden": "403"}
 
 
@@ -47,6 +48,7 @@ def providers(params: DeployParams, local: LocalFilters) -> list[dict[str, Any]]
     response = service["authorization_response"]
     grpc = local.grpc_authz()
     meter = local.meter()
+    meter_als = local.meter("full_als")
     return [
         {
             "name": HTTP_PROVIDER,
@@ -79,11 +81,20 @@ def providers(params: DeployParams, local: LocalFilters) -> list[dict[str, Any]]
         },
         {
             "name": METER_PROVIDER,
+            "envoyOtelAls": {
+                "service": params.service_fqdn,
+                "port": params.grpc_port,
+                "logName": meter["log_name"],
+                "logFormat": {"text": meter["body"]["string_value"]},
+            },
+        },
+        {
+            "name": METER_ALS_PROVIDER,
             "envoyHttpAls": {
                 "service": params.service_fqdn,
                 "port": params.grpc_port,
-                "logName": meter["common_config"]["log_name"],
-                "additionalRequestHeadersToLog": meter["additional_request_headers_to_log"],
+                "logName": meter_als["common_config"]["log_name"],
+                "additionalRequestHeadersToLog": meter_als["additional_request_headers_to_log"],
             },
         },
     ]
@@ -118,10 +129,14 @@ meshtoll-http  the fast path (HTTP ext_authz, about a tenth of gRPC's CPU per ca
                ratelimit descriptors and the meter read.
 meshtoll-grpc  the same decisions over gRPC; the client certificate's SPIFFE ID arrives as
                the peer principal.
-meshtoll-meter the meter: Envoy's gRPC access log (enabled by telemetry.yaml). Istio sets
-               no buffer options on it, so Envoy's defaults apply: flush every 1 s or
-               16 KiB (the local Envoy uses 0.5 s / 64 KiB); reconciliation bills what a
-               gateway restart loses from the buffer.
+meshtoll-meter the meter (enabled by telemetry.yaml): Envoy's OpenTelemetry access log
+               with one text line per request, the local Envoy's (envoy/local.yaml), which
+               costs the gateway and meshtoll less than the gRPC access log. Istio sets no
+               buffer options on it, so Envoy's defaults apply: flush every 1 s or 16 KiB
+               (the local Envoy uses 0.5 s / 64 KiB); reconciliation bills what a gateway
+               restart loses from the buffer.
+meshtoll-meter-als  the same meter through Envoy's gRPC access log (envoyHttpAls), for
+               those who keep it: name it in telemetry.yaml instead of meshtoll-meter.
 
 MERGE_SLASHES: `/v1/public/../admin`, `%2e%2e` and `/v1//chat` reach meshtoll, the
 AuthorizationPolicy and the upstream as `/v1/admin` and `/v1/chat` (mesh-wide). Escaped

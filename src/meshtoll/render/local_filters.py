@@ -61,8 +61,10 @@ class LocalFilters:
     def ratelimit(self) -> dict[str, Any]:
         return self.http_filter("rls", "envoy.filters.http.ratelimit")
 
-    def meter(self) -> dict[str, Any]:
-        (logger,) = self.connection_manager("full")["access_log"]
+    def meter(self, listener: str = "full") -> dict[str, Any]:
+        """The access logger's configuration: OpenTelemetry on `full`, the gRPC access log
+        service (http_grpc) on `full_als`."""
+        (logger,) = self.connection_manager(listener)["access_log"]
         config: dict[str, Any] = logger["typed_config"]
         return config
 
