@@ -9,11 +9,13 @@ server (the nearest measurable limit of any one-hop design; needs nginx installe
 meshtoll HTTP authz and (d) meshtoll gRPC authz, API keys against a policy of 10,000
 tenants; (c100k) row (c) against 100,000 tenants; (e) gRPC authz + Envoy's ratelimit filter
 calling meshtoll's RLS; (f) the fused HTTP authz with a per-second limit and a daily quota
-on Redis; (g) (c) + the meter, every request admitted and metered; (h) the full chain: fused
-HTTP authz with limits + the meter; (i) Envoy's ratelimit filter as the only call to
+on Redis; (g) (c) + the meter, every request admitted and metered (Envoy's OpenTelemetry
+access log, the default); (g-als) (g) through Envoy's gRPC access log (http_grpc) instead;
+(h) the full chain: fused HTTP authz with limits + the meter; (i) Envoy's ratelimit filter as the only call to
 meshtoll, run as `meshtoll ratelimit` (the RLS alone). Each row runs wrk with one thread
 against Envoy with one worker, and reports the µs of CPU per request that Envoy, the authz
-server, Redis, the upstream, wrk and everything else spent (bench/cpu.py).
+server, Redis, the upstream, wrk and everything else spent (bench/cpu.py), and for the
+metered rows how many entries Envoy's access logger wrote and dropped.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass
@@ -88,6 +91,8 @@ ROWS = [
     # admission), so metering is measured behind authz: (c) plus the meter, on a tenant
     # without limits. Identity headers sent by a client are stripped before any logger.
     Row("g", "meshtoll HTTP authz + meter, every request metered (Redis)", "listen_full_port"),
+    # (g)'s listener with Envoy's gRPC access log instead of OpenTelemetry: what the default was.
+    Row("g-als", "(g) through Envoy's gRPC access log (http_grpc)", "listen_full_als_port"),
     Row("h", "full chain: fused HTTP authz with limits + meter (Redis)", "listen_full_port", key=LIMITED_KEY),
     # Its own Envoy and `meshtoll ratelimit` (bench/rls_alone.py), not the stack's.
     Row(
@@ -123,6 +128,10 @@ class Measurement:
     # "nginx"), "redis", "upstream", "wrk" and "other" (busy time none of them account for)
     cpu_us_per_request: dict[str, float]
     machine_idle_percent: float
+    # Envoy's access-log counters over the run, summed over its loggers: "logs_written"
+    # (entries buffered for sending) and "logs_dropped" (entries lost: buffer full while
+    # the connection to the meter could not take more); empty for an Envoy without an admin
+    access_log: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,7 @@ class Environment:
 
     url: Callable[[Row], str]
     pids: dict[str, int]  # process name -> pid, for CPU accounting
+    envoy_admin: str | None = None  # the measured Envoy's admin URL, for its access-log counters
 
 
 def write_policy(directory: Path, tenants: int) -> Path:
@@ -158,7 +168,7 @@ def write_policy(directory: Path, tenants: int) -> Path:
 def stack_environment(config: StackConfig, more_pids: dict[str, int] | None = None) -> Iterator[Environment]:
     with LocalStack(config) as stack:
         pids = {name: child.pid for name, child in stack.children.items()} | (more_pids or {})
-        yield Environment(lambda row: stack.url(row.listener, row.path), pids)
+        yield Environment(lambda row: stack.url(row.listener, row.path), pids, stack.envoy_admin_url)
 
 
 @contextmanager
@@ -204,7 +214,9 @@ def open_environments(
         environments = {}
         for name in sorted(names, key=list(factories).index):
             environment = running.enter_context(factories[name]())
-            environments[name] = Environment(environment.url, environment.pids | {"redis": redis_pid})
+            environments[name] = Environment(
+                environment.url, environment.pids | {"redis": redis_pid}, environment.envoy_admin
+            )
         yield environments
 
 
@@ -252,18 +264,40 @@ def _latencies(output: str) -> dict[str, float]:
     }
 
 
+ACCESS_LOG_COUNTERS = ("logs_written", "logs_dropped")
+
+
+def access_log_counters(admin_url: str | None) -> dict[str, int]:
+    """Envoy's `access_logs.<logger>.logs_written` and `.logs_dropped` (open_telemetry_access_log,
+    grpc_access_log), each summed over its loggers."""
+    if admin_url is None:
+        return {}
+    with urllib.request.urlopen(f"{admin_url}/stats?filter=access_logs", timeout=5) as reply:
+        text = reply.read().decode()
+    totals = dict.fromkeys(ACCESS_LOG_COUNTERS, 0)
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        counter = name.rpartition(".")[2]
+        if counter in totals:
+            totals[counter] += int(value)
+    return totals
+
+
 def measure(environment: Environment, row: Row, seconds: float, connections: int) -> Measurement:
     url = environment.url(row)
     headers = [*row.headers, *([f"x-api-key: {row.key}"] if row.key is not None else [])]
     wrk(url, headers, min(2.0, seconds), connections)  # warm-up: connections and caches
     components = ("envoy", row.authz, "redis", "upstream")
     pids = {name: environment.pids[name] for name in components if name in environment.pids}
+    logged = access_log_counters(environment.envoy_admin)
     before = CpuSample.take(pids)
     result = wrk(url, headers, seconds, connections)
     share = cpu_share(before, CpuSample.take(pids), int(result["requests"]))
+    after = access_log_counters(environment.envoy_admin)
+    logged = {name: count - logged[name] for name, count in after.items()}
     return Measurement(
         row.name, row.setup, result["rps"], result["p50"], result["p99"], int(result["non_2xx"]),
-        int(result["requests"]), share.us_per_request, share.idle_percent,
+        int(result["requests"]), share.us_per_request, share.idle_percent, logged,
     )  # fmt: skip
 
 
@@ -283,6 +317,12 @@ def table(measurements: list[Measurement]) -> str:
             f"{m.non_2xx} | {ratio(m, 'a')} | {ratio(m, 'b')} | {ratio(m, 'b2')} |"
         )
     lines += ["", *cpu_table(measurements), ""]
+    for m in measurements:
+        if m.access_log.get("logs_written"):
+            lines.append(
+                f"- ({m.row}) Envoy's access log: {m.access_log['logs_written']:,} entries written, "
+                f"{m.access_log['logs_dropped']:,} dropped, for {m.requests:,} requests"
+            )
     for name, base, target in TARGETS:
         if name in by_name and base in by_name:
             achieved = by_name[name].requests_per_second / by_name[base].requests_per_second
