@@ -33,6 +33,26 @@ from tests.certs import TestPki, make_pki
 
 ENVOY_OVERRIDE = "MESHTOLL_TEST_ENVOY"
 
+# The fixtures that start Envoy, Redis or meshtoll: a test that uses one is an integration
+# test and must say so, so that `pytest -m "not integration"` needs nothing but meshtoll.
+PROCESS_FIXTURES = frozenset({"envoy_binary", "redis_url", "start_stack", "start_rls"})
+# A store fixture's Redis variant, which reaches the session's Redis through getfixturevalue.
+ON_REDIS = pytest.param("redis", marks=pytest.mark.integration)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    unmarked = [
+        item.nodeid
+        for item in items
+        if item.get_closest_marker("integration") is None
+        and PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests that start Envoy, Redis or meshtoll through a fixture "
+            f"({', '.join(sorted(PROCESS_FIXTURES))}) must be marked integration:\n  " + "\n  ".join(unmarked)
+        )
+
 
 class StartStack(Protocol):
     def __call__(
@@ -114,7 +134,7 @@ def start_stack(
         yield start
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", ON_REDIS])
 async def usage_store(request: pytest.FixtureRequest) -> AsyncIterator[UsageStore]:
     """Each usage store in turn, for the tests both must pass (the Redis one on the
     session's Redis)."""

@@ -17,6 +17,8 @@ from meshtoll.cli import main
 from meshtoll.storage.usage_redis import RedisUsageStore
 from meshtoll.usage.records import Source, UsageRecord
 
+pytestmark = pytest.mark.integration  # every test reads and writes the session's Redis
+
 POLICY = """
 plans:
   pro: {price: {currency: EUR, base_fee: "10.00", tiers: [{up_to: null, unit_price: "0.10"}]}}

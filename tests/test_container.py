@@ -112,6 +112,7 @@ def test_compose_starts_each_service_after_what_it_needs_is_healthy() -> None:
         assert (ROOT / volume.split(":")[0]).exists(), volume
 
 
+@pytest.mark.integration
 def test_the_compose_envoy_is_the_version_the_tests_run(envoy_binary: Path) -> None:
     if os.environ.get("MESHTOLL_TEST_ENVOY"):
         pytest.skip("another Envoy than the installed one was chosen")

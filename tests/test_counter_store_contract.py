@@ -14,12 +14,13 @@ import redis.asyncio
 from meshtoll.counting.limits import Check, Increment, RateLimit
 from meshtoll.storage import CounterStore, MemoryCounterStore
 from meshtoll.storage.redis import RedisCounterStore
+from tests.conftest import ON_REDIS
 
 T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC).timestamp()
 _names = itertools.count()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", ON_REDIS])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[CounterStore]:
     if request.param == "memory":
         yield MemoryCounterStore()
@@ -127,6 +128,7 @@ async def test_reset_and_remaining_report_the_window(store: CounterStore) -> Non
     assert result.reset_seconds == pytest.approx(3000)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("algorithm", ["fixed_window", "token_bucket", "sliding_window"])
 async def test_concurrent_callers_on_two_connections_never_overshoot(redis_url: str, algorithm: str) -> None:
     stores = [RedisCounterStore(redis_url, timeout_ms=2000) for _ in range(2)]
@@ -139,6 +141,7 @@ async def test_concurrent_callers_on_two_connections_never_overshoot(redis_url: 
     assert sum(result.allowed for (result,) in results) == 50
 
 
+@pytest.mark.integration
 async def test_every_redis_counter_expires(redis_url: str) -> None:
     store = RedisCounterStore(redis_url, timeout_ms=500)
     client = redis.asyncio.Redis.from_url(redis_url)

@@ -13,6 +13,8 @@ from meshtoll.cli import main
 from meshtoll.policy import load_policy
 from meshtoll.storage.redis import RedisCounterStore
 
+pytestmark = pytest.mark.integration  # every test reads and writes the session's Redis
+
 POLICY = """
 plans: {team: {limits: [{requests: 10, per: minute}, {requests: 500, per: month, name: monthly}]}}
 tenants: {quotacli: {plan: team}}

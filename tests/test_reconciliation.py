@@ -24,7 +24,7 @@ from meshtoll.usage.recorder import AdmissionRecorder
 from meshtoll.usage.records import Admission, ReportedUnits, UsageRecord
 from meshtoll.usage.store import UsageStore
 from tests.client import fetch
-from tests.conftest import StartStack
+from tests.conftest import ON_REDIS, StartStack
 
 T = 1_795_000_000.0
 
@@ -209,7 +209,7 @@ def test_body_metered_requests_whose_access_log_never_comes_bill_their_tokens(
     assert (usage["requests"], usage["units"], usage["unreconciled"]) == (3, 120 + 3000 + 45, 3), usage
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", ON_REDIS])
 async def own_usage_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[UsageStore]:
     """A usage store no other meshtoll reconciles: the module's stack, running on the
     session's Redis, would bill overdue admissions alongside the test."""

@@ -24,6 +24,7 @@ until (now[1] - start[1]) * 1000000 + (now[2] - start[2]) > 400000
 CHECK = Check("meshtoll_{slow}_tenant_x", RateLimit(100, "minute"))
 
 
+@pytest.mark.integration
 async def test_a_stalled_redis_fails_the_call_within_the_timeout(redis_url: str) -> None:
     store = RedisCounterStore(redis_url, timeout_ms=50)
     blocker = redis.asyncio.Redis.from_url(redis_url)
@@ -100,6 +101,7 @@ def test_bad_redis_urls_say_what_is_wrong(url: str, message: str) -> None:
         parse_redis_url(url)
 
 
+@pytest.mark.integration
 async def test_cancelled_calls_are_not_redis_failures(redis_url: str) -> None:
     store = RedisCounterStore(redis_url, timeout_ms=50)
     try:

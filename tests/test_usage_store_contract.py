@@ -8,6 +8,7 @@ import itertools
 import time
 from datetime import UTC, datetime
 
+import pytest
 import redis.asyncio
 
 from meshtoll.keys import ledger_key
@@ -100,6 +101,7 @@ async def test_batches_larger_than_one_script_call_count_every_record_once(usage
     assert (await usage_store.usage(tenant, "2026-12")).requests == count - in_november
 
 
+@pytest.mark.integration
 async def test_a_replay_days_later_is_still_recognised(redis_url: str) -> None:
     tenant = f"usage{next(_tenants)}"
     now = [T]
@@ -121,6 +123,7 @@ async def test_admissions_billed_without_an_access_log_are_marked_unreconciled(
     assert (usage.requests, usage.unreconciled, usage.by_status) == (1, 1, {"unknown": 1})
 
 
+@pytest.mark.integration
 async def test_the_redis_ledger_holds_each_record_once_and_keys_expire(redis_url: str) -> None:
     tenant = f"usage{next(_tenants)}"
     store = RedisUsageStore(redis_url)
@@ -140,6 +143,7 @@ async def test_the_redis_ledger_holds_each_record_once_and_keys_expire(redis_url
         await client.aclose()
 
 
+@pytest.mark.integration
 async def test_the_ledger_keeps_records_for_the_configured_retention(redis_url: str) -> None:
     tenant = f"usage{next(_tenants)}"
     store = RedisUsageStore(redis_url, ledger_retention_seconds=1.0)
