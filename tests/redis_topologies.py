@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from meshtoll.local.devstack import find_redis_server
 from meshtoll.local.processes import Child, free_ports, tcp_accepts
+from tests.waiting import eventually
 
 START_SECONDS = 15.0
 
@@ -48,10 +48,11 @@ def redis_cluster(directory: Path, masters: int = 3) -> Iterator[list[int]]:
             child.wait_ready(tcp_accepts(port), START_SECONDS)
         nodes = [f"127.0.0.1:{port}" for port in ports]
         _cli(ports[0], "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes")
-        deadline = time.monotonic() + START_SECONDS
-        while not all("cluster_state:ok" in _cli(port, "cluster", "info") for port in ports):
-            assert time.monotonic() < deadline, "the Redis Cluster never reached cluster_state:ok"
-            time.sleep(0.1)
+        eventually(
+            lambda: all("cluster_state:ok" in _cli(port, "cluster", "info") for port in ports),
+            timeout=START_SECONDS,
+            message="the Redis Cluster never reached cluster_state:ok",
+        )
         yield ports
 
 

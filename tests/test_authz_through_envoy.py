@@ -17,6 +17,7 @@ from tests.certs import BOT_SPIFFE_ID, TestPki
 from tests.client import Reply, fetch
 from tests.conftest import StartStack
 from tests.tokens import AUDIENCE, ISSUER, hs256_confused_token, signing_key, unsigned_token
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -203,11 +204,13 @@ def test_bad_jwts_get_401_with_a_bearer_challenge(
 
 def test_jwks_uri_keys_are_fetched_in_the_background(stack: LocalStack, listener: str) -> None:
     token = signing_key("remote-1").token(iss=REMOTE_ISSUER, sub="remote-user")
-    deadline = time.monotonic() + 10
-    reply = call(stack, listener, headers=bearer(token))
-    while reply.status == 503 and time.monotonic() < deadline:
-        time.sleep(0.1)
-        reply = call(stack, listener, headers=bearer(token))
+    # 503 until the background fetch of the JWKS has brought the key.
+    reply = eventually(
+        lambda: call(stack, listener, headers=bearer(token)),
+        lambda reply: reply.status != 503,
+        timeout=10,
+        message="the key from the jwks_uri never arrived",
+    )
     assert reply.status == 200, reply
     assert reply.json()["headers"]["x-meshtoll-tenant"] == "remote"
 

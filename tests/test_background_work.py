@@ -34,7 +34,7 @@ async def test_cancelling_background_work_ends_it() -> None:
         await asyncio.sleep(3600)
 
     task = asyncio.create_task(keep_running("watcher", work, Counter()))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the task starts its work
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

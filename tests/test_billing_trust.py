@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -20,6 +21,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from meshtoll.local.devstack import LocalStack
 from tests.client import fetch
 from tests.conftest import StartStack
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -56,8 +58,8 @@ def stack(start_stack: StartStack, policy_path: Path) -> LocalStack:
     return start_stack(policy_path)
 
 
-def usage_of(stack: LocalStack, tenant: str) -> dict[str, object]:
-    found: dict[str, object] = fetch(f"{stack.meshtoll_admin_url}/api/tenants/{tenant}/usage").json()
+def usage_of(stack: LocalStack, tenant: str) -> dict[str, Any]:
+    found: dict[str, Any] = fetch(f"{stack.meshtoll_admin_url}/api/tenants/{tenant}/usage").json()
     return found
 
 
@@ -65,14 +67,6 @@ def metric(stack: LocalStack, sample: str) -> float:
     text = fetch(f"{stack.meshtoll_admin_url}/metrics").body.decode()
     match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
-
-
-def wait_for(condition: object, seconds: float = 10.0) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
 
 
 def test_refused_requests_with_a_spoofed_tenant_header_bill_nobody(stack: LocalStack, redis_url: str) -> None:
@@ -88,7 +82,12 @@ def test_refused_requests_with_a_spoofed_tenant_header_bill_nobody(stack: LocalS
     # chance to be metered too (they were logged before it).
     before = usage_of(stack, "payer")["requests"]
     assert fetch(stack.url("listen_full_port", "/v1/items"), headers={"x-api-key": KEY}).status == 200
-    wait_for(lambda: usage_of(stack, "payer")["requests"] == before + 1)  # type: ignore[operator]
+    eventually(
+        lambda: usage_of(stack, "payer")["requests"],
+        lambda requests: requests == before + 1,
+        timeout=10,
+        message="the paying request was not billed",
+    )
     assert usage_of(stack, "victim")["requests"] == 0
     client = redis.Redis.from_url(redis_url)
     try:
@@ -102,7 +101,12 @@ def test_a_client_reusing_one_request_id_is_billed_for_every_request(stack: Loca
     headers = {"x-api-key": KEY, "x-request-id": "one-id-for-everything"}
     for _ in range(5):
         assert fetch(stack.url("listen_full_port", "/v1/items"), headers=headers).status == 200
-    wait_for(lambda: usage_of(stack, "payer")["requests"] == before + 5)  # type: ignore[operator]
+    eventually(
+        lambda: usage_of(stack, "payer")["requests"],
+        lambda requests: requests == before + 5,
+        timeout=10,
+        message="the five requests sharing one request id were not all billed",
+    )
 
 
 def forged_entry(tenant: str, request_id: str) -> accesslog_pb2.HTTPAccessLogEntry:
@@ -136,7 +140,12 @@ def test_access_log_records_sent_straight_to_the_grpc_port_bill_nothing(stack: L
     unmatched = metric(stack, 'meshtoll_meter_records_total{outcome="unmatched"}')
     asyncio.run(send_forged(stack.ports.envoy.authz_grpc_port, "victim", 3))
     # Each forged record waits for an admission that never comes, then is dropped, counted.
-    wait_for(lambda: metric(stack, 'meshtoll_meter_records_total{outcome="unmatched"}') >= unmatched + 3)
+    eventually(
+        lambda: metric(stack, 'meshtoll_meter_records_total{outcome="unmatched"}'),
+        lambda counted: counted >= unmatched + 3,
+        timeout=10,
+        message="the three forged records were not counted as unmatched",
+    )
     after = fetch(invoice_url).json()
     assert (after["total"], usage_of(stack, "victim")["units"]) == (before["total"], 0)
     assert after["total"] == "49.00"
@@ -157,10 +166,20 @@ def test_a_tenant_removed_from_the_policy_keeps_its_usage_and_invoice(
             fetch(stack.url("listen_full_port", "/v1/items"), headers={"x-api-key": LEAVING_KEY}).status
             == 200
         )
-    wait_for(lambda: usage_of(stack, "leaving")["requests"] == 3)
+    eventually(
+        lambda: usage_of(stack, "leaving")["requests"],
+        lambda requests: requests == 3,
+        timeout=10,
+        message="the leaving tenant's three requests were not billed",
+    )
     version = fetch(f"{stack.meshtoll_admin_url}/api/policy").json()["version"]
     policy_path.write_text(policy_text(with_leaving=False))
-    wait_for(lambda: fetch(f"{stack.meshtoll_admin_url}/api/policy").json()["version"] > version)
+    eventually(
+        lambda: fetch(f"{stack.meshtoll_admin_url}/api/policy").json()["version"],
+        lambda active: active > version,
+        timeout=10,
+        message="the policy without the leaving tenant never became active",
+    )
     assert fetch(stack.url("listen_full_port", "/v1/items"), headers={"x-api-key": LEAVING_KEY}).status == 401
     assert usage_of(stack, "leaving")["requests"] == 3
     bill = fetch(f"{stack.meshtoll_admin_url}/api/tenants/leaving/invoice").json()

@@ -19,6 +19,7 @@ from meshtoll.ratelimit.descriptor_config import (
     resolve_replaces,
 )
 from meshtoll.telemetry.metrics import DecisionCounts, Metrics
+from tests.waiting import eventually_async
 
 
 def configs(tmp_path: Path, *documents: str) -> DescriptorConfigs:
@@ -360,16 +361,16 @@ async def test_a_bad_reload_keeps_the_previous_configuration(tmp_path: Path) -> 
     task = asyncio.create_task(holder.watch(0.02))
     try:
         (tmp_path / "b.yaml").write_text("domain: [not, a, string]\n")
-        async with asyncio.timeout(5):
-            while holder.rejected_versions == 0:
-                await asyncio.sleep(0.02)
+        await eventually_async(
+            lambda: holder.rejected_versions > 0, timeout=5, message="the bad b.yaml was never rejected"
+        )
         assert holder.current.match("d", [("k", "v")]) is not None
         (tmp_path / "b.yaml").write_text(
             "domain: e\ndescriptors: [{key: k, rate_limit: {unit: minute, requests_per_unit: 2}}]\n"
         )
-        async with asyncio.timeout(5):
-            while "e" not in holder.current.domains:
-                await asyncio.sleep(0.02)
+        await eventually_async(
+            lambda: "e" in holder.current.domains, timeout=5, message="the good b.yaml never became active"
+        )
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -407,13 +408,15 @@ async def test_hostile_reloads_are_counted_and_the_watcher_lives_on(tmp_path: Pa
     try:
         for count, content in enumerate([b"domain: d\n0.25: x\n", b"~: 1\n", b"domain: e\x00\n"], start=1):
             (tmp_path / "b.yaml").write_bytes(content)
-            async with asyncio.timeout(5):
-                while holder.rejected_versions < count:
-                    await asyncio.sleep(0.02)
+            await eventually_async(
+                lambda: holder.rejected_versions >= count,  # noqa: B023 (awaited before the loop moves on)
+                timeout=5,
+                message=f"hostile version {count} was never rejected",
+            )
         (tmp_path / "b.yaml").write_text("domain: e\n")
-        async with asyncio.timeout(5):
-            while "e" not in holder.current.domains:
-                await asyncio.sleep(0.02)
+        await eventually_async(
+            lambda: "e" in holder.current.domains, timeout=5, message="the good b.yaml never became active"
+        )
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from meshtoll.local.processes import Child, free_ports, tcp_accepts
 from meshtoll.storage.urls import parse_redis_url, redact_redis_url
 from tests.client import fetch
 from tests.test_dev_stack import _descendants, running_dev
+from tests.waiting import eventually
 
 PASSWORD = "hunter2-Zq81xPw"
 ACME = {"x-api-key": DEMO_ACME_KEY}
@@ -85,10 +85,12 @@ def test_meshtoll_dev_hides_the_redis_password_and_still_uses_it(
 
         reply = fetch(f"http://127.0.0.1:{port}/v1/chat/completions?tokens=77", headers=ACME)
         assert reply.status == 200
-        deadline = time.monotonic() + 3
-        while chat_units(url, capsys) != 77:
-            assert time.monotonic() < deadline, "the request's usage never reached the password Redis"
-            time.sleep(0.1)
+        eventually(
+            lambda: chat_units(url, capsys),
+            lambda units: units == 77,
+            timeout=3,
+            message="the request's usage never reached the password Redis",
+        )
         assert PASSWORD not in serve_log.read_text()
     assert PASSWORD not in (tmp_path / "dev.log").read_text()
 

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from meshtoll.local.dev import DEMO_ACME_KEY, EXAMPLE_POLICY, demo_requests
 from meshtoll.local.processes import free_ports
 from tests.client import fetch
 from tests.conftest import StartStack
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -63,10 +63,12 @@ def test_meshtoll_dev_on_a_given_redis_shares_usage_with_the_cli(
         assert len(_descendants(dev.pid)) == 3  # upstream, meshtoll, envoy: no Redis of its own
         url = f"http://127.0.0.1:{port}/v1/chat/completions?tokens=321"
         assert fetch(url, headers={"x-api-key": DEMO_ACME_KEY}).status == 200
-        deadline = time.monotonic() + 2
-        while chat_units() != before + 321:
-            assert time.monotonic() < deadline, "the request's usage never reached the CLI"
-            time.sleep(0.1)
+        eventually(
+            chat_units,
+            lambda units: units == before + 321,
+            timeout=2,
+            message="the request's usage never reached the CLI",
+        )
 
 
 def test_meshtoll_dev_refuses_a_redis_it_cannot_reach(capsys: pytest.CaptureFixture[str]) -> None:
@@ -83,11 +85,13 @@ def running_dev(tmp_path: Path, port: int, admin_port: int, *more: str) -> Itera
     argv = [sys.executable, "-m", "meshtoll", "dev", "--port", str(port), "--admin-port", str(admin_port)]
     dev = subprocess.Popen([*argv, *more], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 30
-        while "the local stack is ready" not in (tmp_path / "dev.log").read_text():
-            assert dev.poll() is None, (tmp_path / "dev.log").read_text()
-            assert time.monotonic() < deadline, "meshtoll dev never became ready"
-            time.sleep(0.1)
+
+        def ready() -> bool:
+            printed = (tmp_path / "dev.log").read_text()
+            assert dev.poll() is None, printed
+            return "the local stack is ready" in printed
+
+        eventually(ready, timeout=30, message="meshtoll dev never became ready")
         yield dev
     finally:
         if dev.poll() is None:

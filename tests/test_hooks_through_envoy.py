@@ -13,6 +13,7 @@ import pytest
 from meshtoll.local.devstack import LocalStack
 from tests.client import Reply, fetch
 from tests.conftest import StartStack
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -83,12 +84,14 @@ def call(stack: LocalStack, path: str, *, key: str = KEY, listener: str = "liste
 
 
 def usage_of(stack: LocalStack, tenant: str, requests: int) -> dict[str, object]:
-    deadline = time.monotonic() + 5
-    while True:
-        document: dict[str, object] = fetch(f"{stack.meshtoll_admin_url}/api/tenants/{tenant}/usage").json()
-        if document["requests"] == requests or time.monotonic() > deadline:
-            return document
-        time.sleep(0.1)
+    """The tenant's usage once its `requests` are all billed."""
+    found: dict[str, object] = eventually(
+        lambda: fetch(f"{stack.meshtoll_admin_url}/api/tenants/{tenant}/usage").json(),
+        lambda document: document["requests"] == requests,
+        timeout=5,
+        message=f"{tenant}'s {requests} requests were not all billed",
+    )
+    return found
 
 
 def hook_streams(stack: LocalStack) -> int:

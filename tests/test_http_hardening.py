@@ -22,6 +22,7 @@ from meshtoll.server.listeners import port_limits
 from meshtoll.settings import settings_from
 from meshtoll.transport.http_listener import HttpLimits, HttpListener, connection_cap, listening_socket
 from meshtoll.transport.http_server import response, serve_http
+from tests.waiting import eventually_async
 
 OK = response(200, "OK", (("content-type", "text/plain"),), b"ok")
 GOOD_REQUEST = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
@@ -158,7 +159,12 @@ async def test_connections_over_the_cap_get_503_and_the_port_recovers() -> None:
         assert body["error"] == "too_many_connections"
         assert listener.refused == 5
         held[0][1].close()
-        await asyncio.sleep(0.1)
+        await eventually_async(
+            lambda: listener.connections,
+            lambda count: count < 20,
+            timeout=1,
+            message="the closed connection still counted",
+        )
         assert await ask_fresh(port) == OK
         for _, writer in held:
             writer.close()
@@ -213,17 +219,21 @@ async def test_a_client_that_never_reads_its_answers_is_cut_off_after_the_idle_t
         for _ in range(200):
             writer.write(GOOD_REQUEST * 500)
             await asyncio.sleep(0)
-        started = time.monotonic()
-        while listener.connections and time.monotonic() - started < 3:
-            await asyncio.sleep(0.05)
-        assert listener.connections == 0
+        await eventually_async(
+            lambda: listener.connections,
+            lambda count: count == 0,
+            timeout=3,
+            interval=0.05,
+            message="the client that never reads was not cut off",
+        )
         writer.close()
 
 
 async def test_shutting_down_closes_idle_connections_and_finishes_answers_in_flight() -> None:
-    release = asyncio.Event()
+    asked, release = asyncio.Event(), asyncio.Event()
 
     async def slow() -> bytes:
+        asked.set()
         await release.wait()
         return OK
 
@@ -237,7 +247,7 @@ async def test_shutting_down_closes_idle_connections_and_finishes_answers_in_fli
     assert await ask(idle) == OK
     waiting = await connect(port)
     waiting[1].write(b"GET /slow HTTP/1.1\r\n\r\n")
-    await asyncio.sleep(0.05)
+    await eventually_async(asked.is_set, timeout=1, message="the slow request never reached the handler")
     listener.close()
     assert await read_until_closed(idle[0], within=1.0) == b""
     release.set()
@@ -279,7 +289,7 @@ async def test_running_out_of_descriptors_is_logged_once_and_the_server_recovers
         await asyncio.sleep(2.5)  # two retries, at one a second
         for _, writer in flood:
             writer.close()
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.5)  # the next retry, a second on, finds descriptors free again
         assert (await ask_fresh(port)).startswith(b"HTTP/1.1 200 OK\r\n")
     finally:
         server.terminate()

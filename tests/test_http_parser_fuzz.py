@@ -21,6 +21,7 @@ import pytest
 
 from meshtoll.transport.http_listener import HttpLimits, listening_socket
 from meshtoll.transport.http_server import response, serve_http
+from tests.waiting import eventually_async
 
 SEED = 20261201
 CASES = 3000
@@ -228,7 +229,11 @@ async def test_mutated_requests_get_well_formed_answers_or_a_close_and_no_traceb
         writer.write(GOOD)
         assert await asyncio.wait_for(reader.readexactly(len(OK)), 2) == OK
         writer.close()
-        await asyncio.sleep(LIMITS.idle_timeout_seconds + 0.3)
-        assert listener.connections == 0
+        await eventually_async(
+            lambda: listener.connections,
+            lambda count: count == 0,
+            timeout=LIMITS.idle_timeout_seconds + 0.3,
+            message="a connection outlived the idle timeout",
+        )
     assert [record.getMessage() for record in caplog.records if record.exc_info] == []
     assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []

@@ -22,6 +22,7 @@ from meshtoll.storage.usage_redis import RedisUsageStore
 from meshtoll.usage.records import UsageRecord
 from tests.client import fetch
 from tests.conftest import StartStack
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -44,12 +45,14 @@ def stack(start_stack: StartStack, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def usage(stack: LocalStack, until_requests: int) -> dict[str, object]:
-    deadline = time.monotonic() + 5
-    while True:
-        document: dict[str, object] = fetch(f"{stack.meshtoll_admin_url}/api/tenants/metered/usage").json()
-        if document["requests"] == until_requests or time.monotonic() > deadline:
-            return document
-        time.sleep(0.1)
+    """The metered tenant's usage once its `until_requests` are all billed."""
+    found: dict[str, object] = eventually(
+        lambda: fetch(f"{stack.meshtoll_admin_url}/api/tenants/metered/usage").json(),
+        lambda document: document["requests"] == until_requests,
+        timeout=5,
+        message=f"the metered tenant's {until_requests} requests were not all billed",
+    )
+    return found
 
 
 def test_n_requests_through_envoy_make_n_records_with_the_right_fields(

@@ -15,6 +15,7 @@ from meshtoll.policy import CompiledPolicy, load_policy
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.telemetry.metrics import DecisionCounts, Metrics
 from meshtoll.watched import LOGGED_PROBLEMS, Watched, file_fingerprint
+from tests.waiting import eventually_async
 
 POLL = 0.02
 
@@ -36,12 +37,6 @@ async def watching(path: Path) -> AsyncIterator[PolicyHolder]:
             await task
 
 
-async def until(condition: object, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():  # type: ignore[operator]
-            await asyncio.sleep(POLL)
-
-
 def write(path: Path, text: str) -> None:
     # Written aside and renamed in, as editors and config tools do: never half a file.
     temporary = path.with_suffix(".tmp")
@@ -55,7 +50,11 @@ async def test_a_changed_file_becomes_the_active_policy(tmp_path: Path) -> None:
     async with watching(path) as holder:
         first = holder.current
         write(path, version("acme globex"))
-        await until(lambda: "globex" in holder.current.tenants)
+        await eventually_async(
+            lambda: "globex" in holder.current.tenants,
+            timeout=5,
+            message="the version with globex never became active",
+        )
         assert holder.version == 2
         # A decision that took the old object keeps a consistent view of it.
         assert set(first.tenants) == {"acme"}
@@ -66,11 +65,17 @@ async def test_an_invalid_version_is_rejected_and_the_last_good_one_stays(tmp_pa
     path.write_text(version("acme"))
     async with watching(path) as holder:
         write(path, "plans: {free: {}}\ntenants: {acme: {plan: gold}}\n")
-        await until(lambda: holder.rejected_versions == 1)
+        await eventually_async(
+            lambda: holder.rejected_versions == 1, timeout=5, message="the bad version was never rejected"
+        )
         assert set(holder.current.tenants) == {"acme"}
         assert holder.version == 1
         write(path, version("globex"))
-        await until(lambda: "globex" in holder.current.tenants)
+        await eventually_async(
+            lambda: "globex" in holder.current.tenants,
+            timeout=5,
+            message="the version with globex never became active",
+        )
 
 
 async def test_a_configmap_style_symlink_swap_is_picked_up(tmp_path: Path) -> None:
@@ -86,7 +91,11 @@ async def test_a_configmap_style_symlink_swap_is_picked_up(tmp_path: Path) -> No
     async with watching(path) as holder:
         (tmp_path / "..data_tmp").symlink_to(second.name)
         os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
-        await until(lambda: "initech" in holder.current.tenants)
+        await eventually_async(
+            lambda: "initech" in holder.current.tenants,
+            timeout=5,
+            message="the version with initech never became active",
+        )
 
 
 async def test_a_vanished_file_keeps_the_policy_until_it_returns(tmp_path: Path) -> None:
@@ -94,10 +103,14 @@ async def test_a_vanished_file_keeps_the_policy_until_it_returns(tmp_path: Path)
     path.write_text(version("acme"))
     async with watching(path) as holder:
         path.unlink()
-        await asyncio.sleep(POLL * 5)
+        await asyncio.sleep(POLL * 5)  # five polls with no file: nothing may change
         assert set(holder.current.tenants) == {"acme"}
         write(path, version("globex"))
-        await until(lambda: "globex" in holder.current.tenants)
+        await eventually_async(
+            lambda: "globex" in holder.current.tenants,
+            timeout=5,
+            message="the version with globex never became active",
+        )
 
 
 @pytest.mark.parametrize("listeners", [1, 2])
@@ -109,7 +122,9 @@ async def test_listeners_hear_each_accepted_version(tmp_path: Path, listeners: i
         for _ in range(listeners):
             holder.on_change(lambda policy: heard.append(len(policy.tenants)))
         write(path, version("acme globex"))
-        await until(lambda: len(heard) == listeners)
+        await eventually_async(
+            lambda: len(heard) == listeners, timeout=5, message="not every listener heard the new version"
+        )
         assert heard == [2] * listeners
 
 
@@ -132,11 +147,19 @@ async def test_no_hostile_version_ends_the_watcher_and_each_is_logged_once_and_c
     async with watching(path) as holder:
         for count, text in enumerate(HOSTILE_VERSIONS.values(), start=1):
             write(path, text)
-            await until(lambda count=count: holder.rejected_versions == count)
+            await eventually_async(
+                lambda: holder.rejected_versions == count,  # noqa: B023 (awaited before the loop moves on)
+                timeout=5,
+                message=f"rejection {count} was never counted",
+            )
             assert set(holder.current.tenants) == {"acme"}
         # A later edit (here: acme gone, as when a tenant's access is withdrawn) still applies.
         write(path, version("globex"))
-        await until(lambda: set(holder.current.tenants) == {"globex"})
+        await eventually_async(
+            lambda: set(holder.current.tenants) == {"globex"},
+            timeout=5,
+            message="the version with globex never became active",
+        )
     rejections = [record for record in caplog.records if record.levelname == "ERROR"]
     assert len(rejections) == len(HOSTILE_VERSIONS)
     assert all(str(path) in record.getMessage() for record in rejections)
@@ -160,10 +183,16 @@ async def test_an_unexpected_loader_failure_is_logged_counted_and_survived(
     try:
         loader_is_broken = True
         write(path, version("acme globex"))
-        await until(lambda: holder.rejected_versions == 1)
+        await eventually_async(
+            lambda: holder.rejected_versions == 1, timeout=5, message="the bad version was never rejected"
+        )
         loader_is_broken = False
         write(path, version("initech"))
-        await until(lambda: set(holder.current.tenants) == {"initech"})
+        await eventually_async(
+            lambda: set(holder.current.tenants) == {"initech"},
+            timeout=5,
+            message="the version with initech never became active",
+        )
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -185,9 +214,13 @@ async def test_a_failing_listener_neither_undoes_the_swap_nor_silences_the_other
         holder.on_change(failing)
         holder.on_change(lambda policy: heard.append(len(policy.tenants)))
         write(path, version("acme globex"))
-        await until(lambda: heard == [2])
+        await eventually_async(
+            lambda: heard == [2], timeout=5, message="the working listener did not hear versions [2]"
+        )
         write(path, version("initech"))
-        await until(lambda: heard == [2, 1])
+        await eventually_async(
+            lambda: heard == [2, 1], timeout=5, message="the working listener did not hear versions [2, 1]"
+        )
         assert holder.version == 3
 
 
@@ -197,7 +230,9 @@ async def test_rejected_reloads_are_a_prometheus_counter(tmp_path: Path) -> None
     async with watching(path) as holder:
         metrics = Metrics(DecisionCounts(), lambda: holder)
         write(path, "~: 1\n")
-        await until(lambda: holder.rejected_versions == 1)
+        await eventually_async(
+            lambda: holder.rejected_versions == 1, timeout=5, message="the bad version was never rejected"
+        )
         text = metrics.prometheus_text()
     assert "# TYPE meshtoll_policy_rejected_reloads counter" in text
     assert "meshtoll_policy_rejected_reloads_total 1" in text
@@ -210,7 +245,9 @@ async def test_a_version_wrong_in_every_entry_logs_its_first_problems_only(
     path.write_text(version("acme"))
     async with watching(path) as holder:
         write(path, "plans: {free: {}}\ntenants:\n" + "".join(f"  t{n}: {{plan: gold}}\n" for n in range(80)))
-        await until(lambda: holder.rejected_versions == 1)
+        await eventually_async(
+            lambda: holder.rejected_versions == 1, timeout=5, message="the bad version was never rejected"
+        )
     [record] = [record for record in caplog.records if record.levelname == "ERROR"]
     lines = record.getMessage().splitlines()
     assert len(lines) == 1 + LOGGED_PROBLEMS + 1

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshtoll.local.devstack import RedisServer, rls_environment
 from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder
 from tests.conftest import RunningRls, StartRls
+from tests.waiting import eventually, eventually_async
 
 pytestmark = pytest.mark.integration
 
@@ -73,16 +73,19 @@ def test_health_follows_redis(start_rls: StartRls, tmp_path: Path) -> None:
         port = redis.port
         rls = start_rls(tmp_path, REDIS_URL=f"127.0.0.1:{port}", REDIS_TIMEOUT="200ms")
         assert healthy(rls) == (200, serving)
-    assert wait_for_health(rls, (500, not_serving))
+    wait_for_health(rls, (500, not_serving))
     with RedisServer(tmp_path / "redis-again", port=port):
-        assert wait_for_health(rls, (200, serving))
+        wait_for_health(rls, (200, serving))
 
 
-def wait_for_health(rls: RunningRls, wanted: tuple[int, int]) -> bool:
-    deadline = time.monotonic() + 10
-    while healthy(rls) != wanted and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return healthy(rls) == wanted
+def wait_for_health(rls: RunningRls, wanted: tuple[int, int]) -> None:
+    eventually(
+        lambda: healthy(rls),
+        lambda health: health == wanted,
+        timeout=10,
+        interval=0.2,
+        message=f"the health check never answered {wanted} (HTTP status, gRPC status)",
+    )
 
 
 async def test_a_kubernetes_configmap_update_is_picked_up(tmp_path: Path) -> None:
@@ -103,9 +106,13 @@ async def test_a_kubernetes_configmap_update_is_picked_up(tmp_path: Path) -> Non
     try:
         assert requests_of(holder) == 1
         version("..2026_12_01_2", 7)
-        async with asyncio.timeout(5):
-            while requests_of(holder) != 7:
-                await asyncio.sleep(0.02)
+        await eventually_async(
+            lambda: requests_of(holder),
+            lambda requests: requests == 7,
+            timeout=5,
+            interval=0.02,
+            message="the swapped ConfigMap version never became active",
+        )
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -130,12 +137,16 @@ def test_with_at_least_one_config_required_health_follows_each_reload(
     rls = start_rls(tmp_path, HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED="true")
     assert healthy(rls) == (200, serving)
     (directory / "basic_config.yaml").unlink()
-    assert wait_for_health(rls, (500, not_serving))
+    wait_for_health(rls, (500, not_serving))
     shutil.copy(CONFIG / "basic_config.yaml", directory)
-    assert wait_for_health(rls, (200, serving))
+    wait_for_health(rls, (200, serving))
     (directory / "basic_config.yaml").unlink()
     shutil.copy(CONFIG / "non_string_key.yaml", directory)  # rejected: the last good one stays
-    time.sleep(2.5)  # two reload polls
+    eventually(
+        lambda: "new version rejected" in rls.child.log_path.read_text(),
+        timeout=2.5,
+        message="the configuration with a non-string key was never rejected",
+    )
     assert healthy(rls) == (200, serving)
 
 

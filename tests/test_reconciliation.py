@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +26,7 @@ from meshtoll.usage.records import Admission, ReportedUnits, UsageRecord
 from meshtoll.usage.store import UsageStore
 from tests.client import fetch
 from tests.conftest import ON_REDIS, StartStack
+from tests.waiting import eventually
 
 T = 1_795_000_000.0
 
@@ -127,7 +129,7 @@ def test_a_meshtoll_restart_mid_traffic_bills_exactly_what_was_admitted(
     client = threading.Thread(target=traffic)
     client.start()
     try:
-        time.sleep(1.0)
+        time.sleep(1.0)  # traffic for a second on each side of the restart: the behaviour under test
         stack.restart("meshtoll")
         time.sleep(1.0)
     finally:
@@ -136,13 +138,18 @@ def test_a_meshtoll_restart_mid_traffic_bills_exactly_what_was_admitted(
     admitted = statuses[200]
     assert admitted > 50, statuses
     assert set(statuses) <= {200, 503}, statuses  # 503: the moments meshtoll was down
-    deadline = time.monotonic() + 15
-    while True:
-        usage = fetch(f"{stack.meshtoll_admin_url}/api/tenants/recon/usage").json()
-        if usage["requests"] == admitted or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert usage["requests"] == admitted, (usage, statuses)
+    eventually(
+        lambda: usage_of(stack, "recon"),
+        lambda usage: usage["requests"] == admitted,
+        timeout=15,
+        interval=0.2,
+        message=f"the {admitted} admitted requests ({statuses}) were not all billed",
+    )
+
+
+def usage_of(stack: LocalStack, tenant: str) -> dict[str, Any]:
+    found: dict[str, Any] = fetch(f"{stack.meshtoll_admin_url}/api/tenants/{tenant}/usage").json()
+    return found
 
 
 def allowed_so_far(stack: LocalStack) -> float:
@@ -169,20 +176,20 @@ def test_an_envoy_restart_cutting_the_access_log_stream_loses_no_billable_reques
     client = threading.Thread(target=traffic)
     client.start()
     try:
-        time.sleep(1.0)
+        time.sleep(1.0)  # traffic for a second on each side of the restart: the behaviour under test
         stack.restart("envoy")  # its buffered access-log entries die with it
         time.sleep(1.0)
     finally:
         stop.set()
         client.join()
     admitted = allowed_so_far(stack)
-    deadline = time.monotonic() + 15
-    while True:
-        usage = fetch(f"{stack.meshtoll_admin_url}/api/tenants/cut/usage").json()
-        if usage["requests"] == admitted or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert usage["requests"] == admitted, usage
+    usage = eventually(
+        lambda: usage_of(stack, "cut"),
+        lambda usage: usage["requests"] == admitted,
+        timeout=15,
+        interval=0.2,
+        message=f"the {admitted} allowed requests were not all billed",
+    )
     assert usage["unreconciled"] > 0, "no access-log entry was lost: the test proved nothing"
 
 
@@ -200,12 +207,13 @@ def test_body_metered_requests_whose_access_log_never_comes_bill_their_tokens(
     for tokens in (120, 3000, 45):
         url = stack.url("listen_rls_port", f"/v1/chat/completions?tokens={tokens}")
         assert fetch(url, headers=headers).status == 200
-    deadline = time.monotonic() + 15
-    while True:
-        usage = fetch(f"{stack.meshtoll_admin_url}/api/tenants/tokens/usage").json()
-        if usage["requests"] == 3 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    usage = eventually(
+        lambda: usage_of(stack, "tokens"),
+        lambda usage: usage["requests"] == 3,
+        timeout=15,
+        interval=0.2,
+        message="the three requests were not all billed by reconciliation",
+    )
     assert (usage["requests"], usage["units"], usage["unreconciled"]) == (3, 120 + 3000 + 45, 3), usage
 
 

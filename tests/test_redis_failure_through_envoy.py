@@ -14,6 +14,7 @@ from meshtoll.local.devstack import LocalStack, RedisServer
 from meshtoll.local.processes import free_ports
 from tests.client import fetch
 from tests.conftest import StartStack
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -76,8 +77,10 @@ def test_redis_outage_follows_the_failure_policy_and_recovers(
         assert {status for status, _, _ in rls} == {503}  # the ratelimit filter's failure_mode_deny
 
     with RedisServer(tmp_path / "redis-again", port=redis_port):
-        deadline = time.monotonic() + 10
-        while timed(stack, "listen_http_authz_port")[0] != 200:
-            assert time.monotonic() < deadline, "meshtoll did not recover when Redis came back"
-            time.sleep(0.1)
+        eventually(
+            lambda: timed(stack, "listen_http_authz_port")[0],
+            lambda status: status == 200,
+            timeout=10,
+            message="meshtoll did not recover when Redis came back",
+        )
         assert timed(stack, "listen_rls_port", "/rls/x")[0] == 200

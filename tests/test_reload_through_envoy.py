@@ -7,7 +7,6 @@ import hashlib
 import http.client
 import os
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -16,11 +15,14 @@ import pytest
 from meshtoll.local.devstack import LocalStack
 from tests.client import fetch
 from tests.conftest import StartStack
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
 KEY = "reload-key"
 CLIENTS = 4
+WORKERS = 2
+REJECTED = "new version rejected, the previous one stays"
 
 
 def policy_text(extra_tenants: int, *, revoked: bool = False) -> str:
@@ -55,14 +57,17 @@ def hammer(port: int, stop: threading.Event, statuses: Counter[int]) -> None:
     connection.close()
 
 
-def wait_for_tenants(stack: LocalStack, count: int) -> None:
-    # Two workers answer the admin port in turn: wait until several answers in a row agree.
-    deadline, agreeing = time.monotonic() + 10, 0
-    while agreeing < 4:
-        assert time.monotonic() < deadline, f"a policy of {count} tenants never became active"
-        tenants = fetch(f"{stack.meshtoll_admin_url}/api/policy").json()["tenants"]
-        agreeing = agreeing + 1 if tenants == count else 0
-        time.sleep(0.05)
+def wait_for_every_worker(stack: LocalStack, logged: str, times: int, awaited: str) -> None:
+    """Until meshtoll's log holds `logged` `times` times. The workers answer the admin port
+    in turn, one at a time, but each logs each reload and each rejection it makes."""
+    log = stack.work_dir / "meshtoll.log"
+    eventually(
+        lambda: log.read_text().count(logged),
+        lambda count: count >= times,
+        timeout=10,
+        interval=0.05,
+        message=f"{awaited}: {logged!r} was not logged {times} times",
+    )
 
 
 def policy_version(stack: LocalStack) -> int:
@@ -71,10 +76,13 @@ def policy_version(stack: LocalStack) -> int:
 
 
 def wait_for_version(stack: LocalStack, version: int) -> None:
-    deadline = time.monotonic() + 10
-    while policy_version(stack) < version:
-        assert time.monotonic() < deadline, f"policy version {version} never became active"
-        time.sleep(0.05)
+    eventually(
+        lambda: policy_version(stack),
+        lambda active: active >= version,
+        timeout=10,
+        interval=0.05,
+        message=f"policy version {version} never became active",
+    )
 
 
 def test_reloads_under_traffic_fail_no_request_and_bad_versions_are_kept_out(
@@ -82,7 +90,7 @@ def test_reloads_under_traffic_fail_no_request_and_bad_versions_are_kept_out(
 ) -> None:
     path = tmp_path_factory.mktemp("reload") / "policy.yaml"
     path.write_text(policy_text(0))
-    stack = start_stack(path, workers=2)
+    stack = start_stack(path, workers=WORKERS)
     port = stack.ports.envoy.listen_http_authz_port
     stop = threading.Event()
     per_client: list[Counter[int]] = [Counter() for _ in range(CLIENTS)]
@@ -90,14 +98,14 @@ def test_reloads_under_traffic_fail_no_request_and_bad_versions_are_kept_out(
     for client in clients:
         client.start()
     try:
-        for version in range(1, 4):
-            replace_file(path, policy_text(version * 500))
-            time.sleep(0.3)
-            # Rejected (unknown plan); left in place longer than a poll so every worker sees it.
+        for version in range(2, 5):
+            replace_file(path, policy_text((version - 1) * 500))
+            wait_for_every_worker(stack, f"reloaded: version {version}, ", WORKERS, "a good version")
+            # Rejected (unknown plan); left in place until every worker has seen it.
             replace_file(path, "tenants: {acme: {plan: missing}}\n")
-            time.sleep(1.2)
+            wait_for_every_worker(stack, REJECTED, (version - 1) * WORKERS, "a bad version")
         replace_file(path, policy_text(2000))
-        wait_for_tenants(stack, 1 + 2000)
+        wait_for_every_worker(stack, "reloaded: version 5, ", WORKERS, "the last version")
     finally:
         stop.set()
         for client in clients:
@@ -105,7 +113,8 @@ def test_reloads_under_traffic_fail_no_request_and_bad_versions_are_kept_out(
     statuses = sum(per_client, Counter())
     assert set(statuses) == {200}, statuses
     assert statuses[200] > 200, "too little traffic to prove anything"
-    assert fetch(f"{stack.meshtoll_admin_url}/api/policy").json()["rejected_versions"] >= 1
+    summary = fetch(f"{stack.meshtoll_admin_url}/api/policy").json()
+    assert (summary["tenants"], summary["rejected_versions"]) == (1 + 2000, 3)
 
 
 def test_revoking_a_key_takes_effect_without_a_restart(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import time
 from collections.abc import Mapping
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from meshtoll.local.devstack import LocalStack
 from tests.client import fetch
 from tests.conftest import StartStack
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -137,9 +137,10 @@ def test_other_spellings_of_the_chat_route_bill_its_tokens(stack: LocalStack) ->
         )
         assert status == 200, spelling
         assert json.loads(body)["path"] == "/v1/chat/completions?tokens=5000"
-    deadline = time.monotonic() + 5
-    usage = fetch(f"{stack.meshtoll_admin_url}/api/tenants/chatty/usage").json()
-    while usage["requests"] < len(CHAT_SPELLINGS) and time.monotonic() < deadline:
-        time.sleep(0.1)
-        usage = fetch(f"{stack.meshtoll_admin_url}/api/tenants/chatty/usage").json()
+    usage = eventually(
+        lambda: fetch(f"{stack.meshtoll_admin_url}/api/tenants/chatty/usage").json(),
+        lambda usage: usage["requests"] >= len(CHAT_SPELLINGS),
+        timeout=5,
+        message="the chat route's spellings were not all billed",
+    )
     assert usage["by_route"] == [{"route": "chat", "requests": 3, "units": 3 * 5000}]

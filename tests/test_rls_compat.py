@@ -17,7 +17,9 @@ from google.protobuf import wrappers_pb2
 
 from meshtoll.counting.periods import window
 from meshtoll.local.devstack import LocalStack
+from tests.client import fetch
 from tests.conftest import StartStack
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -52,6 +54,12 @@ def stack(start_stack: StartStack, tmp_path_factory: pytest.TempPathFactory) -> 
 def rls(stack: LocalStack) -> Iterator[rls_pb2_grpc.RateLimitServiceStub]:
     with grpc.insecure_channel(f"127.0.0.1:{stack.ports.envoy.authz_grpc_port}") as channel:
         yield rls_pb2_grpc.RateLimitServiceStub(channel)
+
+
+def rejected_reloads(stack: LocalStack) -> float:
+    text = fetch(f"{stack.meshtoll_admin_url}/metrics").body.decode()
+    sample = "meshtoll_ratelimit_config_rejected_reloads_total "
+    return sum(float(line.removeprefix(sample)) for line in text.splitlines() if line.startswith(sample))
 
 
 def descriptor(*entries: tuple[str, str], hits: int | None = None) -> ratelimit_pb2.RateLimitDescriptor:
@@ -138,7 +146,12 @@ def test_a_bad_configuration_file_keeps_the_last_good_one(
     (directory / "broken.yaml").write_text(
         "domain: other\ndescriptors: [{key: x, rate_limit: {unit: never, requests_per_unit: 1}}]\n"
     )
-    time.sleep(1.5)  # one reload poll (1 s) must have seen it
+    eventually(
+        lambda: rejected_reloads(stack),
+        lambda rejected: rejected >= 1,
+        timeout=5,
+        message="the bad configuration file was never rejected",
+    )
     assert ask(rls, descriptor(("remote_address", "50.0.0.5"))).overall_code == OVER_LIMIT
     log = (stack.work_dir / "meshtoll.log").read_text()
     assert "new version rejected, the previous one stays" in log

@@ -10,7 +10,7 @@ import random
 import shutil
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -24,6 +24,7 @@ from meshtoll.local.devstack import find_redis_server
 from meshtoll.local.processes import Child, free_ports, tcp_accepts
 from tests.conftest import RunningRls, StartRls
 from tests.redis_topologies import redis_cluster, redis_sentinel
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -163,14 +164,24 @@ def test_config_reload_adds_and_removes_a_domain(stub: rls_pb2_grpc.RateLimitSer
     added = root / "ratelimit" / "config" / "reload.yaml"
     shutil.copy(root / "ratelimit" / "reload.yaml", added)
     try:
-        answer = wait_for_answer(
-            stub, request("reload", [("key1", "foo")]), lambda a: a.statuses[0].HasField("current_limit")
+        answer = eventually(
+            lambda: stub.ShouldRateLimit(request("reload", [("key1", "foo")])),
+            lambda answer: answer.statuses[0].HasField("current_limit"),
+            timeout=10,
+            interval=0.2,
+            message="the added reload.yaml never gave key1 its limit",
         )
         assert_answer(answer, OK, status(OK, 50, SECOND, 49, answer.statuses[0]))
         assert stub.ShouldRateLimit(blocked).overall_code == OVER_LIMIT
     finally:
         added.unlink()
-    wait_for_answer(stub, blocked, lambda a: a.overall_code == OK)
+    eventually(
+        lambda: stub.ShouldRateLimit(blocked),
+        lambda answer: answer.overall_code == OK,
+        timeout=10,
+        interval=0.2,
+        message="removing reload.yaml never unblocked the domain",
+    )
 
 
 def test_share_threshold_counts_every_value_of_a_wildcard_together(
@@ -225,20 +236,6 @@ def test_counters_are_shared_with_envoyproxy_ratelimit_on_one_redis(
         assert int(client.get(key) or 0) == 16
     finally:
         client.close()
-
-
-def wait_for_answer(
-    stub: rls_pb2_grpc.RateLimitServiceStub,
-    asked: rls_pb2.RateLimitRequest,
-    done: Callable[[rls_pb2.RateLimitResponse], bool],
-    seconds: float = 10,
-) -> rls_pb2.RateLimitResponse:
-    deadline = time.monotonic() + seconds
-    while True:
-        answer: rls_pb2.RateLimitResponse = stub.ShouldRateLimit(asked)
-        if done(answer) or time.monotonic() > deadline:
-            return answer
-        time.sleep(0.2)
 
 
 def test_basic_config_on_a_redis_cluster(start_rls: StartRls, root: Path, tmp_path: Path) -> None:

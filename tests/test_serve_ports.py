@@ -21,6 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshtoll.local.processes import Child, free_ports, http_ok
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -106,21 +107,30 @@ def test_two_workers_share_every_port_and_survive_the_loss_of_one(
 ) -> None:
     ports = free_ports(3)
     supervisor = serve(ports, "--workers", "2")
-    workers = _children(supervisor.pid)
-    deadline = time.monotonic() + 20
-    while len(workers) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-        workers = _children(supervisor.pid)
+    workers = eventually(
+        lambda: _children(supervisor.pid),
+        lambda found: len(found) >= 2,
+        timeout=20,
+        message="the supervisor never started its two workers",
+    )
     assert len(workers) == 2
     # Every worker has every port: the inherited HTTP sockets and a gRPC listener of its own.
-    while not all(_listening_ports(worker) >= set(ports) for worker in workers):
-        assert time.monotonic() < deadline, [_listening_ports(worker) for worker in workers]
-        time.sleep(0.1)
+    eventually(
+        lambda: [_listening_ports(worker) for worker in workers],
+        lambda listening: all(found >= set(ports) for found in listening),
+        timeout=20,
+        message=f"the workers never all listened on {ports}",
+    )
     assert grpc_serving(ports[0])
     assert http_status(ports[1], "/v1/x") != b""
     os.kill(workers[0], signal.SIGKILL)
-    while _listening_ports(workers[0]):  # dead once its sockets are gone (a zombie has none)
-        time.sleep(0.01)
+    eventually(  # dead once its sockets are gone (a zombie has none)
+        lambda: _listening_ports(workers[0]),
+        lambda listening: not listening,
+        timeout=10,
+        interval=0.01,
+        message="the killed worker's sockets never closed",
+    )
     # For a moment after the process is gone the kernel can still hand a new gRPC
     # connection to its closing SO_REUSEPORT socket, which resets it (seen on loaded runs):
     # the HTTP ports, one inherited socket, have no such moment.
@@ -142,9 +152,8 @@ def test_admin_answers_healthz_while_the_authz_port_is_flooded(
     serve(ports, "--http-max-connections", "100", "--http-header-timeout-seconds", "30")
     flood = [socket.create_connection(("127.0.0.1", ports[1])) for _ in range(300)]
     try:
-        time.sleep(0.5)
+        refused = flood[-1].recv(65536)  # the last one's answer: the whole flood has landed
         assert http_status(ports[2]) == b"HTTP/1.1 200 OK"
-        refused = flood[-1].recv(65536)
         assert refused.startswith(b"HTTP/1.1 503 ")
         assert json.loads(refused.partition(b"\r\n\r\n")[2])["error"] == "too_many_connections"
     finally:

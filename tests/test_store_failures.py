@@ -31,6 +31,7 @@ async def test_a_stalled_redis_fails_the_call_within_the_timeout(redis_url: str)
     try:
         await store.check([CHECK], time.time())  # connected and the script loaded
         stall = asyncio.ensure_future(blocker.eval(BUSY_FOR_400_MS, 0))
+        # For the script to start: a Redis running one answers nobody, so there is nothing to poll.
         await asyncio.sleep(0.05)
         started = time.monotonic()
         with pytest.raises(StorageUnavailable):

@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from meshtoll.local.processes import Child, free_ports, http_ok
 from tests.certs import BOT_SPIFFE_ID, ClientCert, TestPki
 from tests.client import Reply, fetch
 from tests.conftest import StartStack
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -82,15 +82,18 @@ class LoggedEnvoy:
 
     def record(self, probe: str) -> dict[str, Any]:
         """The access-log record of the request whose path carried `probe`."""
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
+
+        def logged() -> dict[str, Any] | None:
             if self.log.exists():
                 for line in self.log.read_text().splitlines():
                     entry: dict[str, Any] = json.loads(line)
                     if probe in (entry["path"] or ""):
                         return entry
-            time.sleep(0.05)
-        raise AssertionError(f"no access-log record for {probe}")
+            return None
+
+        found = eventually(logged, timeout=5, interval=0.05, message=f"no access-log record for {probe}")
+        assert found is not None
+        return found
 
 
 LOGGED_HEADERS = sorted(SPOOFED)

@@ -150,7 +150,7 @@ async def test_the_ledger_keeps_records_for_the_configured_retention(redis_url: 
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
         await store.record([record(tenant, "old")])
-        await asyncio.sleep(1.1)
+        await asyncio.sleep(1.1)  # past the retention of one second, which the store reads off the real clock
         await store.record([record(tenant, "new")])
         assert [r.request_id for r in await store.ledger(tenant, 0, T + 1)] == ["new"]
         assert await client.xlen(ledger_key(tenant)) == 1
