@@ -16,6 +16,7 @@ from meshtoll.storage.usage_redis import RedisUsageStore
 from meshtoll.usage.records import UsageRecord
 from tests.client import fetch
 from tests.conftest import StartStack
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -62,11 +63,12 @@ def metered(stack: LocalStack, redis_url: str, logger: str, requests: int) -> li
         assert fetch(url, headers=headers).status == 200
     assert fetch(url, method="POST", headers=headers, body=b'{"q": 1}').status == 200
     assert fetch(url, headers={"x-api-key": "nobody's"}).status == 401  # no tenant: not metered
-    deadline = time.monotonic() + 10
-    while len(records := asyncio.run(ledger_of(redis_url, f"via-{logger}"))) < requests + 1:
-        assert time.monotonic() < deadline, f"{logger}: {len(records)} of {requests + 1} records"
-        time.sleep(0.1)
-    return records
+    return eventually(
+        lambda: asyncio.run(ledger_of(redis_url, f"via-{logger}")),
+        lambda records: len(records) >= requests + 1,
+        timeout=10,
+        message=f"{logger}: {requests + 1} records in the ledger",
+    )
 
 
 def test_both_loggers_bill_every_admitted_request_once_with_the_same_fields(
