@@ -140,8 +140,10 @@ def test_with_at_least_one_config_required_health_follows_each_reload(
     wait_for_health(rls, (500, not_serving))
     shutil.copy(CONFIG / "basic_config.yaml", directory)
     wait_for_health(rls, (200, serving))
-    (directory / "basic_config.yaml").unlink()
+    # The bad file lands before the good one goes, so that no poll sees an empty directory
+    # (a valid configuration without domains); each version it can see is rejected.
     shutil.copy(CONFIG / "non_string_key.yaml", directory)  # rejected: the last good one stays
+    (directory / "basic_config.yaml").unlink()
     eventually(
         lambda: "new version rejected" in rls.child.log_path.read_text(),
         timeout=2.5,
