@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 import redis.asyncio
 
-from meshtoll.counting.limits import Check, Increment, RateLimit
+from meshtoll.counting.limits import Check, Increment, RateLimit, Unused
 from meshtoll.storage import CounterStore, MemoryCounterStore
 from meshtoll.storage.redis import RedisCounterStore
 from tests.conftest import ON_REDIS
@@ -126,6 +126,77 @@ async def test_reset_and_remaining_report_the_window(store: CounterStore) -> Non
     (result,) = await store.check([Check(key(), RateLimit(5, "hour"))], T0 + 600)
     assert (result.used, result.remaining) == (1, 4)
     assert result.reset_seconds == pytest.approx(3000)
+
+
+ALGORITHMS = ["fixed_window", "sliding_window", "token_bucket"]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+async def test_a_lease_is_granted_within_the_limit_and_shrinks_to_nothing_near_it(
+    store: CounterStore, algorithm: str
+) -> None:
+    check = Check(key(), RateLimit(100, "minute", algorithm), lease=15)  # type: ignore[arg-type]
+    grants = []
+    used = 0
+    while True:
+        (result,) = await store.check([check], T0)
+        if not result.allowed:
+            break
+        grants.append(result.leased)
+        used += 1 + result.leased
+        assert result.used == used  # the grant is consumed with the cost
+    # At most L - 1 and at most an eighth of what is left after the cost; 0 near the limit.
+    assert grants[:4] == [12, 10, 9, 8]
+    assert grants[-8:] == [0] * 8
+    assert used == 100
+
+
+async def test_a_lease_is_taken_in_whole_multiples_of_the_cost(store: CounterStore) -> None:
+    (result,) = await store.check([Check(key(), RateLimit(1000, "minute"), cost=7, lease=70)], T0)
+    assert (result.used, result.leased) == (7 + 70, 70)
+    (result,) = await store.check([Check(key(), RateLimit(200, "minute"), cost=7, lease=70)], T0)
+    assert result.leased == 21  # (200 - 7) // 8 = 24, rounded down to a multiple of 7
+
+
+async def test_a_refused_decision_grants_no_lease_from_any_limit(store: CounterStore) -> None:
+    roomy = Check(key(), RateLimit(1000, "minute"), lease=15)
+    full = Check(key(), RateLimit(1, "minute"), lease=15)
+    assert await admitted(store, [full], T0, 1) == 1
+    room, closed = await store.check([roomy, full], T0)
+    assert (room.allowed, room.leased, room.used, closed.allowed) == (True, 0, 0, False)
+
+
+async def test_looks_and_shadow_limits_never_lease(store: CounterStore) -> None:
+    look = Check(key(), RateLimit(1000, "minute"), cost=0, lease=15)
+    shadow = Check(key(), RateLimit(1000, "minute", shadow=True), lease=15)
+    results = await store.check([look, shadow], T0)
+    assert [(result.leased, result.used) for result in results] == [(0, 0), (0, 1)]
+
+
+@pytest.mark.parametrize("algorithm", ["fixed_window", "sliding_window"])
+async def test_unused_leased_hits_of_a_window_go_back(store: CounterStore, algorithm: str) -> None:
+    check = Check(key(), RateLimit(100, "minute", algorithm), lease=15)  # type: ignore[arg-type]
+    (granted,) = await store.check([check], T0)
+    assert granted.leased == 12
+    assert await store.release([Unused(check, 10)], T0 + 1) == 10  # 2 of the 12 were used
+    (looked,) = await store.check([Check(check.key, check.limit, cost=0)], T0 + 1)
+    assert looked.used == 3
+    # In the next window the old counter is not this one: nothing goes back twice or wrongly.
+    assert await store.release([Unused(check, 5)], T0 + 60) == 0
+
+
+async def test_a_token_bucket_takes_a_lease_back_only_while_nothing_took_from_it(store: CounterStore) -> None:
+    check = Check(key(), RateLimit(60, "minute", "token_bucket"), lease=15)
+    (granted,) = await store.check([check], T0)
+    assert granted.leased == 7  # (60 - 1) // 8
+    tat = int(T0 * 1000) + round(granted.reset_seconds * 1000)
+    assert await store.release([Unused(check, 7, tat)], T0) == 7
+    (looked,) = await store.check([Check(check.key, check.limit, cost=0)], T0)
+    assert looked.remaining == 59
+    (granted,) = await store.check([check], T0)
+    tat = int(T0 * 1000) + round(granted.reset_seconds * 1000)
+    await store.check([Check(check.key, check.limit)], T0)  # another process took a token since
+    assert await store.release([Unused(check, granted.leased, tat)], T0) == 0
 
 
 @pytest.mark.integration

@@ -38,12 +38,15 @@ class Check:
 
     `key` identifies the counter (stores add the window to it); keys of one tenant carry
     the same Redis hash tag so that one decision's checks live on one shard. `cost` is the
-    number of hits to consume; 0 looks without consuming.
+    number of hits to consume; 0 looks without consuming. `lease` is how many hits beyond
+    the cost the caller would like to reserve for its later decisions (a token lease, see
+    algorithms.lease_grant): the store grants what fits, never more than the limit allows.
     """
 
     key: str
     limit: RateLimit
     cost: int = 1
+    lease: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +56,7 @@ class CheckResult:
     remaining: int  # hits still admitted before the limit refuses
     reset_seconds: float  # until the window ends (bucket: until it is full again)
     retry_after: float  # until this limit could admit a hit again; 0 when it admits now
+    leased: int = 0  # hits reserved beyond the cost (counted in `used`), for the caller's lease
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,3 +69,15 @@ class Increment:
     hits: int
     limit: int
     expire_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unused:
+    """Leased hits a process gives back (on shutdown): `hits` of `check`'s counter in the
+    window holding the moment of the return. A token bucket takes them back only while its
+    TAT is still `bucket_tat_ms`, the value the lease left (nothing took from it since):
+    the one case in which a return is exact."""
+
+    check: Check
+    hits: int
+    bucket_tat_ms: int = 0

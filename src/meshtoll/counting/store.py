@@ -7,6 +7,10 @@ of processes sharing a store, never overshoot. The meaning of each algorithm is 
 code in `meshtoll.counting.algorithms`, which the memory store runs and the Redis store's
 Lua script mirrors; one contract test suite runs against both.
 
+A check may ask for a token lease (`Check.lease`): hits reserved beyond its cost, granted
+only within the limit and consumed with the cost (`CheckResult.leased`); `release` gives
+back what a process did not use.
+
 `increment` is envoyproxy/ratelimit's counting instead (every hit counted, refused or not),
 for its configuration domains in strict compatibility.
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
-from meshtoll.counting.limits import Check, CheckResult, Increment
+from meshtoll.counting.limits import Check, CheckResult, Increment, Unused
 
 # What a limit does when its store cannot answer: admit ("open") or refuse ("closed").
 FailureMode = Literal["open", "closed"]
@@ -34,6 +38,11 @@ class CounterStore(Protocol):
         """envoyproxy/ratelimit's counting (algorithms.hits_to_add): each counter's value
         after adding its hits, every counter refreshed to its expiry. Atomic per call (per
         Cluster slot). Raises meshtoll.errors.StorageUnavailable like `check`."""
+        ...
+
+    async def release(self, unused: Sequence[Unused], now: float) -> int:
+        """Give back leased hits never used (algorithms.after_release); the number of hits
+        given back. Raises meshtoll.errors.StorageUnavailable like `check`."""
         ...
 
     async def ping(self) -> bool: ...

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from meshtoll.counting import algorithms
-from meshtoll.counting.limits import Check, CheckResult, Increment
+from meshtoll.counting.limits import Check, CheckResult, Increment, Unused
 
 _PURGE_EVERY = 10_000  # writes between sweeps of expired counters
 
@@ -28,10 +28,11 @@ class MemoryCounterStore:
         admitted = all(ok or p.shadow for p, ok in zip(plans, verdicts, strict=True))
         results = []
         for p, (first, second), ok in zip(plans, stored, verdicts, strict=True):
+            grant = algorithms.lease_grant(p, first, second, now_ms) if admitted else 0
             if admitted and p.cost > 0:
-                first = algorithms.consumed(p, first, now_ms)
+                first = algorithms.consumed(p, first, now_ms, grant)
                 self._set(p.keys[0], first, now_ms + p.expire_ms, now_ms)
-            results.append(algorithms.result(p, first, second, ok, now_ms))
+            results.append(algorithms.result(p, first, second, ok, now_ms, grant))
         return results
 
     async def increment(
@@ -45,6 +46,19 @@ class MemoryCounterStore:
             self._set(each.key, value + add, now_ms + each.expire_seconds * 1000, now_ms)
             counts.append(value + add)
         return counts
+
+    async def release(self, unused: Sequence[Unused], now: float) -> int:
+        now_ms = int(now * 1000)
+        given = 0
+        for each in unused:
+            p = algorithms.plan(each.check, now_ms)
+            found = self._values.get(p.keys[0])
+            value = self._get(p.keys[0], now_ms)
+            after = algorithms.after_release(p, value, each)
+            if found is not None and after is not None:
+                self._values[p.keys[0]] = (after, found[1])
+                given += each.hits if p.algorithm == algorithms.BUCKET else value - after
+        return given
 
     async def ping(self) -> bool:
         return True

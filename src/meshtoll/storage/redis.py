@@ -25,7 +25,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from meshtoll.counting import algorithms
-from meshtoll.counting.limits import Check, CheckResult, Increment
+from meshtoll.counting.limits import Check, CheckResult, Increment, Unused
 from meshtoll.errors import ConnectionLost, StorageUnavailable
 from meshtoll.storage.breaker import CircuitBreaker
 from meshtoll.storage.redis_access import LeanScript, lean_client, lua_script, redis_py_client
@@ -37,6 +37,7 @@ _FAILURES = (redis.exceptions.RedisError, OSError, TimeoutError, ssl.SSLError, C
 
 CHECK_SCRIPT = functools.partial(lua_script, "check.lua")
 INCREMENT_SCRIPT = functools.partial(lua_script, "increment.lua")
+RELEASE_SCRIPT = functools.partial(lua_script, "release.lua")
 
 
 class RedisCounterStore:
@@ -61,8 +62,8 @@ class RedisCounterStore:
         results: list[CheckResult] = [None] * len(plans)  # type: ignore[list-item]
         for group, reply in zip(groups, replies, strict=True):
             for n, i in enumerate(group):
-                allowed, first, second = (int(value) for value in reply[3 * n : 3 * n + 3])
-                results[i] = algorithms.result(plans[i], first, second, bool(allowed), now_ms)
+                allowed, first, second, grant = (int(value) for value in reply[4 * n : 4 * n + 4])
+                results[i] = algorithms.result(plans[i], first, second, bool(allowed), now_ms, grant)
         return results
 
     async def increment(
@@ -90,6 +91,24 @@ class RedisCounterStore:
                 counts[i] = int(reply[n])
         return counts
 
+    async def release(self, unused: Sequence[Unused], now: float) -> int:
+        """One EVALSHA of storage/lua/release.lua (per Cluster slot), with a marker: given
+        back twice, a window's hits would free other processes' hits, an overshoot."""
+        if not unused:
+            return 0
+        now_ms = int(now * 1000)
+        plans = [algorithms.plan(each.check, now_ms) for each in unused]
+        keys = [p.keys[0] for p in plans]
+        groups = _by_slot(keys) if self._cluster else [list(range(len(keys)))]
+        calls = (
+            self._runner.release(
+                [*(keys[i] for i in group), decision_marker(keys[group[0]])],
+                [v for i in group for v in algorithms.release_arguments(plans[i], unused[i])],
+            )
+            for group in groups
+        )
+        return sum(int(reply) for reply in await self._guarded(*calls))
+
     async def ping(self) -> bool:
         try:
             async with asyncio.timeout(self.timeout * 4):
@@ -107,7 +126,7 @@ class RedisCounterStore:
         arguments = [now_ms, *(value for i in group for value in plans[i].arguments())]
         return await self._runner.run(keys, arguments)
 
-    async def _guarded(self, *calls: Any) -> list[list[Any]]:
+    async def _guarded(self, *calls: Any) -> list[Any]:
         if not self.breaker.allows():
             for call in calls:
                 call.close()
@@ -175,16 +194,21 @@ class _LeanRunner:
         self._redis = lean_client(target, timeout)
         self._check = LeanScript(CHECK_SCRIPT(), "the decision script")
         self._increment = LeanScript(INCREMENT_SCRIPT(), "the increment script")
+        self._release = LeanScript(RELEASE_SCRIPT(), "the release script")
 
     async def run(self, keys: list[str], arguments: list[int]) -> list[Any]:
-        return await self._call(self._check, keys, arguments)
+        reply: list[Any] = await self._call(self._check, keys, arguments)
+        return reply
 
     async def increment(self, keys: list[str], arguments: list[int]) -> list[Any]:
-        return await self._call(self._increment, keys, arguments)
+        reply: list[Any] = await self._call(self._increment, keys, arguments)
+        return reply
 
-    async def _call(self, script: LeanScript, keys: list[str], arguments: list[int]) -> list[Any]:
+    async def release(self, keys: list[str], arguments: list[int]) -> Any:
+        return await self._call(self._release, keys, arguments)
+
+    async def _call(self, script: LeanScript, keys: list[str], arguments: list[int]) -> Any:
         reply = await script.call(self._redis, script.evalsha(keys, arguments))
-        assert isinstance(reply, list)
         return reply
 
     async def ping(self) -> bool:
@@ -203,6 +227,7 @@ class _RedisPyRunner:
         self._client, self._sentinels = redis_py_client(target, timeout)
         self._script = self._client.register_script(CHECK_SCRIPT())
         self._increment = self._client.register_script(INCREMENT_SCRIPT())
+        self._release = self._client.register_script(RELEASE_SCRIPT())
         self._initialized = not isinstance(self._client, RedisCluster)
         self._initializing = asyncio.Lock()
 
@@ -215,6 +240,10 @@ class _RedisPyRunner:
         await self._initialize()
         reply: list[Any] = await self._increment(keys=keys, args=arguments)
         return reply
+
+    async def release(self, keys: list[str], arguments: list[int]) -> Any:
+        await self._initialize()
+        return await self._release(keys=keys, args=arguments)
 
     async def _initialize(self) -> None:
         if not self._initialized:
