@@ -13,6 +13,7 @@ from redis.crc import key_slot
 
 from meshtoll.counting.limits import Check, RateLimit
 from meshtoll.counting.periods import window
+from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.storage.redis import RedisCounterStore
 from meshtoll.storage.usage_redis import RedisUsageStore
 from meshtoll.usage.records import UsageRecord
@@ -63,6 +64,27 @@ async def test_decisions_stay_exact_on_a_cluster_under_concurrency(cluster: list
             await store.close()
     assert sum(minute.allowed for minute, _ in results) == 30
     assert max(day.used for _, day in results) == 30  # refused requests consumed nothing
+
+
+async def test_leasing_limiters_on_a_cluster_never_overshoot_and_give_back_what_they_did_not_use(
+    cluster: list[int],
+) -> None:
+    stores = [RedisCounterStore(cluster_url(cluster), timeout_ms=2000) for _ in range(2)]
+    limiters = [Limiter(store, lease_max=16, clock=lambda: NOW) for store in stores]
+    per_minute = Check("meshtoll_{leased}_tenant_m", RateLimit(200, "minute"))
+    daily = Check("meshtoll_{leased}_tenant_d", RateLimit(100_000, "day"))
+    looks = [Check(check.key, check.limit, cost=0) for check in (per_minute, daily)]
+    try:
+        verdicts = await asyncio.gather(*(limiters[n % 2].check([per_minute, daily]) for n in range(300)))
+        admitted = sum(verdict.admitted for verdict in verdicts)
+        for limiter in limiters:
+            await limiter.release_leases()
+        minute, day = await stores[0].check(looks, NOW)
+    finally:
+        for store in stores:
+            await store.close()
+    assert 200 - 2 * 15 <= admitted <= 200
+    assert (minute.used, day.used) == (admitted, admitted)
 
 
 async def test_descriptors_spanning_slots_are_checked_per_slot(cluster: list[int]) -> None:

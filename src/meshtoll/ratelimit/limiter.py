@@ -1,5 +1,5 @@
-"""The limiter: one store round trip per decision, refusals remembered locally, and the
-configured failure policy when the store cannot answer."""
+"""The limiter: at most one store round trip per decision (none when token leases serve it),
+refusals remembered locally, and the configured failure policy when the store cannot answer."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from meshtoll.counting.limits import Check, CheckResult, Increment, RateLimit
 from meshtoll.counting.store import CounterStore, FailureMode
 from meshtoll.errors import StorageError
+from meshtoll.ratelimit.leases import LeaseBook, Taken
 from meshtoll.ratelimit.verdict import ADMITTED_WITHOUT_LIMITS, LimitVerdict, limit_verdict
 
 log = logging.getLogger("meshtoll.ratelimit")
@@ -30,8 +31,11 @@ class Limiter:
         *,
         failure_mode: FailureMode = "open",
         shadow: bool = False,
+        lease_max: int = 1,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`lease_max` is L, the decisions one token lease covers (ratelimit/leases.py);
+        1 asks the store on every decision. No leases in global shadow mode."""
         self.store = store
         self.failure_mode = failure_mode
         self.shadow = shadow  # global shadow mode: evaluate and count, never refuse
@@ -41,6 +45,7 @@ class Limiter:
         self._refused_until: dict[tuple[str, RateLimit], float] = {}
         self.outcomes: Counter[str] = Counter()
         self._last_failure_log = 0.0
+        self._leases = LeaseBook(lease_max) if lease_max > 1 and not shadow else None
 
     async def check(self, checks: Sequence[Check]) -> LimitVerdict:
         """The verdict of one decision. Raises StorageUnavailable only under the "closed"
@@ -65,6 +70,8 @@ class Limiter:
         if cached is not None:
             self.outcomes["refused_from_cache"] += 1
             return cached
+        if self._leases is not None:
+            return await self._leased_results(checks, self._leases, now)
         try:
             results = await self.store.check(checks, now)
         except StorageError as exc:
@@ -72,6 +79,40 @@ class Limiter:
             return None
         self._remember_refusals(checks, results, now)
         return results
+
+    async def release_leases(self) -> int:
+        """Give every unused leased hit back to the store (a stopping process); the number
+        given back. Never raises: a lease not given back only under-admits."""
+        if self._leases is None:
+            return 0
+        now = self._clock()
+        unused = self._leases.unused(now)
+        try:
+            return await self.store.release(unused, now) if unused else 0
+        except StorageError as exc:
+            log.warning("unused token leases not given back (%d counters): %s", len(unused), exc)
+            return 0
+
+    async def _leased_results(
+        self, checks: Sequence[Check], leases: LeaseBook, now: float
+    ) -> list[CheckResult] | None:
+        taken = leases.take(checks, now)
+        if taken.complete:
+            self.outcomes["admitted_from_lease"] += 1
+            return taken.results  # type: ignore[return-value]  # complete: none is None
+        asked = leases.asking(checks, taken)
+        results = None
+        try:
+            results = await self.store.check(asked, now)
+        except StorageError as exc:
+            self._store_failed(exc, now)  # raises under the "closed" policy
+            return None
+        finally:
+            leases.answered(asked, results, now)
+            if results is None or not _admitted(asked, results):
+                leases.put_back(taken)  # a refused decision takes from no limit
+        self._remember_refusals(asked, results, now)
+        return _merged(taken, asked, results)
 
     def now(self) -> float:
         return self._clock()
@@ -119,6 +160,28 @@ class Limiter:
             log.warning("rate-limit store unavailable (failure policy %s): %s", self.failure_mode, exc)
         if self.failure_mode == "closed":
             raise exc
+
+
+def _admitted(checks: Sequence[Check], results: Sequence[CheckResult]) -> bool:
+    # The store's own rule (CounterStore.check): every enforced check admits its cost.
+    return all(result.allowed or check.limit.shadow for check, result in zip(checks, results, strict=True))
+
+
+def _merged(taken: Taken, asked: Sequence[Check], answers: Sequence[CheckResult]) -> list[CheckResult]:
+    """Each check's result, from its lease or from the store. A fresh grant is this
+    process's to spend: its hits count as remaining, as they do while a lease is spent."""
+    found = iter(zip(asked, answers, strict=True))
+    results = []
+    for served in taken.results:
+        if served is None:
+            _, answer = next(found)
+            if answer.leased:
+                answer = dataclasses.replace(
+                    answer, used=answer.used - answer.leased, remaining=answer.remaining + answer.leased
+                )
+            served = answer
+        results.append(served)
+    return results
 
 
 @functools.cache

@@ -1,0 +1,161 @@
+"""Token leases: hits the counter store reserved for this process, spent in memory.
+
+A lease is granted with an admitted decision (`Check.lease`, `CheckResult.leased`): the
+store consumed the grant with the cost, only if it fitted under the limit, so spending it
+here never lets a limit overshoot. Each counter has at most one lease, and at most one
+request for a new grant is in flight per counter, so a process holds at most one grant of
+L - 1 decisions per counter. A decision is served from leases alone when every one of its
+checks has a lease with hits for it; otherwise the checks without one go to the store, and
+the hits of the others are set aside first and put back when the store refuses: a decision
+still takes from every limit or from none.
+
+A window's lease ends with its window (its hits expire with the counter). A token bucket's
+lease is spent token by token, each no later than the moment the bucket would have
+admitted it had it been taken one by one, its "slot": a token used later than its slot
+would let a burst pass the bucket's capacity, so an unused lease past its slot is dropped.
+
+Not for month and year quotas: a crashed process would hold a month's hits until the month
+ends, and quota and invoice views should show exactly what was admitted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from meshtoll.counting.algorithms import bucket_interval_ms
+from meshtoll.counting.limits import Check, CheckResult, RateLimit, Unused
+from meshtoll.counting.periods import QUOTA_PERIODS
+
+
+@dataclass(slots=True)
+class Lease:
+    limit: RateLimit
+    hits: int  # reserved in the store, not yet used by a decision
+    deadline_ms: int  # the next hit may be used before then (window end; bucket: its slot)
+    step_ms: int  # a token bucket's emission interval: each hit used moves the deadline; 0
+    remaining: int  # what the store said the limit had left at the grant, the grant counted as used
+    reset_at: float  # when the window ends (a bucket: when it would be full), as of the grant
+    bucket_tat_ms: int  # a token bucket's TAT after the grant, for an exact return; 0
+
+    @classmethod
+    def granted(cls, check: Check, result: CheckResult, now: float) -> Lease:
+        now_ms = int(now * 1000)
+        ends_ms = now_ms + round(result.reset_seconds * 1000)
+        reset_at = now + result.reset_seconds
+        if check.limit.algorithm != "token_bucket":
+            return cls(check.limit, result.leased, ends_ms, 0, result.remaining, reset_at, 0)
+        interval = bucket_interval_ms(check.limit)
+        # ends_ms is the TAT after cost + grant, the last leased token's slot; the first one's
+        # is `leased - 1` intervals before, and it may be used until one interval before it.
+        deadline = ends_ms - result.leased * interval + 1
+        return cls(check.limit, result.leased, deadline, interval, result.remaining, reset_at, ends_ms)
+
+    def take(self, cost: int, now_ms: int) -> bool:
+        if self.hits < cost or now_ms >= self.deadline_ms:
+            return False
+        self.hits -= cost
+        self.deadline_ms += cost * self.step_ms
+        return True
+
+    def put_back(self, cost: int) -> None:
+        self.hits += cost
+        self.deadline_ms -= cost * self.step_ms
+
+    def result(self, now: float) -> CheckResult:
+        """This limit's answer to a decision served from the lease. Remaining counts this
+        process's unused lease as still available (other processes' as used)."""
+        remaining = self.remaining + self.hits
+        reset = max(0.0, self.reset_at - now)
+        return CheckResult(True, self.limit.capacity - remaining, remaining, reset, 0.0)
+
+
+@dataclass(slots=True)
+class Taken:
+    """What a decision took from leases: a result per check (None: not served from a
+    lease), and the leases to put back to should the decision be refused."""
+
+    results: list[CheckResult | None]
+    leases: list[tuple[Lease, int]]
+
+    @property
+    def complete(self) -> bool:
+        return len(self.leases) == len(self.results)
+
+
+class LeaseBook:
+    """The leases of one process, per counter key. `lease_max` is L: a grant covers at most
+    L - 1 decisions beyond the one that asked for it."""
+
+    def __init__(self, lease_max: int) -> None:
+        self.lease_max = lease_max
+        self._leases: dict[str, Lease] = {}
+        self._asking: set[str] = set()
+
+    def take(self, checks: Sequence[Check], now: float) -> Taken:
+        now_ms = int(now * 1000)
+        taken = Taken([], [])
+        for check in checks:
+            lease = self._leases.get(check.key)
+            if lease is not None and _same(lease.limit, check.limit) and lease.take(check.cost, now_ms):
+                taken.leases.append((lease, check.cost))
+                taken.results.append(lease.result(now))
+            else:
+                taken.results.append(None)
+        return taken
+
+    def asking(self, checks: Sequence[Check], taken: Taken) -> list[Check]:
+        """The checks the store must answer: those not served from a lease, each asking for
+        a grant when it may be leased and no other request for its counter is in flight."""
+        asked = []
+        for check, served in zip(checks, taken.results, strict=True):
+            if served is not None:
+                continue
+            if self._leasable(check) and check.key not in self._asking:
+                self._asking.add(check.key)
+                check = Check(check.key, check.limit, check.cost, (self.lease_max - 1) * check.cost)
+            asked.append(check)
+        return asked
+
+    def answered(self, asked: Sequence[Check], results: Sequence[CheckResult] | None, now: float) -> None:
+        """The store's answer to `asked` (None: no answer): keep the grants."""
+        for check in asked:
+            if check.lease > 0:
+                self._asking.discard(check.key)
+        if results is None:
+            return
+        for check, result in zip(asked, results, strict=True):
+            if result.leased > 0:
+                self._keep(check, Lease.granted(check, result, now))
+
+    @staticmethod
+    def put_back(taken: Taken) -> None:
+        for lease, cost in taken.leases:
+            lease.put_back(cost)
+
+    def unused(self, now: float) -> list[Unused]:
+        """Every lease's unused hits, the book emptied: what a stopping process gives back."""
+        now_ms = int(now * 1000)
+        found = [
+            Unused(Check(key, lease.limit, 0), lease.hits, lease.bucket_tat_ms)
+            for key, lease in self._leases.items()
+            if lease.hits > 0 and (lease.step_ms > 0 or now_ms < lease.deadline_ms)
+        ]
+        self._leases.clear()
+        return found
+
+    def _leasable(self, check: Check) -> bool:
+        limit = check.limit
+        return check.cost > 0 and not limit.shadow and limit.period not in QUOTA_PERIODS
+
+    def _keep(self, check: Check, lease: Lease) -> None:
+        old = self._leases.get(check.key)
+        same_window = old is not None and old.step_ms == 0 and old.deadline_ms == lease.deadline_ms
+        if old is not None and same_window and _same(old.limit, lease.limit):
+            lease.hits += old.hits  # the old lease's last hits stay usable
+        self._leases[check.key] = lease
+
+
+def _same(a: RateLimit, b: RateLimit) -> bool:
+    # A reloaded policy may change a limit under the same key: its lease is then not used.
+    return a is b or a == b

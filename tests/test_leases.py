@@ -1,0 +1,176 @@
+"""Token leases: the grant's size (pure), the lease book, and the limiter spending leases in
+memory while every decision still takes from all its limits or from none. Clock injected;
+the memory store, then several limiters on one real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import pytest
+
+from meshtoll.counting import algorithms
+from meshtoll.counting.limits import Check, CheckResult, RateLimit
+from meshtoll.ratelimit.leases import Lease, LeaseBook
+from meshtoll.ratelimit.limiter import Limiter
+from meshtoll.storage import MemoryCounterStore
+from meshtoll.storage.redis import RedisCounterStore
+
+T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC).timestamp()
+_names = itertools.count()
+
+
+def key() -> str:
+    return f"lease_{{t{next(_names)}}}_limit"
+
+
+class CountingStore(MemoryCounterStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def check(self, checks: Sequence[Check], now: float) -> list[CheckResult]:
+        self.calls += 1
+        return await super().check(checks, now)
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_grant_is_an_eighth_of_what_is_left_at_most_l_minus_1_and_0_near_the_limit() -> None:
+    plan = algorithms.plan(Check(key(), RateLimit(1000, "minute"), lease=15), int(T0 * 1000))
+    assert algorithms.lease_grant(plan, 0, 0, int(T0 * 1000)) == 15
+    assert algorithms.lease_grant(plan, 900, 0, int(T0 * 1000)) == 12  # (1000 - 900 - 1) // 8
+    assert algorithms.lease_grant(plan, 991, 0, int(T0 * 1000)) == 1
+    assert algorithms.lease_grant(plan, 992, 0, int(T0 * 1000)) == 0  # today's exact path
+    assert algorithms.lease_grant(plan, 1000, 0, int(T0 * 1000)) == 0
+
+
+def test_a_token_bucket_lease_may_be_spent_no_later_than_each_token_would_have_been_taken() -> None:
+    limit = RateLimit(60, "minute", "token_bucket")  # one token a second
+    now_ms = int(T0 * 1000)
+    # A full bucket granted cost 1 + 3: TAT moved 4 s ahead; the leased tokens' slots are
+    # 2, 3 and 4 s ahead, each usable until a second before its slot.
+    lease = Lease.granted(Check(key(), limit), CheckResult(True, 4, 56, 4.0, 0.0, 3), T0)
+    assert lease.take(1, now_ms + 1000)
+    assert not lease.take(1, now_ms + 2001)  # the second leased token's moment has passed
+    assert lease.take(1, now_ms + 2000)
+    assert lease.hits == 1
+
+
+def test_a_window_lease_ends_with_its_window() -> None:
+    lease = Lease.granted(
+        Check(key(), RateLimit(100, "minute")), CheckResult(True, 13, 87, 30.0, 0.0, 12), T0
+    )
+    now_ms = int(T0 * 1000)
+    assert lease.take(1, now_ms + 29_999)
+    assert not lease.take(1, now_ms + 30_000)
+
+
+async def test_a_lease_serves_l_decisions_per_store_call_with_exact_remaining() -> None:
+    store = CountingStore()
+    limiter = Limiter(store, lease_max=4, clock=Clock())
+    check = Check(key(), RateLimit(1000, "minute"))
+    remaining = []
+    for _ in range(12):
+        verdict = await limiter.check([check])
+        assert verdict.admitted
+        remaining.append(int(dict(verdict.headers)["ratelimit-remaining"]))
+    assert store.calls == 3  # each call took one decision and leased three more
+    # One process: what each decision reports is what the exact path would report.
+    assert remaining == list(range(999, 987, -1))
+
+
+async def test_a_decision_served_partly_from_a_lease_takes_nothing_when_another_limit_refuses() -> None:
+    store = CountingStore()
+    clock = Clock()
+    limiter = Limiter(store, lease_max=16, clock=clock)
+    roomy = Check(key(), RateLimit(1000, "minute"))
+    tight = Check(key(), RateLimit(3, "minute"))  # too small to lease: exact on every decision
+    admitted = [(await limiter.check([roomy, tight])).admitted for _ in range(5)]
+    assert admitted == [True, True, True, False, False]
+    looked = await store.check([Check(roomy.key, roomy.limit, cost=0)], clock.now)
+    # One grant of 15 (then 3 spent from it); the two refused decisions put theirs back.
+    assert looked[0].used == 16
+    verdict = await limiter.check([roomy])
+    assert dict(verdict.headers)["ratelimit-remaining"] == str(1000 - 4)
+
+
+async def test_month_and_year_quotas_and_looks_are_never_leased() -> None:
+    store = CountingStore()
+    limiter = Limiter(store, lease_max=16, clock=Clock())
+    for check in (Check(key(), RateLimit(10**6, "month")), Check(key(), RateLimit(10**6, "minute"), cost=0)):
+        for _ in range(3):
+            assert (await limiter.check([check])).admitted
+    assert store.calls == 6
+
+
+async def test_unused_leases_go_back_to_the_store_on_release() -> None:
+    store = CountingStore()
+    clock = Clock()
+    limiter = Limiter(store, lease_max=16, clock=clock)
+    window = Check(key(), RateLimit(1000, "minute"))
+    bucket = Check(key(), RateLimit(1000, "minute", "token_bucket"))
+    for _ in range(3):
+        assert (await limiter.check([window, bucket])).admitted
+    assert await limiter.release_leases() == 2 * 13
+    looked = await store.check([Check(c.key, c.limit, cost=0) for c in (window, bucket)], clock.now)
+    assert [result.used for result in looked] == [3, 3]
+    assert await limiter.release_leases() == 0  # the book is empty
+
+
+def test_only_one_grant_per_counter_is_asked_for_at_a_time() -> None:
+    book = LeaseBook(16)
+    check = Check(key(), RateLimit(1000, "minute"))
+    first = book.asking([check], book.take([check], T0))
+    second = book.asking([check], book.take([check], T0))
+    assert [c.lease for c in first + second] == [15, 0]
+    book.answered(first, None, T0)
+    assert [c.lease for c in book.asking([check], book.take([check], T0))] == [15]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("algorithm", ["fixed_window", "sliding_window", "token_bucket"])
+async def test_several_leasing_limiters_on_one_redis_never_overshoot(redis_url: str, algorithm: str) -> None:
+    """Four processes' worth of limiters, each with its own Redis connection and leases of
+    up to 16, race for one limit (and a roomier second one) in one window."""
+    clock = Clock(T0 + 5)
+    stores = [RedisCounterStore(redis_url, timeout_ms=2000) for _ in range(4)]
+    limiters = [Limiter(store, lease_max=16, clock=clock) for store in stores]
+    limit = 300
+    checks = [
+        Check(key(), RateLimit(limit, "minute", algorithm)),  # type: ignore[arg-type]
+        Check(key(), RateLimit(10 * limit, "hour")),
+    ]
+
+    async def client(limiter: Limiter) -> int:
+        admitted = 0
+        for _ in range(150):
+            admitted += (await limiter.check(checks)).admitted
+            await asyncio.sleep(0)
+        return admitted
+
+    try:
+        counts = await asyncio.gather(*(client(limiters[n % 4]) for n in range(8)))
+        (counted,) = await stores[0].check(checks[:1], clock.now)
+        for each in limiters:
+            await each.release_leases()
+        looked = await stores[0].check([Check(c.key, c.limit, cost=0) for c in checks], clock.now)
+    finally:
+        for store in stores:
+            await store.close()
+    admitted = sum(counts)
+    # Never past the limit; short of it by at most the four limiters' unused leases,
+    # P x min(L - 1, (limit - 1) // 8) = 4 x 15, which go back when they stop.
+    assert limit - 4 * 15 <= admitted <= limit
+    assert counted.used <= limit
+    # Demand was four times the limit, so every lease of the first limit was spent; the
+    # second's unspent leases all went back (its counter is the decisions admitted).
+    assert [result.used for result in looked] == [admitted, admitted]
