@@ -32,6 +32,7 @@ TENANTS = {
     "shared-bucket": ("bucket-twenty", "k-shared-bucket"),
     "shadowed": ("shadowed", "k-shadowed"),
     "sliding": ("sliding-three", "k-sliding"),
+    "leased": ("per-minute-and-daily", "k-leased"),
 }
 
 
@@ -51,6 +52,7 @@ plans:
   bucket-twenty: {{limits: [{{requests: 1, per: hour, algorithm: token_bucket, burst: 20}}]}}
   shadowed: {{limits: [{{requests: 1, per: hour, shadow: true}}]}}
   sliding-three: {{limits: [{{requests: 3, per: hour, algorithm: sliding_window}}]}}
+  per-minute-and-daily: {{limits: [{{requests: 1000, per: minute}}, {{requests: 100000, per: day, name: daily}}]}}
 tenants:
 {tenants}
 routes:
@@ -85,6 +87,19 @@ def test_fused_path_gives_exactly_five_then_429_with_ratelimit_headers(
     assert refused.headers["ratelimit-remaining"] == "0"
     assert 1 <= int(refused.headers["retry-after"]) <= 60
     assert refused.headers["retry-after"] == refused.headers["ratelimit-reset"]
+
+
+def test_decisions_served_from_token_leases_report_exact_remaining_through_envoy(stack: LocalStack) -> None:
+    replies = [call(stack, "listen_http_authz_port", "leased") for _ in range(20)]
+    assert {reply.status for reply in replies} == {200}
+    # One process: its leased hits count as remaining, so every decision reports what the
+    # exact path would, though most never asked Redis.
+    remaining = [int(reply.headers["ratelimit-remaining"]) for reply in replies]
+    assert remaining[1:] == [left - 1 for left in remaining[:-1]]
+    quota = fetch(f"{stack.meshtoll_admin_url}/api/tenants/leased/quota").json()
+    # Redis counts the hits leased to the process and not yet spent as used: at most L - 1.
+    used = {entry["name"]: entry["used"] for entry in quota["limits"]}
+    assert 20 < used["daily"] <= 20 + 15
 
 
 def test_a_monthly_quota_answers_quota_exceeded(stack: LocalStack) -> None:
@@ -129,13 +144,15 @@ def test_quota_api_reports_each_limit(stack: LocalStack) -> None:
     assert quota["tenant"] == "shared"
     limit, route_limit = quota["limits"]
     assert (route_limit["scope"], route_limit["used"]) == ("route:rls-route", 0)
+    # The first request leased 2 more hits (an eighth of the 19 left), the second spent one
+    # of them: Redis, which the quota reads, counts the leased hits as used.
     assert {key: limit[key] for key in ("name", "algorithm", "limit", "per", "used", "remaining")} == {
         "name": "20/hour",
         "algorithm": "fixed_window",
         "limit": 20,
         "per": "hour",
-        "used": 2,
-        "remaining": 18,
+        "used": 3,
+        "remaining": 17,
     }
     assert 0 < limit["reset_seconds"] <= 3600
     missing = fetch(f"{stack.meshtoll_admin_url}/api/tenants/nobody/quota")
@@ -162,5 +179,7 @@ def test_two_worker_processes_on_one_redis_never_overshoot(
         thread.start()
     for thread in threads:
         thread.join()
-    assert statuses[200] == 20 - already
-    assert statuses[429] == 80 - (20 - already)
+    # Never more than the limit; fewer by at most what each worker's lease holds unused
+    # (README, Token leases: P x min(L - 1, floor((limit - 1) / 8)) = 2 x 2).
+    assert 20 - already - 2 * 2 <= statuses[200] <= 20 - already
+    assert statuses[429] == 80 - statuses[200]

@@ -57,7 +57,8 @@ def test_redis_outage_follows_the_failure_policy_and_recovers(
         stack = start_stack(
             policy,
             redis_url=redis.url,
-            serve_args=("--ratelimit-failure-mode", mode, "--redis-timeout-ms", "50"),
+            # Without leases: a lease would go on admitting the hits it reserved in Redis.
+            serve_args=("--ratelimit-failure-mode", mode, "--redis-timeout-ms", "50", "--lease-max", "1"),
         )
         assert timed(stack, "listen_http_authz_port")[0] == 200
     finally:

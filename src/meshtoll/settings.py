@@ -81,6 +81,13 @@ class Settings:
         metavar="NAME=MODE",
     )
     redis_timeout_ms: int = setting(50, "bound on each Redis round trip", int)
+    # README: Token leases. Only with Redis: one process with its counters in memory needs none.
+    lease_max: int = setting(
+        16,
+        "decisions one token lease covers (hits reserved in Redis only if they fit under every limit, "
+        "spent in memory: never overshoots, may under-admit); 1: every decision one Redis round trip",
+        int,
+    )
     reconcile_grace_seconds: float = setting(30.0, "how long an admission waits for its access log", float)
     # The period counters invoices read keep their own, longer retention.
     ledger_retention_days: int = setting(400, "how long the usage ledger keeps records for export", int)
@@ -142,6 +149,8 @@ class Settings:
             raise ConfigError(f"ledger_retention_days: {self.ledger_retention_days} must be at least 1")
         if self.redis_timeout_ms < 1:
             raise ConfigError("redis_timeout_ms must be at least 1")
+        if self.lease_max < 1:
+            raise ConfigError(f"lease_max: {self.lease_max} must be at least 1 (1: no leases)")
         if self.admin_token is not None and not _is_token(self.admin_token):
             raise ConfigError("admin_token must be non-empty printable ASCII without spaces")
         self._check_tls()

@@ -46,6 +46,7 @@ class Services:
     configs: DescriptorConfigHolder | None  # envoyproxy/ratelimit's directory, if given
     store: CounterStore
     usage: UsageStore
+    limiter: Limiter
     http_authorizer: Authorizer
     grpc_authorizer: Authorizer
     http_authz: HttpAuthzHandler
@@ -63,6 +64,9 @@ class Services:
             authorizer.stop_admitting()
 
     async def close(self) -> None:
+        """After the servers stopped: no decision runs any more, so what the token leases
+        did not spend goes back to Redis before the store closes."""
+        await self.limiter.release_leases()
         await self.store.close()
         await self.usage.close()
 
@@ -81,6 +85,8 @@ async def build(settings: Settings) -> Services:
         store,
         failure_mode=settings.ratelimit_failure_mode,  # type: ignore[arg-type]
         shadow=settings.ratelimit_shadow_mode,
+        # Leases save Redis round trips; one process with its counters in memory has none.
+        lease_max=settings.lease_max if settings.redis_url else 1,
     )
     jwks = JwksCache()
     holder.on_change(jwks.policy_changed)
@@ -130,6 +136,7 @@ async def build(settings: Settings) -> Services:
         configs=configs,
         store=store,
         usage=usage,
+        limiter=limiter,
         http_authorizer=http_authorizer,
         grpc_authorizer=grpc_authorizer,
         http_authz=HttpAuthzHandler(http_authorizer),
