@@ -5,21 +5,32 @@ the memory store, then several limiters on one real Redis."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
 from meshtoll.counting import algorithms
 from meshtoll.counting.limits import Check, CheckResult, RateLimit
+from meshtoll.policy.limits import PolicyLimits
+from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.leases import Lease, LeaseBook
 from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.storage import MemoryCounterStore
 from meshtoll.storage.redis import RedisCounterStore
+from tests.client import fetch
+from tests.serve import running_serve
 
 T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC).timestamp()
 _names = itertools.count()
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def key() -> str:
@@ -174,3 +185,38 @@ async def test_several_leasing_limiters_on_one_redis_never_overshoot(redis_url: 
     # Demand was four times the limit, so every lease of the first limit was spent; the
     # second's unspent leases all went back (its counter is the decisions admitted).
     assert [result.used for result in looked] == [admitted, admitted]
+
+
+@pytest.mark.integration
+def test_a_stopping_serve_gives_its_unused_leases_back_to_redis(redis_url: str, tmp_path: Path) -> None:
+    api_key = "k-lease-return"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "plans: {roomy: {limits: [{requests: 1000, per: hour}, {requests: 100000, per: day, name: daily}]}}\n"
+        f"tenants: {{leaser: {{plan: roomy, api_keys: [{{id: k, sha256: {sha256(api_key)}}}]}}}}\n"
+    )
+    with running_serve(
+        tmp_path, "--policy", str(policy), "--redis-url", redis_url, "--lease-max", "16"
+    ) as serve:
+        for _ in range(5):
+            reply = fetch(f"http://127.0.0.1:{serve.http_authz_port}/v1/x", headers={"x-api-key": api_key})
+            assert reply.status == 200
+        while_serving = quota_used(serve.admin_url)
+        serve.child.stop()
+    assert while_serving == {"1000/hour": 5 + 11, "daily": 5 + 11}  # one grant of 15, 4 spent
+    assert asyncio.run(counted(redis_url, policy)) == [5, 5]
+
+
+def quota_used(admin_url: str) -> dict[str, int]:
+    quota = fetch(f"{admin_url}/api/tenants/leaser/quota").json()
+    return {entry["name"]: entry["used"] for entry in quota["limits"]}
+
+
+async def counted(redis_url: str, policy: Path) -> list[int]:
+    compiled = PolicyHolder.from_file(policy).current
+    store = RedisCounterStore(redis_url, timeout_ms=1000)
+    try:
+        looks = [Check(c.key, c.limit, cost=0) for c in PolicyLimits(compiled).tenant_checks("leaser")]
+        return [result.used for result in await store.check(looks, time.time())]
+    finally:
+        await store.close()
