@@ -137,7 +137,7 @@ async def test_unused_leases_go_back_to_the_store_on_release() -> None:
     assert await limiter.release_leases() == 0  # the book is empty
 
 
-def test_only_one_grant_per_counter_is_asked_for_at_a_time() -> None:
+async def test_only_one_grant_per_counter_is_asked_for_at_a_time() -> None:
     book = LeaseBook(16)
     check = Check(key(), RateLimit(1000, "minute"))
     first = book.asking([check], book.take([check], T0))

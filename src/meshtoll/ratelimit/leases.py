@@ -4,10 +4,12 @@ A lease is granted with an admitted decision (`Check.lease`, `CheckResult.leased
 store consumed the grant with the cost, only if it fitted under the limit, so spending it
 here never lets a limit overshoot. Each counter has at most one lease, and at most one
 request for a new grant is in flight per counter, so a process holds at most one grant of
-L - 1 decisions per counter. A decision is served from leases alone when every one of its
-checks has a lease with hits for it; otherwise the checks without one go to the store, and
-the hits of the others are set aside first and put back when the store refuses: a decision
-still takes from every limit or from none.
+L - 1 decisions per counter. A decision that finds the grants it needs in flight waits for
+them rather than asking the store itself (with 32 connections at L = 16, asking instead
+saved only a third of the round trips, measured). A decision is served from leases alone
+when every one of its checks has a lease with hits for it; otherwise the checks without
+one go to the store, and the hits of the others are set aside first and put back when the
+store refuses: a decision still takes from every limit or from none.
 
 A window's lease ends with its window (its hits expire with the counter). A token bucket's
 lease is spent token by token, each no later than the moment the bucket would have
@@ -20,6 +22,7 @@ ends, and quota and invoice views should show exactly what was admitted.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -90,7 +93,7 @@ class LeaseBook:
     def __init__(self, lease_max: int) -> None:
         self.lease_max = lease_max
         self._leases: dict[str, Lease] = {}
-        self._asking: set[str] = set()
+        self._asking: dict[str, asyncio.Future[None]] = {}  # grants in flight, by counter
 
     def take(self, checks: Sequence[Check], now: float) -> Taken:
         now_ms = int(now * 1000)
@@ -104,6 +107,18 @@ class LeaseBook:
                 taken.results.append(None)
         return taken
 
+    def in_flight(self, checks: Sequence[Check], taken: Taken) -> list[asyncio.Future[None]]:
+        """The grants in flight that could serve the checks `taken` did not: worth waiting
+        for only when every one of them has one (otherwise the store is asked anyway)."""
+        waits = []
+        for check, served in zip(checks, taken.results, strict=True):
+            if served is None:
+                found = self._asking.get(check.key)
+                if found is None or not self._leasable(check):
+                    return []
+                waits.append(found)
+        return waits
+
     def asking(self, checks: Sequence[Check], taken: Taken) -> list[Check]:
         """The checks the store must answer: those not served from a lease, each asking for
         a grant when it may be leased and no other request for its counter is in flight."""
@@ -112,7 +127,7 @@ class LeaseBook:
             if served is not None:
                 continue
             if self._leasable(check) and check.key not in self._asking:
-                self._asking.add(check.key)
+                self._asking[check.key] = asyncio.get_running_loop().create_future()
                 check = Check(check.key, check.limit, check.cost, (self.lease_max - 1) * check.cost)
             asked.append(check)
         return asked
@@ -121,7 +136,9 @@ class LeaseBook:
         """The store's answer to `asked` (None: no answer): keep the grants."""
         for check in asked:
             if check.lease > 0:
-                self._asking.discard(check.key)
+                waiting = self._asking.pop(check.key, None)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(None)
         if results is None:
             return
         for check, result in zip(asked, results, strict=True):

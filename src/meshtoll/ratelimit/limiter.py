@@ -3,6 +3,7 @@ refusals remembered locally, and the configured failure policy when the store ca
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
@@ -22,6 +23,9 @@ log = logging.getLogger("meshtoll.ratelimit")
 ADMITTED_BLIND = ADMITTED_WITHOUT_LIMITS
 _REFUSAL_CACHE_LIMIT = 100_000
 _FAILURE_LOG_INTERVAL_SECONDS = 5.0
+# How many grants in flight a decision waits for before it asks the store itself: more
+# concurrent decisions than one grant covers wait for the next one.
+_LEASE_WAITS = 4
 
 
 class Limiter:
@@ -97,6 +101,16 @@ class Limiter:
         self, checks: Sequence[Check], leases: LeaseBook, now: float
     ) -> list[CheckResult] | None:
         taken = leases.take(checks, now)
+        for _ in range(_LEASE_WAITS):
+            waits = [] if taken.complete else leases.in_flight(checks, taken)
+            if not waits:
+                break
+            # This process's grants for the missing counters are on their way: wait for
+            # them (holding no leased hits meanwhile) rather than take a round trip of our own.
+            leases.put_back(taken)
+            await asyncio.wait(waits)  # never cancels them, should this decision be
+            now = self._clock()
+            taken = leases.take(checks, now)
         if taken.complete:
             self.outcomes["admitted_from_lease"] += 1
             return taken.results  # type: ignore[return-value]  # complete: none is None
