@@ -114,6 +114,21 @@ async def test_a_decision_served_partly_from_a_lease_takes_nothing_when_another_
     assert dict(verdict.headers)["ratelimit-remaining"] == str(1000 - 4)
 
 
+async def test_a_decision_leases_serve_alone_is_answered_without_a_coroutine() -> None:
+    limiter = Limiter(MemoryCounterStore(), lease_max=16, clock=Clock())
+    roomy = Check(key(), RateLimit(1000, "minute"))
+    tight = Check(key(), RateLimit(3, "minute"))
+    assert limiter.check_from_leases([roomy]) is None  # nothing leased yet
+    assert (await limiter.check([roomy])).admitted
+    verdict = limiter.check_from_leases([roomy])
+    assert verdict is not None
+    assert dict(verdict.headers)["ratelimit-remaining"] == "998"
+    assert limiter.check_from_leases([roomy, tight]) is None  # tight has no lease: ask the store
+    verdict = limiter.check_from_leases([roomy])
+    assert verdict is not None
+    assert dict(verdict.headers)["ratelimit-remaining"] == "997"
+
+
 async def test_month_and_year_quotas_and_looks_are_never_leased() -> None:
     store = CountingStore()
     limiter = Limiter(store, lease_max=16, clock=Clock())

@@ -25,6 +25,7 @@ from meshtoll.usage.records import Admission
 if TYPE_CHECKING:
     from meshtoll.policy import CompiledPolicy
     from meshtoll.ratelimit.limiter import Limiter
+    from meshtoll.ratelimit.verdict import LimitVerdict
     from meshtoll.usage.recorder import AdmissionRecorder
 
 log = logging.getLogger("meshtoll.authz")
@@ -72,6 +73,9 @@ class Authorizer:
         if isinstance(verdict, Allow) and self._limiter is not None:
             checks = policy.limits.checks(verdict.tenant, verdict.route, where="authz")
             if checks:
+                leased = self._limiter.check_from_leases(checks)
+                if leased is not None:  # no store call: answered without a coroutine
+                    return self._answer(request, verdict, leased, policy)
                 return self._limited(request, verdict, checks, self._limiter, policy)
         return self._counted(request, verdict, policy)
 
@@ -87,6 +91,11 @@ class Authorizer:
             limits = await limiter.check(checks)
         except StorageError:
             return self._counted(request, LIMITS_UNAVAILABLE, policy)
+        return self._answer(request, allow, limits, policy)
+
+    def _answer(
+        self, request: CheckRequest, allow: Allow, limits: LimitVerdict, policy: CompiledPolicy
+    ) -> Verdict:
         if limits.admitted:
             if limits.headers and policy.policy.ratelimit.headers:
                 with_headers = dataclasses.replace(allow, response_headers=limits.headers)

@@ -63,6 +63,22 @@ class Limiter:
         self.outcomes["admitted" if verdict.admitted else verdict.code] += 1
         return verdict
 
+    def check_from_leases(self, checks: Sequence[Check]) -> LimitVerdict | None:
+        """The verdict when this process's leases alone serve the decision, without a
+        coroutine (the common case with leases); None when `check` must be awaited."""
+        if self._leases is None or not checks:
+            return None
+        now = self._clock()
+        if self._refused_until and self._cached_refusal(checks, now) is not None:
+            return None
+        taken = self._leases.take(checks, now)
+        if not taken.complete:
+            self._leases.put_back(taken)
+            return None
+        self.outcomes["admitted_from_lease"] += 1
+        self.outcomes["admitted"] += 1
+        return limit_verdict(checks, taken.results, enforce=True)  # type: ignore[arg-type]  # complete
+
     async def results(self, checks: Sequence[Check]) -> list[CheckResult] | None:
         """Each check's result, in one store round trip or none at all when a refused
         counter is remembered; None when the store is unavailable under the "open" policy."""
