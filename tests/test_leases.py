@@ -20,6 +20,7 @@ from meshtoll.policy.limits import PolicyLimits
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.leases import Lease, LeaseBook
 from meshtoll.ratelimit.limiter import Limiter
+from meshtoll.ratelimit.verdict import admitted_verdict, limit_verdict
 from meshtoll.storage import MemoryCounterStore
 from meshtoll.storage.redis import RedisCounterStore
 from tests.client import fetch
@@ -127,6 +128,22 @@ async def test_a_decision_leases_serve_alone_is_answered_without_a_coroutine() -
     verdict = limiter.check_from_leases([roomy])
     assert verdict is not None
     assert dict(verdict.headers)["ratelimit-remaining"] == "997"
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [
+        [(5, 10.0), (7, 1.0)],
+        [(7, 1.0), (5, 10.0)],
+        [(5, 1.0), (5, 30.0)],
+        [(9, 2.0)],
+        [(3, 0.5), (3, 0.5), (1, 9.0)],
+    ],
+)
+def test_the_leased_fast_verdict_is_the_general_one(answers: list[tuple[int, float]]) -> None:
+    checks = [Check(key(), RateLimit(10, "minute")) for _ in answers]
+    results = [CheckResult(True, 10 - left, left, reset, 0.0) for left, reset in answers]
+    assert admitted_verdict(checks, results) == limit_verdict(checks, results)
 
 
 async def test_month_and_year_quotas_and_looks_are_never_leased() -> None:

@@ -7,7 +7,6 @@ limiter has to ask the store: the common no-limit path never pays for a coroutin
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -98,7 +97,11 @@ class Authorizer:
     ) -> Verdict:
         if limits.admitted:
             if limits.headers and policy.policy.ratelimit.headers:
-                with_headers = dataclasses.replace(allow, response_headers=limits.headers)
+                # Built directly: dataclasses.replace costs several µs on this hot path.
+                with_headers = Allow(
+                    allow.tenant, allow.plan, allow.consumer, allow.route, allow.headers,
+                    allow.remove_headers, allow.metadata, limits.headers,
+                )  # fmt: skip
                 return self._counted(request, with_headers, policy)
             return self._counted(request, allow, policy)
         assert limits.deciding is not None

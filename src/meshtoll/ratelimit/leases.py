@@ -95,6 +95,21 @@ class LeaseBook:
         self._leases: dict[str, Lease] = {}
         self._asking: dict[str, asyncio.Future[None]] = {}  # grants in flight, by counter
 
+    def serve(self, checks: Sequence[Check], now: float) -> list[CheckResult] | None:
+        """Every check's result when leases serve them all, their hits taken; otherwise None
+        and nothing taken (the fast path of `take`)."""
+        now_ms = int(now * 1000)
+        leases = self._leases
+        results: list[CheckResult] = []
+        for check in checks:
+            lease = leases.get(check.key)
+            if lease is None or not _same(lease.limit, check.limit) or not lease.take(check.cost, now_ms):
+                for done in checks[: len(results)]:
+                    leases[done.key].put_back(done.cost)
+                return None
+            results.append(lease.result(now))
+        return results
+
     def take(self, checks: Sequence[Check], now: float) -> Taken:
         now_ms = int(now * 1000)
         taken = Taken([], [])

@@ -15,7 +15,7 @@ from meshtoll.counting.limits import Check, CheckResult, Increment, RateLimit
 from meshtoll.counting.store import CounterStore, FailureMode
 from meshtoll.errors import StorageError
 from meshtoll.ratelimit.leases import LeaseBook, Taken
-from meshtoll.ratelimit.verdict import ADMITTED_WITHOUT_LIMITS, LimitVerdict, limit_verdict
+from meshtoll.ratelimit.verdict import ADMITTED_WITHOUT_LIMITS, LimitVerdict, admitted_verdict, limit_verdict
 
 log = logging.getLogger("meshtoll.ratelimit")
 
@@ -71,13 +71,12 @@ class Limiter:
         now = self._clock()
         if self._refused_until and self._cached_refusal(checks, now) is not None:
             return None
-        taken = self._leases.take(checks, now)
-        if not taken.complete:
-            self._leases.put_back(taken)
+        results = self._leases.serve(checks, now)
+        if results is None:
             return None
         self.outcomes["admitted_from_lease"] += 1
         self.outcomes["admitted"] += 1
-        return limit_verdict(checks, taken.results, enforce=True)  # type: ignore[arg-type]  # complete
+        return admitted_verdict(checks, results)  # leases serve only enforced limits
 
     async def results(self, checks: Sequence[Check]) -> list[CheckResult] | None:
         """Each check's result, in one store round trip or none at all when a refused

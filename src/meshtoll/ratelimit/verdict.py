@@ -55,6 +55,18 @@ def most_restrictive(
     return False, check, result
 
 
+def admitted_verdict(checks: Sequence[Check], results: Sequence[CheckResult]) -> LimitVerdict:
+    """`limit_verdict` of a decision whose every check is enforced and admits (leases
+    served it), without the general case's lists: the hot path of leased decisions."""
+    best = 0
+    for index in range(1, len(results)):
+        one, other = results[index], results[best]
+        if (one.remaining, -one.reset_seconds) < (other.remaining, -other.reset_seconds):
+            best = index
+    check, result = checks[best], results[best]
+    return LimitVerdict(True, "", rate_limit_headers(check, result, refused=False), (check, result))
+
+
 def rate_limit_headers(check: Check, result: CheckResult, *, refused: bool) -> Headers:
     """The draft IETF RateLimit header fields (draft 03, as Envoy's ratelimit filter sends
     them), for the most restrictive limit; Retry-After too when the request is refused."""
