@@ -16,7 +16,6 @@ import pytest
 
 from meshtoll.counting import algorithms
 from meshtoll.counting.limits import Check, CheckResult, RateLimit
-from meshtoll.policy.limits import PolicyLimits
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.leases import Lease, LeaseBook
 from meshtoll.ratelimit.limiter import Limiter
@@ -248,7 +247,7 @@ async def counted(redis_url: str, policy: Path) -> list[int]:
     compiled = PolicyHolder.from_file(policy).current
     store = RedisCounterStore(redis_url, timeout_ms=1000)
     try:
-        looks = [Check(c.key, c.limit, cost=0) for c in PolicyLimits(compiled).tenant_checks("leaser")]
+        looks = [Check(c.key, c.limit, cost=0) for c in compiled.limits.tenant_checks("leaser")]
         return [result.used for result in await store.check(looks, time.time())]
     finally:
         await store.close()
