@@ -15,10 +15,13 @@ from pathlib import Path
 import pytest
 
 from meshtoll.counting import algorithms
-from meshtoll.counting.limits import Check, CheckResult, RateLimit
+from meshtoll.counting.limits import Check, CheckResult, Increment, RateLimit
 from meshtoll.policy.reload import PolicyHolder
+from meshtoll.ratelimit.decision import Descriptor
+from meshtoll.ratelimit.descriptor_config import load_descriptor_configs
 from meshtoll.ratelimit.leases import Lease, LeaseBook
 from meshtoll.ratelimit.limiter import Limiter
+from meshtoll.ratelimit.service import RateLimitService
 from meshtoll.ratelimit.verdict import admitted_verdict, limit_verdict
 from meshtoll.storage import MemoryCounterStore
 from meshtoll.storage.redis import RedisCounterStore
@@ -251,3 +254,33 @@ async def counted(redis_url: str, policy: Path) -> list[int]:
         return [result.used for result in await store.check(looks, time.time())]
     finally:
         await store.close()
+
+
+class IncrementCountingStore(CountingStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.increments = 0
+
+    async def increment(
+        self, increments: Sequence[Increment], now: float, *, stop_when_over: bool = False
+    ) -> list[int]:
+        self.increments += 1
+        return await super().increment(increments, now, stop_when_over=stop_when_over)
+
+
+@pytest.mark.parametrize(("compat", "store_calls"), [("meshtoll", 1), ("strict", 4)])
+async def test_the_rls_leases_in_meshtoll_compatibility_and_never_in_strict(
+    tmp_path: Path, compat: str, store_calls: int
+) -> None:
+    (tmp_path / "config.yaml").write_text(
+        "domain: api\ndescriptors:\n  - key: client\n    rate_limit: {unit: hour, requests_per_unit: 1000}\n"
+    )
+    configs = load_descriptor_configs(tmp_path)
+    store = IncrementCountingStore()
+    limiter = Limiter(store, lease_max=16, clock=Clock())
+    service = RateLimitService(None, limiter, lambda: configs, compat=compat)  # type: ignore[arg-type]
+    for left in (999, 998, 997, 996):
+        decision = await service.decide("api", [Descriptor((("client", "c1"),))], 1)
+        # Strict answers as envoyproxy/ratelimit counts: every hit, remaining after it.
+        assert (decision.over_limit, decision.statuses[0].remaining) == (False, left)
+    assert store.calls + store.increments == store_calls
