@@ -284,8 +284,9 @@ def _serve(args: argparse.Namespace) -> int:
     load_service_tls(settings)
     if settings.workers == 1:
         from meshtoll.server.app import run
+        from meshtoll.server.event_loop import run_on_event_loop
 
-        asyncio.run(run(settings))
+        run_on_event_loop(run(settings), settings.event_loop)
         return 0
     from meshtoll.server.workers import supervise
 
@@ -294,12 +295,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _ratelimit(args: argparse.Namespace) -> int:
     from meshtoll.ratelimit.peer_settings import rls_settings_from
+    from meshtoll.server.event_loop import run_on_event_loop
     from meshtoll.server.rls_app import configure_logging, run
 
     settings = rls_settings_from()
     configure_logging(settings)
     try:
-        asyncio.run(run(settings))
+        run_on_event_loop(run(settings), settings.event_loop)
     except PolicyError as exc:
         print(f"rate-limit configuration rejected:\n{exc}", file=sys.stderr)
         return 1

@@ -13,6 +13,8 @@ from meshtoll.counting.store import FAILURE_MODES
 from meshtoll.errors import ConfigError
 from meshtoll.transport.http_listener import HttpLimits
 
+# What `meshtoll serve` and `meshtoll ratelimit` may run on (server/event_loop.py).
+EVENT_LOOPS = ("uvloop", "asyncio")
 _HTTP = HttpLimits(max_connections=0)  # the defaults of the HTTP timeouts live there
 Value = TypeVar("Value")
 
@@ -122,6 +124,7 @@ class Settings:
     uds_dir: Path | None = setting(
         None, "also listen on Unix sockets grpc.sock and authz.sock here (for an Envoy in the same pod)", Path
     )
+    event_loop: str = setting("uvloop", "uvloop (asyncio's own when uvloop is not installed) or asyncio")
 
     @staticmethod
     def env_name(field: str) -> str:
@@ -143,6 +146,8 @@ class Settings:
         if self.ratelimit_compat not in ("strict", "meshtoll"):
             raise ConfigError(f"ratelimit_compat: {self.ratelimit_compat!r} is not one of strict, meshtoll")
         self._check_compat_domains()
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(f"event_loop: {self.event_loop!r} is not one of {', '.join(EVENT_LOOPS)}")
         if self.reconcile_grace_seconds <= 0:
             raise ConfigError("reconcile_grace_seconds must be positive")
         if self.ledger_retention_days < 1:

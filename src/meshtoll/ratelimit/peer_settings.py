@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from meshtoll.errors import ConfigError
+from meshtoll.settings import EVENT_LOOPS
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,8 @@ class RlsSettings:
     response_dynamic_metadata: bool = False
     # LIMIT_RESPONSE_HEADERS_ENABLED: the limit, remaining and reset header names
     response_headers: tuple[str, str, str] | None = None
+    # Not one of the peer's variables: MESHTOLL_EVENT_LOOP, as `meshtoll serve` reads it.
+    event_loop: str = "uvloop"
 
 
 def _boolean(raw: str) -> bool:
@@ -62,6 +65,12 @@ def _seconds(raw: str) -> float:
         if raw.endswith(suffix):
             return float(raw.removesuffix(suffix)) * scale
     raise ValueError(raw)
+
+
+def _event_loop(raw: str) -> str:
+    if raw not in EVENT_LOOPS:
+        raise ValueError(raw)
+    return raw
 
 
 def rls_settings_from(environ: Mapping[str, str] = os.environ) -> RlsSettings:
@@ -120,6 +129,7 @@ def rls_settings_from(environ: Mapping[str, str] = os.environ) -> RlsSettings:
         )
         if read("LIMIT_RESPONSE_HEADERS_ENABLED", "false", _boolean)
         else None,
+        event_loop=str(read("MESHTOLL_EVENT_LOOP", "uvloop", _event_loop)),
     )
 
 

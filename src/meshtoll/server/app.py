@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from meshtoll.meter.otlp import LOGS_SERVICE
 from meshtoll.server.admin import while_starting
 from meshtoll.server.admin_access import is_loopback
+from meshtoll.server.event_loop import running_loop_name
 from meshtoll.server.lifecycle import keep_running, serve_until_signalled, stop_serving
 from meshtoll.server.listeners import UDS_GRPC, Listeners, bind_listeners, port_limits
 from meshtoll.server.services import Services, build
@@ -74,7 +75,8 @@ class App:
     def _log_started(self, services: Services, tls: ServiceTls | None) -> None:
         settings = self.settings
         log.info(
-            "meshtoll serving: gRPC %s:%d, HTTP authz %s:%d, admin %s:%d; policy %s (%d tenants); %s",
+            "meshtoll serving on %s: gRPC %s:%d, HTTP authz %s:%d, admin %s:%d; policy %s (%d tenants); %s",
+            running_loop_name(),
             settings.host,
             settings.grpc_port,
             settings.host,

@@ -39,6 +39,7 @@ from meshtoll.ratelimit.rls import RateLimitServicer
 from meshtoll.ratelimit.rls_json import JsonEndpoint
 from meshtoll.ratelimit.service import RateLimitService
 from meshtoll.ratelimit.strict import StrictLimiter, StrictOptions
+from meshtoll.server.event_loop import running_loop_name
 from meshtoll.server.lifecycle import Listener, keep_running, serve_until_signalled, stop_serving
 from meshtoll.storage import CounterStore, open_counter_store
 from meshtoll.transport.http_server import response, serve_http, serve_http_reading_bodies
@@ -131,7 +132,9 @@ class RlsApp:
             await serve_http(self._debug, _listening(settings.debug_host, settings.debug_port))
         )
         log.warning(
-            "meshtoll ratelimit serving: gRPC %s:%d, HTTP %s:%d, debug %s:%d; configuration %s (%d domains)",
+            "meshtoll ratelimit serving on %s: gRPC %s:%d, HTTP %s:%d, debug %s:%d; "
+            "configuration %s (%d domains)",
+            running_loop_name(),
             settings.grpc_host,
             settings.grpc_port,
             settings.host,

@@ -9,7 +9,6 @@ on so that each worker drains its servers.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import multiprocessing
 import signal
@@ -18,6 +17,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from meshtoll.server.app import run
+from meshtoll.server.event_loop import run_on_event_loop
 from meshtoll.server.listeners import Listeners, bind_listeners
 from meshtoll.settings import Settings
 
@@ -31,7 +31,7 @@ def serve_worker(settings: Settings, listeners: Listeners) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"
     )
-    asyncio.run(run(settings, listeners))
+    run_on_event_loop(run(settings, listeners), settings.event_loop)
 
 
 def supervise(settings: Settings) -> int:

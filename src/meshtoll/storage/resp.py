@@ -14,6 +14,7 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Sequence
+from typing import cast
 
 import hiredis
 
@@ -50,8 +51,9 @@ class RespProtocol(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport; not an isinstance check: uvloop's implement asyncio.Transport
+        # without deriving from it.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
