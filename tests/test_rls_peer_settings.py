@@ -72,7 +72,7 @@ def test_redis_variables_become_one_url(environment: dict[str, str], url: str) -
 @pytest.mark.parametrize(
     "environment",
     [
-        {"REDIS_URL": "/var/run/redis.sock"},
+        {"REDIS_URL": "/var/run/redis.sock", "REDIS_TYPE": "cluster"},
         {**TCP, "REDIS_TYPE": "twemproxy"},
         {**TCP, "BACKEND_TYPE": "memcache"},
         {**TCP, "REDIS_PERSECOND": "true"},

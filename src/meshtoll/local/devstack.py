@@ -79,19 +79,33 @@ def _make_work_dir(given: Path | None, prefix: str, cleanup: ExitStack) -> Path:
 
 
 class RedisServer:
-    """A throwaway redis-server on a free loopback port, persisting nothing."""
+    """A throwaway redis-server on a free loopback port, persisting nothing; with
+    `unix_socket`, listening on redis.sock in its work directory as well."""
 
     def __init__(
-        self, work_dir: Path | None = None, binary: Path | None = None, port: int | None = None
+        self,
+        work_dir: Path | None = None,
+        binary: Path | None = None,
+        port: int | None = None,
+        *,
+        unix_socket: bool = False,
     ) -> None:
         self._binary = binary or find_redis_server()
         self._work_dir = work_dir
+        self._unix_socket = unix_socket
         self._cleanup = ExitStack()
         self.port = port or 0
+        self.socket_path: Path | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        if self.socket_path is None:
+            raise ProcessStartError("this redis-server was started without unix_socket")
+        return f"unix://{self.socket_path}?db=0"
 
     def __enter__(self) -> Self:
         if self._binary is None:
@@ -102,6 +116,9 @@ class RedisServer:
                 (self.port,) = free_ports(1)
             argv = [str(self._binary), "--bind", "127.0.0.1", "--port", str(self.port)]
             argv += ["--save", "", "--appendonly", "no", "--dir", str(directory)]
+            if self._unix_socket:
+                self.socket_path = directory / "redis.sock"
+                argv += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
             child = Child("redis-server", argv, directory / "redis.log")
             self._cleanup.callback(child.stop)
             child.wait_ready(tcp_accepts(self.port), START_TIMEOUT_SECONDS)

@@ -142,10 +142,12 @@ def redis_url_of(environ: Mapping[str, str]) -> str:
     kind = (environ.get("REDIS_TYPE", "") or "SINGLE").lower()
     tls = _boolean(environ.get("REDIS_TLS", "") or "false")
     auth = environ.get("REDIS_AUTH", "")
-    if socket_type == "unix":
-        raise ConfigError("REDIS_SOCKET_TYPE=unix: meshtoll connects to Redis over TCP (set it to tcp)")
     user, colon, password = auth.partition(":")
     credentials = "" if not auth else f"{quote(user)}:{quote(password)}@" if colon else f"{quote(auth)}@"
+    if socket_type == "unix":
+        if tls or kind != "single":
+            raise ConfigError("REDIS_SOCKET_TYPE=unix: a single Redis on this host, without REDIS_TLS=true")
+        return f"unix://{credentials}{url}"
     if tls and kind != "single":
         raise ConfigError("REDIS_TLS=true: meshtoll speaks TLS to a single Redis only")
     if kind == "single":

@@ -27,12 +27,8 @@ def lua_script(name: str) -> str:
 
 
 def lean_client(target: RedisTarget, timeout: float) -> LeanRedis:
-    """The pipelining client for a standalone Redis."""
-    host, port = target.nodes[0]
-    return LeanRedis(
-        host, port, timeout=timeout, db=target.db, password=target.password, username=target.username,
-        tls=target.tls,
-    )  # fmt: skip
+    """The pipelining client for a standalone Redis, over TCP or its Unix socket."""
+    return LeanRedis(target, timeout=timeout)
 
 
 def redis_py_client(target: RedisTarget, timeout: float) -> tuple[Any, list[Any]]:

@@ -19,6 +19,7 @@ from typing import cast
 import hiredis
 
 from meshtoll.errors import ConnectionLost
+from meshtoll.storage.urls import RedisTarget
 
 Argument = bytes | str | int
 
@@ -106,25 +107,17 @@ class RespProtocol(asyncio.Protocol):
 class LeanRedis:
     """One pipelined connection to a standalone Redis, opened on first use."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        timeout: float,
-        db: int = 0,
-        password: str | None = None,
-        username: str | None = None,
-        tls: bool = False,
-    ) -> None:
-        self._address = (host, port)
+    def __init__(self, target: RedisTarget, *, timeout: float) -> None:
+        """`target`: a standalone Redis, reached over TCP or its Unix socket."""
+        self._target = target
         self._timeout = timeout
         self._setup = []
-        if password is not None:
+        if target.password is not None:
+            username, password = target.username, target.password
             self._setup.append(encode(["AUTH", username, password] if username else ["AUTH", password]))
-        if db:
-            self._setup.append(encode(["SELECT", db]))
-        self._tls = ssl.create_default_context() if tls else None
+        if target.db:
+            self._setup.append(encode(["SELECT", target.db]))
+        self._tls = ssl.create_default_context() if target.tls else None
         self._protocol: RespProtocol | None = None
         self._connecting: asyncio.Lock | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -168,7 +161,11 @@ class LeanRedis:
                 return self._protocol
             loop = asyncio.get_running_loop()
             async with asyncio.timeout(self._timeout):
-                _, protocol = await loop.create_connection(RespProtocol, *self._address, ssl=self._tls)
+                if self._target.unix_socket is not None:
+                    _, protocol = await loop.create_unix_connection(RespProtocol, self._target.unix_socket)
+                else:
+                    host, port = self._target.nodes[0]
+                    _, protocol = await loop.create_connection(RespProtocol, host, port, ssl=self._tls)
                 for command in self._setup:
                     reply = await protocol.send(command)
                     if isinstance(reply, hiredis.ReplyError):
