@@ -192,23 +192,37 @@ def rls_alone_environment(redis_url: str) -> Iterator[Environment]:
 
 @contextmanager
 def open_environments(
-    names: set[str], directory: Path, redis: RedisServer, workers: int
+    names: set[str], directory: Path, redis: RedisServer, workers: int, unix_sockets: set[str]
 ) -> Iterator[dict[str, Environment]]:
     """Every environment a wanted row needs, all running at once, so that rows run in table
     order ((b), (b2), (c) next to each other in time) on a machine whose speed drifts. The
-    idle ones cost little; what they do spend shows in the "other" column."""
+    idle ones cost little; what they do spend shows in the "other" column. `unix_sockets`:
+    "redis" has meshtoll reach Redis on its Unix socket, "meshtoll" has Envoy reach meshtoll
+    on meshtoll's (a sidecar's set-up); TCP on loopback otherwise."""
+    redis_url = redis.unix_url if "redis" in unix_sockets else redis.url
+
+    def meshtoll_sockets(name: str) -> Path | None:
+        if "meshtoll" not in unix_sockets:
+            return None
+        (directory / name).mkdir()
+        return directory / name
+
     factories: dict[str, Callable[[], AbstractContextManager[Environment]]] = {
         "stack": lambda: stack_environment(
             StackConfig(
-                policy=write_policy(directory, 10_000), redis_url=redis.url, authz_stub=True, workers=workers
+                policy=write_policy(directory, 10_000), redis_url=redis_url, authz_stub=True, workers=workers,
+                meshtoll_sockets=meshtoll_sockets("stack-sockets"),
             )
         ),
-        "nginx": lambda: nginx_environment(directory, redis.url),
+        "nginx": lambda: nginx_environment(directory, redis_url),
         "tenants100k": lambda: stack_environment(
-            StackConfig(policy=write_policy(directory, 100_000), redis_url=redis.url, workers=workers)
+            StackConfig(
+                policy=write_policy(directory, 100_000), redis_url=redis_url, workers=workers,
+                meshtoll_sockets=meshtoll_sockets("tenants100k-sockets"),
+            )
         ),
-        "rls_alone": lambda: rls_alone_environment(redis.url),
-    }
+        "rls_alone": lambda: rls_alone_environment(redis_url),
+    }  # fmt: skip
     redis_pid = redis_server_pid(redis.port)
     with ExitStack() as running:
         environments = {}
@@ -370,7 +384,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="meshtoll worker processes")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--only", default="", help="comma-separated rows, e.g. a,b,c")
+    parser.add_argument(
+        "--unix-sockets",
+        default="",
+        help="comma-separated: redis (meshtoll reaches Redis on its Unix socket), meshtoll (Envoy "
+        "reaches meshtoll on its Unix sockets); TCP on loopback otherwise",
+    )
     args = parser.parse_args(argv)
+    unix_sockets = set(filter(None, args.unix_sockets.split(",")))
+    if unix_sockets - {"redis", "meshtoll"}:
+        parser.error(f"--unix-sockets: {args.unix_sockets!r} names other than redis and meshtoll")
     wanted = set(args.only.split(",")) if args.only else {row.name for row in ROWS}
     progress: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     rows = [row for row in ROWS if row.name in wanted]
@@ -379,10 +402,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown rows: {', '.join(sorted(unknown))}")
     if any(row.environment == "nginx" for row in rows) and find_nginx() is None:
         parser.error(NGINX_INSTALL_HINT)
-    with tempfile.TemporaryDirectory(prefix="meshtoll-bench-") as directory, RedisServer() as redis:
+    with (
+        tempfile.TemporaryDirectory(prefix="meshtoll-bench-") as directory,
+        RedisServer(unix_socket=True) as redis,
+    ):
         progress(f"starting {', '.join(sorted({row.environment for row in rows}))} ...")
         with open_environments(
-            {row.environment for row in rows}, Path(directory), redis, args.workers
+            {row.environment for row in rows}, Path(directory), redis, args.workers, unix_sockets
         ) as ready:
             measurements = []
             for row in rows:
@@ -393,7 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         document = {
             "machine": machine(),
-            "settings": {"duration": args.duration, "connections": args.connections, "workers": args.workers},
+            "settings": {
+                "duration": args.duration,
+                "connections": args.connections,
+                "workers": args.workers,
+                "unix_sockets": sorted(unix_sockets),
+            },
             "rows": [asdict(m) for m in measurements],
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

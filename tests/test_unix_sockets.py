@@ -4,6 +4,7 @@ carries real traffic to it through them, the hooks and the meter included."""
 
 from __future__ import annotations
 
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ import yaml
 
 from meshtoll.errors import ConfigError
 from meshtoll.local.dev import DEMO_ACME_KEY, EXAMPLE_POLICY
+from meshtoll.local.devstack import LocalStack, StackConfig
 from meshtoll.local.processes import Child, free_ports, http_ok
 from meshtoll.render.envoy import bootstrap
 from meshtoll.render.params import DeployParams
@@ -156,3 +158,23 @@ def test_hooks_reach_meshtoll_over_the_grpc_socket(gateway: tuple[str, str]) -> 
 def test_the_grpc_authz_listener_works_over_the_socket(gateway: tuple[str, str]) -> None:
     _, grpc = gateway
     assert fetch(f"{grpc}/v1/items", headers={"x-api-key": DEMO_ACME_KEY}).status == 200
+
+
+@pytest.mark.integration
+def test_the_local_stack_can_reach_meshtoll_through_its_unix_sockets(
+    sockets: Path, envoy_binary: Path
+) -> None:
+    # The benchmark's `--unix-sockets meshtoll`: the local stack's own Envoy configuration,
+    # its meshtoll clusters pointed at the sockets.
+    directory = sockets / "stack"
+    directory.mkdir()
+    config = StackConfig(policy=EXAMPLE_POLICY, envoy_binary=envoy_binary, meshtoll_sockets=directory)
+    with LocalStack(config) as stack:
+        for listener in ("listen_http_authz_port", "listen_grpc_authz_port"):
+            reply = fetch(stack.url(listener, "/v1/items"), headers={"x-api-key": DEMO_ACME_KEY})
+            assert reply.status == 200, (listener, reply)
+        clusters = fetch(f"{stack.envoy_admin_url}/clusters").body.decode()
+    for cluster, socket_name in (("meshtoll_http", "authz.sock"), ("meshtoll_grpc", "grpc.sock")):
+        assert re.search(rf"^{cluster}::{directory / socket_name}::rq_success::[1-9]", clusters, re.M), (
+            clusters
+        )

@@ -29,6 +29,7 @@ from meshtoll.local.envoy_config import (
 )
 from meshtoll.local.processes import Child, Probe, free_ports, http_ok, tcp_accepts
 from meshtoll.settings import Settings
+from meshtoll.storage.urls import parse_redis_url
 
 START_TIMEOUT_SECONDS = 30.0
 
@@ -56,11 +57,12 @@ def rls_environment(
 ) -> dict[str, str]:
     """The environment of a local `meshtoll ratelimit` (envoyproxy/ratelimit's variables):
     its configuration under `runtime_root`/ratelimit/config, every port on loopback."""
+    unix = parse_redis_url(redis_url).unix_socket
     return {
         "RUNTIME_ROOT": str(runtime_root),
         "RUNTIME_SUBDIRECTORY": "ratelimit",
-        "REDIS_SOCKET_TYPE": "tcp",
-        "REDIS_URL": redis_url.removeprefix("redis://"),
+        "REDIS_SOCKET_TYPE": "tcp" if unix is None else "unix",
+        "REDIS_URL": redis_url.removeprefix("redis://") if unix is None else unix,
         "HOST": "127.0.0.1",
         "GRPC_HOST": "127.0.0.1",
         "DEBUG_HOST": "127.0.0.1",
@@ -145,6 +147,8 @@ class StackConfig:
     envoy_log_level: str = "warn"
     envoy_concurrency: int = 1  # worker threads; one makes benchmark rows comparable
     serve_args: tuple[str, ...] = ()  # more `meshtoll serve` flags
+    # Envoy reaches meshtoll through the Unix sockets `meshtoll serve --uds-dir` makes here.
+    meshtoll_sockets: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,11 +246,15 @@ class LocalStack:
         # An empty value: no Redis, even if this process's environment names one.
         env = {Settings.env_name("redis_url"): self.config.redis_url or ""}
         argv += _serve_tls_args(self.config.meshtoll_tls)
+        if self.config.meshtoll_sockets is not None:
+            argv += ["--uds-dir", str(self.config.meshtoll_sockets)]
         argv += self.config.serve_args
         return self._spawn("meshtoll", argv, env), http_ok(f"{self.meshtoll_admin_url}/readyz")
 
     def _start_envoy(self) -> tuple[Child, Probe]:
-        bootstrap = render_bootstrap(self.ports.envoy, self.config.mtls, self.config.meshtoll_tls)
+        config = self.config
+        sockets = config.meshtoll_sockets
+        bootstrap = render_bootstrap(self.ports.envoy, config.mtls, config.meshtoll_tls, sockets)
         return self._envoy("envoy", bootstrap, self.ports.envoy.admin_port)
 
     def _start_authz_stub(self) -> tuple[Child, Probe]:

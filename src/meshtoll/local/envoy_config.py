@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from meshtoll.server.listeners import UDS_GRPC, UDS_HTTP_AUTHZ
+
 LOCAL_TEMPLATE = "local.yaml"
 MTLS_TEMPLATE = "mtls-listener.yaml"
 STUB_TEMPLATE = "authz-stub.yaml"
@@ -78,13 +80,21 @@ class MeshtollTlsFiles:
 
 # meshtoll's clusters and the protocol each speaks inside TLS (announced by ALPN).
 _MESHTOLL_CLUSTERS = {"meshtoll_grpc": "h2", "meshtoll_http": "http/1.1"}
+# meshtoll's clusters and the socket of `meshtoll serve --uds-dir` each reaches.
+_MESHTOLL_SOCKETS = {"meshtoll_grpc": UDS_GRPC, "meshtoll_http": UDS_HTTP_AUTHZ}
 
 
 def render_bootstrap(
-    ports: EnvoyPorts, mtls: MtlsFiles | None = None, meshtoll_tls: MeshtollTlsFiles | None = None
+    ports: EnvoyPorts,
+    mtls: MtlsFiles | None = None,
+    meshtoll_tls: MeshtollTlsFiles | None = None,
+    meshtoll_sockets: Path | None = None,
 ) -> str:
     """The local stack's Envoy bootstrap; the mTLS listeners only when `mtls` is given; TLS
-    to meshtoll only when `meshtoll_tls` is."""
+    to meshtoll only when `meshtoll_tls` is; meshtoll reached through the Unix sockets
+    `meshtoll serve --uds-dir` makes in `meshtoll_sockets` (plain text) when that is given."""
+    if meshtoll_tls is not None and meshtoll_sockets is not None:
+        raise ValueError("meshtoll's Unix sockets speak plain text: no meshtoll_tls with meshtoll_sockets")
     text = read_template(LOCAL_TEMPLATE)
     values = _placeholders(asdict(ports))
     if mtls is not None:
@@ -92,10 +102,15 @@ def render_bootstrap(
         text += read_template(MTLS_TEMPLATE)
         values |= _placeholders(asdict(mtls))
     document = _document(Template(text).substitute(values))
-    if meshtoll_tls is not None:
-        for cluster in document["static_resources"]["clusters"]:
-            if cluster["name"] in _MESHTOLL_CLUSTERS:
-                cluster["transport_socket"] = _upstream_tls(meshtoll_tls, _MESHTOLL_CLUSTERS[cluster["name"]])
+    for cluster in document["static_resources"]["clusters"]:
+        name = cluster["name"]
+        if meshtoll_tls is not None and name in _MESHTOLL_CLUSTERS:
+            cluster["transport_socket"] = _upstream_tls(meshtoll_tls, _MESHTOLL_CLUSTERS[name])
+        if meshtoll_sockets is not None and name in _MESHTOLL_SOCKETS:
+            (endpoints,) = cluster["load_assignment"]["endpoints"]
+            (endpoint,) = endpoints["lb_endpoints"]
+            path = meshtoll_sockets / _MESHTOLL_SOCKETS[name]
+            endpoint["endpoint"]["address"] = {"pipe": {"path": str(path)}}
     return _dump(document)
 
 
