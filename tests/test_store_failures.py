@@ -129,3 +129,28 @@ def test_a_cancelled_probe_lets_the_next_call_probe() -> None:
     assert breaker.allows()
     breaker.abandoned()
     assert breaker.allows()
+
+
+@pytest.mark.integration
+async def test_decisions_queued_behind_a_stalled_connection_set_up_fail_within_the_timeout(
+    redis_url: str,
+) -> None:
+    # A fresh store's first calls all wait for one connection, whose SELECT a busy Redis
+    # does not answer: each fails within its own timeout, none waits out the others', and
+    # the breaker counts them.
+    store = RedisCounterStore(redis_url.removesuffix("/0") + "/1", timeout_ms=50)
+    blocker = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await blocker.ping()
+        stall = asyncio.ensure_future(blocker.eval(BUSY_FOR_400_MS, 0))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        calls = [store.check([CHECK], time.time()) for _ in range(10)]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert time.monotonic() - started < 0.15
+        assert all(isinstance(outcome, StorageUnavailable) for outcome in outcomes), outcomes
+        assert store.breaker.is_open
+        await stall
+    finally:
+        await store.close()
+        await blocker.aclose()

@@ -16,7 +16,8 @@ import functools
 import itertools
 import secrets
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import redis.asyncio
@@ -33,6 +34,7 @@ from meshtoll.storage.resp import encode
 from meshtoll.storage.urls import RedisTarget, parse_redis_url
 
 _FAILURES = (redis.exceptions.RedisError, OSError, TimeoutError, ssl.SSLError, ConnectionLost)
+_UNBOUNDED = nullcontext()
 
 
 CHECK_SCRIPT = functools.partial(lua_script, "check.lua")
@@ -119,12 +121,12 @@ class RedisCounterStore:
     async def close(self) -> None:
         await self._runner.close()
 
-    async def _run(self, plans: list[algorithms.Plan], group: list[int], now_ms: int) -> list[Any]:
+    def _run(self, plans: list[algorithms.Plan], group: list[int], now_ms: int) -> Awaitable[list[Any]]:
         keys = [key for i in group for key in plans[i].keys]
         if self._runner.retries:
             keys.append(decision_marker(keys[0]))
         arguments = [now_ms, *(value for i in group for value in plans[i].arguments())]
-        return await self._runner.run(keys, arguments)
+        return self._runner.run(keys, arguments)
 
     async def _guarded(self, *calls: Any) -> list[Any]:
         if not self.breaker.allows():
@@ -132,9 +134,9 @@ class RedisCounterStore:
                 call.close()
             raise StorageUnavailable("Redis is failing: the circuit breaker is open")
         try:
-            # The client's own socket timeouts bound each read; this bounds the whole call,
-            # connection set-up and retries included.
-            async with asyncio.timeout(self.timeout * 2):
+            # redis-py's socket timeouts bound each read; this bounds its whole call, connection
+            # set-up and retries included. The lean client bounds its calls itself.
+            async with asyncio.timeout(self.timeout * 2) if not self._runner.bounded else _UNBOUNDED:
                 replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         except _FAILURES as exc:
             self.breaker.failed()
@@ -189,6 +191,10 @@ class _LeanRunner:
     # Never resends a decision that may have run (a timeout drops the connection instead),
     # so its calls need no decision marker.
     retries = False
+    # Its watchdog fails a call Redis leaves unanswered for the timeout, and connecting has
+    # a bound of its own (storage/resp.py): no timer per call on top (a NOSCRIPT reload, three
+    # calls, may take up to three timeouts).
+    bounded = True
 
     def __init__(self, target: RedisTarget, timeout: float) -> None:
         self._redis = lean_client(target, timeout)
@@ -196,13 +202,11 @@ class _LeanRunner:
         self._increment = LeanScript(INCREMENT_SCRIPT(), "the increment script")
         self._release = LeanScript(RELEASE_SCRIPT(), "the release script")
 
-    async def run(self, keys: list[str], arguments: list[int]) -> list[Any]:
-        reply: list[Any] = await self._call(self._check, keys, arguments)
-        return reply
+    def run(self, keys: list[str], arguments: list[int]) -> Coroutine[Any, Any, list[Any]]:
+        return self._call(self._check, keys, arguments)
 
-    async def increment(self, keys: list[str], arguments: list[int]) -> list[Any]:
-        reply: list[Any] = await self._call(self._increment, keys, arguments)
-        return reply
+    def increment(self, keys: list[str], arguments: list[int]) -> Coroutine[Any, Any, list[Any]]:
+        return self._call(self._increment, keys, arguments)
 
     async def release(self, keys: list[str], arguments: list[int]) -> Any:
         return await self._call(self._release, keys, arguments)
@@ -222,6 +226,7 @@ class _RedisPyRunner:
     """Sentinel and Cluster through redis-py, which finds the master or the slot's node."""
 
     retries = True  # redis-py may resend after a lost reply: every call carries a marker
+    bounded = False  # by its socket timeouts, read by read: the store bounds the whole call
 
     def __init__(self, target: RedisTarget, timeout: float) -> None:
         self._client, self._sentinels = redis_py_client(target, timeout)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import cast
 
 import hiredis
@@ -122,14 +122,23 @@ class LeanRedis:
         self._connecting: asyncio.Lock | None = None
         self._watchdog: asyncio.TimerHandle | None = None
 
-    async def call(self, command: bytes) -> object:
-        """Send one encoded command; its reply (a hiredis.ReplyError for an error reply)."""
+    def call(self, command: bytes) -> Awaitable[object]:
+        """Send one encoded command; its reply (a hiredis.ReplyError for an error reply).
+
+        Bounded by the timeout without a timer of its own: the watchdog fails a request left
+        unanswered, and setting up a connection (waiting for another caller's set-up
+        included) has its own bound. Not a coroutine: on a connection that is up, the reply's
+        future itself, one frame less for every decision to resume."""
         protocol = self._protocol
         if protocol is None or protocol.closed:
-            protocol = await self._connect()
+            return self._connect_then_call(command)
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().call_later(self._timeout / 4, self._watch)
-        return await protocol.send(command)
+        return protocol.send(command)
+
+    async def _connect_then_call(self, command: bytes) -> object:
+        await self._connect()
+        return await self.call(command)
 
     async def close(self) -> None:
         if self._watchdog is not None:
@@ -156,20 +165,24 @@ class LeanRedis:
     async def _connect(self) -> RespProtocol:
         if self._connecting is None:
             self._connecting = asyncio.Lock()
-        async with self._connecting:
+        # Around the lock as well: callers queued behind a set-up that times out must not
+        # each start another and wait out a timeout of their own in turn.
+        async with asyncio.timeout(self._timeout), self._connecting:
             if self._protocol is not None and not self._protocol.closed:
                 return self._protocol
             loop = asyncio.get_running_loop()
-            async with asyncio.timeout(self._timeout):
-                if self._target.unix_socket is not None:
-                    _, protocol = await loop.create_unix_connection(RespProtocol, self._target.unix_socket)
-                else:
-                    host, port = self._target.nodes[0]
-                    _, protocol = await loop.create_connection(RespProtocol, host, port, ssl=self._tls)
+            if self._target.unix_socket is not None:
+                _, protocol = await loop.create_unix_connection(RespProtocol, self._target.unix_socket)
+            else:
+                host, port = self._target.nodes[0]
+                _, protocol = await loop.create_connection(RespProtocol, host, port, ssl=self._tls)
+            try:
                 for command in self._setup:
                     reply = await protocol.send(command)
                     if isinstance(reply, hiredis.ReplyError):
-                        protocol.fail(ConnectionLost(str(reply)))
                         raise ConnectionLost(f"Redis refused the connection set-up: {reply}")
+            except BaseException as exc:  # the timeout's cancellation too: close, then raise
+                protocol.fail(ConnectionLost(f"connection set-up failed: {exc!r}"))
+                raise
             self._protocol = protocol
             return protocol
