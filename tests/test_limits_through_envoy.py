@@ -28,6 +28,7 @@ TENANTS = {
     "monthly": ("three-a-month", "k-monthly"),
     "bucket": ("bucket", "k-bucket"),
     "rls": ("five-a-minute", "k-rls"),
+    "rls-http": ("five-a-minute", "k-rls-http"),
     "shared": ("twenty-an-hour", "k-shared"),
     "shared-bucket": ("bucket-twenty", "k-shared-bucket"),
     "shadowed": ("shadowed", "k-shadowed"),
@@ -126,14 +127,21 @@ def test_shadow_limits_are_counted_but_never_refuse(stack: LocalStack) -> None:
     assert quota["limits"][0]["used"] == 4
 
 
-def test_the_rls_filter_enforces_routes_the_policy_gives_to_the_service(stack: LocalStack) -> None:
-    replies = [call(stack, "listen_rls_port", "rls", "/rls/x") for _ in range(4)]
+@pytest.mark.parametrize(
+    ("listener", "tenant"), [("listen_rls_port", "rls"), ("listen_rls_http_authz_port", "rls-http")]
+)
+def test_the_rls_filter_enforces_routes_the_policy_gives_to_the_service(
+    stack: LocalStack, listener: str, tenant: str
+) -> None:
+    # Behind either ext_authz transport: the tenant and route headers authz set are the
+    # descriptors' source either way.
+    replies = [call(stack, listener, tenant, "/rls/x") for _ in range(4)]
     assert [reply.status for reply in replies] == [200, 200, 429, 429]
     # Envoy's ratelimit filter adds the draft RateLimit headers from meshtoll's statuses.
     assert replies[0].headers["x-ratelimit-limit"].startswith("2")
     assert replies[1].headers["x-ratelimit-remaining"] == "0"
     # The fused path did not count these requests a second time.
-    quota = fetch(f"{stack.meshtoll_admin_url}/api/tenants/rls/quota").json()
+    quota = fetch(f"{stack.meshtoll_admin_url}/api/tenants/{tenant}/quota").json()
     assert {entry["scope"]: entry["used"] for entry in quota["limits"]} == {"tenant": 2, "route:rls-route": 2}
 
 

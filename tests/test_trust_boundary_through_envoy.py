@@ -42,9 +42,11 @@ SPOOFED = {
     "x-request-id": "client-chosen-id",
 }
 # Listeners where authz refuses a request without credentials; the others serve everything.
-AUTHZ_LISTENERS = ("http_authz", "grpc_authz", "rls", "full", "mtls_grpc_authz", "mtls_http_authz")
+AUTHZ_LISTENERS = (
+    "http_authz", "grpc_authz", "rls", "rls_http_authz", "full", "mtls_grpc_authz", "mtls_http_authz"
+)  # fmt: skip
 OPEN_LISTENERS = ("stub_authz", "direct", "metered_direct")
-PROXYING = {"http_authz", "grpc_authz", "rls", "full", "stub_authz", "mtls_grpc_authz", "mtls_http_authz"}
+PROXYING = {*AUTHZ_LISTENERS, "stub_authz"}
 _probes = itertools.count()
 
 

@@ -37,6 +37,7 @@ class EnvoyPorts:
     listen_direct_port: int  # clients, direct 200 without upstream or authz
     listen_stub_authz_port: int  # clients, ext_authz over HTTP to the authz stub
     listen_rls_port: int  # clients, ext_authz over gRPC then the ratelimit filter (RLS)
+    listen_rls_http_authz_port: int  # clients, ext_authz over HTTP then the ratelimit filter (RLS)
     listen_full_port: int  # clients, HTTP ext_authz and the access log to the meter
     listen_full_als_port: int  # clients, the same with the gRPC access log (http_grpc)
     listen_metered_direct_port: int  # clients, direct 200 response, metered (benchmark)
