@@ -4,7 +4,7 @@ the HTTP server drives them (a Task per decision that waits on Redis), without E
 sockets on the client side, so that the figure moves only with meshtoll's own code.
 
     python bench/fused_decision.py [--decisions N] [--concurrency C] [--event-loop uvloop|asyncio]
-                                   [--redis tcp|unix] [--profile FILE]
+                                   [--redis tcp|unix] [--lease-max L] [--profile FILE]
 
 --profile writes cProfile statistics (pstats) of one run; bench/run.py's rows (f) and (h)
 measure the same path through Envoy.
@@ -44,7 +44,7 @@ routes: [{{prefix: /v1/, name: v1}}]
 
 
 async def decide_many(
-    redis_url: str, policy: Path, decisions: int, concurrency: int, profile: Path | None
+    redis_url: str, policy: Path, decisions: int, concurrency: int, lease_max: int, profile: Path | None
 ) -> float:
     """µs of this process's CPU per decision, over `decisions` made `concurrency` at a time."""
     # A generous timeout: on a loaded machine a 50 ms one would time out and measure the failure path.
@@ -52,7 +52,8 @@ async def decide_many(
     usage = RedisUsageStore(redis_url)
     recorder = AdmissionRecorder(usage)
     holder = PolicyHolder.from_file(policy)
-    authorizer = Authorizer(holder, JwksCache(), transport="http", limiter=Limiter(store), recorder=recorder)
+    limiter = Limiter(store, lease_max=lease_max)
+    authorizer = Authorizer(holder, JwksCache(), transport="http", limiter=limiter, recorder=recorder)
     handler = HttpAuthzHandler(authorizer)
     flushing = asyncio.create_task(recorder.flush_forever())
     ids = iter(range(sys.maxsize))
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--event-loop", default="uvloop", choices=("uvloop", "asyncio"))
     parser.add_argument("--redis", default="tcp", choices=("tcp", "unix"), help="how to reach Redis")
     parser.add_argument("--repeat", type=int, default=3, help="runs, each reported")
+    parser.add_argument(
+        "--lease-max", type=int, default=1, help="decisions per token lease (1: Redis every decision)"
+    )
     parser.add_argument("--profile", type=Path, default=None, help="write cProfile stats of one run here")
     args = parser.parse_args(argv)
     with (
@@ -107,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         url = redis.unix_url if args.redis == "unix" else redis.url
         for _ in range(1 if args.profile else args.repeat):
             spent = run_on_event_loop(
-                decide_many(url, policy, args.decisions, args.concurrency, args.profile), args.event_loop
+                decide_many(url, policy, args.decisions, args.concurrency, args.lease_max, args.profile),
+                args.event_loop,
             )
             print(f"{spent:.1f} µs CPU per decision ({args.event_loop}, Redis over {args.redis})")
     return 0
