@@ -11,10 +11,14 @@ from datetime import UTC, datetime
 import pytest
 import redis.asyncio
 
-from meshtoll.keys import ledger_key
+from meshtoll.keys import admitted_tenants_key, ledger_key
 from meshtoll.storage import MemoryUsageStore
-from meshtoll.storage.usage_redis import MAX_RECORDS_PER_CALL, RedisUsageStore
-from meshtoll.usage.records import Source, UsageRecord
+from meshtoll.storage.usage_redis import (
+    ADMITTED_TENANTS_BUCKET_SECONDS,
+    MAX_RECORDS_PER_CALL,
+    RedisUsageStore,
+)
+from meshtoll.usage.records import Admission, Source, UsageRecord
 from meshtoll.usage.store import UsageStore
 
 T = datetime(2026, 11, 30, 23, 30, tzinfo=UTC).timestamp()
@@ -164,3 +168,40 @@ async def test_the_memory_ledger_drops_records_past_the_retention() -> None:
     now = time.time()
     await store.record([record("mem", "old", at=now - 7200), record("mem", "new", at=now)])
     assert [found.request_id for found in await store.ledger("mem", 0, now + 1)] == ["new"]
+
+
+def admission(tenant: str, request_id: str) -> Admission:
+    return Admission(request_id, T, tenant, "ci", "pro", "search", "GET", 5)
+
+
+async def test_the_request_id_of_a_pending_admission_names_its_tenant(usage_store: UsageStore) -> None:
+    first, second = f"usage{next(_tenants)}", f"usage{next(_tenants)}"
+    await usage_store.admit([admission(first, f"{first}-a"), admission(second, f"{second}-b")])
+    await usage_store.admit([admission(first, f"{first}-c")])
+    ids = [f"{first}-a", f"{second}-b", f"{first}-c", f"{first}-never"]
+    assert await usage_store.admitted_tenants(ids) == {ids[0]: first, ids[1]: second, ids[2]: first}
+    assert await usage_store.admitted_tenants([]) == {}
+
+
+@pytest.mark.integration
+async def test_the_redis_index_of_admitted_tenants_is_read_for_a_bucket_more_and_then_expires(
+    redis_url: str,
+) -> None:
+    tenant = f"usage{next(_tenants)}"
+    bucket = ADMITTED_TENANTS_BUCKET_SECONDS
+    start = T - T % bucket + bucket - 0.01  # the last moment of a bucket
+    now = [start]
+    store = RedisUsageStore(redis_url, clock=lambda: now[0])
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await store.admit([admission(tenant, f"{tenant}-x")])
+        index = admitted_tenants_key(int(start // bucket))
+        assert await client.hget(index, f"{tenant}-x") == tenant.encode()
+        assert await client.ttl(index) > 0
+        now[0] = start + bucket  # the next bucket but one begins 0.01 s later
+        assert await store.admitted_tenants([f"{tenant}-x"]) == {f"{tenant}-x": tenant}
+        now[0] = start + 0.02 + bucket  # no reader looks there any more
+        assert await store.admitted_tenants([f"{tenant}-x"]) == {}
+    finally:
+        await store.close()
+        await client.aclose()

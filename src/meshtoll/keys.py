@@ -1,4 +1,4 @@
-"""Every Redis key meshtoll writes, in one place. Each key carries its tenant as a hash tag
+"""Every Redis key meshtoll writes, in one place. Each key of a tenant carries it as a hash tag
 (`{tenant}`), so that all of one tenant's keys live on one Redis Cluster shard and one Lua
 call can touch them together. (envoyproxy/ratelimit's own key format, kept in strict
 compatibility, lives with that compatibility in ratelimit/strict.py.)"""
@@ -39,6 +39,14 @@ def reported_units_key(tenant: str) -> str:
 
 def pending_key(tenant: str) -> str:
     return f"meshtoll_{{{tenant}}}_pending"
+
+
+def admitted_tenants_key(bucket: int) -> str:
+    """Request id -> tenant of the admissions stored in one ten-second bucket (counted from
+    the epoch), for access-log entries that name no tenant. Global, not one tenant's: such
+    an entry may be of any tenant, and one lookup must find it (on a Cluster, each bucket
+    is one hash on one shard)."""
+    return f"meshtoll_admitted_tenants_b{bucket}"
 
 
 # The tenants with admissions awaiting settlement, so reconciliation never scans them all.

@@ -28,6 +28,7 @@ class MemoryUsageStore:
         self._reported: dict[tuple[str, str], int] = {}
         self._reported_at: dict[tuple[str, str], float] = {}
         self._tenants: set[str] = set()
+        self._admitted_tenants: dict[str, str] = {}  # request id -> tenant, while pending
 
     async def record(self, records: Sequence[UsageRecord]) -> int:
         counted = 0
@@ -35,6 +36,7 @@ class MemoryUsageStore:
             self._pending.pop((record.tenant, record.request_id), None)
             self._reported.pop((record.tenant, record.request_id), None)
             self._reported_at.pop((record.tenant, record.request_id), None)
+            self._admitted_tenants.pop(record.request_id, None)
             if (record.tenant, record.request_id) in self._seen:
                 continue
             self._seen.add((record.tenant, record.request_id))
@@ -63,6 +65,7 @@ class MemoryUsageStore:
         for admission in admissions:
             if (admission.tenant, admission.request_id) not in self._seen:
                 self._pending[(admission.tenant, admission.request_id)] = admission
+                self._admitted_tenants[admission.request_id] = admission.tenant
 
     async def report_units(self, reports: Sequence[ReportedUnits]) -> None:
         for report in reports:
@@ -84,6 +87,13 @@ class MemoryUsageStore:
             key: (admission, self._reported.get(key))
             for key in requests
             if (admission := self._pending.get(key)) is not None
+        }
+
+    async def admitted_tenants(self, request_ids: Sequence[str]) -> dict[str, str]:
+        return {
+            request_id: tenant
+            for request_id in request_ids
+            if (tenant := self._admitted_tenants.get(request_id)) is not None
         }
 
     async def backlog(self) -> int:

@@ -20,6 +20,7 @@ from meshtoll.keys import (
     PENDING_TENANTS_KEY,
     USAGE_TENANTS_KEY,
     admissions_key,
+    admitted_tenants_key,
     ledger_key,
     pending_key,
     reported_units_key,
@@ -37,7 +38,7 @@ from meshtoll.usage.records import (
     periods_of_hour,
     with_reported_units,
 )
-from meshtoll.usage.store import DEFAULT_LEDGER_RETENTION_SECONDS, PendingAdmissions
+from meshtoll.usage.store import ADMITTED_TENANTS_SECONDS, DEFAULT_LEDGER_RETENTION_SECONDS, PendingAdmissions
 from meshtoll.usage.tallies import TenantUsage, counter_increments, tenant_usage
 
 # A replayed record is recognised for at least a week: the ids counted in each week are
@@ -49,6 +50,10 @@ REPORTED_UNITS_SECONDS = 2 * 86400
 # 50-record batches), and rate-limit decisions on the same Redis wait while it runs: 250
 # keeps that wait near a millisecond. (Lua's unpack() would take up to about 8,000.)
 MAX_RECORDS_PER_CALL = 250
+# The request id -> tenant index is one hash per bucket of this many seconds (by the
+# clock of the process that stores the admission), read in the current and the previous
+# bucket: an id is found at least this long after its admission was stored.
+ADMITTED_TENANTS_BUCKET_SECONDS = int(ADMITTED_TENANTS_SECONDS)
 RETENTION_SECONDS = {"month": 3 * 366 * 86400, "day": 400 * 86400, "hour": 8 * 86400}
 
 
@@ -132,6 +137,8 @@ class RedisUsageStore:
         return sorted((r for r in records if since <= r.time < until), key=lambda r: r.time)
 
     async def admit(self, admissions: Sequence[Admission]) -> None:
+        if not admissions:
+            return
         by_tenant: dict[str, list[Admission]] = {}
         for admission in admissions:
             by_tenant.setdefault(admission.tenant, []).append(admission)
@@ -145,6 +152,14 @@ class RedisUsageStore:
             commands.append(("HSET", admissions_key(tenant), *documents))
             due = chain.from_iterable((a.due(), a.request_id) for a in batch)
             commands.append(("ZADD", pending_key(tenant), *due))
+        # The request id -> tenant index, in the same round trip. An entry that finds the
+        # tenant here before the admission is in (another shard) waits for it like any entry.
+        now = self._clock()
+        bucket = int(now // ADMITTED_TENANTS_BUCKET_SECONDS)
+        index = admitted_tenants_key(bucket)
+        commands.append(("HSET", index, *chain.from_iterable((a.request_id, a.tenant) for a in admissions)))
+        # Gone a bucket after its last reader (the bucket after next), against clock skew.
+        commands.append(("EXPIRE", index, math.ceil((bucket + 3) * ADMITTED_TENANTS_BUCKET_SECONDS - now)))
         try:
             await self._pipeline(commands)
             # Only once the admissions are in: `overdue` drops a tenant whose pending set it
@@ -258,6 +273,25 @@ class RedisUsageStore:
             return await self._pending_admissions(list(by_tenant.items()))
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StorageUnavailable(f"Redis did not answer: {exc}") from None
+
+    async def admitted_tenants(self, request_ids: Sequence[str]) -> dict[str, str]:
+        if not request_ids:
+            return {}
+        bucket = int(self._clock() // ADMITTED_TENANTS_BUCKET_SECONDS)
+        try:
+            now, before = await self._pipeline(
+                [
+                    ("HMGET", admitted_tenants_key(bucket), *request_ids),
+                    ("HMGET", admitted_tenants_key(bucket - 1), *request_ids),
+                ]
+            )
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise StorageUnavailable(f"Redis did not answer: {exc}") from None
+        return {
+            request_id: (tenant or earlier).decode()
+            for request_id, tenant, earlier in zip(request_ids, now, before, strict=True)
+            if tenant or earlier
+        }
 
     async def backlog(self) -> int:
         try:

@@ -20,6 +20,9 @@ from meshtoll.usage.tallies import TenantUsage
 PendingAdmissions = dict[tuple[str, str], tuple[Admission, int | None]]
 
 DEFAULT_LEDGER_RETENTION_SECONDS = 400 * 86400
+# How long an admission's request id is sure to name its tenant once the admission is
+# stored: an entry without a tenant waits for its admission 5 s at most (meter/settle.py).
+ADMITTED_TENANTS_SECONDS = 10.0
 
 
 class UsageStore(Protocol):
@@ -50,6 +53,12 @@ class UsageStore(Protocol):
 
     async def pending(self, requests: Sequence[tuple[str, str]]) -> PendingAdmissions:
         """Of these (tenant, request id) pairs, the admissions still awaiting settlement."""
+        ...
+
+    async def admitted_tenants(self, request_ids: Sequence[str]) -> dict[str, str]:
+        """Of these request ids, the tenant each was admitted for: every admission stored in
+        the last ADMITTED_TENANTS_SECONDS and not settled yet is found (one settled since
+        may be named too). For access-log entries that name no tenant."""
         ...
 
     async def backlog(self) -> int:
