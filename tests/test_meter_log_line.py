@@ -25,9 +25,14 @@ def test_the_local_envoy_formats_exactly_the_line_the_meter_reads() -> None:
     assert logger["typed_config"]["body"]["string_value"] == LOG_LINE_FORMAT
 
 
-@pytest.mark.parametrize("absent", [f"{REQUEST_ID} -", "- acme", "- -"])
-def test_a_request_without_a_tenant_or_a_request_id_is_not_metered(absent: str) -> None:
+@pytest.mark.parametrize("absent", ["- acme", "- -"])
+def test_a_request_without_a_request_id_is_not_metered(absent: str) -> None:
     assert parse_log_line(f"mt1 1795618437.250 401 200 0 90 60 800 {absent}") is None
+
+
+def test_a_request_without_a_tenant_is_observed_by_its_request_id() -> None:
+    seen = parse_log_line(f"mt1 1795618437.250 503 200 0 90 60 250000 {REQUEST_ID} -")
+    assert seen == Observation(REQUEST_ID, "", 1795618437.25, 503, 200, 150, 250.0)
 
 
 def test_a_response_envoy_never_finished_has_no_duration() -> None:

@@ -79,8 +79,10 @@ def test_the_tenant_comes_from_ext_authz_metadata_when_the_headers_are_absent() 
     assert seen.tenant == "acme"
 
 
-def test_a_request_without_a_tenant_or_a_request_id_is_not_metered() -> None:
-    assert observation_from_envoy(entry("r4", headers={})) is None
+def test_a_request_without_a_tenant_is_observed_by_its_request_id_and_one_without_an_id_is_not() -> None:
+    seen = observation_from_envoy(entry("r4", headers={}, status=503))
+    assert seen is not None
+    assert (seen.request_id, seen.tenant, seen.status) == ("r4", "", 503)
     assert observation_from_envoy(entry("")) is None
 
 
@@ -208,6 +210,54 @@ async def test_an_entry_cannot_move_its_request_to_another_period(
     await settlement.settle([seen])
     assert (await usage_store.usage(tenant, "2020-01")).requests == 0
     assert (await usage_store.usage(tenant, "2026-11")).requests == 1  # authz admitted it then
+
+
+async def test_an_entry_without_a_tenant_settles_the_admission_of_its_request_id_and_a_503_bills_nothing(
+    usage_store: UsageStore, tenant: str
+) -> None:
+    # authz admitted the request, but its allow reached Envoy after the ext_authz timeout:
+    # Envoy answered 503 itself and logged the request without authz's tenant header.
+    clock = Clock()
+    settlement = Settlement(usage_store, clock=clock)
+    seen = observation_from_envoy(entry(f"{tenant}-late", headers={}, status=503))
+    assert seen is not None
+    await settlement.settle([seen])
+    assert settlement.waiting == 1  # its admission is still in authz's buffer
+    await usage_store.admit([admitted(tenant, f"{tenant}-late")])
+    await settlement.retry_waiting()
+    usage = await usage_store.usage(tenant, "2026-11")
+    assert (usage.requests, usage.units, usage.unreconciled, usage.by_status) == (1, 0, 0, {"5xx": 1})
+    assert [(route.route, route.units) for route in usage.by_route] == [("search", 0)]
+    assert (settlement.outcomes["resolved"], settlement.outcomes["billed"], settlement.waiting) == (1, 1, 0)
+    assert not [a for a in await usage_store.overdue(time.time() + 3600) if a.tenant == tenant]
+
+
+async def test_an_entry_without_a_tenant_whose_request_id_names_no_admission_stays_anonymous(
+    usage_store: UsageStore, tenant: str
+) -> None:
+    clock = Clock()
+    settlement = Settlement(usage_store, clock=clock, wait_seconds=5)
+    await usage_store.admit([admitted(tenant, f"{tenant}-admitted")])
+    unknown = observation_from_envoy(entry(f"{tenant}-unknown", headers={}, status=503))
+    refused = observation_from_envoy(entry(f"{tenant}-refused", headers={}, status=401))
+    assert unknown is not None
+    assert refused is not None
+    await settlement.settle([unknown, refused])
+    # A refusal (authz's 4xx) is anonymous at once, without a lookup; a 503 may be a
+    # late allow whose admission is on its way, and waits for it.
+    assert (settlement.outcomes["anonymous"], settlement.waiting) == (1, 1)
+    clock.now += 6
+    await settlement.retry_waiting()
+    assert (settlement.outcomes["anonymous"], settlement.waiting, settlement.outcomes["resolved"]) == (
+        2,
+        0,
+        0,
+    )
+    assert (await usage_store.usage(tenant, "2026-11")).requests == 0
+    assert not await usage_store.has_usage(tenant)
+    assert [a.request_id for a in await usage_store.overdue(time.time() + 3600) if a.tenant == tenant] == [
+        f"{tenant}-admitted"
+    ]
 
 
 class FlakyStore(MemoryUsageStore):

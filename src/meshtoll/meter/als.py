@@ -26,7 +26,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         async for message in requests:
             entries = message.http_logs.log_entry
             observations = [seen for entry in entries if (seen := observation_from_envoy(entry)) is not None]
-            # Requests no tenant was established for (authz refused them): not metered.
+            # Requests without a request id never went through authz: not metered.
             self._settlement.outcomes["anonymous"] += len(entries) - len(observations)
             if observations:
                 await self._settlement.settle(observations)
@@ -34,8 +34,9 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
 
 
 def observation_from_envoy(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation | None:
-    """What one logged request says; None when it names no tenant or has no request id
-    (authz refused it, or it never went through authz).
+    """What one logged request says, with tenant "" when it names none (authz refused it,
+    or its allow never reached Envoy); None when it has no request id (it never went
+    through authz).
     The meter runs this for every request: each protobuf field read costs a tenth of a
     microsecond, so every message is read once into a local and durations are computed
     from seconds and nanos (Duration.ToMicroseconds is pure Python)."""
@@ -43,7 +44,7 @@ def observation_from_envoy(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observati
     common = entry.common_properties
     request_id = request.request_id
     tenant = request.request_headers.get(TENANT_HEADER) or tenant_from_authz_metadata(common)
-    if not tenant or not request_id:
+    if not request_id:
         return None
     response = entry.response
     start = common.start_time

@@ -8,11 +8,12 @@ Ten fields separated by single spaces, the tenant last:
         <response header bytes> <response body bytes> <duration µs> <request id> <tenant>
 
 Envoy writes `-` for a value it does not have (a request without a tenant: authz refused
-it). Nothing is escaped, so the one field that comes from a header set by someone other
-than Envoy, the tenant, goes last: a space in it cannot shift the fields before it. A line
-is checked for shape (ASCII, ten fields, numbers in range, bounded ids) and anything else
-is malformed: counted and dropped by the adapter, never raised to the stream. The shape
-decides nothing: the line only says which admission it settles (meter/settle.py).
+it, or its allow came too late). Nothing is escaped, so the one field that comes from a
+header set by someone other than Envoy, the tenant, goes last: a space in it cannot shift
+the fields before it. A line is checked for shape (ASCII, ten fields, numbers in range,
+bounded ids) and anything else is malformed: counted and dropped by the adapter, never
+raised to the stream. The shape decides nothing: the line only says which admission it
+settles (meter/settle.py).
 """
 
 from __future__ import annotations
@@ -35,16 +36,20 @@ _LATEST_TIME = 1e11
 
 
 def parse_log_line(line: str) -> Observation | None:
-    """The observation a meter line carries; None when it names no tenant or no request
-    id (not metered). Split and int(), not a regular expression: half the cost, and the
+    """The observation a meter line carries, with tenant "" when it names none; None when
+    it names no request id (not metered). Split and int(), not a regular expression: half the cost, and the
     meter runs this for every request."""
     fields = line.split(" ", _FIELDS - 1)
     if len(fields) != _FIELDS or fields[0] != VERSION or not line.isascii():
         raise MalformedLine("not a meter line")
     request_id, tenant = fields[8], fields[9]
-    if request_id == ABSENT or tenant == ABSENT:
+    if request_id == ABSENT:
         return None
-    if not request_id or not tenant or len(request_id) > MAX_ID_LENGTH or len(tenant) > MAX_ID_LENGTH:
+    if tenant == ABSENT:
+        tenant = ""
+    elif not tenant:
+        raise MalformedLine("an empty tenant")
+    if not request_id or len(request_id) > MAX_ID_LENGTH or len(tenant) > MAX_ID_LENGTH:
         raise MalformedLine("request id or tenant out of shape")
     try:
         start = float(fields[1])

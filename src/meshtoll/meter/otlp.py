@@ -60,7 +60,7 @@ class OtlpLogsReceiver:
             else:
                 observations.append(seen)
         outcomes = self._settlement.outcomes
-        # Requests no tenant was established for (authz refused them): not metered.
+        # Requests without a request id never went through authz: not metered.
         outcomes["anonymous"] += anonymous
         # Not meter lines (another log format, or forged): dropped, never billed.
         outcomes["malformed"] += malformed

@@ -8,6 +8,13 @@ batches, from different places), or before the units of a body-metered request: 
 for a bounded time and in bounded numbers. What never matches (forged, replayed after
 settlement, or an admission lost with a crashed process) is dropped and counted; its
 admission, if it ever comes, is billed by reconciliation.
+
+An entry that names no tenant is of a request authz refused, or of one it admitted whose
+allow never reached Envoy in time (Envoy's ext_authz timeout, or meshtoll stopping): Envoy
+answered that one itself (ext_authz's status_on_error, 503) and forwarded nothing. Such an
+entry, when its status is one Envoy answers itself, settles the admission of its request id
+whatever the tenant (the store's index finds it, one lookup per batch), with its status: 0
+units, where reconciliation would have billed the request in full.
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ class Settlement:
         self._waiting: deque[tuple[float, Observation]] = deque()  # (give up at, entry)
         # billed, replayed (settled before), unmatched (no admission in time), waited,
         # overflow (dropped unseen: too many waiting), unavailable (the store did not answer),
-        # anonymous (no tenant: a request authz refused; counted by the access-log adapter)
+        # anonymous (no tenant, and none found by its request id: a request authz refused),
+        # resolved (no tenant, found by its request id: then billed, replayed or unmatched)
         self.outcomes: Counter[str] = Counter()
 
     @property
@@ -58,7 +66,11 @@ class Settlement:
 
     async def settle(self, observations: Sequence[Observation]) -> None:
         give_up_at = self._clock() + self._wait
-        await self._settle([(give_up_at, seen) for seen in observations])
+        batch = [(give_up_at, seen) for seen in observations if seen.tenant or envoy_answered(seen.status)]
+        # No tenant and a status of authz's: a request authz refused, nothing to look up.
+        self.outcomes["anonymous"] += len(observations) - len(batch)
+        if batch:
+            await self._settle(batch)
 
     async def retry_waiting(self) -> None:
         """Try again every entry that waits for its admission or its units."""
@@ -73,8 +85,12 @@ class Settlement:
             await self.retry_waiting()
 
     async def _settle(self, batch: list[tuple[float, Observation]]) -> None:
+        anonymous = [seen for _, seen in batch if not seen.tenant]
         try:
-            found = await self._store.pending([(seen.tenant, seen.request_id) for _, seen in batch])
+            if anonymous:
+                await self._resolve(anonymous)
+            requests = [(seen.tenant, seen.request_id) for _, seen in batch if seen.tenant]
+            found = await self._store.pending(requests)
         except StorageError as exc:
             # The wait starts again: an outage must not turn genuine entries into unmatched
             # ones before the admissions buffered meanwhile can reach the store.
@@ -92,7 +108,7 @@ class Settlement:
                 if now < give_up_at:
                     still_waiting.append((give_up_at, seen))
                 else:
-                    self.outcomes["unmatched"] += 1
+                    self.outcomes["unmatched" if seen.tenant else "anonymous"] += 1
                 continue
             admission, reported = pending
             if (
@@ -107,6 +123,16 @@ class Settlement:
         self._wait_more(still_waiting)
         if records:
             await self._record(records)
+
+    async def _resolve(self, anonymous: list[Observation]) -> None:
+        """Give entries without a tenant the tenant their request id was admitted for, if
+        any (the entry's own word is still only which admission it settles)."""
+        tenants = await self._store.admitted_tenants([seen.request_id for seen in anonymous])
+        for seen in anonymous:
+            tenant = tenants.get(seen.request_id)
+            if tenant is not None:
+                seen.tenant = tenant
+                self.outcomes["resolved"] += 1
 
     async def _record(self, records: list[UsageRecord]) -> None:
         try:
@@ -126,3 +152,12 @@ class Settlement:
             batch = batch[: max(0, room)]
         self.outcomes["waited"] += len(batch)
         self._waiting.extend(batch)
+
+
+def envoy_answered(status: int) -> bool:
+    """Whether a request without a tenant may still be one authz admitted: Envoy answers
+    5xx itself when authz's allow does not reach it (status_on_error is 503 in every
+    configuration meshtoll ships), and logs 0 when the client left before any answer.
+    authz refuses with 4xx (and 503 only while it cannot decide), so a flood of refused
+    requests costs the meter no lookup."""
+    return status == 0 or status >= 500

@@ -175,7 +175,9 @@ def _count(
     metrics.count_outcomes(
         "meshtoll_meter_records",
         "access-log entries by outcome: billed, unmatched (no admission: never billed), "
-        "anonymous (no tenant), malformed (not a meter line), replayed, waited, overflow, unavailable",
+        "anonymous (no tenant, and no admission of its request id), resolved (no tenant, its "
+        "admission found by request id), malformed (not a meter line), replayed, waited, overflow, "
+        "unavailable",
         settlement.outcomes,
     )
     metrics.gauge(

@@ -129,7 +129,9 @@ class Observation:
     and request id, or is dropped."""
 
     request_id: str
-    tenant: str  # where to look for the admission, no more
+    # where to look for the admission, no more; "" when the entry names none (then its
+    # request id alone finds it, meter/settle.py)
+    tenant: str
     time: float
     status: int
     request_bytes: int
