@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import http.client
 import itertools
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -98,10 +100,10 @@ async def test_an_overdue_admission_bills_the_units_its_body_hook_reported(
 
 
 def priced_stack(
-    start_stack: StartStack, directory: Path, tenant: str, key: str, routes: str = "[]"
+    start_stack: StartStack, directory: Path, tenant: str, key: str, routes: str = "[]", grace: float = 1.0
 ) -> LocalStack:
     """A stack whose one tenant is on a priced plan (admissions are recorded for it) and
-    whose admissions are billed after a one-second grace."""
+    whose admissions are billed after `grace` seconds."""
     digest = hashlib.sha256(key.encode()).hexdigest()
     policy = directory / "policy.yaml"
     policy.write_text(
@@ -109,7 +111,7 @@ def priced_stack(
         f"tenants: {{{tenant}: {{plan: pro, api_keys: [{{id: k, sha256: {digest}}}]}}}}\n"
         f"routes: {routes}\n"
     )
-    return start_stack(policy, serve_args=("--reconcile-grace-seconds", "1"))
+    return start_stack(policy, serve_args=("--reconcile-grace-seconds", str(grace)))
 
 
 @pytest.mark.integration
@@ -117,7 +119,10 @@ def test_a_meshtoll_restart_mid_traffic_bills_exactly_what_was_admitted(
     start_stack: StartStack, tmp_path: Path
 ) -> None:
     key = "k-reconcile"
-    stack = priced_stack(start_stack, tmp_path, "recon", key)
+    # A request authz admitted but Envoy answered 503 itself (its allow came after the
+    # ext_authz timeout, or its connection broke) is settled by its tenant-less entry about
+    # a second later (authz's flush, then the meter's retry): a one-second grace would race it.
+    stack = priced_stack(start_stack, tmp_path, "recon", key, grace=5)
     url = stack.url("listen_full_port", "/v1/items")
     statuses: Counter[int] = Counter()
     stop = threading.Event()
@@ -135,16 +140,19 @@ def test_a_meshtoll_restart_mid_traffic_bills_exactly_what_was_admitted(
     finally:
         stop.set()
         client.join()
-    admitted = statuses[200]
-    assert admitted > 50, statuses
+    served = statuses[200]
+    assert served > 50, statuses
     assert set(statuses) <= {200, 503}, statuses  # 503: the moments meshtoll was down
-    eventually(
+    # Every request served bills its unit, from its entry or, when the restart lost that,
+    # from its admission; a request authz admitted but Envoy did not serve bills none.
+    usage = eventually(
         lambda: usage_of(stack, "recon"),
-        lambda usage: usage["requests"] == admitted,
+        lambda usage: usage["units"] == served,
         timeout=15,
         interval=0.2,
-        message=f"the {admitted} admitted requests ({statuses}) were not all billed",
+        message=f"the {served} requests served ({statuses}) were not all billed their unit",
     )
+    assert usage["requests"] - usage["by_status"].get("5xx", 0) == served, (usage, statuses)
 
 
 def usage_of(stack: LocalStack, tenant: str) -> dict[str, Any]:
@@ -156,6 +164,54 @@ def allowed_so_far(stack: LocalStack) -> float:
     text = fetch(f"{stack.meshtoll_admin_url}/metrics").body.decode()
     prefix = 'meshtoll_authz_decisions_total{outcome="allow",transport="http"} '
     return sum(float(line.removeprefix(prefix)) for line in text.splitlines() if line.startswith(prefix))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("listener", ["listen_full_port", "listen_full_als_port"])
+def test_a_request_authz_allowed_after_envoys_timeout_is_billed_as_envoys_503(
+    start_stack: StartStack, tmp_path: Path, listener: str
+) -> None:
+    # meshtoll paused for longer than Envoy's ext_authz timeout (0.25 s): Envoy answers the
+    # requests in flight 503 itself and forwards nothing, while meshtoll, resumed, allows
+    # them all the same. Admitted, and logged by Envoy without authz's tenant header, they
+    # are settled by request id: 5xx requests of the tenant, 0 units, none unreconciled.
+    key, tenant = "k-late", listener.split("_")[-2]  # full, als
+    stack = priced_stack(start_stack, tmp_path, tenant, key, grace=30)
+    url = stack.url(listener, "/v1/items")
+    statuses: Counter[int] = Counter()
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            statuses[fetch(url, headers={"x-api-key": key}).status] += 1
+
+    clients = [threading.Thread(target=traffic) for _ in range(4)]
+    for client in clients:
+        client.start()
+    meshtoll = stack.children["meshtoll"].pid  # its own process group (start_new_session)
+    try:
+        time.sleep(0.5)
+        os.killpg(meshtoll, signal.SIGSTOP)
+        time.sleep(0.6)
+    finally:
+        os.killpg(meshtoll, signal.SIGCONT)
+        time.sleep(0.5)
+        stop.set()
+        for client in clients:
+            client.join()
+    admitted = allowed_so_far(stack)
+    late = admitted - statuses[200]
+    assert set(statuses) == {200, 503}, statuses
+    assert late > 0, f"no allow came too late: the test proved nothing ({statuses}, {admitted} allowed)"
+    usage = eventually(
+        lambda: usage_of(stack, tenant),
+        lambda usage: usage["requests"] == admitted,
+        timeout=15,
+        interval=0.2,
+        message=f"the {admitted} admitted requests ({statuses}) were not all settled",
+    )
+    assert usage["units"] == statuses[200], (usage, statuses)
+    assert (usage["by_status"], usage["unreconciled"]) == ({"2xx": statuses[200], "5xx": late}, 0), usage
 
 
 @pytest.mark.integration
