@@ -66,26 +66,31 @@ class Settlement:
 
     async def settle(self, observations: Sequence[Observation]) -> None:
         give_up_at = self._clock() + self._wait
-        batch = [(give_up_at, seen) for seen in observations if seen.tenant or envoy_answered(seen.status)]
-        # No tenant and a status of authz's: a request authz refused, nothing to look up.
-        self.outcomes["anonymous"] += len(observations) - len(batch)
+        batch = [(give_up_at, seen) for seen in observations if seen.tenant]
+        anonymous: list[Observation] = []
+        if len(batch) < len(observations):
+            anonymous = [seen for seen in observations if not seen.tenant and envoy_answered(seen.status)]
+            # No tenant and a status of authz's: a request authz refused, nothing to look up.
+            self.outcomes["anonymous"] += len(observations) - len(batch) - len(anonymous)
+            batch += [(give_up_at, seen) for seen in anonymous]
         if batch:
-            await self._settle(batch)
+            await self._settle(batch, anonymous)
 
     async def retry_waiting(self) -> None:
         """Try again every entry that waits for its admission or its units."""
         if self._waiting:
             batch = list(self._waiting)
             self._waiting.clear()
-            await self._settle(batch)
+            await self._settle(batch, [seen for _, seen in batch if not seen.tenant])
 
     async def retry_forever(self) -> None:
         while True:
             await asyncio.sleep(RETRY_SECONDS)
             await self.retry_waiting()
 
-    async def _settle(self, batch: list[tuple[float, Observation]]) -> None:
-        anonymous = [seen for _, seen in batch if not seen.tenant]
+    async def _settle(self, batch: list[tuple[float, Observation]], anonymous: list[Observation]) -> None:
+        """Settle `batch`, whose entries without a tenant, `anonymous`, are first given the
+        tenant of their request id's admission, if any."""
         try:
             if anonymous:
                 await self._resolve(anonymous)
