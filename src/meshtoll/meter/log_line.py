@@ -37,8 +37,8 @@ _LATEST_TIME = 1e11
 
 def parse_log_line(line: str) -> Observation | None:
     """The observation a meter line carries, with tenant "" when it names none; None when
-    it names no request id (not metered). Split and int(), not a regular expression: half the cost, and the
-    meter runs this for every request."""
+    it names no request id (not metered). Split and int(), not a regular expression: half
+    the cost, and the meter runs this for every request."""
     fields = line.split(" ", _FIELDS - 1)
     if len(fields) != _FIELDS or fields[0] != VERSION or not line.isascii():
         raise MalformedLine("not a meter line")
