@@ -25,12 +25,12 @@ def test_the_local_envoy_formats_exactly_the_line_the_meter_reads() -> None:
     assert logger["typed_config"]["body"]["string_value"] == LOG_LINE_FORMAT
 
 
-@pytest.mark.parametrize("absent", ["- acme", "- -"])
-def test_a_request_without_a_request_id_is_not_metered(absent: str) -> None:
+@pytest.mark.parametrize("absent", [f"{REQUEST_ID} -", "- acme", "- -"])
+def test_a_refused_request_or_one_without_a_request_id_is_not_metered(absent: str) -> None:
     assert parse_log_line(f"mt1 1795618437.250 401 200 0 90 60 800 {absent}") is None
 
 
-def test_a_request_without_a_tenant_is_observed_by_its_request_id() -> None:
+def test_a_request_envoy_failed_itself_is_observed_by_its_request_id_without_a_tenant() -> None:
     seen = parse_log_line(f"mt1 1795618437.250 503 200 0 90 60 250000 {REQUEST_ID} -")
     assert seen == Observation(REQUEST_ID, "", 1795618437.25, 503, 200, 150, 250.0)
 
@@ -72,6 +72,8 @@ def test_a_space_in_the_tenant_stays_in_the_tenant_and_moves_no_field() -> None:
         LINE.replace("acme", "a" * 129, 1),
         LINE.replace(REQUEST_ID, "r" * 129, 1),
         f"mt1 1795618437.250 200 200 40 90 300 12345 {REQUEST_ID} ",  # an empty tenant
+        f"mt1 1795618437.250 OK 200 40 90 300 12345 {REQUEST_ID} -",
+        f"mt1 1795618437.250 503 200 40 90 -300 12345 {REQUEST_ID} -",
         "mt1 " + "9" * 5000 + " 200 200 40 90 300 12345 r acme",
         '{"request_id": "r", "tenant": "acme"}',  # Istio's JSON format
     ],

@@ -79,10 +79,12 @@ def test_the_tenant_comes_from_ext_authz_metadata_when_the_headers_are_absent() 
     assert seen.tenant == "acme"
 
 
-def test_a_request_without_a_tenant_is_observed_by_its_request_id_and_one_without_an_id_is_not() -> None:
-    seen = observation_from_envoy(entry("r4", headers={}, status=503))
-    assert seen is not None
-    assert (seen.request_id, seen.tenant, seen.status) == ("r4", "", 503)
+def test_a_request_envoy_failed_itself_is_observed_by_its_request_id_and_a_refused_one_is_not() -> None:
+    for status in (503, 0):  # Envoy's status_on_error; the client left first
+        seen = observation_from_envoy(entry("r4", headers={}, status=status))
+        assert seen is not None
+        assert (seen.request_id, seen.tenant, seen.status) == ("r4", "", status)
+    assert observation_from_envoy(entry("r4", headers={}, status=401)) is None  # authz refused it
     assert observation_from_envoy(entry("")) is None
 
 
@@ -239,20 +241,13 @@ async def test_an_entry_without_a_tenant_whose_request_id_names_no_admission_sta
     settlement = Settlement(usage_store, clock=clock, wait_seconds=5)
     await usage_store.admit([admitted(tenant, f"{tenant}-admitted")])
     unknown = observation_from_envoy(entry(f"{tenant}-unknown", headers={}, status=503))
-    refused = observation_from_envoy(entry(f"{tenant}-refused", headers={}, status=401))
     assert unknown is not None
-    assert refused is not None
-    await settlement.settle([unknown, refused])
-    # A refusal (authz's 4xx) is anonymous at once, without a lookup; a 503 may be a
-    # late allow whose admission is on its way, and waits for it.
-    assert (settlement.outcomes["anonymous"], settlement.waiting) == (1, 1)
+    await settlement.settle([unknown])
+    assert settlement.waiting == 1  # a 503 may be a late allow whose admission is on its way
     clock.now += 6
     await settlement.retry_waiting()
-    assert (settlement.outcomes["anonymous"], settlement.waiting, settlement.outcomes["resolved"]) == (
-        2,
-        0,
-        0,
-    )
+    outcomes = settlement.outcomes
+    assert (outcomes["anonymous"], outcomes["resolved"], settlement.waiting) == (1, 0, 0)
     assert (await usage_store.usage(tenant, "2026-11")).requests == 0
     assert not await usage_store.has_usage(tenant)
     assert [a.request_id for a in await usage_store.overdue(time.time() + 3600) if a.tenant == tenant] == [

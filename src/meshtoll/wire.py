@@ -39,3 +39,12 @@ CHARGE_UNITS = "units"
 def is_billable_status(status: int) -> bool:
     """Only a request that succeeded is billed its units; refused and failed ones bill 0."""
     return 200 <= status < 400
+
+
+def is_envoys_own_failure(status: int) -> bool:
+    """Whether a request logged without authz's tenant may still be one authz allowed:
+    Envoy answers it 5xx itself when the allow does not reach it in time (ext_authz's
+    status_on_error, 503 in every configuration meshtoll ships), and logs 0 when the
+    client left before any answer. authz refuses with 4xx (and with 503 only while it
+    cannot decide)."""
+    return status == 0 or status >= 500

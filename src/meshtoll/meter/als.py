@@ -13,7 +13,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from meshtoll.meter.settle import Settlement
 from meshtoll.usage.records import Observation
-from meshtoll.wire import AUTHZ_METADATA_NAMESPACE, TENANT_HEADER, TENANT_KEY
+from meshtoll.wire import AUTHZ_METADATA_NAMESPACE, TENANT_HEADER, TENANT_KEY, is_envoys_own_failure
 
 
 class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
@@ -26,7 +26,8 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         async for message in requests:
             entries = message.http_logs.log_entry
             observations = [seen for entry in entries if (seen := observation_from_envoy(entry)) is not None]
-            # Requests without a request id never went through authz: not metered.
+            # Requests that never went through authz (no request id), or that authz refused
+            # (no tenant, not failed by Envoy itself): not metered.
             self._settlement.outcomes["anonymous"] += len(entries) - len(observations)
             if observations:
                 await self._settlement.settle(observations)
@@ -34,9 +35,9 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
 
 
 def observation_from_envoy(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation | None:
-    """What one logged request says, with tenant "" when it names none (authz refused it,
-    or its allow never reached Envoy); None when it has no request id (it never went
-    through authz).
+    """What one logged request says, with tenant "" when it names none but Envoy failed it
+    itself (authz's allow may have come too late); None when it has no request id (it never
+    went through authz), or no tenant and authz refused it.
     The meter runs this for every request: each protobuf field read costs a tenth of a
     microsecond, so every message is read once into a local and durations are computed
     from seconds and nanos (Duration.ToMicroseconds is pure Python)."""
@@ -47,13 +48,16 @@ def observation_from_envoy(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observati
     if not request_id:
         return None
     response = entry.response
+    status = response.response_code.value
+    if not tenant and not is_envoys_own_failure(status):
+        return None
     start = common.start_time
     took = common.time_to_last_downstream_tx_byte
     return Observation(
         request_id,
         tenant,
         start.seconds + start.nanos // 1_000_000 / 1000,
-        response.response_code.value,
+        status,
         request.request_headers_bytes + request.request_body_bytes,
         response.response_headers_bytes + response.response_body_bytes,
         took.seconds * 1000 + took.nanos / 1_000_000,

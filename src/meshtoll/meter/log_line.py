@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from meshtoll.errors import MalformedLine
 from meshtoll.usage.records import Observation
+from meshtoll.wire import is_envoys_own_failure
 
 VERSION = "mt1"
 LOG_LINE_FORMAT = (
@@ -36,9 +37,10 @@ _LATEST_TIME = 1e11
 
 
 def parse_log_line(line: str) -> Observation | None:
-    """The observation a meter line carries, with tenant "" when it names none; None when
-    it names no request id (not metered). Split and int(), not a regular expression: half
-    the cost, and the meter runs this for every request."""
+    """The observation a meter line carries, with tenant "" when it names none but Envoy
+    failed the request itself (authz's allow may have come too late); None when it names
+    no request id, or no tenant and authz refused it (not metered). Split and int(), not a
+    regular expression: half the cost, and the meter runs this for every request."""
     fields = line.split(" ", _FIELDS - 1)
     if len(fields) != _FIELDS or fields[0] != VERSION or not line.isascii():
         raise MalformedLine("not a meter line")
@@ -46,6 +48,9 @@ def parse_log_line(line: str) -> Observation | None:
     if request_id == ABSENT:
         return None
     if tenant == ABSENT:
+        # A refusal costs no more than this (a status that is no number is malformed below).
+        if fields[2].isdigit() and not is_envoys_own_failure(int(fields[2])):
+            return None
         tenant = ""
     elif not tenant:
         raise MalformedLine("an empty tenant")

@@ -60,7 +60,8 @@ class OtlpLogsReceiver:
             else:
                 observations.append(seen)
         outcomes = self._settlement.outcomes
-        # Requests without a request id never went through authz: not metered.
+        # Requests that never went through authz (no request id), or that authz refused
+        # (no tenant, not failed by Envoy itself): not metered.
         outcomes["anonymous"] += anonymous
         # Not meter lines (another log format, or forged): dropped, never billed.
         outcomes["malformed"] += malformed

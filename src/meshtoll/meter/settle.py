@@ -11,10 +11,11 @@ admission, if it ever comes, is billed by reconciliation.
 
 An entry that names no tenant is of a request authz refused, or of one it admitted whose
 allow never reached Envoy in time (Envoy's ext_authz timeout, or meshtoll stopping): Envoy
-answered that one itself (ext_authz's status_on_error, 503) and forwarded nothing. Such an
-entry, when its status is one Envoy answers itself, settles the admission of its request id
-whatever the tenant (the store's index finds it, one lookup per batch), with its status: 0
-units, where reconciliation would have billed the request in full.
+answered that one itself (ext_authz's status_on_error, 503) and forwarded nothing. The
+access-log adapters hand over such entries only when Envoy failed the request itself
+(wire.is_envoys_own_failure: a flood of refusals costs no lookup). One settles the
+admission of its request id whatever the tenant (the store's index finds it, one lookup
+per batch), with its status: 0 units, where reconciliation would have billed it in full.
 """
 
 from __future__ import annotations
@@ -69,12 +70,9 @@ class Settlement:
         batch = [(give_up_at, seen) for seen in observations if seen.tenant]
         anonymous: list[Observation] = []
         if len(batch) < len(observations):
-            anonymous = [seen for seen in observations if not seen.tenant and envoy_answered(seen.status)]
-            # No tenant and a status of authz's: a request authz refused, nothing to look up.
-            self.outcomes["anonymous"] += len(observations) - len(batch) - len(anonymous)
+            anonymous = [seen for seen in observations if not seen.tenant]
             batch += [(give_up_at, seen) for seen in anonymous]
-        if batch:
-            await self._settle(batch, anonymous)
+        await self._settle(batch, anonymous)
 
     async def retry_waiting(self) -> None:
         """Try again every entry that waits for its admission or its units."""
@@ -157,12 +155,3 @@ class Settlement:
             batch = batch[: max(0, room)]
         self.outcomes["waited"] += len(batch)
         self._waiting.extend(batch)
-
-
-def envoy_answered(status: int) -> bool:
-    """Whether a request without a tenant may still be one authz admitted: Envoy answers
-    5xx itself when authz's allow does not reach it (status_on_error is 503 in every
-    configuration meshtoll ships), and logs 0 when the client left before any answer.
-    authz refuses with 4xx (and 503 only while it cannot decide), so a flood of refused
-    requests costs the meter no lookup."""
-    return status == 0 or status >= 500
