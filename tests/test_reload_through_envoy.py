@@ -91,6 +91,9 @@ def test_reloads_under_traffic_fail_no_request_and_bad_versions_are_kept_out(
     path = tmp_path_factory.mktemp("reload") / "policy.yaml"
     path.write_text(policy_text(0))
     stack = start_stack(path, workers=WORKERS)
+    # The stack is ready when one worker is: a worker still loading the first version when
+    # the second lands would take it as its version 1 and never log "version 2".
+    wait_for_every_worker(stack, "meshtoll serving on ", WORKERS, "every worker serving")
     port = stack.ports.envoy.listen_http_authz_port
     stop = threading.Event()
     per_client: list[Counter[int]] = [Counter() for _ in range(CLIENTS)]
