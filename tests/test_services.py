@@ -30,10 +30,13 @@ async def test_built_services_decide_and_record_without_serving() -> None:
         )
         refused = await answer(services.http_authz, "/v1/orders", {"x-api-key": "mt_nobody"})
         ready = await answer(services.admin, "/readyz", {})
+        metrics = await answer(services.admin, "/metrics", {})
         assert allowed.startswith(b"HTTP/1.1 200 ")
         assert b"x-meshtoll-tenant: acme\r\n" in allowed
         assert refused.startswith(b"HTTP/1.1 401 ")
         assert ready.startswith(b"HTTP/1.1 200 ")
+        # acme's plan has a per-second limit and a daily quota: the fused decision counted them.
+        assert b'meshtoll_limit_decisions_total{outcome="admitted"} 1' in metrics
         # The admission waits in the recorder until its background flush: nothing runs yet.
         assert await services.usage.backlog() == 0
         assert set(services.background) >= {"policy watcher", "admission recorder", "reconciler"}

@@ -110,6 +110,13 @@ async def build(settings: Settings) -> Services:
     restarts: Counter[str] = Counter()
     metrics = Metrics(decisions, lambda: holder)
     _count(metrics, reconciler, settlement, recorder, hooks, restarts)
+    metrics.count_outcomes(
+        "meshtoll_limit_decisions",
+        "limit decisions (fused authz, RLS) by outcome: admitted, rate_limited, quota_exceeded, "
+        "refused_from_cache, store_unavailable_open|closed; admitted_from_lease is the part of "
+        "admitted this process's token leases served without a Redis round trip",
+        limiter.outcomes,
+    )
     background: dict[str, Work] = {
         "policy watcher": lambda: holder.watch(settings.policy_poll_seconds),
         "JWKS refresher": lambda: jwks.refresh_forever(lambda: holder.current),
