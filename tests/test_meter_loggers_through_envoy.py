@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from meshtoll.local.devstack import LocalStack
-from meshtoll.storage.usage_redis import RedisUsageStore
+from meshtoll.storage import usage_store as opened_usage_store
 from meshtoll.usage.records import UsageRecord
 from tests.client import fetch
 from tests.conftest import StartStack
@@ -44,11 +44,8 @@ def stack(start_stack: StartStack, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 async def ledger_of(redis_url: str, tenant: str) -> list[UsageRecord]:
-    store = RedisUsageStore(redis_url)
-    try:
+    async with opened_usage_store(redis_url) as store:
         return await store.ledger(tenant, 0, time.time() + 60)
-    finally:
-        await store.close()
 
 
 def access_log_counters(stack: LocalStack) -> dict[str, int]:

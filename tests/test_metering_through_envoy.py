@@ -18,7 +18,7 @@ import pytest
 
 from meshtoll.cli import main
 from meshtoll.local.devstack import LocalStack
-from meshtoll.storage.usage_redis import RedisUsageStore
+from meshtoll.storage import usage_store as opened_usage_store
 from meshtoll.usage.records import UsageRecord
 from tests.client import fetch
 from tests.conftest import StartStack
@@ -287,8 +287,5 @@ def test_usage_export_refuses_a_bad_time(redis_url: str, capsys: pytest.CaptureF
 
 
 async def ledger_of(redis_url: str, tenant: str) -> list[UsageRecord]:
-    store = RedisUsageStore(redis_url)
-    try:
+    async with opened_usage_store(redis_url) as store:
         return await store.ledger(tenant, 0, time.time() + 60)
-    finally:
-        await store.close()
