@@ -126,7 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     bill.add_argument("--format", choices=("table", "json", "csv"), default="table")
     bill.set_defaults(command=_billing_invoice)
 
-    _render_parser(commands)
+    from meshtoll.render.command import add_render_command
+
+    add_render_command(commands)
 
     keys = commands.add_parser("keys", help="work with API keys").add_subparsers(title="keys commands")
     new = keys.add_parser("new", help="make a new API key and print its policy entry")
@@ -134,98 +136,6 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument("--id", dest="key_id", default=None, help="the key's name (default: TENANT-<random>)")
     new.set_defaults(command=_keys_new)
     return parser
-
-
-def _render_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from meshtoll.render.files import TARGETS
-    from meshtoll.render.params import DeployParams
-
-    defaults = DeployParams()
-    render = commands.add_parser(
-        "render",
-        help="generate the deployment files (Istio, Kubernetes, Envoy, docker-compose) from a few parameters",
-    )
-    render.add_argument("targets", nargs="+", choices=[*TARGETS, "all"], help="what to render")
-    render.add_argument(
-        "--out", type=Path, default=Path("."), help="root to write deploy/... under (default .)"
-    )
-    render.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file differs")
-    render.add_argument("--namespace", default=defaults.namespace, help="meshtoll's namespace")
-    render.add_argument(
-        "--gateway-namespace", default=defaults.gateway_namespace, help="the gateway's namespace"
-    )
-    gateway = render.add_mutually_exclusive_group()
-    gateway.add_argument(
-        "--gateway-selector",
-        default="=".join(defaults.gateway_selector),
-        help="gateway pod label, key=value (istioctl: istio=ingressgateway; Helm: often istio=ingress)",
-    )
-    gateway.add_argument("--gateway-ref", default=None, help="a Gateway API Gateway's name (targetRefs)")
-    render.add_argument(
-        "--gateway-service-account",
-        default=None,
-        help="the gateway pods' service account (default istio-ingressgateway, or <gateway-ref>-istio)",
-    )
-    render.add_argument(
-        "--service", default=None, help="meshtoll's FQDN (default meshtoll.<namespace>.svc.cluster.local)"
-    )
-    for flag, field in (
-        ("--grpc-port", "grpc_port"),
-        ("--http-authz-port", "http_authz_port"),
-        ("--admin-port", "admin_port"),
-        ("--listen-port", "listen_port"),
-    ):
-        render.add_argument(
-            flag,
-            dest=field,
-            type=int,
-            default=getattr(defaults, field),
-            help=f"default {getattr(defaults, field)}",
-        )
-    render.add_argument(
-        "--meshtoll-host", default=defaults.meshtoll_host, help="envoy, compose: meshtoll's host name"
-    )
-    render.add_argument(
-        "--upstream-host", default=defaults.upstream_host, help="envoy, compose: the upstream's host name"
-    )
-    render.add_argument(
-        "--upstream-port", type=int, default=defaults.upstream_port, help=f"default {defaults.upstream_port}"
-    )
-    render.add_argument("--istio-version", default=defaults.istio_version, help="the oldest Istio to support")
-    render.add_argument("--image", default=defaults.image, help="meshtoll's container image")
-    render.add_argument(
-        "--authz-transport",
-        choices=["http", "grpc"],
-        default=defaults.authz_transport,
-        help="the ext_authz provider the gateway's AuthorizationPolicy names (default http, the fast path)",
-    )
-    render.set_defaults(command=_render)
-
-
-def _render(args: argparse.Namespace) -> int:
-    from meshtoll.render.files import TARGETS, run_render
-    from meshtoll.render.params import DeployParams, parse_selector
-
-    params = DeployParams(
-        namespace=args.namespace,
-        gateway_namespace=args.gateway_namespace,
-        gateway_selector=parse_selector(args.gateway_selector),
-        gateway_ref=args.gateway_ref,
-        gateway_service_account=args.gateway_service_account,
-        service=args.service,
-        grpc_port=args.grpc_port,
-        http_authz_port=args.http_authz_port,
-        admin_port=args.admin_port,
-        listen_port=args.listen_port,
-        meshtoll_host=args.meshtoll_host,
-        upstream_host=args.upstream_host,
-        upstream_port=args.upstream_port,
-        istio_version=args.istio_version,
-        image=args.image,
-        authz_transport=args.authz_transport,
-    )
-    targets = list(TARGETS) if "all" in args.targets else list(dict.fromkeys(args.targets))
-    return run_render(targets, params, args.out, args.check)
 
 
 def _settings_flags(serve: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@
     container.py   what the image, the compose file and the manifests agree on
     compose.py     docker-compose.yml
     files.py       which target writes which file; write, or check what is checked in
+    command.py     `meshtoll render`'s flags, for the CLI's parser
 
 The Envoy filters come from the local stack's bootstrap (envoy/local.yaml, tested end to
 end), so that the gateway and the tests ask Envoy for the same thing; nothing under
