@@ -13,6 +13,8 @@ from meshtoll.errors import ConfigError, StorageUnavailable
 from meshtoll.storage.breaker import CircuitBreaker
 from meshtoll.storage.redis import RedisCounterStore
 from meshtoll.storage.urls import parse_redis_url
+from meshtoll.storage.usage_redis import RedisUsageStore
+from meshtoll.usage.records import UsageRecord
 
 # Redis runs one script at a time: a busy one stalls every other client.
 BUSY_FOR_400_MS = """
@@ -154,3 +156,40 @@ async def test_decisions_queued_behind_a_stalled_connection_set_up_fail_within_t
     finally:
         await store.close()
         await blocker.aclose()
+
+
+@pytest.mark.integration
+async def test_a_redis_that_forgot_its_scripts_loads_them_again_and_counts_once(redis_url: str) -> None:
+    # A restarted or flushed Redis answers NOSCRIPT; the script did not run, so the store
+    # loads it and sends the call again, and the decision counts exactly once.
+    check = Check(f"meshtoll_{{noscript{time.time_ns()}}}_tenant_a", RateLimit(2, "hour"))
+    store = RedisCounterStore(redis_url, timeout_ms=1000)
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        assert (await store.check([check], time.time()))[0].allowed
+        await admin.script_flush()
+        assert (await store.check([check], time.time()))[0].allowed
+        await admin.script_flush()
+        assert not (await store.check([check], time.time()))[0].allowed
+    finally:
+        await store.close()
+        await admin.aclose()
+
+
+@pytest.mark.integration
+async def test_the_usage_store_loads_its_script_again_after_a_flush(redis_url: str) -> None:
+    tenant = f"noscript{time.time_ns()}"
+    store = RedisUsageStore(redis_url)
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    at = time.time()
+    record = UsageRecord(
+        "r-1", at, tenant, "ci", "pro", "search", "GET", 200, 100, 2000, 3.5, 5, "access_log"
+    )
+    try:
+        await admin.script_flush()
+        assert await store.record([record]) == 1
+        await admin.script_flush()
+        assert await store.record([record]) == 0  # the replay is still recognised
+    finally:
+        await store.close()
+        await admin.aclose()
