@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from meshtoll.cli import main
-from meshtoll.errors import PolicyError
-from meshtoll.ratelimit.descriptor_config import (
+from meshtoll.envoyproxy_ratelimit.config_files import (
     DescriptorConfigHolder,
     DescriptorConfigs,
     load_descriptor_configs,
     resolve_replaces,
 )
+from meshtoll.errors import PolicyError
 from meshtoll.telemetry.metrics import DecisionCounts, Metrics
 from tests.waiting import eventually_async
 

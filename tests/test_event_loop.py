@@ -16,10 +16,10 @@ from google.rpc import code_pb2
 from meshtoll.authz.authorizer import Authorizer
 from meshtoll.authz.grpc_transport import AuthorizationServicer
 from meshtoll.authz.jwks import JwksCache
+from meshtoll.envoyproxy_ratelimit.environment import rls_settings_from
 from meshtoll.errors import ConfigError
 from meshtoll.local.dev import DEMO_ACME_KEY
 from meshtoll.policy.reload import PolicyHolder
-from meshtoll.ratelimit.peer_settings import rls_settings_from
 from meshtoll.server.event_loop import run_on_event_loop, running_loop_name
 from meshtoll.settings import Settings, settings_from
 from tests.serve import EXAMPLE_POLICY, running_serve

@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("storage", "policy", "telemetry", "transport"),  # adapters of the cores; the policy file
     ("settings",),
     ("ratelimit",),
-    ("authz", "meter"),
+    ("envoyproxy_ratelimit", "authz", "meter"),  # a drop-in for envoyproxy/ratelimit; the services
     ("extproc",),
     ("server",),  # wiring and running every service
     ("local", "render"),  # the local stack; deployment files

@@ -16,12 +16,13 @@ import pytest
 
 from meshtoll.counting import algorithms
 from meshtoll.counting.limits import Check, CheckResult, Increment, RateLimit
+from meshtoll.envoyproxy_ratelimit.config_files import load_descriptor_configs
+from meshtoll.envoyproxy_ratelimit.domains import Compat, ConfiguredDomains
+from meshtoll.envoyproxy_ratelimit.strict import StrictLimiter
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.decision import Descriptor
-from meshtoll.ratelimit.descriptor_config import load_descriptor_configs
 from meshtoll.ratelimit.leases import Lease, LeaseBook
 from meshtoll.ratelimit.limiter import Limiter
-from meshtoll.ratelimit.service import RateLimitService
 from meshtoll.ratelimit.verdict import admitted_verdict, limit_verdict
 from meshtoll.storage import MemoryCounterStore
 from meshtoll.storage.redis import RedisCounterStore
@@ -270,7 +271,7 @@ class IncrementCountingStore(CountingStore):
 
 @pytest.mark.parametrize(("compat", "store_calls"), [("meshtoll", 1), ("strict", 4)])
 async def test_the_rls_leases_in_meshtoll_compatibility_and_never_in_strict(
-    tmp_path: Path, compat: str, store_calls: int
+    tmp_path: Path, compat: Compat, store_calls: int
 ) -> None:
     (tmp_path / "config.yaml").write_text(
         "domain: api\ndescriptors:\n  - key: client\n    rate_limit: {unit: hour, requests_per_unit: 1000}\n"
@@ -278,7 +279,7 @@ async def test_the_rls_leases_in_meshtoll_compatibility_and_never_in_strict(
     configs = load_descriptor_configs(tmp_path)
     store = IncrementCountingStore()
     limiter = Limiter(store, lease_max=16, clock=Clock())
-    service = RateLimitService(None, limiter, lambda: configs, compat=compat)  # type: ignore[arg-type]
+    service = ConfiguredDomains(lambda: configs, StrictLimiter(limiter), compat=compat)
     for left in (999, 998, 997, 996):
         decision = await service.decide("api", [Descriptor((("client", "c1"),))], 1)
         # Strict answers as envoyproxy/ratelimit counts: every hit, remaining after it.

@@ -17,8 +17,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from meshtoll.envoyproxy_ratelimit.config_files import DescriptorConfigHolder
 from meshtoll.local.devstack import RedisServer, rls_environment
-from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder
 from tests.conftest import RunningRls, StartRls
 from tests.waiting import eventually, eventually_async
 
@@ -90,7 +90,7 @@ def wait_for_health(rls: RunningRls, wanted: tuple[int, int]) -> None:
 
 async def test_a_kubernetes_configmap_update_is_picked_up(tmp_path: Path) -> None:
     """A ConfigMap volume: each file a symlink through `..data`, which Kubernetes swaps to a
-    new timestamped directory on update (RUNTIME_IGNOREDOTFILES as the peer's manifests set it)."""
+    new timestamped directory on update (RUNTIME_IGNOREDOTFILES as envoyproxy/ratelimit's manifests set it)."""
 
     def version(name: str, requests: int) -> None:
         (tmp_path / name).mkdir()
@@ -127,7 +127,7 @@ def requests_of(holder: DescriptorConfigHolder) -> int | None:
 def test_with_at_least_one_config_required_health_follows_each_reload(
     start_rls: StartRls, tmp_path: Path
 ) -> None:
-    """The peer's SetConfig with HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED: a reload to a
+    """envoyproxy/ratelimit's SetConfig with HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED: a reload to a
     configuration without a domain fails health, one with a domain restores it, and a
     rejected reload changes nothing."""
     directory = tmp_path / "ratelimit" / "config"

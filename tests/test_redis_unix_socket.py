@@ -13,9 +13,9 @@ import pytest
 import redis.asyncio
 
 from meshtoll.counting.limits import Check, RateLimit
+from meshtoll.envoyproxy_ratelimit.environment import redis_url_of
 from meshtoll.errors import ConfigError, StorageUnavailable
 from meshtoll.local.devstack import RedisServer
-from meshtoll.ratelimit.peer_settings import redis_url_of
 from meshtoll.storage.redis import RedisCounterStore
 from meshtoll.storage.urls import parse_redis_url, redact_redis_url
 from meshtoll.storage.usage_redis import RedisUsageStore

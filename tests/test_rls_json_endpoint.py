@@ -1,6 +1,6 @@
 """envoyproxy/ratelimit's HTTP `/json` endpoint (its README's "/json endpoint" and
 test/server/server_impl_test.go TestJsonHandler), on `meshtoll ratelimit`'s HTTP port
-with the peer's integration configuration and a real Redis."""
+with envoyproxy/ratelimit's integration configuration and a real Redis."""
 
 from __future__ import annotations
 

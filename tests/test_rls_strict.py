@@ -1,7 +1,7 @@
 """envoyproxy/ratelimit's answers in strict compatibility, as plain values: the cases of its
 test/service/ratelimit_test.go, test/redis/fixed_cache_impl_test.go and
 test/limiter/base_limiter_test.go, rewritten for meshtoll (the clock is set, never slept on).
-The configuration files are the peer's own (tests/fixtures/ratelimit, see NOTICE.md)."""
+The configuration files are envoyproxy/ratelimit's own (tests/fixtures/ratelimit, see NOTICE.md)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from meshtoll.counting.limits import Increment, RateLimit
+from meshtoll.envoyproxy_ratelimit.config_files import DescriptorConfigs, load_descriptor_configs
+from meshtoll.envoyproxy_ratelimit.domains import ConfiguredDomains
+from meshtoll.envoyproxy_ratelimit.response_extras import HeaderNames
+from meshtoll.envoyproxy_ratelimit.strict import StrictLimiter, StrictOptions
 from meshtoll.errors import InvalidRateLimitRequest
 from meshtoll.ratelimit.decision import Descriptor, DescriptorStatus, RateLimitDecision
-from meshtoll.ratelimit.descriptor_config import DescriptorConfigs, load_descriptor_configs
 from meshtoll.ratelimit.limiter import Limiter
-from meshtoll.ratelimit.peer_response import HeaderNames
-from meshtoll.ratelimit.service import RateLimitService
-from meshtoll.ratelimit.strict import StrictLimiter, StrictOptions
 from meshtoll.storage.memory import MemoryCounterStore
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ratelimit"
@@ -269,7 +269,7 @@ async def test_meshtoll_compatibility_keeps_a_refused_request_from_consuming(
     another: DescriptorConfigs,
 ) -> None:
     limiter = Limiter(MemoryCounterStore(), clock=Clock(), failure_mode="closed")
-    meshtoll = RateLimitService(None, limiter, lambda: another, compat="meshtoll")
+    meshtoll = ConfiguredDomains(lambda: another, StrictLimiter(limiter), compat="meshtoll")
     answers = [await meshtoll.decide("another", [d(("key2", "m")), d(("key3", "m"))], 1) for _ in range(12)]
     assert [a.over_limit for a in answers] == [False] * 10 + [True] * 2
     assert answers[9].statuses[0].remaining == 10  # key2 counted only the 10 admitted requests

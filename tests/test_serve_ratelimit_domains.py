@@ -1,5 +1,5 @@
 """`meshtoll serve` answering envoyproxy/ratelimit domains next to its own policy: the
-peer's per-limit statistics on the admin port's /metrics, and the compatibility chosen per
+its per-limit statistics on the admin port's /metrics, and the compatibility chosen per
 domain (`--ratelimit-compat` for all, `--ratelimit-compat-domain NAME=MODE` for one)."""
 
 from __future__ import annotations

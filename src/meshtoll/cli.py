@@ -188,7 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
     # Validate before any worker starts: a bad policy is one clear error, not a restart loop.
     load_policy(settings.policy)
     if settings.ratelimit_config is not None:
-        from meshtoll.ratelimit.descriptor_config import load_descriptor_configs
+        from meshtoll.envoyproxy_ratelimit.config_files import load_descriptor_configs
 
         load_descriptor_configs(settings.ratelimit_config)
     load_service_tls(settings)
@@ -204,7 +204,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _ratelimit(args: argparse.Namespace) -> int:
-    from meshtoll.ratelimit.peer_settings import rls_settings_from
+    from meshtoll.envoyproxy_ratelimit.environment import rls_settings_from
     from meshtoll.server.event_loop import run_on_event_loop
     from meshtoll.server.rls_app import configure_logging, run
 

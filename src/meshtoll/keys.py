@@ -1,7 +1,7 @@
 """Every Redis key meshtoll writes, in one place. Each key of a tenant carries it as a hash tag
 (`{tenant}`), so that all of one tenant's keys live on one Redis Cluster shard and one Lua
 call can touch them together. (envoyproxy/ratelimit's own key format, kept in strict
-compatibility, lives with that compatibility in ratelimit/strict.py.)"""
+compatibility, lives with that compatibility in envoyproxy_ratelimit/strict.py.)"""
 
 from __future__ import annotations
 

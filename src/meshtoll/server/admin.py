@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from meshtoll.counting.store import CounterStore
+from meshtoll.envoyproxy_ratelimit.stats import DescriptorStats
 from meshtoll.errors import BadPeriod, NotBillable, StorageError, UnknownTenant
 from meshtoll.meter.billing import invoice_document, tenant_invoice
 from meshtoll.meter.billing_periods import read_period
 from meshtoll.meter.usage_report import usage_document
 from meshtoll.policy.reload import PolicyHolder
-from meshtoll.ratelimit.peer_stats import DescriptorStats
 from meshtoll.ratelimit.quota import tenant_quota
 from meshtoll.server.admin_access import OPEN_PATHS, AdminAccess
 from meshtoll.telemetry.metrics import Metrics

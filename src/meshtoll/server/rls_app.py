@@ -1,13 +1,13 @@
 """The composition root of `meshtoll ratelimit`: the rate-limit service alone, as
-envoyproxy/ratelimit runs, from its environment variables (ratelimit/peer_settings.py).
+envoyproxy/ratelimit runs, from its environment variables (envoyproxy_ratelimit/environment.py).
 
-Ports as the peer's: gRPC (RLS and health), HTTP `/healthcheck` and `/json`, and a debug port with
-`/rlconfig` and `/metrics` (the per-limit statistics under the names the peer's
-Prometheus mapping gives them). Health is the peer's: SERVING once Redis answers (and, with
+Ports as envoyproxy/ratelimit's: gRPC (RLS and health), HTTP `/healthcheck` and `/json`, and a debug port with
+`/rlconfig` and `/metrics` (the per-limit statistics under the names envoyproxy/ratelimit's
+Prometheus mapping gives them). Health is envoyproxy/ratelimit's: SERVING once Redis answers (and, with
 HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED, while the active configuration has a domain, at
 start and after each reload),
 NOT_SERVING from SIGTERM on, so that Kubernetes stops sending before the pod goes.
-An invalid initial configuration refuses to start (the peer starts and fails every call):
+An invalid initial configuration refuses to start (envoyproxy/ratelimit starts and fails every call):
 a pod that cannot answer correctly should not pass its readiness probe.
 """
 
@@ -26,19 +26,20 @@ import grpc
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from meshtoll.errors import ConfigError
-from meshtoll.ratelimit.descriptor_config import (
+from meshtoll.envoyproxy_ratelimit.config_files import (
     DescriptorConfigHolder,
     DescriptorConfigs,
 )
+from meshtoll.envoyproxy_ratelimit.domains import ConfiguredDomains
+from meshtoll.envoyproxy_ratelimit.environment import RlsSettings
+from meshtoll.envoyproxy_ratelimit.json_endpoint import JsonEndpoint
+from meshtoll.envoyproxy_ratelimit.response_extras import HeaderNames
+from meshtoll.envoyproxy_ratelimit.stats import DescriptorStats
+from meshtoll.envoyproxy_ratelimit.strict import StrictLimiter, StrictOptions
+from meshtoll.errors import ConfigError
 from meshtoll.ratelimit.limiter import Limiter
-from meshtoll.ratelimit.peer_response import HeaderNames
-from meshtoll.ratelimit.peer_settings import RlsSettings
-from meshtoll.ratelimit.peer_stats import DescriptorStats
 from meshtoll.ratelimit.rls import RateLimitServicer
-from meshtoll.ratelimit.rls_json import JsonEndpoint
 from meshtoll.ratelimit.service import RateLimitService
-from meshtoll.ratelimit.strict import StrictLimiter, StrictOptions
 from meshtoll.server.event_loop import running_loop_name
 from meshtoll.server.lifecycle import Listener, keep_running, serve_until_signalled, stop_serving
 from meshtoll.storage import CounterStore, open_counter_store
@@ -46,7 +47,7 @@ from meshtoll.transport.http_server import response, serve_http, serve_http_read
 
 log = logging.getLogger("meshtoll.ratelimit")
 
-# The peer's gRPC health service name; "" (the whole server) answers the same.
+# envoyproxy/ratelimit's gRPC health service name; "" (the whole server) answers the same.
 HEALTH_SERVICES = ("", "ratelimit", "envoy.service.ratelimit.v3.RateLimitService")
 REDIS_PROBE_SECONDS = 1.0
 CONFIG_POLL_SECONDS = 1.0
@@ -56,7 +57,7 @@ _NOT_FOUND = response(404, "Not Found", (("content-type", "text/plain"),), b"404
 
 
 class Health:
-    """The peer's HealthChecker: healthy when every component is."""
+    """envoyproxy/ratelimit's HealthChecker: healthy when every component is."""
 
     def __init__(self, servicer: health.aio.HealthServicer, components: dict[str, bool]) -> None:
         self._servicer = servicer
@@ -101,7 +102,7 @@ class RlsApp:
         )
         self._background("rate-limit config watcher", lambda: configs.watch(CONFIG_POLL_SECONDS))
         self._store = store = open_counter_store(settings.redis_url, timeout_ms=settings.redis_timeout_ms)
-        # "closed": a store that cannot answer is a gRPC error, as the peer's Redis errors are.
+        # "closed": a store that cannot answer is a gRPC error, as envoyproxy/ratelimit's Redis errors are.
         limiter = Limiter(store, failure_mode="closed", shadow=settings.shadow_mode)
         options = StrictOptions(
             key_prefix=settings.cache_key_prefix,
@@ -114,7 +115,7 @@ class RlsApp:
         )
         self.stats = DescriptorStats(settings.near_limit_ratio)
         strict = StrictLimiter(limiter, options, stats=self.stats)
-        service = RateLimitService(None, limiter, lambda: configs.current, compat="strict", strict=strict)
+        service = RateLimitService(None, limiter, ConfiguredDomains(lambda: configs.current, strict))
         self._json = JsonEndpoint(service)
         servicer = health.aio.HealthServicer()
         components = {"redis": False, "sigterm": True}
@@ -150,7 +151,7 @@ class RlsApp:
     ) -> bytes | Awaitable[bytes]:
         path = target.partition("?")[0]
         if path == "/json" and self._json is not None:
-            return self._json.answer(body)  # any method, as the peer's router takes any
+            return self._json.answer(body)  # any method, as envoyproxy/ratelimit's router takes any
         return self._healthcheck(path)
 
     def _healthcheck(self, path: str) -> bytes:
@@ -188,13 +189,14 @@ class RlsApp:
         return server
 
     async def _config_loaded(self, configs: DescriptorConfigs) -> None:
-        """As the peer's SetConfig: a configuration without any domain fails health (a
+        """As envoyproxy/ratelimit's SetConfig: a configuration without any domain fails health (a
         rejected reload never gets here, and changes nothing)."""
         if self.health is not None:
             await self.health.set("config", bool(configs.domains))
 
     async def _probe_redis(self, store: CounterStore) -> None:
-        """Health follows Redis: the peer marks itself unhealthy when its Redis connection fails."""
+        """Health follows Redis: envoyproxy/ratelimit marks itself unhealthy when its Redis
+        connection fails."""
         assert self.health is not None
         while True:
             await asyncio.sleep(REDIS_PROBE_SECONDS)
@@ -218,7 +220,7 @@ class RlsApp:
 
 
 class _JsonFormatter(logging.Formatter):
-    """The peer's LOG_FORMAT=json fields: @timestamp, @message, level."""
+    """envoyproxy/ratelimit's LOG_FORMAT=json fields: @timestamp, @message, level."""
 
     def format(self, record: logging.LogRecord) -> str:
         return json.dumps(
@@ -231,7 +233,7 @@ class _JsonFormatter(logging.Formatter):
 
 
 def configure_logging(settings: RlsSettings) -> None:
-    """LOG_LEVEL (the peer's names: debug, info, warn, error) and LOG_FORMAT (text, json)."""
+    """LOG_LEVEL (envoyproxy/ratelimit's names: debug, info, warn, error) and LOG_FORMAT (text, json)."""
     root = logging.getLogger()
     root.setLevel(
         {"WARN": "WARNING", "FATAL": "CRITICAL", "PANIC": "CRITICAL"}.get(

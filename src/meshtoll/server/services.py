@@ -17,18 +17,19 @@ from meshtoll.authz.grpc_transport import AuthorizationServicer
 from meshtoll.authz.http_transport import HttpAuthzHandler
 from meshtoll.authz.jwks import JwksCache
 from meshtoll.counting.store import CounterStore
+from meshtoll.envoyproxy_ratelimit.config_files import DescriptorConfigHolder
+from meshtoll.envoyproxy_ratelimit.domains import ConfiguredDomains
+from meshtoll.envoyproxy_ratelimit.stats import DescriptorStats
+from meshtoll.envoyproxy_ratelimit.strict import StrictLimiter
 from meshtoll.extproc.service import ExternalProcessorServicer
 from meshtoll.meter.als import AccessLogServicer
 from meshtoll.meter.otlp import OtlpLogsReceiver
 from meshtoll.meter.reconcile import Reconciler
 from meshtoll.meter.settle import Settlement
 from meshtoll.policy.reload import PolicyHolder
-from meshtoll.ratelimit.descriptor_config import DescriptorConfigHolder
 from meshtoll.ratelimit.limiter import Limiter
-from meshtoll.ratelimit.peer_stats import DescriptorStats
 from meshtoll.ratelimit.rls import RateLimitServicer
 from meshtoll.ratelimit.service import RateLimitService
-from meshtoll.ratelimit.strict import StrictLimiter
 from meshtoll.server.admin import AdminHandler, StoreProbe
 from meshtoll.server.admin_access import AdminAccess
 from meshtoll.settings import Settings
@@ -97,14 +98,13 @@ async def build(settings: Settings) -> Services:
     authorizer_for = partial(Authorizer, holder, jwks, counts=decisions, limiter=limiter, recorder=recorder)
     http_authorizer, grpc_authorizer = authorizer_for(transport="http"), authorizer_for(transport="grpc")
     stats = DescriptorStats()
-    ratelimit = RateLimitService(
-        holder,
-        limiter,
+    configured_domains = ConfiguredDomains(
         lambda: None if configs is None else configs.current,
+        StrictLimiter(limiter, stats=stats),
         compat=settings.ratelimit_compat,  # type: ignore[arg-type]
-        strict=StrictLimiter(limiter, stats=stats),
         compat_domains=dict(settings.ratelimit_compat_domains),  # type: ignore[arg-type]
     )
+    ratelimit = RateLimitService(holder, limiter, configured_domains)
     hooks = ExternalProcessorServicer(lambda: holder.current, limiter, recorder)
     probe = StoreProbe(store if settings.redis_url is not None else None)
     restarts: Counter[str] = Counter()

@@ -1,7 +1,7 @@
 """envoyproxy/ratelimit's answers for its configuration domains, answer for answer (the
 `strict` compatibility, the default).
 
-What differs from meshtoll's own counting (service.py), on purpose, because a platform
+What differs from meshtoll's own counting (ratelimit/planned.py), on purpose, because a platform
 team replacing envoyproxy/ratelimit reads its test suite as the contract:
 - every matched counter counts its hits, refused or not (unless counting stops at the
   limit, STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT), and a counter refuses once its count
@@ -23,18 +23,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshtoll.counting.limits import Increment, RateLimit
-from meshtoll.errors import InvalidRateLimitRequest
-from meshtoll.ratelimit.decision import Descriptor, DescriptorStatus, RateLimitDecision
-from meshtoll.ratelimit.descriptor_config import (
+from meshtoll.envoyproxy_ratelimit.config_files import (
     UNLIMITED_REMAINING,
     DescriptorConfigs,
     counter_key,
     stats_key,
 )
-from meshtoll.ratelimit.descriptor_tree import DescriptorMatch
+from meshtoll.envoyproxy_ratelimit.descriptor_tree import DescriptorMatch
+from meshtoll.envoyproxy_ratelimit.response_extras import HeaderNames, dynamic_metadata, rate_limit_headers
+from meshtoll.envoyproxy_ratelimit.stats import DescriptorStats
+from meshtoll.errors import InvalidRateLimitRequest
+from meshtoll.ratelimit.decision import Descriptor, DescriptorStatus, RateLimitDecision
 from meshtoll.ratelimit.limiter import Limiter
-from meshtoll.ratelimit.peer_response import HeaderNames, dynamic_metadata, rate_limit_headers
-from meshtoll.ratelimit.peer_stats import DescriptorStats
 
 # envoyproxy/ratelimit's window lengths (its UnitToDivider).
 UNIT_SECONDS: dict[str, int] = {
@@ -83,7 +83,7 @@ class StrictLimiter:
         jitter: random.Random | None = None,
         stats: DescriptorStats | None = None,
     ) -> None:
-        self._limiter = limiter
+        self.limiter = limiter
         self.options = options
         self.stats = stats or DescriptorStats()
         self._jitter = jitter or random.Random()
@@ -103,13 +103,13 @@ class StrictLimiter:
         if not descriptors:
             raise InvalidRateLimitRequest("rate limit descriptor list must not be empty")
         lookups = _lookups(configs, domain, descriptors)
-        now = self._limiter.now()
+        now = self.limiter.now()
         hits = [d.hits(hits_addend or 1) for d in descriptors]  # proto3: unset (0) means 1
         statuses = await self._statuses(lookups, hits, now)
         # None: an unlimited descriptor, which is neither a quota nor a rate limit.
         quota = [None if each.unlimited else self.options.quota_mode or each.quota for each in lookups]
         over = _overall(quota, statuses)
-        if self._limiter.shadow:
+        if self.limiter.shadow:
             over = False  # global shadow mode: every descriptor's own code stays as it is
         options = self.options
         return RateLimitDecision(
@@ -140,7 +140,7 @@ class StrictLimiter:
         if cached and self.options.stop_when_over:
             # A counter the local cache holds over its limit stops every other from growing.
             increments = [Increment(each.key, 0, each.limit, each.expire_seconds) for each in increments]
-        counts = await self._limiter.counts(increments, now, stop_when_over=self.options.stop_when_over)
+        counts = await self.limiter.counts(increments, now, stop_when_over=self.options.stop_when_over)
         by_key = {} if counts is None else dict(zip((i.key for i in increments), counts, strict=True))
         statuses = []
         for index, lookup in enumerate(lookups):

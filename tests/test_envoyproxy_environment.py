@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from meshtoll.envoyproxy_ratelimit.environment import redis_url_of, rls_settings_from
 from meshtoll.errors import ConfigError
-from meshtoll.ratelimit.peer_settings import redis_url_of, rls_settings_from
 
 TCP = {"REDIS_SOCKET_TYPE": "tcp", "REDIS_URL": "redis:6379"}
 

@@ -1,9 +1,9 @@
 """Settings of `meshtoll ratelimit` (the RLS alone), read from envoyproxy/ratelimit's own
 environment variables, so that a Deployment written for it runs by changing the image.
 
-Variables with a meaning here are read with the peer's defaults; BACKEND_TYPE other than
+Variables with a meaning here are read with envoyproxy/ratelimit's defaults; BACKEND_TYPE other than
 redis, Redis per-second instances and configuration over xDS (CONFIG_TYPE other than FILE)
-are refused rather than silently ignored. The rest of the peer's variables (statsd,
+are refused rather than silently ignored. The rest of envoyproxy/ratelimit's variables (statsd,
 tracing, memcache settings...) are ignored.
 """
 
@@ -46,12 +46,12 @@ class RlsSettings:
     response_dynamic_metadata: bool = False
     # LIMIT_RESPONSE_HEADERS_ENABLED: the limit, remaining and reset header names
     response_headers: tuple[str, str, str] | None = None
-    # Not one of the peer's variables: MESHTOLL_EVENT_LOOP, as `meshtoll serve` reads it.
+    # Not one of envoyproxy/ratelimit's variables: MESHTOLL_EVENT_LOOP, as `meshtoll serve` reads it.
     event_loop: str = "uvloop"
 
 
 def _boolean(raw: str) -> bool:
-    # Go's strconv.ParseBool, as envconfig reads the peer's booleans.
+    # Go's strconv.ParseBool, as envconfig reads envoyproxy/ratelimit's booleans.
     if raw in ("1", "t", "T", "TRUE", "true", "True"):
         return True
     if raw in ("0", "f", "F", "FALSE", "false", "False"):
@@ -155,7 +155,7 @@ def redis_url_of(environ: Mapping[str, str]) -> str:
     if kind == "cluster":
         return f"redis+cluster://{credentials}{url}"
     if kind == "sentinel":
-        # The peer's form: master name, then the sentinels: "mymaster,host1:26379,host2:26379".
+        # envoyproxy/ratelimit's form: master name, then the sentinels: "mymaster,host1:26379,host2:26379".
         service, _, nodes = url.partition(",")
         return f"redis+sentinel://{credentials}{nodes}/{quote(service)}"
     raise ConfigError(f"REDIS_TYPE={kind!r} is not one of SINGLE, SENTINEL, CLUSTER")

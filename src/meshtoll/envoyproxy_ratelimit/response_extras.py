@@ -49,7 +49,7 @@ def dynamic_metadata(
     hits_addend: int,
     passed_metadata: Sequence[Mapping[str, Any]],
 ) -> dict[str, Any]:
-    """The peer's ratelimitToMetadata: the domain, each descriptor's entries ("key=value"),
+    """envoyproxy/ratelimit's ratelimitToMetadata: the domain, each descriptor's entries ("key=value"),
     override and hits, the request's hits when set, and the `metadata` of every descriptor
     that passed, merged (the first value of a key wins; nested mappings merge)."""
     document: dict[str, Any] = {

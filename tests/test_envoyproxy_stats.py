@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from meshtoll.envoyproxy_ratelimit.config_files import load_descriptor_configs
+from meshtoll.envoyproxy_ratelimit.stats import DescriptorStats
+from meshtoll.envoyproxy_ratelimit.strict import StrictLimiter
 from meshtoll.ratelimit.decision import Descriptor
-from meshtoll.ratelimit.descriptor_config import load_descriptor_configs
 from meshtoll.ratelimit.limiter import Limiter
-from meshtoll.ratelimit.peer_stats import DescriptorStats
-from meshtoll.ratelimit.strict import StrictLimiter
 from meshtoll.storage.memory import MemoryCounterStore
 
 CONFIG = Path(__file__).parent / "fixtures" / "ratelimit" / "config"

@@ -1,7 +1,7 @@
 """envoyproxy/ratelimit's integration tests (test/integration/integration_test.go), rewritten
-for meshtoll: `meshtoll ratelimit` started from the peer's environment variables on its
-runtime directory (tests/fixtures/ratelimit/integration, the peer's files unchanged),
-spoken to over gRPC on a real Redis. The peer's statsd assertions are left out; its answers
+for meshtoll: `meshtoll ratelimit` started from envoyproxy/ratelimit's environment variables on its
+runtime directory (tests/fixtures/ratelimit/integration, envoyproxy/ratelimit's files unchanged),
+spoken to over gRPC on a real Redis. envoyproxy/ratelimit's statsd assertions are left out; its answers
 are compared field by field."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def stub(rls: RunningRls) -> Iterator[rls_pb2_grpc.RateLimitServiceStub]:
 
 
 def request(domain: str, *descriptors: list[tuple[str, str]], hits: int = 1) -> rls_pb2.RateLimitRequest:
-    """The peer's common.NewRateLimitRequest."""
+    """envoyproxy/ratelimit's common.NewRateLimitRequest."""
     return rls_pb2.RateLimitRequest(
         domain=domain,
         descriptors=[
@@ -73,7 +73,7 @@ def request(domain: str, *descriptors: list[tuple[str, str]], hits: int = 1) -> 
 def status(
     code: int, requests: int, unit: int, remaining: int, answer: rls_pb2.RateLimitResponse.DescriptorStatus
 ) -> object:
-    """The peer's newDescriptorStatus: the expected status, with the answer's own reset."""
+    """envoyproxy/ratelimit's newDescriptorStatus: the expected status, with the answer's own reset."""
     return Response.DescriptorStatus(
         code=code,
         current_limit=Response.RateLimit(requests_per_unit=requests, unit=unit),
@@ -110,7 +110,7 @@ def test_basic_config_variants(
     start_rls: StartRls, root: Path, environment: dict[str, str], local: bool, stops: bool
 ) -> None:
     """testBasicConfig's other settings (the same calls; with the local cache, the keys
-    ending in `_local` of the peer's basic.yaml and another.yaml)."""
+    ending in `_local` of envoyproxy/ratelimit's basic.yaml and another.yaml)."""
     started = start_rls(root, **environment)
     with grpc.insecure_channel(f"127.0.0.1:{started.grpc_port}") as channel:
         basic_config(rls_pb2_grpc.RateLimitServiceStub(channel), local=local, stops=stops)
@@ -123,7 +123,7 @@ def basic_config(
         return f"{name}_local" if local else name
 
     if time.time() % 60 > 55:
-        # The calls below must fall in one minute window (the peer's test takes the chance).
+        # The calls below must fall in one minute window (envoyproxy/ratelimit's test takes the chance).
         time.sleep(60 - time.time() % 60)
 
     answer = stub.ShouldRateLimit(request("foo", [(key("hello"), "world")]))
@@ -152,7 +152,7 @@ def basic_config(
         )
 
     first = stub.ShouldRateLimit(request("another", [(key("key4"), "durTest")]))
-    time.sleep(2)  # the peer's own wait: the reset is whole seconds from the real clock
+    time.sleep(2)  # envoyproxy/ratelimit's own wait: the reset is whole seconds from the real clock
     second = stub.ShouldRateLimit(request("another", [(key("key4"), "durTest")]))
     assert second.statuses[0].duration_until_reset.seconds < first.statuses[0].duration_until_reset.seconds
 

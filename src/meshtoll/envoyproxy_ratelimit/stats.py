@@ -36,7 +36,7 @@ class DescriptorStats:
         shadow: bool = False,
     ) -> None:
         """One counted descriptor: its count after the hits (unused when the local cache
-        answered), as the peer's GetResponseDescriptorStatus counts it."""
+        answered), as envoyproxy/ratelimit's GetResponseDescriptorStatus counts it."""
         if len(self.counts) >= _MAX_KEYS and (key, "total_hits") not in self.counts:
             return
         counts = self.counts

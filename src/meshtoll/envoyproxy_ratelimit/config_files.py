@@ -7,11 +7,11 @@ of one domain are an error, unless domains are merged (its MERGE_DOMAIN_CONFIG).
 Differences from envoyproxy/ratelimit (how requests are counted is strict.py's):
 - A configuration problem is reported with file, line and field path, and a directory
   with any problem is rejected whole (the previous configuration stays active).
-- Unknown fields are errors at the level where they appear (the peer accepts any of its
-  field names anywhere); a missing `requests_per_unit` is an error (the peer reads 0 and
-  refuses everything); a `replaces` naming no limit of the domain is an error (the peer
+- Unknown fields are errors at the level where they appear (envoyproxy/ratelimit accepts any of its
+  field names anywhere); a missing `requests_per_unit` is an error (envoyproxy/ratelimit reads 0 and
+  refuses everything); a `replaces` naming no limit of the domain is an error (envoyproxy/ratelimit
   ignores it).
-- Only `.yaml`/`.yml` files directly in the directory are read (the peer's runtime reads
+- Only `.yaml`/`.yml` files directly in the directory are read (envoyproxy/ratelimit's runtime reads
   every file below it).
 """
 
@@ -22,10 +22,7 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-from meshtoll.errors import PolicyError, PolicyProblem
-from meshtoll.policy.document import parse_document
-from meshtoll.policy.screening import read_document
-from meshtoll.ratelimit.descriptor_tree import (
+from meshtoll.envoyproxy_ratelimit.descriptor_tree import (
     DescriptorMatch,
     Level,
     dangling_replaces,
@@ -34,6 +31,9 @@ from meshtoll.ratelimit.descriptor_tree import (
     merge,
     read_domain,
 )
+from meshtoll.errors import PolicyError, PolicyProblem
+from meshtoll.policy.document import parse_document
+from meshtoll.policy.screening import read_document
 from meshtoll.watched import Watched, directory_fingerprint
 
 log = logging.getLogger("meshtoll.ratelimit.config")

@@ -2,7 +2,7 @@
 Envoy makes for them: its examples/envoy/proxy.yaml turns each curl into the descriptors
 below (a `request_headers` action whose header is missing drops its whole descriptor;
 `apply_on_stream_done` descriptors are sent again after the response). `meshtoll ratelimit`
-runs as the peer's docker-compose runs it: its examples/ratelimit/config, dynamic metadata
+runs as envoyproxy/ratelimit's docker-compose runs it: its examples/ratelimit/config, dynamic metadata
 on. The scripts' own `sleep 60` between windows is left out."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def stub(rls: RunningRls) -> Iterator[rls_pb2_grpc.RateLimitServiceStub]:
 
 @pytest.fixture(autouse=True)
 def one_minute_window() -> None:
-    """Every script's calls fall in one minute window (the peer's scripts take the chance)."""
+    """Every script's calls fall in one minute window (envoyproxy/ratelimit's scripts take the chance)."""
     if time.time() % 60 > 55:
         time.sleep(60 - time.time() % 60)
 

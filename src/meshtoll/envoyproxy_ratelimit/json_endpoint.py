@@ -3,9 +3,9 @@ RateLimitRequest POSTed as proto3 JSON (Envoy's field names, `hitsAddend` or
 `hits_addend`), its RateLimitResponse answered as proto3 JSON (`overallCode`,
 `currentLimit`, `durationUntilReset` as "40s", fields at their defaults left out).
 
-Statuses as the peer's: 200 OK, 429 OVER_LIMIT, 400 for a body that is not such a request
+Statuses as envoyproxy/ratelimit's: 200 OK, 429 OVER_LIMIT, 400 for a body that is not such a request
 and for a request the service refuses (an empty domain, no descriptors). One on purpose:
-503 while Redis cannot answer (the peer answers 400), since that is not the client's fault
+503 while Redis cannot answer (envoyproxy/ratelimit answers 400), since that is not the client's fault
 and a client may retry; the gRPC port answers UNAVAILABLE for the same reason.
 """
 
@@ -21,7 +21,7 @@ from meshtoll.ratelimit.rls import should_rate_limit
 from meshtoll.ratelimit.service import RateLimitService
 from meshtoll.transport.http_server import response
 
-# The peer's answers to what it cannot serve are Go's http.Error: plain text, the reason.
+# envoyproxy/ratelimit's answers to what it cannot serve are Go's http.Error: plain text, the reason.
 _TEXT = (("content-type", "text/plain; charset=utf-8"),)
 BAD_REQUEST = response(400, "Bad Request", _TEXT, b"Bad Request\n")
 UNAVAILABLE = response(503, "Service Unavailable", _TEXT, b"Service Unavailable\n")

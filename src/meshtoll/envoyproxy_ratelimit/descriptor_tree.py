@@ -41,8 +41,8 @@ _FLAGS = ("shadow_mode", "quota_mode", "detailed_metric", "value_to_metric", "sh
 
 @dataclass(slots=True)
 class Node:
-    final_key: str  # "key" or "key_value", as the peer's map key
-    stats_key: str  # the peer's FullKey: domain.key1_value1.subkey1
+    final_key: str  # "key" or "key_value", as envoyproxy/ratelimit's map key
+    stats_key: str  # envoyproxy/ratelimit's FullKey: domain.key1_value1.subkey1
     limit: RateLimit | None = None
     unlimited: bool = False
     replaces: frozenset[str] = frozenset()
@@ -78,7 +78,7 @@ class DescriptorMatch:
     replaces: frozenset[str] = frozenset()
     quota: bool = False
     metadata: dict[str, Any] | None = None
-    stats_key: str = ""  # the peer's metric key, after detailed_metric and value_to_metric
+    stats_key: str = ""  # envoyproxy/ratelimit's metric key, after detailed_metric and value_to_metric
 
 
 def read_domain(document: Document) -> tuple[str | None, Level]:
@@ -128,7 +128,7 @@ def add_descriptors(fields: Fields, level: Level, value: object, path: FieldPath
 
 
 def _scalar_text(value: object) -> str:
-    """A value as the peer's YAML library reads it into a string: `true`, `5`, `0.5`."""
+    """A value as envoyproxy/ratelimit's YAML library reads it into a string: `true`, `5`, `0.5`."""
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -146,7 +146,7 @@ def _metadata(fields: Fields, value: object, path: FieldPath) -> dict[str, Any] 
 
 
 def _plain(value: object) -> object:
-    # The peer reads every key as text (`1:` is "1") and sends the whole as a protobuf Struct.
+    # envoyproxy/ratelimit reads every key as text (`1:` is "1") and sends the whole as a protobuf Struct.
     if isinstance(value, Mapping):
         return {str(key): _plain(item) for key, item in value.items()}
     if isinstance(value, list):
@@ -179,7 +179,7 @@ def _rate_limit(fields: Fields, value: object, path: FieldPath, node: Node, shad
             fields.problem((*path, "requests_per_unit"), "an unlimited rate_limit takes no requests_per_unit")
         node.unlimited = True
         return
-    # The peer reads a missing requests_per_unit as 0, which refuses everything: more likely a
+    # envoyproxy/ratelimit reads a missing requests_per_unit as 0, which refuses everything: more likely a
     # mistake than a ban, so it is an error here (write 0 to ban).
     for required in ("unit", "requests_per_unit"):
         if required not in raw:
@@ -193,7 +193,7 @@ def _rate_limit(fields: Fields, value: object, path: FieldPath, node: Node, shad
 
 
 def match(root: Level, domain: str, entries: Sequence[tuple[str, str]]) -> DescriptorMatch | None:
-    """The peer's GetLimit for a descriptor without an override."""
+    """envoyproxy/ratelimit's GetLimit for a descriptor without an override."""
     level = root
     found: Node | None = None
     shared: dict[int, str] = {}  # entry index -> the wildcard value its counter uses
@@ -247,7 +247,7 @@ def _wildcard_matches(parts: tuple[str, ...], text: str) -> bool:
 def _metric_part(
     key: str, value: str, node: Node | None, wildcard: str | None, by_value: bool, shared: str | None
 ) -> str:
-    """One level of the peer's value_to_metric key."""
+    """One level of envoyproxy/ratelimit's value_to_metric key."""
     if node is None:
         return key
     if wildcard is not None:
@@ -282,7 +282,7 @@ def limit_names(level: Level) -> set[str]:
 
 
 def dangling_replaces(level: Level, names: set[str]) -> list[str]:
-    """Names replaced in a domain that no rate limit of it has (sorted): the peer ignores
+    """Names replaced in a domain that no rate limit of it has (sorted): envoyproxy/ratelimit ignores
     them, meshtoll reports them, since a misspelt name silently disables a replacement."""
     found: set[str] = set()
     for node in level.nodes.values():
@@ -293,5 +293,5 @@ def dangling_replaces(level: Level, names: set[str]) -> list[str]:
 
 def merge(into: Level, other: Level) -> list[str]:
     """MERGE_DOMAIN_CONFIG: `other`'s top-level descriptors join `into`; the keys already
-    there are returned (a duplicate is an error, as in the peer)."""
+    there are returned (a duplicate is an error, as in envoyproxy/ratelimit)."""
     return [node.final_key for node in other.nodes.values() if not into.add(node)]

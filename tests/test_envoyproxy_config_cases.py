@@ -1,5 +1,5 @@
 """envoyproxy/ratelimit's configuration cases (test/config/config_test.go), rewritten for
-meshtoll's loader: the peer's own files (tests/fixtures/ratelimit/config, see NOTICE.md)
+meshtoll's loader: envoyproxy/ratelimit's own files (tests/fixtures/ratelimit/config, see NOTICE.md)
 load, match and fail as they do there. meshtoll's errors are worded its own way (file,
 line, field path), so an invalid file is checked for where it points and what it says."""
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from meshtoll.envoyproxy_ratelimit.config_files import DescriptorConfigs, load_descriptor_configs
+from meshtoll.envoyproxy_ratelimit.descriptor_tree import DescriptorMatch
 from meshtoll.errors import PolicyError
-from meshtoll.ratelimit.descriptor_config import DescriptorConfigs, load_descriptor_configs
-from meshtoll.ratelimit.descriptor_tree import DescriptorMatch
 
 CONFIG = Path(__file__).parent / "fixtures" / "ratelimit" / "config"
 EXAMPLES = Path(__file__).parent / "fixtures" / "ratelimit" / "examples"
@@ -20,7 +20,7 @@ EXAMPLES = Path(__file__).parent / "fixtures" / "ratelimit" / "examples"
 
 def load(tmp_path: Path, *names: str, merge: bool = False) -> DescriptorConfigs:
     for n, name in enumerate(names):
-        # Numbered: the peer loads files in the order given, meshtoll in name order.
+        # Numbered: envoyproxy/ratelimit loads files in the order given, meshtoll in name order.
         shutil.copy(CONFIG / name, tmp_path / f"{n:02d}_{name}")
     return load_descriptor_configs(tmp_path, merge_domains=merge)
 
@@ -184,7 +184,7 @@ def test_metadata_is_returned_with_the_limit(tmp_path: Path) -> None:
 def test_invalid_configs_are_rejected_with_where_and_why(
     tmp_path: Path, files: list[str], where: str, says: str
 ) -> None:
-    """TestEmptyDomain ... TestUnlimitedWithRateLimitUnit: every file the peer rejects."""
+    """TestEmptyDomain ... TestUnlimitedWithRateLimitUnit: every file envoyproxy/ratelimit rejects."""
     with pytest.raises(PolicyError) as rejected:
         load(tmp_path, *files)
     text = str(rejected.value).replace(f"{tmp_path}/", "").replace("00_", "").replace("01_", "")
