@@ -1,11 +1,12 @@
 """A lean asyncio HTTP/1.1 server: httptools parsing, a synchronous handler, keep-alive.
 
-The HTTP ext_authz fast path exists because this costs about a tenth of the CPU of a gRPC
-call per request (see DESIGN.md), so nothing here allocates more than a request needs:
-the handler gets the method, the raw target and a dict of lower-case headers, and returns
-the complete response bytes, which it is free to have built once in advance. Bodies are
-counted against their cap and dropped, unless the port is served for a BodyHandler
-(serve_http_reading_bodies), whose connections keep each body for it.
+The HTTP ext_authz fast path exists because meshtoll's authz costs a fifth to a tenth of the
+CPU per request here that it costs over grpcio (README, Benchmark: rows (c) and (d)), so
+nothing here allocates more than a request needs: the handler gets the method, the raw
+target and a dict of lower-case headers, and returns the complete response bytes, which it
+is free to have built once in advance. Bodies are counted against their cap and dropped,
+unless the port is served for a BodyHandler (serve_http_reading_bodies), whose connections
+keep each body for it.
 
 What a slow or greedy client may hold is bounded by HttpLimits, enforced by the listener
 (transport/http_listener.py); a connection here only records which state it is in and since when, on
