@@ -16,8 +16,9 @@ import pytest
 
 from meshtoll.counting import algorithms
 from meshtoll.counting.limits import Check, CheckResult, Increment, RateLimit
+from meshtoll.counting.store import Compat
 from meshtoll.envoyproxy_ratelimit.config_files import load_descriptor_configs
-from meshtoll.envoyproxy_ratelimit.domains import Compat, ConfiguredDomains
+from meshtoll.envoyproxy_ratelimit.domains import ConfiguredDomains
 from meshtoll.envoyproxy_ratelimit.strict import StrictLimiter
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.decision import Descriptor

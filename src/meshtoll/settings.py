@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TypeVar
 
-from meshtoll.counting.store import FAILURE_MODES
+from meshtoll.counting.store import COMPAT_MODES, FAILURE_MODES, Compat, FailureMode
 from meshtoll.errors import ConfigError
 from meshtoll.transport.http_listener import HttpLimits
 
@@ -67,14 +67,16 @@ class Settings:
     workers: int = setting(1, "worker processes sharing the ports", int)
     policy_poll_seconds: float = setting(1.0, "how often to check the policy file", float)
     ratelimit_config: Path | None = setting(None, "directory of envoyproxy/ratelimit YAML files", Path)
-    ratelimit_failure_mode: str = setting("open", "when Redis cannot answer: open (allow) or closed (refuse)")
+    ratelimit_failure_mode: FailureMode = setting(
+        "open", "when Redis cannot answer: open (allow) or closed (refuse)"
+    )
     ratelimit_shadow_mode: bool = setting(False, "evaluate and count every limit but enforce none", boolean)
-    ratelimit_compat: str = setting(
+    ratelimit_compat: Compat = setting(
         "strict",
         "envoyproxy/ratelimit configuration domains: strict (answer exactly as it does) or meshtoll "
         "(all or nothing, calendar months)",
     )
-    ratelimit_compat_domains: tuple[tuple[str, str], ...] = setting(
+    ratelimit_compat_domains: tuple[tuple[str, Compat], ...] = setting(
         (),
         "answer domain NAME otherwise than --ratelimit-compat says: NAME=strict or NAME=meshtoll; repeat "
         "the flag for more (the variable: comma-separated)",
@@ -143,7 +145,7 @@ class Settings:
             raise ConfigError(
                 f"ratelimit_failure_mode: {self.ratelimit_failure_mode!r} is not one of open, closed"
             )
-        if self.ratelimit_compat not in ("strict", "meshtoll"):
+        if self.ratelimit_compat not in COMPAT_MODES:
             raise ConfigError(f"ratelimit_compat: {self.ratelimit_compat!r} is not one of strict, meshtoll")
         self._check_compat_domains()
         if self.event_loop not in EVENT_LOOPS:
@@ -172,7 +174,7 @@ class Settings:
         object.__setattr__(self, "ratelimit_compat_domains", tuple(self.ratelimit_compat_domains))
         seen: set[str] = set()
         for domain, compat in self.ratelimit_compat_domains:
-            if compat not in ("strict", "meshtoll"):
+            if compat not in COMPAT_MODES:
                 raise ConfigError(
                     f"ratelimit_compat_domains: {compat!r} is not one of strict, meshtoll (domain {domain!r})"
                 )

@@ -26,6 +26,12 @@ from meshtoll.counting.limits import Check, CheckResult, Increment, Unused
 FailureMode = Literal["open", "closed"]
 FAILURE_MODES: tuple[FailureMode, ...] = ("open", "closed")
 
+# How envoyproxy/ratelimit's configuration domains are counted: "strict" as that project
+# counts (`increment`: every hit, refused or not), "meshtoll" as meshtoll's own limits are
+# (`check`: all or nothing, calendar months).
+Compat = Literal["strict", "meshtoll"]
+COMPAT_MODES: tuple[Compat, ...] = ("strict", "meshtoll")
+
 
 class CounterStore(Protocol):
     async def check(self, checks: Sequence[Check], now: float) -> list[CheckResult]:

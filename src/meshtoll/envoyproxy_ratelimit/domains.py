@@ -6,9 +6,9 @@ compatibility is chosen for all those domains, and may be chosen otherwise for s
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
 
 from meshtoll.counting.limits import Check
+from meshtoll.counting.store import Compat
 from meshtoll.envoyproxy_ratelimit.config_files import (
     UNLIMITED_REMAINING,
     DescriptorConfigs,
@@ -18,9 +18,6 @@ from meshtoll.envoyproxy_ratelimit.config_files import (
 from meshtoll.envoyproxy_ratelimit.strict import StrictLimiter
 from meshtoll.ratelimit.decision import Descriptor, DescriptorStatus, RateLimitDecision
 from meshtoll.ratelimit.planned import Planned, decide_planned
-
-Compat = Literal["strict", "meshtoll"]
-COMPAT_MODES: tuple[Compat, ...] = ("strict", "meshtoll")
 
 # What envoyproxy/ratelimit answers for a descriptor configured `unlimited`: nothing counted.
 _UNLIMITED = Planned(without_checks=DescriptorStatus(False, None, UNLIMITED_REMAINING, 0.0))

@@ -84,7 +84,7 @@ async def build(settings: Settings) -> Services:
     usage = open_usage_store(settings.redis_url, ledger_retention_seconds=retention)
     limiter = Limiter(
         store,
-        failure_mode=settings.ratelimit_failure_mode,  # type: ignore[arg-type]
+        failure_mode=settings.ratelimit_failure_mode,
         shadow=settings.ratelimit_shadow_mode,
         # Leases save Redis round trips; one process with its counters in memory has none.
         lease_max=settings.lease_max if settings.redis_url else 1,
@@ -101,8 +101,8 @@ async def build(settings: Settings) -> Services:
     configured_domains = ConfiguredDomains(
         lambda: None if configs is None else configs.current,
         StrictLimiter(limiter, stats=stats),
-        compat=settings.ratelimit_compat,  # type: ignore[arg-type]
-        compat_domains=dict(settings.ratelimit_compat_domains),  # type: ignore[arg-type]
+        compat=settings.ratelimit_compat,
+        compat_domains=dict(settings.ratelimit_compat_domains),
     )
     ratelimit = RateLimitService(holder, limiter, configured_domains)
     hooks = ExternalProcessorServicer(lambda: holder.current, limiter, recorder)
