@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 import redis.asyncio
@@ -14,7 +15,7 @@ from meshtoll.storage.breaker import CircuitBreaker
 from meshtoll.storage.redis import RedisCounterStore
 from meshtoll.storage.urls import parse_redis_url
 from meshtoll.storage.usage_redis import RedisUsageStore
-from meshtoll.usage.records import UsageRecord
+from meshtoll.usage.records import Admission, ReportedUnits, UsageRecord
 
 # Redis runs one script at a time: a busy one stalls every other client.
 BUSY_FOR_400_MS = """
@@ -193,3 +194,36 @@ async def test_the_usage_store_loads_its_script_again_after_a_flush(redis_url: s
     finally:
         await store.close()
         await admin.aclose()
+
+
+RECORD = UsageRecord("r-1", 1.0, "acme", "ci", "pro", "search", "GET", 200, 100, 2000, 3.5, 5, "access_log")
+ADMISSION = Admission("r-1", 1.0, "acme", "ci", "pro", "search", "GET", 5)
+EVERY_USAGE_CALL: dict[str, Callable[[RedisUsageStore], Awaitable[object]]] = {
+    "record": lambda store: store.record([RECORD]),
+    "usage": lambda store: store.usage("acme", "2026-12"),
+    "ledger": lambda store: store.ledger("acme", 0.0, 2.0),
+    "admit": lambda store: store.admit([ADMISSION]),
+    "report_units": lambda store: store.report_units([ReportedUnits("acme", "r-1", 7)]),
+    "overdue": lambda store: store.overdue(2.0),
+    "pending": lambda store: store.pending([("acme", "r-1")]),
+    "admitted_tenants": lambda store: store.admitted_tenants(["r-1"]),
+    "backlog": lambda store: store.backlog(),
+    "tenants": lambda store: store.tenants(),
+    "has_usage": lambda store: store.has_usage("acme"),
+}
+
+
+@pytest.mark.parametrize("topology", ["standalone", "sentinel"])
+@pytest.mark.parametrize("call", sorted(EVERY_USAGE_CALL))
+async def test_every_usage_store_call_to_an_unreachable_redis_fails_as_storage_unavailable(
+    call: str, topology: str
+) -> None:
+    # Port 1: nothing listens there, so every connection is refused. Standalone goes through
+    # the lean client for batches and redis-py for reads; Sentinel through redis-py alone.
+    url = "redis://127.0.0.1:1/0" if topology == "standalone" else "redis+sentinel://127.0.0.1:1/main/0"
+    store = RedisUsageStore(url, timeout_ms=50)
+    try:
+        with pytest.raises(StorageUnavailable, match=r"^Redis did not"):
+            await EVERY_USAGE_CALL[call](store)
+    finally:
+        await store.close()

@@ -4,9 +4,9 @@ Every decision is one EVALSHA of storage/lua/check.lua (redis-py falls back to l
 script on NOSCRIPT). In a Cluster the keys of one script call must share a slot: a
 tenant's keys share its hash tag, so a decision is one call; checks whose keys hash to
 several slots (envoyproxy/ratelimit descriptors) go out as one call per slot, concurrently,
-and are atomic per slot. Every Redis or network error becomes StorageUnavailable here,
-calls are bounded by the configured timeout, and a circuit breaker stops waiting on a Redis
-that keeps failing.
+and are atomic per slot. Every Redis or network error becomes StorageUnavailable here
+(redis_access.RedisFailures), calls are bounded by the configured timeout, and a circuit
+breaker stops waiting on a Redis that keeps failing.
 """
 
 from __future__ import annotations
@@ -15,26 +15,30 @@ import asyncio
 import functools
 import itertools
 import secrets
-import ssl
 from collections.abc import Awaitable, Coroutine, Sequence
 from contextlib import nullcontext
 from typing import Any
 
-import redis.asyncio
-import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from meshtoll.counting import algorithms
 from meshtoll.counting.limits import Check, CheckResult, Increment, Unused
-from meshtoll.errors import ConnectionLost, StorageUnavailable
+from meshtoll.errors import StorageUnavailable
 from meshtoll.storage.breaker import CircuitBreaker
-from meshtoll.storage.redis_access import LeanScript, lean_client, lua_script, redis_py_client
+from meshtoll.storage.redis_access import (
+    REDIS_FAILURES,
+    LeanScript,
+    RedisFailures,
+    lean_client,
+    lua_script,
+    redis_py_client,
+)
 from meshtoll.storage.resp import encode
 from meshtoll.storage.urls import RedisTarget, parse_redis_url
 
-_FAILURES = (redis.exceptions.RedisError, OSError, TimeoutError, ssl.SSLError, ConnectionLost)
 _UNBOUNDED = nullcontext()
+_NO_ANSWER = RedisFailures("Redis did not answer")
 
 
 CHECK_SCRIPT = functools.partial(lua_script, "check.lua")
@@ -115,7 +119,7 @@ class RedisCounterStore:
         try:
             async with asyncio.timeout(self.timeout * 4):
                 return await self._runner.ping()
-        except _FAILURES:
+        except REDIS_FAILURES:
             return False
 
     async def close(self) -> None:
@@ -136,11 +140,12 @@ class RedisCounterStore:
         try:
             # redis-py's socket timeouts bound each read; this bounds its whole call, connection
             # set-up and retries included. The lean client bounds its calls itself.
-            async with asyncio.timeout(self.timeout * 2) if not self._runner.bounded else _UNBOUNDED:
-                replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
-        except _FAILURES as exc:
+            with _NO_ANSWER:
+                async with asyncio.timeout(self.timeout * 2) if not self._runner.bounded else _UNBOUNDED:
+                    replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
+        except StorageUnavailable:
             self.breaker.failed()
-            raise StorageUnavailable(f"Redis did not answer: {type(exc).__name__}: {exc}") from None
+            raise
         except asyncio.CancelledError:
             # Envoy closed the connection or a gRPC deadline passed: the caller left, Redis did
             # nothing wrong. Counted as a failure, three such would open the breaker and fail

@@ -1,24 +1,51 @@
 """The one way meshtoll reaches Redis: a client by topology (the pipelining LeanRedis for a
 standalone Redis, redis-py for Sentinel and Cluster), and Lua scripts sent as EVALSHA with
-the NOSCRIPT fallback. The stores (redis.py, usage_redis.py) translate failures into
-StorageUnavailable (transient) or StorageRefused (permanent) around these calls."""
+the NOSCRIPT fallback; and the one translation of a failed call into meshtoll's errors
+(RedisFailures), which both stores (redis.py, usage_redis.py) put around these calls: a
+script Redis refuses is StorageRefused (permanent), everything else StorageUnavailable."""
 
 from __future__ import annotations
 
 import hashlib
 from importlib import resources
+from types import TracebackType
 from typing import Any
 
 import hiredis
 import redis.asyncio
+import redis.exceptions
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
-from meshtoll.errors import StorageRefused
+from meshtoll.errors import ConnectionLost, StorageRefused, StorageUnavailable
 from meshtoll.storage.resp import LeanRedis, encode
 from meshtoll.storage.urls import RedisTarget
+
+# What a call to Redis raises when it fails, from either client: redis-py's errors, the
+# socket's (timeouts and TLS errors are OSErrors too), the lean client's lost connection.
+REDIS_FAILURES = (redis.exceptions.RedisError, OSError, ConnectionLost)
+
+
+class RedisFailures:
+    """A `with` block whose Redis or network failure leaves it as StorageUnavailable, the
+    message starting with `what`. Built once and reused, since decisions enter one: a class
+    rather than a generator-based context manager, which would allocate per use."""
+
+    __slots__ = ("_what",)
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if isinstance(error, REDIS_FAILURES):
+            raise StorageUnavailable(f"{self._what}: {type(error).__name__}: {error}") from None
 
 
 def lua_script(name: str) -> str:

@@ -12,10 +12,8 @@ from typing import Any
 
 import hiredis
 import orjson
-import redis.asyncio
-import redis.exceptions
 
-from meshtoll.errors import StorageRefused, StorageUnavailable
+from meshtoll.errors import StorageRefused
 from meshtoll.keys import (
     PENDING_TENANTS_KEY,
     USAGE_TENANTS_KEY,
@@ -27,7 +25,7 @@ from meshtoll.keys import (
     seen_key,
     usage_key,
 )
-from meshtoll.storage.redis_access import LeanScript, lean_client, lua_script, redis_py_client
+from meshtoll.storage.redis_access import LeanScript, RedisFailures, lean_client, lua_script, redis_py_client
 from meshtoll.storage.resp import LeanRedis
 from meshtoll.storage.urls import parse_redis_url
 from meshtoll.usage.records import (
@@ -55,6 +53,10 @@ MAX_RECORDS_PER_CALL = 250
 # bucket: an id is found at least this long after its admission was stored.
 ADMITTED_TENANTS_BUCKET_SECONDS = int(ADMITTED_TENANTS_SECONDS)
 RETENTION_SECONDS = {"month": 3 * 366 * 86400, "day": 400 * 86400, "hour": 8 * 86400}
+_NO_ANSWER = RedisFailures("Redis did not answer")
+_BATCH_NOT_TAKEN = RedisFailures("Redis did not take the usage batch")
+_ADMISSIONS_NOT_TAKEN = RedisFailures("Redis did not take the admissions")
+_UNITS_NOT_TAKEN = RedisFailures("Redis did not take the reported units")
 
 
 class RedisUsageStore:
@@ -88,7 +90,7 @@ class RedisUsageStore:
         counted = 0
         if not by_tenant:
             return 0
-        try:
+        with _BATCH_NOT_TAKEN:
             # Indexed before its records are written: a tenant is never missing from exports,
             # at worst listed with nothing in a period.
             await self._client.sadd(USAGE_TENANTS_KEY, *by_tenant)
@@ -97,8 +99,6 @@ class RedisUsageStore:
                 for start in range(0, len(batch), MAX_RECORDS_PER_CALL):
                     chunk = batch[start : start + MAX_RECORDS_PER_CALL]
                     counted += await self._record_new(tenant, chunk, now)
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise StorageUnavailable(f"Redis did not take the usage batch: {exc}") from None
         return counted
 
     async def _record_new(self, tenant: str, batch: list[UsageRecord], now: float) -> int:
@@ -121,18 +121,14 @@ class RedisUsageStore:
         return await self._lean_script.call(self._lean, hiredis.pack_command(parts))
 
     async def usage(self, tenant: str, period: str) -> TenantUsage:
-        try:
+        with _NO_ANSWER:
             raw = await self._client.hgetall(usage_key(tenant, period))
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise StorageUnavailable(f"Redis did not answer: {exc}") from None
         return tenant_usage(tenant, period, {name.decode(): int(value) for name, value in raw.items()})
 
     async def ledger(self, tenant: str, since: float, until: float) -> list[UsageRecord]:
         # Stream ids are insertion times, never earlier than a record's own time: start there.
-        try:
+        with _NO_ANSWER:
             entries = await self._client.xrange(ledger_key(tenant), min=f"{int(since * 1000)}-0", max="+")
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise StorageUnavailable(f"Redis did not answer: {exc}") from None
         records = [record for _, fields in entries for record in ledger_entry_records(fields)]
         return sorted((r for r in records if since <= r.time < until), key=lambda r: r.time)
 
@@ -160,13 +156,11 @@ class RedisUsageStore:
         commands.append(("HSET", index, *chain.from_iterable((a.request_id, a.tenant) for a in admissions)))
         # Gone a bucket after its last reader (the bucket after next), against clock skew.
         commands.append(("EXPIRE", index, math.ceil((bucket + 3) * ADMITTED_TENANTS_BUCKET_SECONDS - now)))
-        try:
+        with _ADMISSIONS_NOT_TAKEN:
             await self._pipeline(commands)
             # Only once the admissions are in: `overdue` drops a tenant whose pending set it
             # finds empty, and must not find it empty after this.
             await self._pipeline([("SADD", PENDING_TENANTS_KEY, *by_tenant)])
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise StorageUnavailable(f"Redis did not take the admissions: {exc}") from None
 
     async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """`commands` in one round trip; through the pipelining client on a standalone Redis,
@@ -189,7 +183,7 @@ class RedisUsageStore:
         for report in reports:
             by_tenant.setdefault(report.tenant, {})[report.request_id] = report.units
         now = self._clock()
-        try:
+        with _UNITS_NOT_TAKEN:
             async with self._client.pipeline(transaction=False) as pipe:
                 for tenant, units in by_tenant.items():
                     pipe.hset(reported_units_key(tenant), mapping=units)
@@ -201,11 +195,9 @@ class RedisUsageStore:
                     # later than it was).
                     pipe.zadd(pending_key(tenant), dict.fromkeys(units, now), xx=True, lt=True)
                 await pipe.execute()
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise StorageUnavailable(f"Redis did not take the reported units: {exc}") from None
 
     async def overdue(self, before: float, limit: int = 1000) -> list[Admission]:
-        try:
+        with _NO_ANSWER:
             tenants = [raw.decode() for raw in await self._client.smembers(PENDING_TENANTS_KEY)]
             # Each tenant's share of `limit` (at least 100), so that the work of a call is
             # bounded however many tenants wait, and two round trips whatever their number:
@@ -224,8 +216,6 @@ class RedisUsageStore:
                     due.append((tenant, ids))
             found = await self._pending_admissions(due)
             await self._drop_orphans(due, found)
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise StorageUnavailable(f"Redis did not answer: {exc}") from None
         overdue = [with_reported_units(admission, units) for admission, units in found.values()]
         return sorted(overdue, key=lambda admission: admission.time)
 
@@ -269,24 +259,20 @@ class RedisUsageStore:
         by_tenant: dict[str, list[str]] = {}
         for tenant, request_id in requests:
             by_tenant.setdefault(tenant, []).append(request_id)
-        try:
+        with _NO_ANSWER:
             return await self._pending_admissions(list(by_tenant.items()))
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise StorageUnavailable(f"Redis did not answer: {exc}") from None
 
     async def admitted_tenants(self, request_ids: Sequence[str]) -> dict[str, str]:
         if not request_ids:
             return {}
         bucket = int(self._clock() // ADMITTED_TENANTS_BUCKET_SECONDS)
-        try:
+        with _NO_ANSWER:
             now, before = await self._pipeline(
                 [
                     ("HMGET", admitted_tenants_key(bucket), *request_ids),
                     ("HMGET", admitted_tenants_key(bucket - 1), *request_ids),
                 ]
             )
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise StorageUnavailable(f"Redis did not answer: {exc}") from None
         return {
             request_id: (tenant or earlier).decode()
             for request_id, tenant, earlier in zip(request_ids, now, before, strict=True)
@@ -294,26 +280,20 @@ class RedisUsageStore:
         }
 
     async def backlog(self) -> int:
-        try:
+        with _NO_ANSWER:
             tenants = await self._client.smembers(PENDING_TENANTS_KEY)
             async with self._client.pipeline(transaction=False) as pipe:
                 for raw in tenants:
                     pipe.zcard(pending_key(raw.decode()))
                 return sum(await pipe.execute())
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise StorageUnavailable(f"Redis did not answer: {exc}") from None
 
     async def tenants(self) -> list[str]:
-        try:
+        with _NO_ANSWER:
             return sorted(raw.decode() for raw in await self._client.smembers(USAGE_TENANTS_KEY))
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise StorageUnavailable(f"Redis did not answer: {exc}") from None
 
     async def has_usage(self, tenant: str) -> bool:
-        try:
+        with _NO_ANSWER:
             return bool(await self._client.sismember(USAGE_TENANTS_KEY, tenant))
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise StorageUnavailable(f"Redis did not answer: {exc}") from None
 
     async def close(self) -> None:
         if self._lean is not None:
