@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
@@ -132,6 +133,13 @@ class Settings:
     def env_name(field: str) -> str:
         return f"MESHTOLL_{field.upper()}"
 
+    def shared_redis_url(self, why: str) -> str:
+        """The Redis URL, for a command that reads what `meshtoll serve` keeps there;
+        ConfigError saying `why` it needs one when none is given."""
+        if self.redis_url is None:
+            raise ConfigError(f"{why}: give --redis-url or MESHTOLL_REDIS_URL")
+        return self.redis_url
+
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_authz_port", "admin_port"):
             port = getattr(self, name)
@@ -223,3 +231,16 @@ def settings_from(flags: Mapping[str, object], environ: Mapping[str, str] = os.e
         except ValueError:
             raise ConfigError(f"{name}={raw!r} is not a valid {field.name.replace('_', ' ')}") from None
     return Settings(**values)  # type: ignore[arg-type]
+
+
+def add_redis_url_flag(parser: argparse.ArgumentParser) -> None:
+    """--redis-url for a command that reads what `meshtoll serve` keeps in Redis: None when
+    not given, so that settings_from falls back to MESHTOLL_REDIS_URL as serve does."""
+    parser.add_argument(
+        "--redis-url", default=None, help="the Redis meshtoll serve uses (env MESHTOLL_REDIS_URL)"
+    )
+
+
+def add_policy_flag(parser: argparse.ArgumentParser) -> None:
+    """--policy for a command that reads the policy `meshtoll serve` uses (MESHTOLL_POLICY)."""
+    parser.add_argument("--policy", type=Path, default=None, help="policy file (env MESHTOLL_POLICY)")
