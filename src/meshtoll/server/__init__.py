@@ -1,3 +1,4 @@
-"""Running meshtoll: settings into services (app), ports (listeners, tls), the admin API
-(admin, admin_access), background work and shutdown (lifecycle), worker processes
-(workers), and `meshtoll ratelimit` (rls_app)."""
+"""Running meshtoll: settings wired into services (services: `build`) and served on their
+ports (app, listeners, tls), the admin API (admin, admin_access), background work and
+shutdown (lifecycle), worker processes (workers), `meshtoll ratelimit` built the same way
+(rls_services: `build_rls`) and served (rls_app), and both commands' flags (command)."""

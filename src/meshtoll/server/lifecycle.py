@@ -19,6 +19,8 @@ log = logging.getLogger("meshtoll")
 # never ends by itself, so a longer grace would only delay every shutdown by all of it.
 GRPC_STOP_GRACE_SECONDS = 1.0
 BACKGROUND_RESTART_SECONDS = 1.0
+# Background work: a watcher, a flush, reconciliation; runs until cancelled.
+Work = Callable[[], Coroutine[Any, Any, None]]
 
 
 class Listener(Protocol):
@@ -27,9 +29,7 @@ class Listener(Protocol):
     def wait_closed(self) -> Awaitable[None]: ...
 
 
-async def keep_running(
-    name: str, work: Callable[[], Coroutine[Any, Any, None]], restarts: Counter[str]
-) -> None:
+async def keep_running(name: str, work: Work, restarts: Counter[str]) -> None:
     """Run background work (a watcher, the meter's flushes, reconciliation) until it returns
     or is cancelled. An unexpected exception is logged, counted and the work started again a
     second later: billing and reloading must never stop silently while /readyz says ready."""

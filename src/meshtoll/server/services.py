@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 from meshtoll.authz.authorizer import Authorizer
 from meshtoll.authz.grpc_transport import AuthorizationServicer
@@ -32,13 +30,12 @@ from meshtoll.ratelimit.rls import RateLimitServicer
 from meshtoll.ratelimit.service import RateLimitService
 from meshtoll.server.admin import AdminHandler, StoreProbe
 from meshtoll.server.admin_access import AdminAccess
+from meshtoll.server.lifecycle import Work
 from meshtoll.settings import Settings
 from meshtoll.storage import open_counter_store, open_usage_store
 from meshtoll.telemetry.metrics import DecisionCounts, Metrics
 from meshtoll.usage.recorder import AdmissionRecorder
 from meshtoll.usage.store import UsageStore
-
-Work = Callable[[], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,57 @@
+"""build_rls(settings) wires `meshtoll ratelimit` from envoyproxy/ratelimit's settings alone:
+its answers, health and debug pages can be exercised in-process, with no socket bound and
+no task started."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Awaitable
+from pathlib import Path
+
+import pytest
+
+from meshtoll.envoyproxy_ratelimit.environment import RlsSettings
+from meshtoll.errors import PolicyError
+from meshtoll.server.rls_services import RlsServices, build_rls
+
+FIXTURES = Path(__file__).parent / "fixtures" / "ratelimit"
+
+
+async def http(services: RlsServices, path: str, body: bytes = b"") -> bytes:
+    reply = services.http("POST", path, {}, "127.0.0.1", body)
+    return await reply if isinstance(reply, Awaitable) else reply
+
+
+@pytest.mark.integration
+async def test_built_rls_answers_and_reports_its_configuration_without_serving(
+    tmp_path: Path, redis_url: str
+) -> None:
+    shutil.copytree(FIXTURES / "integration" / "config", tmp_path / "config")
+    services = await build_rls(RlsSettings(config_directory=tmp_path / "config", redis_url=redis_url))
+    try:
+        rlconfig = services.debug("GET", "/rlconfig", {}, "127.0.0.1")
+        assert rlconfig.endswith(b"\r\n\r\nanother\nbasic\nshare-threshold-test\n")
+        # Redis has not been asked yet: unhealthy until serving asks it once.
+        assert (await http(services, "/healthcheck")).startswith(b"HTTP/1.1 500 ")
+        await services.health.set("redis", await services.store.ping())
+        assert (await http(services, "/healthcheck")).startswith(b"HTTP/1.1 200 ")
+        descriptor = {"entries": [{"key": "one_per_minute", "value": uuid.uuid4().hex}]}
+        request = json.dumps({"domain": "basic", "descriptors": [descriptor]}).encode()
+        first, second = [await http(services, "/json", request) for _ in range(2)]
+        assert first.startswith(b"HTTP/1.1 200 ")
+        assert second.startswith(b"HTTP/1.1 429 ")
+        metrics = services.debug("GET", "/metrics", {}, "127.0.0.1")
+        assert b'ratelimit_service_rate_limit_over_limit{domain="basic",key1="one_per_minute"} 1' in metrics
+        assert set(services.background) == {"rate-limit config watcher", "Redis probe"}
+    finally:
+        await services.close()
+
+
+async def test_an_invalid_configuration_fails_the_build_with_its_problems_located(tmp_path: Path) -> None:
+    (tmp_path / "config").mkdir()
+    shutil.copy(FIXTURES / "config" / "replaces_self.yaml", tmp_path / "config")
+    settings = RlsSettings(config_directory=tmp_path / "config", redis_url="redis://127.0.0.1:1/0")
+    with pytest.raises(PolicyError, match=r"replaces_self.yaml:10"):
+        await build_rls(settings)
