@@ -16,7 +16,13 @@ SOURCE = Path(__file__).resolve().parent.parent / "src" / "meshtoll"
 # nothing above. Modules at the top of the package count as units of their own.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "wire"),  # the exception tree; the contract with Envoy
-    ("counting", "keys", "usage", "watched"),  # pure cores: limits, key formats, usage, reload
+    (
+        "counting",
+        "keys",
+        "usage",
+        "sinks",
+        "watched",
+    ),  # pure cores: limits, key formats, usage, delivery, reload
     ("storage", "policy", "telemetry", "transport"),  # adapters of the cores; the policy file
     ("settings",),
     ("ratelimit",),

@@ -66,7 +66,7 @@ tenants:
         "policy.yaml:2 plans.free.limits[0].per: expected one of second, minute, hour, day, week, "
         "month, year, got 'fortnight'",
         "policy.yaml:6 tenants.acme.colour: unknown field (expected one of: plan, status, api_keys, "
-        "jwt, mtls, allow, limits)",
+        "jwt, mtls, allow, limits, billing)",
         "policy.yaml:5 tenants.acme.plan: unknown plan 'pro' (plans: free)",
         "policy.yaml:8 tenants.acme.status: expected one of active, suspended, got 'sleeping'",
         "policy.yaml:7 tenants.acme.api_keys[0].sha256: expected 64 lowercase hex digits (the SHA-256 of the key)",

@@ -8,6 +8,7 @@ from typing import Generic, TypeVar
 
 import jwt
 
+from meshtoll.policy.billing import PolicyBillingNames
 from meshtoll.policy.document import Document
 from meshtoll.policy.limits import PolicyLimits
 from meshtoll.policy.model import ApiKey, Policy, Route, RouteRule, Tenant
@@ -88,6 +89,8 @@ class CompiledPolicy:
         # The counter checks of each (tenant, route), built on first use and kept with this
         # version: a reload starts afresh, nothing else ever rebuilds them.
         self.limits = PolicyLimits(policy)
+        # Names in billing systems, for usage delivery (never read on a decision).
+        self.billing = PolicyBillingNames(policy)
         for compiled in self.tenants.values():
             self._index(compiled, document)
         self._check_shared_issuers(document)

@@ -66,6 +66,7 @@ class Plan:
     name: str
     limits: tuple[RateLimit, ...]
     price: Price | None = None
+    meter: str | None = None  # the meter its requests count on in billing systems; None: the default
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +103,15 @@ class Access:
 
 
 @dataclass(frozen=True, slots=True)
+class BillingAccounts:
+    """A tenant's ids in the billing systems usage is delivered to; None: its own name."""
+
+    stripe_customer: str | None = None
+    lago_subscription: str | None = None
+    openmeter_subject: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Tenant:
     name: str
     plan: str
@@ -111,6 +121,7 @@ class Tenant:
     spiffe_ids: tuple[str, ...] = ()
     access: Access = field(default_factory=Access)
     limits: tuple[RateLimit, ...] | None = None  # None: the plan's limits
+    billing: BillingAccounts = BillingAccounts()
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +174,7 @@ class Route:
     limits: tuple[RateLimit, ...] = ()  # per tenant, on top of the tenant's own limits
     enforced_in: EnforcedIn | None = None  # None: RateLimitSettings.enforced_in
     hooks: Hooks | None = None
+    meter: str | None = None  # the meter its requests count on, before the plan's; None: the plan's
 
 
 @dataclass(frozen=True, slots=True)

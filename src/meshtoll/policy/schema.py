@@ -8,6 +8,7 @@ import string
 
 from meshtoll.counting.limits import ALGORITHMS, Counted, RateLimit
 from meshtoll.counting.periods import PERIOD_SECONDS, PERIODS
+from meshtoll.policy.billing import billing_accounts, meter_name
 from meshtoll.policy.document import Document, FieldPath
 from meshtoll.policy.fields import Fields
 from meshtoll.policy.model import (
@@ -22,6 +23,7 @@ from meshtoll.policy.model import (
     Access,
     ApiKey,
     AuthSettings,
+    BillingAccounts,
     HeaderRules,
     Hooks,
     IPNetwork,
@@ -104,11 +106,12 @@ def _name(fields: Fields, name: str, path: FieldPath) -> bool:
 
 
 def _plan(fields: Fields, name: str, value: object, path: FieldPath) -> Plan | None:
-    raw = fields.mapping(value, path, optional=("limits", "price"))
+    raw = fields.mapping(value, path, optional=("limits", "price", "meter"))
     if raw is None or not _name(fields, name, path):
         return None
     price = _price(fields, raw["price"], (*path, "price")) if "price" in raw else None
-    return Plan(name, _limits(fields, raw.get("limits"), (*path, "limits")), price)
+    meter = meter_name(fields, raw["meter"], (*path, "meter")) if "meter" in raw else None
+    return Plan(name, _limits(fields, raw.get("limits"), (*path, "limits")), price, meter)
 
 
 def _price(fields: Fields, value: object, path: FieldPath) -> Price | None:
@@ -218,7 +221,7 @@ def _ratelimit_settings(fields: Fields, value: object, path: FieldPath) -> RateL
 def _tenant(
     fields: Fields, name: str, value: object, path: FieldPath, plans: dict[str, Plan]
 ) -> Tenant | None:
-    optional = ("status", "api_keys", "jwt", "mtls", "allow", "limits")
+    optional = ("status", "api_keys", "jwt", "mtls", "allow", "limits", "billing")
     raw = fields.mapping(value, path, required=("plan",), optional=optional)
     if raw is None or not _name(fields, name, path) or "plan" not in raw:
         return None
@@ -242,9 +245,12 @@ def _tenant(
                 fields.problem((*path, "mtls", "spiffe_ids", index), f"{spiffe_id!r} is not a spiffe:// URI")
     access = _access(fields, raw["allow"], (*path, "allow")) if "allow" in raw else Access()
     limits = _limits(fields, raw["limits"], (*path, "limits")) if "limits" in raw else None
+    billing = BillingAccounts()
+    if "billing" in raw:
+        billing = billing_accounts(fields, raw["billing"], (*path, "billing"))
     if plan is None or status is None:
         return None
-    return Tenant(name, plan, status, api_keys, jwt, spiffe_ids, access, limits)
+    return Tenant(name, plan, status, api_keys, jwt, spiffe_ids, access, limits, billing)
 
 
 def _api_key(fields: Fields, value: object, path: FieldPath) -> ApiKey | None:
@@ -325,9 +331,10 @@ def _route(fields: Fields, value: object, path: FieldPath) -> Route | None:
     if "enforced_in" in value:
         enforced_in = fields.choice(value["enforced_in"], (*path, "enforced_in"), ENFORCED_IN)
     hooks = _hooks(fields, value["hooks"], (*path, "hooks")) if "hooks" in value else None
+    meter = meter_name(fields, value["meter"], (*path, "meter")) if "meter" in value else None
     if cost is None or name is None:
         return None
-    return Route(name, rule, cost, limits, enforced_in, hooks)
+    return Route(name, rule, cost, limits, enforced_in, hooks, meter)
 
 
 def _hooks(fields: Fields, value: object, path: FieldPath) -> Hooks | None:
@@ -417,7 +424,7 @@ def _template(fields: Fields, text: str, path: FieldPath) -> bool:
 
 
 def _route_rule(fields: Fields, value: object, path: FieldPath, *, with_methods: bool) -> RouteRule | None:
-    extra = ("methods",) if with_methods else ("name", "cost", "limits", "enforced_in", "hooks")
+    extra = ("methods",) if with_methods else ("name", "cost", "limits", "enforced_in", "hooks", "meter")
     raw = fields.mapping(value, path, optional=("prefix", "exact", *extra))
     if raw is None:
         return None

@@ -1,0 +1,36 @@
+"""The billing targets meshtoll delivers to, and how meshtoll's names map to theirs: a
+tenant is a customer (Stripe), a subscription (Lago) or a subject (OpenMeter); a request
+counts on a meter (Stripe's `event_name`, Lago's billable metric `code`, OpenMeter's
+CloudEvents `type`)."""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+Target = Literal["openmeter", "lago", "stripe"]
+TARGETS: tuple[Target, ...] = ("openmeter", "lago", "stripe")
+# The meter every request counts on unless its route or plan names another.
+DEFAULT_METER = "api_requests"
+
+
+class BillingNames(Protocol):
+    """Where a record goes in a target: the policy's `billing:` blocks (policy/billing.py),
+    or the defaults when no policy is at hand."""
+
+    def account(self, tenant: str, target: Target) -> str:
+        """The tenant's id in `target`: its customer, subscription or subject."""
+        ...
+
+    def meter(self, plan: str, route: str) -> str:
+        """The meter a request of this plan and route counts on."""
+        ...
+
+
+class DefaultNames:
+    """Every tenant under its own name, every request on DEFAULT_METER."""
+
+    def account(self, tenant: str, target: Target) -> str:
+        return tenant
+
+    def meter(self, plan: str, route: str) -> str:
+        return DEFAULT_METER
