@@ -257,7 +257,7 @@ def test_usage_export_as_lago_events_has_one_event_per_ledger_record(
         record = ledger[event["transaction_id"]]
         assert event["external_subscription_id"] == "metered"
         assert event["code"] == "api_requests"  # the billable metric's code, set up in Lago
-        assert event["timestamp"] == int(record.time)  # Unix seconds, a JSON number
+        assert event["timestamp"] == f"{record.time:.3f}"  # Unix seconds with milliseconds
         assert (event["properties"]["units"], event["properties"]["route"]) == (record.units, record.route)
     assert sum(event["properties"]["units"] for event in events) == 38
 
@@ -272,6 +272,7 @@ def test_usage_export_as_csv_has_a_header_and_one_row_per_ledger_record(
     assert sorted(row["request_id"] for row in rows) == sorted(ledger)
     for row in rows:
         record = ledger[row["request_id"]]
+        assert abs(datetime.fromisoformat(row["time"]).timestamp() - record.time) < 0.001
         assert (row["tenant"], row["route"], row["units"], row["status"]) == (
             "metered",
             record.route,

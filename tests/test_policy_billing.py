@@ -42,13 +42,15 @@ def test_a_tenant_is_named_by_its_billing_block_in_each_target_and_by_its_own_na
     assert names.account("gone", "openmeter") == "gone"
 
 
-def test_the_route_names_the_meter_before_the_plan_and_api_requests_is_the_default() -> None:
+def test_the_route_names_the_meter_before_the_plan_and_each_target_keeps_its_default() -> None:
     names = load_policy_text(POLICY, "policy.yaml").billing
-    assert names.meter("pro", "chat") == "llm_calls"
-    assert names.meter("free", "chat") == "llm_calls"
-    assert names.meter("pro", "api") == "pro_requests"
-    assert names.meter("free", "api") == "api_requests"
-    assert names.meter("a plan since removed", "") == "api_requests"
+    assert names.meter("pro", "chat", "stripe") == "llm_calls"
+    assert names.meter("free", "chat", "openmeter") == "llm_calls"
+    assert names.meter("pro", "api", "lago") == "pro_requests"
+    # Unnamed: what the exports have always said (Lago's metric code, OpenMeter's event type).
+    assert names.meter("free", "api", "lago") == "api_requests"
+    assert names.meter("free", "api", "stripe") == "api_requests"
+    assert names.meter("a plan since removed", "", "openmeter") == "io.meshtoll.request"
 
 
 def test_bad_billing_blocks_and_meter_names_are_located() -> None:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 from meshtoll.errors import BadPeriod, ConfigError, NotBillable
 from meshtoll.meter.billing import (
@@ -19,11 +21,13 @@ from meshtoll.meter.billing import (
     tenant_invoice,
 )
 from meshtoll.meter.billing_periods import read_period
-from meshtoll.meter.export import export
+from meshtoll.meter.export import FORMATS, export
 from meshtoll.meter.pricing import Invoice
 from meshtoll.meter.usage_report import usage_document, usage_table
 from meshtoll.policy import load_policy
-from meshtoll.settings import add_policy_flag, add_redis_url_flag, settings_from
+from meshtoll.settings import Settings, add_policy_flag, add_redis_url_flag, settings_from
+from meshtoll.sinks.events import DEFAULT_CLOUDEVENTS_SOURCE
+from meshtoll.sinks.names import BillingNames, DefaultNames
 from meshtoll.storage import usage_store
 from meshtoll.usage.records import UsageRecord
 from meshtoll.usage.tallies import TenantUsage
@@ -40,9 +44,25 @@ def add_usage_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     exported = usage.add_parser("export", help="the usage ledger as JSON lines or CSV, for billing systems")
     exported.add_argument("--since", required=True, help="ISO date or time, UTC (inclusive)")
     exported.add_argument("--until", required=True, help="ISO date or time, UTC (exclusive)")
-    exported.add_argument("--format", choices=("cloudevents", "lago", "csv"), default="cloudevents")
+    exported.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="cloudevents",
+        help="cloudevents: a CloudEvent a line; cloudevents-batch: one JSON array (OpenMeter's batch "
+        "body); lago: an {event} a line; lago-batch: an {events} of at most 100 a line; csv",
+    )
     exported.add_argument(
         "--tenant", default=None, help="one tenant (default: every tenant with usage in the store)"
+    )
+    exported.add_argument(
+        "--policy",
+        type=Path,
+        default=None,
+        help="the policy whose billing: blocks and meters name tenants and meters (env "
+        "MESHTOLL_POLICY; without either, each tenant under its own name, the default meters)",
+    )
+    exported.add_argument(
+        "--cloudevents-source", default=DEFAULT_CLOUDEVENTS_SOURCE, help="the CloudEvents source"
     )
     add_redis_url_flag(exported)
     exported.set_defaults(command=_usage_export)
@@ -94,8 +114,16 @@ def _usage_export(args: argparse.Namespace) -> int:
             tenants = [args.tenant] if args.tenant else await store.tenants()
             return [record for tenant in tenants for record in await store.ledger(tenant, since, until)]
 
-    sys.stdout.write(export(asyncio.run(read()), args.format))
+    names = billing_names(args.policy)
+    sys.stdout.write(export(asyncio.run(read()), args.format, names, args.cloudevents_source))
     return 0
+
+
+def billing_names(policy: Path | None) -> BillingNames:
+    """The names the policy gives tenants and meters in billing systems: from `policy` or
+    MESHTOLL_POLICY when either is given, the defaults otherwise (usage outlives the policy)."""
+    chosen = policy or os.environ.get(Settings.env_name("policy"))
+    return DefaultNames() if not chosen else load_policy(chosen).billing
 
 
 def _billing_invoice(args: argparse.Namespace) -> int:

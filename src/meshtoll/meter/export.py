@@ -1,79 +1,69 @@
-"""Usage records for billing systems, as JSON lines (or CSV), idempotent on their side too:
-every event carries the request id as its unique id.
+"""`meshtoll usage export`: the usage ledger as files billing systems take, each event
+carrying the request id as its unique id (the event forms are sinks/events.py's, the same
+the sinks send):
 
-- CloudEvents 1.0 for OpenMeter: `specversion`, `id` (request id), `source`, `type`,
-  `subject` (the tenant), `time` (RFC 3339), `data`.
-- Lago events: `transaction_id` (request id), `external_subscription_id` (the tenant),
-  `code` (the billable metric), `timestamp` (Unix seconds), `properties`.
+- `cloudevents`: one CloudEvents 1.0 JSON event a line (OpenMeter's `Event`);
+- `cloudevents-batch`: one JSON array of them, the body of OpenMeter's batch ingest
+  (`application/cloudevents-batch+json`);
+- `lago`: one `{"event": ...}` a line, the body of Lago's single-event call;
+- `lago-batch`: one `{"events": [...]}` of at most 100 a line, the body of Lago's batch call;
+- `csv`: a header and a row per record, `time` in RFC 3339 (UTC, milliseconds).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
-from collections.abc import Iterable
-from dataclasses import asdict, fields
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Iterable, Sequence
+from dataclasses import fields
 
+import orjson
+
+from meshtoll.sinks.events import DEFAULT_CLOUDEVENTS_SOURCE, cloudevent, lago_event, rfc3339
+from meshtoll.sinks.names import BillingNames, DefaultNames
 from meshtoll.usage.records import UsageRecord
 
-EVENT_TYPE = "io.meshtoll.request"
-EVENT_SOURCE = "meshtoll"
-LAGO_METRIC_CODE = "api_requests"
-FORMATS = ("cloudevents", "lago", "csv")
+FORMATS = ("cloudevents", "cloudevents-batch", "lago", "lago-batch", "csv")
+LAGO_BATCH_SIZE = 100  # Lago's batch endpoint takes at most 100 events
 
 
-def _properties(record: UsageRecord) -> dict[str, Any]:
-    return {
-        "route": record.route,
-        "method": record.method,
-        "status": record.status,
-        "units": record.units,
-        "consumer": record.consumer,
-        "plan": record.plan,
-        "request_bytes": record.request_bytes,
-        "response_bytes": record.response_bytes,
-        "duration_ms": record.duration_ms,
-        "source": record.source,
-    }
-
-
-def cloudevent(record: UsageRecord) -> dict[str, Any]:
-    moment = (
-        datetime.fromtimestamp(record.time, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
-    return {
-        "specversion": "1.0",
-        "id": record.request_id,
-        "source": EVENT_SOURCE,
-        "type": EVENT_TYPE,
-        "subject": record.tenant,
-        "time": moment,
-        "datacontenttype": "application/json",
-        "data": _properties(record),
-    }
-
-
-def lago_event(record: UsageRecord) -> dict[str, Any]:
-    return {
-        "event": {
-            "transaction_id": record.request_id,
-            "external_subscription_id": record.tenant,
-            "code": LAGO_METRIC_CODE,
-            "timestamp": int(record.time),
-            "properties": _properties(record),
-        }
-    }
-
-
-def export(records: Iterable[UsageRecord], form: str) -> str:
+def export(
+    records: Sequence[UsageRecord],
+    form: str,
+    names: BillingNames | None = None,
+    source: str = DEFAULT_CLOUDEVENTS_SOURCE,
+) -> str:
+    """The records in `form` (one of FORMATS); `names` maps tenants and meters (by default
+    each tenant under its own name, every request on api_requests)."""
+    names = DefaultNames() if names is None else names
     if form == "csv":
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=[f.name for f in fields(UsageRecord)], lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(asdict(record) for record in records)
-        return out.getvalue()
-    encode = cloudevent if form == "cloudevents" else lago_event
-    return "".join(json.dumps(encode(record), separators=(",", ":")) + "\n" for record in records)
+        return _csv(records)
+    if form in ("cloudevents", "cloudevents-batch"):
+        events = [cloudevent(record, names, source) for record in records]
+        return _lines(events) if form == "cloudevents" else _line(events)
+    lago = [lago_event(record, names) for record in records]
+    if form == "lago":
+        return _lines({"event": event} for event in lago)
+    chunks = range(0, len(lago), LAGO_BATCH_SIZE)
+    return _lines({"events": lago[start : start + LAGO_BATCH_SIZE]} for start in chunks)
+
+
+def _line(document: object) -> str:
+    return orjson.dumps(document).decode() + "\n"
+
+
+def _lines(documents: Iterable[object]) -> str:
+    return "".join(_line(document) for document in documents)
+
+
+def _csv(records: Sequence[UsageRecord]) -> str:
+    out = io.StringIO()
+    names = [field.name for field in fields(UsageRecord)]
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(names)
+    time_column = names.index("time")
+    for record in records:
+        row = [getattr(record, name) for name in names]
+        row[time_column] = rfc3339(record.time)
+        writer.writerow(row)
+    return out.getvalue()

@@ -9,7 +9,7 @@ import re
 from meshtoll.policy.document import FieldPath
 from meshtoll.policy.fields import Fields
 from meshtoll.policy.model import BillingAccounts, Policy
-from meshtoll.sinks.names import DEFAULT_METER, Target
+from meshtoll.sinks.names import DEFAULT_METERS, Target
 
 # A meter name must be a valid Stripe event_name (at most 100 characters), Lago metric code
 # and CloudEvents type alike: this much is safe in all three.
@@ -55,7 +55,7 @@ def meter_name(fields: Fields, value: object, path: FieldPath) -> str | None:
 class PolicyBillingNames:
     """BillingNames from a policy: a tenant's `billing:` block (its own name where the block
     names none, or for a tenant that has left the policy), and the route's meter, else the
-    plan's, else the default."""
+    plan's, else the target's default."""
 
     def __init__(self, policy: Policy) -> None:
         self._accounts = {name: tenant.billing for name, tenant in policy.tenants.items()}
@@ -67,5 +67,5 @@ class PolicyBillingNames:
         found: str | None = None if accounts is None else getattr(accounts, ACCOUNT_FIELDS[target])
         return tenant if found is None else found
 
-    def meter(self, plan: str, route: str) -> str:
-        return self._route_meters.get(route) or self._plan_meters.get(plan) or DEFAULT_METER
+    def meter(self, plan: str, route: str, target: Target) -> str:
+        return self._route_meters.get(route) or self._plan_meters.get(plan) or DEFAULT_METERS[target]

@@ -9,8 +9,13 @@ from typing import Literal, Protocol
 
 Target = Literal["openmeter", "lago", "stripe"]
 TARGETS: tuple[Target, ...] = ("openmeter", "lago", "stripe")
-# The meter every request counts on unless its route or plan names another.
-DEFAULT_METER = "api_requests"
+# The meter a request counts on unless its route or plan names one: what meshtoll's exports
+# have always said, so that meters users defined on them keep counting.
+DEFAULT_METERS: dict[Target, str] = {
+    "openmeter": "io.meshtoll.request",
+    "lago": "api_requests",
+    "stripe": "api_requests",
+}
 
 
 class BillingNames(Protocol):
@@ -21,16 +26,16 @@ class BillingNames(Protocol):
         """The tenant's id in `target`: its customer, subscription or subject."""
         ...
 
-    def meter(self, plan: str, route: str) -> str:
-        """The meter a request of this plan and route counts on."""
+    def meter(self, plan: str, route: str, target: Target) -> str:
+        """The meter a request of this plan and route counts on in `target`."""
         ...
 
 
 class DefaultNames:
-    """Every tenant under its own name, every request on DEFAULT_METER."""
+    """Every tenant under its own name, every request on the target's default meter."""
 
     def account(self, tenant: str, target: Target) -> str:
         return tenant
 
-    def meter(self, plan: str, route: str) -> str:
-        return DEFAULT_METER
+    def meter(self, plan: str, route: str, target: Target) -> str:
+        return DEFAULT_METERS[target]
