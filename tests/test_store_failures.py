@@ -202,6 +202,8 @@ EVERY_USAGE_CALL: dict[str, Callable[[RedisUsageStore], Awaitable[object]]] = {
     "record": lambda store: store.record([RECORD]),
     "usage": lambda store: store.usage("acme", "2026-12"),
     "ledger": lambda store: store.ledger("acme", 0.0, 2.0),
+    "ledger_after": lambda store: store.ledger_after("acme", "0-0", 10),
+    "ledger_appended": lambda store: store.ledger_appended(["acme"]),
     "admit": lambda store: store.admit([ADMISSION]),
     "report_units": lambda store: store.report_units([ReportedUnits("acme", "r-1", 7)]),
     "overdue": lambda store: store.overdue(2.0),

@@ -18,6 +18,7 @@ from meshtoll.storage.usage_redis import (
     MAX_RECORDS_PER_CALL,
     RedisUsageStore,
 )
+from meshtoll.usage.ledger import LEDGER_START, position_before, position_key
 from meshtoll.usage.records import Admission, Source, UsageRecord
 from meshtoll.usage.store import UsageStore
 
@@ -205,3 +206,46 @@ async def test_the_redis_index_of_admitted_tenants_is_read_for_a_bucket_more_and
     finally:
         await store.close()
         await client.aclose()
+
+
+async def test_the_ledger_reads_in_append_order_so_a_record_billed_late_comes_after_later_ones(
+    usage_store: UsageStore,
+) -> None:
+    # Reconciliation bills an admission with the admission's own time, after records of
+    # later requests were written: by time it sorts first, by append order last.
+    tenant = f"usage{next(_tenants)}"
+    assert await usage_store.record([record(tenant, "a", at=T + 10), record(tenant, "b", at=T + 11)]) == 2
+    late = record(tenant, "late", at=T + 1, status=0, source="admission")
+    assert await usage_store.record([late]) == 1
+    assert await usage_store.record([record(tenant, "c", at=T + 12)]) == 1
+    entries = await usage_store.ledger_after(tenant, LEDGER_START, 10)
+    assert [[r.request_id for r in entry.records] for entry in entries] == [["a", "b"], ["late"], ["c"]]
+    assert [entry.last for entry in entries] == [2, 3, 4]
+    assert [entries[0].number_of(0), entries[0].number_of(1), entries[1].number_of(0)] == [1, 2, 3]
+    assert [position_key(entry.position) for entry in entries] == sorted(
+        position_key(entry.position) for entry in entries
+    )
+    # A reader resumes after the position it has read, whatever the records' times.
+    after_first = await usage_store.ledger_after(tenant, entries[0].position, 1)
+    assert [r.request_id for entry in after_first for r in entry.records] == ["late"]
+    assert await usage_store.ledger_after(tenant, entries[-1].position, 10) == []
+    assert await usage_store.ledger_appended([tenant, "nobody"]) == {tenant: 4, "nobody": 0}
+
+
+async def test_a_replayed_record_appends_nothing_to_the_ledger(usage_store: UsageStore) -> None:
+    tenant = f"usage{next(_tenants)}"
+    assert await usage_store.record([record(tenant, "once")]) == 1
+    assert await usage_store.record([record(tenant, "once"), record(tenant, "new")]) == 1
+    entries = await usage_store.ledger_after(tenant, LEDGER_START, 10)
+    assert [[r.request_id for r in entry.records] for entry in entries] == [["once"], ["new"]]
+    assert await usage_store.ledger_appended([tenant]) == {tenant: 2}
+
+
+async def test_a_position_before_a_moment_starts_a_reader_at_what_was_appended_since(
+    usage_store: UsageStore,
+) -> None:
+    tenant = f"usage{next(_tenants)}"
+    assert await usage_store.record([record(tenant, "old")]) == 1
+    (entry,) = await usage_store.ledger_after(tenant, LEDGER_START, 10)
+    assert await usage_store.ledger_after(tenant, position_before(entry.appended), 10) == [entry]
+    assert await usage_store.ledger_after(tenant, position_before(entry.appended + 0.001), 10) == []

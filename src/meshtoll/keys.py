@@ -29,6 +29,11 @@ def ledger_key(tenant: str) -> str:
     return f"meshtoll_{{{tenant}}}_ledger"
 
 
+def ledger_appended_key(tenant: str) -> str:
+    """How many records the tenant's ledger has ever been appended (each entry's `last`)."""
+    return f"meshtoll_{{{tenant}}}_ledger_appended"
+
+
 def admissions_key(tenant: str) -> str:
     return f"meshtoll_{{{tenant}}}_admissions"
 

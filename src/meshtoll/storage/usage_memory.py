@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from meshtoll.keys import usage_key
+from meshtoll.usage.ledger import LedgerEntry, LedgerPosition, position_key
 from meshtoll.usage.records import Admission, ReportedUnits, UsageRecord, with_reported_units
 from meshtoll.usage.store import DEFAULT_LEDGER_RETENTION_SECONDS, PendingAdmissions
 from meshtoll.usage.tallies import TenantUsage, counter_increments, tenant_usage
@@ -29,9 +30,14 @@ class MemoryUsageStore:
         self._reported_at: dict[tuple[str, str], float] = {}
         self._tenants: set[str] = set()
         self._admitted_tenants: dict[str, str] = {}  # request id -> tenant, while pending
+        # Each tenant's ledger in append order, as the Redis stream keeps it.
+        self._entries: dict[str, list[LedgerEntry]] = {}
+        self._appended: dict[str, int] = {}
+        self._last_position = (0, 0)
 
     async def record(self, records: Sequence[UsageRecord]) -> int:
         counted = 0
+        new: dict[str, list[UsageRecord]] = {}
         for record in records:
             self._pending.pop((record.tenant, record.request_id), None)
             self._reported.pop((record.tenant, record.request_id), None)
@@ -48,12 +54,35 @@ class MemoryUsageStore:
                 for name, amount in increments:
                     counts[name] = counts.get(name, 0) + amount
             self.ledger_records.append(record)
+            new.setdefault(record.tenant, []).append(record)
             self._tenants.add(record.tenant)
             counted += 1
+        for tenant, batch in new.items():
+            self._append(tenant, batch)
         oldest = time.time() - self._ledger_retention
         if self.ledger_records and self.ledger_records[0].time < oldest:
             self.ledger_records = [r for r in self.ledger_records if r.time >= oldest]
         return counted
+
+    def _append(self, tenant: str, batch: list[UsageRecord]) -> None:
+        """One ledger entry, its position after every earlier one (as Redis makes them)."""
+        ms = max(int(self._clock() * 1000), self._last_position[0])
+        sequence = self._last_position[1] + 1 if ms == self._last_position[0] else 0
+        self._last_position = (ms, sequence)
+        last = self._appended[tenant] = self._appended.get(tenant, 0) + len(batch)
+        entries = self._entries.setdefault(tenant, [])
+        entries.append(LedgerEntry(f"{ms}-{sequence}", last, tuple(batch)))
+        # Kept as long as Redis keeps its entries (XADD MINID: by when they were appended).
+        while entries[0].appended < ms / 1000 - self._ledger_retention:
+            entries.pop(0)
+
+    async def ledger_after(self, tenant: str, after: LedgerPosition, limit: int) -> list[LedgerEntry]:
+        start = position_key(after)
+        entries = self._entries.get(tenant, [])
+        return [entry for entry in entries if position_key(entry.position) > start][:limit]
+
+    async def ledger_appended(self, tenants: Sequence[str]) -> dict[str, int]:
+        return {tenant: self._appended.get(tenant, 0) for tenant in tenants}
 
     async def usage(self, tenant: str, period: str) -> TenantUsage:
         return tenant_usage(tenant, period, dict(self._hashes.get(usage_key(tenant, period), {})))

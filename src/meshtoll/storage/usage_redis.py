@@ -19,6 +19,7 @@ from meshtoll.keys import (
     USAGE_TENANTS_KEY,
     admissions_key,
     admitted_tenants_key,
+    ledger_appended_key,
     ledger_key,
     pending_key,
     reported_units_key,
@@ -28,6 +29,7 @@ from meshtoll.keys import (
 from meshtoll.storage.redis_access import LeanScript, RedisFailures, lean_client, lua_script, redis_py_client
 from meshtoll.storage.resp import LeanRedis
 from meshtoll.storage.urls import parse_redis_url
+from meshtoll.usage.ledger import LedgerEntry, LedgerPosition
 from meshtoll.usage.records import (
     Admission,
     ReportedUnits,
@@ -131,6 +133,21 @@ class RedisUsageStore:
             entries = await self._client.xrange(ledger_key(tenant), min=f"{int(since * 1000)}-0", max="+")
         records = [record for _, fields in entries for record in ledger_entry_records(fields)]
         return sorted((r for r in records if since <= r.time < until), key=lambda r: r.time)
+
+    async def ledger_after(self, tenant: str, after: LedgerPosition, limit: int) -> list[LedgerEntry]:
+        with _NO_ANSWER:
+            entries = await self._client.xrange(ledger_key(tenant), min=f"({after}", max="+", count=limit)
+        return [ledger_entry(position.decode(), fields) for position, fields in entries]
+
+    async def ledger_appended(self, tenants: Sequence[str]) -> dict[str, int]:
+        if not tenants:
+            return {}
+        with _NO_ANSWER:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for tenant in tenants:
+                    pipe.get(ledger_appended_key(tenant))
+                counts = await pipe.execute()
+        return {tenant: int(count or 0) for tenant, count in zip(tenants, counts, strict=True)}
 
     async def admit(self, admissions: Sequence[Admission]) -> None:
         if not admissions:
@@ -308,6 +325,11 @@ def ledger_entry_records(fields: dict[bytes, bytes]) -> list[UsageRecord]:
     return [UsageRecord.from_document(document) for document in orjson.loads(fields[b"records"])]
 
 
+def ledger_entry(position: str, fields: dict[bytes, bytes]) -> LedgerEntry:
+    last = fields.get(b"last")
+    return LedgerEntry(position, None if last is None else int(last), tuple(ledger_entry_records(fields)))
+
+
 def usage_script_call(
     tenant: str, batch: Sequence[UsageRecord], now: float, ledger_retention_seconds: float
 ) -> tuple[list[str], list[Any]]:
@@ -316,6 +338,7 @@ def usage_script_call(
     this_week = int(now // WEEK_SECONDS)
     keys = [admissions_key(tenant), pending_key(tenant), ledger_key(tenant)]
     keys += (seen_key(tenant, this_week), seen_key(tenant, this_week - 1), reported_units_key(tenant))
+    keys.append(ledger_appended_key(tenant))
     groups: dict[int, int] = {}  # hour since the epoch -> hour group (1-based)
     # (group, route, status class, source) -> [requests, units]: a batch's records share
     # a handful of these, so the counter fields are spelled out once per kind, not per record.

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from meshtoll.usage.ledger import LedgerEntry, LedgerPosition
 from meshtoll.usage.records import Admission, ReportedUnits, UsageRecord
 from meshtoll.usage.tallies import TenantUsage
 
@@ -34,6 +35,16 @@ class UsageStore(Protocol):
 
     async def ledger(self, tenant: str, since: float, until: float) -> list[UsageRecord]:
         """The tenant's records with since <= time < until, oldest first."""
+        ...
+
+    async def ledger_after(self, tenant: str, after: LedgerPosition, limit: int) -> list[LedgerEntry]:
+        """The tenant's ledger entries appended after `after`, in append order, at most
+        `limit` of them (usage/ledger.py)."""
+        ...
+
+    async def ledger_appended(self, tenants: Sequence[str]) -> dict[str, int]:
+        """How many records each tenant's ledger has ever been appended (0 for none), in one
+        round trip: what a reader compares its place with."""
         ...
 
     async def admit(self, admissions: Sequence[Admission]) -> None:

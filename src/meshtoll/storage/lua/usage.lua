@@ -16,14 +16,17 @@
 --          seven days is found, whatever its record's own time says (an admission and its
 --          access-log record carry different clocks)
 -- KEYS[6]  the units body hooks reported for admitted requests (request id -> units)
--- then for hour group g (1-based): KEYS[4+3g], KEYS[5+3g], KEYS[6+3g], the tenant's usage
+-- KEYS[7]  the number of records ever appended to the ledger (a string counter): each entry
+--          carries it as `last`, so that a record's place in the ledger is a number, and
+--          what a billing sink has not delivered yet is a subtraction (meter/follower.py)
+-- then for hour group g (1-based): KEYS[5+3g], KEYS[6+3g], KEYS[7+3g], the tenant's usage
 --          hashes for the month, the day and the hour that group's records count in
 -- ARGV[1]  how long a seen set lives after its last write, in seconds
 -- ARGV[2]  the oldest ledger entry id to keep, in ms (XADD MINID): the retention
 -- ARGV[3], ARGV[4], ARGV[5]  how long a month, day and hour hash lives, in seconds
 -- ARGV[6]  the retention in seconds: the whole ledger expires when a tenant has written
 --          nothing for that long (XADD MINID trims only on a write)
--- ARGV[7]  the ledger entry: the batch's records as a JSON array
+-- ARGV[7]  the ledger entry: the batch's records as a JSON array (field `records`)
 -- ARGV[8]  C, the number of counter increments that follow
 -- ARGV[9+3(c-1) .. 11+3(c-1)], increment c: hour group, hash field, amount
 -- ARGV[9+3C ..]  the request ids, one per record, no two alike
@@ -33,7 +36,7 @@
 -- were new and are counted now, {0, {...}} when nothing was written.
 
 local admissions, pending, ledger, this_week, last_week = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local reported = KEYS[6]
+local reported, appended = KEYS[6], KEYS[7]
 local increments = tonumber(ARGV[8])
 local first_id = 9 + 3 * increments
 local ids = {unpack(ARGV, first_id)}
@@ -63,13 +66,15 @@ end
 
 redis.call('SADD', this_week, unpack(ids))
 redis.call('EXPIRE', this_week, ARGV[1])
-redis.call('XADD', ledger, 'MINID', ARGV[2], '*', 'records', ARGV[7])
+local last = redis.call('INCRBY', appended, #ids)
+redis.call('XADD', ledger, 'MINID', ARGV[2], '*', 'records', ARGV[7], 'last', last)
 redis.call('EXPIRE', ledger, ARGV[6])
+redis.call('EXPIRE', appended, ARGV[6])
 for c = 1, increments do
   local at = 9 + 3 * (c - 1)
   local group, field, amount = tonumber(ARGV[at]), ARGV[at + 1], ARGV[at + 2]
   for k = 1, 3 do  -- the month, day and hour hash
-    local name = KEYS[3 + 3 * group + k]
+    local name = KEYS[4 + 3 * group + k]
     local value = redis.call('HINCRBY', name, field, amount)
     if field == 'requests' and value == tonumber(amount) then
       redis.call('EXPIRE', name, ARGV[2 + k])  -- a new hash
