@@ -23,7 +23,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "sinks",
         "watched",
     ),  # pure cores: limits, key formats, usage, delivery, reload
-    ("storage", "policy", "telemetry", "transport"),  # adapters of the cores; the policy file
+    (
+        "storage",
+        "policy",
+        "telemetry",
+        "transport",
+        "targets",
+    ),  # adapters of the cores; the policy file; billing APIs
     ("settings",),
     ("ratelimit",),
     ("envoyproxy_ratelimit", "authz", "meter"),  # a drop-in for envoyproxy/ratelimit; the services

@@ -19,6 +19,10 @@
     ├── MalformedLine             an access-log body that is not a meter line (counted, dropped)
     ├── InvalidRateLimitRequest   an RLS request envoyproxy/ratelimit answers with an error
     │                             (no domain, no descriptors)
+    ├── DeliveryStalled           a billing sink cannot go on: its target kept failing past
+    │                             the attempts a one-shot push allows, or another instance
+    │                             holds the sink's lease
+    ├── LeaseLost                 a billing sink's lease expired under it and another took it
     ├── EnvoyNotFound             no Envoy binary to run the local stack with
     └── ProcessStartError         a child of the local stack exited or was not ready in time
 
@@ -110,6 +114,14 @@ class MalformedLine(MeshtollError):
 
 class InvalidRateLimitRequest(MeshtollError):
     """A rate-limit request that cannot be answered: envoyproxy/ratelimit returns an error."""
+
+
+class DeliveryStalled(MeshtollError):
+    """A billing sink cannot go on (its target keeps failing, or another instance delivers)."""
+
+
+class LeaseLost(MeshtollError):
+    """A billing sink no longer holds its lease: another instance delivers now."""
 
 
 class EnvoyNotFound(MeshtollError):

@@ -54,6 +54,13 @@ def admitted_tenants_key(bucket: int) -> str:
     return f"meshtoll_admitted_tenants_b{bucket}"
 
 
+def sink_key(sink: str, what: str) -> str:
+    """A billing sink's state (sinks/state.py): its lease, cursors, quarantine, replay queue
+    and pushed windows. One hash tag per sink, so that a write guarded by the lease is one
+    Lua call on one Cluster shard."""
+    return f"meshtoll_{{sink_{sink}}}_{what}"
+
+
 # The tenants with admissions awaiting settlement, so reconciliation never scans them all.
 PENDING_TENANTS_KEY = "meshtoll_pending_tenants"
 

@@ -7,7 +7,9 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from meshtoll.counting.store import CounterStore
+from meshtoll.sinks.state import SinkStateStore
 from meshtoll.storage.memory import MemoryCounterStore
+from meshtoll.storage.sink_state_memory import MemorySinkStateStore
 from meshtoll.storage.usage_memory import MemoryUsageStore
 from meshtoll.usage.store import DEFAULT_LEDGER_RETENTION_SECONDS, UsageStore
 
@@ -29,6 +31,16 @@ def open_usage_store(
     from meshtoll.storage.usage_redis import RedisUsageStore
 
     return RedisUsageStore(url, ledger_retention_seconds=ledger_retention_seconds)
+
+
+def open_sink_state_store(url: str | None) -> SinkStateStore:
+    """Where billing sinks keep their cursors, lease and quarantine: Redis for `url`, else
+    this process's memory."""
+    if url is None:
+        return MemorySinkStateStore()
+    from meshtoll.storage.sink_state_redis import RedisSinkStateStore
+
+    return RedisSinkStateStore(url)
 
 
 @contextlib.asynccontextmanager
@@ -54,9 +66,11 @@ async def usage_store(url: str | None) -> AsyncIterator[UsageStore]:
 __all__ = [
     "CounterStore",
     "MemoryCounterStore",
+    "MemorySinkStateStore",
     "MemoryUsageStore",
     "counter_store",
     "open_counter_store",
+    "open_sink_state_store",
     "open_usage_store",
     "usage_store",
 ]

@@ -52,6 +52,14 @@ def position_key(position: LedgerPosition) -> tuple[int, int]:
     return int(ms), int(sequence or 0)
 
 
+def position_preceding(position: LedgerPosition) -> LedgerPosition:
+    """The position just before `position`: reading after it reads `position` again."""
+    ms, sequence = position_key(position)
+    if sequence > 0:
+        return f"{ms}-{sequence - 1}"
+    return LEDGER_START if ms == 0 else f"{ms - 1}-{_MAX_SEQUENCE}"
+
+
 def position_before(moment: float) -> LedgerPosition:
     """The position just before every entry appended at `moment` or later (and, within the
     millisecond of `moment`, perhaps a little earlier: never later)."""
