@@ -7,11 +7,14 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from meshtoll.counting.store import COMPAT_MODES, FAILURE_MODES, Compat, FailureMode
 from meshtoll.errors import ConfigError
+from meshtoll.sinks.names import STRIPE_APIS, TARGETS
 from meshtoll.transport.http_listener import HttpLimits
 
 # What `meshtoll serve` and `meshtoll ratelimit` may run on (server/event_loop.py).
@@ -52,6 +55,32 @@ def compat_domains(raw: str) -> tuple[tuple[str, str], ...]:
             raise ValueError(f"{item!r} is not NAME=strict or NAME=meshtoll")
         pairs.append((domain, compat))
     return tuple(pairs)
+
+
+def usage_sinks(raw: str) -> tuple[tuple[str, str], ...]:
+    """`TARGET=URL[,TARGET=URL...]`, as --usage-sink and its variable are written."""
+    pairs = []
+    for item in raw.split(","):
+        target, equals, url = item.strip().partition("=")
+        if not equals or not target or not url:
+            raise ValueError(f"{item!r} is not TARGET=URL (openmeter=URL, lago=URL or stripe=URL)")
+        pairs.append((target, url))
+    return tuple(pairs)
+
+
+def utc_time(raw: str) -> float:
+    """An ISO date or time, UTC unless it says otherwise, as Unix seconds."""
+    moment = datetime.fromisoformat(raw)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def time_flag(text: str, flag: str) -> float:
+    """utc_time for a command's flag: a ConfigError naming it when the text is no time."""
+    try:
+        return utc_time(text)
+    except ValueError:
+        example = "e.g. 2026-11-01 or 2026-11-01T12:00"
+        raise ConfigError(f"{flag} {text!r} is not an ISO date or time ({example})") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +157,30 @@ class Settings:
         None, "also listen on Unix sockets grpc.sock and authz.sock here (for an Envoy in the same pod)", Path
     )
     event_loop: str = setting("uvloop", "uvloop (asyncio's own when uvloop is not installed) or asyncio")
+    # README: Send usage to your billing system. Credentials come from the environment only.
+    usage_sinks: tuple[tuple[str, str], ...] = setting(
+        (),
+        "deliver the usage ledger to a billing system as it grows: openmeter=URL, lago=URL or "
+        "stripe=URL; repeat the flag for more (the variable: comma-separated); credentials from "
+        "MESHTOLL_OPENMETER_TOKEN, MESHTOLL_LAGO_API_KEY, MESHTOLL_STRIPE_API_KEY",
+        usage_sinks,
+        flag="--usage-sink",
+        metavar="TARGET=URL",
+    )
+    usage_sink_since: float | None = setting(
+        None,
+        "a sink with no checkpoint for a tenant starts with what its ledger was appended since this "
+        "ISO date or time (default: the start of the current month, UTC)",
+        utc_time,
+        metavar="ISO",
+    )
+    usage_sink_timeout_seconds: float = setting(10.0, "bound on each call to a billing system", float)
+    cloudevents_source: str = setting(
+        "meshtoll", "the CloudEvents source of OpenMeter events (OpenMeter deduplicates on source + id)"
+    )
+    stripe_api: str = setting(
+        "v2", "Stripe's meter events: v2 (the event stream, batches) or v1 (one a call)"
+    )
 
     @staticmethod
     def env_name(field: str) -> str:
@@ -170,6 +223,7 @@ class Settings:
             raise ConfigError("admin_token must be non-empty printable ASCII without spaces")
         self._check_tls()
         self._check_http_limits()
+        self._check_usage_sinks()
         if self.uds_dir is not None and self.workers != 1:
             # grpcio binds a Unix socket by its path in each worker; a second worker would
             # take the path over from the first rather than share it.
@@ -189,6 +243,31 @@ class Settings:
             if domain in seen:
                 raise ConfigError(f"ratelimit_compat_domains: domain {domain!r} is given twice")
             seen.add(domain)
+
+    def _check_usage_sinks(self) -> None:
+        object.__setattr__(self, "usage_sinks", tuple(self.usage_sinks))
+        seen: set[str] = set()
+        for target, url in self.usage_sinks:
+            if target not in TARGETS:
+                raise ConfigError(f"usage_sinks: {target!r} is not one of {', '.join(TARGETS)}")
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(f"usage_sinks: {target}'s URL {url!r} is not an http(s) URL")
+            if parts.username is not None or parts.password is not None or parts.query:
+                # A URL is logged and shown; credentials go in the environment.
+                raise ConfigError(
+                    f"usage_sinks: {target}'s URL carries a credential or a query: give the credential "
+                    "in its MESHTOLL_* variable instead"
+                )
+            if target in seen:
+                raise ConfigError(f"usage_sinks: {target} is given twice")
+            seen.add(target)
+        if self.usage_sink_timeout_seconds <= 0:
+            raise ConfigError("usage_sink_timeout_seconds must be positive")
+        if self.stripe_api not in STRIPE_APIS:
+            raise ConfigError(f"stripe_api: {self.stripe_api!r} is not one of {', '.join(STRIPE_APIS)}")
+        if not self.cloudevents_source:
+            raise ConfigError("cloudevents_source must not be empty")
 
     def _check_http_limits(self) -> None:
         for name in ("http_header_timeout_seconds", "http_idle_timeout_seconds"):

@@ -7,9 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 from meshtoll.errors import BadPeriod, ConfigError, NotBillable
@@ -21,13 +19,13 @@ from meshtoll.meter.billing import (
     tenant_invoice,
 )
 from meshtoll.meter.billing_periods import read_period
+from meshtoll.meter.delivery_command import add_usage_delivery_commands, billing_names
 from meshtoll.meter.export import FORMATS, export
 from meshtoll.meter.pricing import Invoice
 from meshtoll.meter.usage_report import usage_document, usage_table
 from meshtoll.policy import load_policy
-from meshtoll.settings import Settings, add_policy_flag, add_redis_url_flag, settings_from
+from meshtoll.settings import add_policy_flag, add_redis_url_flag, settings_from, time_flag
 from meshtoll.sinks.events import DEFAULT_CLOUDEVENTS_SOURCE
-from meshtoll.sinks.names import BillingNames, DefaultNames
 from meshtoll.storage import usage_store
 from meshtoll.usage.records import UsageRecord
 from meshtoll.usage.tallies import TenantUsage
@@ -66,6 +64,7 @@ def add_usage_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     )
     add_redis_url_flag(exported)
     exported.set_defaults(command=_usage_export)
+    add_usage_delivery_commands(usage)
 
 
 def add_billing_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -105,7 +104,7 @@ def _usage_export(args: argparse.Namespace) -> int:
     redis_url = settings_from({"redis_url": args.redis_url}).shared_redis_url(
         "usage export reads the shared ledger"
     )
-    since, until = _utc_time(args.since, "--since"), _utc_time(args.until, "--until")
+    since, until = time_flag(args.since, "--since"), time_flag(args.until, "--until")
 
     async def read() -> list[UsageRecord]:
         async with usage_store(redis_url) as store:
@@ -117,13 +116,6 @@ def _usage_export(args: argparse.Namespace) -> int:
     names = billing_names(args.policy)
     sys.stdout.write(export(asyncio.run(read()), args.format, names, args.cloudevents_source))
     return 0
-
-
-def billing_names(policy: Path | None) -> BillingNames:
-    """The names the policy gives tenants and meters in billing systems: from `policy` or
-    MESHTOLL_POLICY when either is given, the defaults otherwise (usage outlives the policy)."""
-    chosen = policy or os.environ.get(Settings.env_name("policy"))
-    return DefaultNames() if not chosen else load_policy(chosen).billing
 
 
 def _billing_invoice(args: argparse.Namespace) -> int:
@@ -150,16 +142,6 @@ def _billing_invoice(args: argparse.Namespace) -> int:
     else:
         print("\n\n".join(invoice_table(bill) for bill in found))
     return 0
-
-
-def _utc_time(text: str, flag: str) -> float:
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise ConfigError(
-            f"{flag} {text!r} is not an ISO date or time (e.g. 2026-11-01 or 2026-11-01T12:00)"
-        ) from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _month(text: str | None, flag: str) -> str:

@@ -10,10 +10,10 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from meshtoll.errors import DeliveryStalled
+from meshtoll.errors import DeliveryStalled, LeaseLost
 from meshtoll.sinks.backoff import DEFAULT_BACKOFF, Backoff
 from meshtoll.sinks.delivery import Refusal, Retry, Sink
-from meshtoll.sinks.state import Quarantined
+from meshtoll.sinks.state import Quarantined, SinkStateStore
 from meshtoll.usage.records import UsageRecord
 
 log = logging.getLogger("meshtoll.sinks")
@@ -94,3 +94,23 @@ def quarantined(
         log.warning("%s sink: quarantined %s (%s: %s)", sink.target, item.key, reason, answer)
     outcomes["quarantined"] += len(found)
     return found
+
+
+async def deliver_replays(
+    sink: Sink, state: SinkStateStore, owner: str, attempts: Attempts, outcomes: Counter[str], now: float
+) -> int:
+    """Deliver a batch of the records replayed from the quarantine: delivered ones leave the
+    replay queue, refused ones go back to the quarantine with the new answer. How many were
+    in the batch (0: the queue is empty). Raises LeaseLost when the lease has gone."""
+    items = await state.replays(sink.target, sink.max_batch)
+    if not items:
+        return 0
+    records = [item.record for item in items]
+    refused = await settle(sink, records, attempts, outcomes, {})
+    again = quarantined(
+        sink, [(records[index], refusal) for index, refusal in refused.items()], now, outcomes
+    )
+    done = [item.key for index, item in enumerate(items) if index not in refused]
+    if not await state.save(sink.target, owner, {}, again, done):
+        raise LeaseLost(sink.target)
+    return len(items)

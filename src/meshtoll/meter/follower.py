@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from meshtoll.errors import LeaseLost, StorageError
-from meshtoll.meter.deliver import Attempts, quarantined, settle
+from meshtoll.meter.deliver import Attempts, deliver_replays, quarantined, settle
 from meshtoll.sinks.backoff import DEFAULT_BACKOFF, Backoff
 from meshtoll.sinks.delivery import UNCONFIRMED, Refusal, Sink
 from meshtoll.sinks.state import (
@@ -84,6 +84,11 @@ class LedgerFollower:
         self.behind_records = 0
         self.behind_seconds = 0.0
 
+    @property
+    def delivering(self) -> bool:
+        """Whether this follower holds the sink's lease."""
+        return self._cursors is not None
+
     async def run_forever(self) -> None:
         try:
             while True:
@@ -111,9 +116,9 @@ class LedgerFollower:
             self._cursors = await self._state.cursors(self.name)
             self._pushed = await self._state.pushed(self.name)
             log.info("%s sink: delivering (lease taken, %d tenants' cursors)", self.name, len(self._cursors))
-        replays = await self._state.replays(self.name, self.sink.max_batch)
-        if replays:
-            await self._replay(replays)
+        if await deliver_replays(
+            self.sink, self._state, self._owner, self._attempts, self.outcomes, self._clock()
+        ):
             return True
         waiting = await self._waiting()
         for start in range(0, len(waiting), self.sink.max_batch):
@@ -196,13 +201,6 @@ class LedgerFollower:
             )
             return Refusal(UNCONFIRMED, answer)
         return self.sink.refusal_before_sending(item.record, now)
-
-    async def _replay(self, items: Sequence[Quarantined]) -> None:
-        records = [item.record for item in items]
-        refused = await settle(self.sink, records, self._attempts, self.outcomes, {})
-        found = [(records[index], refusal) for index, refusal in refused.items()]
-        again = quarantined(self.sink, found, self._clock(), self.outcomes)
-        await self._save({}, again, [item.key for index, item in enumerate(items) if index not in refused])
 
     async def _save(
         self,

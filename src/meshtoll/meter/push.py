@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from meshtoll.errors import DeliveryStalled
-from meshtoll.meter.deliver import Attempts, quarantined, settle
+from meshtoll.meter.deliver import Attempts, deliver_replays, quarantined, settle
 from meshtoll.meter.follower import LEASE_SECONDS, PAGE_ENTRIES
 from meshtoll.sinks.delivery import Sink
 from meshtoll.sinks.state import Cursor, Place, PushedWindow, SinkStateStore
@@ -50,6 +50,8 @@ async def push(
         )
     outcomes: Counter[str] = Counter()
     try:
+        while await deliver_replays(sink, state, owner, attempts, outcomes, now):
+            pass  # records replayed from the quarantine go first
         cursors = await state.cursors(sink.target)
         earlier = await state.pushed(sink.target)
         mine = PushedWindow(window.since, window.until)

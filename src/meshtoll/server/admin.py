@@ -19,6 +19,8 @@ from meshtoll.meter.usage_report import usage_document
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.quota import tenant_quota
 from meshtoll.server.admin_access import OPEN_PATHS, AdminAccess
+from meshtoll.server.admin_sinks import answer_sink_path, is_sink_path
+from meshtoll.sinks.state import SinkStateStore
 from meshtoll.telemetry.metrics import Metrics
 from meshtoll.transport.http_server import response
 from meshtoll.usage.store import UsageStore
@@ -71,9 +73,10 @@ class AdminHandler:
         probe: StoreProbe,
         *,
         descriptor_stats: DescriptorStats | None = None,
+        sink_state: SinkStateStore | None = None,
     ) -> None:
         """`descriptor_stats`: envoyproxy/ratelimit's per-limit statistics, under its names
-        (with --ratelimit-config)."""
+        (with --ratelimit-config); `sink_state`: the billing sinks' quarantine."""
         self.access = access
         self.metrics = metrics
         self.policy = policy
@@ -81,6 +84,7 @@ class AdminHandler:
         self.usage = usage
         self.probe = probe
         self.descriptor_stats = descriptor_stats
+        self.sink_state = sink_state
 
     def __call__(
         self, method: str, target: str, headers: dict[str, str], peer: str
@@ -91,6 +95,8 @@ class AdminHandler:
             refused = self.access.refusal(headers, peer)
             if refused is not None:
                 return refused
+        if is_sink_path(path) and self.sink_state is not None:
+            return answer_sink_path(self.sink_state, method, target)
         if path.startswith("/api/tenants/") and path.endswith("/quota"):
             return self._quota(path.removeprefix("/api/tenants/").removesuffix("/quota"))
         for report, build in (("usage", self._usage_document), ("invoice", self._invoice_document)):

@@ -31,6 +31,7 @@ from meshtoll.ratelimit.service import RateLimitService
 from meshtoll.server.admin import AdminHandler, StoreProbe
 from meshtoll.server.admin_access import AdminAccess
 from meshtoll.server.lifecycle import Work
+from meshtoll.server.usage_sinks import UsageSinks, build_usage_sinks
 from meshtoll.settings import Settings
 from meshtoll.storage import open_counter_store, open_usage_store
 from meshtoll.telemetry.metrics import DecisionCounts, Metrics
@@ -56,6 +57,7 @@ class Services:
     admin: AdminHandler
     background: dict[str, Work]  # by name: what runs beside the servers, restarted if it fails
     restarts: Counter[str]  # background work started again, by name
+    usage_sinks: UsageSinks  # the billing sinks (--usage-sink) and their state store
 
     def stop_admitting(self) -> None:
         for authorizer in (self.http_authorizer, self.grpc_authorizer):
@@ -65,6 +67,7 @@ class Services:
         """After the servers stopped: no decision runs any more, so what the token leases
         did not spend goes back to Redis before the store closes."""
         await self.limiter.release_leases()
+        await self.usage_sinks.close()
         await self.store.close()
         await self.usage.close()
 
@@ -126,6 +129,9 @@ async def build(settings: Settings) -> Services:
         metrics.count_rejected_ratelimit_configs(configs)
     if settings.redis_url is not None:
         background["Redis probe"] = probe.run_forever
+    usage_sinks = build_usage_sinks(settings, holder, usage, metrics)
+    for follower in usage_sinks.followers:
+        background[f"{follower.name} usage sink"] = follower.run_forever
     admin = AdminHandler(
         AdminAccess(settings.admin_token),
         metrics,
@@ -134,6 +140,7 @@ async def build(settings: Settings) -> Services:
         usage,
         probe,
         descriptor_stats=None if configs is None else stats,
+        sink_state=usage_sinks.state,
     )
     return Services(
         policy=holder,
@@ -152,6 +159,7 @@ async def build(settings: Settings) -> Services:
         admin=admin,
         background=background,
         restarts=restarts,
+        usage_sinks=usage_sinks,
     )
 
 

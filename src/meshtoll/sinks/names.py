@@ -9,6 +9,9 @@ from typing import Literal, Protocol
 
 Target = Literal["openmeter", "lago", "stripe"]
 TARGETS: tuple[Target, ...] = ("openmeter", "lago", "stripe")
+# Stripe's two ways in: the v2 meter event stream (batches), or v1 (one form a call).
+StripeApi = Literal["v2", "v1"]
+STRIPE_APIS: tuple[StripeApi, ...] = ("v2", "v1")
 # The meter a request counts on unless its route or plan names one: what meshtoll's exports
 # have always said, so that meters users defined on them keep counting.
 DEFAULT_METERS: dict[Target, str] = {

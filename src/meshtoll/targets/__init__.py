@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from meshtoll.sinks.delivery import Sink
-from meshtoll.sinks.names import BillingNames, Target
+from meshtoll.sinks.names import BillingNames, StripeApi, Target
 from meshtoll.targets import lago, openmeter, stripe
 from meshtoll.targets.http import TIMEOUT_SECONDS
 
@@ -25,7 +25,7 @@ def open_sink(
     environ: Mapping[str, str],
     *,
     cloudevents_source: str,
-    stripe_api: stripe.StripeApi = "v2",
+    stripe_api: StripeApi = "v2",
     timeout: float = TIMEOUT_SECONDS,
 ) -> Sink:
     """`timeout` bounds each HTTP call's every wait (connect, write, read)."""

@@ -20,14 +20,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Literal
 
 import httpx
 import orjson
 
 from meshtoll.sinks.delivery import REFUSED, TOO_OLD, Delivery, Refusal, Retry
 from meshtoll.sinks.events import rfc3339, stripe_form_event, stripe_stream_event
-from meshtoll.sinks.names import BillingNames, Target
+from meshtoll.sinks.names import BillingNames, StripeApi, Target
 from meshtoll.targets.http import (
     TIMEOUT_SECONDS,
     TargetClient,
@@ -39,8 +38,6 @@ from meshtoll.targets.http import (
 )
 from meshtoll.usage.records import UsageRecord
 
-StripeApi = Literal["v2", "v1"]
-STRIPE_APIS: tuple[StripeApi, ...] = ("v2", "v1")
 API_KEY_VARIABLE = "MESHTOLL_STRIPE_API_KEY"
 STRIPE_API_URL = "https://api.stripe.com"
 # Stripe serves the v2 stream from its own host; a URL other than Stripe's (a proxy, a test

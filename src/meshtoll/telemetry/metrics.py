@@ -19,6 +19,9 @@ from opentelemetry.sdk.metrics.export import Gauge, InMemoryMetricReader, Sum
 
 from meshtoll.watched import Watched
 
+# A value with its labels, as a service reports it: ({"sink": "lago", "outcome": "delivered"}, 3).
+Labelled = tuple[dict[str, str], float]
+
 
 class DecisionCounts:
     """Decisions by transport and outcome ("allow" or the denial's error code)."""
@@ -88,6 +91,19 @@ class Metrics:
             name, callbacks=[observe], description=description
         )
 
+    def count_labelled(self, name: str, description: str, read: Callable[[], Iterable[Labelled]]) -> None:
+        """Export counts a service keeps under several labels (`read` gives each count with
+        its labels) as the counter `name`."""
+        self.provider.get_meter("meshtoll").create_observable_counter(
+            name, callbacks=[_observe_labelled(read)], description=description
+        )
+
+    def gauge_labelled(self, name: str, description: str, read: Callable[[], Iterable[Labelled]]) -> None:
+        """Export values a service keeps current, each with its labels, as the gauge `name`."""
+        self.provider.get_meter("meshtoll").create_observable_gauge(
+            name, callbacks=[_observe_labelled(read)], description=description
+        )
+
     def prometheus_text(self) -> str:
         collected = self.reader.get_metrics_data()
         lines: list[str] = []
@@ -108,6 +124,15 @@ def _prometheus_lines(name: str, description: str | None, data: object) -> list[
         labels = ",".join(f'{key}="{value!s}"' for key, value in sorted((point.attributes or {}).items()))
         lines.append(f"{sample}{{{labels}}} {point.value}" if labels else f"{sample} {point.value}")
     return lines
+
+
+def _observe_labelled(
+    read: Callable[[], Iterable[Labelled]],
+) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(value, labels) for labels, value in read()]
+
+    return observe
 
 
 def _observe_policy(
