@@ -335,3 +335,31 @@ async def test_a_batch_whose_answer_was_lost_is_sent_again_while_the_target_stil
     await idle(stripe)
     assert set(stripe.held) == sent
     assert await state.quarantined("stripe") == []
+
+
+async def test_a_tenants_month_of_usage_reaches_the_target_through_every_scripted_failure(
+    receiver: Receiver, usage: MemoryUsageStore
+) -> None:
+    # A month of a tenant's requests, a batch every quarter hour, written as the meter writes
+    # them; some billed late by reconciliation, after later ones.
+    clock = Clock()
+    month = [record(at=NOW - 30 * 86400 + quarter * 900 + n) for quarter in range(30 * 96) for n in range(2)]
+    for start in range(0, len(month), 50):
+        await usage.record(month[start : start + 50])
+    late = [record(at=NOW - 20 * 86400 + n, status=0, source="admission") for n in range(5)]
+    await usage.record(late)
+    failures = [
+        Scripted(status=503),
+        Scripted(status=503, hold=True),  # Lago: its 422 for the known ids next
+        Scripted(status=429, retry_after="3"),
+        Scripted(hang=2.5),
+        Scripted(expire_session=True),
+    ]
+    receiver.script.extend([Scripted(), *failures])
+    one = follower(receiver, usage, MemorySinkStateStore(clock=clock), clock, timeout=1.0)
+    await drain(one)
+    await idle(receiver)
+    assert receiver.problems == []
+    assert sorted(held_ids(receiver)) == sorted(r.request_id for r in [*month, *late])
+    assert one.outcomes["quarantined"] == 0
+    assert one.behind_records == 0

@@ -103,8 +103,17 @@ class LedgerFollower:
                 if not moved:
                     await self._sleep(IDLE_SECONDS)
         finally:
-            if self._cursors is not None:
-                await self._state.unlease(self.name, self._owner)
+            await self._give_up_lease()
+
+    async def _give_up_lease(self) -> None:
+        """On the way out: another instance may take over at once instead of after the
+        lease runs out (which it still does, should the store not answer now)."""
+        if self._cursors is None:
+            return
+        try:
+            await self._state.unlease(self.name, self._owner)
+        except StorageError as exc:
+            log.warning("%s sink: could not give up its lease (%s); it expires by itself", self.name, exc)
 
     async def step(self) -> bool:
         """One round; whether it moved anything (else the loop rests a second)."""
