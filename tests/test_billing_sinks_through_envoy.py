@@ -186,3 +186,35 @@ def test_the_quarantine_is_listed_and_replayed_through_the_admin_api(stack: Loca
     assert (wrong.status, wrong.json()["error"]) == (405, "method_not_allowed")
     unknown = fetch(f"{stack.meshtoll_admin_url}/api/usage/sinks/chargebee/quarantine")
     assert (unknown.status, unknown.json()["error"]) == (404, "not_found")
+
+
+def test_what_a_client_sends_names_no_tenant_customer_or_event_id_in_a_billing_system(
+    stack: LocalStack, receivers: dict[str, Receiver]
+) -> None:
+    own_redis = redis_of(stack)
+    before = set(ledger_ids(own_redis))
+    hostile = {
+        "x-api-key": KEY,
+        "x-request-id": "forged-id",  # an id the client chose: replayed, it could hide requests
+        "x-meshtoll-tenant": "someone-else",
+        "x-meshtoll-route": "free",
+        "x-stripe-customer": "cus_someone_else",
+    }
+    for _ in range(3):
+        assert fetch(stack.url("listen_full_port", "/v1/search"), headers=hostile).status == 200
+    new = eventually(
+        lambda: set(ledger_ids(own_redis)) - before,
+        lambda ids: len(ids) == 3,
+        timeout=30,
+        message="3 more records",
+    )
+    assert "forged-id" not in new  # Envoy's own ids, one per request
+    eventually(
+        lambda: delivered(receivers, new), timeout=30, message="the 3 records never reached every target"
+    )
+    for receiver in receivers.values():
+        assert not any("forged-id" in key for key in receiver.held)
+    assert {e["subject"] for e in receivers["openmeter"].held.values()} == {"billed-corp"}
+    assert {e["external_subscription_id"] for e in receivers["lago"].held.values()} == {"sub-billed"}
+    assert {e["payload"]["stripe_customer_id"] for e in receivers["stripe"].held.values()} == {CUSTOMER}
+    assert {e["type"] for e in receivers["openmeter"].held.values()} == {"searches", "pro_calls"}
