@@ -12,14 +12,18 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
+import redis.asyncio
 
+from meshtoll.keys import ledger_appended_key, ledger_key
 from meshtoll.meter.follower import LedgerFollower
 from meshtoll.sinks.delivery import TOO_OLD, UNCONFIRMED
 from meshtoll.sinks.names import DefaultNames, Target
 from meshtoll.sinks.state import SinkStateStore
 from meshtoll.storage import MemorySinkStateStore, MemoryUsageStore
+from meshtoll.storage.usage_redis import RedisUsageStore
 from meshtoll.targets import open_sink
 from meshtoll.usage.records import UsageRecord
+from meshtoll.usage.store import UsageStore
 from tests.billing_receivers import Receiver, Scripted, running_receiver
 from tests.waiting import eventually_async
 
@@ -57,7 +61,7 @@ def receiver(request: pytest.FixtureRequest) -> Iterator[Receiver]:
 
 def follower(
     receiver: Receiver,
-    usage: MemoryUsageStore,
+    usage: UsageStore,
     state: SinkStateStore,
     clock: Clock,
     *,
@@ -363,3 +367,28 @@ async def test_a_tenants_month_of_usage_reaches_the_target_through_every_scripte
     assert sorted(held_ids(receiver)) == sorted(r.request_id for r in [*month, *late])
     assert one.outcomes["quarantined"] == 0
     assert one.behind_records == 0
+
+
+@pytest.mark.integration
+async def test_a_ledger_that_expired_and_began_again_is_followed_from_its_new_start(
+    redis_url: str, receiver: Receiver
+) -> None:
+    # A tenant idle for the whole retention: its ledger and its count expire together, and
+    # the next records are numbered from 1 again, below the number the cursor stands at.
+    clock = Clock()
+    tenant = f"expired-{next(_ids)}"
+    usage = RedisUsageStore(redis_url)
+    try:
+        one = follower(receiver, usage, MemorySinkStateStore(clock=clock), clock)
+        await usage.record([record(tenant) for _ in range(5)])
+        await drain(one)
+        client = redis.asyncio.Redis.from_url(redis_url)
+        await client.delete(ledger_key(tenant), ledger_appended_key(tenant))
+        await client.aclose()
+        again = [record(tenant) for _ in range(2)]
+        await usage.record(again)
+        await drain(one)
+        assert {r.request_id for r in again} <= held_ids(receiver)
+        assert one.behind_records == 0
+    finally:
+        await usage.close()

@@ -144,8 +144,8 @@ class LedgerFollower:
         at most ROUND_RECORDS; the lag gauges as of them."""
         tenants = await self._usage.tenants()
         appended = await self._usage.ledger_appended(tenants)
-        behind = {tenant: count - (self._cursor(tenant).number or 0) for tenant, count in appended.items()}
-        self.behind_records = sum(max(0, count) for count in behind.values())
+        behind = {tenant: self._behind(tenant, count) for tenant, count in appended.items()}
+        self.behind_records = sum(behind.values())
         oldest = math.inf
         waiting: list[Waiting] = []
         for tenant in sorted((t for t in tenants if behind[t] > 0), key=lambda t: -behind[t]):
@@ -162,6 +162,13 @@ class LedgerFollower:
             waiting += found
         self.behind_seconds = 0.0 if math.isinf(oldest) else max(0.0, self._clock() - oldest)
         return waiting
+
+    def _behind(self, tenant: str, appended: int) -> int:
+        """How many of the tenant's records the sink has not passed yet. Fewer appended than
+        passed: the ledger expired (nothing written for the whole retention) and began
+        again from 1, its new entries all after the cursor's position."""
+        number = self._cursor(tenant).number or 0
+        return appended - number if appended >= number else appended
 
     async def _deliver(self, batch: list[Waiting]) -> None:
         now = self._clock()
