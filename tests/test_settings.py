@@ -83,3 +83,32 @@ def test_half_a_tls_configuration_or_an_unusable_token_is_a_config_error(
 ) -> None:
     with pytest.raises(ConfigError, match=problem):
         settings_from(flags, {})
+
+
+def test_usage_sinks_come_from_repeated_flags_or_one_variable_and_bad_ones_are_named() -> None:
+    flags = settings_from(
+        {"usage_sinks": [("lago", "https://lago.test"), ("stripe", "https://api.stripe.com")]}, {}
+    )
+    assert flags.usage_sinks == (("lago", "https://lago.test"), ("stripe", "https://api.stripe.com"))
+    environ = {"MESHTOLL_USAGE_SINKS": "openmeter=http://openmeter:8888, lago=https://lago.test"}
+    assert settings_from({}, environ).usage_sinks == (
+        ("openmeter", "http://openmeter:8888"),
+        ("lago", "https://lago.test"),
+    )
+    with pytest.raises(ConfigError, match=r"MESHTOLL_USAGE_SINKS='lago' is not a valid usage sinks"):
+        settings_from({}, {"MESHTOLL_USAGE_SINKS": "lago"})
+    bad = [
+        ([("chargebee", "https://x.test")], "'chargebee' is not one of openmeter, lago, stripe"),
+        ([("lago", "ftp://lago.test")], "lago's URL 'ftp://lago.test' is not an http\\(s\\) URL"),
+        ([("stripe", "https://sk_live_1:@api.stripe.com")], "stripe's URL carries a credential"),
+        ([("lago", "https://lago.test?api_key=x")], "lago's URL carries a credential or a query"),
+        ([("lago", "https://a.test"), ("lago", "https://b.test")], "lago is given twice"),
+    ]
+    for sinks, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            settings_from({"usage_sinks": sinks}, {})
+    with pytest.raises(ConfigError, match=r"usage_sink_timeout_seconds: 30.0 must be above 0 and at most 10"):
+        settings_from({"usage_sink_timeout_seconds": 30.0}, {})
+    with pytest.raises(ConfigError, match=r"stripe_api: 'v3' is not one of v2, v1"):
+        settings_from({"stripe_api": "v3"}, {})
+    assert settings_from({}, {"MESHTOLL_USAGE_SINK_SINCE": "2026-11-01"}).usage_sink_since == 1_793_491_200.0

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from meshtoll.counting.store import COMPAT_MODES, FAILURE_MODES, Compat, FailureMode
 from meshtoll.errors import ConfigError
 from meshtoll.sinks.names import STRIPE_APIS, TARGETS
+from meshtoll.sinks.state import MAX_CALL_SECONDS
 from meshtoll.transport.http_listener import HttpLimits
 
 # What `meshtoll serve` and `meshtoll ratelimit` may run on (server/event_loop.py).
@@ -262,8 +263,13 @@ class Settings:
             if target in seen:
                 raise ConfigError(f"usage_sinks: {target} is given twice")
             seen.add(target)
-        if self.usage_sink_timeout_seconds <= 0:
-            raise ConfigError("usage_sink_timeout_seconds must be positive")
+        if not 0 < self.usage_sink_timeout_seconds <= MAX_CALL_SECONDS:
+            # A call must fit well inside a sink's lease, or a second instance could take
+            # the lease over while it runs.
+            raise ConfigError(
+                f"usage_sink_timeout_seconds: {self.usage_sink_timeout_seconds} must be above 0 and at "
+                f"most {MAX_CALL_SECONDS:g}"
+            )
         if self.stripe_api not in STRIPE_APIS:
             raise ConfigError(f"stripe_api: {self.stripe_api!r} is not one of {', '.join(STRIPE_APIS)}")
         if not self.cloudevents_source:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from meshtoll.errors import DeliveryStalled, LeaseLost
 from meshtoll.sinks.backoff import DEFAULT_BACKOFF, Backoff
 from meshtoll.sinks.delivery import Refusal, Retry, Sink
-from meshtoll.sinks.state import Quarantined, SinkStateStore
+from meshtoll.sinks.state import LEASE_SECONDS, Quarantined, SinkStateStore
 from meshtoll.usage.records import UsageRecord
 
 log = logging.getLogger("meshtoll.sinks")
@@ -114,3 +114,25 @@ async def deliver_replays(
     if not await state.save(sink.target, owner, {}, again, done):
         raise LeaseLost(sink.target)
     return len(items)
+
+
+async def renew(state: SinkStateStore, target: str, owner: str) -> None:
+    """Extend the sink's lease, or raise LeaseLost when another instance holds it now."""
+    if not await state.lease(target, owner, LEASE_SECONDS):
+        raise LeaseLost(f"another instance holds the {target} sink's lease now")
+
+
+def waiting_with_lease(
+    state: SinkStateStore, target: str, owner: str, sleep: Callable[[float], Awaitable[None]]
+) -> Callable[[float], Awaitable[None]]:
+    """A wait between attempts that keeps the lease: it sleeps in steps of a third of it."""
+
+    async def wait(seconds: float) -> None:
+        left = seconds
+        while left > 0:
+            step = min(left, LEASE_SECONDS / 3)
+            await sleep(step)
+            left -= step
+            await renew(state, target, owner)
+
+    return wait

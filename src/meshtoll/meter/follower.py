@@ -20,10 +20,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from meshtoll.errors import LeaseLost, StorageError
-from meshtoll.meter.deliver import Attempts, deliver_replays, quarantined, settle
+from meshtoll.meter.deliver import Attempts, deliver_replays, quarantined, renew, settle, waiting_with_lease
 from meshtoll.sinks.backoff import DEFAULT_BACKOFF, Backoff
 from meshtoll.sinks.delivery import UNCONFIRMED, Refusal, Sink
 from meshtoll.sinks.state import (
+    LEASE_SECONDS,
     WHOLE_ENTRY,
     Cursor,
     Place,
@@ -38,7 +39,6 @@ from meshtoll.usage.store import UsageStore
 
 log = logging.getLogger("meshtoll.sinks")
 
-LEASE_SECONDS = 30.0
 IDLE_SECONDS = 1.0  # between rounds that found nothing to deliver
 PAGE_ENTRIES = 8  # ledger entries read per tenant and round (at most 2,000 records)
 ROUND_RECORDS = 2000  # records one round holds in memory at most
@@ -77,7 +77,7 @@ class LedgerFollower:
         self._start = start
         self._clock = clock
         self._sleep = sleep
-        self._attempts = Attempts(self._wait, random, backoff)
+        self._attempts = Attempts(waiting_with_lease(state, self.name, owner, sleep), random, backoff)
         self._cursors: dict[str, Cursor] | None = None  # None: not holding the lease
         self._pushed: list[PushedWindow] = []
         self.outcomes: Counter[str] = Counter()  # delivered, retried, quarantined, skipped
@@ -181,6 +181,8 @@ class LedgerFollower:
         refused = dict(held_back)
         ends = _ends(batch)
         if len(held_back) < len(outgoing):
+            # A fresh lease for each batch: one call (at most a third of it) fits inside.
+            await renew(self._state, self.name, self._owner)
             await self._save({tenant: self._sending(tenant, end.place, now) for tenant, end in ends.items()})
             records = [item.record for item in outgoing]
             refused = await settle(self.sink, records, self._attempts, self.outcomes, held_back)
@@ -228,16 +230,6 @@ class LedgerFollower:
             raise LeaseLost(self.name)
         assert self._cursors is not None
         self._cursors.update(cursors)
-
-    async def _wait(self, seconds: float) -> None:
-        """Sleep between attempts, keeping the lease: in steps of a third of it."""
-        left = seconds
-        while left > 0:
-            step = min(left, LEASE_SECONDS / 3)
-            await self._sleep(step)
-            left -= step
-            if not await self._state.lease(self.name, self._owner, LEASE_SECONDS):
-                raise LeaseLost(self.name)
 
 
 def _after(cursor: Cursor, entries: Sequence[LedgerEntry]) -> list[Waiting]:

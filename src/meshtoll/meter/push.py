@@ -16,13 +16,13 @@ import logging
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meshtoll.errors import DeliveryStalled
-from meshtoll.meter.deliver import Attempts, deliver_replays, quarantined, settle
-from meshtoll.meter.follower import LEASE_SECONDS, PAGE_ENTRIES
+from meshtoll.meter.deliver import Attempts, deliver_replays, quarantined, renew, settle, waiting_with_lease
+from meshtoll.meter.follower import PAGE_ENTRIES
 from meshtoll.sinks.delivery import Sink
-from meshtoll.sinks.state import Cursor, Place, PushedWindow, SinkStateStore
+from meshtoll.sinks.state import LEASE_SECONDS, Cursor, Place, PushedWindow, SinkStateStore
 from meshtoll.usage.ledger import position_before
 from meshtoll.usage.records import UsageRecord
 from meshtoll.usage.store import UsageStore
@@ -55,9 +55,12 @@ async def push(
         cursors = await state.cursors(sink.target)
         earlier = await state.pushed(sink.target)
         mine = PushedWindow(window.since, window.until)
+        # Retries wait keeping the lease, and each batch starts with a fresh one.
+        attempts = replace(attempts, wait=waiting_with_lease(state, sink.target, owner, attempts.wait))
         for tenant in window.tenants:
             unsent = _unsent(usage, tenant, window, cursors.get(tenant), earlier, outcomes, sink.max_batch)
             async for batch in unsent:
+                await renew(state, sink.target, owner)
                 await _deliver(sink, state, owner, batch, attempts, outcomes, now)
                 mine.through[tenant] = batch[-1][1]
                 if not await state.save_pushed(sink.target, owner, [*earlier, mine]):

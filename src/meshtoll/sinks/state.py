@@ -19,6 +19,11 @@ from meshtoll.sinks.delivery import Refusal
 from meshtoll.usage.ledger import LedgerPosition, position_key
 from meshtoll.usage.records import UsageRecord
 
+# How long a sink's lease lasts unless renewed; a call to a target must fit in a third of it
+# (Settings bounds --usage-sink-timeout-seconds so), so that a batch in flight never
+# outlives the lease it was sent under.
+LEASE_SECONDS = 30.0
+MAX_CALL_SECONDS = LEASE_SECONDS / 3
 # A record's place in a tenant's ledger: its entry's position and its index in the entry.
 Place = tuple[LedgerPosition, int]
 # Past every record of an entry, whatever its length (at most 250 records).
