@@ -42,6 +42,9 @@ log = logging.getLogger("meshtoll.sinks")
 IDLE_SECONDS = 1.0  # between rounds that found nothing to deliver
 PAGE_ENTRIES = 8  # ledger entries read per tenant and round (at most 2,000 records)
 ROUND_RECORDS = 2000  # records one round holds in memory at most
+# A batch is not sent again once it was first sent this long before the target forgets ids:
+# clocks differ, and "24 hours" is the target's promise, not an instant to cut close.
+DEDUP_MARGIN_SECONDS = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +212,7 @@ class LedgerFollower:
             dedup is not None
             and cursor.sending is not None
             and cursor.sent_at is not None
-            and now - cursor.sent_at > dedup
+            and now - cursor.sent_at > dedup - DEDUP_MARGIN_SECONDS
             and place_key(item.place) <= place_key(cursor.sending)
         ):
             answer = (
