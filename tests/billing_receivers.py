@@ -197,6 +197,7 @@ class Receiver:
 
 class _Handler(BaseHTTPRequestHandler):
     receiver: Receiver
+    protocol_version = "HTTP/1.1"  # keep-alive, as the real services answer
 
     def do_POST(self) -> None:
         length = int(self.headers.get("content-length") or 0)

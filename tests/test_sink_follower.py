@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
 import pytest
@@ -16,7 +16,7 @@ import redis.asyncio
 
 from meshtoll.keys import ledger_appended_key, ledger_key
 from meshtoll.meter.follower import LedgerFollower
-from meshtoll.sinks.delivery import TOO_OLD, UNCONFIRMED
+from meshtoll.sinks.delivery import TOO_OLD, UNCONFIRMED, Sink
 from meshtoll.sinks.names import DefaultNames, Target
 from meshtoll.sinks.state import SinkStateStore
 from meshtoll.storage import MemorySinkStateStore, MemoryUsageStore
@@ -53,6 +53,22 @@ def record(tenant: str = "acme", at: float = NOW - 60, **fields: object) -> Usag
     return replace(found, **fields)  # type: ignore[arg-type]
 
 
+_OPENED: list[Sink] = []
+
+
+def opened(sink: Sink) -> Sink:
+    """A sink that is closed when the test ends (its connections kept alive until then)."""
+    _OPENED.append(sink)
+    return sink
+
+
+@pytest.fixture(autouse=True)
+async def close_sinks() -> AsyncIterator[None]:
+    yield
+    while _OPENED:
+        await _OPENED.pop().close()
+
+
 @pytest.fixture(params=["openmeter", "lago", "stripe"])
 def receiver(request: pytest.FixtureRequest) -> Iterator[Receiver]:
     with running_receiver(request.param) as found:
@@ -72,8 +88,8 @@ def follower(
     environ = {
         f"MESHTOLL_{name}": receiver.token for name in ("OPENMETER_TOKEN", "LAGO_API_KEY", "STRIPE_API_KEY")
     }
-    sink = open_sink(
-        target, receiver.url, DefaultNames, environ, cloudevents_source="meshtoll", timeout=timeout
+    sink = opened(
+        open_sink(target, receiver.url, DefaultNames, environ, cloudevents_source="meshtoll", timeout=timeout)
     )
     return LedgerFollower(
         sink,
@@ -272,7 +288,9 @@ async def test_stripe_v1_sends_one_form_a_call_and_takes_a_known_identifier_as_d
 ) -> None:
     clock = Clock()
     environ = {"MESHTOLL_STRIPE_API_KEY": stripe.token}
-    sink = open_sink("stripe", stripe.url, DefaultNames, environ, cloudevents_source="", stripe_api="v1")
+    sink = opened(
+        open_sink("stripe", stripe.url, DefaultNames, environ, cloudevents_source="", stripe_api="v1")
+    )
     records = [record() for _ in range(5)]
     await usage.record(records)
     stripe.script.append(Scripted(status=500, hold=True))  # the first one taken, its answer lost
