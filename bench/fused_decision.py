@@ -1,11 +1,15 @@
 """µs of meshtoll CPU per fused decision, in-process: the HTTP ext_authz handler, the
 Authorizer, the Limiter and the Redis counter store against a real redis-server, driven as
-the HTTP server drives them (a Task per decision that waits on Redis), without Envoy, wrk or
-sockets on the client side, so that the figure moves only with meshtoll's own code.
+the HTTP server drives them (each decision in a loop callback, a Task only for one that waits
+on Redis), without Envoy, wrk or sockets on the client side, so that the figure moves only
+with meshtoll's own code.
 
     python bench/fused_decision.py [--decisions N] [--concurrency C] [--event-loop uvloop|asyncio]
-                                   [--redis tcp|unix] [--lease-max L] [--profile FILE]
+                                   [--redis tcp|unix] [--lease-max L] [--tenant limited|unlimited]
+                                   [--profile FILE]
 
+--tenant unlimited makes the same decisions for a tenant without limits: row (c)'s path, the
+yardstick of issue 21's targets ((f) at most 1.4x (c)'s CPU).
 --profile writes cProfile statistics (pstats) of one run; bench/run.py's rows (f) and (h)
 measure the same path through Envoy.
 """
@@ -32,19 +36,28 @@ from meshtoll.storage.redis import RedisCounterStore
 from meshtoll.storage.usage_redis import RedisUsageStore
 from meshtoll.usage.recorder import AdmissionRecorder
 
-KEY = "fused-bench-key"
+KEYS = {"limited": "fused-bench-key", "unlimited": "plain-bench-key"}
+DIGESTS = {tenant: hashlib.sha256(key.encode()).hexdigest() for tenant, key in KEYS.items()}
 POLICY = f"""
 plans:
+  pro: {{}}
   metered:
     limits: [{{requests: 1000000000, per: second}}, {{requests: 100000000000, per: day, name: daily}}]
 tenants:
-  limited: {{plan: metered, api_keys: [{{id: limited, sha256: {hashlib.sha256(KEY.encode()).hexdigest()}}}]}}
+  limited: {{plan: metered, api_keys: [{{id: limited, sha256: {DIGESTS["limited"]}}}]}}
+  unlimited: {{plan: pro, api_keys: [{{id: unlimited, sha256: {DIGESTS["unlimited"]}}}]}}
 routes: [{{prefix: /v1/, name: v1}}]
 """
 
 
 async def decide_many(
-    redis_url: str, policy: Path, decisions: int, concurrency: int, lease_max: int, profile: Path | None
+    redis_url: str,
+    policy: Path,
+    decisions: int,
+    concurrency: int,
+    lease_max: int,
+    key: str,
+    profile: Path | None,
 ) -> float:
     """µs of this process's CPU per decision, over `decisions` made `concurrency` at a time."""
     # A generous timeout: on a loaded machine a 50 ms one would time out and measure the failure path.
@@ -58,26 +71,49 @@ async def decide_many(
     flushing = asyncio.create_task(recorder.flush_forever())
     ids = iter(range(sys.maxsize))
 
-    async def client(count: int) -> None:
-        for _ in range(count):
+    def connection(count: int, done: asyncio.Future[None]) -> None:
+        """`count` decisions one after the other, as one of Envoy's connections sends them:
+        each decided in a loop callback (HttpProtocol's data_received), a Task only for a
+        handler that returns an awaitable, and the next request one loop turn later. The
+        recorder's flush runs between them as it does in a server."""
+
+        def next_decision(remaining: int) -> None:
+            if remaining == 0:
+                done.set_result(None)
+                return
             headers = {
                 "host": "meshtoll-authz",
-                "x-api-key": KEY,
+                "x-api-key": key,
                 "x-request-id": f"bench-{next(ids)}",
                 "x-meshtoll-peer-address": "127.0.0.1",
                 "content-length": "0",
             }
             reply = handler("GET", "/v1/items", headers, "127.0.0.1")
-            if not isinstance(reply, bytes):
-                reply = await asyncio.ensure_future(reply)  # as HttpProtocol does
-            assert reply.startswith(b"HTTP/1.1 200"), reply
+            if isinstance(reply, bytes):
+                answered(reply, remaining)
+                return
+            task = asyncio.ensure_future(reply)
+            task.add_done_callback(lambda finished: answered(finished.result(), remaining))
 
-    await client(concurrency * 50)  # warm-up: connections, the script loaded, caches
+        def answered(reply: bytes, remaining: int) -> None:
+            assert reply.startswith(b"HTTP/1.1 200"), reply
+            loop.call_soon(next_decision, remaining - 1)
+
+        loop.call_soon(next_decision, count)
+
+    async def decide_concurrently(connections: int, each: int) -> None:
+        finished = [loop.create_future() for _ in range(connections)]
+        for done in finished:
+            connection(each, done)
+        await asyncio.gather(*finished)
+
+    loop = asyncio.get_running_loop()
+    await decide_concurrently(concurrency, 50)  # warm-up: connections, the script loaded, caches
     profiler = cProfile.Profile() if profile is not None else None
     started = time.process_time()
     if profiler is not None:
         profiler.enable()
-    await asyncio.gather(*(client(decisions // concurrency) for _ in range(concurrency)))
+    await decide_concurrently(concurrency, decisions // concurrency)
     if profiler is not None and profile is not None:
         profiler.disable()
         profiler.dump_stats(profile)
@@ -100,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lease-max", type=int, default=1, help="decisions per token lease (1: Redis every decision)"
     )
+    parser.add_argument(
+        "--tenant",
+        default="limited",
+        choices=tuple(KEYS),
+        help="limited: the fused path, as row (f); unlimited: the same decision without limits, as (c)",
+    )
     parser.add_argument("--profile", type=Path, default=None, help="write cProfile stats of one run here")
     args = parser.parse_args(argv)
     with (
@@ -110,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         policy.write_text(POLICY)
         url = redis.unix_url if args.redis == "unix" else redis.url
         for _ in range(1 if args.profile else args.repeat):
-            spent = run_on_event_loop(
-                decide_many(url, policy, args.decisions, args.concurrency, args.lease_max, args.profile),
-                args.event_loop,
-            )
+            deciding = decide_many(
+                url, policy, args.decisions, args.concurrency, args.lease_max, KEYS[args.tenant],
+                args.profile,
+            )  # fmt: skip
+            spent = run_on_event_loop(deciding, args.event_loop)
             print(f"{spent:.1f} µs CPU per decision ({args.event_loop}, Redis over {args.redis})")
     return 0
 
