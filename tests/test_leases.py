@@ -183,6 +183,57 @@ async def test_only_one_grant_per_counter_is_asked_for_at_a_time() -> None:
     assert [c.lease for c in book.asking([check], book.take([check], T0))] == [15]
 
 
+class GatedStore(CountingStore):
+    """A store whose answers wait until the test opens the gate: decisions pile up behind
+    a grant in flight as they do behind a Redis round trip under load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def check(self, checks: Sequence[Check], now: float) -> list[CheckResult]:
+        await self.gate.wait()
+        await asyncio.sleep(0)  # a round trip: other decisions run before the answer
+        return await super().check(checks, now)
+
+
+async def test_decisions_waiting_for_a_grant_are_served_from_it_in_order_one_store_call_per_grant() -> None:
+    store = GatedStore()
+    limiter = Limiter(store, lease_max=4, clock=Clock())
+    checks = [Check(key(), RateLimit(1000, "minute")), Check(key(), RateLimit(100_000, "day"))]
+    decisions = [asyncio.ensure_future(limiter.check(checks)) for _ in range(12)]
+    await asyncio.sleep(0)  # every decision has started: the first asks, the rest wait
+    store.gate.set()
+    verdicts = await asyncio.gather(*decisions)
+    assert all(verdict.admitted for verdict in verdicts)
+    # Each grant covers 3 decisions beyond its asker's: 12 decisions, 3 store calls.
+    assert store.calls == 3
+    remaining = [int(dict(verdict.headers)["ratelimit-remaining"]) for verdict in verdicts]
+    assert remaining == sorted(remaining, reverse=True)  # served in arrival order
+    assert limiter.outcomes["admitted_from_lease"] == 9
+
+
+async def test_a_waiter_woken_to_ask_that_gives_up_hands_the_turn_to_the_next() -> None:
+    book = LeaseBook(2)
+    check = Check(key(), RateLimit(1000, "minute"))
+    asked = book.asking([check], book.take([check], T0))
+    waits = []
+    for _ in range(3):
+        wait = book.wait_for_grants([check], book.take([check], T0))
+        assert wait is not None  # a grant is in flight for its counter
+        waits.append(wait)
+    first, second, third = waits
+    book.answered(asked, [CheckResult(True, 2, 998, 30.0, 0.0, leased=1)], T0)
+    assert first.future.result() is not None  # served from the grant of one
+    assert second.future.result() is None  # woken to ask, the counter reserved for it
+    assert second.reserved == {check.key}
+    assert not third.future.done()  # waits for the grant `second` will ask for
+    book.done_waiting(second, T0)  # cancelled before it asked
+    assert third.future.result() is None
+    assert third.reserved == {check.key}
+    assert [c.lease for c in book.asking([check], book.take([check], T0), third)] == [1]
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("algorithm", ["fixed_window", "sliding_window", "token_bucket"])
 async def test_several_leasing_limiters_on_one_redis_never_overshoot(redis_url: str, algorithm: str) -> None:

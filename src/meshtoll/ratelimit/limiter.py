@@ -3,7 +3,6 @@ refusals remembered locally, and the configured failure policy when the store ca
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import logging
@@ -14,7 +13,7 @@ from collections.abc import Callable, Sequence
 from meshtoll.counting.limits import Check, CheckResult, Increment, RateLimit
 from meshtoll.counting.store import CounterStore, FailureMode
 from meshtoll.errors import StorageError
-from meshtoll.ratelimit.leases import LeaseBook, Taken
+from meshtoll.ratelimit.leases import GrantWait, LeaseBook, Taken
 from meshtoll.ratelimit.verdict import ADMITTED_WITHOUT_LIMITS, LimitVerdict, admitted_verdict, limit_verdict
 
 log = logging.getLogger("meshtoll.ratelimit")
@@ -23,9 +22,6 @@ log = logging.getLogger("meshtoll.ratelimit")
 ADMITTED_BLIND = ADMITTED_WITHOUT_LIMITS
 _REFUSAL_CACHE_LIMIT = 100_000
 _FAILURE_LOG_INTERVAL_SECONDS = 5.0
-# How many grants in flight a decision waits for before it asks the store itself: more
-# concurrent decisions than one grant covers wait for the next one.
-_LEASE_WAITS = 4
 
 
 class Limiter:
@@ -116,20 +112,33 @@ class Limiter:
         self, checks: Sequence[Check], leases: LeaseBook, now: float
     ) -> list[CheckResult] | None:
         taken = leases.take(checks, now)
-        for _ in range(_LEASE_WAITS):
-            waits = [] if taken.complete else leases.in_flight(checks, taken)
-            if not waits:
-                break
-            # This process's grants for the missing counters are on their way: wait for
-            # them (holding no leased hits meanwhile) rather than take a round trip of our own.
-            leases.put_back(taken)
-            await asyncio.wait(waits)  # never cancels them, should this decision be
-            now = self._clock()
-            taken = leases.take(checks, now)
         if taken.complete:
             self.outcomes["admitted_from_lease"] += 1
             return taken.results  # type: ignore[return-value]  # complete: none is None
-        asked = leases.asking(checks, taken)
+        # This process's grants for the missing counters are on their way: wait for them
+        # (holding no leased hits meanwhile) rather than take a round trip of our own.
+        wait = leases.wait_for_grants(checks, taken)
+        if wait is None:
+            return await self._ask_store(checks, leases, taken, None, now)
+        try:
+            served = await wait.future
+            if served is not None:
+                self.outcomes["admitted_from_lease"] += 1
+                return served
+            # Woken to ask the store itself.
+            now = self._clock()
+            taken = leases.take(checks, now)
+            if taken.complete:
+                self.outcomes["admitted_from_lease"] += 1
+                return taken.results  # type: ignore[return-value]  # complete: none is None
+            return await self._ask_store(checks, leases, taken, wait, now)
+        finally:
+            leases.done_waiting(wait, self._clock())
+
+    async def _ask_store(
+        self, checks: Sequence[Check], leases: LeaseBook, taken: Taken, wait: GrantWait | None, now: float
+    ) -> list[CheckResult] | None:
+        asked = leases.asking(checks, taken, wait)
         results = None
         try:
             results = await self.store.check(asked, now)
@@ -137,9 +146,9 @@ class Limiter:
             self._store_failed(exc, now)  # raises under the "closed" policy
             return None
         finally:
-            leases.answered(asked, results, now)
             if results is None or not _admitted(asked, results):
                 leases.put_back(taken)  # a refused decision takes from no limit
+            leases.answered(asked, results, now)
         self._remember_refusals(asked, results, now)
         return _merged(taken, asked, results)
 
