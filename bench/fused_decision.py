@@ -6,7 +6,7 @@ with meshtoll's own code.
 
     python bench/fused_decision.py [--decisions N] [--concurrency C] [--event-loop uvloop|asyncio]
                                    [--redis tcp|unix] [--lease-max L] [--tenant limited|unlimited]
-                                   [--profile FILE]
+                                   [--no-admissions] [--profile FILE]
 
 --tenant unlimited makes the same decisions for a tenant without limits: row (c)'s path, the
 yardstick of issue 21's targets ((f) at most 1.4x (c)'s CPU).
@@ -57,6 +57,7 @@ async def decide_many(
     concurrency: int,
     lease_max: int,
     key: str,
+    admissions: bool,
     profile: Path | None,
 ) -> float:
     """µs of this process's CPU per decision, over `decisions` made `concurrency` at a time."""
@@ -66,7 +67,9 @@ async def decide_many(
     recorder = AdmissionRecorder(usage)
     holder = PolicyHolder.from_file(policy)
     limiter = Limiter(store, lease_max=lease_max)
-    authorizer = Authorizer(holder, JwksCache(), transport="http", limiter=limiter, recorder=recorder)
+    authorizer = Authorizer(
+        holder, JwksCache(), transport="http", limiter=limiter, recorder=recorder if admissions else None
+    )
     handler = HttpAuthzHandler(authorizer)
     flushing = asyncio.create_task(recorder.flush_forever())
     ids = iter(range(sys.maxsize))
@@ -142,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=tuple(KEYS),
         help="limited: the fused path, as row (f); unlimited: the same decision without limits, as (c)",
     )
+    parser.add_argument(
+        "--no-admissions",
+        action="store_true",
+        help="record no admission (what an admitted request's record and its flush cost, by difference)",
+    )
     parser.add_argument("--profile", type=Path, default=None, help="write cProfile stats of one run here")
     args = parser.parse_args(argv)
     with (
@@ -154,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(1 if args.profile else args.repeat):
             deciding = decide_many(
                 url, policy, args.decisions, args.concurrency, args.lease_max, KEYS[args.tenant],
-                args.profile,
+                not args.no_admissions, args.profile,
             )  # fmt: skip
             spent = run_on_event_loop(deciding, args.event_loop)
             print(f"{spent:.1f} µs CPU per decision ({args.event_loop}, Redis over {args.redis})")

@@ -1,0 +1,115 @@
+"""µs of meshtoll CPU per rate-limit service call, in-process: `meshtoll ratelimit` (RlsApp,
+strict compatibility, counting in a real redis-server) served in this process, called over
+gRPC by a client in a child process, so that this process's CPU is the server's alone (its
+gRPC machinery, the decision, the Redis call) and moves only with meshtoll's own code.
+Row (i) of bench/run.py measures the same service through Envoy.
+
+    python bench/rls_decision.py [--decisions N] [--concurrency C] [--repeat R] [--profile FILE]
+
+Each call is one descriptor `(api_key, <key>)` of domain `bench` (bench/rls_alone.py's
+configuration), never over its limit. Under bench/instructions.py only this process is
+counted: the client and redis-server are other processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rls_alone import CONFIG
+
+from meshtoll.envoyproxy_ratelimit.environment import rls_settings_from
+from meshtoll.local.devstack import RedisServer, rls_environment
+from meshtoll.local.processes import free_ports
+from meshtoll.server.event_loop import run_on_event_loop
+from meshtoll.server.rls_app import RlsApp
+
+# The client: `calls` ShouldRateLimit calls, `concurrency` at a time, on one channel (as
+# Envoy's one worker keeps one HTTP/2 connection to the service), then it exits.
+CLIENT = """
+import asyncio, sys
+import grpc
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+async def main(target, calls, concurrency):
+    request = rls_pb2.RateLimitRequest(
+        domain="bench",
+        descriptors=[ratelimit_pb2.RateLimitDescriptor(
+            entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key="api_key", value="bench-key")]
+        )],
+    )
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+
+        async def caller(count):
+            for _ in range(count):
+                answer = await stub.ShouldRateLimit(request)
+                assert answer.overall_code == rls_pb2.RateLimitResponse.OK, answer
+
+        await asyncio.gather(*(caller(calls // concurrency) for _ in range(concurrency)))
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+"""
+
+
+async def serve_and_call(
+    work: Path, redis_url: str, decisions: int, concurrency: int, profile: Path | None
+) -> float:
+    """µs of this process's CPU per call, over `decisions` calls `concurrency` at a time."""
+    grpc_port, port, debug_port = free_ports(3)
+    app = RlsApp(rls_settings_from(rls_environment(work, redis_url, grpc_port, port, debug_port)))
+    await app.start()
+    target = f"127.0.0.1:{grpc_port}"
+
+    async def client(calls: int) -> None:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CLIENT, target, str(calls), str(concurrency)
+        )
+        if await child.wait() != 0:
+            raise RuntimeError("the RLS client failed")
+
+    try:
+        await client(concurrency * 50)  # warm-up: the channel, the script loaded, caches
+        profiler = cProfile.Profile() if profile is not None else None
+        if profiler is not None:
+            profiler.enable()
+        started = time.process_time()
+        await client(decisions // concurrency * concurrency)
+        spent = time.process_time() - started
+        if profiler is not None and profile is not None:
+            profiler.disable()
+            profiler.dump_stats(profile)
+    finally:
+        await app.stop()
+    return spent / (decisions // concurrency * concurrency) * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--decisions", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=32, help="calls in flight, as wrk -c32")
+    parser.add_argument("--event-loop", default="uvloop", choices=("uvloop", "asyncio"))
+    parser.add_argument("--repeat", type=int, default=3, help="runs, each reported")
+    parser.add_argument("--profile", type=Path, default=None, help="write cProfile stats of one run here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="meshtoll-rls-") as directory, RedisServer() as redis:
+        work = Path(directory)
+        (work / "ratelimit" / "config").mkdir(parents=True)
+        (work / "ratelimit" / "config" / "bench.yaml").write_text(CONFIG)
+        for _ in range(1 if args.profile else args.repeat):
+            calling = serve_and_call(work, redis.url, args.decisions, args.concurrency, args.profile)
+            spent = run_on_event_loop(calling, args.event_loop)
+            print(f"{spent:.1f} µs CPU per RLS call ({args.event_loop})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
