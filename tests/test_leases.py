@@ -24,7 +24,7 @@ from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.decision import Descriptor
 from meshtoll.ratelimit.leases import Lease, LeaseBook
 from meshtoll.ratelimit.limiter import Limiter
-from meshtoll.ratelimit.verdict import admitted_verdict, limit_verdict
+from meshtoll.ratelimit.verdict import admitted_headers, limit_verdict
 from meshtoll.storage import MemoryCounterStore
 from meshtoll.storage.redis import RedisCounterStore
 from tests.client import fetch
@@ -125,13 +125,13 @@ async def test_a_decision_leases_serve_alone_is_answered_without_a_coroutine() -
     tight = Check(key(), RateLimit(3, "minute"))
     assert limiter.check_from_leases([roomy]) is None  # nothing leased yet
     assert (await limiter.check([roomy])).admitted
-    verdict = limiter.check_from_leases([roomy])
-    assert verdict is not None
-    assert dict(verdict.headers)["ratelimit-remaining"] == "998"
+    headers = limiter.check_from_leases([roomy])
+    assert headers is not None
+    assert dict(headers)["ratelimit-remaining"] == "998"
     assert limiter.check_from_leases([roomy, tight]) is None  # tight has no lease: ask the store
-    verdict = limiter.check_from_leases([roomy])
-    assert verdict is not None
-    assert dict(verdict.headers)["ratelimit-remaining"] == "997"
+    headers = limiter.check_from_leases([roomy])
+    assert headers is not None
+    assert dict(headers)["ratelimit-remaining"] == "997"
 
 
 @pytest.mark.parametrize(
@@ -145,9 +145,20 @@ async def test_a_decision_leases_serve_alone_is_answered_without_a_coroutine() -
     ],
 )
 def test_the_leased_fast_verdict_is_the_general_one(answers: list[tuple[int, float]]) -> None:
-    checks = [Check(key(), RateLimit(10, "minute")) for _ in answers]
+    """A decision leases serve reports the limit, remaining and reset the general verdict
+    would for the same answers."""
+    checks = [Check(key(), RateLimit(10 + n, "minute")) for n in range(len(answers))]
+    book = LeaseBook(16)
+    # Grants whose remaining after the next hit, lease counted, is each answer's `left`.
+    granted = [CheckResult(True, 0, left + 1 - 5, reset, 0.0, leased=5) for left, reset in answers]
+    book.answered([Check(c.key, c.limit, c.cost, 15) for c in checks], granted, T0)
+    served = book.serve(checks, T0)
+    assert served is not None
     results = [CheckResult(True, 10 - left, left, reset, 0.0) for left, reset in answers]
-    assert admitted_verdict(checks, results) == limit_verdict(checks, results)
+    general = limit_verdict(checks, results)
+    assert admitted_headers(*served) == general.headers
+    assert general.deciding is not None
+    assert served[0] == general.deciding[0].limit
 
 
 async def test_month_and_year_quotas_and_looks_are_never_leased() -> None:

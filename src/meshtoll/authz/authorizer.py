@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from meshtoll.authz.decide import decide
 from meshtoll.authz.jwks import JwksCache
-from meshtoll.authz.verdict import Allow, CheckRequest, Deny, Verdict
+from meshtoll.authz.verdict import Allow, CheckRequest, Deny, Headers, Verdict
 from meshtoll.counting.limits import Check
 from meshtoll.errors import StorageError
 from meshtoll.policy.reload import PolicyHolder
@@ -74,7 +74,7 @@ class Authorizer:
             if checks:
                 leased = self._limiter.check_from_leases(checks)
                 if leased is not None:  # no store call: answered without a coroutine
-                    return self._answer(request, verdict, leased, policy)
+                    return self._counted(request, self._with_headers(verdict, leased, policy), policy)
                 return self._limited(request, verdict, checks, self._limiter, policy)
         return self._counted(request, verdict, policy)
 
@@ -96,14 +96,7 @@ class Authorizer:
         self, request: CheckRequest, allow: Allow, limits: LimitVerdict, policy: CompiledPolicy
     ) -> Verdict:
         if limits.admitted:
-            if limits.headers and policy.policy.ratelimit.headers:
-                # Built directly: dataclasses.replace costs several µs on this hot path.
-                with_headers = Allow(
-                    allow.tenant, allow.plan, allow.consumer, allow.route, allow.headers,
-                    allow.remove_headers, allow.metadata, limits.headers,
-                )  # fmt: skip
-                return self._counted(request, with_headers, policy)
-            return self._counted(request, allow, policy)
+            return self._counted(request, self._with_headers(allow, limits.headers, policy), policy)
         assert limits.deciding is not None
         name = limits.deciding[0].limit.name
         message = (
@@ -112,6 +105,17 @@ class Authorizer:
             else f"the rate limit {name!r} is exceeded"
         )
         return self._counted(request, Deny(429, limits.code, message, limits.headers), policy)
+
+    @staticmethod
+    def _with_headers(allow: Allow, headers: Headers, policy: CompiledPolicy) -> Allow:
+        """`allow` with the RateLimit headers for the client, when the policy sends them."""
+        if not headers or not policy.policy.ratelimit.headers:
+            return allow
+        # Built directly: dataclasses.replace costs several µs on this hot path.
+        return Allow(
+            allow.tenant, allow.plan, allow.consumer, allow.route, allow.headers, allow.remove_headers,
+            allow.metadata, headers,
+        )  # fmt: skip
 
     def _counted(self, request: CheckRequest, verdict: Verdict, policy: CompiledPolicy) -> Verdict:
         """Count the decision and, for an allow, record its admission: by the policy version

@@ -115,20 +115,25 @@ class LeaseBook:
         self._asking: dict[str, GrantWait | None] = {}
         self._waiting: deque[GrantWait] = deque()
 
-    def serve(self, checks: Sequence[Check], now: float) -> list[CheckResult] | None:
-        """Every check's result when leases serve them all, their hits taken; otherwise None
-        and nothing taken (the fast path of `take`)."""
+    def serve(self, checks: Sequence[Check], now: float) -> tuple[RateLimit, int, float] | None:
+        """When leases serve every check: their hits taken, and the limit that speaks for the
+        decision as (limit, remaining, seconds to its reset), the one `most_restrictive`
+        picks (fewest left; on a tie the later reset); otherwise None and nothing taken. The
+        fast path of `take`: no result object per check."""
         now_ms = int(now * 1000)
         leases = self._leases
-        results: list[CheckResult] = []
-        for check in checks:
+        best: tuple[RateLimit, int, float] | None = None
+        for index, check in enumerate(checks):
             lease = leases.get(check.key)
             if lease is None or not _same(lease.limit, check.limit) or not lease.take(check.cost, now_ms):
-                for done in checks[: len(results)]:
+                for done in checks[:index]:
                     leases[done.key].put_back(done.cost)
                 return None
-            results.append(lease.result(now))
-        return results
+            remaining = lease.remaining + lease.hits
+            reset = lease.reset_at - now
+            if best is None or remaining < best[1] or (remaining == best[1] and reset > best[2]):
+                best = (lease.limit, remaining, reset if reset > 0.0 else 0.0)
+        return best
 
     def take(self, checks: Sequence[Check], now: float) -> Taken:
         now_ms = int(now * 1000)

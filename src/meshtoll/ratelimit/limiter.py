@@ -14,7 +14,13 @@ from meshtoll.counting.limits import Check, CheckResult, Increment, RateLimit
 from meshtoll.counting.store import CounterStore, FailureMode
 from meshtoll.errors import StorageError
 from meshtoll.ratelimit.leases import GrantWait, LeaseBook, Taken
-from meshtoll.ratelimit.verdict import ADMITTED_WITHOUT_LIMITS, LimitVerdict, admitted_verdict, limit_verdict
+from meshtoll.ratelimit.verdict import (
+    ADMITTED_WITHOUT_LIMITS,
+    Headers,
+    LimitVerdict,
+    admitted_headers,
+    limit_verdict,
+)
 
 log = logging.getLogger("meshtoll.ratelimit")
 
@@ -59,20 +65,22 @@ class Limiter:
         self.outcomes["admitted" if verdict.admitted else verdict.code] += 1
         return verdict
 
-    def check_from_leases(self, checks: Sequence[Check]) -> LimitVerdict | None:
-        """The verdict when this process's leases alone serve the decision, without a
-        coroutine (the common case with leases); None when `check` must be awaited."""
+    def check_from_leases(self, checks: Sequence[Check]) -> Headers | None:
+        """The RateLimit headers of a decision this process's leases alone admit, without a
+        coroutine or a verdict object (the common case with leases); None when `check` must
+        be awaited."""
         if self._leases is None or not checks:
             return None
         now = self._clock()
         if self._refused_until and self._cached_refusal(checks, now) is not None:
             return None
-        results = self._leases.serve(checks, now)
-        if results is None:
+        served = self._leases.serve(checks, now)
+        if served is None:
             return None
-        self.outcomes["admitted_from_lease"] += 1
-        self.outcomes["admitted"] += 1
-        return admitted_verdict(checks, results)  # leases serve only enforced limits
+        outcomes = self.outcomes
+        outcomes["admitted_from_lease"] += 1
+        outcomes["admitted"] += 1
+        return admitted_headers(*served)  # leases serve only enforced limits
 
     async def results(self, checks: Sequence[Check]) -> list[CheckResult] | None:
         """Each check's result, in one store round trip or none at all when a refused

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from meshtoll.counting.limits import Check, CheckResult
+from meshtoll.counting.limits import Check, CheckResult, RateLimit
 from meshtoll.counting.periods import QUOTA_PERIODS
 
 Headers = tuple[tuple[str, str], ...]
@@ -55,27 +55,25 @@ def most_restrictive(
     return False, check, result
 
 
-def admitted_verdict(checks: Sequence[Check], results: Sequence[CheckResult]) -> LimitVerdict:
-    """`limit_verdict` of a decision whose every check is enforced and admits (leases
-    served it), without the general case's lists: the hot path of leased decisions."""
-    best = 0
-    for index in range(1, len(results)):
-        one, other = results[index], results[best]
-        if (one.remaining, -one.reset_seconds) < (other.remaining, -other.reset_seconds):
-            best = index
-    check, result = checks[best], results[best]
-    return LimitVerdict(True, "", rate_limit_headers(check, result, refused=False), (check, result))
-
-
 def rate_limit_headers(check: Check, result: CheckResult, *, refused: bool) -> Headers:
     """The draft IETF RateLimit header fields (draft 03, as Envoy's ratelimit filter sends
     them), for the most restrictive limit; Retry-After too when the request is refused."""
-    reset = math.ceil(result.retry_after if refused else result.reset_seconds)
-    headers: Headers = (
+    if not refused:
+        return admitted_headers(check.limit, result.remaining, result.reset_seconds)
+    reset = math.ceil(result.retry_after)
+    return (
         ("ratelimit-limit", str(check.limit.capacity)),
         ("ratelimit-remaining", str(result.remaining)),
         ("ratelimit-reset", str(reset)),
+        ("retry-after", str(max(1, reset))),
     )
-    if refused:
-        headers += (("retry-after", str(max(1, reset))),)
-    return headers
+
+
+def admitted_headers(limit: RateLimit, remaining: int, reset_seconds: float) -> Headers:
+    """The RateLimit header fields of an admitted request whose most restrictive limit is
+    `limit`; what a decision served from leases answers (LeaseBook.serve)."""
+    return (
+        ("ratelimit-limit", str(limit.capacity)),
+        ("ratelimit-remaining", str(remaining)),
+        ("ratelimit-reset", str(math.ceil(reset_seconds))),
+    )
