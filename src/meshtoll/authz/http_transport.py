@@ -12,7 +12,7 @@ from collections.abc import Awaitable
 
 from meshtoll.authz.authorizer import Authorizer
 from meshtoll.authz.verdict import Allow, CheckRequest, Deny
-from meshtoll.transport.http_server import response
+from meshtoll.transport.http_server import EMPTY_BODY, header_lines, response, response_head
 from meshtoll.wire import PEER_ADDRESS_HEADER
 
 _REASONS = {
@@ -29,8 +29,10 @@ _ALLOW_CACHE_LIMIT = 50_000
 class HttpAuthzHandler:
     def __init__(self, authorizer: Authorizer) -> None:
         self._authorizer = authorizer
-        # An allow response depends only on its headers, so each distinct one is built once.
+        # An allow response depends only on its headers, so each distinct one is built once,
+        # and the head of one that carries RateLimit headers too.
         self._allow_responses: dict[tuple[object, ...], bytes] = {}
+        self._allow_heads: dict[tuple[object, ...], bytes] = {}
 
     def __call__(
         self, method: str, target: str, headers: dict[str, str], peer: str
@@ -53,17 +55,17 @@ class HttpAuthzHandler:
     def _respond(self, verdict: Allow | Deny, request_id: str) -> bytes:
         if isinstance(verdict, Deny):
             return self._deny(verdict, request_id)
+        key = (verdict.headers, verdict.remove_headers)
         if verdict.response_headers:
             # Per-request RateLimit-* values: Envoy adds these to the client's response
-            # (allowed_client_headers_on_success), so the cached form cannot carry them.
-            return response(200, "OK", self._allow_headers(verdict) + verdict.response_headers)
-        key = (verdict.headers, verdict.remove_headers)
+            # (allowed_client_headers_on_success), so they follow the head built once.
+            head = self._allow_heads.get(key)
+            if head is None:
+                head = _cached(self._allow_heads, key, response_head(200, "OK", self._allow_headers(verdict)))
+            return head + header_lines(verdict.response_headers).encode("latin-1") + EMPTY_BODY
         cached = self._allow_responses.get(key)
         if cached is None:
-            cached = response(200, "OK", self._allow_headers(verdict))
-            if len(self._allow_responses) >= _ALLOW_CACHE_LIMIT:
-                self._allow_responses.clear()
-            self._allow_responses[key] = cached
+            cached = _cached(self._allow_responses, key, response(200, "OK", self._allow_headers(verdict)))
         return cached
 
     @staticmethod
@@ -76,6 +78,13 @@ class HttpAuthzHandler:
     def _deny(deny: Deny, request_id: str) -> bytes:
         reason = _REASONS.get(deny.status, "Denied")
         return response(deny.status, reason, (_JSON, *deny.headers), deny.body(request_id))
+
+
+def _cached(cache: dict[tuple[object, ...], bytes], key: tuple[object, ...], built: bytes) -> bytes:
+    if len(cache) >= _ALLOW_CACHE_LIMIT:
+        cache.clear()
+    cache[key] = built
+    return built
 
 
 def uri_sans_from_xfcc(value: str) -> tuple[str, ...]:

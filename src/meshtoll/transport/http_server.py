@@ -46,8 +46,21 @@ MAX_PENDING = 64
 
 
 def response(status: int, reason: str, headers: tuple[tuple[str, str], ...], body: bytes = b"") -> bytes:
-    head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{name}: {value}\r\n" for name, value in headers)
-    return f"{head}content-length: {len(body)}\r\n\r\n".encode("latin-1") + body
+    return response_head(status, reason, headers) + b"content-length: %d\r\n\r\n" % len(body) + body
+
+
+def response_head(status: int, reason: str, headers: tuple[tuple[str, str], ...]) -> bytes:
+    """The status line and `headers`: a response without its last headers, for a handler
+    that builds it once and appends the headers that change (`header_lines`) and the end
+    of the head (`EMPTY_BODY`) per request."""
+    return f"HTTP/1.1 {status} {reason}\r\n{header_lines(headers)}".encode("latin-1")
+
+
+def header_lines(headers: tuple[tuple[str, str], ...]) -> str:
+    return "".join([f"{name}: {value}\r\n" for name, value in headers])
+
+
+EMPTY_BODY = b"content-length: 0\r\n\r\n"  # what ends the head of a response without a body
 
 
 def error_response(status: int, reason: str, error: str, message: str) -> bytes:
