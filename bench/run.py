@@ -2,7 +2,7 @@
 measured in the same run (the machine is shared and noisy, absolute numbers drift).
 
     python bench/run.py [--duration S] [--connections N] [--workers N] [--json FILE] [--only a,c]
-                        [--unix-sockets redis,meshtoll]
+                        [--unix-sockets redis,meshtoll] [--ratelimit-headers always|near_limit|never]
 
 Rows: (a) Envoy alone, direct response; (b) Envoy + a zero-cost HTTP authz stub (a second
 Envoy answering 200); (b2) the same listener with nginx answering `return 200;` as the authz
@@ -167,11 +167,12 @@ class Environment:
     envoy_admin: str | None = None  # the measured Envoy's admin URL, for its access-log counters
 
 
-def write_policy(directory: Path, tenants: int) -> Path:
+def write_policy(directory: Path, tenants: int, ratelimit_headers: str = "always") -> Path:
     def sha(key: str) -> str:
         return hashlib.sha256(key.encode()).hexdigest()
 
     lines = [
+        f"ratelimit: {{headers: {ratelimit_headers}}}",
         "plans:",
         "  pro: {}",
         "  metered:",
@@ -216,7 +217,12 @@ def rls_alone_environment(redis_url: str) -> Iterator[Environment]:
 
 @contextmanager
 def open_environments(
-    names: set[str], directory: Path, redis: RedisServer, workers: int, unix_sockets: set[str]
+    names: set[str],
+    directory: Path,
+    redis: RedisServer,
+    workers: int,
+    unix_sockets: set[str],
+    ratelimit_headers: str = "always",
 ) -> Iterator[dict[str, Environment]]:
     """Every environment a wanted row needs, all running at once, so that rows run in table
     order ((b), (b2), (c) next to each other in time) on a machine whose speed drifts. The
@@ -234,15 +240,15 @@ def open_environments(
     factories: dict[str, Callable[[], AbstractContextManager[Environment]]] = {
         "stack": lambda: stack_environment(
             StackConfig(
-                policy=write_policy(directory, 10_000), redis_url=redis_url, authz_stub=True, workers=workers,
-                meshtoll_sockets=meshtoll_sockets("stack-sockets"),
+                policy=write_policy(directory, 10_000, ratelimit_headers), redis_url=redis_url,
+                authz_stub=True, workers=workers, meshtoll_sockets=meshtoll_sockets("stack-sockets"),
             )
         ),
         "nginx": lambda: nginx_environment(directory, redis_url),
         "tenants100k": lambda: stack_environment(
             StackConfig(
-                policy=write_policy(directory, 100_000), redis_url=redis_url, workers=workers,
-                meshtoll_sockets=meshtoll_sockets("tenants100k-sockets"),
+                policy=write_policy(directory, 100_000, ratelimit_headers), redis_url=redis_url,
+                workers=workers, meshtoll_sockets=meshtoll_sockets("tenants100k-sockets"),
             )
         ),
         "rls_alone": lambda: rls_alone_environment(redis_url),
@@ -465,6 +471,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated: redis (meshtoll reaches Redis on its Unix socket), meshtoll (Envoy "
         "reaches meshtoll on its Unix sockets); TCP on loopback otherwise",
     )
+    parser.add_argument(
+        "--ratelimit-headers",
+        default="always",
+        choices=("always", "near_limit", "never"),
+        help="the policy's ratelimit.headers: when rows (f) and (h) answer RateLimit headers",
+    )
     args = parser.parse_args(argv)
     unix_sockets = set(filter(None, args.unix_sockets.split(",")))
     if unix_sockets - {"redis", "meshtoll"}:
@@ -483,8 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     ):
         progress(f"starting {', '.join(sorted({row.environment for row in rows}))} ...")
         with open_environments(
-            {row.environment for row in rows}, Path(directory), redis, args.workers, unix_sockets
-        ) as ready:
+            {row.environment for row in rows}, Path(directory), redis, args.workers, unix_sockets,
+            args.ratelimit_headers,
+        ) as ready:  # fmt: skip
             measurements = []
             for row in rows:
                 progress(f"({row.name}) {row.setup} ...")
@@ -499,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                 "connections": args.connections,
                 "workers": args.workers,
                 "unix_sockets": sorted(unix_sockets),
+                "ratelimit_headers": args.ratelimit_headers,
             },
             "rows": [asdict(m) for m in measurements],
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

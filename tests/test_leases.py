@@ -125,13 +125,9 @@ async def test_a_decision_leases_serve_alone_is_answered_without_a_coroutine() -
     tight = Check(key(), RateLimit(3, "minute"))
     assert limiter.check_from_leases([roomy]) is None  # nothing leased yet
     assert (await limiter.check([roomy])).admitted
-    headers = limiter.check_from_leases([roomy])
-    assert headers is not None
-    assert dict(headers)["ratelimit-remaining"] == "998"
+    assert limiter.check_from_leases([roomy]) == (roomy.limit, 998, 60.0)
     assert limiter.check_from_leases([roomy, tight]) is None  # tight has no lease: ask the store
-    headers = limiter.check_from_leases([roomy])
-    assert headers is not None
-    assert dict(headers)["ratelimit-remaining"] == "997"
+    assert limiter.check_from_leases([roomy]) == (roomy.limit, 997, 60.0)
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,23 @@ def test_the_example_policy_loads_and_indexes_every_credential() -> None:
     assert policy.tenants_by_spiffe_id["spiffe://acme.test/ns/ci/sa/bot"].name == "acme"
 
 
+@pytest.mark.parametrize(
+    ("written", "meant"),
+    [("true", "always"), ("false", "never"), ("near_limit", "near_limit"), ("always", "always")],
+)
+def test_ratelimit_headers_is_always_near_limit_or_never_and_the_old_booleans_still_load(
+    written: str, meant: str
+) -> None:
+    policy = load_policy_text(f"ratelimit: {{headers: {written}}}\nplans: {{pro: {{}}}}\n", "policy.yaml")
+    assert policy.policy.ratelimit.headers == meant
+
+
+def test_an_unknown_ratelimit_headers_value_is_located() -> None:
+    assert problems_of("ratelimit:\n  headers: sometimes\nplans: {pro: {}}\n") == [
+        "policy.yaml:2 ratelimit.headers: expected one of always, near_limit, never, got 'sometimes'"
+    ]
+
+
 def test_a_bad_cidr_is_named_with_file_line_and_field_path() -> None:
     text = """\
 plans:

@@ -18,6 +18,7 @@ from meshtoll.authz.verdict import Allow, CheckRequest, Deny, Headers, Verdict
 from meshtoll.counting.limits import Check
 from meshtoll.errors import StorageError
 from meshtoll.policy.reload import PolicyHolder
+from meshtoll.ratelimit.verdict import allowed_headers
 from meshtoll.telemetry.metrics import DecisionCounts
 from meshtoll.usage.records import Admission
 
@@ -74,7 +75,8 @@ class Authorizer:
             if checks:
                 leased = self._limiter.check_from_leases(checks)
                 if leased is not None:  # no store call: answered without a coroutine
-                    return self._counted(request, self._with_headers(verdict, leased, policy), policy)
+                    headers = allowed_headers(policy.policy.ratelimit.headers, *leased)
+                    return self._counted(request, _with_headers(verdict, headers), policy)
                 return self._limited(request, verdict, checks, self._limiter, policy)
         return self._counted(request, verdict, policy)
 
@@ -96,7 +98,12 @@ class Authorizer:
         self, request: CheckRequest, allow: Allow, limits: LimitVerdict, policy: CompiledPolicy
     ) -> Verdict:
         if limits.admitted:
-            return self._counted(request, self._with_headers(allow, limits.headers, policy), policy)
+            headers: Headers = ()
+            if limits.deciding is not None:
+                check, result = limits.deciding
+                when = policy.policy.ratelimit.headers
+                headers = allowed_headers(when, check.limit, result.remaining, result.reset_seconds)
+            return self._counted(request, _with_headers(allow, headers), policy)
         assert limits.deciding is not None
         name = limits.deciding[0].limit.name
         message = (
@@ -105,17 +112,6 @@ class Authorizer:
             else f"the rate limit {name!r} is exceeded"
         )
         return self._counted(request, Deny(429, limits.code, message, limits.headers), policy)
-
-    @staticmethod
-    def _with_headers(allow: Allow, headers: Headers, policy: CompiledPolicy) -> Allow:
-        """`allow` with the RateLimit headers for the client, when the policy sends them."""
-        if not headers or not policy.policy.ratelimit.headers:
-            return allow
-        # Built directly: dataclasses.replace costs several µs on this hot path.
-        return Allow(
-            allow.tenant, allow.plan, allow.consumer, allow.route, allow.headers, allow.remove_headers,
-            allow.metadata, headers,
-        )  # fmt: skip
 
     def _counted(self, request: CheckRequest, verdict: Verdict, policy: CompiledPolicy) -> Verdict:
         """Count the decision and, for an allow, record its admission: by the policy version
@@ -146,3 +142,14 @@ class Authorizer:
             request.request_id, self._clock(), allow.tenant, allow.consumer, allow.plan, route,
             request.method, policy.route_costs.get(route, 1), route in policy.body_metered_routes,
         )  # fmt: skip
+
+
+def _with_headers(allow: Allow, headers: Headers) -> Allow:
+    """`allow` with the RateLimit headers for the client, if any."""
+    if not headers:
+        return allow
+    # Built directly: dataclasses.replace costs several µs on this hot path.
+    return Allow(
+        allow.tenant, allow.plan, allow.consumer, allow.route, allow.headers, allow.remove_headers,
+        allow.metadata, headers,
+    )  # fmt: skip

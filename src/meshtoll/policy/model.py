@@ -26,6 +26,10 @@ JWT_ALGORITHMS: frozenset[str] = frozenset(
 
 EnforcedIn = Literal["authz", "service"]
 ENFORCED_IN: tuple[EnforcedIn, ...] = ("authz", "service")
+# When a fused decision's allowed response carries the RateLimit headers (a refusal always
+# does): on every one, only when its most restrictive limit has a tenth or less left, never.
+RateLimitHeaders = Literal["always", "near_limit", "never"]
+RATELIMIT_HEADERS: tuple[RateLimitHeaders, ...] = ("always", "near_limit", "never")
 
 
 PricingMode = Literal["graduated", "volume"]
@@ -130,7 +134,7 @@ class RateLimitSettings:
     # itself (one hop) or by Envoy's ratelimit filter calling the rate-limit service.
     enforced_in: EnforcedIn = "authz"
     domain: str = "meshtoll"  # the RLS domain whose descriptors name tenants and routes
-    headers: bool = True  # RateLimit-* headers on fused decisions
+    headers: RateLimitHeaders = "always"  # RateLimit-* headers on fused decisions' allows
 
 
 # What a header value template may name: `{tenant}` and so on, filled per request.

@@ -18,6 +18,7 @@ from meshtoll.policy.model import (
     HTTP_METHODS,
     JWT_ALGORITHMS,
     PRICING_MODES,
+    RATELIMIT_HEADERS,
     TEMPLATE_FIELDS,
     TENANT_STATUSES,
     Access,
@@ -210,7 +211,10 @@ def _ratelimit_settings(fields: Fields, value: object, path: FieldPath) -> RateL
         raw.get("enforced_in", defaults.enforced_in), (*path, "enforced_in"), ENFORCED_IN
     )
     domain = fields.string(raw.get("domain", defaults.domain), (*path, "domain"))
-    headers = fields.boolean(raw.get("headers", defaults.headers), (*path, "headers"))
+    headers = raw.get("headers", defaults.headers)
+    if isinstance(headers, bool):  # what the setting was before near_limit
+        headers = "always" if headers else "never"
+    headers = fields.choice(headers, (*path, "headers"), RATELIMIT_HEADERS)
     return RateLimitSettings(
         enforced_in=enforced_in or defaults.enforced_in,
         domain=domain or defaults.domain,

@@ -14,13 +14,7 @@ from meshtoll.counting.limits import Check, CheckResult, Increment, RateLimit
 from meshtoll.counting.store import CounterStore, FailureMode
 from meshtoll.errors import StorageError
 from meshtoll.ratelimit.leases import GrantWait, LeaseBook, Taken
-from meshtoll.ratelimit.verdict import (
-    ADMITTED_WITHOUT_LIMITS,
-    Headers,
-    LimitVerdict,
-    admitted_headers,
-    limit_verdict,
-)
+from meshtoll.ratelimit.verdict import ADMITTED_WITHOUT_LIMITS, LimitVerdict, limit_verdict
 
 log = logging.getLogger("meshtoll.ratelimit")
 
@@ -65,10 +59,10 @@ class Limiter:
         self.outcomes["admitted" if verdict.admitted else verdict.code] += 1
         return verdict
 
-    def check_from_leases(self, checks: Sequence[Check]) -> Headers | None:
-        """The RateLimit headers of a decision this process's leases alone admit, without a
-        coroutine or a verdict object (the common case with leases); None when `check` must
-        be awaited."""
+    def check_from_leases(self, checks: Sequence[Check]) -> tuple[RateLimit, int, float] | None:
+        """The most restrictive limit of a decision this process's leases alone admit, as
+        (limit, remaining, seconds to its reset), without a coroutine or a verdict object
+        (the common case with leases); None when `check` must be awaited."""
         if self._leases is None or not checks:
             return None
         now = self._clock()
@@ -80,7 +74,7 @@ class Limiter:
         outcomes = self.outcomes
         outcomes["admitted_from_lease"] += 1
         outcomes["admitted"] += 1
-        return admitted_headers(*served)  # leases serve only enforced limits
+        return served  # leases serve only enforced limits
 
     async def results(self, checks: Sequence[Check]) -> list[CheckResult] | None:
         """Each check's result, in one store round trip or none at all when a refused

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from meshtoll.counting.limits import Check, CheckResult, RateLimit
 from meshtoll.counting.periods import QUOTA_PERIODS
+from meshtoll.policy.model import RateLimitHeaders
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -67,6 +68,18 @@ def rate_limit_headers(check: Check, result: CheckResult, *, refused: bool) -> H
         ("ratelimit-reset", str(reset)),
         ("retry-after", str(max(1, reset))),
     )
+
+
+def allowed_headers(
+    when: RateLimitHeaders, limit: RateLimit, remaining: int, reset_seconds: float
+) -> Headers:
+    """The RateLimit headers of an admitted request whose most restrictive limit is `limit`,
+    as the policy's `ratelimit.headers` asks: on every one, when a tenth of the limit or
+    less is left (the response is then the same for every request far from its limit, built
+    once, and Envoy copies no header), or never."""
+    if when == "always" or (when == "near_limit" and remaining * 10 <= limit.capacity):
+        return admitted_headers(limit, remaining, reset_seconds)
+    return ()
 
 
 def admitted_headers(limit: RateLimit, remaining: int, reset_seconds: float) -> Headers:
