@@ -279,3 +279,15 @@ def test_an_override_without_a_unit_is_an_error_and_the_service_lives_on(
         stub.ShouldRateLimit(asked)
     assert error.value.code() == grpc.StatusCode.UNKNOWN
     assert stub.ShouldRateLimit(request("basic", [("key1", "after")])).overall_code == OK
+
+
+def test_bytes_that_are_not_a_request_are_a_grpc_error_and_the_service_lives_on(rls: RunningRls) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{rls.grpc_port}") as channel:
+        raw = channel.unary_unary("/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit")
+        with pytest.raises(grpc.RpcError) as error:
+            raw(b"\xff\xff\xff\xff not a protobuf")
+        assert error.value.code() == grpc.StatusCode.INTERNAL  # as grpc-go answers the peer's
+        answer = rls_pb2.RateLimitResponse.FromString(
+            raw(request("basic", [("key1", "bytes")]).SerializeToString())
+        )
+    assert answer.overall_code == OK

@@ -3,23 +3,19 @@ protobufs in and out, the rate-limit service's decision in between."""
 
 from __future__ import annotations
 
-import math
-
 import grpc
-from envoy.config.core.v3 import base_pb2
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
-from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from envoy.service.ratelimit.v3 import rls_pb2
 from envoy.type.v3 import ratelimit_unit_pb2
-from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError
 
 from meshtoll.counting.limits import RateLimit
 from meshtoll.errors import InvalidRateLimitRequest, StorageError
-from meshtoll.ratelimit.decision import Descriptor, DescriptorStatus
+from meshtoll.ratelimit.decision import Descriptor, RateLimitDecision
+from meshtoll.ratelimit.rls_answer import AnswerEncoder, answer_message
 from meshtoll.ratelimit.service import RateLimitService
 
-_Response = rls_pb2.RateLimitResponse
-_OK = _Response.OK
-_OVER_LIMIT = _Response.OVER_LIMIT
+_Request = rls_pb2.RateLimitRequest
 # Envoy's RateLimitUnit numbers -> period names; UNKNOWN (0) and numbers beyond are not units.
 _UNITS = {
     number: name.lower()
@@ -28,43 +24,55 @@ _UNITS = {
 }
 
 
-class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
+RLS_SERVICE = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
+
+
+class RateLimitServicer:
+    """ShouldRateLimit as a generic handler on raw bytes: the request parsed by upb
+    (FromString, as the generated stub would), the answer joined from pieces serialised once
+    (rls_answer.py) rather than built as messages."""
+
     def __init__(self, service: RateLimitService) -> None:
         self._service = service
+        self._answers = AnswerEncoder()
 
-    async def ShouldRateLimit(
-        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
-    ) -> rls_pb2.RateLimitResponse:
+    def handler(self) -> grpc.GenericRpcHandler:
+        # No (de)serialisers: the method gets and returns bytes.
+        method = grpc.unary_unary_rpc_method_handler(self.should_rate_limit)
+        return grpc.method_handlers_generic_handler(RLS_SERVICE, {"ShouldRateLimit": method})
+
+    async def should_rate_limit(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
-            return await should_rate_limit(self._service, request)
+            message = _Request.FromString(request)
+        except DecodeError:
+            # What grpcio answers when its own deserialiser fails (grpc-go too, for the peer).
+            await context.abort(grpc.StatusCode.INTERNAL, "the request is not a RateLimitRequest")
+            raise  # abort raises; this line only tells the type checker
+        try:
+            decision = await decide(self._service, message)
         except StorageError:
             # The "closed" failure policy: UNAVAILABLE lets Envoy's failure_mode_deny refuse.
             await context.abort(grpc.StatusCode.UNAVAILABLE, "rate-limit store unavailable")
-            raise  # abort raises; this line only tells the type checker
+            raise
         except InvalidRateLimitRequest as exc:
             # envoyproxy/ratelimit returns a plain Go error, which grpc-go sends as UNKNOWN.
             await context.abort(grpc.StatusCode.UNKNOWN, str(exc))
             raise
+        return self._answers.encode(decision)
 
 
 async def should_rate_limit(
     service: RateLimitService, request: rls_pb2.RateLimitRequest
 ) -> rls_pb2.RateLimitResponse:
-    """The answer to one RLS request, whichever transport brought it (gRPC, or the HTTP
-    `/json` endpoint). Raises StorageUnavailable and InvalidRateLimitRequest."""
+    """The answer to one RLS request as Envoy's message (the HTTP `/json` endpoint's).
+    Raises StorageUnavailable and InvalidRateLimitRequest."""
+    return answer_message(await decide(service, request))
+
+
+async def decide(service: RateLimitService, request: rls_pb2.RateLimitRequest) -> RateLimitDecision:
+    """The service's decision on one RLS request, whichever transport brought it."""
     descriptors = [descriptor_from_envoy(descriptor) for descriptor in request.descriptors]
-    decision = await service.decide(request.domain, descriptors, request.hits_addend)
-    answer = _Response(
-        overall_code=_OVER_LIMIT if decision.over_limit else _OK,
-        statuses=[status_to_envoy(status) for status in decision.statuses],
-    )
-    if decision.headers:
-        answer.response_headers_to_add.extend(
-            base_pb2.HeaderValue(key=name, value=value) for name, value in decision.headers
-        )
-    if decision.dynamic_metadata is not None:
-        answer.dynamic_metadata.update(decision.dynamic_metadata)
-    return answer
+    return await service.decide(request.domain, descriptors, request.hits_addend)
 
 
 def descriptor_from_envoy(descriptor: ratelimit_pb2.RateLimitDescriptor) -> Descriptor:
@@ -80,24 +88,3 @@ def descriptor_from_envoy(descriptor: ratelimit_pb2.RateLimitDescriptor) -> Desc
         override = RateLimit(limit.requests_per_unit, period)
     hits = descriptor.hits_addend.value if descriptor.HasField("hits_addend") else None
     return Descriptor(entries, override, hits)
-
-
-def status_to_envoy(status: DescriptorStatus) -> rls_pb2.RateLimitResponse.DescriptorStatus:
-    answer = _Response.DescriptorStatus(
-        code=_OVER_LIMIT if status.over_limit else _OK, limit_remaining=status.remaining
-    )
-    if status.limit is not None:
-        answer.current_limit.CopyFrom(
-            _Response.RateLimit(
-                name=status.limit.name,
-                requests_per_unit=status.limit.capacity,
-                unit=_Response.RateLimit.Unit.Value(status.limit.period.upper()),
-            )
-        )
-        answer.duration_until_reset.CopyFrom(_duration(status.reset_seconds))
-    return answer
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    # Whole seconds, as envoyproxy/ratelimit sends them (rounded up: never an early retry).
-    return duration_pb2.Duration(seconds=math.ceil(seconds))

@@ -11,7 +11,6 @@ import grpc
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_pb2_grpc
-from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshtoll.meter.otlp import LOGS_SERVICE
@@ -105,7 +104,7 @@ class App:
     async def _start_grpc(self, services: Services, tls: ServiceTls | None) -> grpc.aio.Server:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(services.grpc_authz, server)
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(services.ratelimit, server)
+        server.add_generic_rpc_handlers((services.ratelimit.handler(),))
         # The meter listens to both of Envoy's access loggers: OpenTelemetry (the default,
         # cheaper for Envoy and for meshtoll) and the gRPC access log service.
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(services.meter, server)

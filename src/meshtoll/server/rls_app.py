@@ -16,7 +16,6 @@ import logging
 import socket
 
 import grpc
-from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from meshtoll.envoyproxy_ratelimit.environment import RlsSettings
@@ -69,7 +68,7 @@ class RlsApp:
         # another process (a `meshtoll serve`) holds and take part of its calls: this one
         # owns its port alone, or fails to start.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(services.ratelimit, server)
+        server.add_generic_rpc_handlers((services.ratelimit.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(services.health.servicer, server)
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
         try:
