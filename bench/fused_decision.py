@@ -6,6 +6,7 @@ with meshtoll's own code.
 
     python bench/fused_decision.py [--decisions N] [--concurrency C] [--event-loop uvloop|asyncio]
                                    [--redis tcp|unix] [--lease-max L] [--tenant limited|unlimited]
+                                   [--ratelimit-headers always|near_limit|never]
                                    [--no-admissions] [--profile FILE]
 
 --tenant unlimited makes the same decisions for a tenant without limits: row (c)'s path, the
@@ -146,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         help="limited: the fused path, as row (f); unlimited: the same decision without limits, as (c)",
     )
     parser.add_argument(
+        "--ratelimit-headers",
+        default="always",
+        choices=("always", "near_limit", "never"),
+        help="the policy's ratelimit.headers",
+    )
+    parser.add_argument(
         "--no-admissions",
         action="store_true",
         help="record no admission (what an admitted request's record and its flush cost, by difference)",
@@ -157,7 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         RedisServer(unix_socket=True) as redis,
     ):
         policy = Path(directory) / "policy.yaml"
-        policy.write_text(POLICY)
+        # The default left unsaid, so that the driver runs on code from before the setting.
+        headers = (
+            ""
+            if args.ratelimit_headers == "always"
+            else f"ratelimit: {{headers: {args.ratelimit_headers}}}\n"
+        )
+        policy.write_text(headers + POLICY)
         url = redis.unix_url if args.redis == "unix" else redis.url
         for _ in range(1 if args.profile else args.repeat):
             deciding = decide_many(
