@@ -183,7 +183,8 @@ def test_spoofed_identity_headers_are_replaced_or_removed(policy: CompiledPolicy
     assert isinstance(verdict, Allow)
     assert dict(verdict.headers)["x-meshtoll-tenant"] == "acme"
     assert "x-meshtoll-route" not in dict(verdict.headers)
-    assert set(verdict.remove_headers) == {"x-meshtoll-route", "x-meshtoll-extra"}
+    # ... and the API key's header goes too (hide credentials, tested on its own below).
+    assert set(verdict.remove_headers) == {"x-meshtoll-route", "x-meshtoll-extra", "x-api-key"}
 
 
 def test_spiffe_identity_from_the_client_certificate(policy: CompiledPolicy) -> None:

@@ -19,10 +19,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "counting",
         "keys",
+        "api_keys",
         "usage",
         "sinks",
         "watched",
-    ),  # pure cores: limits, key formats, usage, delivery, reload
+    ),  # pure cores: limits, Redis key formats, API key formats, usage, delivery, reload
     (
         "storage",
         "policy",

@@ -151,5 +151,5 @@ def _with_headers(allow: Allow, headers: Headers) -> Allow:
     # Built directly: dataclasses.replace costs several µs on this hot path.
     return Allow(
         allow.tenant, allow.plan, allow.consumer, allow.route, allow.headers, allow.remove_headers,
-        allow.metadata, headers,
+        allow.metadata, headers, allow.remove_query_params,
     )  # fmt: skip

@@ -13,6 +13,7 @@ from urllib.parse import parse_qs
 
 import jwt
 
+from meshtoll.api_keys import checksum_fails
 from meshtoll.authz.request_path import BadPath, normalize_request_path
 from meshtoll.authz.tokens import looks_like_jwt, verify_token
 from meshtoll.authz.verdict import Allow, CheckRequest, Deny, Verdict
@@ -43,6 +44,7 @@ INVALID_API_KEY = Deny(401, "invalid_api_key", "the API key is not valid", (("ww
 REVOKED_API_KEY = Deny(
     401, "revoked_api_key", "the API key has been revoked", (("www-authenticate", _REALM),)
 )
+EXPIRED_API_KEY = Deny(401, "expired_api_key", "the API key has expired", (("www-authenticate", _REALM),))
 UNKNOWN_CERTIFICATE = Deny(
     401,
     "unknown_client_certificate",
@@ -56,11 +58,21 @@ METHOD_NOT_ALLOWED = Deny(403, "method_not_allowed", "the tenant may not use thi
 
 
 class Identity:
-    __slots__ = ("consumer", "tenant")
+    __slots__ = ("consumer", "key_header", "key_param", "tenant")
 
-    def __init__(self, tenant: CompiledTenant, consumer: str) -> None:
+    def __init__(
+        self,
+        tenant: CompiledTenant,
+        consumer: str,
+        key_header: str | None = None,
+        key_param: str | None = None,
+    ) -> None:
         self.tenant = tenant
         self.consumer = consumer
+        # Where the API key came from (a header, or a query parameter): what Envoy is asked
+        # to remove before the request goes upstream. None for tokens and certificates.
+        self.key_header = key_header
+        self.key_param = key_param
 
 
 def decide(
@@ -90,18 +102,18 @@ def identify(
     settings = policy.policy.auth
     headers = request.headers
     api_key = headers.get(settings.api_key_header)
-    if api_key is None:
-        authorization = headers.get("authorization")
-        if authorization is not None and authorization[:7].lower() == "bearer ":
-            bearer = authorization[7:].strip()
-            if looks_like_jwt(bearer):
-                return _token_identity(bearer, policy, remote_jwks, now)
-            api_key = bearer
-    if api_key is None and settings.api_key_query_param is not None and "?" in request.path:
-        values = parse_qs(request.path.partition("?")[2]).get(settings.api_key_query_param)
-        api_key = values[0] if values else None
     if api_key is not None:
-        return _api_key_identity(api_key, policy)
+        return _api_key_identity(api_key, policy, now, settings.api_key_header, None)
+    authorization = headers.get("authorization")
+    if authorization is not None and authorization[:7].lower() == "bearer ":
+        bearer = authorization[7:].strip()
+        if looks_like_jwt(bearer):
+            return _token_identity(bearer, policy, remote_jwks, now)
+        return _api_key_identity(bearer, policy, now, "authorization", None)
+    if settings.api_key_query_param is not None and "?" in request.path:
+        values = parse_qs(request.path.partition("?")[2]).get(settings.api_key_query_param)
+        if values:
+            return _api_key_identity(values[0], policy, now, None, settings.api_key_query_param)
     for uri in request.peer_uri_sans:
         tenant = policy.tenants_by_spiffe_id.get(uri)
         if tenant is not None:
@@ -109,16 +121,24 @@ def identify(
     return UNKNOWN_CERTIFICATE if request.peer_uri_sans else MISSING_CREDENTIALS
 
 
-def _api_key_identity(api_key: str, policy: CompiledPolicy) -> Identity | Deny:
+def _api_key_identity(
+    api_key: str, policy: CompiledPolicy, now: float, header: str | None, param: str | None
+) -> Identity | Deny:
+    prefix = policy.key_prefix
+    if api_key.startswith(prefix) and checksum_fails(api_key, prefix[:-1]):
+        return INVALID_API_KEY  # one of meshtoll's keys, mistyped: no lookup needed
     digest = hashlib.sha256(api_key.encode()).digest()
     entry = policy.keys_by_sha256.get(digest)
     # The dict probe compares SHA-256 digests, which reveal nothing about the key; the final
     # comparison is constant-time anyway, so no code path compares key material otherwise.
     if entry is None or not hmac.compare_digest(entry.key.sha256, digest):
         return INVALID_API_KEY
-    if entry.key.revoked:
+    key = entry.key
+    if key.revoked:
         return REVOKED_API_KEY
-    return Identity(entry.tenant, entry.key.id)
+    if key.expires_at is not None and now >= key.expires_at:
+        return EXPIRED_API_KEY
+    return Identity(entry.tenant, key.id, header, param)
 
 
 def _token_identity(
@@ -162,12 +182,20 @@ def authorize(request: CheckRequest, policy: CompiledPolicy, identity: Identity,
         headers += ((ROUTE_HEADER, route),)
     if hooks is not None:
         headers += ((EXTPROC_HEADER, "open" if hooks.failure_mode_allow else "closed"),)
+    # The API key stops here unless the plan or the route forwards it (hide credentials).
+    hidden = identity.key_header
+    removed_params: tuple[str, ...] = ()
+    if compiled.forwards_credentials or (routes and routes[0].forward_credentials):
+        hidden = None
+    elif identity.key_param is not None:
+        removed_params = (identity.key_param,)
     # Headers meshtoll sets replace the client's value; any other x-meshtoll-* the client
     # sent is removed, so upstreams can trust every x-meshtoll-* header they see.
-    spoofed = tuple(
+    removed = tuple(
         name
         for name in request.headers
-        if (name.startswith(HEADER_PREFIX) and name not in IDENTITY_HEADERS)
+        if name == hidden
+        or (name.startswith(HEADER_PREFIX) and name not in IDENTITY_HEADERS)
         or (name == ROUTE_HEADER and not route)
         or (name == EXTPROC_HEADER and hooks is None)
     )
@@ -177,7 +205,9 @@ def authorize(request: CheckRequest, policy: CompiledPolicy, identity: Identity,
         CONSUMER_KEY: identity.consumer,
         ROUTE_KEY: route,
     }
-    return Allow(tenant.name, tenant.plan, identity.consumer, route, headers, spoofed, metadata)
+    return Allow(
+        tenant.name, tenant.plan, identity.consumer, route, headers, removed, metadata, (), removed_params
+    )
 
 
 def client_address(request: CheckRequest, trusted_proxy_hops: int) -> str:

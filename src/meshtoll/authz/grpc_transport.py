@@ -48,7 +48,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         return self._allow(verdict)
 
     def _allow(self, allow: Allow) -> external_auth_pb2.CheckResponse:
-        key = (allow.headers, allow.remove_headers, allow.route)
+        key = (allow.headers, allow.remove_headers, allow.route, allow.remove_query_params)
         cached = self._allow_responses.get(key)
         if cached is None:
             cached = allowed_response(allow)
@@ -85,6 +85,8 @@ def allowed_response(allow: Allow) -> external_auth_pb2.CheckResponse:
         ok_response=external_auth_pb2.OkHttpResponse(
             headers=_header_options(allow.headers),
             headers_to_remove=list(allow.remove_headers),
+            # An API key sent as a query parameter stops here too (Envoy 1.26+).
+            query_parameters_to_remove=list(allow.remove_query_params),
         ),
         dynamic_metadata=metadata,
     )

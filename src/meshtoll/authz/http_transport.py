@@ -4,10 +4,16 @@ Envoy sends the client's method, path and headers; a 200 lets the request throug
 Envoy copies the `x-meshtoll-*` response headers onto the upstream request and removes
 those named in `x-envoy-auth-headers-to-remove`; any other status goes back to the client
 with its headers and body.
+
+That header is all an HTTP authorization service can remove: Envoy's HTTP client reads no
+query parameter changes from it (only the gRPC CheckResponse has query_parameters_to_remove),
+so an API key sent as a query parameter cannot be taken off here. README, Managing tenants,
+says what to do instead; a process logs it once when it happens.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable
 
 from meshtoll.authz.authorizer import Authorizer
@@ -23,6 +29,7 @@ _REASONS = {
     503: "Service Unavailable",
 }
 _JSON = ("content-type", "application/json")
+log = logging.getLogger("meshtoll.authz")
 _ALLOW_CACHE_LIMIT = 50_000
 
 
@@ -33,6 +40,7 @@ class HttpAuthzHandler:
         # and the head of one that carries RateLimit headers too.
         self._allow_responses: dict[tuple[object, ...], bytes] = {}
         self._allow_heads: dict[tuple[object, ...], bytes] = {}
+        self._warned_query_key = False
 
     def __call__(
         self, method: str, target: str, headers: dict[str, str], peer: str
@@ -55,6 +63,14 @@ class HttpAuthzHandler:
     def _respond(self, verdict: Allow | Deny, request_id: str) -> bytes:
         if isinstance(verdict, Deny):
             return self._deny(verdict, request_id)
+        if verdict.remove_query_params and not self._warned_query_key:
+            self._warned_query_key = True
+            log.warning(
+                "an API key came as the query parameter %r on the HTTP authz transport, which cannot "
+                "have Envoy remove it: the upstream sees it (use the gRPC transport, a header, or "
+                "Envoy's header_mutation filter; README: Managing tenants)",
+                verdict.remove_query_params[0],
+            )
         key = (verdict.headers, verdict.remove_headers)
         if verdict.response_headers:
             # Per-request RateLimit-* values: Envoy adds these to the client's response

@@ -33,9 +33,14 @@ class Allow:
     consumer: str
     route: str
     headers: Headers  # set on the upstream request, replacing any value the client sent
-    remove_headers: tuple[str, ...]  # client-sent x-meshtoll-* headers meshtoll does not set
+    # Removed from the upstream request: client-sent x-meshtoll-* headers meshtoll does not
+    # set, and the header that carried the API key
+    remove_headers: tuple[str, ...]
     metadata: Mapping[str, str]  # dynamic metadata for rate-limit descriptors and access logs
     response_headers: Headers = ()  # added to the client's response (RateLimit-*)
+    # Query parameters removed from the upstream request (an API key sent as one); only the
+    # gRPC transport can ask Envoy for that (see authz/http_transport.py).
+    remove_query_params: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

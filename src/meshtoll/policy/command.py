@@ -10,6 +10,7 @@ import secrets
 import sys
 from pathlib import Path
 
+from meshtoll.api_keys import generate_key
 from meshtoll.errors import PolicyError
 from meshtoll.policy.load import load_policy
 
@@ -48,7 +49,7 @@ def _policy_check(args: argparse.Namespace) -> int:
 
 
 def _keys_new(args: argparse.Namespace) -> int:
-    key = "mt_" + secrets.token_urlsafe(32)
+    key = generate_key()
     key_id = args.key_id or f"{args.tenant}-{secrets.token_hex(3)}"
     digest = hashlib.sha256(key.encode()).hexdigest()
     print(f"API key (shown once, store it now): {key}")

@@ -53,6 +53,8 @@ class CompiledTenant:
     tenant: Tenant
     # Routes the tenant may call: None means every route.
     routes: PathMatcher[frozenset[str]] | None
+    # The tenant's plan lets its API keys go on to the upstream (plan.forward_credentials).
+    forwards_credentials: bool = False
 
     @property
     def name(self) -> str:
@@ -70,9 +72,9 @@ class CompiledPolicy:
 
     def __init__(self, policy: Policy, document: Document) -> None:
         self.policy = policy
-        self.tenants = {
-            name: CompiledTenant(tenant, _tenant_routes(tenant)) for name, tenant in policy.tenants.items()
-        }
+        # Tested before any lookup: a key with this prefix and a bad checksum is refused.
+        self.key_prefix = f"{policy.auth.api_key_prefix}_"
+        self.tenants = {name: self._compiled(tenant) for name, tenant in policy.tenants.items()}
         self.keys_by_sha256: dict[bytes, KeyEntry] = {}
         self.tenants_by_issuer: dict[str, list[CompiledTenant]] = {}
         self.tenants_by_spiffe_id: dict[str, CompiledTenant] = {}
@@ -94,6 +96,11 @@ class CompiledPolicy:
         for compiled in self.tenants.values():
             self._index(compiled, document)
         self._check_shared_issuers(document)
+
+    def _compiled(self, tenant: Tenant) -> CompiledTenant:
+        plan = self.policy.plans.get(tenant.plan)
+        forwards = plan is not None and plan.forward_credentials
+        return CompiledTenant(tenant, _tenant_routes(tenant), forwards)
 
     def _index(self, compiled: CompiledTenant, document: Document) -> None:
         tenant = compiled.tenant

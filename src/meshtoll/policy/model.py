@@ -7,6 +7,7 @@ from decimal import Decimal
 from ipaddress import IPv4Network, IPv6Network
 from typing import Literal
 
+from meshtoll.api_keys import DEFAULT_KEY_PREFIX
 from meshtoll.counting.limits import RateLimit
 
 IPNetwork = IPv4Network | IPv6Network
@@ -71,6 +72,9 @@ class Plan:
     limits: tuple[RateLimit, ...]
     price: Price | None = None
     meter: str | None = None  # the meter its requests count on in billing systems; None: the default
+    # The API key goes on to the upstream (for every route); by default authz has Envoy
+    # remove it: an upstream has no use for it, and a leaked upstream log would leak it.
+    forward_credentials: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +82,7 @@ class ApiKey:
     id: str
     sha256: bytes
     revoked: bool = False
+    expires_at: float | None = None  # Unix time from which the key is refused; None: never
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,12 +184,14 @@ class Route:
     enforced_in: EnforcedIn | None = None  # None: RateLimitSettings.enforced_in
     hooks: Hooks | None = None
     meter: str | None = None  # the meter its requests count on, before the plan's; None: the plan's
+    forward_credentials: bool = False  # the API key goes on to the upstream on this route
 
 
 @dataclass(frozen=True, slots=True)
 class AuthSettings:
     api_key_header: str = "x-api-key"
     api_key_query_param: str | None = None
+    api_key_prefix: str = DEFAULT_KEY_PREFIX  # of the keys meshtoll makes (meshtoll.api_keys)
     trusted_proxy_hops: int = 0
     jwt_leeway_seconds: int = 30
     jwks_refresh_seconds: int = 300

@@ -6,6 +6,7 @@ import ipaddress
 import re
 import string
 
+from meshtoll.api_keys import KEY_PREFIX_PATTERN
 from meshtoll.counting.limits import ALGORITHMS, Counted, RateLimit
 from meshtoll.counting.periods import PERIOD_SECONDS, PERIODS
 from meshtoll.policy.billing import billing_accounts, meter_name
@@ -74,8 +75,8 @@ def _auth(fields: Fields, value: object, path: FieldPath) -> AuthSettings:
     defaults = AuthSettings()
     if value is None:
         return defaults
-    known = ("api_key_header", "api_key_query_param", "trusted_proxy_hops", "jwt_leeway_seconds")
-    raw = fields.mapping(value, path, optional=(*known, "jwks_refresh_seconds")) or {}
+    known = ("api_key_header", "api_key_query_param", "api_key_prefix", "trusted_proxy_hops")
+    raw = fields.mapping(value, path, optional=(*known, "jwt_leeway_seconds", "jwks_refresh_seconds")) or {}
     header = raw.get("api_key_header", defaults.api_key_header)
     if not isinstance(header, str) or not _HEADER_NAME.fullmatch(header):
         fields.problem((*path, "api_key_header"), f"{header!r} is not an HTTP header name")
@@ -83,6 +84,11 @@ def _auth(fields: Fields, value: object, path: FieldPath) -> AuthSettings:
     query = raw.get("api_key_query_param")
     if query is not None:
         query = fields.string(query, (*path, "api_key_query_param"))
+    prefix = raw.get("api_key_prefix", defaults.api_key_prefix)
+    if not isinstance(prefix, str) or not KEY_PREFIX_PATTERN.fullmatch(prefix):
+        message = "lower-case letters and digits, in up to three words joined by '_' (e.g. mt_live)"
+        fields.problem((*path, "api_key_prefix"), f"{prefix!r} is not a key prefix: {message}")
+        prefix = defaults.api_key_prefix
 
     def number(key: str, default: int, minimum: int) -> int:
         if key not in raw:
@@ -93,6 +99,7 @@ def _auth(fields: Fields, value: object, path: FieldPath) -> AuthSettings:
     return AuthSettings(
         api_key_header=header.lower(),
         api_key_query_param=query,
+        api_key_prefix=prefix,
         trusted_proxy_hops=number("trusted_proxy_hops", defaults.trusted_proxy_hops, 0),
         jwt_leeway_seconds=number("jwt_leeway_seconds", defaults.jwt_leeway_seconds, 0),
         jwks_refresh_seconds=number("jwks_refresh_seconds", defaults.jwks_refresh_seconds, 1),
@@ -107,12 +114,13 @@ def _name(fields: Fields, name: str, path: FieldPath) -> bool:
 
 
 def _plan(fields: Fields, name: str, value: object, path: FieldPath) -> Plan | None:
-    raw = fields.mapping(value, path, optional=("limits", "price", "meter"))
+    raw = fields.mapping(value, path, optional=("limits", "price", "meter", "forward_credentials"))
     if raw is None or not _name(fields, name, path):
         return None
     price = _price(fields, raw["price"], (*path, "price")) if "price" in raw else None
     meter = meter_name(fields, raw["meter"], (*path, "meter")) if "meter" in raw else None
-    return Plan(name, _limits(fields, raw.get("limits"), (*path, "limits")), price, meter)
+    forward = fields.boolean(raw.get("forward_credentials", False), (*path, "forward_credentials"))
+    return Plan(name, _limits(fields, raw.get("limits"), (*path, "limits")), price, meter, bool(forward))
 
 
 def _price(fields: Fields, value: object, path: FieldPath) -> Price | None:
@@ -336,9 +344,10 @@ def _route(fields: Fields, value: object, path: FieldPath) -> Route | None:
         enforced_in = fields.choice(value["enforced_in"], (*path, "enforced_in"), ENFORCED_IN)
     hooks = _hooks(fields, value["hooks"], (*path, "hooks")) if "hooks" in value else None
     meter = meter_name(fields, value["meter"], (*path, "meter")) if "meter" in value else None
+    forward = fields.boolean(value.get("forward_credentials", False), (*path, "forward_credentials"))
     if cost is None or name is None:
         return None
-    return Route(name, rule, cost, limits, enforced_in, hooks, meter)
+    return Route(name, rule, cost, limits, enforced_in, hooks, meter, bool(forward))
 
 
 def _hooks(fields: Fields, value: object, path: FieldPath) -> Hooks | None:
@@ -428,7 +437,11 @@ def _template(fields: Fields, text: str, path: FieldPath) -> bool:
 
 
 def _route_rule(fields: Fields, value: object, path: FieldPath, *, with_methods: bool) -> RouteRule | None:
-    extra = ("methods",) if with_methods else ("name", "cost", "limits", "enforced_in", "hooks", "meter")
+    extra = (
+        ("methods",)
+        if with_methods
+        else ("name", "cost", "limits", "enforced_in", "hooks", "meter", "forward_credentials")
+    )
     raw = fields.mapping(value, path, optional=("prefix", "exact", *extra))
     if raw is None:
         return None
