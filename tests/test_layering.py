@@ -21,9 +21,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "keys",
         "api_keys",
         "usage",
+        "registry",
         "sinks",
         "watched",
-    ),  # pure cores: limits, Redis key formats, API key formats, usage, delivery, reload
+    ),  # pure cores: limits, Redis key formats, API key formats, usage, run-time tenants, delivery, reload
     (
         "storage",
         "policy",

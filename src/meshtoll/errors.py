@@ -14,6 +14,9 @@
     ├── TokenRejected             a credential (JWT, key) the client sent does not identify it;
     │                             carries the stable error code of the refusal
     ├── UnknownTenant             a tenant the policy does not name
+    ├── TenantConflict            a run-time tenant change the registry refuses: the tenant's
+    │                             version is not the one it was made from, or a key hash
+    │                             belongs to another tenant (nothing changed)
     ├── NotBillable               a tenant that cannot be invoiced (unknown, or no price)
     ├── BadPeriod                 text that names no billing period
     ├── MalformedLine             an access-log body that is not a meter line (counted, dropped)
@@ -98,6 +101,17 @@ class TokenRejected(MeshtollError):
 
 class UnknownTenant(MeshtollError):
     """A tenant the policy does not name."""
+
+
+class TenantConflict(MeshtollError):
+    """A change the tenant registry refuses; `kind` is "stale" (`current`: the tenant's
+    version, 0 when it does not exist) or "key_in_use" (`detail`: the tenant holding it)."""
+
+    def __init__(self, kind: str, message: str, *, current: int = 0, detail: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.current = current
+        self.detail = detail
 
 
 class NotBillable(MeshtollError):

@@ -67,3 +67,21 @@ PENDING_TENANTS_KEY = "meshtoll_pending_tenants"
 
 # The set of every tenant with usage: exports and invoices find them without the policy.
 USAGE_TENANTS_KEY = "meshtoll_usage_tenants"
+
+
+# The registry of run-time tenants (meshtoll.registry): every key carries the one hash tag
+# {registry}, unlike the per-tenant tags above, because one change must check and write several
+# of them atomically in one Lua call (storage/lua/registry.lua): on a Cluster the whole registry
+# lives on the shard of that tag.
+REGISTRY_TENANTS_KEY = "meshtoll_{registry}_tenants"  # hash: tenant -> its JSON record
+REGISTRY_KEY_HASHES_KEY = "meshtoll_{registry}_key_hashes"  # hash: key SHA-256 (hex) -> tenant
+REGISTRY_VERSION_KEY = "meshtoll_{registry}_version"  # string: +1 per change
+REGISTRY_CHANGES_KEY = "meshtoll_{registry}_changes"  # stream: the change log instances follow
+REGISTRY_AUDIT_KEY = "meshtoll_{registry}_audit"  # stream: one entry per change
+REGISTRY_KEY_USE_KEY = "meshtoll_{registry}_key_use"  # hash: "<tenant>\n<key id>" -> last minute
+REGISTRY_INSTANCES_KEY = "meshtoll_{registry}_instances"  # hash: instance id -> its JSON report
+REGISTRY_HEARD_KEY = "meshtoll_{registry}_instances_heard"  # sorted set: instance id by last report
+
+
+def key_use_field(tenant: str, key_id: str) -> str:
+    return f"{tenant}\n{key_id}"

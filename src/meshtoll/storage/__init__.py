@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from meshtoll.counting.store import CounterStore
+from meshtoll.registry.store import TenantRegistry
 from meshtoll.sinks.state import SinkStateStore
 from meshtoll.storage.memory import MemoryCounterStore
 from meshtoll.storage.sink_state_memory import MemorySinkStateStore
@@ -43,6 +44,17 @@ def open_sink_state_store(url: str | None) -> SinkStateStore:
     return RedisSinkStateStore(url)
 
 
+def open_tenant_registry(url: str | None) -> TenantRegistry:
+    """The tenant registry on Redis, or in memory (one process's own) when there is no URL."""
+    if url is None:
+        from meshtoll.storage.registry_memory import MemoryTenantRegistry
+
+        return MemoryTenantRegistry()
+    from meshtoll.storage.registry_redis import RedisTenantRegistry
+
+    return RedisTenantRegistry(url)
+
+
 @contextlib.asynccontextmanager
 async def counter_store(url: str | None, *, timeout_ms: int = 50) -> AsyncIterator[CounterStore]:
     """open_counter_store, closed when the block ends: for commands that read and leave."""
@@ -71,6 +83,7 @@ __all__ = [
     "counter_store",
     "open_counter_store",
     "open_sink_state_store",
+    "open_tenant_registry",
     "open_usage_store",
     "usage_store",
 ]
