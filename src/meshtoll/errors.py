@@ -17,6 +17,8 @@
     ├── TenantConflict            a run-time tenant change the registry refuses: the tenant's
     │                             version is not the one it was made from, or a key hash
     │                             belongs to another tenant (nothing changed)
+    ├── TenantChangeRefused       a change to run-time tenants or keys that is not made: its
+    │                             stable error code, and the problems of an invalid one
     ├── NotBillable               a tenant that cannot be invoiced (unknown, or no price)
     ├── BadPeriod                 text that names no billing period
     ├── MalformedLine             an access-log body that is not a meter line (counted, dropped)
@@ -112,6 +114,22 @@ class TenantConflict(MeshtollError):
         self.kind = kind
         self.current = current
         self.detail = detail
+
+
+class TenantChangeRefused(MeshtollError):
+    """A change to a run-time tenant or key that was refused, nothing changed. `code` is stable
+    (invalid_tenant, unknown_tenant, unknown_key, file_tenant, tenant_exists, key_exists,
+    key_in_use, precondition_failed, conflict); `problems` are (field path, message) pairs of
+    an invalid one; `current` the tenant's version, for a stale precondition."""
+
+    def __init__(
+        self, code: str, message: str, problems: tuple[tuple[str, str], ...] = (), current: int = 0
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.problems = problems
+        self.current = current
 
 
 class NotBillable(MeshtollError):

@@ -53,12 +53,20 @@ class Watched(Generic[Loaded]):
         self.version = 1
         self.rejected_versions = 0
         self._listeners: list[Listener[Loaded]] = []
+        self._preparers: list[Callable[[Loaded], Awaitable[None]]] = []
 
     def on_change(self, listener: Listener[Loaded]) -> None:
         """`listener` is called (awaited, if it is a coroutine) with each new version."""
         self._listeners.append(listener)
 
+    def before_replace(self, prepare: Callable[[Loaded], Awaitable[None]]) -> None:
+        """`prepare` completes each new version before it becomes `current` (the policy's
+        run-time tenants are installed into it); what it raises rejects the version."""
+        self._preparers.append(prepare)
+
     async def replace(self, value: Loaded) -> None:
+        for prepare in self._preparers:
+            await prepare(value)
         self.current = value
         self.version += 1
         for listener in self._listeners:
@@ -83,7 +91,16 @@ class Watched(Generic[Loaded]):
             if value is None:
                 self.rejected_versions += 1
                 continue
-            await self.replace(value)
+            try:
+                await self.replace(value)
+            except Exception:
+                # The version could not be completed: the one in use stays, as for a version
+                # that does not load, and the watcher goes on.
+                self.rejected_versions += 1
+                self._log.exception(
+                    "%s: new version could not be put in place, the previous one stays", self.path
+                )
+                continue
             self._log.info("%s reloaded: version %d, %s", self.path, self.version, self._describe(value))
 
 

@@ -5,9 +5,11 @@ plans and routes, validated (billing_accounts, meter_name) and looked up for del
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from meshtoll.policy.document import FieldPath
 from meshtoll.policy.fields import Fields
+from meshtoll.policy.limits import HasTenant
 from meshtoll.policy.model import BillingAccounts, Policy
 from meshtoll.sinks.names import DEFAULT_METERS, Target
 
@@ -57,13 +59,15 @@ class PolicyBillingNames:
     names none, or for a tenant that has left the policy), and the route's meter, else the
     plan's, else the target's default."""
 
-    def __init__(self, policy: Policy) -> None:
-        self._accounts = {name: tenant.billing for name, tenant in policy.tenants.items()}
+    def __init__(self, policy: Policy, tenants: Mapping[str, HasTenant]) -> None:
+        """`tenants`: the compiled policy's own index, run-time tenants included."""
+        self._tenants = tenants
         self._plan_meters = {name: plan.meter for name, plan in policy.plans.items() if plan.meter}
         self._route_meters = {route.name: route.meter for route in policy.routes if route.meter}
 
     def account(self, tenant: str, target: Target) -> str:
-        accounts = self._accounts.get(tenant)
+        compiled = self._tenants.get(tenant)
+        accounts = None if compiled is None else compiled.tenant.billing
         found: str | None = None if accounts is None else getattr(accounts, ACCOUNT_FIELDS[target])
         return tenant if found is None else found
 

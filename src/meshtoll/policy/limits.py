@@ -8,22 +8,36 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
+from typing import Protocol
 
 from meshtoll.counting.limits import Check, RateLimit
 from meshtoll.keys import counter_key
 from meshtoll.policy.model import Policy, Route, Tenant
+
+
+class HasTenant(Protocol):
+    """A compiled tenant, as far as limits care (policy.compiled.CompiledTenant)."""
+
+    @property
+    def tenant(self) -> Tenant: ...
+
 
 CACHE_LIMIT = 100_000
 
 
 class PolicyLimits:
     """One per policy version, part of its CompiledPolicy; the checks of each (tenant, route)
-    are built on first use."""
+    are built on first use, and a run-time tenant's dropped when it changes (`forget`)."""
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, tenants: Mapping[str, HasTenant]) -> None:
+        """`tenants`: the compiled policy's own index, run-time tenants included."""
         self.policy = policy
+        self._tenants = tenants
         self._routes = {route.name: route for route in policy.routes}
         self._cache: dict[tuple[str, str, str], tuple[Check, ...]] = {}
+        # The cache's keys of each tenant, so that forgetting one costs its own entries only.
+        self._cached_for: dict[str, list[tuple[str, str, str]]] = {}
 
     def route(self, name: str) -> Route | None:
         return self._routes.get(name)
@@ -47,8 +61,15 @@ class PolicyLimits:
             found = self._build(tenant, route) if self.enforced_in(route) == where else ()
             if len(self._cache) >= CACHE_LIMIT:
                 self._cache.clear()
+                self._cached_for.clear()
             self._cache[key] = found
+            self._cached_for.setdefault(tenant, []).append(key)
         return found
+
+    def forget(self, tenant: str) -> None:
+        """Drop the checks built for `tenant`: its limits (its plan, its overrides) changed."""
+        for key in self._cached_for.pop(tenant, ()):
+            self._cache.pop(key, None)
 
     def charges(self, tenant: str, route: str, units: int, *, where: str) -> tuple[Check, ...]:
         """The units a finished request used, against the unit limits that looked before it
@@ -64,11 +85,12 @@ class PolicyLimits:
 
     def tenant_checks(self, tenant: str) -> tuple[Check, ...]:
         """The tenant's own limits alone (plan or override): what `quota show` reports."""
-        found = self.policy.tenants.get(tenant)
+        found = self._tenants.get(tenant)
         if found is None:
             return ()
         return tuple(
-            Check(counter_key(tenant, "tenant", limit), limit) for limit in _tenant_limits(self.policy, found)
+            Check(counter_key(tenant, "tenant", limit), limit)
+            for limit in _tenant_limits(self.policy, found.tenant)
         )
 
     def route_checks(self, tenant: str) -> tuple[tuple[str, Check], ...]:

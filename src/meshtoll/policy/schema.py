@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import string
+from collections.abc import Mapping
 
 from meshtoll.api_keys import KEY_PREFIX_PATTERN
 from meshtoll.counting.limits import ALGORITHMS, Counted, RateLimit
@@ -106,11 +107,18 @@ def _auth(fields: Fields, value: object, path: FieldPath) -> AuthSettings:
     )
 
 
-def _name(fields: Fields, name: str, path: FieldPath) -> bool:
+def name_problem(name: str) -> str | None:
+    """What is wrong with a plan's or tenant's name, if anything."""
     if _NAME.fullmatch(name):
-        return True
-    fields.problem(path, f"{name!r} is not a valid name (letters, digits, '.', '_', '-')")
-    return False
+        return None
+    return f"{name[:140]!r} is not a valid name (letters, digits, '.', '_', '-'; at most 128)"
+
+
+def _name(fields: Fields, name: str, path: FieldPath) -> bool:
+    problem = name_problem(name)
+    if problem is not None:
+        fields.problem(path, problem)
+    return problem is None
 
 
 def _plan(fields: Fields, name: str, value: object, path: FieldPath) -> Plan | None:
@@ -230,8 +238,16 @@ def _ratelimit_settings(fields: Fields, value: object, path: FieldPath) -> RateL
     )
 
 
+def build_tenant(
+    document: Document, name: str, value: object, path: FieldPath, plans: Mapping[str, Plan]
+) -> Tenant | None:
+    """One tenant's mapping, validated as the file's `tenants.<name>` is (the same rules and
+    messages, problems recorded on `document` at `path`): how run-time tenants are checked."""
+    return _tenant(Fields(document), name, value, path, plans)
+
+
 def _tenant(
-    fields: Fields, name: str, value: object, path: FieldPath, plans: dict[str, Plan]
+    fields: Fields, name: str, value: object, path: FieldPath, plans: Mapping[str, Plan]
 ) -> Tenant | None:
     optional = ("status", "api_keys", "jwt", "mtls", "allow", "limits", "billing")
     raw = fields.mapping(value, path, required=("plan",), optional=optional)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 
 from meshtoll.errors import StorageError
 from meshtoll.usage.records import Admission, ReportedUnits
@@ -28,6 +29,13 @@ class AdmissionRecorder:
         self._buffer: list[Admission] = []
         self._reports: list[ReportedUnits] = []
         self.dropped = 0
+        self._observers: list[Callable[[Sequence[Admission]], Awaitable[None]]] = []
+
+    def on_stored(self, observer: Callable[[Sequence[Admission]], Awaitable[None]]) -> None:
+        """`observer` sees each batch of admissions once the store has it: what else wants to
+        know of admitted requests (when a key was last used) rides on this flush instead of
+        writing per request."""
+        self._observers.append(observer)
 
     def admit(self, admission: Admission) -> None:
         if len(self._buffer) < MAX_BUFFERED:
@@ -47,7 +55,9 @@ class AdmissionRecorder:
         try:
             if batch:
                 await self._store.admit(batch)
-                batch = []
+                stored, batch = batch, []
+                for observe in self._observers:
+                    await observe(stored)
             if reports:
                 await self._store.report_units(reports)
         except StorageError as exc:

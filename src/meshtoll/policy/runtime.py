@@ -1,0 +1,62 @@
+"""Run-time tenants as the policy's own Tenant values: a registry record's `spec` is checked
+by the policy file's schema (`schema.build_tenant`: the same rules, the same messages), and
+its keys become ApiKeys with their expiry. No second list of tenant fields exists: a field
+the file's tenants gain (billing, say) is a run-time tenant's field too."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from meshtoll.errors import PolicyError, PolicyProblem
+from meshtoll.policy.document import Document
+from meshtoll.policy.model import ApiKey, Plan, Tenant
+from meshtoll.policy.schema import build_tenant, name_problem
+from meshtoll.policy.screening import screen_values
+from meshtoll.registry.records import KeyRecord, TenantRecord
+
+# A run-time tenant's keys are made by meshtoll (or imported by hash), through their own
+# endpoints; in a spec they would bypass that.
+KEYS_FIELD = "api_keys"
+
+
+def check_spec(
+    name: str, spec: object, plans: Mapping[str, Plan]
+) -> tuple[Tenant | None, list[PolicyProblem]]:
+    """The tenant `spec` describes, or None; and every problem of it, each at its field path
+    in the spec (`allow.ip[1]`), with no file or line (the spec is not a file)."""
+    document = Document(file="", root=spec, text="", _lines={})
+    problem = name_problem(name)
+    if problem is not None:
+        document.problem(("name",), problem)
+    for path, message in screen_values(spec):
+        document.problem(path, message)
+    if isinstance(spec, dict) and KEYS_FIELD in spec:
+        document.problem((KEYS_FIELD,), "keys are made with POST /api/tenants/<tenant>/keys, not given here")
+    if document.problems:
+        return None, document.problems
+    tenant = build_tenant(document, name, spec, (), plans)
+    return (tenant if not document.problems else None), document.problems
+
+
+def runtime_tenant(record: TenantRecord, plans: Mapping[str, Plan]) -> Tenant:
+    """The record as a Tenant with its keys; PolicyError with its problems otherwise (a record
+    that was valid when committed can stop being so: its plan left the policy file)."""
+    tenant, problems = check_spec(record.name, record.spec, plans)
+    if tenant is None:
+        raise PolicyError(problems)
+    try:
+        keys = tuple(api_key(key) for key in record.keys)
+    except ValueError as exc:
+        raise PolicyError([PolicyProblem("", None, "keys", f"a key record is damaged: {exc}")]) from None
+    # replace(), not a constructor call: every field the schema knows comes along.
+    return dataclasses.replace(tenant, api_keys=keys)
+
+
+def api_key(key: KeyRecord) -> ApiKey:
+    """A registry key as a decision sees it. A revoked key stays indexed (401 revoked_api_key,
+    not invalid_api_key); ValueError when its hash is not 64 hex digits."""
+    digest = bytes.fromhex(key.sha256)
+    if len(digest) != 32:
+        raise ValueError(f"key {key.id!r}: its sha256 is not 32 bytes")
+    return ApiKey(key.id, digest, key.revoked_at is not None, key.expires_at)
