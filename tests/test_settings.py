@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 
 from meshtoll.errors import ConfigError
-from meshtoll.server.admin import while_starting
+from meshtoll.server.admin import AdminPort
 from meshtoll.server.services import build
 from meshtoll.settings import Settings, settings_from
-from meshtoll.transport.http_server import Handler, StartingHandler
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "policy.yaml"
 
@@ -34,14 +33,14 @@ def test_bad_environment_values_name_the_variable() -> None:
         settings_from({"workers": 0}, {})
 
 
-def respond(handler: Handler, path: str) -> bytes:
-    answer = handler("GET", path, {}, "127.0.0.1")
+def respond(handler: AdminPort, path: str) -> bytes:
+    answer = handler("GET", path, {}, "127.0.0.1", b"")
     assert isinstance(answer, bytes)
     return answer
 
 
 def test_readyz_is_503_until_the_policy_has_loaded_then_200() -> None:
-    handler = StartingHandler(meanwhile=while_starting)
+    handler = AdminPort()
     assert respond(handler, "/healthz").startswith(b"HTTP/1.1 200 ")
     assert respond(handler, "/readyz").startswith(b"HTTP/1.1 503 ")
     assert respond(handler, "/api/policy").startswith(b"HTTP/1.1 503 ")

@@ -129,9 +129,15 @@ class Settings:
     # Kept out of repr so that a logged Settings does not carry it.
     admin_token: str | None = setting(
         None,
-        "bearer token the admin port's /api/* requires (without one, loopback clients only); prefer "
-        "the environment variable: every local user can read a process's arguments",
+        "a write token of the admin port's /api/*, named admin (without any token, loopback clients "
+        "only); prefer the environment variable: every local user can read a process's arguments",
         secret=True,
+    )
+    admin_tokens_file: Path | None = setting(
+        None,
+        "YAML file of admin tokens by name and scope (read or write), each as its SHA-256; watched and "
+        "reloaded like the policy",
+        Path,
     )
     tls_cert: Path | None = setting(None, "PEM certificate chain: TLS on the gRPC and HTTP authz ports", Path)
     tls_key: Path | None = setting(None, "PEM private key of --tls-cert", Path)

@@ -20,9 +20,10 @@ from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.quota import tenant_quota
 from meshtoll.server.admin_access import OPEN_PATHS, AdminAccess
 from meshtoll.server.admin_sinks import answer_sink_path, is_sink_path
+from meshtoll.server.tenant_api import TenantApi
 from meshtoll.sinks.state import SinkStateStore
 from meshtoll.telemetry.metrics import Metrics
-from meshtoll.transport.http_server import response
+from meshtoll.transport.http_server import BodyHandler, response
 from meshtoll.usage.store import UsageStore
 
 if TYPE_CHECKING:
@@ -57,9 +58,25 @@ class StoreProbe:
             await asyncio.sleep(REDIS_PROBE_SECONDS)
 
 
-def while_starting(method: str, target: str, headers: dict[str, str], peer: str) -> bytes:
+def while_starting(method: str, target: str, headers: dict[str, str], peer: str, body: bytes) -> bytes:
     """The admin port before the policy has loaded: alive, not ready, nothing else yet."""
     return _HEALTHY if target.partition("?")[0] == "/healthz" else _NOT_READY
+
+
+class AdminPort:
+    """The admin port's handler from the moment it listens: `while_starting` until the
+    services are built, then theirs."""
+
+    def __init__(self) -> None:
+        self._handler: BodyHandler = while_starting
+
+    def ready(self, handler: BodyHandler) -> None:
+        self._handler = handler
+
+    def __call__(
+        self, method: str, target: str, headers: dict[str, str], peer: str, body: bytes
+    ) -> bytes | Awaitable[bytes]:
+        return self._handler(method, target, headers, peer, body)
 
 
 class AdminHandler:
@@ -72,29 +89,39 @@ class AdminHandler:
         usage: UsageStore,
         probe: StoreProbe,
         *,
+        tenants: TenantApi | None = None,
+        tenants_loaded: Callable[[], bool] = lambda: True,
         descriptor_stats: DescriptorStats | None = None,
         sink_state: SinkStateStore | None = None,
     ) -> None:
-        """`descriptor_stats`: envoyproxy/ratelimit's per-limit statistics, under its names
-        (with --ratelimit-config); `sink_state`: the billing sinks' quarantine."""
+        """`tenants`: the run-time tenants' API; `tenants_loaded`: whether they are in place
+        (the instance is not ready before); `descriptor_stats`: envoyproxy/ratelimit's
+        per-limit statistics, under its names (with --ratelimit-config); `sink_state`: the
+        billing sinks' quarantine."""
         self.access = access
         self.metrics = metrics
         self.policy = policy
         self.store = store
         self.usage = usage
         self.probe = probe
+        self.tenants = tenants
+        self.tenants_loaded = tenants_loaded
         self.descriptor_stats = descriptor_stats
         self.sink_state = sink_state
 
     def __call__(
-        self, method: str, target: str, headers: dict[str, str], peer: str
+        self, method: str, target: str, headers: dict[str, str], peer: str, body: bytes = b""
     ) -> bytes | Awaitable[bytes]:
-        path = target.partition("?")[0]
+        path, _, query = target.partition("?")
         # Deny by default: any path but the open ones, known or not, needs access first.
         if path not in OPEN_PATHS:
-            refused = self.access.refusal(headers, peer)
-            if refused is not None:
-                return refused
+            caller = self.access.caller(method, headers, peer)
+            if isinstance(caller, bytes):
+                return caller
+            if self.tenants is not None and not _report_path(path):
+                handled = self.tenants.handle(method, path, query, headers, body, caller)
+                if handled is not None:
+                    return handled
         if is_sink_path(path) and self.sink_state is not None:
             return answer_sink_path(self.sink_state, method, target)
         if path.startswith("/api/tenants/") and path.endswith("/quota"):
@@ -156,6 +183,9 @@ class AdminHandler:
         return invoice_document(await tenant_invoice(policy, usage, tenant, period))
 
     def _ready(self) -> bytes:
+        if not self.tenants_loaded():
+            # Serving without them would refuse every run-time tenant's requests with 401.
+            return _json(503, {"error": "not_ready", "message": "the run-time tenants are not loaded yet"})
         document: dict[str, object] = {"status": "ready", "policy_version": self.policy.version}
         if self.probe.reachable is not None:
             document["redis"] = "ok" if self.probe.reachable else "unreachable"
@@ -177,6 +207,13 @@ class AdminHandler:
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 503: "Service Unavailable"}
+_REPORTS = ("/quota", "/usage", "/invoice")
+
+
+def _report_path(path: str) -> bool:
+    """A tenant's quota, usage or invoice: read from the counters and the usage store, for
+    any tenant name (one that has left the policy still has usage)."""
+    return path.startswith("/api/tenants/") and path.endswith(_REPORTS) and path.count("/") == 4
 
 
 def _json(status: int, document: dict[str, object]) -> bytes:

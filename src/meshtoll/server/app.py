@@ -14,7 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_pb
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshtoll.meter.otlp import LOGS_SERVICE
-from meshtoll.server.admin import while_starting
+from meshtoll.server.admin import AdminPort
 from meshtoll.server.admin_access import is_loopback
 from meshtoll.server.event_loop import running_loop_name
 from meshtoll.server.lifecycle import keep_running, serve_until_signalled, stop_serving
@@ -23,7 +23,7 @@ from meshtoll.server.services import Services, build
 from meshtoll.server.tls import ServiceTls, load_service_tls
 from meshtoll.settings import Settings
 from meshtoll.transport.http_listener import HttpListener
-from meshtoll.transport.http_server import StartingHandler, serve_http
+from meshtoll.transport.http_server import StartingHandler, serve_http, serve_http_reading_bodies
 
 log = logging.getLogger("meshtoll")
 
@@ -52,9 +52,12 @@ class App:
         authz_limits, admin_limits = port_limits(settings)
         # Every HTTP port answers from the start, so that probes and Envoy get a clean 503
         # while a large policy compiles rather than a connection left in the queue.
-        admin_port = StartingHandler(meanwhile=while_starting)
+        admin_port = AdminPort()
         http_authz_port = StartingHandler()
-        self._servers.append(await serve_http(admin_port, self.listeners.admin, limits=admin_limits))
+        # The admin port reads request bodies (the tenant API); the authz ports never do.
+        self._servers.append(
+            await serve_http_reading_bodies(admin_port, self.listeners.admin, limits=admin_limits)
+        )
         context = None if tls is None else tls.context
         self._servers.append(
             await serve_http(http_authz_port, self.listeners.http_authz, context, limits=authz_limits)

@@ -83,6 +83,10 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.ratelimit_config is not None:
         load_descriptor_configs(settings.ratelimit_config)
     load_service_tls(settings)
+    if settings.admin_tokens_file is not None:
+        from meshtoll.server.admin_tokens import load_admin_tokens
+
+        load_admin_tokens(settings.admin_tokens_file)
     if settings.workers == 1:
         from meshtoll.server.app import run
         from meshtoll.server.event_loop import run_on_event_loop

@@ -28,13 +28,21 @@ from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.ratelimit.rls import RateLimitServicer
 from meshtoll.ratelimit.service import RateLimitService
+from meshtoll.registry.store import TenantRegistry
 from meshtoll.server.admin import AdminHandler, StoreProbe
 from meshtoll.server.admin_access import AdminAccess
+from meshtoll.server.admin_tokens import AdminTokensHolder
 from meshtoll.server.lifecycle import Work
+from meshtoll.server.tenant_api import TenantApi
 from meshtoll.server.usage_sinks import UsageSinks, build_usage_sinks
 from meshtoll.settings import Settings
-from meshtoll.storage import open_counter_store, open_usage_store
+from meshtoll.storage import open_counter_store, open_tenant_registry, open_usage_store
 from meshtoll.telemetry.metrics import DecisionCounts, Metrics
+from meshtoll.tenants.follower import RegistryFollower
+from meshtoll.tenants.installed import InstalledTenants
+from meshtoll.tenants.instances import InstanceReporter
+from meshtoll.tenants.key_use import KeyUse
+from meshtoll.tenants.service import TenantService
 from meshtoll.usage.recorder import AdmissionRecorder
 from meshtoll.usage.store import UsageStore
 
@@ -58,6 +66,7 @@ class Services:
     background: dict[str, Work]  # by name: what runs beside the servers, restarted if it fails
     restarts: Counter[str]  # background work started again, by name
     usage_sinks: UsageSinks  # the billing sinks (--usage-sink) and their state store
+    tenants: RuntimeTenants | None  # the tenant registry and this instance's view of it
 
     def stop_admitting(self) -> None:
         for authorizer in (self.http_authorizer, self.grpc_authorizer):
@@ -70,6 +79,32 @@ class Services:
         await self.usage_sinks.close()
         await self.store.close()
         await self.usage.close()
+        if self.tenants is not None:
+            await self.tenants.registry.close()
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeTenants:
+    registry: TenantRegistry
+    installed: InstalledTenants
+    follower: RegistryFollower
+    reporter: InstanceReporter
+    service: TenantService
+
+
+async def runtime_tenants(settings: Settings, holder: PolicyHolder) -> RuntimeTenants | None:
+    """The tenant registry (Redis; in memory for one process without it) and this instance's
+    view of it, its first snapshot loaded. None for several workers without Redis: each
+    would keep a registry of its own."""
+    if settings.redis_url is None and settings.workers > 1:
+        return None
+    registry = open_tenant_registry(settings.redis_url)
+    installed = InstalledTenants(holder)
+    follower = RegistryFollower(registry, installed)
+    await follower.load_first()
+    reporter = InstanceReporter(registry, installed)
+    service = TenantService(registry, lambda: holder.current, committed=installed.apply_own)
+    return RuntimeTenants(registry, installed, follower, reporter, service)
 
 
 async def build(settings: Settings) -> Services:
@@ -91,7 +126,11 @@ async def build(settings: Settings) -> Services:
     )
     jwks = JwksCache()
     holder.on_change(jwks.policy_changed)
+    tenants = await runtime_tenants(settings, holder)
     recorder = AdmissionRecorder(usage)
+    if tenants is not None:
+        tenants.installed.on_change(jwks.policy_changed)
+        recorder.on_stored(KeyUse(tenants.registry, tenants.installed).admitted)
     reconciler = Reconciler(usage, settings.reconcile_grace_seconds, time.time)
     settlement = Settlement(usage, clock=time.time)
     decisions = DecisionCounts()
@@ -132,13 +171,27 @@ async def build(settings: Settings) -> Services:
     usage_sinks = build_usage_sinks(settings, holder, usage, metrics)
     for follower in usage_sinks.followers:
         background[f"{follower.name} usage sink"] = follower.run_forever
+    tokens = None
+    if settings.admin_tokens_file is not None:
+        tokens = await asyncio.to_thread(AdminTokensHolder.from_file, settings.admin_tokens_file)
+        background["admin tokens watcher"] = lambda: tokens.watch(settings.policy_poll_seconds)
+    if tenants is not None:
+        background["tenant registry follower"] = tenants.follower.run_forever
+        background["instance heartbeat"] = tenants.reporter.run_forever
+        _count_tenants(metrics, tenants)
     admin = AdminHandler(
-        AdminAccess(settings.admin_token),
+        AdminAccess(settings.admin_token, None if tokens is None else lambda: tokens.current),
         metrics,
         holder,
         store,
         usage,
         probe,
+        tenants=TenantApi(
+            holder,
+            None if tenants is None else tenants.installed,
+            None if tenants is None else tenants.service,
+        ),
+        tenants_loaded=(lambda: True) if tenants is None else tenants.follower.loaded.is_set,
         descriptor_stats=None if configs is None else stats,
         sink_state=usage_sinks.state,
     )
@@ -160,7 +213,26 @@ async def build(settings: Settings) -> Services:
         background=background,
         restarts=restarts,
         usage_sinks=usage_sinks,
+        tenants=tenants,
     )
+
+
+def _count_tenants(metrics: Metrics, tenants: RuntimeTenants) -> None:
+    installed = tenants.installed
+    metrics.gauge(
+        "meshtoll_runtime_tenants",
+        "run-time tenants in the registry, as applied",
+        lambda: len(installed.records),
+    )
+    metrics.gauge(
+        "meshtoll_runtime_tenants_skipped",
+        "run-time tenants this instance does not serve (they conflict with its policy file)",
+        lambda: len(installed.skipped),
+    )
+    metrics.gauge(
+        "meshtoll_runtime_registry_version", "the tenant registry version this instance has applied",
+        lambda: installed.version,
+    )  # fmt: skip
 
 
 def _count(
