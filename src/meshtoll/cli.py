@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from meshtoll.errors import MeshtollError, PolicyError
 from meshtoll.local.command import add_dev_command
 from meshtoll.meter.command import add_billing_command, add_usage_command
-from meshtoll.policy.command import add_keys_command, add_policy_command
+from meshtoll.policy.command import add_policy_command
 from meshtoll.ratelimit.command import add_quota_command
 from meshtoll.render.command import add_render_command
 from meshtoll.server.command import add_ratelimit_command, add_serve_command
+from meshtoll.tenants.command import add_keys_command, add_tenants_command
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     add_usage_command(commands)
     add_billing_command(commands)
     add_render_command(commands)
+    add_tenants_command(commands)
     add_keys_command(commands)
     return parser
 
