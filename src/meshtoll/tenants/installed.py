@@ -24,7 +24,7 @@ from meshtoll.errors import PolicyError
 from meshtoll.policy import CompiledPolicy
 from meshtoll.policy.document import format_path
 from meshtoll.policy.reload import PolicyHolder
-from meshtoll.policy.runtime import runtime_tenant
+from meshtoll.policy.runtime import RuntimeTenantReader
 from meshtoll.registry.records import TenantRecord
 
 log = logging.getLogger("meshtoll.tenants")
@@ -42,6 +42,7 @@ class InstalledTenants:
         self.version = 0  # the registry version applied
         self.cursor = ""  # the change log position applied
         self._lock = asyncio.Lock()
+        self._reader = RuntimeTenantReader()
         self._listeners: list[Callable[[CompiledPolicy], None]] = []
         holder.before_replace(self._install_all_into)
 
@@ -94,7 +95,7 @@ class InstalledTenants:
 
     def _install(self, policy: CompiledPolicy, record: TenantRecord) -> None:
         try:
-            tenant = runtime_tenant(record, policy.policy.plans)
+            tenant = self._reader.tenant(record, policy.policy.plans)
         except PolicyError as exc:
             policy.uninstall(record.name)
             self._skip(record.name, "; ".join(f"{p.path}: {p.message}" for p in exc.problems[:5]))
