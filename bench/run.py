@@ -45,10 +45,13 @@ from pathlib import Path
 from cpu import CpuSample, cpu_share
 from nginx_authz import NGINX_INSTALL_HINT, find_nginx, nginx_allow_all
 from rls_alone import rls_alone
+from runtime_tenants import rt_key, seed_runtime_tenants
 
 from meshtoll.local.devstack import LocalStack, RedisServer, StackConfig, find_envoy
 
 BENCH_KEY = "bench-key-4242"  # tenant t4242's key, in both policies: any tenant would do
+RT_BENCH_KEY = rt_key(4242)  # run-time tenant rt4242's
+RUNTIME_TENANTS = 100_000
 LIMITED_KEY = "bench-limited-key"
 
 
@@ -83,6 +86,15 @@ ROWS = [
         "meshtoll HTTP authz (API key, 100k tenants)",
         "listen_http_authz_port",
         environment="tenants100k",
+    ),
+    # (c) with its tenants in the registry instead of the file: 100,000 of them, loaded from
+    # Redis when the instance starts (the file has the plans and no tenant).
+    Row(
+        "c-rt",
+        "meshtoll HTTP authz (API key, 100k run-time tenants)",
+        "listen_http_authz_port",
+        key=RT_BENCH_KEY,
+        environment="runtime100k",
     ),
     Row("d", "meshtoll gRPC authz (API key, 10k tenants)", "listen_grpc_authz_port"),
     Row("e", "meshtoll gRPC authz + RLS filter (Redis)", "listen_rls_port", "/rls/items", LIMITED_KEY),
@@ -121,6 +133,7 @@ TARGETS = [
     ("c", "b", 0.80),
     ("c", "b2", 0.90),
     ("c100k", "c", 0.90),
+    ("c-rt", "c", 0.90),
     ("d", "b", 0.40),
     ("e", "b", 0.30),
     ("e2", "b", 0.35),
@@ -210,6 +223,37 @@ def nginx_environment(directory: Path, redis_url: str) -> Iterator[Environment]:
 
 
 @contextmanager
+def runtime_environment(
+    directory: Path, redis_url: str, workers: int, meshtoll_sockets: Callable[[str], Path | None]
+) -> Iterator[Environment]:
+    """A stack whose policy file has the plans and no tenant, and whose 100,000 tenants are in
+    the registry, in a Redis database of their own (the other stacks would load them too).
+    How long the instance took to load them is printed from its own log line."""
+    database = (
+        f"{redis_url.rpartition('/')[0]}/1" if redis_url.startswith("redis://") else f"{redis_url}&db=1"
+    )
+    seeded = seed_runtime_tenants(database, RUNTIME_TENANTS)
+    policy = directory / "policy-runtime.yaml"
+    policy.write_text("plans: {pro: {}}\nroutes: [{prefix: /v1/, name: v1}]\n")
+    work_dir = directory / "runtime100k-stack"
+    config = StackConfig(
+        policy=policy, redis_url=database, workers=workers, work_dir=work_dir,
+        meshtoll_sockets=meshtoll_sockets("runtime100k-sockets"),
+    )  # fmt: skip
+    started = time.monotonic()
+    with stack_environment(config) as environment:
+        ready = time.monotonic() - started
+        log = (work_dir / "meshtoll.log").read_text(errors="replace").splitlines()
+        loaded = [line.rpartition("INFO ")[2] for line in log if "run-time tenants loaded" in line]
+        print(
+            f"(c-rt) {RUNTIME_TENANTS:,} run-time tenants seeded in {seeded:.1f} s; the instance was ready "
+            f"{ready:.1f} s after it started; it logged: {loaded[0] if loaded else '-'}",
+            file=sys.stderr,
+        )
+        yield environment
+
+
+@contextmanager
 def rls_alone_environment(redis_url: str) -> Iterator[Environment]:
     with rls_alone(redis_url) as (url, pids):
         yield Environment(lambda row: url, pids)
@@ -252,6 +296,7 @@ def open_environments(
             )
         ),
         "rls_alone": lambda: rls_alone_environment(redis_url),
+        "runtime100k": lambda: runtime_environment(directory, redis_url, workers, meshtoll_sockets),
     }  # fmt: skip
     redis_pid = redis_server_pid(redis.port)
     with ExitStack() as running:
