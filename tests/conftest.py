@@ -65,9 +65,11 @@ class StartStack(Protocol):
         workers: int = 1,
         redis_url: str | None = None,
         serve_args: tuple[str, ...] = (),
+        api_key_query_param: str | None = None,
     ) -> LocalStack:
         """A running stack; `policy=None` runs no meshtoll, `redis=False` its in-memory store;
-        `redis_url` another Redis than the session's; `serve_args` more serve flags."""
+        `redis_url` another Redis than the session's; `serve_args` more serve flags;
+        `api_key_query_param` the policy's, for Envoy to remove after HTTP ext_authz."""
         ...
 
 
@@ -115,8 +117,9 @@ def start_stack(
             workers: int = 1,
             redis_url: str | None = None,
             serve_args: tuple[str, ...] = (),
+            api_key_query_param: str | None = None,
         ) -> LocalStack:
-            key = (policy, mtls, authz_stub, redis, workers, redis_url, serve_args)
+            key = (policy, mtls, authz_stub, redis, workers, redis_url, serve_args, api_key_query_param)
             if key not in running:
                 config = StackConfig(
                     policy=policy,
@@ -127,6 +130,7 @@ def start_stack(
                     workers=workers,
                     envoy_binary=envoy_binary,
                     work_dir=tmp_path_factory.mktemp("stack"),
+                    api_key_query_param=api_key_query_param,
                 )
                 running[key] = cleanup.enter_context(LocalStack(config))
             return running[key]

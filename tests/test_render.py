@@ -119,3 +119,37 @@ def test_the_grpc_transport_is_a_parameter_not_an_edit(tmp_path: Path) -> None:
     main(["render", "istio", "--out", str(tmp_path), "--authz-transport", "grpc"])
     policy = yaml.safe_load((tmp_path / "deploy" / "istio" / "authorization-policy.yaml").read_text())
     assert policy["spec"]["provider"] == {"name": "meshtoll-grpc"}
+
+
+def test_a_query_parameter_key_is_removed_after_http_ext_authz_in_what_render_makes(tmp_path: Path) -> None:
+    from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+    from google.protobuf import json_format
+
+    assert main(["render", "envoy", "istio", "--out", str(tmp_path), "--api-key-query-param", "api_key"]) == 0
+    envoy = yaml.safe_load((tmp_path / "deploy" / "envoy" / "envoy.yaml").read_text())
+    full, grpc = envoy["static_resources"]["listeners"]
+    names = [item["name"] for item in full["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]]
+    assert names[names.index("envoy.filters.http.ext_authz") + 1] == "meshtoll.hidden_query_key"
+    # The gRPC listener's authz answer removes it itself, honouring forward_credentials.
+    grpc_names = [
+        item["name"] for item in grpc["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+    ]
+    assert "meshtoll.hidden_query_key" not in grpc_names
+    edge = yaml.safe_load((tmp_path / "deploy" / "istio" / "edge-envoyfilter.yaml").read_text())
+    (hidden,) = [p["patch"]["value"] for p in edge["spec"]["configPatches"] if p["applyTo"] == "HTTP_FILTER"]
+    assert hidden["name"] == "meshtoll.hidden_query_key"
+    filter_message = json_format.ParseDict(hidden, http_connection_manager_pb2.HttpFilter())
+    mutation = header_mutation_pb2.HeaderMutation()
+    filter_message.typed_config.Unpack(mutation)
+    assert [item.remove for item in mutation.mutations.query_parameter_mutations] == ["api_key"]
+    # Without the parameter nothing changes: the checked-in files are the defaults' output.
+    assert "hidden_query_key" not in (ROOT / "deploy" / "istio" / "edge-envoyfilter.yaml").read_text()
+
+
+@pytest.mark.integration
+def test_envoy_accepts_the_rendered_filter(envoy_binary: Path, tmp_path: Path) -> None:
+    from tests.envoy_validate import assert_envoy_accepts
+
+    assert main(["render", "envoy", "--out", str(tmp_path), "--api-key-query-param", "api_key"]) == 0
+    assert_envoy_accepts(envoy_binary, tmp_path / "deploy" / "envoy" / "envoy.yaml")

@@ -7,8 +7,9 @@ with its headers and body.
 
 That header is all an HTTP authorization service can remove: Envoy's HTTP client reads no
 query parameter changes from it (only the gRPC CheckResponse has query_parameters_to_remove),
-so an API key sent as a query parameter cannot be taken off here. README, Managing tenants,
-says what to do instead; a process logs it once when it happens.
+so an API key sent as a query parameter cannot be taken off here: the Envoy configurations
+meshtoll ships remove it with a filter after ext_authz instead (local/envoy_config.py's
+with_hidden_query_key), and a process logs once that it happened.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ class HttpAuthzHandler:
             self._warned_query_key = True
             log.warning(
                 "an API key came as the query parameter %r on the HTTP authz transport, which cannot "
-                "have Envoy remove it: the upstream sees it (use the gRPC transport, a header, or "
-                "Envoy's header_mutation filter; README: Managing tenants)",
+                "ask Envoy to remove it: the upstream sees it unless Envoy's header_mutation filter "
+                "removes it after ext_authz, as meshtoll's own Envoy configurations do (README: "
+                "Hidden credentials)",
                 verdict.remove_query_params[0],
             )
         key = (verdict.headers, verdict.remove_headers)

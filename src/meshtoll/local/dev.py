@@ -15,6 +15,7 @@ import redis.exceptions
 
 from meshtoll.errors import ConfigError
 from meshtoll.local.devstack import LocalStack, RedisServer, StackConfig, find_redis_server
+from meshtoll.policy import load_policy
 from meshtoll.storage.redis_access import redis_py_client
 from meshtoll.storage.urls import parse_redis_url, redact_redis_url
 
@@ -90,7 +91,14 @@ def run_dev(policy: Path | None, port: int, admin_port: int, redis_url: str | No
             "meshtoll_admin_port": admin_port,
         }
         stack = running.enter_context(
-            LocalStack(StackConfig(policy=policy, redis_url=redis_url, fixed_ports=fixed))
+            LocalStack(
+                StackConfig(
+                    policy=policy,
+                    redis_url=redis_url,
+                    fixed_ports=fixed,
+                    api_key_query_param=load_policy(policy).policy.auth.api_key_query_param,
+                )
+            )
         )
         print(banner(stack, policy, redis_url), flush=True)
         stop.wait()

@@ -147,6 +147,8 @@ class StackConfig:
     envoy_log_level: str = "warn"
     envoy_concurrency: int = 1  # worker threads; one makes benchmark rows comparable
     serve_args: tuple[str, ...] = ()  # more `meshtoll serve` flags
+    # The policy's auth.api_key_query_param: Envoy removes it after HTTP ext_authz.
+    api_key_query_param: str | None = None
     # Envoy reaches meshtoll through the Unix sockets `meshtoll serve --uds-dir` makes here.
     meshtoll_sockets: Path | None = None
 
@@ -254,7 +256,9 @@ class LocalStack:
     def _start_envoy(self) -> tuple[Child, Probe]:
         config = self.config
         sockets = config.meshtoll_sockets
-        bootstrap = render_bootstrap(self.ports.envoy, config.mtls, config.meshtoll_tls, sockets)
+        bootstrap = render_bootstrap(
+            self.ports.envoy, config.mtls, config.meshtoll_tls, sockets, config.api_key_query_param
+        )
         return self._envoy("envoy", bootstrap, self.ports.envoy.admin_port)
 
     def _start_authz_stub(self) -> tuple[Child, Probe]:

@@ -90,10 +90,13 @@ def render_bootstrap(
     mtls: MtlsFiles | None = None,
     meshtoll_tls: MeshtollTlsFiles | None = None,
     meshtoll_sockets: Path | None = None,
+    api_key_query_param: str | None = None,
 ) -> str:
     """The local stack's Envoy bootstrap; the mTLS listeners only when `mtls` is given; TLS
     to meshtoll only when `meshtoll_tls` is; meshtoll reached through the Unix sockets
-    `meshtoll serve --uds-dir` makes in `meshtoll_sockets` (plain text) when that is given."""
+    `meshtoll serve --uds-dir` makes in `meshtoll_sockets` (plain text) when that is given;
+    the policy's `auth.api_key_query_param` removed after every HTTP ext_authz filter when
+    that is given (hidden_query_key)."""
     if meshtoll_tls is not None and meshtoll_sockets is not None:
         raise ValueError("meshtoll's Unix sockets speak plain text: no meshtoll_tls with meshtoll_sockets")
     text = read_template(LOCAL_TEMPLATE)
@@ -112,7 +115,41 @@ def render_bootstrap(
             (endpoint,) = endpoints["lb_endpoints"]
             path = meshtoll_sockets / _MESHTOLL_SOCKETS[name]
             endpoint["endpoint"]["address"] = {"pipe": {"path": str(path)}}
+    if api_key_query_param is not None:
+        for listener in document["static_resources"]["listeners"]:
+            for chain in listener["filter_chains"]:
+                for network_filter in chain["filters"]:
+                    filters = network_filter["typed_config"].get("http_filters", [])
+                    network_filter["typed_config"]["http_filters"] = with_hidden_query_key(
+                        filters, api_key_query_param
+                    )
     return _dump(document)
+
+
+HIDDEN_QUERY_KEY_FILTER = "meshtoll.hidden_query_key"
+
+
+def with_hidden_query_key(http_filters: list[dict[str, Any]], parameter: str) -> list[dict[str, Any]]:
+    """`http_filters` with the query parameter `parameter` removed right after each HTTP
+    ext_authz filter: an HTTP authorization service cannot ask Envoy to remove a query
+    parameter (the gRPC CheckResponse can), so the API key sent as one would reach the
+    upstream. Static: it goes from every request of the listener, forwarded or not."""
+    hidden = {
+        "name": HIDDEN_QUERY_KEY_FILTER,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"query_parameter_mutations": [{"remove": parameter}]},
+        },
+    }
+    found: list[dict[str, Any]] = []
+    for http_filter in http_filters:
+        found.append(http_filter)
+        if (
+            http_filter["name"] == "envoy.filters.http.ext_authz"
+            and "http_service" in http_filter["typed_config"]
+        ):
+            found.append(hidden)
+    return found
 
 
 def _upstream_tls(files: MeshtollTlsFiles, alpn: str) -> dict[str, Any]:

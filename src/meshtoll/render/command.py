@@ -71,6 +71,13 @@ def add_render_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
         default=defaults.authz_transport,
         help="the ext_authz provider the gateway's AuthorizationPolicy names (default http, the fast path)",
     )
+    render.add_argument(
+        "--api-key-query-param",
+        default=None,
+        metavar="NAME",
+        help="envoy, istio: the policy's auth.api_key_query_param, removed by the gateway after HTTP "
+        "ext_authz (an HTTP authorization answer cannot ask for it)",
+    )
     render.set_defaults(command=_render)
 
 
@@ -92,6 +99,7 @@ def _render(args: argparse.Namespace) -> int:
         istio_version=args.istio_version,
         image=args.image,
         authz_transport=args.authz_transport,
+        api_key_query_param=args.api_key_query_param,
     )
     targets = list(TARGETS) if "all" in args.targets else list(dict.fromkeys(args.targets))
     return run_render(targets, params, args.out, args.check)

@@ -41,7 +41,7 @@ def _by_unix_socket(path: PurePosixPath) -> dict[str, Any]:
 def bootstrap(params: DeployParams, unix_sockets: PurePosixPath | None = None) -> dict[str, Any]:
     """Reaching meshtoll by `params.meshtoll_host`, or through the Unix sockets `meshtoll
     serve --uds-dir` makes in the directory `unix_sockets` (meshtoll in the same pod)."""
-    local = LocalFilters.load()
+    local = LocalFilters.load(params.api_key_query_param)
     listeners = []
     for name, offset in LISTENERS.items():
         listener = local.listener(name)

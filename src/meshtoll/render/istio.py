@@ -25,7 +25,7 @@ _STATUS = {"ServiceUnavailable": "503", "Forbidden": "403"}
 
 
 def istio_files(params: DeployParams) -> dict[str, str]:
-    local = LocalFilters.load()
+    local = LocalFilters.load(params.api_key_query_param)
     return {
         "mesh-config.yaml": mesh_config(params, local),
         "authorization-policy.yaml": authorization_policy(params),
@@ -233,6 +233,12 @@ def edge_envoyfilter(params: DeployParams, local: LocalFilters) -> str:
         },
         "patch": {"operation": "MERGE", "value": {"typed_config": merged}},
     }
+    patches = [patch]
+    hidden = local.hidden_query_key()
+    if hidden is not None:
+        # Applied before the hooks' and ratelimit's EnvoyFilters (a lower priority), so that
+        # it lands right after Istio's ext_authz.
+        patches.append(_before_router(hidden))
     return yaml_file(
         """
 The trust boundary on the ingress gateway, as the local Envoy draws it, for what Istio has
@@ -246,8 +252,14 @@ no setting of its own:
 The normalisation itself (`..`, `.`, `//`) is meshConfig.pathNormalization (mesh-config.yaml).
 An Envoy that does not know a field rejects the whole listener update: after applying,
 check `istioctl proxy-status` and the gateway's listeners.
-""",
-        _envoyfilter(params, "meshtoll-edge", [patch]),
+"""
+        + (
+            ""
+            if hidden is None
+            else f"With --api-key-query-param: the query parameter {params.api_key_query_param!r} (an API\n"
+            "key) is removed after ext_authz, which an HTTP authorization answer cannot ask for.\n"
+        ),
+        _envoyfilter(params, "meshtoll-edge", patches),
     )
 
 

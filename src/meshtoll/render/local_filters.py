@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from meshtoll.local.envoy_config import EnvoyPorts, render_bootstrap
+from meshtoll.local.envoy_config import HIDDEN_QUERY_KEY_FILTER, EnvoyPorts, render_bootstrap
 
 # Any ports: only the filters' configuration is read, never an address.
 _PORTS = EnvoyPorts(*range(20000, 20000 + len(fields(EnvoyPorts))))
@@ -20,8 +20,14 @@ class LocalFilters:
     bootstrap: dict[str, Any]
 
     @classmethod
-    def load(cls) -> LocalFilters:
-        return cls(yaml.safe_load(render_bootstrap(_PORTS)))
+    def load(cls, api_key_query_param: str | None = None) -> LocalFilters:
+        """With `api_key_query_param`, the filter removing it follows each HTTP ext_authz."""
+        return cls(yaml.safe_load(render_bootstrap(_PORTS, api_key_query_param=api_key_query_param)))
+
+    def hidden_query_key(self) -> dict[str, Any] | None:
+        """The filter that removes the query-parameter key after HTTP ext_authz, if any."""
+        filters = self.connection_manager("full")["http_filters"]
+        return next((item for item in filters if item["name"] == HIDDEN_QUERY_KEY_FILTER), None)
 
     def listener(self, name: str) -> dict[str, Any]:
         found: dict[str, Any] = next(

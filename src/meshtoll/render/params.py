@@ -18,6 +18,7 @@ ENVOY_IMAGE = "envoyproxy/envoy:v1.40.0"
 # A Kubernetes label value or DNS-1123 name, as the API server checks them.
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _LABEL = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_QUERY_PARAMETER = re.compile(r"^[A-Za-z0-9._~-]{1,64}$")
 _DEFAULTS = Settings()
 
 
@@ -49,6 +50,9 @@ class DeployParams:
     upstream_port: int = 8000
     image: str = "meshtoll:0.1.0"
     envoy_image: str = ENVOY_IMAGE
+    # The policy's auth.api_key_query_param, if it has one: the gateway removes it after HTTP
+    # ext_authz, since an HTTP authorization service cannot ask Envoy to.
+    api_key_query_param: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("namespace", "gateway_namespace"):
@@ -62,6 +66,10 @@ class DeployParams:
         for name in ("grpc_port", "http_authz_port", "admin_port", "listen_port", "upstream_port"):
             if not 1 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"{name}: {getattr(self, name)} is not a TCP port (1-65535)")
+        if self.api_key_query_param is not None and not _QUERY_PARAMETER.match(self.api_key_query_param):
+            raise ConfigError(
+                f"api_key_query_param: {self.api_key_query_param!r} is not a query parameter name"
+            )
         if self.authz_transport not in ("http", "grpc"):
             raise ConfigError(f"authz_transport: {self.authz_transport!r} is not one of http, grpc")
         if self.istio_minor < MINIMUM_ISTIO:
