@@ -33,7 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "targets",
     ),  # adapters of the cores; the policy file; billing APIs
     ("settings",),
-    ("ratelimit", "tenants"),  # the limiter; run-time tenants followed, changed, listed
+    ("tenants", "ratelimit"),  # run-time tenants followed, changed, listed; the limiter
     ("envoyproxy_ratelimit", "authz", "meter"),  # a drop-in for envoyproxy/ratelimit; the services
     ("extproc",),
     ("server",),  # wiring and running every service

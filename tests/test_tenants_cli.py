@@ -1,5 +1,6 @@
 """`meshtoll tenants` and `meshtoll keys` against a real Redis: the admin API's changes from the
-command line, checked against the policy file (`keys new` without a store prints a policy
+command line (and `quota show`, `billing invoice` reading run-time tenants), checked against
+the policy file (`keys new` without a store prints a policy
 entry as before: tests/test_policy_load.py)."""
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 @pytest.fixture
 def flags(redis: RedisServer, tmp_path: Path) -> list[str]:
     policy = tmp_path / "policy.yaml"
-    policy.write_text("plans: {free: {}, pro: {}}\ntenants: {filed: {plan: pro}}\n")
+    policy.write_text(
+        "plans:\n  free: {}\n  pro: {}\n"
+        "  paid:\n    limits: [{requests: 100, per: minute}]\n"
+        '    price: {currency: EUR, base_fee: "10.00", tiers: [{up_to: null, unit_price: "0.01"}]}\n'
+        "tenants: {filed: {plan: pro}}\n"
+    )
     return ["--policy", str(policy), "--redis-url", redis.url]
 
 
@@ -109,9 +115,65 @@ def test_invalid_changes_print_every_problem_and_exit_1(
     )
     assert status == 1
     assert "invalid_tenant" in err
-    assert "  plan: unknown plan 'gold' (plans: free, pro)" in err
+    assert "  plan: unknown plan 'gold' (plans: free, paid, pro)" in err
     assert "  limits[0]: missing required field 'per'" in err
     status, _, err = run(capsys, "tenants", "update", "filed", "--plan", "free", *flags)
     assert (status, "file_tenant" in err) == (1, True)
     status, _, err = run(capsys, "tenants", "show", "cli-nobody", *flags)
     assert (status, "unknown_tenant" in err) == (1, True)
+
+
+def test_quota_and_invoices_include_run_time_tenants(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(capsys, "tenants", "create", "cli-payer", "--plan", "paid", *flags)[0] == 0
+    status, quota, _ = run(capsys, "quota", "show", "--tenant", "cli-payer", "--format", "json", *flags)
+    assert status == 0
+    assert [(limit["name"], limit["limit"]) for limit in quota["limits"]] == [("100/minute", 100)]
+    status, invoice, _ = run(
+        capsys, "billing", "invoice", "--tenant", "cli-payer", "--format", "json", *flags
+    )
+    assert (status, invoice["currency"], invoice["total"]) == (0, "EUR", "10.00")
+    status, invoices, _ = run(capsys, "billing", "invoice", "--all", "--format", "json", *flags)
+    assert status == 0
+    assert "cli-payer" in {bill["tenant"] for bill in invoices}
+
+
+def test_usage_export_names_a_run_time_tenant_by_its_billing_block(
+    flags: list[str], redis: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+    import time
+
+    from meshtoll.storage.usage_redis import RedisUsageStore
+    from meshtoll.usage.records import UsageRecord
+
+    created = run(
+        capsys,
+        "tenants",
+        "create",
+        "cli-billed",
+        "--plan",
+        "paid",
+        "--field",
+        'billing={"openmeter_subject": "subj-9"}',
+        *flags,
+    )
+    assert created[0] == 0
+    now = time.time()
+
+    async def record() -> None:
+        store = RedisUsageStore(redis.url)
+        try:
+            await store.record(
+                [UsageRecord("req-billed-1", now, "cli-billed", "k", "paid", "", "GET", 200, 0, 0, 1.0, 1)]
+            )
+        finally:
+            await store.close()
+
+    asyncio.run(record())
+    window = ["--since", "2020-01-01", "--until", "2099-01-01", "--tenant", "cli-billed"]
+    status, events, _ = run(capsys, "usage", "export", *window, *flags)
+    assert status == 0
+    event = events if isinstance(events, dict) else json.loads(events.splitlines()[0])  # one line: parsed
+    assert event["subject"] == "subj-9"  # the tenant's own name without its billing block

@@ -27,6 +27,7 @@ from meshtoll.policy import load_policy
 from meshtoll.settings import add_policy_flag, add_redis_url_flag, settings_from, time_flag
 from meshtoll.sinks.events import DEFAULT_CLOUDEVENTS_SOURCE
 from meshtoll.storage import usage_store
+from meshtoll.tenants.served import install_runtime_tenants
 from meshtoll.usage.records import UsageRecord
 from meshtoll.usage.tallies import TenantUsage
 
@@ -113,7 +114,7 @@ def _usage_export(args: argparse.Namespace) -> int:
             tenants = [args.tenant] if args.tenant else await store.tenants()
             return [record for tenant in tenants for record in await store.ledger(tenant, since, until)]
 
-    names = billing_names(args.policy)
+    names = billing_names(args.policy, redis_url)
     sys.stdout.write(export(asyncio.run(read()), args.format, names, args.cloudevents_source))
     return 0
 
@@ -123,12 +124,15 @@ def _billing_invoice(args: argparse.Namespace) -> int:
     redis_url = settings.shared_redis_url("billing reads the shared usage store")
     policy = load_policy(settings.policy)
 
-    async def bills(tenants: list[str]) -> list[Invoice]:
+    async def bills() -> list[Invoice]:
+        # Run-time tenants are billed like the file's: by the plan the registry gives them.
+        await install_runtime_tenants(policy, redis_url, None if args.all else args.tenant)
+        tenants = billable_tenants(policy, args.period) if args.all else [args.tenant]
         async with usage_store(redis_url) as store:
             return [await tenant_invoice(policy, store, tenant, args.period) for tenant in tenants]
 
     try:
-        found = asyncio.run(bills(billable_tenants(policy, args.period) if args.all else [args.tenant]))
+        found = asyncio.run(bills())
     except BadPeriod as exc:
         raise ConfigError(f"--period {exc}") from None
     except NotBillable as exc:

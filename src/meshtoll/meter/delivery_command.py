@@ -23,6 +23,7 @@ from meshtoll.sinks.events import DEFAULT_CLOUDEVENTS_SOURCE
 from meshtoll.sinks.names import STRIPE_APIS, TARGETS, BillingNames, DefaultNames
 from meshtoll.storage import open_sink_state_store, usage_store
 from meshtoll.targets import open_sink
+from meshtoll.tenants.served import install_runtime_tenants
 
 # A one-shot push gives up on a target that keeps failing (exit 1, what it delivered kept).
 PUSH_ATTEMPTS = 8
@@ -69,11 +70,16 @@ def add_usage_delivery_commands(usage: argparse._SubParsersAction[argparse.Argum
     replay.set_defaults(command=_quarantine_replay)
 
 
-def billing_names(policy: Path | None) -> BillingNames:
+def billing_names(policy: Path | None, redis_url: str) -> BillingNames:
     """The names the policy gives tenants and meters in billing systems: from `policy` or
-    MESHTOLL_POLICY when either is given, the defaults otherwise (usage outlives the policy)."""
+    MESHTOLL_POLICY when either is given, with the billing blocks of the registry's run-time
+    tenants, as `meshtoll serve` names them; the defaults otherwise (usage outlives the policy)."""
     chosen = policy or os.environ.get(Settings.env_name("policy"))
-    return DefaultNames() if not chosen else load_policy(chosen).billing
+    if not chosen:
+        return DefaultNames()
+    compiled = load_policy(chosen)
+    asyncio.run(install_runtime_tenants(compiled, redis_url))
+    return compiled.billing
 
 
 def _redis_url(args: argparse.Namespace, why: str) -> str:
@@ -84,7 +90,7 @@ def _push(args: argparse.Namespace) -> int:
     url = _redis_url(args, "usage push reads the shared ledger and the sink's checkpoint")
     since = time_flag(args.since, "--since")
     until = time.time() if args.until is None else time_flag(args.until, "--until")
-    names = billing_names(args.policy)
+    names = billing_names(args.policy, url)
     sink = open_sink(
         args.to,
         args.url,

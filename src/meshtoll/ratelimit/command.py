@@ -14,6 +14,7 @@ from meshtoll.policy import load_policy
 from meshtoll.ratelimit.quota import quota_table, tenant_quota
 from meshtoll.settings import add_policy_flag, add_redis_url_flag, settings_from
 from meshtoll.storage import counter_store
+from meshtoll.tenants.served import install_runtime_tenants
 
 
 def add_quota_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -34,13 +35,14 @@ def _quota_show(args: argparse.Namespace) -> int:
     policy = load_policy(settings.policy)
 
     async def read() -> dict[str, object]:
+        await install_runtime_tenants(policy, redis_url, args.tenant)
         async with counter_store(redis_url, timeout_ms=settings.redis_timeout_ms) as store:
             return await tenant_quota(policy, store, args.tenant, time.time())
 
     try:
         quota = asyncio.run(read())
     except UnknownTenant:
-        print(f"meshtoll: no tenant {args.tenant!r} in {settings.policy}", file=sys.stderr)
+        print(f"meshtoll: no tenant {args.tenant!r} in {settings.policy} or the registry", file=sys.stderr)
         return 1
     print(json.dumps(quota, indent=2) if args.format == "json" else quota_table(quota))
     return 0
