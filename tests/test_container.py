@@ -164,6 +164,10 @@ def image_runtime(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert program == "uv"
     python = arguments.index("--python")
     arguments[python + 1] = sys.executable  # uv makes the environment from its base Python
+    # uv's cache keeps a wheel built from a directory until pyproject.toml changes: without
+    # this, the environment would run whatever meshtoll was built here first, not this tree
+    # (offline, so rebuilt from the tree rather than refreshed).
+    arguments.append("--reinstall-package=meshtoll")
     env = {**os.environ, **build_environment, "UV_PROJECT_ENVIRONMENT": str(target), "UV_OFFLINE": "1"}
     env.pop("UV_NO_CACHE")  # the image's build has no cache to reuse; this machine has uv's
     done = subprocess.run(
