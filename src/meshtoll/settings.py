@@ -188,6 +188,13 @@ class Settings:
     stripe_api: str = setting(
         "v2", "Stripe's meter events: v2 (the event stream, batches) or v1 (one a call)"
     )
+    # How a caller that gave port 0 (the local stack, the tests) learns the kernel's choice.
+    ports_file: Path | None = setting(
+        None,
+        'once its ports are bound, write them to this file as JSON ({"grpc_port": N, "http_authz_port": '
+        'N, "admin_port": N})',
+        Path,
+    )
 
     @staticmethod
     def env_name(field: str) -> str:

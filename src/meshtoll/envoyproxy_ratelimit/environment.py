@@ -48,6 +48,8 @@ class RlsSettings:
     response_headers: tuple[str, str, str] | None = None
     # Not one of envoyproxy/ratelimit's variables: MESHTOLL_EVENT_LOOP, as `meshtoll serve` reads it.
     event_loop: str = "uvloop"
+    # Nor this: MESHTOLL_PORTS_FILE, as serve's --ports-file (the ports bound, for port 0).
+    ports_file: Path | None = None
 
 
 def _boolean(raw: str) -> bool:
@@ -130,6 +132,7 @@ def rls_settings_from(environ: Mapping[str, str] = os.environ) -> RlsSettings:
         if read("LIMIT_RESPONSE_HEADERS_ENABLED", "false", _boolean)
         else None,
         event_loop=str(read("MESHTOLL_EVENT_LOOP", "uvloop", _event_loop)),
+        ports_file=Path(environ["MESHTOLL_PORTS_FILE"]) if environ.get("MESHTOLL_PORTS_FILE") else None,
     )
 
 

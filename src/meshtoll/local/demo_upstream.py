@@ -18,8 +18,10 @@ import asyncio
 import json
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from meshtoll.server.lifecycle import announce_ports
 from meshtoll.transport.http_listener import listening_socket
 from meshtoll.transport.http_server import response, serve_http
 
@@ -44,9 +46,12 @@ def echo(method: str, target: str, headers: dict[str, str], peer: str) -> bytes:
     return response(200, "OK", _JSON, body)
 
 
-async def serve(host: str, port: int) -> None:
-    """Serve until SIGTERM or SIGINT, then close the listening socket and return."""
-    server = await serve_http(echo, listening_socket(host, port))
+async def serve(host: str, port: int, ports_file: Path | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then close the listening socket and return. The port
+    bound (the kernel's choice for 0) goes to `ports_file` as {"port": N}."""
+    sock = listening_socket(host, port)
+    announce_ports(ports_file, {"port": sock.getsockname()[1]})
+    server = await serve_http(echo, sock)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -58,9 +63,10 @@ async def serve(host: str, port: int) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m meshtoll.local.demo_upstream", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="0: any free port")
+    parser.add_argument("--ports-file", type=Path, default=None, help="write the port bound here as JSON")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.host, args.port))
+    asyncio.run(serve(args.host, args.port, args.ports_file))
 
 
 if __name__ == "__main__":

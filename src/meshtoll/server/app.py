@@ -17,7 +17,7 @@ from meshtoll.meter.otlp import LOGS_SERVICE
 from meshtoll.server.admin import AdminPort
 from meshtoll.server.admin_access import is_loopback
 from meshtoll.server.event_loop import running_loop_name
-from meshtoll.server.lifecycle import keep_running, serve_until_signalled, stop_serving
+from meshtoll.server.lifecycle import announce_ports, keep_running, serve_until_signalled, stop_serving
 from meshtoll.server.listeners import UDS_GRPC, Listeners, bind_listeners, port_limits
 from meshtoll.server.services import Services, build
 from meshtoll.server.tls import ServiceTls, load_service_tls
@@ -76,15 +76,16 @@ class App:
 
     def _log_started(self, services: Services, tls: ServiceTls | None) -> None:
         settings = self.settings
+        ports = self.listeners.ports()
         log.info(
             "meshtoll serving on %s: gRPC %s:%d, HTTP authz %s:%d, admin %s:%d; policy %s (%d tenants); %s",
             running_loop_name(),
             settings.host,
-            settings.grpc_port,
+            ports["grpc_port"],
             settings.host,
-            settings.http_authz_port,
+            ports["http_authz_port"],
             settings.host,
-            settings.admin_port,
+            ports["admin_port"],
             settings.policy,
             len(services.policy.current.tenants),
             "counters in Redis" if settings.redis_url else "counters in memory (no --redis-url)",
@@ -147,6 +148,7 @@ async def run(settings: Settings, listeners: Listeners | None = None) -> None:
     """Serve until SIGINT or SIGTERM, on the supervisor's listeners or on ports bound here."""
     if listeners is None:
         listeners = bind_listeners(settings)
+        announce_ports(settings.ports_file, listeners.ports())
     app = App(settings, listeners)
 
     async def stop() -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
@@ -27,6 +30,17 @@ class Listener(Protocol):
     def close(self) -> None: ...
 
     def wait_closed(self) -> Awaitable[None]: ...
+
+
+def announce_ports(path: Path | None, ports: Mapping[str, int]) -> None:
+    """Write the ports a server bound to `path` as one JSON object, whole or not at all (a
+    reader polling for the file never sees half of it): how whoever started it with port 0
+    learns the kernel's choice, and that this process, not another, holds them."""
+    if path is None:
+        return
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(dict(ports)))
+    partial.replace(path)
 
 
 async def keep_running(name: str, work: Work, restarts: Counter[str]) -> None:

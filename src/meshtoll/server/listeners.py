@@ -43,6 +43,14 @@ class Listeners:
     grpc_guard: socket.socket | None  # the owner's; a worker gets None
     http_authz_unix: socket.socket | None = None  # in Settings.uds_dir, when given
 
+    def ports(self) -> dict[str, int]:
+        """The TCP ports as bound, by setting name (a port of 0 became the kernel's choice)."""
+        return {
+            "grpc_port": self.grpc_port,
+            "http_authz_port": self.http_authz.getsockname()[1],
+            "admin_port": self.admin.getsockname()[1],
+        }
+
     def for_worker(self) -> Listeners:
         """What a worker needs: the HTTP sockets to accept from and the gRPC port to join."""
         return Listeners(self.admin, self.http_authz, self.grpc_port, None, self.http_authz_unix)
@@ -112,11 +120,12 @@ def _bind(host: str, setting: str, port: int, bind: Callable[[str, int], socket.
 
 def _grpc_guard(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # The plain bind that fails if anyone holds the port; closed before the guard binds.
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host, port))
-        port = probe.getsockname()[1]
+    if port != 0:
+        # The plain bind that fails if anyone holds the port; closed before the guard binds.
+        # (Port 0 needs none: the kernel picks a port nobody holds, for the guard itself.)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
     guard = socket.socket(family, socket.SOCK_STREAM)
     guard.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:

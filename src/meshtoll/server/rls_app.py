@@ -21,7 +21,13 @@ from grpc_health.v1 import health_pb2_grpc
 from meshtoll.envoyproxy_ratelimit.environment import RlsSettings
 from meshtoll.errors import ConfigError
 from meshtoll.server.event_loop import running_loop_name
-from meshtoll.server.lifecycle import Listener, keep_running, serve_until_signalled, stop_serving
+from meshtoll.server.lifecycle import (
+    Listener,
+    announce_ports,
+    keep_running,
+    serve_until_signalled,
+    stop_serving,
+)
 from meshtoll.server.rls_services import RlsServices, build_rls
 from meshtoll.transport.http_server import serve_http, serve_http_reading_bodies
 
@@ -41,29 +47,29 @@ class RlsApp:
         self.services = services = await build_rls(settings)
         for name, work in services.background.items():
             self._tasks.append(asyncio.create_task(keep_running(name, work, services.restarts)))
-        self._grpc = await self._start_grpc(services)
+        self._grpc, grpc_port = await self._start_grpc(services)
         await services.health.set("redis", await services.store.ping())
-        self._listeners.append(
-            await serve_http_reading_bodies(services.http, _listening(settings.host, settings.port))
-        )
-        self._listeners.append(
-            await serve_http(services.debug, _listening(settings.debug_host, settings.debug_port))
-        )
+        http = _listening(settings.host, settings.port)
+        debug = _listening(settings.debug_host, settings.debug_port)
+        self._listeners.append(await serve_http_reading_bodies(services.http, http))
+        self._listeners.append(await serve_http(services.debug, debug))
+        ports = {"grpc_port": grpc_port, "port": http.getsockname()[1], "debug_port": debug.getsockname()[1]}
+        announce_ports(settings.ports_file, ports)
         log.warning(
             "meshtoll ratelimit serving on %s: gRPC %s:%d, HTTP %s:%d, debug %s:%d; "
             "configuration %s (%d domains)",
             running_loop_name(),
             settings.grpc_host,
-            settings.grpc_port,
+            ports["grpc_port"],
             settings.host,
-            settings.port,
+            ports["port"],
             settings.debug_host,
-            settings.debug_port,
+            ports["debug_port"],
             settings.config_directory,
             len(services.configs.current.domains),
         )
 
-    async def _start_grpc(self, services: RlsServices) -> grpc.aio.Server:
+    async def _start_grpc(self, services: RlsServices) -> tuple[grpc.aio.Server, int]:
         # grpcio sets SO_REUSEPORT by default, which would let this server join a port that
         # another process (a `meshtoll serve`) holds and take part of its calls: this one
         # owns its port alone, or fails to start.
@@ -78,7 +84,7 @@ class RlsApp:
         if bound == 0:
             raise ConfigError(f"GRPC_PORT: cannot listen on {address} (in use, or not an address here)")
         await server.start()
-        return server
+        return server, bound
 
     async def draining(self) -> None:
         """SIGTERM: fail health first, so that load balancers stop sending."""

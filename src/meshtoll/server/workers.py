@@ -18,6 +18,7 @@ from types import FrameType
 
 from meshtoll.server.app import run
 from meshtoll.server.event_loop import run_on_event_loop
+from meshtoll.server.lifecycle import announce_ports
 from meshtoll.server.listeners import Listeners, bind_listeners
 from meshtoll.settings import Settings
 
@@ -36,6 +37,7 @@ def serve_worker(settings: Settings, listeners: Listeners) -> None:
 
 def supervise(settings: Settings) -> int:
     listeners = bind_listeners(settings)
+    announce_ports(settings.ports_file, listeners.ports())
     try:
         return _supervise(settings, listeners)
     finally:
