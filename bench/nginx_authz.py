@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from meshtoll.errors import ProcessStartError
-from meshtoll.local.processes import Child, free_ports, tcp_accepts
+from meshtoll.local.processes import Child, Probe, free_ports, listens, retrying_lost_ports
 
 NGINX_INSTALL_HINT = (
     "row (b2) needs nginx on PATH: apt-get install nginx (Debian/Ubuntu), or leave b2 out of --only"
@@ -27,7 +27,7 @@ CONFIG = """\
 daemon off;
 worker_processes 1;
 pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
+error_log stderr warn;
 events {{ worker_connections 1024; }}
 http {{
     access_log off;
@@ -54,18 +54,28 @@ def find_nginx() -> Path | None:
 
 @contextmanager
 def nginx_allow_all(directory: Path) -> Iterator[tuple[int, Child]]:
-    """nginx on a free loopback port, configured in `directory`; yields (port, process)."""
+    """nginx on a loopback port, configured in `directory`; yields (port, process)."""
     binary = find_nginx()
     if binary is None:
         raise ProcessStartError(NGINX_INSTALL_HINT)
-    (port,) = free_ports(1)
     config = directory / "nginx.conf"
-    config.write_text(CONFIG.format(prefix=directory, port=port))
-    # -e: the start-up error log, before the configuration is read (else /var/log/nginx).
-    argv = [str(binary), "-p", str(directory), "-c", str(config), "-e", str(directory / "error.log")]
-    child = Child("nginx", argv, directory / "nginx.out")
+    # -e: the start-up error log, before the configuration is read (else /var/log/nginx);
+    # stderr, like the configuration's, so that the child's log says why it stopped.
+    argv = [str(binary), "-p", str(directory), "-c", str(config), "-e", "stderr"]
+    port = 0
+    started: list[Child] = []
+
+    def start() -> tuple[Child, Probe]:
+        # nginx cannot choose its port and tell it: one from free_ports, another if taken.
+        nonlocal port
+        (port,) = free_ports(1)
+        config.write_text(CONFIG.format(prefix=directory, port=port))
+        started.append(Child("nginx", argv, directory / "nginx.out"))
+        return started[-1], listens(started[-1], port)
+
     try:
-        child.wait_ready(tcp_accepts(port), timeout=30)
+        child = retrying_lost_ports(start, timeout=30)
         yield port, child
     finally:
-        child.stop()
+        for each in started:
+            each.stop()

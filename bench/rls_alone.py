@@ -9,11 +9,20 @@ from __future__ import annotations
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from meshtoll.local.devstack import find_envoy, rls_environment
-from meshtoll.local.processes import Child, free_ports, http_ok, tcp_accepts
+from meshtoll.local.devstack import rls_environment
+from meshtoll.local.envoy_process import EnvoyProcess
+from meshtoll.local.processes import (
+    Child,
+    Probe,
+    announced_ports,
+    free_ports,
+    http_ok,
+    read_ports,
+    retrying_lost_ports,
+)
 
 CONFIG = """\
 domain: bench
@@ -24,9 +33,12 @@ descriptors:
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ENVOY = """\
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
 static_resources:
   listeners:
-  - address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
+  - name: rls_alone
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -58,8 +70,9 @@ static_resources:
                   - actions:
                     - request_headers: {{header_name: x-api-key, descriptor_key: api_key}}
   # The ratelimit filter acts only on routes to a cluster: the upstream is a listener of
-  # this same Envoy answering 200 itself.
-  - address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}
+  # this same Envoy answering 200 itself (on a port chosen before, for the cluster).
+  - name: upstream
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -105,39 +118,32 @@ static_resources:
 def rls_alone(redis_url: str) -> Iterator[tuple[str, dict[str, int]]]:
     """Start `meshtoll ratelimit` and an Envoy in front of it; yields the URL to drive and
     the pids of "meshtoll" and "envoy" (which is its own upstream here)."""
-    with tempfile.TemporaryDirectory(prefix="meshtoll-rls-bench-") as directory:
+    with tempfile.TemporaryDirectory(prefix="meshtoll-rls-bench-") as directory, ExitStack() as running:
         work = Path(directory)
         (work / "ratelimit" / "config").mkdir(parents=True)
         (work / "ratelimit" / "config" / "bench.yaml").write_text(CONFIG)
-        listen, upstream, grpc, port, debug = free_ports(5)
+        ports_file = work / "rls.ports"
         rls = Child(
             "meshtoll ratelimit",
             [sys.executable, "-m", "meshtoll", "ratelimit"],
             work / "rls.log",
-            rls_environment(work, redis_url, grpc, port, debug),
+            {**rls_environment(work, redis_url), "MESHTOLL_PORTS_FILE": str(ports_file)},
         )
-        envoy: Child | None = None
-        try:
-            rls.wait_ready(http_ok(f"http://127.0.0.1:{port}/healthcheck"), timeout=30)
-            (work / "envoy.yaml").write_text(
-                ENVOY.format(listen=listen, upstream=upstream, grpc=grpc, hcm=_HCM)
-            )
-            envoy = Child(
-                "envoy",
-                [
-                    str(find_envoy()),
-                    "-c",
-                    str(work / "envoy.yaml"),
-                    "--concurrency",
-                    "1",
-                    "--log-level",
-                    "warn",
-                ],
-                work / "envoy.log",
-            )
-            envoy.wait_ready(tcp_accepts(listen), timeout=30)
-            yield f"http://127.0.0.1:{listen}/items", {"meshtoll": rls.pid, "envoy": envoy.pid}
-        finally:
-            if envoy is not None:
-                envoy.stop()
-            rls.stop()
+        running.callback(rls.stop)
+        rls.wait_ready(announced_ports(ports_file), timeout=30)
+        ports = read_ports(ports_file)
+        rls.wait_ready(http_ok(f"http://127.0.0.1:{ports['port']}/healthcheck"), timeout=30)
+
+        def start_envoy() -> tuple[Child, Probe]:
+            (upstream,) = free_ports(1)
+            bootstrap = ENVOY.format(upstream=upstream, grpc=ports["grpc_port"], hcm=_HCM)
+            envoy = EnvoyProcess("envoy", bootstrap, work)
+            running.callback(envoy.stop)
+            started.append(envoy)
+            return envoy.child, envoy.ready
+
+        started: list[EnvoyProcess] = []
+        retrying_lost_ports(start_envoy, timeout=30)
+        envoy = started[-1]
+        listen = envoy.listener_ports()["rls_alone"]
+        yield f"http://127.0.0.1:{listen}/items", {"meshtoll": rls.pid, "envoy": envoy.child.pid}

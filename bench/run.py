@@ -47,7 +47,8 @@ from nginx_authz import NGINX_INSTALL_HINT, find_nginx, nginx_allow_all
 from rls_alone import rls_alone
 from runtime_tenants import rt_key, seed_runtime_tenants
 
-from meshtoll.local.devstack import LocalStack, RedisServer, StackConfig, find_envoy
+from meshtoll.local.devstack import LocalStack, RedisServer, StackConfig
+from meshtoll.local.envoy_process import find_envoy
 
 BENCH_KEY = "bench-key-4242"  # tenant t4242's key, in both policies: any tenant would do
 RT_BENCH_KEY = rt_key(4242)  # run-time tenant rt4242's

@@ -21,11 +21,11 @@ from meshtoll.local.devstack import (
     LocalStack,
     RedisServer,
     StackConfig,
-    find_envoy,
     find_redis_server,
     rls_environment,
 )
-from meshtoll.local.processes import Child, free_ports, http_ok
+from meshtoll.local.envoy_process import find_envoy
+from meshtoll.local.processes import Child, announced_ports, http_ok, read_ports
 from meshtoll.storage import MemoryUsageStore
 from meshtoll.storage.usage_redis import RedisUsageStore
 from meshtoll.usage.store import UsageStore
@@ -163,7 +163,7 @@ class RunningRls:
 class StartRls(Protocol):
     def __call__(self, runtime_root: Path, **environment: str) -> RunningRls:
         """Running with RUNTIME_ROOT=`runtime_root`, RUNTIME_SUBDIRECTORY=ratelimit, the
-        session's Redis, free ports; `environment` adds or overrides variables."""
+        session's Redis, ports of its own choice; `environment` adds or overrides variables."""
         ...
 
 
@@ -172,16 +172,20 @@ def start_rls(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Itera
     with ExitStack() as cleanup:
 
         def start(runtime_root: Path, **environment: str) -> RunningRls:
-            grpc_port, port, debug_port = free_ports(3)
+            work = tmp_path_factory.mktemp("rls")
+            ports_file = work / "ratelimit.ports"
             env = {
-                **rls_environment(runtime_root, redis_url, grpc_port, port, debug_port),
+                **rls_environment(runtime_root, redis_url),
                 "LOG_LEVEL": "info",
+                "MESHTOLL_PORTS_FILE": str(ports_file),
                 **environment,
             }
-            log = tmp_path_factory.mktemp("rls") / "ratelimit.log"
-            child = Child("meshtoll ratelimit", [sys.executable, "-m", "meshtoll", "ratelimit"], log, env)
+            argv = [sys.executable, "-m", "meshtoll", "ratelimit"]
+            child = Child("meshtoll ratelimit", argv, work / "ratelimit.log", env)
             cleanup.callback(child.stop)
-            child.wait_ready(http_ok(f"http://127.0.0.1:{port}/healthcheck"), timeout=30)
-            return RunningRls(grpc_port, port, debug_port, child)
+            child.wait_ready(announced_ports(ports_file), timeout=30)
+            ports = read_ports(ports_file)
+            child.wait_ready(http_ok(f"http://127.0.0.1:{ports['port']}/healthcheck"), timeout=30)
+            return RunningRls(ports["grpc_port"], ports["port"], ports["debug_port"], child)
 
         yield start

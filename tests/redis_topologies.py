@@ -8,7 +8,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from meshtoll.local.devstack import find_redis_server
-from meshtoll.local.processes import Child, free_ports, tcp_accepts
+from meshtoll.local.processes import Child, Probe, free_ports, listens, retrying_lost_ports
 from tests.waiting import eventually
 
 START_SECONDS = 15.0
@@ -31,21 +31,10 @@ def _cli(port: int, *arguments: str) -> str:
 @contextmanager
 def redis_cluster(directory: Path, masters: int = 3) -> Iterator[list[int]]:
     """A cluster of `masters` masters and no replicas; yields their ports."""
-    # The cluster bus ports are chosen too: the default (port + 10000) may be taken, or
-    # beyond 65535 for a high ephemeral port.
-    chosen = free_ports(2 * masters)
-    ports, bus_ports = chosen[:masters], chosen[masters:]
+    ports: list[int] = []
     with ExitStack() as cleanup:
-        for port, bus_port in zip(ports, bus_ports, strict=True):
-            node = directory / f"node-{port}"
-            child = _redis(
-                cleanup, node, f"redis-{port}",
-                "--port", str(port), "--cluster-port", str(bus_port),
-                "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                "--cluster-config-file", str(node / "nodes.conf"), "--dir", str(node),
-                "--save", "", "--appendonly", "no",
-            )  # fmt: skip
-            child.wait_ready(tcp_accepts(port), START_SECONDS)
+        for _ in range(masters):
+            ports.append(_cluster_node(cleanup, directory))
         nodes = [f"127.0.0.1:{port}" for port in ports]
         _cli(ports[0], "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes")
         eventually(
@@ -56,24 +45,57 @@ def redis_cluster(directory: Path, masters: int = 3) -> Iterator[list[int]]:
         yield ports
 
 
+def _cluster_node(cleanup: ExitStack, directory: Path) -> int:
+    """One cluster node, started; its port. The cluster bus port is chosen too: the default
+    (port + 10000) may be taken, or beyond 65535."""
+    port = 0
+
+    def start() -> tuple[Child, Probe]:
+        nonlocal port
+        port, bus_port = free_ports(2)
+        node = directory / f"node-{port}"
+        child = _redis(
+            cleanup, node, f"redis-{port}",
+            "--port", str(port), "--cluster-port", str(bus_port),
+            "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+            "--cluster-config-file", str(node / "nodes.conf"), "--dir", str(node),
+            "--save", "", "--appendonly", "no",
+        )  # fmt: skip
+        return child, listens(child, port)
+
+    retrying_lost_ports(start, START_SECONDS)
+    return port
+
+
 @contextmanager
 def redis_sentinel(directory: Path, service: str = "meshtoll") -> Iterator[tuple[int, int]]:
     """A master and one Sentinel monitoring it; yields (master port, sentinel port)."""
-    master, sentinel = free_ports(2)
+    master = sentinel = 0
     with ExitStack() as cleanup:
-        _redis(
-            cleanup, directory / "master", "redis-master",
-            "--port", str(master), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(directory / "master"),
-        ).wait_ready(tcp_accepts(master), START_SECONDS)  # fmt: skip
-        config = directory / "sentinel.conf"
-        config.write_text(
-            f"port {sentinel}\nbind 127.0.0.1\nsentinel monitor {service} 127.0.0.1 {master} 1\n"
-            f"sentinel down-after-milliseconds {service} 5000\n"
-        )
-        _redis(cleanup, directory, "redis-sentinel", str(config), "--sentinel").wait_ready(
-            tcp_accepts(sentinel), START_SECONDS
-        )
+
+        def start_master() -> tuple[Child, Probe]:
+            nonlocal master
+            (master,) = free_ports(1)
+            child = _redis(
+                cleanup, directory / "master", "redis-master",
+                "--port", str(master), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(directory / "master"),
+            )  # fmt: skip
+            return child, listens(child, master)
+
+        def start_sentinel() -> tuple[Child, Probe]:
+            nonlocal sentinel
+            (sentinel,) = free_ports(1)
+            config = directory / "sentinel.conf"  # written anew: Sentinel rewrites its own
+            config.write_text(
+                f"port {sentinel}\nbind 127.0.0.1\nsentinel monitor {service} 127.0.0.1 {master} 1\n"
+                f"sentinel down-after-milliseconds {service} 5000\n"
+            )
+            child = _redis(cleanup, directory, "redis-sentinel", str(config), "--sentinel")
+            return child, listens(child, sentinel)
+
+        retrying_lost_ports(start_master, START_SECONDS)
+        retrying_lost_ports(start_sentinel, START_SECONDS)
         yield master, sentinel
 
 

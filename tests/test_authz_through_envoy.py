@@ -220,7 +220,7 @@ def test_oversized_headers_get_431_from_envoy(stack: LocalStack, listener: str) 
     assert reply.status == 431
 
 
-@pytest.mark.parametrize("listener", ["listen_mtls_port", "listen_mtls_http_authz_port"])
+@pytest.mark.parametrize("listener", ["listen_mtls_grpc_authz_port", "listen_mtls_http_authz_port"])
 def test_client_certificate_spiffe_id_identifies_the_tenant(
     stack: LocalStack, pki: TestPki, listener: str
 ) -> None:

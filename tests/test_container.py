@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from meshtoll.local.dev import EXAMPLE_POLICY, demo_requests
-from meshtoll.local.processes import Child, free_ports, http_ok
+from meshtoll.local.processes import Child, Probe, announced_ports, free_ports, http_ok, retrying_lost_ports
 from meshtoll.render.container import READY_CHECK
 from meshtoll.render.params import ENVOY_IMAGE
 from meshtoll.settings import settings_from
@@ -228,8 +228,8 @@ def test_the_image_entrypoint_serves_with_the_image_environment(
 ) -> None:
     """`meshtoll serve` from the image's environment (runtime dependencies only) with the
     Dockerfile's ENV, except where this machine is not the image: the policy file the image
-    copies is read from the repository, and the ports are free ones (other tests run beside).
-    The HEALTHCHECK command then reports ready."""
+    copies is read from the repository, and the ports are chosen on this machine (other tests
+    run beside). The HEALTHCHECK command then reports ready."""
     for name in [name for name in os.environ if name.startswith("MESHTOLL_")]:
         monkeypatch.delenv(name)  # no setting of this shell may reach the child
     environment = image_environment()
@@ -240,20 +240,32 @@ def test_the_image_entrypoint_serves_with_the_image_environment(
     )
     environment["MESHTOLL_POLICY"] = str(ROOT / "deploy" / "k8s" / "base" / "policy.yaml")
     environment["MESHTOLL_HOST"] = "127.0.0.1"
-    grpc, http, admin = free_ports(3)
+    # The HEALTHCHECK reads the admin port from MESHTOLL_ADMIN_PORT, so that one is chosen
+    # here (again, should another process take it first); the others are serve's own choice.
+    ports_file = tmp_path / "serve.ports"
     environment |= {
-        "MESHTOLL_GRPC_PORT": str(grpc),
-        "MESHTOLL_HTTP_AUTHZ_PORT": str(http),
-        "MESHTOLL_ADMIN_PORT": str(admin),
+        "MESHTOLL_GRPC_PORT": "0",
+        "MESHTOLL_HTTP_AUTHZ_PORT": "0",
+        "MESHTOLL_PORTS_FILE": str(ports_file),
     }
-    env = dict(environment)
     (entrypoint,) = [rest for keyword, rest in final_stage() if keyword == "ENTRYPOINT"]
     program, *arguments = json.loads(entrypoint)
-    command = [shutil.which(program, path=env["PATH"]) or program, *arguments]
+    command = [shutil.which(program, path=environment["PATH"]) or program, *arguments]
     assert command[0] == str(image_runtime / "bin" / "meshtoll")
-    child = Child("meshtoll serve (image entrypoint)", command, tmp_path / "serve.log", env)
+    started: list[Child] = []
+
+    def start() -> tuple[Child, Probe]:
+        environment["MESHTOLL_ADMIN_PORT"] = str(free_ports(1)[0])
+        ports_file.unlink(missing_ok=True)
+        started.append(
+            Child("meshtoll serve (image entrypoint)", command, tmp_path / "serve.log", environment)
+        )
+        return started[-1], announced_ports(ports_file)
+
+    env = environment
     try:
-        child.wait_ready(http_ok(f"http://127.0.0.1:{admin}/readyz"), timeout=30)
+        child = retrying_lost_ports(start, timeout=30)
+        child.wait_ready(http_ok(f"http://127.0.0.1:{env['MESHTOLL_ADMIN_PORT']}/readyz"), timeout=30)
         program, *arguments = healthcheck_command()
         check = subprocess.run(
             [shutil.which(program, path=env["PATH"]) or program, *arguments],
@@ -264,7 +276,8 @@ def test_the_image_entrypoint_serves_with_the_image_environment(
         )
         assert check.returncode == 0, check.stderr
     finally:
-        child.stop()
+        for each in started:
+            each.stop()
 
 
 def test_compose_offers_what_meshtoll_dev_offers() -> None:

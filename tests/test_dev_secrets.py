@@ -14,7 +14,7 @@ from meshtoll.cli import main
 from meshtoll.errors import ConfigError
 from meshtoll.local.dev import DEMO_ACME_KEY
 from meshtoll.local.devstack import find_redis_server
-from meshtoll.local.processes import Child, free_ports, tcp_accepts
+from meshtoll.local.processes import Child, Probe, free_ports, listens, retrying_lost_ports
 from meshtoll.storage.urls import parse_redis_url, redact_redis_url
 from tests.client import fetch
 from tests.test_dev_stack import _descendants, running_dev
@@ -52,17 +52,26 @@ def password_redis(tmp_path: Path) -> Iterator[int]:
     binary = find_redis_server()
     if binary is None:
         pytest.fail("redis-server is not installed; integration tests need a real Redis")
-    (port,) = free_ports(1)
     config = tmp_path / "redis.conf"
-    config.write_text(
-        f'bind 127.0.0.1\nport {port}\nrequirepass "{PASSWORD}"\nsave ""\nappendonly no\ndir "{tmp_path}"\n'
-    )
-    child = Child("redis-server", [str(binary), str(config)], tmp_path / "redis.log")
+    port = 0
+
+    def start() -> tuple[Child, Probe]:
+        nonlocal port
+        (port,) = free_ports(1)
+        config.write_text(
+            f'bind 127.0.0.1\nport {port}\nrequirepass "{PASSWORD}"\nsave ""\nappendonly no\ndir "{tmp_path}"\n'
+        )
+        child = Child("redis-server", [str(binary), str(config)], tmp_path / "redis.log")
+        started.append(child)
+        return child, listens(child, port)
+
+    started: list[Child] = []
     try:
-        child.wait_ready(tcp_accepts(port), timeout=10)
+        retrying_lost_ports(start, timeout=10)
         yield port
     finally:
-        child.stop()
+        for child in started:
+            child.stop()
 
 
 @pytest.mark.integration
@@ -70,8 +79,7 @@ def test_meshtoll_dev_hides_the_redis_password_and_still_uses_it(
     tmp_path: Path, password_redis: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = f"redis://default:{PASSWORD}@127.0.0.1:{password_redis}/0"
-    port, admin_port = free_ports(2)
-    with running_dev(tmp_path, port, admin_port, "--redis-url", url) as dev:
+    with running_dev(tmp_path, "--redis-url", url) as (dev, envoy):
         printed = (tmp_path / "dev.log").read_text()  # the banner and dev's log
         assert f"redis://default:***@127.0.0.1:{password_redis}/0" in printed
         children = _descendants(dev.pid)
@@ -83,7 +91,7 @@ def test_meshtoll_dev_hides_the_redis_password_and_still_uses_it(
         assert f"MESHTOLL_REDIS_URL={url}".encode() in environment
         serve_log = Path(os.readlink(f"/proc/{serve}/fd/1"))
 
-        reply = fetch(f"http://127.0.0.1:{port}/v1/chat/completions?tokens=77", headers=ACME)
+        reply = fetch(f"{envoy}/v1/chat/completions?tokens=77", headers=ACME)
         assert reply.status == 200
         eventually(
             lambda: chat_units(url, capsys),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,6 @@ import pytest
 
 from meshtoll.cli import main
 from meshtoll.local.dev import DEMO_ACME_KEY, EXAMPLE_POLICY, demo_requests
-from meshtoll.local.processes import free_ports
 from tests.client import fetch
 from tests.conftest import StartStack
 from tests.waiting import eventually
@@ -37,9 +37,8 @@ def test_every_suggested_demo_request_gets_the_promised_answer(start_stack: Star
 
 
 def test_meshtoll_dev_serves_and_stops_every_child_on_sigterm(tmp_path: Path) -> None:
-    port, admin_port = free_ports(2)  # the gRPC listener takes port + 1
-    with running_dev(tmp_path, port, admin_port) as dev:
-        reply = fetch(f"http://127.0.0.1:{port}/v1/items", headers={"x-api-key": DEMO_ACME_KEY})
+    with running_dev(tmp_path) as (dev, url):
+        reply = fetch(f"{url}/v1/items", headers={"x-api-key": DEMO_ACME_KEY})
         assert reply.status == 200
         children = _descendants(dev.pid)
         assert len(children) >= 4  # redis, upstream, meshtoll, envoy
@@ -57,12 +56,11 @@ def test_meshtoll_dev_on_a_given_redis_shares_usage_with_the_cli(
         return sum(line["units"] for line in document["by_route"] if line["route"] == "chat")
 
     before = chat_units()
-    port, admin_port = free_ports(2)
-    with running_dev(tmp_path, port, admin_port, "--redis-url", redis_url) as dev:
+    with running_dev(tmp_path, "--redis-url", redis_url) as (dev, url):
         assert redis_url in (tmp_path / "dev.log").read_text()
         assert len(_descendants(dev.pid)) == 3  # upstream, meshtoll, envoy: no Redis of its own
-        url = f"http://127.0.0.1:{port}/v1/chat/completions?tokens=321"
-        assert fetch(url, headers={"x-api-key": DEMO_ACME_KEY}).status == 200
+        chat = f"{url}/v1/chat/completions?tokens=321"
+        assert fetch(chat, headers={"x-api-key": DEMO_ACME_KEY}).status == 200
         eventually(
             chat_units,
             lambda units: units == before + 321,
@@ -72,17 +70,18 @@ def test_meshtoll_dev_on_a_given_redis_shares_usage_with_the_cli(
 
 
 def test_meshtoll_dev_refuses_a_redis_it_cannot_reach(capsys: pytest.CaptureFixture[str]) -> None:
-    (port,) = free_ports(1)
-    assert main(["dev", "--redis-url", f"redis://127.0.0.1:{port}/0"]) == 1
+    # Port 1: nothing listens there (not a port another test run could have taken).
+    assert main(["dev", "--redis-url", "redis://127.0.0.1:1/0"]) == 1
     error = capsys.readouterr().err
-    assert f"--redis-url redis://127.0.0.1:{port}/0: Redis does not answer" in error
+    assert "--redis-url redis://127.0.0.1:1/0: Redis does not answer" in error
 
 
 @contextlib.contextmanager
-def running_dev(tmp_path: Path, port: int, admin_port: int, *more: str) -> Iterator[subprocess.Popen[bytes]]:
-    """`meshtoll dev` in a process group of its own, ready; killed if the test did not stop it."""
+def running_dev(tmp_path: Path, *more: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`meshtoll dev` on ports of its own choice, in a process group of its own, ready, and
+    the URL its banner gives for clients; killed if the test did not stop it."""
     log = (tmp_path / "dev.log").open("w")
-    argv = [sys.executable, "-m", "meshtoll", "dev", "--port", str(port), "--admin-port", str(admin_port)]
+    argv = [sys.executable, "-m", "meshtoll", "dev", "--port", "0", "--admin-port", "0"]
     dev = subprocess.Popen([*argv, *more], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
 
@@ -92,7 +91,10 @@ def running_dev(tmp_path: Path, port: int, admin_port: int, *more: str) -> Itera
             return "the local stack is ready" in printed
 
         eventually(ready, timeout=30, message="meshtoll dev never became ready")
-        yield dev
+        banner = (tmp_path / "dev.log").read_text()
+        found = re.search(r"Envoy, authz \+ limits \+ metering +(http://127\.0\.0\.1:\d+)", banner)
+        assert found is not None, banner
+        yield dev, found.group(1)
     finally:
         if dev.poll() is None:
             os.killpg(dev.pid, signal.SIGTERM)

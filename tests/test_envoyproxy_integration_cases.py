@@ -20,8 +20,7 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshtoll.local.devstack import find_redis_server
-from meshtoll.local.processes import Child, free_ports, tcp_accepts
+from meshtoll.local.devstack import RedisServer
 from tests.conftest import RunningRls, StartRls
 from tests.redis_topologies import redis_cluster, redis_sentinel
 from tests.waiting import eventually
@@ -258,16 +257,10 @@ def test_basic_config_through_redis_sentinel(start_rls: StartRls, root: Path, tm
 
 def test_basic_config_with_redis_auth(start_rls: StartRls, root: Path, tmp_path: Path) -> None:
     """testBasicConfigAuth: REDIS_AUTH with the password Redis requires."""
-    (port,) = free_ports(1)
-    argv = [str(find_redis_server()), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-    redis_server = Child("redis-server", [*argv, "--requirepass", "password123"], tmp_path / "redis.log")
-    try:
-        redis_server.wait_ready(tcp_accepts(port), 15)
-        started = start_rls(root, REDIS_URL=f"127.0.0.1:{port}", REDIS_AUTH="password123")
+    with RedisServer(tmp_path, arguments=("--requirepass", "password123")) as redis_server:
+        started = start_rls(root, REDIS_URL=f"127.0.0.1:{redis_server.port}", REDIS_AUTH="password123")
         with grpc.insecure_channel(f"127.0.0.1:{started.grpc_port}") as channel:
             basic_config(rls_pb2_grpc.RateLimitServiceStub(channel))
-    finally:
-        redis_server.stop()
 
 
 def test_an_override_without_a_unit_is_an_error_and_the_service_lives_on(

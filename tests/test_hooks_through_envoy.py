@@ -4,7 +4,6 @@ from a JSON response body into metering and token budgets, and only on hooked ro
 from __future__ import annotations
 
 import hashlib
-import socket
 import time
 from pathlib import Path
 
@@ -173,17 +172,12 @@ def test_the_rate_limit_service_charges_units_after_the_response(
 def test_failure_modes_per_route_when_the_ext_proc_service_is_unreachable(
     start_stack: StartStack, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    # meshtoll's gRPC server on a port Envoy does not know: HTTP authz still answers, every
-    # ext_proc stream fails. The metering hook passes the request, the policy hook fails it.
+    # meshtoll's gRPC server on a port of its own choice, which Envoy does not know: HTTP
+    # authz still answers, every ext_proc stream fails. The metering hook passes the
+    # request, the policy hook fails it.
     path = write_policy(tmp_path_factory.mktemp("hooks-down") / "policy.yaml")
-    stack = start_stack(path, serve_args=("--grpc-port", str(free_port())))
+    stack = start_stack(path, serve_args=("--grpc-port", "0"))
     assert call(stack, "/v1/small?tokens=5").status == 200  # metering only: open by default
     assert call(stack, "/v1/strict").status == 503  # changes headers: closed by default
     assert call(stack, "/v1/chat/completions?tokens=5").status == 503  # both: closed
     assert call(stack, "/v1/plain").status == 200  # no hooks, no ext_proc
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])

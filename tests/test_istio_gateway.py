@@ -13,7 +13,7 @@ import yaml
 
 from meshtoll.local.dev import DEMO_ACME_KEY, EXAMPLE_POLICY
 from meshtoll.local.devstack import LocalStack
-from meshtoll.local.processes import Child, free_ports, http_ok
+from meshtoll.local.envoy_process import EnvoyProcess
 from tests.client import fetch
 from tests.conftest import StartStack
 from tests.envoy_validate import assert_envoy_accepts
@@ -56,18 +56,15 @@ def stack(start_stack: StartStack) -> LocalStack:
 
 @pytest.fixture(scope="module")
 def gateway(stack: LocalStack, envoy_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    admin, listen = free_ports(2)
-    bootstrap = gateway_bootstrap(admin, listen, stack.ports.envoy.upstream_port, meshtoll_ports(stack))
+    # Admin and listener on ports of Envoy's own choice, read back once it runs.
+    bootstrap = gateway_bootstrap(0, 0, stack.ports.envoy.upstream_port, meshtoll_ports(stack))
     work = tmp_path_factory.mktemp("gateway")
-    config = work / "gateway.yaml"
-    config.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
-    envoy = Child(
-        "gateway envoy",
-        [str(envoy_binary), "-c", str(config), "--base-id", str(listen), "--log-level", "warn"],
-        work / "envoy.log",
+    envoy = EnvoyProcess(
+        "gateway-envoy", yaml.safe_dump(bootstrap, sort_keys=False), work, binary=envoy_binary
     )
     try:
-        envoy.wait_ready(http_ok(f"http://127.0.0.1:{admin}/ready"), timeout=30)
+        envoy.wait_ready(timeout=30)
+        (listen,) = envoy.listener_ports().values()
         yield f"http://127.0.0.1:{listen}"
     finally:
         envoy.stop()

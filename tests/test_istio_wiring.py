@@ -4,6 +4,7 @@ exactly what envoy/local.yaml (tested end to end) asks for."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -13,13 +14,14 @@ import jsonschema
 import pytest
 import yaml
 
-from meshtoll.local.devstack import StackPorts
-from meshtoll.local.envoy_config import render_bootstrap
+from meshtoll.local.envoy_config import EnvoyPorts, render_bootstrap
 from meshtoll.meter.log_line import LOG_LINE_FORMAT
 
 ROOT = Path(__file__).parent.parent
 ISTIO = ROOT / "deploy" / "istio"
 CRDS = ROOT / "tests" / "schemas" / "istio-crds.yaml"
+# The local bootstrap is read here, never run: its ports do not matter.
+ANY_PORTS = EnvoyPorts(**dict.fromkeys((field.name for field in dataclasses.fields(EnvoyPorts)), 0))
 
 
 @functools.cache
@@ -40,7 +42,7 @@ def crd_schema(kind: str, version: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def http_ext_authz() -> dict[str, Any]:
-    bootstrap = yaml.safe_load(render_bootstrap(StackPorts.allocate({}).envoy))
+    bootstrap = yaml.safe_load(render_bootstrap(ANY_PORTS))
     listener = next(
         item for item in bootstrap["static_resources"]["listeners"] if item["name"] == "http_authz"
     )
@@ -108,7 +110,7 @@ def test_istio_provider_sends_and_returns_the_headers_the_local_envoy_does(
 def test_ratelimit_envoyfilter_is_valid_and_matches_the_local_envoy() -> None:
     document = yaml.safe_load((ISTIO / "ratelimit-envoyfilter.yaml").read_text())
     jsonschema.validate(document["spec"], crd_schema("EnvoyFilter", "v1alpha3")["properties"]["spec"])
-    bootstrap = yaml.safe_load(render_bootstrap(StackPorts.allocate({}).envoy))
+    bootstrap = yaml.safe_load(render_bootstrap(ANY_PORTS))
     listener = next(item for item in bootstrap["static_resources"]["listeners"] if item["name"] == "rls")
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
     local_filter = next(
@@ -127,7 +129,7 @@ def test_ratelimit_envoyfilter_is_valid_and_matches_the_local_envoy() -> None:
 def test_hooks_envoyfilter_is_valid_and_matches_the_local_envoy() -> None:
     document = yaml.safe_load((ISTIO / "hooks-envoyfilter.yaml").read_text())
     jsonschema.validate(document["spec"], crd_schema("EnvoyFilter", "v1alpha3")["properties"]["spec"])
-    bootstrap = yaml.safe_load(render_bootstrap(StackPorts.allocate({}).envoy))
+    bootstrap = yaml.safe_load(render_bootstrap(ANY_PORTS))
     listener = next(item for item in bootstrap["static_resources"]["listeners"] if item["name"] == "full")
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
     local = [item for item in manager["http_filters"] if item["name"].startswith("meshtoll.hooks.")]
@@ -171,7 +173,7 @@ def test_the_meter_provider_logs_what_the_local_envoy_logs() -> None:
 
 
 def local_connection_manager(listener_name: str = "full") -> dict[str, Any]:
-    bootstrap = yaml.safe_load(render_bootstrap(StackPorts.allocate({}).envoy))
+    bootstrap = yaml.safe_load(render_bootstrap(ANY_PORTS))
     listener = next(
         item for item in bootstrap["static_resources"]["listeners"] if item["name"] == listener_name
     )

@@ -153,16 +153,14 @@ def test_with_at_least_one_config_required_health_follows_each_reload(
 
 
 def test_it_will_not_share_a_grpc_port_that_meshtoll_serve_holds(tmp_path: Path) -> None:
-    from meshtoll.local.processes import free_ports
     from tests.serve import running_serve
 
     (tmp_path / "ratelimit" / "config").mkdir(parents=True)
     shutil.copy(CONFIG / "basic_config.yaml", tmp_path / "ratelimit" / "config")
-    port, debug_port = free_ports(2)
     with running_serve(tmp_path) as serving:
         environment = {
             **os.environ,
-            **rls_environment(tmp_path, "redis://127.0.0.1:1", serving.grpc_port, port, debug_port),
+            **rls_environment(tmp_path, "redis://127.0.0.1:1", grpc_port=serving.grpc_port),
         }
         done = subprocess.run(
             [sys.executable, "-m", "meshtoll", "ratelimit"],

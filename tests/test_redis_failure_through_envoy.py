@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from meshtoll.local.devstack import LocalStack, RedisServer
-from meshtoll.local.processes import free_ports
 from tests.client import fetch
 from tests.conftest import StartStack
 from tests.waiting import eventually
@@ -34,12 +33,6 @@ def policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def redis_port() -> int:
-    (port,) = free_ports(1)
-    return port
-
-
 def timed(stack: LocalStack, listener: str, path: str = "/v1/x") -> tuple[int, str, float]:
     started = time.monotonic()
     reply = fetch(stack.url(listener, path), headers={"x-api-key": KEY})
@@ -49,9 +42,9 @@ def timed(stack: LocalStack, listener: str, path: str = "/v1/x") -> tuple[int, s
 
 @pytest.mark.parametrize("mode", ["open", "closed"])
 def test_redis_outage_follows_the_failure_policy_and_recovers(
-    start_stack: StartStack, policy: Path, tmp_path: Path, redis_port: int, mode: str
+    start_stack: StartStack, policy: Path, tmp_path: Path, mode: str
 ) -> None:
-    redis = RedisServer(tmp_path / "redis", port=redis_port)
+    redis = RedisServer(tmp_path / "redis")
     redis.__enter__()
     try:
         stack = start_stack(
@@ -77,7 +70,8 @@ def test_redis_outage_follows_the_failure_policy_and_recovers(
         assert {(status, error) for status, error, _ in grpc} == {(503, "ratelimit_unavailable")}
         assert {status for status, _, _ in rls} == {503}  # the ratelimit filter's failure_mode_deny
 
-    with RedisServer(tmp_path / "redis-again", port=redis_port):
+    # On the port meshtoll knows: below the ephemeral range, nobody else took it meanwhile.
+    with RedisServer(tmp_path / "redis-again", port=redis.port):
         eventually(
             lambda: timed(stack, "listen_http_authz_port")[0],
             lambda status: status == 200,

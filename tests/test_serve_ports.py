@@ -1,7 +1,7 @@
 """`meshtoll serve` owns its ports: a second instance on them exits with an error naming
 the port instead of silently taking half the traffic, while the workers of one instance
 share them; and its admin port answers while its HTTP authz port is flooded. Real
-processes on free loopback ports, with examples/policy.yaml."""
+processes on loopback ports of their own choice, with examples/policy.yaml."""
 
 from __future__ import annotations
 
@@ -20,13 +20,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshtoll.local.processes import Child, free_ports, http_ok
+from meshtoll.local.processes import Child, announced_ports, http_ok, read_ports
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
 POLICY = Path(__file__).parent.parent / "examples" / "policy.yaml"
-Serve = Callable[..., Child]  # (grpc, http authz, admin ports), *flags -> a ready meshtoll serve
+# *flags -> a ready meshtoll serve on ports of its own choice, and them (gRPC, HTTP authz, admin)
+Serve = Callable[..., tuple[Child, list[int]]]
+ANY_PORTS = [0, 0, 0]
 
 
 def serve_argv(ports: list[int], *flags: str) -> list[str]:
@@ -54,11 +56,16 @@ def serve_argv(ports: list[int], *flags: str) -> list[str]:
 def serve(tmp_path: Path) -> Iterator[Serve]:
     started: list[Child] = []
 
-    def start(ports: list[int], *flags: str) -> Child:
-        child = Child("meshtoll", serve_argv(ports, *flags), tmp_path / f"serve-{len(started)}.log")
+    def start(*flags: str) -> tuple[Child, list[int]]:
+        ports_file = tmp_path / f"serve-{len(started)}.ports"
+        argv = serve_argv(ANY_PORTS, "--ports-file", str(ports_file), *flags)
+        child = Child("meshtoll", argv, tmp_path / f"serve-{len(started)}.log")
         started.append(child)
+        child.wait_ready(announced_ports(ports_file), timeout=30)
+        bound = read_ports(ports_file)
+        ports = [bound["grpc_port"], bound["http_authz_port"], bound["admin_port"]]
         child.wait_ready(http_ok(f"http://127.0.0.1:{ports[2]}/readyz"), timeout=30)
-        return child
+        return child, ports
 
     yield start
     for child in started:
@@ -88,10 +95,9 @@ def test_a_second_serve_on_a_taken_port_exits_naming_the_port(
     clash: str,
     workers: str,
 ) -> None:
-    ports = free_ports(6)
-    first = serve(ports[:3], "--workers", workers)
+    first, ports = serve("--workers", workers)
     # The second instance has ports of its own but for the one that clashes.
-    mine = ports[3:]
+    mine = list(ANY_PORTS)
     index = ("grpc_port", "http_authz_port", "admin_port").index(clash)
     mine[index] = ports[index]
     second = second_serve(mine, "--workers", workers)
@@ -105,8 +111,7 @@ def test_a_second_serve_on_a_taken_port_exits_naming_the_port(
 def test_two_workers_share_every_port_and_survive_the_loss_of_one(
     serve: Serve,
 ) -> None:
-    ports = free_ports(3)
-    supervisor = serve(ports, "--workers", "2")
+    supervisor, ports = serve("--workers", "2")
     workers = eventually(
         lambda: _children(supervisor.pid),
         lambda found: len(found) >= 2,
@@ -148,8 +153,7 @@ def test_two_workers_share_every_port_and_survive_the_loss_of_one(
 def test_admin_answers_healthz_while_the_authz_port_is_flooded(
     serve: Serve,
 ) -> None:
-    ports = free_ports(3)
-    serve(ports, "--http-max-connections", "100", "--http-header-timeout-seconds", "30")
+    _, ports = serve("--http-max-connections", "100", "--http-header-timeout-seconds", "30")
     flood = [socket.create_connection(("127.0.0.1", ports[1])) for _ in range(300)]
     try:
         refused = flood[-1].recv(65536)  # the last one's answer: the whole flood has landed

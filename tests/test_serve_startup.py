@@ -5,15 +5,14 @@ ext_authz timeout (when its admission would bill a request nobody served)."""
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from meshtoll.local.processes import Child, free_ports, http_ok
+from meshtoll.local.processes import http_ok
 from tests.client import fetch
-from tests.serve import running_serve
+from tests.serve import running_serve, start_serve
 
 pytestmark = pytest.mark.integration
 
@@ -31,18 +30,8 @@ def large_policy(path: Path) -> Path:
 
 
 def test_the_http_authz_port_refuses_at_once_while_the_policy_loads(tmp_path: Path) -> None:
-    grpc_port, http_authz_port, admin_port = free_ports(3)
-    argv = [
-        sys.executable,
-        "-m",
-        "meshtoll",
-        "serve",
-        "--policy",
-        str(large_policy(tmp_path / "policy.yaml")),
-    ]
-    argv += ["--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-authz-port", str(http_authz_port)]
-    argv += ["--admin-port", str(admin_port)]
-    child = Child("meshtoll", argv, tmp_path / "meshtoll.log", {"MESHTOLL_REDIS_URL": ""})
+    serving = start_serve(tmp_path, policy=large_policy(tmp_path / "policy.yaml"))
+    child, http_authz_port, admin_port = serving.child, serving.http_authz_port, serving.admin_port
     try:
         child.wait_ready(http_ok(f"http://127.0.0.1:{admin_port}/healthz"), timeout=30)
         assert fetch(f"http://127.0.0.1:{admin_port}/readyz").status == 503, (

@@ -23,7 +23,7 @@ import yaml
 
 from meshtoll.local.devstack import LocalStack
 from meshtoll.local.envoy_config import EnvoyPorts, render_bootstrap
-from meshtoll.local.processes import Child, free_ports, http_ok
+from meshtoll.local.envoy_process import EnvoyProcess
 from tests.certs import BOT_SPIFFE_ID, ClientCert, TestPki
 from tests.client import Reply, fetch
 from tests.conftest import StartStack
@@ -124,24 +124,22 @@ def logged(
 ) -> Iterator[LoggedEnvoy]:
     work = tmp_path_factory.mktemp("logged-envoy")
     own = [name for name in (f.name for f in dataclasses.fields(EnvoyPorts)) if name.startswith("listen_")]
-    chosen = free_ports(len(own) + 1)
-    ports = dataclasses.replace(
-        stack.ports.envoy, admin_port=chosen[0], **dict(zip(own, chosen[1:], strict=True))
-    )
+    # Its admin and listeners on ports of Envoy's own choice, read back once it runs.
+    ports = dataclasses.replace(stack.ports.envoy, admin_port=0, **dict.fromkeys(own, 0))
     bootstrap = yaml.safe_load(render_bootstrap(ports, pki.server))
-    listeners = bootstrap["static_resources"]["listeners"]
-    by_name = {item["name"]: item["address"]["socket_address"]["port_value"] for item in listeners}
-    envoy = LoggedEnvoy(by_name, work / "access.log")
-    config = work / "envoy.yaml"
-    config.write_text(with_file_access_logs(bootstrap, envoy.log))
-    argv = [str(envoy_binary), "-c", str(config), "--concurrency", "1", "--disable-hot-restart"]
-    argv += ["--log-level", "warn", "--file-flush-interval-msec", "20"]
-    child = Child("logged-envoy", argv, work / "envoy.log")
+    log = work / "access.log"
+    process = EnvoyProcess(
+        "logged-envoy",
+        with_file_access_logs(bootstrap, log),
+        work,
+        binary=envoy_binary,
+        more_args=("--file-flush-interval-msec", "20"),
+    )
     try:
-        child.wait_ready(http_ok(f"http://127.0.0.1:{ports.admin_port}/ready"), 30)
-        yield envoy
+        process.wait_ready(30)
+        yield LoggedEnvoy(process.listener_ports(), log)
     finally:
-        child.stop()
+        process.stop()
 
 
 def send(envoy: LoggedEnvoy, pki: TestPki, listener: str, *, allowed: bool) -> tuple[Reply, dict[str, Any]]:

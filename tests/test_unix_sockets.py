@@ -16,13 +16,15 @@ import yaml
 from meshtoll.errors import ConfigError
 from meshtoll.local.dev import DEMO_ACME_KEY, EXAMPLE_POLICY
 from meshtoll.local.devstack import LocalStack, StackConfig
-from meshtoll.local.processes import Child, free_ports, http_ok
+from meshtoll.local.envoy_process import EnvoyProcess
+from meshtoll.local.processes import Child, announced_ports, http_ok, read_ports
 from meshtoll.render.envoy import bootstrap
 from meshtoll.render.params import DeployParams
 from meshtoll.server.listeners import unix_listening_socket
 from meshtoll.settings import Settings
 from tests.client import fetch
 from tests.envoy_validate import assert_envoy_accepts
+from tests.serve import start_serve
 
 
 def test_unix_sockets_need_a_single_worker() -> None:
@@ -70,66 +72,36 @@ def gateway(
 ) -> Iterator[tuple[str, str]]:
     """(the HTTP ext_authz listener's URL, the gRPC ext_authz listener's)"""
     work = tmp_path_factory.mktemp("sidecar")
-    grpc_port, http_port, admin_port, upstream_port, listen_port, grpc_listen_port = free_ports(6)
-    children = []
+    children: list[Child] = []
     try:
-        serve = Child(
-            "meshtoll serve --uds-dir",
-            [
-                sys.executable,
-                "-m",
-                "meshtoll",
-                "serve",
-                "--policy",
-                str(EXAMPLE_POLICY),
-                "--host",
-                "127.0.0.1",
-            ],
-            work / "serve.log",
-            {
-                "MESHTOLL_GRPC_PORT": str(grpc_port),
-                "MESHTOLL_HTTP_AUTHZ_PORT": str(http_port),
-                "MESHTOLL_ADMIN_PORT": str(admin_port),
-                "MESHTOLL_UDS_DIR": str(sockets),
-                "MESHTOLL_REDIS_URL": "",
-            },
-        )
-        children.append(serve)
-        serve.wait_ready(http_ok(f"http://127.0.0.1:{admin_port}/readyz"), timeout=30)
-        upstream = Child(
-            "demo upstream",
-            [
-                sys.executable,
-                "-m",
-                "meshtoll.local.demo_upstream",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(upstream_port),
-            ],
-            work / "upstream.log",
-        )
+        serve = start_serve(work, "--uds-dir", str(sockets), name="serve")
+        children.append(serve.child)
+        serve.child.wait_ready(http_ok(f"{serve.admin_url}/readyz"), timeout=30)
+        upstream_ports = work / "upstream.ports"
+        argv = [sys.executable, "-m", "meshtoll.local.demo_upstream", "--host", "127.0.0.1", "--port", "0"]
+        upstream = Child("demo upstream", [*argv, "--ports-file", str(upstream_ports)], work / "upstream.log")
         children.append(upstream)
-        upstream.wait_ready(http_ok(f"http://127.0.0.1:{upstream_port}/healthz"), timeout=30)
-        params = DeployParams(listen_port=listen_port, upstream_host="127.0.0.1", upstream_port=upstream_port)
+        upstream.wait_ready(announced_ports(upstream_ports), timeout=30)
+        upstream_port = read_ports(upstream_ports)["port"]
+        params = DeployParams(upstream_host="127.0.0.1", upstream_port=upstream_port)
         config = bootstrap(params, PurePosixPath(sockets))
-        # Loopback, and a port of its own for each listener (the next port may be taken).
-        for listener, port in zip(
-            config["static_resources"]["listeners"], (listen_port, grpc_listen_port), strict=True
-        ):
-            listener["address"]["socket_address"] |= {"address": "127.0.0.1", "port_value": port}
-        config["admin"]["address"]["socket_address"]["port_value"] = 0
-        path = work / "envoy.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        assert_envoy_accepts(envoy_binary, path)
-        envoy = Child(
-            "sidecar envoy",
-            [str(envoy_binary), "-c", str(path), "--disable-hot-restart", "--log-level", "warn"],
-            work / "envoy.log",
-        )
-        children.append(envoy)
-        envoy.wait_ready(refuses(f"http://127.0.0.1:{listen_port}/"), timeout=30)
-        yield f"http://127.0.0.1:{listen_port}", f"http://127.0.0.1:{grpc_listen_port}"
+        # Loopback, on ports of Envoy's own choice (read back once it runs).
+        names = []
+        for listener in config["static_resources"]["listeners"]:
+            listener["address"]["socket_address"] |= {"address": "127.0.0.1", "port_value": 0}
+            names.append(listener["name"])
+        config["admin"]["address"]["socket_address"] |= {"address": "127.0.0.1", "port_value": 0}
+        text = yaml.safe_dump(config, sort_keys=False)
+        (work / "checked.yaml").write_text(text)
+        assert_envoy_accepts(envoy_binary, work / "checked.yaml")
+        envoy = EnvoyProcess("sidecar-envoy", text, work, binary=envoy_binary)
+        children.append(envoy.child)
+        envoy.wait_ready(timeout=30)
+        ports = envoy.listener_ports()
+        http_listener, grpc_listener = names
+        http = f"http://127.0.0.1:{ports[http_listener]}"
+        envoy.child.wait_ready(refuses(f"{http}/"), timeout=30)
+        yield http, f"http://127.0.0.1:{ports[grpc_listener]}"
     finally:
         for child in reversed(children):
             child.stop()

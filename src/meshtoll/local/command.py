@@ -12,8 +12,14 @@ from meshtoll.settings import settings_from
 def add_dev_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dev = commands.add_parser("dev", help="run the whole local stack: Envoy, meshtoll, Redis, demo upstream")
     dev.add_argument("--policy", type=Path, default=None, help="policy file (default: examples/policy.yaml)")
-    dev.add_argument("--port", type=int, default=8080, help="Envoy's port for clients (HTTP ext_authz)")
-    dev.add_argument("--admin-port", type=int, default=8090, help="meshtoll's admin port")
+    dev.add_argument(
+        "--port",
+        type=int,
+        default=8080,
+        help="Envoy's port for clients (HTTP ext_authz); gRPC ext_authz on the next one; 0: ports of "
+        "Envoy's own choice, shown when ready",
+    )
+    dev.add_argument("--admin-port", type=int, default=8090, help="meshtoll's admin port (0: its own choice)")
     dev.add_argument(
         "--redis-url",
         default=None,

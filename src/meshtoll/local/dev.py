@@ -87,7 +87,8 @@ def run_dev(policy: Path | None, port: int, admin_port: int, redis_url: str | No
             log.info("Redis: redis-server not found, so meshtoll keeps its state in memory")
         fixed = {
             "listen_full_port": port,
-            "listen_grpc_authz_port": port + 1,
+            # Beside the port given; with 0, Envoy chooses both (the banner shows them).
+            "listen_grpc_authz_port": port + 1 if port else 0,
             "meshtoll_admin_port": admin_port,
         }
         stack = running.enter_context(

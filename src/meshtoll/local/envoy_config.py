@@ -41,7 +41,7 @@ class EnvoyPorts:
     listen_full_port: int  # clients, HTTP ext_authz and the access log to the meter
     listen_full_als_port: int  # clients, the same with the gRPC access log (http_grpc)
     listen_metered_direct_port: int  # clients, direct 200 response, metered (benchmark)
-    listen_mtls_port: int  # clients with certificates, ext_authz over gRPC (mTLS only)
+    listen_mtls_grpc_authz_port: int  # clients with certificates, ext_authz over gRPC (mTLS only)
     listen_mtls_http_authz_port: int  # clients with certificates, ext_authz over HTTP (mTLS only)
     upstream_port: int  # the demo upstream
     authz_grpc_port: int  # meshtoll's gRPC port
