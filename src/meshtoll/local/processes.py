@@ -146,17 +146,6 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
-def tcp_accepts(port: int) -> Probe:
-    def probe() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            return False
-
-    return probe
-
-
 def http_ok(url: str) -> Probe:
     def probe() -> bool:
         try:
