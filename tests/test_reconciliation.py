@@ -287,24 +287,23 @@ async def own_usage_store(request: pytest.FixtureRequest, tmp_path: Path) -> Asy
 
 
 @pytest.mark.parametrize("tenant_count", [4, 1000])
-async def test_reconciliation_catches_up_a_backlog_far_faster_than_admissions_come(
+async def test_reconciliation_drains_a_backlog_in_one_round_and_bills_each_admission_once(
     own_usage_store: UsageStore, tenant: str, tenant_count: int
 ) -> None:
-    # 20,000 overdue admissions, as after a Redis outage at a steady ~430 requests a second:
-    # one round bills them all, at well over ten times that rate, however many tenants.
+    # 20,000 overdue admissions, as after a Redis outage: one round bills every one, however
+    # many tenants share them, and a later round finds nothing more to bill. (How fast it
+    # goes is bench/reconcile_catch_up.py's to say: a rate fails by chance on a busy machine.)
     store = own_usage_store
     tenants = [f"{tenant}-{n}" for n in range(tenant_count)]
     await store.admit(
         [admission(tenants[n % tenant_count], f"backlog-{n}", at=T + n / 1000) for n in range(20_000)]
     )
     assert await store.backlog() == 20_000
-    started = time.perf_counter()
     assert await reconcile(store, now=T + 100, grace=10) == 20_000
-    took = time.perf_counter() - started
-    assert 20_000 / took > 10 * 430, f"{20_000 / took:.0f} admissions a second"
-    each = 20_000 // tenant_count
-    assert [(await store.usage(name, "2026-11")).requests for name in tenants[:3]] == [each] * 3
     assert await store.backlog() == 0
+    assert await reconcile(store, now=T + 200, grace=10) == 0
+    each = 20_000 // tenant_count
+    assert [(await store.usage(name, "2026-11")).requests for name in tenants] == [each] * tenant_count
 
 
 async def test_a_body_metered_admission_waits_an_hour_for_its_streamed_units(
