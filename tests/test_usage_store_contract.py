@@ -3,10 +3,10 @@ and period, however often its record arrives."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
 from datetime import UTC, datetime
+from typing import cast
 
 import pytest
 import redis.asyncio
@@ -151,11 +151,20 @@ async def test_the_redis_ledger_holds_each_record_once_and_keys_expire(redis_url
 @pytest.mark.integration
 async def test_the_ledger_keeps_records_for_the_configured_retention(redis_url: str) -> None:
     tenant = f"usage{next(_tenants)}"
-    store = RedisUsageStore(redis_url, ledger_retention_seconds=1.0)
+    now = [time.time()]
+    store = RedisUsageStore(redis_url, ledger_retention_seconds=1.0, clock=lambda: now[0])
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
         await store.record([record(tenant, "old")])
-        await asyncio.sleep(1.1)  # past the retention of one second, which the store reads off the real clock
+        ((entry, _),) = cast(list[tuple[bytes, object]], await client.xrange(ledger_key(tenant)))
+        old_ms = int(entry.split(b"-")[0])  # Redis stamps each entry with its own clock
+        # The store's clock a retention past the old entry, so that it is the one to go...
+        now[0] = (old_ms + 1) / 1000 + 1.0
+        # ...and the new entry, stamped by Redis, must come after that: Redis's clock first
+        # moves past the old entry's millisecond.
+        deadline = time.monotonic() + 5
+        while (await redis_ms(client)) <= old_ms + 1:
+            assert time.monotonic() < deadline, "Redis's clock did not move"
         await store.record([record(tenant, "new")])
         assert [r.request_id for r in await store.ledger(tenant, 0, T + 1)] == ["new"]
         assert await client.xlen(ledger_key(tenant)) == 1
@@ -164,11 +173,19 @@ async def test_the_ledger_keeps_records_for_the_configured_retention(redis_url: 
         await client.aclose()
 
 
+async def redis_ms(client: redis.asyncio.Redis) -> int:
+    seconds, microseconds = await client.time()
+    return int(seconds) * 1000 + int(microseconds) // 1000
+
+
 async def test_the_memory_ledger_drops_records_past_the_retention() -> None:
-    store = MemoryUsageStore(ledger_retention_seconds=3600)
-    now = time.time()
-    await store.record([record("mem", "old", at=now - 7200), record("mem", "new", at=now)])
-    assert [found.request_id for found in await store.ledger("mem", 0, now + 1)] == ["new"]
+    now = [T]
+    store = MemoryUsageStore(ledger_retention_seconds=3600, clock=lambda: now[0])
+    await store.record([record("mem", "old", at=T - 1800), record("mem", "new", at=T)])
+    assert [found.request_id for found in await store.ledger("mem", 0, T + 1)] == ["old", "new"]
+    now[0] = T + 1801  # the store's clock, not the machine's, says when a record is past it
+    await store.record([record("mem", "later", at=T + 1801)])
+    assert [found.request_id for found in await store.ledger("mem", 0, T + 2000)] == ["new", "later"]
 
 
 def admission(tenant: str, request_id: str) -> Admission:

@@ -59,7 +59,7 @@ class MemoryUsageStore:
             counted += 1
         for tenant, batch in new.items():
             self._append(tenant, batch)
-        oldest = time.time() - self._ledger_retention
+        oldest = self._clock() - self._ledger_retention
         if self.ledger_records and self.ledger_records[0].time < oldest:
             self.ledger_records = [r for r in self.ledger_records if r.time >= oldest]
         return counted
