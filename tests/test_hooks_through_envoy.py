@@ -4,7 +4,6 @@ from a JSON response body into metering and token budgets, and only on hooked ro
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import pytest
@@ -156,17 +155,35 @@ def test_the_rate_limit_service_charges_units_after_the_response(
     # Limits enforced by Envoy's ratelimit filter: it looks before the request, and its
     # apply_on_stream_done descriptor carries the body's units as hits_addend afterwards.
     # Envoy charges once the stream is done, so a client that calls again at once can get in
-    # before the charge lands: the pauses keep this test about the charge, not that race.
+    # before the charge lands: each call waits for the last one's charge, so that this test
+    # is about the charge, not that race.
     path = write_policy(tmp_path_factory.mktemp("hooks-rls") / "policy.yaml")
     fresh_counters = path.read_text().replace("budgeted:", "budgeted-rls:")
     path.write_text(fresh_counters + "ratelimit: {enforced_in: service}\n")
     stack = start_stack(path)
     statuses = []
-    for _ in range(3):
+    for charged in (600, 1200, None):
         reply = call(stack, "/v1/chat/completions?tokens=600", key=BUDGET_KEY, listener="listen_rls_port")
         statuses.append(reply.status)
-        time.sleep(0.3)
+        if charged is not None:
+            wait_for_charge(stack, "budgeted-rls", charged)
     assert statuses == [200, 200, 429]
+
+
+def wait_for_charge(stack: LocalStack, tenant: str, used: int) -> None:
+    eventually(
+        lambda: tokens_used(stack, tenant),
+        lambda seen: seen == used,
+        timeout=10,
+        message=f"the response's tokens were never charged ({used} used expected)",
+    )
+
+
+def tokens_used(stack: LocalStack, tenant: str) -> int:
+    """The tenant's monthly_tokens used, as meshtoll's admin port reads them from Redis."""
+    quota = fetch(f"{stack.meshtoll_admin_url}/api/tenants/{tenant}/quota").json()
+    (tokens,) = [limit for limit in quota["limits"] if limit["name"] == "monthly_tokens"]
+    return int(tokens["used"])
 
 
 def test_failure_modes_per_route_when_the_ext_proc_service_is_unreachable(

@@ -261,15 +261,23 @@ async def test_shutting_down_closes_idle_connections_and_finishes_answers_in_fli
         writer.close()
 
 
-# A server in its own process with 64 descriptors, so that it runs out of them.
+# A server in its own process with 64 descriptors, so that it runs out of them; it prints
+# "paused" each time it stops accepting for lack of them, for the test to wait on.
 _STARVED_SERVER = """
 import asyncio, logging, resource, sys
-from meshtoll.transport.http_listener import HttpLimits, listening_socket
+from meshtoll.transport.http_listener import HttpLimits, HttpListener, listening_socket
 from meshtoll.transport.http_server import response, serve_http
 
 logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 OK = response(200, "OK", ())
+pause = HttpListener._pause_accepting
+
+def counted(self, error):
+    print("paused", flush=True)
+    pause(self, error)
+
+HttpListener._pause_accepting = counted
 
 async def main() -> None:
     sock = listening_socket("127.0.0.1", 0)
@@ -289,11 +297,13 @@ async def test_running_out_of_descriptors_is_logged_once_and_the_server_recovers
         assert server.stdout is not None
         port = int(await asyncio.wait_for(server.stdout.readline(), 10))
         flood = [await connect(port) for _ in range(150)]
-        await asyncio.sleep(2.5)  # two retries, at one a second
+        # Out of descriptors, and still out at the retry a second later: two pauses.
+        for _ in range(2):
+            assert await asyncio.wait_for(server.stdout.readline(), 10) == b"paused\n"
         for _, writer in flood:
             writer.close()
-        await asyncio.sleep(1.5)  # the next retry, a second on, finds descriptors free again
-        assert (await ask_fresh(port)).startswith(b"HTTP/1.1 200 OK\r\n")
+        # A new client waits in the backlog until the next retry finds descriptors free again.
+        assert (await asyncio.wait_for(ask_fresh(port), 10)).startswith(b"HTTP/1.1 200 OK\r\n")
     finally:
         server.terminate()
         _, stderr = await asyncio.wait_for(server.communicate(), 5)
