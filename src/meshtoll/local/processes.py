@@ -100,7 +100,7 @@ def listens(child: Child, port: int) -> Probe:
     answering there, which could be another process's server that took the port first."""
 
     def probe() -> bool:
-        sockets = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+        sockets = {f"socket:[{inode}]" for inode in listening_inodes(port)}
         if not sockets:
             return False
         try:
@@ -116,7 +116,8 @@ def listens(child: Child, port: int) -> Probe:
     return probe
 
 
-def _listening_inodes(port: int) -> list[str]:
+def listening_inodes(port: int) -> list[str]:
+    """The inodes of every listening TCP socket on `port`, whoever holds it."""
     inodes = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with suppress(OSError):
