@@ -14,7 +14,7 @@ import pytest
 from meshtoll.policy import CompiledPolicy, load_policy
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.telemetry.metrics import DecisionCounts, Metrics
-from meshtoll.watched import LOGGED_PROBLEMS, Watched, file_fingerprint
+from meshtoll.watched import LOGGED_PROBLEMS, Fingerprint, Watched, file_fingerprint
 from tests.waiting import eventually_async
 
 POLL = 0.02
@@ -101,16 +101,35 @@ async def test_a_configmap_style_symlink_swap_is_picked_up(tmp_path: Path) -> No
 async def test_a_vanished_file_keeps_the_policy_until_it_returns(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text(version("acme"))
-    async with watching(path) as holder:
+    polls_without_file = 0
+
+    def counted(watched: Path) -> Fingerprint | None:
+        nonlocal polls_without_file
+        found = file_fingerprint(watched)
+        polls_without_file += found is None
+        return found
+
+    holder = Watched(path, load_policy, log=logging.getLogger("test"), fingerprint=counted, describe=str)
+    task = asyncio.create_task(holder.watch(POLL))
+    try:
         path.unlink()
-        await asyncio.sleep(POLL * 5)  # five polls with no file: nothing may change
-        assert set(holder.current.tenants) == {"acme"}
+        await eventually_async(
+            lambda: polls_without_file,
+            lambda polls: polls >= 5,
+            timeout=5,
+            message="the watcher did not look for the vanished file five times",
+        )
+        assert set(holder.current.tenants) == {"acme"}  # nothing changed meanwhile
         write(path, version("globex"))
         await eventually_async(
             lambda: "globex" in holder.current.tenants,
             timeout=5,
             message="the version with globex never became active",
         )
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @pytest.mark.parametrize("listeners", [1, 2])

@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -134,9 +134,10 @@ def test_a_meshtoll_restart_mid_traffic_bills_exactly_what_was_admitted(
     client = threading.Thread(target=traffic)
     client.start()
     try:
-        time.sleep(1.0)  # traffic for a second on each side of the restart: the behaviour under test
+        # Traffic on each side of the restart: the behaviour under test.
+        more_served(lambda: statuses[200], 30, "before the restart")
         stack.restart("meshtoll")
-        time.sleep(1.0)
+        more_served(lambda: statuses[200], 30, "after the restart")
     finally:
         stop.set()
         client.join()
@@ -153,6 +154,18 @@ def test_a_meshtoll_restart_mid_traffic_bills_exactly_what_was_admitted(
         message=f"the {served} requests served ({statuses}) were not all billed their unit",
     )
     assert usage["requests"] - usage["by_status"].get("5xx", 0) == served, (usage, statuses)
+
+
+def more_served(count: Callable[[], int], more: int, when: str) -> None:
+    """Until `count()` has grown by `more`: traffic flowing, not a guessed time of it."""
+    start = count()
+    eventually(
+        count,
+        lambda now: now >= start + more,
+        timeout=30,
+        interval=0.01,
+        message=f"fewer than {more} requests were answered {when}",
+    )
 
 
 def usage_of(stack: LocalStack, tenant: str) -> dict[str, Any]:
@@ -180,22 +193,26 @@ def test_a_request_authz_allowed_after_envoys_timeout_is_billed_as_envoys_503(
     url = stack.url(listener, "/v1/items")
     statuses: Counter[int] = Counter()
     stop = threading.Event()
+    counting = threading.Lock()  # four clients: `+=` on a Counter is not atomic
 
     def traffic() -> None:
         while not stop.is_set():
-            statuses[fetch(url, headers={"x-api-key": key}).status] += 1
+            status = fetch(url, headers={"x-api-key": key}).status
+            with counting:
+                statuses[status] += 1
 
     clients = [threading.Thread(target=traffic) for _ in range(4)]
     for client in clients:
         client.start()
     meshtoll = stack.children["meshtoll"].pid  # its own process group (start_new_session)
     try:
-        time.sleep(0.5)
+        more_served(lambda: statuses[200], 20, "before the pause")
         os.killpg(meshtoll, signal.SIGSTOP)
-        time.sleep(0.6)
+        # Paused until Envoy has given up on calls in flight (its ext_authz timeout).
+        more_served(lambda: statuses[503], 1, "by Envoy itself while meshtoll was paused")
     finally:
         os.killpg(meshtoll, signal.SIGCONT)
-        time.sleep(0.5)
+        more_served(lambda: statuses[200], 20, "after the pause")
         stop.set()
         for client in clients:
             client.join()
@@ -222,19 +239,23 @@ def test_an_envoy_restart_cutting_the_access_log_stream_loses_no_billable_reques
     stack = priced_stack(start_stack, tmp_path, "cut", key)
     stop = threading.Event()
 
+    answered: Counter[str] = Counter()
+
     def traffic() -> None:
         while not stop.is_set():
             try:
                 fetch(stack.url("listen_full_port", "/v1/items"), headers={"x-api-key": key})
+                answered["requests"] += 1
             except (OSError, http.client.HTTPException):
-                time.sleep(0.01)  # Envoy is restarting
+                time.sleep(0.01)  # Envoy is restarting: not a state to wait on, a pause to retry
 
     client = threading.Thread(target=traffic)
     client.start()
     try:
-        time.sleep(1.0)  # traffic for a second on each side of the restart: the behaviour under test
+        # Traffic on each side of the restart: the behaviour under test.
+        more_served(lambda: answered["requests"], 30, "before the restart")
         stack.restart("envoy")  # its buffered access-log entries die with it
-        time.sleep(1.0)
+        more_served(lambda: answered["requests"], 30, "after the restart")
     finally:
         stop.set()
         client.join()
