@@ -3,7 +3,6 @@ real redis-server on its Unix socket, for counters, usage and the whole fused de
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from meshtoll.storage.usage_redis import RedisUsageStore
 from meshtoll.usage.records import UsageRecord
 from tests.client import fetch
 from tests.conftest import StartStack
-from tests.test_store_failures import BUSY_FOR_400_MS
+from tests.test_store_failures import PAUSE_SECONDS, pause
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +97,12 @@ async def test_a_stalled_redis_fails_a_socket_call_within_the_timeout(server: Re
     blocker = redis.asyncio.Redis.from_url(server.unix_url)
     try:
         await store.check([check], time.time())  # connected and the script loaded
-        stall = asyncio.ensure_future(blocker.eval(BUSY_FOR_400_MS, 0))
-        await asyncio.sleep(0.05)
+        await pause(blocker)
         started = time.monotonic()
         with pytest.raises(StorageUnavailable):
             await store.check([check], time.time())
-        assert time.monotonic() - started < 0.15
-        await stall
+        assert time.monotonic() - started < PAUSE_SECONDS
+        await blocker.ping()  # answered once the pause is over
         (result,) = await store.check([check], time.time())  # reconnects by itself
         assert result.allowed
     finally:
