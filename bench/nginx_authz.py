@@ -16,7 +16,8 @@ from meshtoll.errors import ProcessStartError
 from meshtoll.local.processes import Child, Probe, free_ports, listens, retrying_lost_ports
 
 NGINX_INSTALL_HINT = (
-    "row (b2) needs nginx on PATH: apt-get install nginx (Debian/Ubuntu), or leave b2 out of --only"
+    "row (b2) needs nginx: apt-get install nginx-light (Debian/Ubuntu), or run scripts/bench, which "
+    "installs it, or leave b2 out of --only"
 )
 
 # One worker to match Envoy's one; no access log (it would be a write per request that

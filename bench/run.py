@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -50,6 +51,9 @@ from runtime_tenants import rt_key, seed_runtime_tenants
 from meshtoll.local.devstack import LocalStack, RedisServer, StackConfig
 from meshtoll.local.envoy_process import find_envoy
 
+WRK_INSTALL_HINT = (
+    "the benchmark drives every row with wrk: apt-get install wrk, or run scripts/bench, which installs it"
+)
 BENCH_KEY = "bench-key-4242"  # tenant t4242's key, in both policies: any tenant would do
 RT_BENCH_KEY = rt_key(4242)  # run-time tenant rt4242's
 RUNTIME_TENANTS = 100_000
@@ -533,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = wanted - {row.name for row in ROWS}
     if unknown:
         parser.error(f"unknown rows: {', '.join(sorted(unknown))}")
+    # Before anything starts: a missing tool is one line saying how to get it, not a traceback.
+    if shutil.which("wrk") is None:
+        parser.error(WRK_INSTALL_HINT)
     if any(row.environment == "nginx" for row in rows) and find_nginx() is None:
         parser.error(NGINX_INSTALL_HINT)
     with (
