@@ -3,7 +3,10 @@ each parameter lands everywhere it belongs."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -18,7 +21,7 @@ ROOT = Path(__file__).parent.parent
 
 def test_every_checked_in_deploy_file_is_what_render_makes_of_the_defaults() -> None:
     differing = stale(rendered(list(TARGETS), DeployParams()), ROOT)
-    assert differing == [], "run `meshtoll render all` and commit the result"
+    assert differing == [], "run `meshtoll render all --out .` and commit the result"
 
 
 def test_no_file_under_deploy_is_left_unrendered() -> None:
@@ -153,3 +156,53 @@ def test_envoy_accepts_the_rendered_filter(envoy_binary: Path, tmp_path: Path) -
 
     assert main(["render", "envoy", "--out", str(tmp_path), "--api-key-query-param", "api_key"]) == 0
     assert_envoy_accepts(envoy_binary, tmp_path / "deploy" / "envoy" / "envoy.yaml")
+
+
+def test_render_prints_one_yaml_stream_of_objects_to_apply_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # a checkout's deploy/ would be overwritten here before
+    assert main(["render", "istio", "--namespace", "gw-auth"]) == 0
+    printed = capsys.readouterr()
+    assert list(tmp_path.iterdir()) == []
+    documents = [document for document in yaml.safe_load_all(printed.out) if document]
+    # What `kubectl apply -f -` takes: Kubernetes objects only, meshtoll's in its namespace.
+    assert all({"apiVersion", "kind"} <= set(document) for document in documents)
+    kinds = sorted(document["kind"] for document in documents)
+    assert kinds == [*["AuthorizationPolicy"] * 2, *["EnvoyFilter"] * 3, "PeerAuthentication", "Telemetry"]
+    assert "# Source: deploy/istio/edge-envoyfilter.yaml\n" in printed.out
+    assert "mesh-config.yaml" in printed.err  # left out, and said so
+    assert "outbound|8081||meshtoll.gw-auth.svc.cluster.local" in printed.out
+
+
+def test_the_kubernetes_stream_is_what_kustomize_builds_of_the_base(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (it renders kustomizations offline)")
+    monkeypatch.chdir(tmp_path)
+    assert main(["render", "k8s"]) == 0
+    streamed = [document for document in yaml.safe_load_all(capsys.readouterr().out) if document]
+    built = subprocess.run(
+        [kubectl, "kustomize", str(ROOT / "deploy" / "k8s" / "base")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    kustomized = [document for document in yaml.safe_load_all(built) if document]
+
+    def key(document: dict[str, Any]) -> tuple[str, str]:
+        return document["kind"], document["metadata"]["name"]
+
+    assert sorted(streamed, key=key) == sorted(kustomized, key=key)
+
+
+def test_every_target_streams_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["render", "envoy", "compose"]) == 0
+    printed = capsys.readouterr().out
+    sources = [line for line in printed.splitlines() if line.startswith("# Source: ")]
+    assert sources == ["# Source: deploy/envoy/envoy.yaml", "# Source: docker-compose.yml"]
+    envoy, compose = [document for document in yaml.safe_load_all(printed) if document]
+    assert "static_resources" in envoy
+    assert "services" in compose

@@ -19,9 +19,15 @@ def add_render_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
     render.add_argument("targets", nargs="+", choices=[*TARGETS, "all"], help="what to render")
     render.add_argument(
-        "--out", type=Path, default=Path("."), help="root to write deploy/... under (default .)"
+        "--out",
+        type=Path,
+        default=None,
+        help="write the files under this root (deploy/..., docker-compose.yml); without it, print "
+        "what to apply as one YAML stream (meshtoll render istio | kubectl apply -f -)",
     )
-    render.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file differs")
+    render.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if a file under --out (default .) differs"
+    )
     render.add_argument("--namespace", default=defaults.namespace, help="meshtoll's namespace")
     render.add_argument(
         "--gateway-namespace", default=defaults.gateway_namespace, help="the gateway's namespace"

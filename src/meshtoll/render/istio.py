@@ -24,10 +24,19 @@ METER_ALS_PROVIDER = "meshtoll-meter-als"
 _STATUS = {"ServiceUnavailable": "503", "Forbidden": "403"}
 
 
+# istiod's meshConfig: a fragment to merge into the one istiod has, not an object to apply.
+MESH_CONFIG = "mesh-config.yaml"
+
+
+def istio_objects(params: DeployParams, files: dict[str, str]) -> dict[str, str]:
+    """What to `kubectl apply`: every file but the meshConfig fragment."""
+    return {name: text for name, text in files.items() if name != MESH_CONFIG}
+
+
 def istio_files(params: DeployParams) -> dict[str, str]:
     local = LocalFilters.load(params.api_key_query_param)
     return {
-        "mesh-config.yaml": mesh_config(params, local),
+        MESH_CONFIG: mesh_config(params, local),
         "authorization-policy.yaml": authorization_policy(params),
         "edge-envoyfilter.yaml": edge_envoyfilter(params, local),
         "hooks-envoyfilter.yaml": hooks_envoyfilter(params, local),

@@ -13,6 +13,7 @@ NAME = "meshtoll"
 SELECTOR = {"app.kubernetes.io/name": NAME}
 LABELS = {**SELECTOR, "app.kubernetes.io/part-of": NAME}
 SECRET = NAME  # keys: redis-url, admin-token
+POLICY_CONFIG_MAP = f"{NAME}-policy"  # generated from policy.yaml, mounted at POLICY_DIR
 NON_ROOT_UID = 10001  # the image's USER (Dockerfile)
 
 STARTER_POLICY = """\

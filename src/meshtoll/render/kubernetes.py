@@ -16,6 +16,7 @@ from meshtoll.render.k8s_objects import (
     LABELS,
     NAME,
     NON_ROOT_UID,
+    POLICY_CONFIG_MAP,
     SECRET,
     SELECTOR,
     STARTER_POLICY,
@@ -44,21 +45,40 @@ def kubernetes_files(params: DeployParams) -> dict[str, str]:
     return base | redis_overlay(params) | sidecar_overlay(params)
 
 
+# The base's objects, in the order its kustomization lists them; its policy becomes the
+# ConfigMap the kustomization generates from policy.yaml.
+BASE_RESOURCES = (
+    "namespace.yaml",
+    "deployment.yaml",
+    "service.yaml",
+    "autoscaling.yaml",
+    "network-policy.yaml",
+)
+
+
+def kubernetes_objects(params: DeployParams, files: dict[str, str]) -> dict[str, str]:
+    """What `kubectl apply -k base` applies, by source: the base's objects and its policy's
+    ConfigMap (the overlays and the example Secret are files to adapt, not to apply)."""
+    objects = {f"base/{name}": files[f"base/{name}"] for name in BASE_RESOURCES}
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(POLICY_CONFIG_MAP, params),
+        "data": {"policy.yaml": files["base/policy.yaml"]},
+    }
+    comment = "The policy meshtoll serves (base/policy.yaml), as the kustomization generates it."
+    return objects | {"base/policy.yaml": yaml_file(comment, config_map)}
+
+
 def base_kustomization(params: DeployParams) -> str:
     document = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "namespace": params.namespace,
-        "resources": [
-            "namespace.yaml",
-            "deployment.yaml",
-            "service.yaml",
-            "autoscaling.yaml",
-            "network-policy.yaml",
-        ],
+        "resources": list(BASE_RESOURCES),
         "configMapGenerator": [
             {
-                "name": "meshtoll-policy",
+                "name": POLICY_CONFIG_MAP,
                 "files": ["policy.yaml"],
                 # A fixed name: the mounted directory is updated in place and meshtoll
                 # reloads it, instead of a new ConfigMap name restarting every pod.
@@ -135,7 +155,7 @@ def deployment(params: DeployParams) -> dict[str, Any]:
                     },
                     "containers": [container],
                     "volumes": [
-                        {"name": "policy", "configMap": {"name": "meshtoll-policy"}},
+                        {"name": "policy", "configMap": {"name": POLICY_CONFIG_MAP}},
                         {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
                     ],
                 },

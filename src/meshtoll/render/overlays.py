@@ -12,6 +12,7 @@ from meshtoll.render.k8s_objects import (
     LABELS,
     NAME,
     NON_ROOT_UID,
+    POLICY_CONFIG_MAP,
     SECRET,
     SELECTOR,
     STARTER_POLICY,
@@ -190,7 +191,7 @@ def sidecar_overlay(params: DeployParams) -> dict[str, str]:
                     "containers": [envoy, meshtoll],
                     "volumes": [
                         {"name": "envoy-config", "configMap": {"name": f"{GATEWAY}-envoy"}},
-                        {"name": "policy", "configMap": {"name": "meshtoll-policy"}},
+                        {"name": "policy", "configMap": {"name": POLICY_CONFIG_MAP}},
                         {"name": "sockets", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
                         {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
                     ],
@@ -223,7 +224,7 @@ def sidecar_overlay(params: DeployParams) -> dict[str, str]:
             # A hash suffix: a new Envoy configuration rolls the gateway's pods.
             {"name": f"{GATEWAY}-envoy", "files": ["envoy.yaml"], "options": {"labels": dict(labels)}},
             {
-                "name": "meshtoll-policy",
+                "name": POLICY_CONFIG_MAP,
                 "files": ["policy.yaml"],
                 "options": {"disableNameSuffixHash": True, "labels": dict(LABELS)},
             },
