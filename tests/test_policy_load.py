@@ -353,3 +353,12 @@ def test_a_fifo_or_a_directory_in_place_of_the_file_is_refused_without_blocking(
         with pytest.raises(PolicyError) as caught:
             load_policy(path)
         assert str(caught.value) == f"{path}: not a regular file"
+
+
+def test_a_routes_double_encoding_opt_out_is_a_boolean_named_where_it_is_wrong() -> None:
+    text = "plans: {free: {}}\nroutes:\n  - {prefix: /v1/files/, allow_double_encoding: sometimes}\n"
+    assert problems_of(text) == [
+        "policy.yaml:3 routes[0].allow_double_encoding: expected true or false, got 'sometimes'"
+    ]
+    allowed = load_policy_text(text.replace("sometimes", "true"), "policy.yaml")
+    assert [route.allow_double_encoding for route in allowed.policy.routes] == [True]

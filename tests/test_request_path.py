@@ -15,6 +15,7 @@ from meshtoll.authz.request_path import (
     NOT_ORIGIN_FORM,
     PATH_PARAMETER,
     BadPath,
+    double_encoded,
     normalize_request_path,
 )
 
@@ -94,3 +95,22 @@ def test_the_fast_path_costs_a_small_part_of_a_decision() -> None:
     calls = 20_000
     best = min(timeit.repeat(lambda: normalize_request_path("/v1/search?q=1"), number=calls, repeat=5))
     assert best / calls < 3e-6
+
+
+@pytest.mark.parametrize(
+    ("target", "double"),
+    [
+        ("/v1/public/%252e%252e/admin", True),
+        ("/v1/public/%252E%252e/admin", True),
+        ("/v1/files/100%2541", True),
+        ("/v1/files/100%25", False),  # an escaped `%` with nothing to decode after it
+        ("/v1/files/100%25zz", False),
+        ("/v1/files/100%25%2541", True),  # the second one counts
+        ("/v1/search?q=%2541", False),  # the query is not the path
+        ("/v1/search", False),
+    ],
+)
+def test_double_encoding_is_found_in_the_normalized_path(target: str, double: bool) -> None:
+    path = normalize_request_path(target)
+    assert isinstance(path, str)
+    assert double_encoded(path) is double

@@ -38,6 +38,10 @@ TRICKS = {
     "/v1/public/%2e%2e;/admin": "bad_path",  # Envoy forwards this one as `..;`: meshtoll refuses it
     "/v1/public/../../../admin": "bad_path",
     "http://evil/v1/public/../admin": "bad_path",
+    # Double encoding: `/v1/admin` to an upstream that decodes twice.
+    "/v1/public/%252e%252e/admin": "bad_path",
+    "/v1/public/%252E%252E/admin": "bad_path",
+    "/v1/public/%252e%252e%252fadmin": "bad_path",
 }
 # Other spellings of the chat route, whose hook bills the body's token count.
 CHAT_SPELLINGS = ("/v1//chat/completions", "/v1/./chat/completions", "/v1/%63hat/completions")
@@ -61,6 +65,7 @@ tenants:
     api_keys: [{{id: app, sha256: {hashlib.sha256(CHATTY_KEY.encode()).hexdigest()}}}]
 routes:
   - {{prefix: /v1/chat/completions, name: chat, hooks: {{usage_from_body: usage.total_tokens}}}}
+  - {{prefix: /v1/files/, name: files, allow_double_encoding: true}}
 """)
     return start_stack(policy)
 
@@ -144,3 +149,16 @@ def test_other_spellings_of_the_chat_route_bill_its_tokens(stack: LocalStack) ->
         message="the chat route's spellings were not all billed",
     )
     assert usage["by_route"] == [{"route": "chat", "requests": 3, "units": 3 * 5000}]
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+def test_a_route_that_allows_double_encoding_gets_the_path_unchanged(
+    stack: LocalStack, listener: str
+) -> None:
+    # A file store whose names may hold `%`: its route opts out, every other route refuses.
+    status, _, body = send(port_of(stack, listener), "/v1/files/100%2541.txt", {"x-api-key": CHATTY_KEY})
+    assert status == 200, body
+    assert json.loads(body)["path"] == "/v1/files/100%2541.txt"
+    status, _, body = send(port_of(stack, listener), "/v1/other/100%2541.txt", {"x-api-key": CHATTY_KEY})
+    assert status == 400
+    assert not reached_upstream(body)

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs
 import jwt
 
 from meshtoll.api_keys import checksum_fails
-from meshtoll.authz.request_path import BadPath, normalize_request_path
+from meshtoll.authz.request_path import DOUBLE_ENCODED, BadPath, double_encoded, normalize_request_path
 from meshtoll.authz.tokens import looks_like_jwt, verify_token
 from meshtoll.authz.verdict import Allow, CheckRequest, Deny, Verdict
 from meshtoll.errors import TokenRejected
@@ -55,6 +55,7 @@ TENANT_SUSPENDED = Deny(403, "tenant_suspended", "the tenant is suspended")
 IP_NOT_ALLOWED = Deny(403, "ip_not_allowed", "the client address is not allowed for this tenant")
 ROUTE_NOT_ALLOWED = Deny(403, "route_not_allowed", "the tenant may not call this route")
 METHOD_NOT_ALLOWED = Deny(403, "method_not_allowed", "the tenant may not use this method on this route")
+DOUBLE_ENCODED_PATH = Deny(400, "bad_path", DOUBLE_ENCODED.message)
 
 
 class Identity:
@@ -86,10 +87,18 @@ def decide(
     path = normalize_request_path(request.path)
     if isinstance(path, BadPath):
         return Deny(400, "bad_path", path.message)
+    if "%25" in path and double_encoded(path) and not _allows_double_encoding(policy, path):
+        return DOUBLE_ENCODED_PATH
     identity = identify(request, policy, remote_jwks, now)
     if isinstance(identity, Deny):
         return identity
     return authorize(request, policy, identity, path)
+
+
+def _allows_double_encoding(policy: CompiledPolicy, path: str) -> bool:
+    """Whether the route the path matches (the most specific, as for its name) opts out."""
+    routes = policy.routes.match(path)
+    return bool(routes) and routes[0].allow_double_encoding
 
 
 def identify(

@@ -7,7 +7,9 @@ hooks and price. envoy/local.yaml normalises paths before ext_authz sees them; m
 it again so that an Envoy configured without normalisation is still safe. What cannot be
 read one way only is refused rather than guessed at: an upstream may decode `%2F` into a
 separator or not, strip `;` path parameters (Tomcat, Jetty, Spring) or not, treat `\\` as
-`/` or not, and meshtoll cannot know which.
+`/` or not, and meshtoll cannot know which. A double-encoded character (`%25` and two hex
+digits: `%252e%252e` is `..` to an upstream that decodes twice) is left as it is here and
+refused by the decision unless its route allows it (`double_encoded`), as WAFs refuse it.
 
 Pure: a string in, a string (or a refusal) out.
 """
@@ -37,6 +39,7 @@ BAD_ESCAPE = BadPath("the request path contains a malformed percent-escape")
 ESCAPED_SEPARATOR = BadPath("the request path contains an encoded slash or backslash (%2F, %5C)")
 PATH_PARAMETER = BadPath("the request path contains a ';' path parameter")
 ABOVE_ROOT = BadPath("the request path climbs above the root with '..'")
+DOUBLE_ENCODED = BadPath("the request path contains a double-encoded character (%25 and two hex digits)")
 
 
 def normalize_request_path(target: str) -> str | BadPath:
@@ -119,3 +122,15 @@ def _remove_dot_segments(path: str) -> str | BadPath:
     if kept and segments[-1] in ("", ".", ".."):
         normalized += "/"
     return normalized
+
+
+def double_encoded(path: str) -> bool:
+    """Whether a normalized path holds `%25` followed by two hex digits: an escaped `%` that
+    starts another escape once decoded. (Normalizing keeps `%25`, upper-cased.)"""
+    start = path.find("%25")
+    while start != -1:
+        after = path[start + 3 : start + 5]
+        if len(after) == 2 and _HEX.issuperset(after):
+            return True
+        start = path.find("%25", start + 3)
+    return False

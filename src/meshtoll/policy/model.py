@@ -185,6 +185,9 @@ class Route:
     hooks: Hooks | None = None
     meter: str | None = None  # the meter its requests count on, before the plan's; None: the plan's
     forward_credentials: bool = False  # the API key goes on to the upstream on this route
+    # Paths with `%25` and two hex digits (a double-encoded character) pass on this route;
+    # elsewhere they are refused (an upstream that decodes twice reads `%252e` as `.`).
+    allow_double_encoding: bool = False
 
 
 @dataclass(frozen=True, slots=True)

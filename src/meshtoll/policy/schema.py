@@ -361,9 +361,12 @@ def _route(fields: Fields, value: object, path: FieldPath) -> Route | None:
     hooks = _hooks(fields, value["hooks"], (*path, "hooks")) if "hooks" in value else None
     meter = meter_name(fields, value["meter"], (*path, "meter")) if "meter" in value else None
     forward = fields.boolean(value.get("forward_credentials", False), (*path, "forward_credentials"))
-    if cost is None or name is None:
+    double_encoding = fields.boolean(
+        value.get("allow_double_encoding", False), (*path, "allow_double_encoding")
+    )
+    if cost is None or name is None or forward is None or double_encoding is None:
         return None
-    return Route(name, rule, cost, limits, enforced_in, hooks, meter, bool(forward))
+    return Route(name, rule, cost, limits, enforced_in, hooks, meter, forward, double_encoding)
 
 
 def _hooks(fields: Fields, value: object, path: FieldPath) -> Hooks | None:
@@ -456,7 +459,16 @@ def _route_rule(fields: Fields, value: object, path: FieldPath, *, with_methods:
     extra = (
         ("methods",)
         if with_methods
-        else ("name", "cost", "limits", "enforced_in", "hooks", "meter", "forward_credentials")
+        else (
+            "name",
+            "cost",
+            "limits",
+            "enforced_in",
+            "hooks",
+            "meter",
+            "forward_credentials",
+            "allow_double_encoding",
+        )
     )
     raw = fields.mapping(value, path, optional=("prefix", "exact", *extra))
     if raw is None:
