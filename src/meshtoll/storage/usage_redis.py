@@ -189,10 +189,16 @@ class RedisUsageStore:
                 replies: list[Any] = await pipe.execute()
                 return replies
         lean = self._lean
-        replies = await asyncio.gather(*(lean.call(hiredis.pack_command(command)) for command in commands))
+        # Every call ends before this returns or raises: a failed one must not leave the
+        # others running on, past the caller (and past the event loop's end).
+        replies = await asyncio.gather(
+            *(lean.call(hiredis.pack_command(command)) for command in commands), return_exceptions=True
+        )
         for command, reply in zip(commands, replies, strict=True):
-            if isinstance(reply, hiredis.ReplyError):
+            if isinstance(reply, hiredis.ReplyError):  # an error reply is a value, not raised
                 raise StorageRefused(f"Redis refused {command[0]}: {reply}")
+            if isinstance(reply, BaseException):
+                raise reply
         return replies
 
     async def report_units(self, reports: Sequence[ReportedUnits]) -> None:
