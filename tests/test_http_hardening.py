@@ -295,15 +295,16 @@ async def test_running_out_of_descriptors_is_logged_once_and_the_server_recovers
     )
     try:
         assert server.stdout is not None
-        port = int(await asyncio.wait_for(server.stdout.readline(), 10))
+        # Deadlines on states, generous: a loaded machine starts a Python process slowly.
+        port = int(await asyncio.wait_for(server.stdout.readline(), 30))
         flood = [await connect(port) for _ in range(150)]
         # Out of descriptors, and still out at the retry a second later: two pauses.
         for _ in range(2):
-            assert await asyncio.wait_for(server.stdout.readline(), 10) == b"paused\n"
+            assert await asyncio.wait_for(server.stdout.readline(), 30) == b"paused\n"
         for _, writer in flood:
             writer.close()
         # A new client waits in the backlog until the next retry finds descriptors free again.
-        assert (await asyncio.wait_for(ask_fresh(port), 10)).startswith(b"HTTP/1.1 200 OK\r\n")
+        assert (await asyncio.wait_for(ask_fresh(port), 30)).startswith(b"HTTP/1.1 200 OK\r\n")
     finally:
         server.terminate()
         _, stderr = await asyncio.wait_for(server.communicate(), 5)
