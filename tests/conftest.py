@@ -38,6 +38,12 @@ ENVOY_OVERRIDE = "MESHTOLL_TEST_ENVOY"
 PROCESS_FIXTURES = frozenset({"envoy_binary", "redis_url", "start_stack", "start_rls"})
 # A store fixture's Redis variant, which reaches the session's Redis through getfixturevalue.
 ON_REDIS = pytest.param("redis", marks=pytest.mark.integration)
+# Every stack's meshtoll waits on Redis longer than Envoy waits on meshtoll (its ext_authz
+# timeout is 0.25 s): under load a round trip past the 50 ms default made the open failure
+# policy admit uncounted, and a test about counting saw an extra 200. A test about timeouts
+# gives its own, which is then left alone.
+REDIS_TIMEOUT_FLAG = "--redis-timeout-ms"
+STACK_REDIS_TIMEOUT_MS = "1000"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -124,7 +130,9 @@ def start_stack(
                 config = StackConfig(
                     policy=policy,
                     redis_url=(redis_url or session_redis_url) if redis else None,
-                    serve_args=serve_args,
+                    serve_args=serve_args
+                    if REDIS_TIMEOUT_FLAG in serve_args
+                    else (*serve_args, REDIS_TIMEOUT_FLAG, STACK_REDIS_TIMEOUT_MS),
                     mtls=pki.server if mtls else None,
                     authz_stub=authz_stub,
                     workers=workers,
