@@ -70,10 +70,13 @@ def test_meshtoll_dev_on_a_given_redis_shares_usage_with_the_cli(
 
 
 def test_meshtoll_dev_refuses_a_redis_it_cannot_reach(capsys: pytest.CaptureFixture[str]) -> None:
+    handlers = [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)]
     # Port 1: nothing listens there (not a port another test run could have taken).
     assert main(["dev", "--redis-url", "redis://127.0.0.1:1/0"]) == 1
     error = capsys.readouterr().err
     assert "--redis-url redis://127.0.0.1:1/0: Redis does not answer" in error
+    # Run in-process, dev gives its caller's Ctrl-C back (pytest's, here).
+    assert [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)] == handlers
 
 
 @contextlib.contextmanager

@@ -74,9 +74,13 @@ def run_dev(policy: Path | None, port: int, admin_port: int, redis_url: str | No
     password is never shown, and reaches `meshtoll serve` by its environment, not argv."""
     policy = policy or EXAMPLE_POLICY
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     with ExitStack() as running:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.signal(signum, lambda *_: stop.set())
+            # Given back when dev returns: run in-process (the tests do), it must not leave
+            # its caller deaf to Ctrl-C. (None: a handler not set from Python, left as it is.)
+            if previous is not None:
+                running.callback(signal.signal, signum, previous)
         if redis_url is not None:
             check_redis_reachable(redis_url)
             log.info("Redis: %s (given)", redact_redis_url(redis_url))
