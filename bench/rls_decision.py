@@ -25,7 +25,6 @@ from rls_alone import CONFIG
 
 from meshtoll.envoyproxy_ratelimit.environment import rls_settings_from
 from meshtoll.local.devstack import RedisServer, rls_environment
-from meshtoll.local.processes import free_ports
 from meshtoll.server.event_loop import run_on_event_loop
 from meshtoll.server.rls_app import RlsApp
 
@@ -62,10 +61,9 @@ async def serve_and_call(
     work: Path, redis_url: str, decisions: int, concurrency: int, profile: Path | None
 ) -> float:
     """µs of this process's CPU per call, over `decisions` calls `concurrency` at a time."""
-    grpc_port, port, debug_port = free_ports(3)
-    app = RlsApp(rls_settings_from(rls_environment(work, redis_url, grpc_port, port, debug_port)))
+    app = RlsApp(rls_settings_from(rls_environment(work, redis_url)))  # every port its own choice
     await app.start()
-    target = f"127.0.0.1:{grpc_port}"
+    target = f"127.0.0.1:{app.ports['grpc_port']}"
 
     async def client(calls: int) -> None:
         child = await asyncio.create_subprocess_exec(

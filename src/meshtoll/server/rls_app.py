@@ -41,6 +41,7 @@ class RlsApp:
         self._grpc: grpc.aio.Server | None = None
         self._listeners: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self.ports: dict[str, int] = {}  # as bound, once started (a port of 0: the kernel's choice)
 
     async def start(self) -> None:
         settings = self.settings
@@ -53,7 +54,11 @@ class RlsApp:
         debug = _listening(settings.debug_host, settings.debug_port)
         self._listeners.append(await serve_http_reading_bodies(services.http, http))
         self._listeners.append(await serve_http(services.debug, debug))
-        ports = {"grpc_port": grpc_port, "port": http.getsockname()[1], "debug_port": debug.getsockname()[1]}
+        self.ports = ports = {
+            "grpc_port": grpc_port,
+            "port": http.getsockname()[1],
+            "debug_port": debug.getsockname()[1],
+        }
         announce_ports(settings.ports_file, ports)
         log.warning(
             "meshtoll ratelimit serving on %s: gRPC %s:%d, HTTP %s:%d, debug %s:%d; "
