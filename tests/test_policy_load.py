@@ -184,11 +184,13 @@ def test_a_policy_of_100000_tenants_loads_in_seconds() -> None:
         lines.append(f"  t{index}:")
         lines.append("    plan: free")
         lines.append(f"    api_keys: [{{id: k{index}, sha256: {sha(str(index))}}}]")
-    started = time.perf_counter()
+    # This process's CPU time, not the wall clock's: other work on the machine cannot move it
+    # (5 s of CPU on the shared 2-core machine: the bound catches a load gone quadratic).
+    started = time.process_time()
     policy = load_policy_text("\n".join(lines), "big.yaml")
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
     assert len(policy.tenants) == 100_000
-    assert elapsed < 20, f"loading took {elapsed:.1f}s"
+    assert elapsed < 20, f"loading took {elapsed:.1f} s of CPU"
 
 
 # Hostile input: whatever a file holds, loading it ends in a located PolicyError.
@@ -248,13 +250,13 @@ def test_an_alias_bomb_is_refused_quickly_and_in_little_memory() -> None:
         text += f"{name}: &{name} [" + ", ".join(["*" + "abcdefghi"[level]] * 9) + "]\n"
     text += "plans: {free: {}}\n"
     tracemalloc.start()
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: a busy machine does not move it
     try:
         found = problems_of(text)
     finally:
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    assert time.perf_counter() - started < 1
+    assert time.process_time() - started < 1
     assert peak < 20 * 2**20
     assert found == [
         "policy.yaml:2: invalid YAML: aliases expand to more than 100,000 YAML values: write the values out"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import timeit
 
 import pytest
@@ -93,7 +94,11 @@ def test_the_fast_path_costs_a_small_part_of_a_decision() -> None:
     # A decision costs about 11-18 µs of CPU; the normaliser must stay a small part of it.
     # Generous against slow CI machines: the measured cost is about 0.3-0.7 µs.
     calls = 20_000
-    best = min(timeit.repeat(lambda: normalize_request_path("/v1/search?q=1"), number=calls, repeat=5))
+    # CPU time of this process: a busy machine does not move it.
+    timing = timeit.repeat(
+        lambda: normalize_request_path("/v1/search?q=1"), number=calls, repeat=5, timer=time.process_time
+    )
+    best = min(timing)
     assert best / calls < 3e-6
 
 
