@@ -9,14 +9,13 @@ import threading
 from types import TracebackType
 from typing import Self
 
-from meshtoll.local.processes import free_ports
-
 
 class TcpProxy:
     def __init__(self, target_port: int) -> None:
         self._target = ("127.0.0.1", target_port)
-        (self.port,) = free_ports(1)
-        self._listener = socket.create_server(("127.0.0.1", self.port))
+        # Port 0: the kernel's choice, a port no other process holds (no port to guess).
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
         self._open = True
         self._live: set[socket.socket] = set()
         self._lock = threading.Lock()
