@@ -27,7 +27,7 @@ from pathlib import Path
 from runtime_tenants import seed_runtime_tenants
 
 from meshtoll.local.devstack import RedisServer
-from meshtoll.local.processes import Child, free_ports, http_ok
+from meshtoll.local.processes import Child, announced_ports, http_ok, read_ports
 
 POLICY = "plans: {pro: {}}\nroutes: [{prefix: /v1/, name: v1}]\n"
 READY_SECONDS = 120.0
@@ -72,9 +72,11 @@ def instances(directory: Path, redis_url: str) -> Iterator[list[Instance]]:
     with ExitStack() as running:
         started = []
         for name in ("a", "b"):
-            grpc, authz, admin = free_ports(3)
+            # Port 0 everywhere: each instance binds ports of the kernel's choice and says which.
+            ports_file = directory / f"meshtoll-{name}.ports"
             argv = [sys.executable, "-m", "meshtoll", "serve", "--policy", str(policy), "--host", "127.0.0.1"]
-            argv += ["--grpc-port", str(grpc), "--http-authz-port", str(authz), "--admin-port", str(admin)]
+            argv += ["--grpc-port", "0", "--http-authz-port", "0", "--admin-port", "0"]
+            argv += ["--ports-file", str(ports_file)]
             child = Child(
                 f"meshtoll-{name}",
                 argv,
@@ -82,10 +84,15 @@ def instances(directory: Path, redis_url: str) -> Iterator[list[Instance]]:
                 {"MESHTOLL_REDIS_URL": redis_url},
             )
             running.callback(child.stop)
-            started.append((child, Instance(name, admin, authz)))
-        for child, instance in started:
+            started.append((child, name, ports_file))
+        ready = []
+        for child, name, ports_file in started:
+            child.wait_ready(announced_ports(ports_file), READY_SECONDS)
+            ports = read_ports(ports_file)
+            instance = Instance(name, ports["admin_port"], ports["http_authz_port"])
             child.wait_ready(http_ok(f"http://127.0.0.1:{instance.admin_port}/readyz"), READY_SECONDS)
-        yield [instance for _, instance in started]
+            ready.append(instance)
+        yield ready
 
 
 def refused_by_both(both: list[Instance], key: str, committed: float) -> float:
