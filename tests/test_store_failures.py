@@ -65,7 +65,10 @@ def test_the_breaker_opens_after_repeated_failures_and_probes_after_the_cooldown
 
 
 async def test_an_open_breaker_fails_fast_without_touching_the_network() -> None:
-    store = RedisCounterStore("redis://127.0.0.1:1/0", timeout_ms=50)
+    # The breaker's clock stands still: however slow the machine, the cooldown never ends
+    # before the last call, which the open breaker must refuse itself.
+    breaker = CircuitBreaker(threshold=3, cooldown=1.0, clock=lambda: 0.0)
+    store = RedisCounterStore("redis://127.0.0.1:1/0", timeout_ms=50, breaker=breaker)
     try:
         for _ in range(3):
             with pytest.raises(StorageUnavailable):
