@@ -72,10 +72,14 @@ class StartStack(Protocol):
         redis_url: str | None = None,
         serve_args: tuple[str, ...] = (),
         api_key_query_param: str | None = None,
+        traces_port: int | None = None,
+        meshtoll_environment: tuple[tuple[str, str], ...] = (),
     ) -> LocalStack:
         """A running stack; `policy=None` runs no meshtoll, `redis=False` its in-memory store;
         `redis_url` another Redis than the session's; `serve_args` more serve flags;
-        `api_key_query_param` the policy's, for Envoy to remove after HTTP ext_authz."""
+        `api_key_query_param` the policy's, for Envoy to remove after HTTP ext_authz;
+        `traces_port` an OTLP/HTTP collector Envoy traces to; `meshtoll_environment` more
+        variables for meshtoll serve."""
         ...
 
 
@@ -124,8 +128,21 @@ def start_stack(
             redis_url: str | None = None,
             serve_args: tuple[str, ...] = (),
             api_key_query_param: str | None = None,
+            traces_port: int | None = None,
+            meshtoll_environment: tuple[tuple[str, str], ...] = (),
         ) -> LocalStack:
-            key = (policy, mtls, authz_stub, redis, workers, redis_url, serve_args, api_key_query_param)
+            key = (
+                policy,
+                mtls,
+                authz_stub,
+                redis,
+                workers,
+                redis_url,
+                serve_args,
+                api_key_query_param,
+                traces_port,
+                meshtoll_environment,
+            )
             if key not in running:
                 config = StackConfig(
                     policy=policy,
@@ -139,6 +156,8 @@ def start_stack(
                     envoy_binary=envoy_binary,
                     work_dir=tmp_path_factory.mktemp("stack"),
                     api_key_query_param=api_key_query_param,
+                    traces_port=traces_port,
+                    meshtoll_environment=meshtoll_environment,
                 )
                 running[key] = cleanup.enter_context(LocalStack(config))
             return running[key]

@@ -18,7 +18,8 @@ from meshtoll.envoyproxy_ratelimit.config_files import (
     resolve_replaces,
 )
 from meshtoll.errors import PolicyError
-from meshtoll.telemetry.metrics import DecisionCounts, Metrics
+from meshtoll.server.exported import export_ratelimit_config
+from meshtoll.telemetry.metrics import Metrics
 from tests.waiting import eventually_async
 
 
@@ -402,8 +403,8 @@ def test_hostile_files_are_refused_at_start_with_a_located_error(tmp_path: Path,
 async def test_hostile_reloads_are_counted_and_the_watcher_lives_on(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text("domain: d\n")
     holder = DescriptorConfigHolder(tmp_path)
-    metrics = Metrics(DecisionCounts(), lambda: None)
-    metrics.count_rejected_ratelimit_configs(holder)
+    metrics = Metrics()
+    export_ratelimit_config(metrics, holder)
     task = asyncio.create_task(holder.watch(0.02))
     try:
         for count, content in enumerate([b"domain: d\n0.25: x\n", b"~: 1\n", b"domain: e\x00\n"], start=1):
@@ -421,7 +422,7 @@ async def test_hostile_reloads_are_counted_and_the_watcher_lives_on(tmp_path: Pa
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    assert "meshtoll_ratelimit_config_rejected_reloads_total 3" in metrics.prometheus_text()
+    assert "meshtoll_ratelimit_config_rejected_reloads_total 3.0" in metrics.prometheus_text()
 
 
 def test_serve_refuses_a_bad_configuration_before_any_worker_starts(

@@ -16,6 +16,8 @@ from meshtoll.envoyproxy_ratelimit.strict import StrictLimiter
 from meshtoll.ratelimit.decision import Descriptor
 from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.storage.memory import MemoryCounterStore
+from meshtoll.telemetry.metrics import Metrics
+from tests.scraped import openmetrics_families, text_families
 
 CONFIG = Path(__file__).parent / "fixtures" / "ratelimit" / "config"
 
@@ -64,9 +66,28 @@ def test_the_local_cache_and_shadow_mode_are_counted_apart() -> None:
 def test_prometheus_text_names_the_domain_and_each_key_level() -> None:
     stats = DescriptorStats()
     stats.record("rl.unspec_unspecified_value", 2, 3, 1)
-    text = stats.prometheus_text()
+    metrics = Metrics()
+    stats.export(metrics)
+    text = metrics.prometheus_text()
     assert 'ratelimit_service_rate_limit_over_limit{domain="rl",key1="unspec_unspecified_value"} 1' in text
     assert 'ratelimit_service_rate_limit_total_hits{domain="rl",key1="unspec_unspecified_value"} 1' in text
+
+
+def test_the_peer_names_are_typed_counters_in_both_formats() -> None:
+    """The text format keeps the peer's names as its Go exporter writes them (the TYPE line
+    naming the samples); OpenMetrics, whose counter samples always end in _total, adds it."""
+    stats = DescriptorStats()
+    stats.record("rl.k", 2, 3, 1)
+    metrics = Metrics()
+    stats.export(metrics)
+    text = metrics.prometheus_text()
+    assert "# TYPE ratelimit_service_rate_limit_over_limit counter" in text
+    assert text_families(text)["ratelimit_service_rate_limit_over_limit"].type == "counter"
+    body, content_type = metrics.exposition("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    over = openmetrics_families(body.decode())["ratelimit_service_rate_limit_over_limit"]
+    assert over.type == "counter"
+    assert [sample.name for sample in over.samples] == ["ratelimit_service_rate_limit_over_limit_total"]
 
 
 async def counted_requests(directory: Path, domain: str, *requests: list[tuple[str, str]]) -> DescriptorStats:

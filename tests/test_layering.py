@@ -26,12 +26,12 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "watched",
     ),  # pure cores: limits, Redis key formats, API key formats, usage, run-time tenants, delivery, reload
     (
+        "telemetry",
         "storage",
         "policy",
-        "telemetry",
         "transport",
         "targets",
-    ),  # adapters of the cores; the policy file; billing APIs
+    ),  # metrics and traces; adapters of the cores; the policy file; billing APIs
     ("settings",),
     ("tenants", "ratelimit"),  # run-time tenants followed, changed, listed; the limiter
     ("envoyproxy_ratelimit", "authz", "meter"),  # a drop-in for envoyproxy/ratelimit; the services

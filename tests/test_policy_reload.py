@@ -13,7 +13,8 @@ import pytest
 
 from meshtoll.policy import CompiledPolicy, load_policy
 from meshtoll.policy.reload import PolicyHolder
-from meshtoll.telemetry.metrics import DecisionCounts, Metrics
+from meshtoll.server.exported import export_policy
+from meshtoll.telemetry.metrics import Metrics
 from meshtoll.watched import LOGGED_PROBLEMS, Fingerprint, Watched, file_fingerprint
 from tests.waiting import eventually_async
 
@@ -247,14 +248,16 @@ async def test_rejected_reloads_are_a_prometheus_counter(tmp_path: Path) -> None
     path = tmp_path / "policy.yaml"
     path.write_text(version("acme"))
     async with watching(path) as holder:
-        metrics = Metrics(DecisionCounts(), lambda: holder)
+        metrics = Metrics()
+        export_policy(metrics, holder)
         write(path, "~: 1\n")
         await eventually_async(
             lambda: holder.rejected_versions == 1, timeout=5, message="the bad version was never rejected"
         )
         text = metrics.prometheus_text()
-    assert "# TYPE meshtoll_policy_rejected_reloads counter" in text
-    assert "meshtoll_policy_rejected_reloads_total 1" in text
+    # In the Prometheus text format the TYPE line names the samples' family, `_total` included.
+    assert "# TYPE meshtoll_policy_rejected_reloads_total counter" in text
+    assert "meshtoll_policy_rejected_reloads_total 1.0" in text
 
 
 async def test_a_version_wrong_in_every_entry_logs_its_first_problems_only(

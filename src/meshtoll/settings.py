@@ -16,6 +16,8 @@ from meshtoll.counting.store import COMPAT_MODES, FAILURE_MODES, Compat, Failure
 from meshtoll.errors import ConfigError
 from meshtoll.sinks.names import STRIPE_APIS, TARGETS
 from meshtoll.sinks.state import MAX_CALL_SECONDS
+from meshtoll.telemetry.logs import LOG_FORMATS
+from meshtoll.telemetry.tenant_labels import parse_tenant_labels
 from meshtoll.transport.http_listener import HttpLimits
 
 # What `meshtoll serve` and `meshtoll ratelimit` may run on (server/event_loop.py).
@@ -195,6 +197,13 @@ class Settings:
         'N, "admin_port": N})',
         Path,
     )
+    log_format: str = setting("text", "log lines as readable text, or json: one object per line")
+    # Tenants' names become label values only when asked: a bounded set, chosen here.
+    metrics_tenant_labels: str = setting(
+        "",
+        "per-tenant series on /metrics: top:N (the N tenants with the most decisions) or NAME,NAME... "
+        "(none by default)",
+    )
 
     @staticmethod
     def env_name(field: str) -> str:
@@ -223,6 +232,12 @@ class Settings:
         if self.ratelimit_compat not in COMPAT_MODES:
             raise ConfigError(f"ratelimit_compat: {self.ratelimit_compat!r} is not one of strict, meshtoll")
         self._check_compat_domains()
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log_format: {self.log_format!r} is not one of {', '.join(LOG_FORMATS)}")
+        try:
+            parse_tenant_labels(self.metrics_tenant_labels)
+        except ValueError as exc:
+            raise ConfigError(f"metrics_tenant_labels: {exc}") from None
         if self.event_loop not in EVENT_LOOPS:
             raise ConfigError(f"event_loop: {self.event_loop!r} is not one of {', '.join(EVENT_LOOPS)}")
         if self.reconcile_grace_seconds <= 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -46,14 +47,19 @@ class Authorizer:
         *,
         transport: str = "direct",
         counts: DecisionCounts | None = None,
+        tenant_counts: Counter[tuple[str, str]] | None = None,
         limiter: Limiter | None = None,
         recorder: AdmissionRecorder | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`tenant_counts`: decisions by (tenant, outcome), only when per-tenant metrics are
+        asked for (--metrics-tenant-labels): allows and limit refusals, the decisions that
+        know their tenant."""
         self._policy = policy
         self._jwks = jwks
         self._transport = transport
         self._counts = (counts or DecisionCounts()).counts
+        self._tenant_counts = tenant_counts
         self._limiter = limiter
         self._recorder = recorder
         self._clock = clock
@@ -105,6 +111,8 @@ class Authorizer:
                 headers = allowed_headers(when, check.limit, result.remaining, result.reset_seconds)
             return self._counted(request, _with_headers(allow, headers), policy)
         assert limits.deciding is not None
+        if self._tenant_counts is not None:
+            self._tenant_counts[(allow.tenant, limits.code)] += 1
         name = limits.deciding[0].limit.name
         message = (
             f"the quota {name!r} is used up"
@@ -120,6 +128,8 @@ class Authorizer:
             self._counts[(self._transport, verdict.code)] += 1
             return verdict
         self._counts[(self._transport, "allow")] += 1
+        if self._tenant_counts is not None:
+            self._tenant_counts[(verdict.tenant, "allow")] += 1
         if self._recorder is not None:
             if request.request_id:
                 self._recorder.admit(self._admission(request, verdict, policy))

@@ -3,6 +3,8 @@ the shared decision in between."""
 
 from __future__ import annotations
 
+from time import perf_counter
+
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
@@ -11,7 +13,9 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from meshtoll.authz.authorizer import Authorizer
-from meshtoll.authz.verdict import Allow, CheckRequest, Deny, Headers
+from meshtoll.authz.verdict import Allow, CheckRequest, Deny, Headers, decision_attributes
+from meshtoll.telemetry.histogram import Histogram
+from meshtoll.telemetry.tracing import Tracing, end_span, trace_carrier
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _RESPONSE_CACHE_LIMIT = 50_000
@@ -25,20 +29,39 @@ _GRPC_CODES = {
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    def __init__(self, authorizer: Authorizer) -> None:
+    def __init__(
+        self, authorizer: Authorizer, *, latency: Histogram | None = None, tracing: Tracing | None = None
+    ) -> None:
+        """`latency`: each call's time in the servicer; `tracing`: a span per decision, the
+        child of the trace context Envoy sent (None: off)."""
         self._authorizer = authorizer
+        self._latency = latency or Histogram()
+        self._tracing = tracing
         # An allow response depends only on headers and metadata: build each one once.
         self._allow_responses: dict[tuple[object, ...], external_auth_pb2.CheckResponse] = {}
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
+        started = perf_counter()
         check = check_request_from_envoy(request.attributes)
+        span = None
+        if self._tracing is not None:
+            # Envoy's own span, when it traces, travels in the call's metadata; else the
+            # client's traceparent among the request headers Envoy lets through.
+            span = self._tracing.start("authz check", trace_carrier(context, check.headers))
         verdict = self._authorizer.check(check)
         if not isinstance(verdict, Allow | Deny):
             verdict = await verdict
+        answer = self._answer(verdict, check.request_id)
+        self._latency.observe(perf_counter() - started)
+        if span is not None:
+            end_span(span, decision_attributes(verdict, check.request_id))
+        return answer
+
+    def _answer(self, verdict: Allow | Deny, request_id: str) -> external_auth_pb2.CheckResponse:
         if isinstance(verdict, Deny):
-            return denied_response(verdict, check.request_id)
+            return denied_response(verdict, request_id)
         if verdict.response_headers:
             # Per-request RateLimit-* values: copied onto the shared response, never into it.
             answer = external_auth_pb2.CheckResponse()

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable
+from time import perf_counter
+from typing import TYPE_CHECKING
 
 from meshtoll.authz.authorizer import Authorizer
-from meshtoll.authz.verdict import Allow, CheckRequest, Deny
+from meshtoll.authz.verdict import Allow, CheckRequest, Deny, decision_attributes
+from meshtoll.telemetry.histogram import Histogram
+from meshtoll.telemetry.tracing import Tracing, end_span
 from meshtoll.transport.http_server import EMPTY_BODY, header_lines, response, response_head
 from meshtoll.wire import PEER_ADDRESS_HEADER
 
@@ -33,10 +37,19 @@ _JSON = ("content-type", "application/json")
 log = logging.getLogger("meshtoll.authz")
 _ALLOW_CACHE_LIMIT = 50_000
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
 
 class HttpAuthzHandler:
-    def __init__(self, authorizer: Authorizer) -> None:
+    def __init__(
+        self, authorizer: Authorizer, *, latency: Histogram | None = None, tracing: Tracing | None = None
+    ) -> None:
+        """`latency`: each decision's time, from its request to its response; `tracing`: a
+        span per decision, the child of the traceparent Envoy sent (None: off)."""
         self._authorizer = authorizer
+        self._latency = latency or Histogram()
+        self._tracing = tracing
         # An allow response depends only on its headers, so each distinct one is built once,
         # and the head of one that carries RateLimit headers too.
         self._allow_responses: dict[tuple[object, ...], bytes] = {}
@@ -46,6 +59,8 @@ class HttpAuthzHandler:
     def __call__(
         self, method: str, target: str, headers: dict[str, str], peer: str
     ) -> bytes | Awaitable[bytes]:
+        started = perf_counter()
+        span = None if self._tracing is None else self._tracing.start("authz check", headers)
         request = CheckRequest(
             method=method,
             path=target,
@@ -54,14 +69,26 @@ class HttpAuthzHandler:
             peer_uri_sans=uri_sans_from_xfcc(headers.get("x-forwarded-client-cert", "")),
         )
         verdict = self._authorizer.check(request)
-        if isinstance(verdict, Allow | Deny):
-            return self._respond(verdict, request.request_id)
-        return self._respond_later(verdict, request.request_id)
+        if not isinstance(verdict, Allow | Deny):
+            return self._respond_later(verdict, request.request_id, started, span)
+        # The common path, answered at once: observed here rather than through one more call.
+        answer = self._response(verdict, request.request_id)
+        self._latency.observe(perf_counter() - started)
+        if span is not None:
+            end_span(span, decision_attributes(verdict, request.request_id))
+        return answer
 
-    async def _respond_later(self, pending: Awaitable[Allow | Deny], request_id: str) -> bytes:
-        return self._respond(await pending, request_id)
+    async def _respond_later(
+        self, pending: Awaitable[Allow | Deny], request_id: str, started: float, span: Span | None
+    ) -> bytes:
+        verdict = await pending
+        answer = self._response(verdict, request_id)
+        self._latency.observe(perf_counter() - started)
+        if span is not None:
+            end_span(span, decision_attributes(verdict, request_id))
+        return answer
 
-    def _respond(self, verdict: Allow | Deny, request_id: str) -> bytes:
+    def _response(self, verdict: Allow | Deny, request_id: str) -> bytes:
         if isinstance(verdict, Deny):
             return self._deny(verdict, request_id)
         if verdict.remove_query_params and not self._warned_query_key:

@@ -56,3 +56,20 @@ class Deny:
 
 
 Verdict = Allow | Deny
+
+
+def decision_attributes(verdict: Verdict, request_id: str) -> dict[str, str]:
+    """A decision as its trace span carries it (telemetry/tracing.py)."""
+    if isinstance(verdict, Deny):
+        return {
+            "meshtoll.outcome": "deny",
+            "meshtoll.reason": verdict.code,
+            "meshtoll.request_id": request_id,
+        }
+    return {
+        "meshtoll.outcome": "allow",
+        "meshtoll.request_id": request_id,
+        "meshtoll.tenant": verdict.tenant,
+        "meshtoll.plan": verdict.plan,
+        "meshtoll.route": verdict.route,
+    }

@@ -6,8 +6,12 @@ the request's values with `detailed_metric` / `value_to_metric`)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
+
+from meshtoll.telemetry.families import Labels
+from meshtoll.telemetry.metrics import Metrics
 
 STATS = (
     "total_hits",
@@ -59,22 +63,21 @@ class DescriptorStats:
         if shadow and (from_local_cache or after > limit):
             counts[key, "shadow_mode"] += hits if from_local_cache or before >= limit else after - limit
 
-    def prometheus_text(self) -> str:
-        lines = []
+    def samples(self, stat: str) -> dict[Labels, float]:
+        """One statistic's counts, labelled as the peer's Prometheus mapping labels them."""
+        return {_labels(key): value for (key, counted), value in list(self.counts.items()) if counted == stat}
+
+    def export(self, metrics: Metrics) -> None:
+        """Serve the statistics on `metrics`, under the peer's names (no `_total`)."""
         for stat in STATS:
-            name = f"ratelimit_service_rate_limit_{stat}"
-            lines.append(f"# TYPE {name} counter")
-            for (key, counted), value in sorted(self.counts.items()):
-                if counted == stat:
-                    lines.append(f"{name}{{{_labels(key)}}} {value}")
-        return "\n".join(lines) + "\n"
+            metrics.counter(
+                f"ratelimit_service_rate_limit_{stat}",
+                f"envoyproxy/ratelimit's {stat} per limit, by domain and key",
+                functools.partial(self.samples, stat),
+                legacy=True,
+            )
 
 
-def _labels(key: str) -> str:
+def _labels(key: str) -> Labels:
     domain, *parts = key.split(".")
-    labels = [("domain", domain), *((f"key{n}", part) for n, part in enumerate(parts, 1))]
-    return ",".join(f'{name}="{_escaped(value)}"' for name, value in labels)
-
-
-def _escaped(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return (("domain", domain), *((f"key{n}", part) for n, part in enumerate(parts, 1)))

@@ -19,6 +19,7 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from time import perf_counter
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -40,6 +41,8 @@ from meshtoll.extproc.hooks import (
 from meshtoll.policy import CompiledPolicy
 from meshtoll.policy.model import Hooks
 from meshtoll.ratelimit.limiter import Limiter
+from meshtoll.telemetry.histogram import Histogram
+from meshtoll.telemetry.tracing import Tracing, end_span, trace_carrier
 from meshtoll.usage.recorder import AdmissionRecorder
 from meshtoll.usage.records import ReportedUnits
 from meshtoll.wire import (
@@ -83,35 +86,61 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         policy: Callable[[], CompiledPolicy],
         limiter: Limiter | None = None,
         recorder: AdmissionRecorder | None = None,
+        *,
+        latency: Histogram | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
+        """`latency`: the time to answer each message of a stream; `tracing`: a span per
+        stream, the child of the trace context Envoy sent (None: off)."""
         self._policy = policy
         self._limiter = limiter
         self._recorder = recorder
+        self._latency = latency or Histogram()
+        self._tracing = tracing
         # Outcomes by name: "units_from_body", "fallback_<reason>", "charge_failed", ...
         self.outcomes: Counter[str] = Counter()
+        self.body_bytes = 0  # response body bytes read for units
 
     async def Process(
         self, requests: AsyncIterator[ext_proc_pb2.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ext_proc_pb2.ProcessingResponse]:
         stream: _Stream | None = None
-        async for message in requests:
-            kind = message.WhichOneof("request")
-            if kind == "request_headers":
-                stream = self._stream(message.request_headers)
-                yield _request_headers_response(stream)
-            elif kind == "response_headers":
-                yield await self._response_headers(stream, message.response_headers)
-            elif kind == "response_body":
-                yield await self._response_body(stream, message.response_body)
-            elif kind == "request_body":
-                yield ext_proc_pb2.ProcessingResponse(request_body=ext_proc_pb2.BodyResponse())
-            elif kind == "request_trailers":
-                yield ext_proc_pb2.ProcessingResponse(request_trailers=ext_proc_pb2.TrailersResponse())
-            elif kind == "response_trailers":
-                yield ext_proc_pb2.ProcessingResponse(response_trailers=ext_proc_pb2.TrailersResponse())
+        span = None
+        try:
+            async for message in requests:
+                started = perf_counter()
+                kind = message.WhichOneof("request")
+                if kind == "request_headers":
+                    headers = _header_dict(message.request_headers)
+                    stream = self._stream(headers)
+                    if self._tracing is not None:
+                        span = self._tracing.start("extproc stream", trace_carrier(context, headers))
+                    answer = _request_headers_response(stream)
+                else:
+                    answer = await self._answer(kind, stream, message)
+                self._latency.observe(perf_counter() - started)
+                if answer is not None:
+                    yield answer
+        finally:
+            if span is not None:
+                end_span(span, _stream_attributes(stream))
 
-    def _stream(self, request_headers: ext_proc_pb2.HttpHeaders) -> _Stream | None:
-        headers = _header_dict(request_headers)
+    async def _answer(
+        self, kind: str | None, stream: _Stream | None, message: ext_proc_pb2.ProcessingRequest
+    ) -> ext_proc_pb2.ProcessingResponse | None:
+        if kind == "response_headers":
+            return await self._response_headers(stream, message.response_headers)
+        if kind == "response_body":
+            return await self._response_body(stream, message.response_body)
+        if kind == "request_body":
+            return ext_proc_pb2.ProcessingResponse(request_body=ext_proc_pb2.BodyResponse())
+        if kind == "request_trailers":
+            return ext_proc_pb2.ProcessingResponse(request_trailers=ext_proc_pb2.TrailersResponse())
+        if kind == "response_trailers":
+            return ext_proc_pb2.ProcessingResponse(response_trailers=ext_proc_pb2.TrailersResponse())
+        return None  # a kind this version of the protocol does not know: nothing to say
+
+    def _stream(self, headers: dict[str, str]) -> _Stream | None:
         route_name = headers.get(ROUTE_HEADER, "")
         policy = self._policy()
         route = policy.hooked_routes.get(route_name)
@@ -159,6 +188,7 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         answer = ext_proc_pb2.ProcessingResponse(response_body=ext_proc_pb2.BodyResponse())
         if stream is None or stream.hooks.usage_from_body is None:
             return answer
+        self.body_bytes += len(body.body)
         # BUFFERED_PARTIAL: end_of_stream is False when Envoy's buffer filled first.
         units = units_from_capped_body(body.body, stream.hooks, complete=body.end_of_stream)
         await self._settle(stream, units, answer)
@@ -199,6 +229,19 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
             # The response is served either way; the meter still bills the units.
             self.outcomes["charge_failed"] += 1
             log.warning("units of tenant %s not charged to its limits: %s", context.tenant, exc)
+
+
+def _stream_attributes(stream: _Stream | None) -> dict[str, str]:
+    if stream is None:
+        return {"meshtoll.outcome": "unhooked"}
+    context = stream.context
+    return {
+        "meshtoll.outcome": "hooked",
+        "meshtoll.tenant": context.tenant,
+        "meshtoll.plan": context.plan,
+        "meshtoll.route": context.route,
+        "meshtoll.request_id": stream.request_id,
+    }
 
 
 def _request_headers_response(stream: _Stream | None) -> ext_proc_pb2.ProcessingResponse:

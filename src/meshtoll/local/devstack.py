@@ -175,6 +175,10 @@ class StackConfig:
     api_key_query_param: str | None = None
     # Envoy reaches meshtoll through the Unix sockets `meshtoll serve --uds-dir` makes here.
     meshtoll_sockets: Path | None = None
+    # An OTLP/HTTP collector on 127.0.0.1: Envoy sends its spans there (so does meshtoll,
+    # when `meshtoll_environment` names it with OTEL_EXPORTER_OTLP_ENDPOINT).
+    traces_port: int | None = None
+    meshtoll_environment: tuple[tuple[str, str], ...] = ()  # more variables for meshtoll serve
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +327,10 @@ class LocalStack:
         argv += ["--ports-file", str(self._meshtoll_ports_file)]
         # The Redis URL may carry a password: the environment, not argv (see Child).
         # An empty value: no Redis, even if this process's environment names one.
-        env = {Settings.env_name("redis_url"): self.config.redis_url or ""}
+        env = {
+            Settings.env_name("redis_url"): self.config.redis_url or "",
+            **dict(self.config.meshtoll_environment),
+        }
         argv += _serve_tls_args(self.config.meshtoll_tls)
         if self.config.meshtoll_sockets is not None:
             argv += ["--uds-dir", str(self.config.meshtoll_sockets)]
@@ -338,7 +345,12 @@ class LocalStack:
         }
         asked = EnvoyPorts(admin_port=config.fixed_ports.get("admin_port", 0), **requested, **self._targets)
         bootstrap = render_bootstrap(
-            asked, config.mtls, config.meshtoll_tls, config.meshtoll_sockets, config.api_key_query_param
+            asked,
+            config.mtls,
+            config.meshtoll_tls,
+            config.meshtoll_sockets,
+            config.api_key_query_param,
+            config.traces_port,
         )
         envoy = self._envoy("envoy", bootstrap)
         envoy.wait_ready(START_TIMEOUT_SECONDS)

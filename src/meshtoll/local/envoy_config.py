@@ -91,12 +91,14 @@ def render_bootstrap(
     meshtoll_tls: MeshtollTlsFiles | None = None,
     meshtoll_sockets: Path | None = None,
     api_key_query_param: str | None = None,
+    traces_port: int | None = None,
 ) -> str:
     """The local stack's Envoy bootstrap; the mTLS listeners only when `mtls` is given; TLS
     to meshtoll only when `meshtoll_tls` is; meshtoll reached through the Unix sockets
     `meshtoll serve --uds-dir` makes in `meshtoll_sockets` (plain text) when that is given;
     the policy's `auth.api_key_query_param` removed after every HTTP ext_authz filter when
-    that is given (hidden_query_key)."""
+    that is given (hidden_query_key);
+    Envoy's own spans sent to the OTLP/HTTP collector on 127.0.0.1:`traces_port` when that is."""
     if meshtoll_tls is not None and meshtoll_sockets is not None:
         raise ValueError("meshtoll's Unix sockets speak plain text: no meshtoll_tls with meshtoll_sockets")
     text = read_template(LOCAL_TEMPLATE)
@@ -123,7 +125,58 @@ def render_bootstrap(
                     network_filter["typed_config"]["http_filters"] = with_hidden_query_key(
                         filters, api_key_query_param
                     )
+    if traces_port is not None:
+        _trace(document, traces_port)
     return _dump(document)
+
+
+def _trace(document: dict[str, Any], port: int) -> None:
+    """Every listener traces its requests (OpenTelemetry, sampling all of them) to the
+    collector: the spans of the ext_authz and ext_proc calls carry their context to meshtoll."""
+    provider = {
+        "name": "envoy.tracers.opentelemetry",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+            "service_name": "envoy",
+            "http_service": {
+                "http_uri": {
+                    "uri": f"http://127.0.0.1:{port}/v1/traces",
+                    "cluster": "otel_collector",
+                    "timeout": "1s",
+                }
+            },
+        },
+    }
+    for listener in document["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                if network_filter["name"] == "envoy.filters.network.http_connection_manager":
+                    network_filter["typed_config"]["tracing"] = {"provider": provider}
+    document["static_resources"]["clusters"].append(
+        {
+            "name": "otel_collector",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": "otel_collector",
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {"address": "127.0.0.1", "port_value": port}
+                                    }
+                                }
+                            }
+                        ]
+                    }
+                ],
+            },
+        }
+    )
+    # Envoy sends its spans every 5 s, or 5 at a time: in the local stack, each one at once.
+    runtime = {"tracing.opentelemetry.flush_interval_ms": 200, "tracing.opentelemetry.min_flush_spans": 1}
+    document["layered_runtime"] = {"layers": [{"name": "traces", "static_layer": runtime}]}
 
 
 HIDDEN_QUERY_KEY_FILTER = "meshtoll.hidden_query_key"

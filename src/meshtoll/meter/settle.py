@@ -24,8 +24,11 @@ import asyncio
 import logging
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from time import perf_counter
 
 from meshtoll.errors import StorageError
+from meshtoll.telemetry.histogram import Histogram
+from meshtoll.telemetry.tracing import Tracing, end_span
 from meshtoll.usage.records import Observation, UsageRecord
 from meshtoll.usage.store import UsageStore
 from meshtoll.wire import is_billable_status
@@ -49,8 +52,17 @@ class Settlement:
         clock: Callable[[], float],
         wait_seconds: float = WAIT_SECONDS,
         max_waiting: int = MAX_WAITING,
+        latency: Histogram | None = None,
+        ledger_writes: Histogram | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
+        """`latency`: the time to settle each batch Envoy sends; `ledger_writes`: each
+        store write of billed records; `tracing`: a span per batch (None: off)."""
         self._store = store
+        self._latency = latency or Histogram()
+        self._ledger_writes = ledger_writes or Histogram()
+        self._tracing = tracing
+        self.received = 0  # access-log entries handed over, before anything is decided
         self._clock = clock
         self._wait = wait_seconds
         self._max_waiting = max_waiting
@@ -66,6 +78,17 @@ class Settlement:
         return len(self._waiting)
 
     async def settle(self, observations: Sequence[Observation]) -> None:
+        started = perf_counter()
+        span = None if self._tracing is None else self._tracing.start("meter batch")
+        self.received += len(observations)
+        try:
+            await self._settle_new(observations)
+        finally:
+            self._latency.observe(perf_counter() - started)
+            if span is not None:
+                end_span(span, {"meshtoll.entries": len(observations)})
+
+    async def _settle_new(self, observations: Sequence[Observation]) -> None:
         give_up_at = self._clock() + self._wait
         batch = [(give_up_at, seen) for seen in observations if seen.tenant]
         anonymous: list[Observation] = []
@@ -138,8 +161,10 @@ class Settlement:
                 self.outcomes["resolved"] += 1
 
     async def _record(self, records: list[UsageRecord]) -> None:
+        started = perf_counter()
         try:
             counted = await self._store.record(records)
+            self._ledger_writes.observe(perf_counter() - started)
         except StorageError as exc:
             # Their admissions stay pending: reconciliation bills them.
             self.outcomes["unavailable"] += 1

@@ -28,7 +28,7 @@ ends, and quota and invoice views should show exactly what was admitted.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -109,6 +109,9 @@ class LeaseBook:
 
     def __init__(self, lease_max: int) -> None:
         self.lease_max = lease_max
+        # For /metrics: hits "granted" by the store and "returned" to it by a stopping process
+        # (the decisions leases served are the limiter's admitted_from_lease).
+        self.hits: Counter[str] = Counter()
         self._leases: dict[str, Lease] = {}
         # Counters with a grant in flight, or reserved for a waiter woken to ask for one: by
         # whom (the waiter), None when a store call is under way.
@@ -186,6 +189,7 @@ class LeaseBook:
         if results is not None:
             for check, result in zip(asked, results, strict=True):
                 if result.leased > 0:
+                    self.hits["granted"] += result.leased
                     self._keep(check, Lease.granted(check, result, now))
         self._serve_waiting(now, store_failed=results is None)
 

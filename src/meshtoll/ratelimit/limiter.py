@@ -47,6 +47,11 @@ class Limiter:
         self._last_failure_log = 0.0
         self._leases = LeaseBook(lease_max) if lease_max > 1 and not shadow else None
 
+    @property
+    def lease_hits(self) -> Counter[str]:
+        """Hits leases were "granted" and "returned" (empty without leases), for /metrics."""
+        return Counter() if self._leases is None else self._leases.hits
+
     async def check(self, checks: Sequence[Check]) -> LimitVerdict:
         """The verdict of one decision. Raises StorageUnavailable only under the "closed"
         failure policy; under "open" an unanswered decision is admitted."""
@@ -105,10 +110,12 @@ class Limiter:
         now = self._clock()
         unused = self._leases.unused(now)
         try:
-            return await self.store.release(unused, now) if unused else 0
+            returned = await self.store.release(unused, now) if unused else 0
         except StorageError as exc:
             log.warning("unused token leases not given back (%d counters): %s", len(unused), exc)
             return 0
+        self._leases.hits["returned"] += returned
+        return returned
 
     async def _leased_results(
         self, checks: Sequence[Check], leases: LeaseBook, now: float

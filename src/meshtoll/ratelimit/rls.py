@@ -3,6 +3,9 @@ protobufs in and out, the rate-limit service's decision in between."""
 
 from __future__ import annotations
 
+from collections import Counter
+from time import perf_counter
+
 import grpc
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
@@ -14,6 +17,8 @@ from meshtoll.errors import InvalidRateLimitRequest, StorageError
 from meshtoll.ratelimit.decision import Descriptor, RateLimitDecision
 from meshtoll.ratelimit.rls_answer import AnswerEncoder, answer_message
 from meshtoll.ratelimit.service import RateLimitService
+from meshtoll.telemetry.histogram import Histogram
+from meshtoll.telemetry.tracing import Tracing, end_span, trace_carrier
 
 _Request = rls_pb2.RateLimitRequest
 # Envoy's RateLimitUnit numbers -> period names; UNKNOWN (0) and numbers beyond are not units.
@@ -32,9 +37,17 @@ class RateLimitServicer:
     (FromString, as the generated stub would), the answer joined from pieces serialised once
     (rls_answer.py) rather than built as messages."""
 
-    def __init__(self, service: RateLimitService) -> None:
+    def __init__(
+        self, service: RateLimitService, *, latency: Histogram | None = None, tracing: Tracing | None = None
+    ) -> None:
         self._service = service
         self._answers = AnswerEncoder()
+        self._latency = latency or Histogram()
+        self._tracing = tracing
+        # ok, over_limit, unavailable (the "closed" failure policy), invalid (a request
+        # envoyproxy/ratelimit refuses too), failed (cancelled by Envoy, or a bug). Not by domain:
+        # whoever reaches the port names the domain, and labels must stay a bounded set.
+        self.outcomes: Counter[str] = Counter()
 
     def handler(self) -> grpc.GenericRpcHandler:
         # No (de)serialisers: the method gets and returns bytes.
@@ -42,22 +55,39 @@ class RateLimitServicer:
         return grpc.method_handlers_generic_handler(RLS_SERVICE, {"ShouldRateLimit": method})
 
     async def should_rate_limit(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        started = perf_counter()
+        span = None if self._tracing is None else self._tracing.start("ratelimit", trace_carrier(context, {}))
+        found: list[str] = ["failed", ""]  # outcome and domain, as far as the call got
+        try:
+            return await self._answer(request, context, found)
+        finally:
+            self.outcomes[found[0]] += 1
+            self._latency.observe(perf_counter() - started)
+            if span is not None:
+                end_span(span, {"meshtoll.outcome": found[0], "meshtoll.domain": found[1]})
+
+    async def _answer(self, request: bytes, context: grpc.aio.ServicerContext, found: list[str]) -> bytes:
         try:
             message = _Request.FromString(request)
         except DecodeError:
+            found[0] = "invalid"
             # What grpcio answers when its own deserialiser fails (grpc-go too, for the peer).
             await context.abort(grpc.StatusCode.INTERNAL, "the request is not a RateLimitRequest")
             raise  # abort raises; this line only tells the type checker
+        found[1] = message.domain
         try:
             decision = await decide(self._service, message)
         except StorageError:
+            found[0] = "unavailable"
             # The "closed" failure policy: UNAVAILABLE lets Envoy's failure_mode_deny refuse.
             await context.abort(grpc.StatusCode.UNAVAILABLE, "rate-limit store unavailable")
             raise
         except InvalidRateLimitRequest as exc:
+            found[0] = "invalid"
             # envoyproxy/ratelimit returns a plain Go error, which grpc-go sends as UNKNOWN.
             await context.abort(grpc.StatusCode.UNKNOWN, str(exc))
             raise
+        found[0] = "over_limit" if decision.over_limit else "ok"
         return self._answers.encode(decision)
 
 

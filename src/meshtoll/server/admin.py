@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from meshtoll.counting.store import CounterStore
-from meshtoll.envoyproxy_ratelimit.stats import DescriptorStats
 from meshtoll.errors import BadPeriod, NotBillable, StorageError, UnknownTenant
 from meshtoll.meter.billing import invoice_document, tenant_invoice
 from meshtoll.meter.billing_periods import read_period
@@ -91,13 +90,10 @@ class AdminHandler:
         *,
         tenants: TenantApi | None = None,
         tenants_loaded: Callable[[], bool] = lambda: True,
-        descriptor_stats: DescriptorStats | None = None,
         sink_state: SinkStateStore | None = None,
     ) -> None:
         """`tenants`: the run-time tenants' API; `tenants_loaded`: whether they are in place
-        (the instance is not ready before); `descriptor_stats`: envoyproxy/ratelimit's
-        per-limit statistics, under its names (with --ratelimit-config); `sink_state`: the
-        billing sinks' quarantine."""
+        (the instance is not ready before); `sink_state`: the billing sinks' quarantine."""
         self.access = access
         self.metrics = metrics
         self.policy = policy
@@ -106,7 +102,6 @@ class AdminHandler:
         self.probe = probe
         self.tenants = tenants
         self.tenants_loaded = tenants_loaded
-        self.descriptor_stats = descriptor_stats
         self.sink_state = sink_state
 
     def __call__(
@@ -131,6 +126,10 @@ class AdminHandler:
                 period = parse_qs(target.partition("?")[2]).get("period", [None])[0]
                 tenant = path.removeprefix("/api/tenants/").removesuffix(f"/{report}")
                 return self._tenant_report(tenant, period, build)
+        if path == "/metrics":
+            # Prometheus text by default, OpenMetrics when the scraper asks for it.
+            exposition, content_type = self.metrics.exposition(headers.get("accept", ""))
+            return response(200, "OK", (("content-type", content_type),), exposition)
         return self._answer(path)
 
     def _answer(self, path: str) -> bytes:
@@ -140,11 +139,6 @@ class AdminHandler:
             return self._ready()
         if path == "/api/policy":
             return self._policy_summary()
-        if path == "/metrics":
-            text = self.metrics.prometheus_text()
-            if self.descriptor_stats is not None:
-                text += self.descriptor_stats.prometheus_text()
-            return response(200, "OK", (("content-type", "text/plain; version=0.0.4"),), text.encode())
         return _NOT_FOUND
 
     async def _quota(self, tenant: str) -> bytes:

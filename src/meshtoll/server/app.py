@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2_grpc
@@ -22,6 +23,7 @@ from meshtoll.server.listeners import UDS_GRPC, Listeners, bind_listeners, port_
 from meshtoll.server.services import Services, build
 from meshtoll.server.tls import ServiceTls, load_service_tls
 from meshtoll.settings import Settings
+from meshtoll.telemetry.workers import WorkerGroup
 from meshtoll.transport.http_listener import HttpListener
 from meshtoll.transport.http_server import StartingHandler, serve_http, serve_http_reading_bodies
 
@@ -38,9 +40,13 @@ SERVICES = (
 
 
 class App:
-    def __init__(self, settings: Settings, listeners: Listeners) -> None:
+    def __init__(self, settings: Settings, listeners: Listeners, metrics_dir: Path | None = None) -> None:
+        """`metrics_dir`: where the workers of one process group share their metrics (the
+        supervisor's, with --workers N); None for a process serving alone."""
         self.settings = settings
         self.listeners = listeners
+        self.metrics_dir = metrics_dir
+        self.group: WorkerGroup | None = None
         self.services: Services | None = None
         self._servers: list[HttpListener] = []
         self._grpc: grpc.aio.Server | None = None
@@ -67,6 +73,10 @@ class App:
                 await serve_http(http_authz_port, self.listeners.http_authz_unix, limits=authz_limits)
             )
         self.services = services = await build(settings)
+        if self.metrics_dir is not None:
+            self.group = WorkerGroup(self.metrics_dir, services.metrics)
+            self.group.attach()
+            services.background["metrics snapshot"] = self.group.run_forever
         for name, work in services.background.items():
             self._tasks.append(asyncio.create_task(keep_running(name, work, services.restarts)))
         http_authz_port.ready(services.http_authz)
@@ -142,14 +152,19 @@ class App:
         await stop_serving(self._grpc, self._servers, self._tasks)
         if self.services is not None:
             await self.services.close()
+        if self.group is not None:
+            # Once more after closing: the leases given back are counted by then.
+            self.group.write(self.group.snapshot())
 
 
-async def run(settings: Settings, listeners: Listeners | None = None) -> None:
+async def run(
+    settings: Settings, listeners: Listeners | None = None, metrics_dir: Path | None = None
+) -> None:
     """Serve until SIGINT or SIGTERM, on the supervisor's listeners or on ports bound here."""
     if listeners is None:
         listeners = bind_listeners(settings)
         announce_ports(settings.ports_file, listeners.ports())
-    app = App(settings, listeners)
+    app = App(settings, listeners, metrics_dir)
 
     async def stop() -> None:
         await app.stop()

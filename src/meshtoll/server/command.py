@@ -76,9 +76,14 @@ def _flag_value(parse: Callable[[str], object]) -> Callable[[str], object]:
 def _serve(args: argparse.Namespace) -> int:
     from meshtoll.envoyproxy_ratelimit.config_files import load_descriptor_configs
     from meshtoll.server.tls import load_service_tls
+    from meshtoll.telemetry.logs import configure_logging
+    from meshtoll.telemetry.tracing import tracing_protocol
 
     settings = settings_from(vars(args))
-    # Validate before any worker starts: a bad policy is one clear error, not a restart loop.
+    configure_logging(settings.log_format)
+    # Validate before any worker starts: a bad policy is one clear error, not a restart loop;
+    # so is a bad OTEL_EXPORTER_OTLP_PROTOCOL (nothing is exported from here).
+    tracing_protocol()
     load_policy(settings.policy)
     if settings.ratelimit_config is not None:
         load_descriptor_configs(settings.ratelimit_config)

@@ -33,6 +33,7 @@ from meshtoll.ratelimit.rls import RateLimitServicer
 from meshtoll.ratelimit.service import RateLimitService
 from meshtoll.server.lifecycle import Work
 from meshtoll.storage import CounterStore, open_counter_store
+from meshtoll.telemetry.metrics import Metrics
 from meshtoll.transport.http_server import response
 
 log = logging.getLogger("meshtoll.ratelimit")
@@ -88,6 +89,7 @@ class RlsServices:
     ratelimit: RateLimitServicer
     json: JsonEndpoint
     stats: DescriptorStats
+    metrics: Metrics  # the debug port's /metrics: the per-limit statistics
     health: Health  # Redis starts unhealthy: serving asks it once before announcing itself
     background: dict[str, Work]  # by name: what runs beside the servers, restarted if it fails
     restarts: Counter[str]  # background work started again, by name
@@ -110,8 +112,8 @@ class RlsServices:
             body = "\n".join(sorted(self.configs.current.domains)).encode() + b"\n"
             return response(200, "OK", (("content-type", "text/plain"),), body)
         if path == "/metrics":
-            body = self.stats.prometheus_text().encode()
-            return response(200, "OK", (("content-type", "text/plain; version=0.0.4"),), body)
+            body, content_type = self.metrics.exposition(headers.get("accept", ""))
+            return response(200, "OK", (("content-type", content_type),), body)
         return self._healthcheck(path)
 
     def _healthcheck(self, path: str) -> bytes:
@@ -147,6 +149,8 @@ async def build_rls(settings: RlsSettings) -> RlsServices:
         dynamic_metadata=settings.response_dynamic_metadata,
     )
     stats = DescriptorStats(settings.near_limit_ratio)
+    metrics = Metrics()
+    stats.export(metrics)
     strict = StrictLimiter(limiter, options, stats=stats)
     service = RateLimitService(None, limiter, ConfiguredDomains(lambda: configs.current, strict))
     components = {"redis": False, "sigterm": True}
@@ -165,6 +169,7 @@ async def build_rls(settings: RlsSettings) -> RlsServices:
         ratelimit=RateLimitServicer(service),
         json=JsonEndpoint(service),
         stats=stats,
+        metrics=metrics,
         health=health_state,
         background=background,
         restarts=Counter(),

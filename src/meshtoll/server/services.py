@@ -32,12 +32,26 @@ from meshtoll.registry.store import TenantRegistry
 from meshtoll.server.admin import AdminHandler, StoreProbe
 from meshtoll.server.admin_access import AdminAccess
 from meshtoll.server.admin_tokens import AdminTokensHolder
+from meshtoll.server.exported import (
+    Latencies,
+    export_extproc,
+    export_limits,
+    export_meter,
+    export_policy,
+    export_process,
+    export_ratelimit_config,
+    export_redis,
+    export_tenants,
+)
 from meshtoll.server.lifecycle import Work
 from meshtoll.server.tenant_api import TenantApi
 from meshtoll.server.usage_sinks import UsageSinks, build_usage_sinks
 from meshtoll.settings import Settings
 from meshtoll.storage import open_counter_store, open_tenant_registry, open_usage_store
+from meshtoll.storage.redis import RedisCounterStore
 from meshtoll.telemetry.metrics import DecisionCounts, Metrics
+from meshtoll.telemetry.tenant_labels import parse_tenant_labels
+from meshtoll.telemetry.tracing import Tracing, tracing_from_environment
 from meshtoll.tenants.follower import RegistryFollower
 from meshtoll.tenants.installed import InstalledTenants
 from meshtoll.tenants.instances import InstanceReporter
@@ -67,6 +81,8 @@ class Services:
     restarts: Counter[str]  # background work started again, by name
     usage_sinks: UsageSinks  # the billing sinks (--usage-sink) and their state store
     tenants: RuntimeTenants | None  # the tenant registry and this instance's view of it
+    metrics: Metrics
+    tracing: Tracing | None  # None: off (no OTLP endpoint in the environment)
 
     def stop_admitting(self) -> None:
         for authorizer in (self.http_authorizer, self.grpc_authorizer):
@@ -81,6 +97,8 @@ class Services:
         await self.usage.close()
         if self.tenants is not None:
             await self.tenants.registry.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +142,9 @@ async def build(settings: Settings) -> Services:
         # Leases save Redis round trips; one process with its counters in memory has none.
         lease_max=settings.lease_max if settings.redis_url else 1,
     )
+    tracing = tracing_from_environment()
+    metrics = Metrics(tenant_labels=parse_tenant_labels(settings.metrics_tenant_labels))
+    latencies = Latencies.on(metrics)
     jwks = JwksCache()
     holder.on_change(jwks.policy_changed)
     tenants = await runtime_tenants(settings, holder)
@@ -132,9 +153,41 @@ async def build(settings: Settings) -> Services:
         tenants.installed.on_change(jwks.policy_changed)
         recorder.on_stored(KeyUse(tenants.registry, tenants.installed).admitted)
     reconciler = Reconciler(usage, settings.reconcile_grace_seconds, time.time)
-    settlement = Settlement(usage, clock=time.time)
+    settlement = Settlement(
+        usage,
+        clock=time.time,
+        latency=latencies.meter,
+        ledger_writes=latencies.ledger_writes,
+        tracing=tracing,
+    )
     decisions = DecisionCounts()
-    authorizer_for = partial(Authorizer, holder, jwks, counts=decisions, limiter=limiter, recorder=recorder)
+    metrics.count_by(
+        "meshtoll_authz_decisions",
+        "authz decisions by transport and outcome",
+        decisions.counts,
+        "transport",
+        "outcome",
+    )
+    tenant_counts: Counter[tuple[str, str]] | None = None
+    if metrics.tenant_labels.enabled:
+        tenant_counts = Counter()
+        metrics.count_by(
+            "meshtoll_tenant_decisions",
+            "authz decisions by tenant (those --metrics-tenant-labels selects) and outcome: allow, "
+            "rate_limited, quota_exceeded",
+            tenant_counts,
+            "tenant",
+            "outcome",
+        )
+    authorizer_for = partial(
+        Authorizer,
+        holder,
+        jwks,
+        counts=decisions,
+        tenant_counts=tenant_counts,
+        limiter=limiter,
+        recorder=recorder,
+    )
     http_authorizer, grpc_authorizer = authorizer_for(transport="http"), authorizer_for(transport="grpc")
     stats = DescriptorStats()
     configured_domains = ConfiguredDomains(
@@ -144,18 +197,19 @@ async def build(settings: Settings) -> Services:
         compat_domains=dict(settings.ratelimit_compat_domains),
     )
     ratelimit = RateLimitService(holder, limiter, configured_domains)
-    hooks = ExternalProcessorServicer(lambda: holder.current, limiter, recorder)
+    rls = RateLimitServicer(ratelimit, latency=latencies.ratelimit, tracing=tracing)
+    hooks = ExternalProcessorServicer(
+        lambda: holder.current, limiter, recorder, latency=latencies.extproc, tracing=tracing
+    )
     probe = StoreProbe(store if settings.redis_url is not None else None)
     restarts: Counter[str] = Counter()
-    metrics = Metrics(decisions, lambda: holder)
-    _count(metrics, reconciler, settlement, recorder, hooks, restarts)
-    metrics.count_outcomes(
-        "meshtoll_limit_decisions",
-        "limit decisions (fused authz, RLS) by outcome: admitted, rate_limited, quota_exceeded, "
-        "refused_from_cache, store_unavailable_open|closed; admitted_from_lease is the part of "
-        "admitted this process's token leases served without a Redis round trip",
-        limiter.outcomes,
-    )
+    export_policy(metrics, holder)
+    export_limits(metrics, limiter, rls)
+    if isinstance(store, RedisCounterStore):
+        export_redis(metrics, store, probe)
+    export_meter(metrics, settlement, reconciler, recorder)
+    export_extproc(metrics, hooks)
+    export_process(metrics, restarts)
     background: dict[str, Work] = {
         "policy watcher": lambda: holder.watch(settings.policy_poll_seconds),
         "JWKS refresher": lambda: jwks.refresh_forever(lambda: holder.current),
@@ -165,7 +219,8 @@ async def build(settings: Settings) -> Services:
     }
     if configs is not None:
         background["rate-limit config watcher"] = lambda: configs.watch(settings.policy_poll_seconds)
-        metrics.count_rejected_ratelimit_configs(configs)
+        export_ratelimit_config(metrics, configs)
+        stats.export(metrics)
     if settings.redis_url is not None:
         background["Redis probe"] = probe.run_forever
     usage_sinks = build_usage_sinks(settings, holder, usage, metrics)
@@ -178,7 +233,7 @@ async def build(settings: Settings) -> Services:
     if tenants is not None:
         background["tenant registry follower"] = tenants.follower.run_forever
         background["instance heartbeat"] = tenants.reporter.run_forever
-        _count_tenants(metrics, tenants)
+        export_tenants(metrics, tenants.installed)
     admin = AdminHandler(
         AdminAccess(settings.admin_token, None if tokens is None else lambda: tokens.current),
         metrics,
@@ -192,7 +247,6 @@ async def build(settings: Settings) -> Services:
             None if tenants is None else tenants.service,
         ),
         tenants_loaded=(lambda: True) if tenants is None else tenants.follower.loaded.is_set,
-        descriptor_stats=None if configs is None else stats,
         sink_state=usage_sinks.state,
     )
     return Services(
@@ -203,9 +257,9 @@ async def build(settings: Settings) -> Services:
         limiter=limiter,
         http_authorizer=http_authorizer,
         grpc_authorizer=grpc_authorizer,
-        http_authz=HttpAuthzHandler(http_authorizer),
-        grpc_authz=AuthorizationServicer(grpc_authorizer),
-        ratelimit=RateLimitServicer(ratelimit),
+        http_authz=HttpAuthzHandler(http_authorizer, latency=latencies.authz_http, tracing=tracing),
+        grpc_authz=AuthorizationServicer(grpc_authorizer, latency=latencies.authz_grpc, tracing=tracing),
+        ratelimit=rls,
         meter=AccessLogServicer(settlement),
         otlp_meter=OtlpLogsReceiver(settlement),
         hooks=hooks,
@@ -214,63 +268,6 @@ async def build(settings: Settings) -> Services:
         restarts=restarts,
         usage_sinks=usage_sinks,
         tenants=tenants,
-    )
-
-
-def _count_tenants(metrics: Metrics, tenants: RuntimeTenants) -> None:
-    installed = tenants.installed
-    metrics.gauge(
-        "meshtoll_runtime_tenants",
-        "run-time tenants in the registry, as applied",
-        lambda: len(installed.records),
-    )
-    metrics.gauge(
-        "meshtoll_runtime_tenants_skipped",
-        "run-time tenants this instance does not serve (they conflict with its policy file)",
-        lambda: len(installed.skipped),
-    )
-    metrics.gauge(
-        "meshtoll_runtime_registry_version", "the tenant registry version this instance has applied",
-        lambda: installed.version,
-    )  # fmt: skip
-
-
-def _count(
-    metrics: Metrics,
-    reconciler: Reconciler,
-    settlement: Settlement,
-    recorder: AdmissionRecorder,
-    hooks: ExternalProcessorServicer,
-    restarts: Counter[str],
-) -> None:
-    metrics.count_outcomes(
-        "meshtoll_extproc_outcomes", "ext_proc hook streams and how their units were found", hooks.outcomes
-    )
-    metrics.count_outcomes(
-        "meshtoll_background_restarts",
-        "background work (watchers, the meter's flushes, reconciliation) started again after a failure",
-        restarts,
-    )
-    metrics.gauge(
-        "meshtoll_admissions_dropped",
-        "admissions and unit reports lost because a million were already waiting for the store",
-        lambda: recorder.dropped,
-    )
-    metrics.count_outcomes(
-        "meshtoll_meter_records",
-        "access-log entries by outcome: billed, unmatched (no admission: never billed), "
-        "anonymous (no tenant, and no admission of its request id), resolved (no tenant, its "
-        "admission found by request id), malformed (not a meter line), replayed, waited, overflow, "
-        "unavailable",
-        settlement.outcomes,
-    )
-    metrics.gauge(
-        "meshtoll_meter_waiting_records",
-        "access-log entries waiting for their admission or units",
-        lambda: settlement.waiting,
-    )
-    metrics.gauge(
-        "meshtoll_reconcile_backlog",
-        "admissions awaiting their access-log record (all tenants, as last counted)",
-        lambda: reconciler.backlog,
+        metrics=metrics,
+        tracing=tracing,
     )

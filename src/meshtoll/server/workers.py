@@ -4,16 +4,21 @@ The parent binds the ports before any worker starts (server/listeners.py), so a 
 someone else is one clear error rather than a restart loop, and no stranger can join them;
 each worker inherits the HTTP listening sockets and joins the gRPC port the parent holds.
 Then the parent only supervises: it restarts a worker that dies, and passes SIGTERM/SIGINT
-on so that each worker drains its servers.
+on so that each worker drains its servers. The workers share their metrics through a
+directory it makes and removes (telemetry/workers.py): a scrape reaching any of them
+answers for the group.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import shutil
 import signal
+import tempfile
 import time
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import FrameType
 
 from meshtoll.server.app import run
@@ -21,6 +26,7 @@ from meshtoll.server.event_loop import run_on_event_loop
 from meshtoll.server.lifecycle import announce_ports
 from meshtoll.server.listeners import Listeners, bind_listeners
 from meshtoll.settings import Settings
+from meshtoll.telemetry.logs import configure_logging
 
 log = logging.getLogger("meshtoll.server.workers")
 
@@ -28,23 +34,23 @@ RESTART_BACKOFF_SECONDS = 1.0
 STOP_GRACE_SECONDS = 10.0
 
 
-def serve_worker(settings: Settings, listeners: Listeners) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"
-    )
-    run_on_event_loop(run(settings, listeners), settings.event_loop)
+def serve_worker(settings: Settings, listeners: Listeners, metrics_dir: Path) -> None:
+    configure_logging(settings.log_format)
+    run_on_event_loop(run(settings, listeners, metrics_dir), settings.event_loop)
 
 
 def supervise(settings: Settings) -> int:
     listeners = bind_listeners(settings)
     announce_ports(settings.ports_file, listeners.ports())
+    metrics_dir = Path(tempfile.mkdtemp(prefix="meshtoll-metrics-"))
     try:
-        return _supervise(settings, listeners)
+        return _supervise(settings, listeners, metrics_dir)
     finally:
         listeners.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _supervise(settings: Settings, listeners: Listeners) -> int:
+def _supervise(settings: Settings, listeners: Listeners, metrics_dir: Path) -> int:
     context = multiprocessing.get_context("spawn")
     stopping = False
 
@@ -57,7 +63,9 @@ def _supervise(settings: Settings, listeners: Listeners) -> int:
 
     def start() -> BaseProcess:
         # multiprocessing passes the sockets' descriptors on to the spawned child.
-        process = context.Process(target=serve_worker, args=(settings, listeners.for_worker()), daemon=False)
+        process = context.Process(
+            target=serve_worker, args=(settings, listeners.for_worker(), metrics_dir), daemon=False
+        )
         process.start()
         return process
 

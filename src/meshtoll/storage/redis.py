@@ -15,16 +15,21 @@ import asyncio
 import functools
 import itertools
 import secrets
+from collections import Counter
 from collections.abc import Awaitable, Coroutine, Sequence
 from contextlib import nullcontext
+from time import perf_counter
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from meshtoll.counting import algorithms
 from meshtoll.counting.limits import Check, CheckResult, Increment, Unused
-from meshtoll.errors import StorageUnavailable
+from meshtoll.errors import ConnectionLost, StorageRefused, StorageUnavailable
 from meshtoll.storage.breaker import CircuitBreaker
 from meshtoll.storage.redis_access import (
     REDIS_FAILURES,
@@ -36,6 +41,7 @@ from meshtoll.storage.redis_access import (
 )
 from meshtoll.storage.resp import encode
 from meshtoll.storage.urls import RedisTarget, parse_redis_url
+from meshtoll.telemetry.histogram import Histogram
 
 _UNBOUNDED = nullcontext()
 _NO_ANSWER = RedisFailures("Redis did not answer")
@@ -51,6 +57,10 @@ class RedisCounterStore:
         self.target = parse_redis_url(url)
         self.timeout = timeout_ms / 1000
         self.breaker = breaker or CircuitBreaker()
+        # For /metrics: each answered call's round trip (a Cluster decision's slots together),
+        # and the calls that failed, by kind (timeout, connection, refused, breaker_open, other).
+        self.round_trips = Histogram()
+        self.errors: Counter[str] = Counter()
         self._cluster = self.target.topology == "cluster"
         self._runner: _LeanRunner | _RedisPyRunner
         if self.target.topology == "standalone":
@@ -136,15 +146,19 @@ class RedisCounterStore:
         if not self.breaker.allows():
             for call in calls:
                 call.close()
+            self.errors["breaker_open"] += 1
             raise StorageUnavailable("Redis is failing: the circuit breaker is open")
+        started = perf_counter()
         try:
             # redis-py's socket timeouts bound each read; this bounds its whole call, connection
             # set-up and retries included. The lean client bounds its calls itself.
             with _NO_ANSWER:
                 async with asyncio.timeout(self.timeout * 2) if not self._runner.bounded else _UNBOUNDED:
                     replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
-        except StorageUnavailable:
+        except StorageUnavailable as exc:
             self.breaker.failed()
+            # RedisFailures keeps what Redis or the network raised as the context.
+            self.errors[error_kind(exc.__context__ or exc)] += 1
             raise
         except asyncio.CancelledError:
             # Envoy closed the connection or a gRPC deadline passed: the caller left, Redis did
@@ -152,11 +166,24 @@ class RedisCounterStore:
             # the next real decision.
             self.breaker.abandoned()
             raise
-        except Exception:
+        except Exception as exc:
             self.breaker.failed()
+            self.errors[error_kind(exc)] += 1
             raise
+        self.round_trips.observe(perf_counter() - started)
         self.breaker.succeeded()
         return list(replies)
+
+
+def error_kind(exc: BaseException) -> str:
+    """A failed Redis call's kind, as /metrics counts it."""
+    if isinstance(exc, TimeoutError | RedisTimeoutError):
+        return "timeout"
+    if isinstance(exc, StorageRefused | ResponseError):
+        return "refused"  # Redis answered with an error: a script or permission problem
+    if isinstance(exc, ConnectionLost | OSError | RedisConnectionError):
+        return "connection"
+    return "other"
 
 
 def decision_marker(first_key: str) -> str:

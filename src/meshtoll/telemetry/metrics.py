@@ -1,157 +1,143 @@
-"""Metrics: plain counters on the hot path, read by OpenTelemetry only when collected.
+"""Metrics: plain counts on the hot path, read into typed families only when /metrics is
+collected.
 
-A decision costs one dict increment (tens of nanoseconds) instead of an OpenTelemetry
-`Counter.add` with attributes (microseconds): the SDK sees the counts through observable
-instruments whose callbacks run at collection time. `/metrics` on the admin port renders
-a collection in the Prometheus text format; an OTLP or other reader can be attached to
-the same MeterProvider.
+A decision costs a dict increment (tens of nanoseconds) and, for its latency, a histogram
+bucket increment (telemetry/histogram.py); nothing on the request path knows of
+prometheus_client. Each service keeps its counts where it works (a `Counter`, a
+`Histogram`, an attribute) and registers a reader for them here, once, in `build`. A
+collection runs every reader and is a list of plain `Family` values, which the workers of
+one process group merge (telemetry/workers.py) and telemetry/exposition.py renders.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import Gauge, InMemoryMetricReader, Sum
+from meshtoll.telemetry.exposition import render
+from meshtoll.telemetry.families import Combine, Family, HistogramValue, Labels, merge
+from meshtoll.telemetry.histogram import LATENCY_BUCKETS, Histogram
+from meshtoll.telemetry.tenant_labels import TenantLabels
 
-from meshtoll.watched import Watched
-
+Read = Callable[[], Mapping[Labels, float]]
 # A value with its labels, as a service reports it: ({"sink": "lago", "outcome": "delivered"}, 3).
 Labelled = tuple[dict[str, str], float]
 
 
 class DecisionCounts:
-    """Decisions by transport and outcome ("allow" or the denial's error code)."""
+    """Authz decisions by transport and outcome ("allow" or the denial's error code)."""
 
     def __init__(self) -> None:
         self.counts: Counter[tuple[str, str]] = Counter()
 
-    def observe(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [
-            Observation(count, {"transport": transport, "outcome": outcome})
-            for (transport, outcome), count in list(self.counts.items())
-        ]
-
 
 class Metrics:
-    def __init__(self, decisions: DecisionCounts, policy: Callable[[], Watched[Any] | None]) -> None:
-        self.reader = InMemoryMetricReader()
-        self.provider = MeterProvider(metric_readers=[self.reader])
-        meter = self.provider.get_meter("meshtoll")
-        meter.create_observable_counter(
-            "meshtoll_authz_decisions", callbacks=[decisions.observe], description="authz decisions"
-        )
+    """The registry of every family this process serves; built once in `build`."""
 
-        policy_gauges: tuple[tuple[str, str, Callable[[Watched[Any]], int]], ...] = (
-            ("meshtoll_policy_version", "active policy version (1 at start, +1 per reload)", _version),
-            ("meshtoll_policy_tenants", "tenants in the active policy", _tenants),
-        )
-        for name, description, read in policy_gauges:
-            meter.create_observable_gauge(
-                name, callbacks=[_observe_policy(policy, read)], description=description
-            )
-        meter.create_observable_counter(
-            "meshtoll_policy_rejected_reloads",
-            callbacks=[_observe_policy(policy, _rejected)],
-            description="policy file versions rejected since start (each logged with its problems)",
-        )
+    def __init__(self, *, tenant_labels: TenantLabels | None = None) -> None:
+        self.tenant_labels = tenant_labels or TenantLabels()
+        self._families: dict[str, Callable[[], Family]] = {}
+        self._histograms: dict[str, tuple[str, tuple[float, ...], dict[Labels, Histogram]]] = {}
+        # Where sibling workers' collections come from (telemetry/workers.py), when there are some.
+        self.siblings: Callable[[], list[list[Family]]] | None = None
 
-    def count_rejected_ratelimit_configs(self, holder: Watched[Any]) -> None:
-        """Export how many versions of the envoyproxy/ratelimit directory were rejected."""
-
-        def observe(options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(holder.rejected_versions)]
-
-        self.provider.get_meter("meshtoll").create_observable_counter(
-            "meshtoll_ratelimit_config_rejected_reloads",
-            callbacks=[observe],
-            description="rate-limit configuration versions rejected since start (each logged)",
+    def counter(
+        self, name: str, help: str, read: Read, *, combine: Combine = "sum", legacy: bool = False
+    ) -> None:
+        """`name` without `_total`. `legacy`: its text-format samples keep the bare name."""
+        self._add(
+            name, lambda: Family(name, "counter", help, dict(read()), combine=combine, legacy_counter=legacy)
         )
 
     def count_outcomes(self, name: str, description: str, outcomes: Counter[str]) -> None:
-        """Export a service's outcome counter (as the service keeps it) as `name{outcome}`."""
+        """Export a service's outcome counter (as the service keeps it) as `name_total{outcome}`."""
+        self.count_by(name, description, outcomes, "outcome")
 
-        def observe(options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(count, {"outcome": outcome}) for outcome, count in list(outcomes.items())]
+    def count_by(self, name: str, help: str, counts: Mapping[Any, float], *labels: str) -> None:
+        """A counter of `counts`, whose keys are one label's value (a str) or several's (a
+        tuple), in the order of `labels`."""
 
-        self.provider.get_meter("meshtoll").create_observable_counter(
-            name, callbacks=[observe], description=description
-        )
+        def read() -> dict[Labels, float]:
+            return {
+                tuple(zip(labels, key if isinstance(key, tuple) else (key,), strict=True)): count
+                for key, count in list(counts.items())
+            }
 
-    def gauge(self, name: str, description: str, read: Callable[[], int]) -> None:
-        """Export a value a service keeps current as the gauge `name`."""
-
-        def observe(options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(read())]
-
-        self.provider.get_meter("meshtoll").create_observable_gauge(
-            name, callbacks=[observe], description=description
-        )
+        self.counter(name, help, read)
 
     def count_labelled(self, name: str, description: str, read: Callable[[], Iterable[Labelled]]) -> None:
         """Export counts a service keeps under several labels (`read` gives each count with
         its labels) as the counter `name`."""
-        self.provider.get_meter("meshtoll").create_observable_counter(
-            name, callbacks=[_observe_labelled(read)], description=description
-        )
+        self.counter(name, description, lambda: _by_labels(read()))
 
     def gauge_labelled(self, name: str, description: str, read: Callable[[], Iterable[Labelled]]) -> None:
         """Export values a service keeps current, each with its labels, as the gauge `name`."""
-        self.provider.get_meter("meshtoll").create_observable_gauge(
-            name, callbacks=[_observe_labelled(read)], description=description
-        )
+        self.gauges(name, description, lambda: _by_labels(read()))
+
+    def gauge(
+        self, name: str, description: str, read: Callable[[], float], *, combine: Combine = "sum"
+    ) -> None:
+        """Export a value a service keeps current as the gauge `name`."""
+        self._add(name, lambda: Family(name, "gauge", description, {(): read()}, combine=combine))
+
+    def gauges(self, name: str, help: str, read: Read, *, combine: Combine = "sum") -> None:
+        """A gauge with labels: its samples by label set."""
+        self._add(name, lambda: Family(name, "gauge", help, dict(read()), combine=combine))
+
+    def histogram(
+        self, name: str, help: str, bounds: tuple[float, ...] = LATENCY_BUCKETS, **labels: str
+    ) -> Histogram:
+        """The histogram of `name` for these label values, made once: the caller keeps it and
+        observes into it on its path."""
+        found = self._histogram_family_of(name, help, bounds)
+        key = tuple(labels.items())
+        if key not in found:
+            found[key] = Histogram(bounds)
+        return found[key]
+
+    def histogram_of(self, name: str, help: str, histogram: Histogram, **labels: str) -> None:
+        """Export a histogram a service made itself (as `name` with these label values)."""
+        self._histogram_family_of(name, help, histogram.bounds)[tuple(labels.items())] = histogram
+
+    def collect(self) -> list[Family]:
+        return [read() for read in self._families.values()]
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The body and content type of /metrics for a scraper that sent `accept`: this
+        process's collection, merged with its sibling workers' when it has some."""
+        collection = self.collect()
+        if self.siblings is not None:
+            collection = merge([collection, *self.siblings()])
+        if self.tenant_labels.enabled:
+            collection = [self.tenant_labels.select(family) for family in collection]
+        return render(collection, accept)
 
     def prometheus_text(self) -> str:
-        collected = self.reader.get_metrics_data()
-        lines: list[str] = []
-        for resource in collected.resource_metrics if collected else ():
-            for scope in resource.scope_metrics:
-                for metric in scope.metrics:
-                    lines += _prometheus_lines(metric.name, metric.description, metric.data)
-        return "\n".join(lines) + "\n"
+        """The Prometheus text format (0.0.4), as a scraper that asks for nothing gets it."""
+        return self.exposition()[0].decode()
+
+    def _histogram_family_of(
+        self, name: str, help: str, bounds: tuple[float, ...]
+    ) -> dict[Labels, Histogram]:
+        found = self._histograms.get(name)
+        if found is None:
+            found = self._histograms[name] = (help, bounds, {})
+            self._add(name, lambda: self._histogram_family(name))
+        elif found[1] != bounds:
+            raise ValueError(f"histogram {name!r}: every series of a family has the same buckets")
+        return found[2]
+
+    def _histogram_family(self, name: str) -> Family:
+        help, bounds, histograms = self._histograms[name]
+        values = {key: HistogramValue(list(h.counts), h.sum) for key, h in list(histograms.items())}
+        return Family(name, "histogram", help, histograms=values, bounds=bounds)
+
+    def _add(self, name: str, read: Callable[[], Family]) -> None:
+        if name in self._families:
+            raise ValueError(f"metric family {name!r} registered twice")
+        self._families[name] = read
 
 
-def _prometheus_lines(name: str, description: str | None, data: object) -> list[str]:
-    if not isinstance(data, Sum | Gauge):
-        return []
-    kind = "counter" if isinstance(data, Sum) else "gauge"
-    sample = f"{name}_total" if kind == "counter" else name
-    lines = [f"# HELP {name} {description or name}", f"# TYPE {name} {kind}"]
-    for point in data.data_points:
-        labels = ",".join(f'{key}="{value!s}"' for key, value in sorted((point.attributes or {}).items()))
-        lines.append(f"{sample}{{{labels}}} {point.value}" if labels else f"{sample} {point.value}")
-    return lines
-
-
-def _observe_labelled(
-    read: Callable[[], Iterable[Labelled]],
-) -> Callable[[CallbackOptions], Iterable[Observation]]:
-    def observe(options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(value, labels) for labels, value in read()]
-
-    return observe
-
-
-def _observe_policy(
-    policy: Callable[[], Watched[Any] | None], read: Callable[[Watched[Any]], int]
-) -> Callable[[CallbackOptions], Iterable[Observation]]:
-    def observe(options: CallbackOptions) -> Iterable[Observation]:
-        holder = policy()
-        return [] if holder is None else [Observation(read(holder))]
-
-    return observe
-
-
-def _version(holder: Watched[Any]) -> int:
-    return holder.version
-
-
-def _tenants(holder: Watched[Any]) -> int:
-    return len(holder.current.tenants)
-
-
-def _rejected(holder: Watched[Any]) -> int:
-    return holder.rejected_versions
+def _by_labels(values: Iterable[Labelled]) -> dict[Labels, float]:
+    return {tuple(sorted(labels.items())): value for labels, value in values}
