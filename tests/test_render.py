@@ -59,9 +59,8 @@ def test_a_helm_gateway_label_and_another_namespace_reach_every_file(tmp_path: P
     hooks = (istio / "hooks-envoyfilter.yaml").read_text()
     assert "outbound|8081||meshtoll.gw-auth.svc.cluster.local" in hooks
     mesh = yaml.safe_load((istio / "mesh-config.yaml").read_text())
-    assert {item[next(iter(set(item) - {"name"}))]["service"] for item in mesh["extensionProviders"]} == {
-        "meshtoll.gw-auth.svc.cluster.local"
-    }
+    services = {item[next(iter(set(item) - {"name"}))]["service"] for item in mesh["extensionProviders"]}
+    assert services == {"meshtoll.gw-auth.svc.cluster.local", "otel-collector"}  # and the tracing collector
     policy = yaml.safe_load((tmp_path / "deploy" / "k8s" / "base" / "network-policy.yaml").read_text())
     assert policy["metadata"]["namespace"] == "gw-auth"
     assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {"istio": "ingress"}

@@ -37,6 +37,7 @@ class Worker:
         self.latency = self.metrics.histogram(
             "meshtoll_decision_duration_seconds", "latency", service="authz"
         )
+        self.metrics.gauge("meshtoll_workers", "workers", lambda: self.metrics.workers(), combine="max")
         self.group = WorkerGroup(directory, self.metrics, pid=pid)
         self.group.attach()
 

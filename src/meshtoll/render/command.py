@@ -69,6 +69,23 @@ def add_render_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
     render.add_argument(
         "--upstream-port", type=int, default=defaults.upstream_port, help=f"default {defaults.upstream_port}"
     )
+    render.add_argument(
+        "--collector-host",
+        default=defaults.collector_host,
+        help="the OpenTelemetry collector (OTLP/gRPC) Envoy and meshtoll trace to (default otel-collector)",
+    )
+    render.add_argument(
+        "--collector-port",
+        type=int,
+        default=defaults.collector_port,
+        help=f"default {defaults.collector_port}",
+    )
+    render.add_argument(
+        "--trace-sampling-percent",
+        type=float,
+        default=defaults.trace_sampling_percent,
+        help="share of requests the gateway traces (default 1; a sampled traceparent is always followed)",
+    )
     render.add_argument("--istio-version", default=defaults.istio_version, help="the oldest Istio to support")
     render.add_argument("--image", default=defaults.image, help="meshtoll's container image")
     render.add_argument(
@@ -106,6 +123,9 @@ def _render(args: argparse.Namespace) -> int:
         image=args.image,
         authz_transport=args.authz_transport,
         api_key_query_param=args.api_key_query_param,
+        collector_host=args.collector_host,
+        collector_port=args.collector_port,
+        trace_sampling_percent=args.trace_sampling_percent,
     )
     targets = list(TARGETS) if "all" in args.targets else list(dict.fromkeys(args.targets))
     return run_render(targets, params, args.out, args.check)

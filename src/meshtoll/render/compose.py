@@ -15,6 +15,7 @@ from meshtoll.render.envoy import LISTENERS
 from meshtoll.render.params import DeployParams
 from meshtoll.settings import Settings
 
+JAEGER_IMAGE = "jaegertracing/jaeger:2.14.1"
 _INTERVAL = {"interval": "5s", "timeout": "3s", "retries": 12, "start_period": "5s"}
 
 
@@ -44,6 +45,11 @@ def compose_document(params: DeployParams) -> dict[str, Any]:
                 "environment": {
                     Settings.env_name("redis_url"): "redis://redis:6379/0",
                     Settings.env_name("policy"): f"{POLICY_DIR}/policy.yaml",
+                    # meshtoll's spans to the same collector as Envoy's, following Envoy's choice.
+                    "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{params.collector_host}:{params.collector_port}",
+                    "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                    "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                    "OTEL_TRACES_SAMPLER_ARG": str(params.trace_sampling_percent / 100),
                 },
                 # The demo policy of `meshtoll dev` (its demo keys), as a directory so that
                 # editing examples/policy.yaml reloads it.
@@ -67,6 +73,15 @@ def compose_document(params: DeployParams) -> dict[str, Any]:
                 ],
                 "healthcheck": {"test": ["CMD", "python", "-c", upstream_check], **_INTERVAL},
                 "depends_on": _healthy(params.meshtoll_host),  # built by the meshtoll service
+            },
+            # The collector both send their spans to: Jaeger, which takes OTLP and shows the
+            # traces on http://127.0.0.1:16686.
+            params.collector_host: {
+                "image": JAEGER_IMAGE,
+                "command": [
+                    f"--set=receivers.otlp.protocols.grpc.endpoint=0.0.0.0:{params.collector_port}",
+                ],
+                "ports": ["127.0.0.1:16686:16686"],
             },
             "envoy": {
                 "image": params.envoy_image,
@@ -92,6 +107,10 @@ def compose(params: DeployParams) -> str:
   curl -H 'x-api-key: mt_demo_acme_5f0c1e9a7b2d4e6f' {http}/v1/search?q=envoy   # 200
   curl -i {http}/v1/search                                                    # 401
 meshtoll's admin port (/metrics, /healthz) is published on 127.0.0.1:{params.admin_port} only.
+Traces (Envoy's and meshtoll's, one trace per request) on http://127.0.0.1:16686; every request
+with a sampled traceparent is traced:
+  curl -H 'x-api-key: mt_demo_acme_5f0c1e9a7b2d4e6f' \
+       -H "traceparent: 00-$(openssl rand -hex 16)-$(openssl rand -hex 8)-01" {http}/v1/items
 """,
         compose_document(params),
     )

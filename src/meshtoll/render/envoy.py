@@ -17,6 +17,7 @@ from meshtoll.render.params import DeployParams
 from meshtoll.server.listeners import UDS_GRPC, UDS_HTTP_AUTHZ
 
 ADMIN_PORT = 9901
+COLLECTOR = "otel_collector"
 # Local listener name -> its port's offset from listen_port (as `meshtoll dev` numbers them).
 LISTENERS = {"full": 0, "grpc_authz": 1}
 
@@ -46,8 +47,13 @@ def bootstrap(params: DeployParams, unix_sockets: PurePosixPath | None = None) -
     for name, offset in LISTENERS.items():
         listener = local.listener(name)
         listener["address"] = _address("0.0.0.0", params.listen_port + offset)
+        if unix_sockets is None:
+            for network_filter in listener["filter_chains"][0]["filters"]:
+                network_filter["typed_config"]["tracing"] = tracing(params)
         listeners.append(listener)
     endpoints = {"upstream": _by_host_name(params.upstream_host, params.upstream_port)}
+    if unix_sockets is None:
+        endpoints[COLLECTOR] = _by_host_name(params.collector_host, params.collector_port)
     if unix_sockets is None:
         endpoints["meshtoll_http"] = _by_host_name(params.meshtoll_host, params.http_authz_port)
         endpoints["meshtoll_grpc"] = _by_host_name(params.meshtoll_host, params.grpc_port)
@@ -56,7 +62,8 @@ def bootstrap(params: DeployParams, unix_sockets: PurePosixPath | None = None) -
         endpoints["meshtoll_grpc"] = _by_unix_socket(unix_sockets / UDS_GRPC)
     clusters = []
     for name, endpoint in endpoints.items():
-        cluster = local.cluster(name)
+        cluster = local.cluster("meshtoll_grpc" if name == COLLECTOR else name)  # an HTTP/2 cluster
+        cluster["name"] = cluster["load_assignment"]["cluster_name"] = name
         address = endpoint.pop("address")
         cluster |= endpoint
         cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": [{"endpoint": {"address": address}}]}]
@@ -65,6 +72,22 @@ def bootstrap(params: DeployParams, unix_sockets: PurePosixPath | None = None) -
         # The admin interface stays on the container's loopback: it can stop Envoy.
         "admin": {"address": _address("127.0.0.1", ADMIN_PORT)},
         "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+def tracing(params: DeployParams) -> dict[str, Any]:
+    """Envoy's own spans over OTLP/gRPC to the collector meshtoll sends its spans to: the
+    ext_authz and ext_proc calls carry their span's context, so one trace shows both."""
+    return {
+        "random_sampling": {"value": params.trace_sampling_percent},
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "service_name": "envoy",
+                "grpc_service": {"envoy_grpc": {"cluster_name": COLLECTOR}, "timeout": "1s"},
+            },
+        },
     }
 
 
@@ -77,6 +100,8 @@ tested end to end, with meshtoll at {params.meshtoll_host}:{params.grpc_port} (g
 and the upstream at {params.upstream_host}:{params.upstream_port}.
   :{params.listen_port}  HTTP ext_authz (limits fused), ext_proc hooks, the meter (access log)
   :{params.listen_port + 1}  gRPC ext_authz
+Traces of {params.trace_sampling_percent:g}% of requests (and of every request with a sampled traceparent) go
+to the OpenTelemetry collector at {params.collector_host}:{params.collector_port} (OTLP/gRPC).
 The README's "Envoy wiring" explains each setting; envoy/local.yaml has the comments.
 """,
         bootstrap(params),

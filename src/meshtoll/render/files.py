@@ -13,6 +13,7 @@ from meshtoll.render.compose import compose_files
 from meshtoll.render.envoy import envoy_files
 from meshtoll.render.istio import istio_files, istio_objects
 from meshtoll.render.kubernetes import kubernetes_files, kubernetes_objects
+from meshtoll.render.monitoring import monitoring_files
 from meshtoll.render.params import DeployParams
 
 Files = dict[str, str]  # file name -> its text
@@ -47,6 +48,7 @@ TARGETS: dict[str, Target] = {
     ),
     "envoy": Target("deploy/envoy", envoy_files),
     "compose": Target(".", compose_files),
+    "monitoring": Target("deploy/monitoring", monitoring_files),
 }
 
 

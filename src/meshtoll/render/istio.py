@@ -20,6 +20,7 @@ PRIORITY = {"meshtoll-edge": -10, "meshtoll-hooks": 10, "meshtoll-ratelimit": 20
 HTTP_PROVIDER = "meshtoll-http"
 GRPC_PROVIDER = "meshtoll-grpc"
 METER_PROVIDER = "meshtoll-meter"
+TRACING_PROVIDER = "meshtoll-tracing"
 METER_ALS_PROVIDER = "meshtoll-meter-als"
 _STATUS = {"ServiceUnavailable": "503", "Forbidden": "403"}
 
@@ -106,6 +107,10 @@ def providers(params: DeployParams, local: LocalFilters) -> list[dict[str, Any]]
                 "additionalRequestHeadersToLog": meter_als["additional_request_headers_to_log"],
             },
         },
+        {
+            "name": TRACING_PROVIDER,
+            "opentelemetry": {"service": params.collector_host, "port": params.collector_port},
+        },
     ]
 
 
@@ -146,6 +151,9 @@ meshtoll-meter the meter (enabled by telemetry.yaml): Envoy's OpenTelemetry acce
                restart loses from the buffer.
 meshtoll-meter-als  the same meter through Envoy's gRPC access log (envoyHttpAls), for
                those who keep it: name it in telemetry.yaml instead of meshtoll-meter.
+meshtoll-tracing  the gateway's own spans, over OTLP/gRPC to the OpenTelemetry collector
+               (enabled by telemetry.yaml): give meshtoll the same collector
+               (OTEL_EXPORTER_OTLP_ENDPOINT) and one trace shows the gateway and meshtoll.
 
 MERGE_SLASHES: `/v1/public/../admin`, `%2e%2e` and `/v1//chat` reach meshtoll, the
 AuthorizationPolicy and the upstream as `/v1/admin` and `/v1/chat` (mesh-wide). Escaped
@@ -318,6 +326,12 @@ def telemetry(params: DeployParams) -> str:
             # A Telemetry access-log list replaces meshConfig.accessLogFile for the workload:
             # `envoy` (Istio's built-in stdout provider) keeps the gateway's own access log.
             "accessLogging": [{"providers": [{"name": "envoy"}, {"name": METER_PROVIDER}]}],
+            "tracing": [
+                {
+                    "providers": [{"name": TRACING_PROVIDER}],
+                    "randomSamplingPercentage": params.trace_sampling_percent,
+                }
+            ],
         },
     }
     return yaml_file(
@@ -326,6 +340,8 @@ Turns on meshtoll's meter (meshtoll-meter in mesh-config.yaml) for the ingress g
 beside the gateway's own access log (the `envoy` provider, which this list would otherwise
 replace; remove it only if the gateway logged nothing before). Requests authz refused
 carry no tenant (edge-envoyfilter.yaml removes a client's x-meshtoll-* first): not metered.
+And the gateway's traces (meshtoll-tracing) for a share of its requests, and every request
+whose client sent a sampled traceparent.
 """,
         document,
     )

@@ -4,6 +4,7 @@ base/                       Deployment, Service, policy ConfigMap, HPA, PDB, Net
 overlays/in-cluster-redis/  plus a single Redis and the Secret that points meshtoll at it
 overlays/gateway-sidecar/   instead: an Envoy gateway pod with meshtoll as its sidecar,
                             over Unix sockets (for Kubernetes without Istio; overlays.py)
+monitoring/                 ServiceMonitor (or PodMonitor) and PrometheusRule (monitoring.py)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from meshtoll.render.k8s_objects import (
     secret,
     security_context,
 )
+from meshtoll.render.monitoring import kubernetes_monitoring
 from meshtoll.render.overlays import redis_overlay, sidecar_overlay
 from meshtoll.render.params import DeployParams
 
@@ -42,7 +44,7 @@ def kubernetes_files(params: DeployParams) -> dict[str, str]:
         "base/network-policy.yaml": yaml_file(NETWORK_POLICY_COMMENT, network_policy(params)),
         "secret.example.yaml": yaml_file(SECRET_COMMENT, secret(params, redis_url(params), "")),
     }
-    return base | redis_overlay(params) | sidecar_overlay(params)
+    return base | redis_overlay(params) | sidecar_overlay(params) | kubernetes_monitoring(params)
 
 
 # The base's objects, in the order its kustomization lists them; its policy becomes the

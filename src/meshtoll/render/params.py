@@ -53,6 +53,13 @@ class DeployParams:
     # The policy's auth.api_key_query_param, if it has one: the gateway removes it after HTTP
     # ext_authz, since an HTTP authorization service cannot ask Envoy to.
     api_key_query_param: str | None = None
+    # The OpenTelemetry collector (OTLP over gRPC) Envoy and meshtoll send their spans to: a
+    # host name (docker-compose's service; in Kubernetes, the collector Service's FQDN).
+    collector_host: str = "otel-collector"
+    collector_port: int = 4317
+    # The share of requests Envoy starts a trace for (a client's sampled traceparent is
+    # always followed); meshtoll follows Envoy's decision (parentbased_traceidratio).
+    trace_sampling_percent: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("namespace", "gateway_namespace"):
@@ -63,7 +70,16 @@ class DeployParams:
         key, value = self.gateway_selector
         if not key or not _LABEL.match(value):
             raise ConfigError(f"gateway_selector: {key}={value} is not a label key=value")
-        for name in ("grpc_port", "http_authz_port", "admin_port", "listen_port", "upstream_port"):
+        if not 0 <= self.trace_sampling_percent <= 100:
+            raise ConfigError(f"trace_sampling_percent: {self.trace_sampling_percent} is not 0-100")
+        for name in (
+            "grpc_port",
+            "http_authz_port",
+            "admin_port",
+            "listen_port",
+            "upstream_port",
+            "collector_port",
+        ):
             if not 1 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"{name}: {getattr(self, name)} is not a TCP port (1-65535)")
         if self.api_key_query_param is not None and not _QUERY_PARAMETER.match(self.api_key_query_param):

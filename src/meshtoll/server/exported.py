@@ -88,17 +88,18 @@ def export_policy(metrics: Metrics, policy: PolicyHolder) -> None:
     )
 
 
-def export_ratelimit_config(metrics: Metrics, configs: DescriptorConfigHolder) -> None:
+def export_ratelimit_config(metrics: Metrics, configs: DescriptorConfigHolder | None) -> None:
+    """Served without --ratelimit-config too (version 0), so that queries always find them."""
     metrics.gauge(
         "meshtoll_ratelimit_config_version",
-        "active envoyproxy/ratelimit configuration version (1 at start, +1 per reload)",
-        lambda: configs.version,
+        "active envoyproxy/ratelimit configuration version (1 at start, +1 per reload; 0: none given)",
+        lambda: 0 if configs is None else configs.version,
         combine="max",
     )
     metrics.counter(
         "meshtoll_ratelimit_config_rejected_reloads",
         "rate-limit configuration versions rejected since start (each logged)",
-        lambda: {(): configs.rejected_versions},
+        lambda: {(): 0 if configs is None else configs.rejected_versions},
         combine="max",
     )
 
@@ -223,6 +224,12 @@ def export_extproc(metrics: Metrics, hooks: ExternalProcessorServicer) -> None:
 
 
 def export_process(metrics: Metrics, restarts: Counter[str]) -> None:
+    metrics.gauge(
+        "meshtoll_workers",
+        "worker processes of this meshtoll serve that are running and report metrics",
+        lambda: metrics.workers(),
+        combine="max",
+    )
     metrics.count_by(
         "meshtoll_background_restarts",
         "background work (watchers, the meter's flushes, reconciliation) started again after a failure",

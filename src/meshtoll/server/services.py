@@ -217,9 +217,9 @@ async def build(settings: Settings) -> Services:
         "reconciler": reconciler.run_forever,
         "meter settlement": settlement.retry_forever,
     }
+    export_ratelimit_config(metrics, configs)
     if configs is not None:
         background["rate-limit config watcher"] = lambda: configs.watch(settings.policy_poll_seconds)
-        export_ratelimit_config(metrics, configs)
         stats.export(metrics)
     if settings.redis_url is not None:
         background["Redis probe"] = probe.run_forever
@@ -234,6 +234,7 @@ async def build(settings: Settings) -> Services:
         background["tenant registry follower"] = tenants.follower.run_forever
         background["instance heartbeat"] = tenants.reporter.run_forever
         export_tenants(metrics, tenants.installed)
+    restarts.update(dict.fromkeys(background, 0))  # every work's series there from the start
     admin = AdminHandler(
         AdminAccess(settings.admin_token, None if tokens is None else lambda: tokens.current),
         metrics,

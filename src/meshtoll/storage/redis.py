@@ -47,6 +47,7 @@ _UNBOUNDED = nullcontext()
 _NO_ANSWER = RedisFailures("Redis did not answer")
 
 
+ERROR_KINDS = ("timeout", "connection", "refused", "breaker_open", "other")
 CHECK_SCRIPT = functools.partial(lua_script, "check.lua")
 INCREMENT_SCRIPT = functools.partial(lua_script, "increment.lua")
 RELEASE_SCRIPT = functools.partial(lua_script, "release.lua")
@@ -60,7 +61,7 @@ class RedisCounterStore:
         # For /metrics: each answered call's round trip (a Cluster decision's slots together),
         # and the calls that failed, by kind (timeout, connection, refused, breaker_open, other).
         self.round_trips = Histogram()
-        self.errors: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter(dict.fromkeys(ERROR_KINDS, 0))  # each kind shown from the start
         self._cluster = self.target.topology == "cluster"
         self._runner: _LeanRunner | _RedisPyRunner
         if self.target.topology == "standalone":

@@ -39,8 +39,10 @@ class Metrics:
         self.tenant_labels = tenant_labels or TenantLabels()
         self._families: dict[str, Callable[[], Family]] = {}
         self._histograms: dict[str, tuple[str, tuple[float, ...], dict[Labels, Histogram]]] = {}
-        # Where sibling workers' collections come from (telemetry/workers.py), when there are some.
+        # Where sibling workers' collections come from (telemetry/workers.py), when there are
+        # some, and how many processes report (this one alone, unless a group says otherwise).
         self.siblings: Callable[[], list[list[Family]]] | None = None
+        self.workers: Callable[[], int] = lambda: 1
 
     def counter(
         self, name: str, help: str, read: Read, *, combine: Combine = "sum", legacy: bool = False

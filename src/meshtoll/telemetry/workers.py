@@ -41,12 +41,7 @@ class WorkerGroup:
     def attach(self) -> None:
         """Make this process's /metrics answer for the group."""
         self._metrics.siblings = self.siblings
-        self._metrics.gauge(
-            "meshtoll_workers",
-            "worker processes of this meshtoll serve that are running and report metrics",
-            lambda: 1 + sum(1 for path, pid in self._files() if _alive(pid)),
-            combine="max",
-        )
+        self._metrics.workers = lambda: 1 + sum(1 for path, pid in self._files() if _alive(pid))
 
     def snapshot(self) -> bytes:
         return orjson.dumps(to_document(self._metrics.collect()))
