@@ -7,8 +7,11 @@ with meshtoll's own code.
     python bench/fused_decision.py [--decisions N] [--concurrency C] [--event-loop uvloop|asyncio]
                                    [--redis tcp|unix] [--lease-max L] [--tenant limited|unlimited]
                                    [--ratelimit-headers always|near_limit|never]
-                                   [--no-admissions] [--profile FILE]
+                                   [--no-admissions] [--profile FILE] [--trace-ratio R]
 
+--trace-ratio turns tracing on with a parent-based ratio sampler (0.01: 1% of decisions
+recorded), spans exported in batches to an exporter that drops them; without it tracing is
+off, as in `meshtoll serve` without OTEL_EXPORTER_OTLP_ENDPOINT.
 --tenant unlimited makes the same decisions for a tenant without limits: row (c)'s path, the
 yardstick of issue 21's targets ((f) at most 1.4x (c)'s CPU).
 --profile writes cProfile statistics (pstats) of one run; bench/run.py's rows (f) and (h)
@@ -24,7 +27,12 @@ import hashlib
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from meshtoll.authz.authorizer import Authorizer
 from meshtoll.authz.http_transport import HttpAuthzHandler
@@ -35,6 +43,7 @@ from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.server.event_loop import run_on_event_loop
 from meshtoll.storage.redis import RedisCounterStore
 from meshtoll.storage.usage_redis import RedisUsageStore
+from meshtoll.telemetry.tracing import Tracing
 from meshtoll.usage.recorder import AdmissionRecorder
 
 KEYS = {"limited": "fused-bench-key", "unlimited": "plain-bench-key"}
@@ -60,6 +69,7 @@ async def decide_many(
     key: str,
     admissions: bool,
     profile: Path | None,
+    tracing: Tracing | None = None,
 ) -> float:
     """µs of this process's CPU per decision, over `decisions` made `concurrency` at a time."""
     # A generous timeout: on a loaded machine a 50 ms one would time out and measure the failure path.
@@ -71,7 +81,7 @@ async def decide_many(
     authorizer = Authorizer(
         holder, JwksCache(), transport="http", limiter=limiter, recorder=recorder if admissions else None
     )
-    handler = HttpAuthzHandler(authorizer)
+    handler = HttpAuthzHandler(authorizer, tracing=tracing)
     flushing = asyncio.create_task(recorder.flush_forever())
     ids = iter(range(sys.maxsize))
 
@@ -128,6 +138,19 @@ async def decide_many(
     return spent / (decisions // concurrency * concurrency) * 1e6
 
 
+class _Dropped(SpanExporter):
+    """Takes every batch and keeps nothing: the cost measured is meshtoll's, not a collector's."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+def sampled_tracing(ratio: float) -> Tracing:
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)), shutdown_on_exit=False)
+    provider.add_span_processor(BatchSpanProcessor(_Dropped()))
+    return Tracing(provider)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -158,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         help="record no admission (what an admitted request's record and its flush cost, by difference)",
     )
     parser.add_argument("--profile", type=Path, default=None, help="write cProfile stats of one run here")
+    parser.add_argument("--trace-ratio", type=float, default=None, help="tracing on, sampling this share")
     args = parser.parse_args(argv)
+    tracing = None if args.trace_ratio is None else sampled_tracing(args.trace_ratio)
     with (
         tempfile.TemporaryDirectory(prefix="meshtoll-fused-") as directory,
         RedisServer(unix_socket=True) as redis,
@@ -175,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(1 if args.profile else args.repeat):
             deciding = decide_many(
                 url, policy, args.decisions, args.concurrency, args.lease_max, KEYS[args.tenant],
-                not args.no_admissions, args.profile,
+                not args.no_admissions, args.profile, tracing,
             )  # fmt: skip
             spent = run_on_event_loop(deciding, args.event_loop)
             print(f"{spent:.1f} µs CPU per decision ({args.event_loop}, Redis over {args.redis})")

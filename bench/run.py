@@ -14,7 +14,9 @@ per-second limit and a daily quota on Redis; (g) (c) + the meter, every request 
 metered (Envoy's OpenTelemetry access log, the default); (g-als) (g) through Envoy's gRPC
 access log (http_grpc) instead; (h) the full chain: fused HTTP authz with limits + the meter;
 (i) Envoy's ratelimit filter as the only call to meshtoll, run as `meshtoll ratelimit` (the
-RLS alone). Each row runs wrk with one thread against Envoy with one worker, and reports the
+RLS alone); (c-trace) row (c) with meshtoll's tracing on, a 1% parent-based ratio sampler,
+spans exported over OTLP/HTTP to a local sink that discards them (tracing off is row (c)).
+Each row runs wrk with one thread against Envoy with one worker, and reports the
 µs of CPU per request that Envoy, the authz server, Redis, the upstream, wrk and everything
 else spent (bench/cpu.py), and for the metered rows how many entries Envoy's access logger
 wrote and dropped. Every target of issue 21 is printed with its figure ("not measured" when a
@@ -36,11 +38,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from cpu import CpuSample, cpu_share
@@ -100,6 +104,13 @@ ROWS = [
         "listen_http_authz_port",
         key=RT_BENCH_KEY,
         environment="runtime100k",
+    ),
+    # (c) with tracing on: what a span check and the 1% that are recorded and exported cost.
+    Row(
+        "c-trace",
+        "(c) with tracing on: OTLP, 1% sampler",
+        "listen_http_authz_port",
+        environment="traced",
     ),
     Row("d", "meshtoll gRPC authz (API key, 10k tenants)", "listen_grpc_authz_port"),
     Row("e", "meshtoll gRPC authz + RLS filter (Redis)", "listen_rls_port", "/rls/items", LIMITED_KEY),
@@ -228,6 +239,54 @@ def nginx_environment(directory: Path, redis_url: str) -> Iterator[Environment]:
 
 
 @contextmanager
+def traced_environment(
+    directory: Path, redis_url: str, workers: int, meshtoll_sockets: Path | None, ratelimit_headers: str
+) -> Iterator[Environment]:
+    """(c)'s stack with meshtoll tracing 1% of its decisions to a local OTLP sink."""
+    with otlp_sink() as port:
+        traced = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.01",
+        }
+        config = StackConfig(
+            policy=write_policy(directory, 10_000, ratelimit_headers),
+            redis_url=redis_url,
+            workers=workers,
+            meshtoll_sockets=meshtoll_sockets,
+            meshtoll_environment=tuple(traced.items()),
+            work_dir=directory / "traced",
+        )
+        with stack_environment(config) as environment:
+            yield environment
+
+
+@contextmanager
+def otlp_sink() -> Iterator[int]:
+    """An OTLP/HTTP endpoint on a free loopback port that takes every export and keeps none."""
+
+    class Discard(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Discard)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextmanager
 def runtime_environment(
     directory: Path, redis_url: str, workers: int, meshtoll_sockets: Callable[[str], Path | None]
 ) -> Iterator[Environment]:
@@ -302,6 +361,9 @@ def open_environments(
         ),
         "rls_alone": lambda: rls_alone_environment(redis_url),
         "runtime100k": lambda: runtime_environment(directory, redis_url, workers, meshtoll_sockets),
+        "traced": lambda: traced_environment(
+            directory, redis_url, workers, meshtoll_sockets("traced-sockets"), ratelimit_headers
+        ),
     }  # fmt: skip
     redis_pid = redis_server_pid(redis.port)
     with ExitStack() as running:
