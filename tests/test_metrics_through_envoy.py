@@ -17,7 +17,7 @@ import pytest
 from meshtoll.local.devstack import LocalStack
 from tests.client import fetch
 from tests.conftest import StartStack
-from tests.scraped import OPENMETRICS, scrape, value
+from tests.scraped import OPENMETRICS, scrape, text_families, value
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -176,6 +176,16 @@ def worker_pids(stack: LocalStack) -> set[int]:
     return {int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()}
 
 
+def reporting_workers(stack: LocalStack) -> float | None:
+    """meshtoll_workers, or None while the worker a scrape reaches cannot answer it yet (still
+    loading the policy: 503) or any more (stopping as it came)."""
+    try:
+        reply = fetch(f"{stack.meshtoll_admin_url}/metrics")
+    except OSError:
+        return None
+    return value(text_families(reply.body.decode()), "meshtoll_workers") if reply.status == 200 else None
+
+
 def grouped_allows(stack: LocalStack) -> float:
     return decisions(stack, "http", "allow") + decisions(stack, "grpc", "allow")
 
@@ -206,9 +216,9 @@ def test_with_two_workers_a_scrape_answers_for_the_group_across_restarts(
             message=f"the supervisor never replaced worker {pid}",
         )
     eventually(
-        lambda: value(scrape(stack.meshtoll_admin_url), "meshtoll_workers"),
+        lambda: reporting_workers(stack),
         lambda seen: seen == 2,
-        timeout=20,
+        timeout=30,
         message="both new workers reporting",
     )
     # Neither vanished nor doubled, whichever worker answers.

@@ -207,7 +207,7 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
             self.outcomes["units_from_body"] += 1
         self._report(stream, units)
         answer.dynamic_metadata.CopyFrom(_units_metadata(units))
-        await self._charge(stream.context, units)
+        await self._charge(stream, units)
 
     def _report(self, stream: _Stream, units: int) -> None:
         """Tell the meter the request's units: authz admitted it at the route's cost, and its
@@ -217,7 +217,8 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         if self._recorder is not None and stream.request_id:
             self._recorder.report_units(ReportedUnits(stream.context.tenant, stream.request_id, units))
 
-    async def _charge(self, context: RequestContext, units: int) -> None:
+    async def _charge(self, stream: _Stream, units: int) -> None:
+        context = stream.context
         if self._limiter is None:
             return
         charges = self._policy().limits.charges(context.tenant, context.route, units, where="authz")
@@ -228,7 +229,12 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         except StorageError as exc:
             # The response is served either way; the meter still bills the units.
             self.outcomes["charge_failed"] += 1
-            log.warning("units of tenant %s not charged to its limits: %s", context.tenant, exc)
+            log.warning(
+                "units of tenant %s not charged to its limits: %s",
+                context.tenant,
+                exc,
+                extra={"request_id": stream.request_id},
+            )
 
 
 def _stream_attributes(stream: _Stream | None) -> dict[str, str]:
