@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from meshtoll.render.alerts import RULES, rule_groups
 from meshtoll.render.dashboard import RATE, dashboard, queries
 from meshtoll.render.monitoring import pod_monitor, prometheus_rule, service_monitor
 from meshtoll.render.params import DeployParams
+from tests.billing_receivers import Receiver, running_receiver
 from tests.client import fetch
 from tests.conftest import StartStack
 from tests.scraped import scrape
@@ -124,6 +126,19 @@ def test_the_alerts_fire_as_their_unit_tests_say(tmp_path: Path) -> None:
             [{"series": f"meshtoll_admissions_dropped_total{{{SERIES}}}", "values": "0 0 0 5 5"}],
             fires_at="3m",
             quiet_at="2m",
+        ),
+        alert_case(
+            "MeshtollUsageQuarantined",
+            [
+                {
+                    "series": f'meshtoll_usage_sink_records_total{{{SERIES},sink="lago",outcome="quarantined"}}',
+                    "values": "0 0 0 2",
+                }
+            ],
+            fires_at="3m",
+            quiet_at="2m",
+            summary="usage records quarantined by the lago sink",
+            sink="lago",
         ),
         alert_case(
             "MeshtollBackgroundWorkRestarting",
@@ -281,11 +296,22 @@ routes:
     return path
 
 
+@pytest.fixture(scope="module")
+def openmeter() -> Iterator[Receiver]:
+    with running_receiver("openmeter") as receiver:
+        yield receiver
+
+
 @pytest.mark.integration
 def test_every_dashboard_and_alert_query_names_series_a_live_metrics_serves(
-    start_stack: StartStack, policy: Path
+    start_stack: StartStack, policy: Path, openmeter: Receiver
 ) -> None:
-    stack: LocalStack = start_stack(policy)
+    # A billing sink too, so that its families have series to hold the queries against.
+    stack: LocalStack = start_stack(
+        policy,
+        serve_args=("--usage-sink", f"openmeter={openmeter.url}"),
+        meshtoll_environment=(("MESHTOLL_OPENMETER_TOKEN", openmeter.token),),
+    )
     headers = {"x-api-key": KEY}
     for listener in (
         "listen_http_authz_port",
@@ -299,6 +325,12 @@ def test_every_dashboard_and_alert_query_names_series_a_live_metrics_serves(
         fetch(stack.url("listen_full_port", "/v1/chat/completions?tokens=3"), headers=headers).status == 200
     )
     # The meter's families fill once Envoy's access log has flushed.
+    eventually(
+        lambda: scrape(stack.meshtoll_admin_url).get("meshtoll_usage_sink_lag_seconds"),
+        lambda family: family is not None and bool(family.samples),
+        timeout=30,
+        message="the sink's lag, from the process that delivers",
+    )
     eventually(
         lambda: scrape(stack.meshtoll_admin_url).get("meshtoll_meter_ledger_write_seconds"),
         lambda family: (

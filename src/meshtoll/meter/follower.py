@@ -83,7 +83,11 @@ class LedgerFollower:
         self._attempts = Attempts(waiting_with_lease(state, self.name, owner, sleep), random, backoff)
         self._cursors: dict[str, Cursor] | None = None  # None: not holding the lease
         self._pushed: list[PushedWindow] = []
-        self.outcomes: Counter[str] = Counter()  # delivered, retried, quarantined, skipped
+        # Each outcome from zero, so that /metrics shows the series before the first record
+        # and an alert on its increase starts from a known count.
+        self.outcomes: Counter[str] = Counter(
+            dict.fromkeys(("delivered", "retried", "quarantined", "skipped"), 0)
+        )
         self.behind_records = 0
         self.behind_seconds = 0.0
 

@@ -86,6 +86,22 @@ RULES: tuple[dict[str, Any], ...] = (
         "They are billed from authz's data at the route's cost; check the access logger's delivery.",
     ),
     _rule(
+        "MeshtollUsageQuarantined",
+        'sum by (job, sink) (increase(meshtoll_usage_sink_records_total{outcome="quarantined"}[1h])) > 0',
+        "0m",
+        "warning",
+        "usage records quarantined by the {{ $labels.sink }} sink",
+        "The billing system refused them for good: `meshtoll usage quarantine list`, fix, then replay.",
+    ),
+    _rule(
+        "MeshtollUsageSinkLagging",
+        "max by (job, sink) (meshtoll_usage_sink_lag_seconds) > 900",
+        "15m",
+        "warning",
+        "the {{ $labels.sink }} sink is more than 15 minutes behind the ledger",
+        'The billing system is slow or failing (meshtoll_usage_sink_records_total{outcome="retried"}).',
+    ),
+    _rule(
         "MeshtollAdmissionsDropped",
         "sum by (job) (increase(meshtoll_admissions_dropped_total[5m])) > 0",
         "0m",

@@ -1,6 +1,6 @@
 """The Grafana dashboard for the gateway (deploy/monitoring/grafana-dashboard.json): decisions
 and denials by reason, latency percentiles, Redis health, limits and leases, the meter and
-reconciliation, hooks, the policy and the processes. Every query names series meshtoll's
+reconciliation, the billing sinks, hooks, the policy and the processes. Every query names series meshtoll's
 /metrics serves (tests/test_monitoring.py holds each against a live one)."""
 
 from __future__ import annotations
@@ -145,6 +145,33 @@ SECTIONS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                 "Ledger writes (p50, p99)",
                 "s",
                 _quantiles("meshtoll_meter_ledger_write_seconds_bucket", "job"),
+            ),
+        ),
+    ),
+    (
+        "Billing sinks",
+        (
+            Panel(
+                "Usage records by sink and outcome",
+                "ops",
+                (
+                    (
+                        f"sum by (sink, outcome) (rate(meshtoll_usage_sink_records_total[{RATE}]))",
+                        "{{sink}} {{outcome}}",
+                    ),
+                ),
+                description="delivered, retried, quarantined (refused for good: see the quarantine), skipped",
+            ),
+            Panel(
+                "Sink lag",
+                "s",
+                (("max by (sink) (meshtoll_usage_sink_lag_seconds)", "{{sink}}"),),
+                description="how long ago the oldest record not delivered yet was appended",
+            ),
+            Panel(
+                "Records not delivered yet",
+                "short",
+                (("max by (sink) (meshtoll_usage_sink_lag_records)", "{{sink}}"),),
             ),
         ),
     ),
