@@ -32,7 +32,6 @@ from pathlib import Path
 
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from meshtoll.authz.authorizer import Authorizer
 from meshtoll.authz.http_transport import HttpAuthzHandler
@@ -43,6 +42,7 @@ from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.server.event_loop import run_on_event_loop
 from meshtoll.storage.redis import RedisCounterStore
 from meshtoll.storage.usage_redis import RedisUsageStore
+from meshtoll.telemetry.sampling import sampling_from_environment
 from meshtoll.telemetry.tracing import Tracing
 from meshtoll.usage.recorder import AdmissionRecorder
 
@@ -146,9 +146,13 @@ class _Dropped(SpanExporter):
 
 
 def sampled_tracing(ratio: float) -> Tracing:
-    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)), shutdown_on_exit=False)
+    """As `meshtoll serve` traces with OTEL_TRACES_SAMPLER=parentbased_traceidratio."""
+    sampler, gate = sampling_from_environment(
+        {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": str(ratio)}
+    )
+    provider = TracerProvider(sampler=sampler, shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(_Dropped()))
-    return Tracing(provider)
+    return Tracing(provider, gate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from meshtoll.local.dev import EXAMPLE_POLICY
 from meshtoll.server.services import build
 from meshtoll.settings import Settings
 from meshtoll.telemetry.logs import configure_logging
+from meshtoll.telemetry.sampling import Gate, remote_sampled, sampling_from_environment
 from meshtoll.telemetry.tracing import tracing_from_environment, tracing_protocol
 from tests.otlp_receiver import otlp_receiver
 from tests.serve import running_serve
@@ -49,6 +53,7 @@ def test_tracing_is_on_with_an_endpoint(monkeypatch: pytest.MonkeyPatch, variabl
         tracing = tracing_from_environment()
         assert tracing is not None
         span = tracing.start("authz check", {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"})
+        assert span is not None
         span.end()
         tracing.shutdown()  # exports what is buffered
         (received,) = receiver.received()
@@ -142,3 +147,71 @@ def test_serve_logs_json_lines_with_log_format_json(tmp_path: Path, workers: str
     events = [json.loads(line) for line in lines]  # every line is one JSON object
     assert {event["logger"] for event in events} >= {"meshtoll"}
     assert all(event["level"] in ("info", "warning", "error") for event in events)
+
+
+SAMPLED = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+
+
+@pytest.mark.parametrize(
+    ("traceparent", "sampled"),
+    [
+        (SAMPLED, True),
+        (SAMPLED[:-2] + "00", False),
+        (SAMPLED[:-2] + "03", True),  # another flag besides
+        (SAMPLED.upper(), None),  # the W3C form is lower case
+        ("ff" + SAMPLED[2:], None),  # version ff is invalid
+        ("00-" + "0" * 32 + "-" + "b" * 16 + "-01", None),
+        ("00-" + "a" * 32 + "-" + "0" * 16 + "-01", None),
+        (SAMPLED + "-extra", None),
+        ("00-zz", None),
+        ("", None),
+    ],
+)
+def test_a_traceparents_sampled_flag_is_read_only_from_a_well_formed_one(
+    traceparent: str, sampled: bool | None
+) -> None:
+    assert remote_sampled(traceparent) is sampled
+
+
+def test_the_gate_follows_a_parents_flag_and_samples_roots_by_ratio() -> None:
+    draws = iter([0.004, 0.5, 0.0099])
+    gate = Gate(0.01, draw=lambda: next(draws))
+    assert gate.admits({"traceparent": SAMPLED}) is True
+    assert gate.admits({"traceparent": SAMPLED[:-2] + "00"}) is False
+    assert [gate.admits({}), gate.admits(None), gate.admits({"traceparent": "bad"})] == [True, False, True]
+
+
+@pytest.mark.parametrize(
+    ("environ", "ratio"),
+    [
+        ({}, 1.0),
+        ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"}, 0.01),
+        ({"OTEL_TRACES_SAMPLER": "parentbased_always_off"}, 0.0),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.5"}, None),  # the SDK's alone
+    ],
+)
+def test_the_sampler_variables_choose_the_gate(environ: dict[str, str], ratio: float | None) -> None:
+    sampler, gate = sampling_from_environment(environ)
+    assert (None if gate is None else gate.root_ratio) == ratio
+    assert (sampler is None) == (gate is None)
+
+
+@pytest.mark.parametrize("argument", ["2", "-0.1", "one percent"])
+def test_a_ratio_that_is_not_one_is_refused(argument: str) -> None:
+    environ = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": argument}
+    with pytest.raises(ConfigError, match="OTEL_TRACES_SAMPLER_ARG"):
+        sampling_from_environment(environ)
+
+
+@pytest.mark.integration
+def test_serve_refuses_a_bad_sampling_ratio_before_any_worker_starts(tmp_path: Path) -> None:
+    environ = {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "5",
+    }
+    argv = [sys.executable, "-m", "meshtoll", "serve", "--policy", str(EXAMPLE_POLICY), "--workers", "2"]
+    done = subprocess.run(argv, env=environ, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert "OTEL_TRACES_SAMPLER_ARG='5' is not a sampling ratio from 0 to 1" in done.stderr

@@ -151,3 +151,15 @@ def test_spans_go_out_over_otlp_grpc_when_the_protocol_says_so(start_stack: Star
         (span,) = spans_of(grpc_receiver, trace_id, "meshtoll")
         assert span.parent_span_id == parent
         stack.close()  # before its collector goes: no export left retrying against a closed port
+
+
+def test_a_call_whose_parent_was_not_sampled_gets_no_span(traced: LocalStack, receiver: OtlpReceiver) -> None:
+    unsampled, unsampled_id, _ = traceparent()
+    unsampled = unsampled[:-2] + "00"
+    url = traced.url("listen_http_authz_port", "/v1/items")
+    assert fetch(url, headers={"x-api-key": KEY, "traceparent": unsampled}).status == 200
+    header, trace_id, _ = traceparent()
+    assert fetch(url, headers={"x-api-key": KEY, "traceparent": header}).status == 200
+    # Spans leave in the order they end: once the later call's is in, the earlier one's would be.
+    spans_of(receiver, trace_id, "meshtoll")
+    assert [span for span in receiver.received() if span.trace_id == unsampled_id] == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Callable
 
@@ -77,13 +78,15 @@ def _serve(args: argparse.Namespace) -> int:
     from meshtoll.envoyproxy_ratelimit.config_files import load_descriptor_configs
     from meshtoll.server.tls import load_service_tls
     from meshtoll.telemetry.logs import configure_logging
+    from meshtoll.telemetry.sampling import sampling_from_environment
     from meshtoll.telemetry.tracing import tracing_protocol
 
     settings = settings_from(vars(args))
     configure_logging(settings.log_format)
     # Validate before any worker starts: a bad policy is one clear error, not a restart loop;
-    # so is a bad OTEL_EXPORTER_OTLP_PROTOCOL (nothing is exported from here).
+    # so is a bad OTEL_EXPORTER_OTLP_PROTOCOL or sampling ratio (nothing is exported from here).
     tracing_protocol()
+    sampling_from_environment(os.environ)
     load_policy(settings.policy)
     if settings.ratelimit_config is not None:
         load_descriptor_configs(settings.ratelimit_config)

@@ -28,6 +28,7 @@ from opentelemetry.trace import Span, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshtoll.errors import ConfigError
+from meshtoll.telemetry.sampling import Gate, sampling_from_environment
 
 PROTOCOLS = ("http/protobuf", "grpc")
 _ENDPOINTS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -36,15 +37,20 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 
 class Tracing:
     """The tracer of this process: `start` a span for a decision, and `end_span` it with
-    what was decided."""
+    what was decided. `gate`: decides first which decisions get a span at all
+    (telemetry/sampling.py); None: the SDK's sampler decides each."""
 
-    def __init__(self, provider: TracerProvider) -> None:
+    def __init__(self, provider: TracerProvider, gate: Gate | None = None) -> None:
         self.provider = provider
         self._tracer = provider.get_tracer("meshtoll")
+        self._gate = gate
 
-    def start(self, name: str, carrier: Mapping[str, str] | None = None) -> Span:
+    def start(self, name: str, carrier: Mapping[str, str] | None = None) -> Span | None:
         """A server span named `name`, the child of the trace context in `carrier` (headers
-        or gRPC metadata, names in lower case), or a new trace's root."""
+        or gRPC metadata, names in lower case), or a new trace's root; None when the
+        decision is not to be traced."""
+        if self._gate is not None and not self._gate.admits(carrier):
+            return None
         context = None if not carrier else _PROPAGATOR.extract(carrier)
         return self._tracer.start_span(name, context=context, kind=SpanKind.SERVER)
 
@@ -76,9 +82,10 @@ def tracing_from_environment(environ: Mapping[str, str] = os.environ) -> Tracing
     if environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
         return None
     resource = Resource.create({SERVICE_NAME: environ.get("OTEL_SERVICE_NAME") or "meshtoll"})
-    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+    sampler, gate = sampling_from_environment(environ)
+    provider = TracerProvider(sampler=sampler, resource=resource, shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(_exporter(environ)))
-    return Tracing(provider)
+    return Tracing(provider, gate)
 
 
 def tracing_protocol(environ: Mapping[str, str] = os.environ) -> str:
