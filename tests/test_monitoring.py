@@ -141,6 +141,27 @@ def test_the_alerts_fire_as_their_unit_tests_say(tmp_path: Path) -> None:
             sink="lago",
         ),
         alert_case(
+            "MeshtollTenantRegistryStale",
+            [
+                {
+                    "series": f"meshtoll_runtime_registry_staleness_seconds{{{SERIES}}}",
+                    "values": "1 1 40 100 160 220",
+                }
+            ],
+            fires_at="5m",
+            quiet_at="3m",  # stale for a minute only: pending
+            summary="meshtoll at 10.0.0.1:8090 has not read the tenant registry for 3m 40s",
+            instance="10.0.0.1:8090",
+        ),
+        alert_case(
+            "MeshtollRuntimeTenantsSkipped",
+            [{"series": f"meshtoll_runtime_tenants_skipped{{{SERIES}}}", "values": "0 0 2x12"}],
+            fires_at="13m",
+            quiet_at="1m",
+            summary="meshtoll at 10.0.0.1:8090 does not serve 2 run-time tenants",
+            instance="10.0.0.1:8090",
+        ),
+        alert_case(
             "MeshtollBackgroundWorkRestarting",
             [
                 {

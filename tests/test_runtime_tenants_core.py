@@ -13,11 +13,11 @@ import pytest
 from meshtoll.api_keys import checksum_fails, generate_key, key_hint, key_sha256
 from meshtoll.authz.decide import decide
 from meshtoll.authz.verdict import Allow, CheckRequest, Deny
-from meshtoll.errors import TenantChangeRefused
+from meshtoll.errors import StorageError, TenantChangeRefused
 from meshtoll.policy import CompiledPolicy, load_policy_text
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.policy.runtime import check_spec, runtime_tenant
-from meshtoll.registry.records import KeyRecord, TenantRecord
+from meshtoll.registry.records import Change, KeyRecord, TenantRecord
 from meshtoll.storage.registry_memory import MemoryTenantRegistry
 from meshtoll.tenants.follower import RegistryFollower
 from meshtoll.tenants.installed import InstalledTenants
@@ -204,6 +204,58 @@ async def test_an_instance_follows_changes_and_reloads_after_a_gap(tmp_path: Pat
         await eventually_async(lambda: installed.version, lambda v: v == 8, timeout=5, message="caught up")
         assert follower.reloads == 1
         assert {f"t{n}" for n in range(5)} <= set(holder.current.tenants)
+    finally:
+        running.cancel()
+
+
+class BreakableRegistry(MemoryTenantRegistry):
+    """The memory registry, whose change log cannot be read while `broken`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = False
+        self.failed_reads = 0
+
+    async def changes(self, after: str, wait_seconds: float) -> list[Change]:
+        if self.broken:
+            self.failed_reads += 1
+            raise StorageError("the registry is cut off")
+        return await super().changes(after, wait_seconds)
+
+
+async def test_staleness_grows_only_while_the_registry_cannot_be_read(tmp_path: Path) -> None:
+    registry = BreakableRegistry()
+    holder = holder_of(tmp_path)
+    installed = InstalledTenants(holder)
+    clock = [1000.0]
+    follower = RegistryFollower(
+        registry, installed, wait_seconds=0.01, retry_seconds=0.01, clock=lambda: clock[0]
+    )
+    service = TenantService(registry, lambda: holder.current, clock=lambda: NOW)
+    await follower.load_first()
+    assert follower.staleness() == 0
+    clock[0] += 5  # no read since the snapshot
+    assert follower.staleness() == 5
+    running = asyncio.create_task(follower.run_forever())
+    try:
+        await eventually_async(follower.staleness, lambda s: s == 0, timeout=5, message="a read")
+        await service.create({"name": "globex", "plan": "free"}, "test")
+        await eventually_async(
+            lambda: follower.changes_applied, lambda n: n == 1, timeout=5, message="the change applied"
+        )
+        registry.broken = True
+        reads = registry.failed_reads
+        await eventually_async(
+            lambda: registry.failed_reads, lambda n: n > reads, timeout=5, message="a failed read"
+        )
+        clock[0] += 60
+        await eventually_async(
+            lambda: registry.failed_reads, lambda n: n > reads + 1, timeout=5, message="another"
+        )
+        assert follower.staleness() == 60  # failed reads do not count
+        registry.broken = False
+        await eventually_async(follower.staleness, lambda s: s == 0, timeout=5, message="caught up")
+        assert (follower.changes_applied, follower.reloads) == (1, 0)
     finally:
         running.cancel()
 

@@ -17,6 +17,7 @@ import pytest
 from meshtoll.local.devstack import LocalStack, RedisServer
 from tests.client import Reply, fetch
 from tests.conftest import StartStack
+from tests.scraped import scrape, value
 from tests.tcp_proxy import TcpProxy
 from tests.waiting import eventually
 
@@ -145,6 +146,38 @@ def test_a_tenant_made_through_one_instance_is_served_by_both_and_its_key_never_
             assert seen["headers"]["x-meshtoll-tenant"] == "acme"
             assert seen["headers"]["x-meshtoll-consumer"] == "ci"
             assert issued["key"] not in json.dumps(seen)
+
+
+def test_the_tenant_metrics_follow_the_registry_on_both_instances(
+    stacks: tuple[LocalStack, LocalStack],
+) -> None:
+    a, b = stacks
+    before = [scrape(stack.meshtoll_admin_url) for stack in stacks]
+    create(a, "observed")
+    issued = new_key(a, "observed", id="o")
+    assert admin(a, "POST", "/api/tenants", {"name": "observed", "plan": "pro"}).status == 412
+    applied(stacks, issued["version"])
+    assert call(b, issued["key"]).status == 200
+    after = [scrape(stack.meshtoll_admin_url) for stack in stacks]
+
+    def grew(index: int, family: str, sample: str | None = None, **labels: str) -> float:
+        return value(after[index], family, sample, **labels) - value(before[index], family, sample, **labels)
+
+    def counted(index: int, family: str, **labels: str) -> float:
+        return grew(index, family, f"{family}_total", **labels)
+
+    writes = "meshtoll_tenant_api_writes"
+    assert (counted(0, writes, outcome="committed"), counted(0, writes, outcome="precondition_failed")) == (
+        2,
+        1,
+    )
+    assert counted(1, writes, outcome="committed") == 0  # asked of A only
+    for index in (0, 1):
+        assert grew(index, "meshtoll_runtime_tenants") == 1
+        assert grew(index, "meshtoll_policy_tenants") == 1  # the file's and the run-time tenants
+        assert counted(index, "meshtoll_runtime_registry_changes_applied") >= 2
+        assert value(after[index], "meshtoll_runtime_registry_version") >= issued["version"]
+        assert value(after[index], "meshtoll_runtime_tenants_skipped") == 0
 
 
 def test_a_roll_keeps_both_keys_then_only_the_new_one(stacks: tuple[LocalStack, LocalStack]) -> None:
@@ -334,14 +367,22 @@ def test_a_redis_outage_keeps_the_known_tenants_serving_and_the_instance_catches
         eventually(
             lambda: outcome(call(a, newcomer)), lambda s: s == "allowed", timeout=APPLIED_SECONDS, message="A"
         )
-        # B cannot hear of either change, and serves what it knew.
+        # B cannot hear of either change, and serves what it knew; its staleness says so.
         assert outcome(call(b, steady)) == "allowed"
         assert outcome(call(b, doomed)) == "allowed"
         assert outcome(call(b, newcomer)) == "invalid_api_key"
+        eventually(
+            lambda: staleness(b), lambda s: s > 3, timeout=APPLIED_SECONDS, message="B's staleness to grow"
+        )
     finally:
         proxy.restore()
     until_everywhere(stacks, doomed, "revoked_api_key")
     until_everywhere(stacks, newcomer, "allowed")
+    eventually(lambda: staleness(b), lambda s: s < 3, timeout=APPLIED_SECONDS, message="B current again")
+
+
+def staleness(stack: LocalStack) -> float:
+    return value(scrape(stack.meshtoll_admin_url), "meshtoll_runtime_registry_staleness_seconds")
 
 
 def test_a_restarted_instance_loads_every_tenant_before_it_is_ready(

@@ -119,6 +119,25 @@ RULES: tuple[dict[str, Any], ...] = (
         "meshtoll's log names each problem with its file, line and field path.",
     ),
     _rule(
+        "MeshtollTenantRegistryStale",
+        "max by (job, instance) (meshtoll_runtime_registry_staleness_seconds) > 30",
+        "2m",
+        "critical",
+        "meshtoll at {{ $labels.instance }} has not read the tenant registry for "
+        "{{ $value | humanizeDuration }}",
+        "It serves the run-time tenants it knew: keys revoked and tenants suspended since still pass "
+        "there. Check its Redis (meshtoll_redis_up) and its log.",
+    ),
+    _rule(
+        "MeshtollRuntimeTenantsSkipped",
+        "max by (job, instance) (meshtoll_runtime_tenants_skipped) > 0",
+        "10m",
+        "warning",
+        "meshtoll at {{ $labels.instance }} does not serve {{ $value }} run-time tenants",
+        "They conflict with its policy file (a tenant name or key the file has, an unknown plan): its "
+        "log names each; GET /api/tenants/{tenant} shows why (not_served).",
+    ),
+    _rule(
         "MeshtollBackgroundWorkRestarting",
         "sum by (job, work) (increase(meshtoll_background_restarts_total[10m])) > 0",
         "0m",

@@ -1,7 +1,8 @@
 """The Grafana dashboard for the gateway (deploy/monitoring/grafana-dashboard.json): decisions
 and denials by reason, latency percentiles, Redis health, limits and leases, the meter and
-reconciliation, the billing sinks, hooks, the policy and the processes. Every query names series meshtoll's
-/metrics serves (tests/test_monitoring.py holds each against a live one)."""
+reconciliation, the billing sinks, run-time tenants, hooks, the policy and the processes.
+Every query names series meshtoll's /metrics serves (tests/test_monitoring.py holds each
+against a live one)."""
 
 from __future__ import annotations
 
@@ -172,6 +173,47 @@ SECTIONS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                 "Records not delivered yet",
                 "short",
                 (("max by (sink) (meshtoll_usage_sink_lag_records)", "{{sink}}"),),
+            ),
+        ),
+    ),
+    (
+        "Run-time tenants",
+        (
+            Panel(
+                "Run-time tenants",
+                "short",
+                (
+                    ("max(meshtoll_runtime_tenants)", "in the registry"),
+                    ("max(meshtoll_runtime_tenants_skipped)", "not served (conflict with the file)"),
+                ),
+                kind="stat",
+                description="meshtoll_policy_tenants counts the file's tenants and these together",
+            ),
+            Panel(
+                "Registry version applied, by instance",
+                "short",
+                (("max by (instance) (meshtoll_runtime_registry_version)", "{{instance}}"),),
+                description="instances at different versions for more than a second are not following",
+            ),
+            Panel(
+                "Registry staleness, by instance",
+                "s",
+                (("max by (instance) (meshtoll_runtime_registry_staleness_seconds)", "{{instance}}"),),
+                description="since each instance last read the change log to its end: a change "
+                "reaches it within this",
+            ),
+            Panel(
+                "Tenant changes",
+                "ops",
+                (
+                    (
+                        f"sum by (outcome) (rate(meshtoll_tenant_api_writes_total[{RATE}]))",
+                        "asked: {{outcome}}",
+                    ),
+                    (f"max(rate(meshtoll_runtime_registry_changes_applied_total[{RATE}]))", "applied"),
+                    (f"max(increase(meshtoll_runtime_registry_reloads_total[{RATE}]))", "snapshots reloaded"),
+                ),
+                description="changes asked of the admin APIs by outcome, and applied from the registry's log",
             ),
         ),
     ),

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
     from meshtoll.ratelimit.limiter import Limiter
     from meshtoll.ratelimit.rls import RateLimitServicer
     from meshtoll.server.admin import StoreProbe
+    from meshtoll.server.tenant_api import TenantApi
     from meshtoll.storage.redis import RedisCounterStore
+    from meshtoll.tenants.follower import RegistryFollower
     from meshtoll.tenants.installed import InstalledTenants
     from meshtoll.usage.recorder import AdmissionRecorder
 
@@ -76,7 +78,7 @@ def export_policy(metrics: Metrics, policy: PolicyHolder) -> None:
     )
     metrics.gauge(
         "meshtoll_policy_tenants",
-        "tenants in the active policy",
+        "tenants the active policy serves: the file's and the run-time tenants installed into it",
         lambda: len(policy.current.tenants),
         combine="max",
     )
@@ -104,11 +106,12 @@ def export_ratelimit_config(metrics: Metrics, configs: DescriptorConfigHolder | 
     )
 
 
-def export_tenants(metrics: Metrics, installed: InstalledTenants) -> None:
-    # Every worker follows the same registry: their counts agree, never add up.
+def export_tenants(metrics: Metrics, installed: InstalledTenants, follower: RegistryFollower) -> None:
+    # Every worker follows the same registry: their counts agree, never add up; of their
+    # staleness, the most stale worker's is the instance's.
     metrics.gauge(
         "meshtoll_runtime_tenants",
-        "run-time tenants in the registry, as applied",
+        "run-time tenants in the registry, as applied (meshtoll_policy_tenants counts them too)",
         lambda: len(installed.records),
         combine="max",
     )
@@ -123,6 +126,36 @@ def export_tenants(metrics: Metrics, installed: InstalledTenants) -> None:
         "the tenant registry version this instance has applied",
         lambda: installed.version,
         combine="max",
+    )
+    metrics.counter(
+        "meshtoll_runtime_registry_changes_applied",
+        "run-time tenant changes read from the registry's change log and installed",
+        lambda: {(): follower.changes_applied},
+        combine="max",
+    )
+    metrics.counter(
+        "meshtoll_runtime_registry_reloads",
+        "snapshots of every run-time tenant loaded again after the first (a gap in the change log, "
+        "a registry started anew)",
+        lambda: {(): follower.reloads},
+        combine="max",
+    )
+    metrics.gauge(
+        "meshtoll_runtime_registry_staleness_seconds",
+        "seconds since this instance last read the registry's change log up to its end: about 1 "
+        "while it follows, growing while the registry cannot be read (its propagation lag's bound)",
+        follower.staleness,
+        combine="max",
+    )
+
+
+def export_tenant_api(metrics: Metrics, api: TenantApi) -> None:
+    metrics.count_by(
+        "meshtoll_tenant_api_writes",
+        "run-time tenant and key changes asked of this instance's admin API, by outcome: committed, "
+        "unavailable (no registry), or the refusal's error code",
+        api.writes,
+        "outcome",
     )
 
 

@@ -41,6 +41,7 @@ from meshtoll.server.exported import (
     export_process,
     export_ratelimit_config,
     export_redis,
+    export_tenant_api,
     export_tenants,
 )
 from meshtoll.server.lifecycle import Work
@@ -233,8 +234,14 @@ async def build(settings: Settings) -> Services:
     if tenants is not None:
         background["tenant registry follower"] = tenants.follower.run_forever
         background["instance heartbeat"] = tenants.reporter.run_forever
-        export_tenants(metrics, tenants.installed)
+        export_tenants(metrics, tenants.installed, tenants.follower)
     restarts.update(dict.fromkeys(background, 0))  # every work's series there from the start
+    tenant_api = TenantApi(
+        holder,
+        None if tenants is None else tenants.installed,
+        None if tenants is None else tenants.service,
+    )
+    export_tenant_api(metrics, tenant_api)
     admin = AdminHandler(
         AdminAccess(settings.admin_token, None if tokens is None else lambda: tokens.current),
         metrics,
@@ -242,11 +249,7 @@ async def build(settings: Settings) -> Services:
         store,
         usage,
         probe,
-        tenants=TenantApi(
-            holder,
-            None if tenants is None else tenants.installed,
-            None if tenants is None else tenants.service,
-        ),
+        tenants=tenant_api,
         tenants_loaded=(lambda: True) if tenants is None else tenants.follower.loaded.is_set,
         sink_state=usage_sinks.state,
     )

@@ -26,6 +26,7 @@ import binascii
 import bisect
 import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import parse_qs, unquote
@@ -94,6 +95,9 @@ class TenantApi:
         self._service = service
         self._clock = clock
         self._names: tuple[object, list[str]] = ((), [])
+        # Changes asked of this instance by outcome: committed, unavailable, or the refusal's
+        # code; committed there from the start, so that the series exists before the first.
+        self.writes: Counter[str] = Counter({"committed": 0})
 
     def handle(
         self, method: str, path: str, query: str, headers: dict[str, str], body: bytes, caller: Caller
@@ -145,13 +149,17 @@ class TenantApi:
         self, status: int, change: Callable[[TenantService], Awaitable[tuple[dict[str, Any], int | None]]]
     ) -> bytes:
         if self._service is None:
+            self.writes["unavailable"] += 1
             return _unavailable("run-time tenants need a shared store: start meshtoll serve with --redis-url")
         try:
             document, etag = await change(self._service)
         except TenantChangeRefused as refused:
+            self.writes[refused.code] += 1
             return _refused(refused)
         except StorageError as exc:
+            self.writes["unavailable"] += 1
             return _unavailable(f"the tenant registry cannot be reached: {exc}")
+        self.writes["committed"] += 1
         return _json(status, document, etag)
 
     async def _create(

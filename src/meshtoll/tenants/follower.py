@@ -49,9 +49,16 @@ class RegistryFollower:
         self._clock = clock
         self.loaded = asyncio.Event()  # the first snapshot is installed
         self.reloads = 0  # snapshots loaded after the first (gaps, resets)
+        self.changes_applied = 0  # changes read from the registry's log and installed
         self._failing = False
         self._must_reload = True
         self._checked_at = clock()
+        self._read_at = clock()  # the last read that left this instance as current as the registry
+
+    def staleness(self) -> float:
+        """Seconds since this instance last knew it was as current as the registry: about
+        WAIT_SECONDS when it follows, growing while the registry cannot be read."""
+        return self._clock() - self._read_at
 
     async def load_first(self) -> None:
         """The first snapshot, while the instance starts; when the registry cannot be reached,
@@ -90,7 +97,7 @@ class RegistryFollower:
             self.reloads += 1
         self.loaded.set()
         self._must_reload = False
-        self._checked_at = self._clock()
+        self._checked_at = self._read_at = self._clock()
         log.info(
             "run-time tenants loaded: %d at version %d in %.2f s (%d not served here)",
             len(snapshot.records),
@@ -103,8 +110,11 @@ class RegistryFollower:
         changes = await self._registry.changes(self._installed.cursor, self._wait)
         if changes:
             await self._apply(changes)
-        elif self._clock() - self._checked_at >= self._resync:
+            return
+        if self._clock() - self._checked_at >= self._resync:
             await self._check_version()
+        if not self._must_reload:
+            self._read_at = self._clock()  # nothing new in the log: current as of this read
 
     async def _apply(self, changes: list[Change]) -> None:
         applied = self._installed.version
@@ -120,7 +130,8 @@ class RegistryFollower:
         names = list(dict.fromkeys(change.tenant for change in changes))
         records = await self._registry.get_many(names)
         await self._installed.apply(records, changes[-1].version, changes[-1].cursor)
-        self._checked_at = self._clock()
+        self.changes_applied += len(changes)
+        self._checked_at = self._read_at = self._clock()
 
     async def _check_version(self) -> None:
         self._checked_at = self._clock()
