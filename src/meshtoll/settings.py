@@ -135,6 +135,13 @@ class Settings:
         "only); prefer the environment variable: every local user can read a process's arguments",
         secret=True,
     )
+    dashboard_secret: str | None = setting(
+        None,
+        "the key that signs the dashboard's session cookies (32+ characters); the same on every "
+        "instance behind one address keeps a browser signed in whichever answers (default: random per "
+        "process group, so a restart signs every browser out)",
+        secret=True,
+    )
     admin_tokens_file: Path | None = setting(
         None,
         "YAML file of admin tokens by name and scope (read or write), each as its SHA-256; watched and "
@@ -250,6 +257,8 @@ class Settings:
             raise ConfigError(f"lease_max: {self.lease_max} must be at least 1 (1: no leases)")
         if self.admin_token is not None and not _is_token(self.admin_token):
             raise ConfigError("admin_token must be non-empty printable ASCII without spaces")
+        if self.dashboard_secret is not None and len(self.dashboard_secret) < 32:
+            raise ConfigError("dashboard_secret must be at least 32 characters (openssl rand -hex 32)")
         self._check_tls()
         self._check_http_limits()
         self._check_usage_sinks()

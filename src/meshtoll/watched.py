@@ -5,7 +5,8 @@ Readers take `current` once and keep that object, so a swap never changes a vers
 decision in flight. The source is polled by its resolved path and inode, which also catches
 a Kubernetes ConfigMap update (an atomic swap of the `..data` symlink that leaves the
 mounted file's own path and mtime looking unchanged). A rejected version is logged once,
-counted in `rejected_versions`, and changes nothing.
+counted in `rejected_versions`, kept as `last_rejection` (when, and its located problems,
+for the dashboard's policy page), and changes nothing.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import asyncio
 import inspect
 import logging
 import os
-from collections.abc import Awaitable, Callable, Hashable
+import time
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from meshtoll.errors import PolicyError
+from meshtoll.errors import PolicyError, PolicyProblem
 
 Loaded = TypeVar("Loaded")
 Fingerprint = Hashable
@@ -27,6 +30,15 @@ Listener = Callable[[Loaded], Awaitable[None] | None]
 # A generated file can be wrong in every entry: the log gets the first problems, not a
 # hundred thousand lines at each poll of a broken version.
 LOGGED_PROBLEMS = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """The last version that was not put in place: when, and why (no problems: it failed
+    for a reason the loader did not locate, which the log has with its traceback)."""
+
+    at: float
+    problems: tuple[PolicyProblem, ...]
 
 
 class Watched(Generic[Loaded]):
@@ -51,7 +63,9 @@ class Watched(Generic[Loaded]):
         self.loaded = fingerprint(path)  # the version `current` came from
         self.current = load(path)
         self.version = 1
+        self.loaded_at = time.time()  # when `current` was put in place
         self.rejected_versions = 0
+        self.last_rejection: Rejection | None = None
         self._listeners: list[Listener[Loaded]] = []
         self._preparers: list[Callable[[Loaded], Awaitable[None]]] = []
 
@@ -69,6 +83,7 @@ class Watched(Generic[Loaded]):
             await prepare(value)
         self.current = value
         self.version += 1
+        self.loaded_at = time.time()
         for listener in self._listeners:
             try:
                 heard = listener(value)
@@ -87,7 +102,7 @@ class Watched(Generic[Loaded]):
             if current is None or current == self.loaded:
                 continue
             self.loaded = current
-            value = await load_off_loop(self._load, self.path, self._log)
+            value = await load_off_loop(self._load, self.path, self._log, self._rejected)
             if value is None:
                 self.rejected_versions += 1
                 continue
@@ -97,11 +112,15 @@ class Watched(Generic[Loaded]):
                 # The version could not be completed: the one in use stays, as for a version
                 # that does not load, and the watcher goes on.
                 self.rejected_versions += 1
+                self._rejected(())
                 self._log.exception(
                     "%s: new version could not be put in place, the previous one stays", self.path
                 )
                 continue
             self._log.info("%s reloaded: version %d, %s", self.path, self.version, self._describe(value))
+
+    def _rejected(self, problems: Sequence[PolicyProblem]) -> None:
+        self.last_rejection = Rejection(time.time(), tuple(problems))
 
 
 def file_fingerprint(path: Path) -> Fingerprint | None:
@@ -123,7 +142,10 @@ def directory_fingerprint(directory: Path) -> Fingerprint | None:
 
 
 async def load_off_loop(
-    load: Callable[[Path], Loaded], source: Path, logger: logging.Logger
+    load: Callable[[Path], Loaded],
+    source: Path,
+    logger: logging.Logger,
+    rejected: Callable[[Sequence[PolicyProblem]], None] = lambda problems: None,
 ) -> Loaded | None:
     """Load a new version in a thread (a large policy takes seconds to compile); None, logged,
     when the version is rejected.
@@ -136,8 +158,10 @@ async def load_off_loop(
         return await asyncio.to_thread(load, source)
     except PolicyError as exc:
         logger.error("%s: new version rejected, the previous one stays:\n%s", source, _first_problems(exc))
+        rejected(exc.problems)
     except Exception:
         logger.exception("%s: new version failed to load (a meshtoll bug), the previous one stays", source)
+        rejected(())
     return None
 
 

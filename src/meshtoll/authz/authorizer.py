@@ -21,6 +21,7 @@ from meshtoll.errors import StorageError
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.verdict import allowed_headers
 from meshtoll.telemetry.metrics import DecisionCounts
+from meshtoll.telemetry.recent_denials import Denial, RecentDenials
 from meshtoll.usage.records import Admission
 
 if TYPE_CHECKING:
@@ -50,11 +51,12 @@ class Authorizer:
         tenant_counts: Counter[tuple[str, str]] | None = None,
         limiter: Limiter | None = None,
         recorder: AdmissionRecorder | None = None,
+        denials: RecentDenials | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`tenant_counts`: decisions by (tenant, outcome), only when per-tenant metrics are
         asked for (--metrics-tenant-labels): allows and limit refusals, the decisions that
-        know their tenant."""
+        know their tenant; `denials`: where limit refusals are kept by tenant for the dashboard."""
         self._policy = policy
         self._jwks = jwks
         self._transport = transport
@@ -62,6 +64,7 @@ class Authorizer:
         self._tenant_counts = tenant_counts
         self._limiter = limiter
         self._recorder = recorder
+        self._denials = denials
         self._clock = clock
         self._admitting = True
         self._warned_no_request_id = False
@@ -119,6 +122,8 @@ class Authorizer:
             if limits.code == "quota_exceeded"
             else f"the rate limit {name!r} is exceeded"
         )
+        if self._denials is not None:
+            self._denials.add(allow.tenant, Denial(self._clock(), allow.route, limits.code, message))
         return self._counted(request, Deny(429, limits.code, message, limits.headers), policy)
 
     def _counted(self, request: CheckRequest, verdict: Verdict, policy: CompiledPolicy) -> Verdict:

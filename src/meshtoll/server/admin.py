@@ -19,6 +19,8 @@ from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.quota import tenant_quota
 from meshtoll.server.admin_access import OPEN_PATHS, AdminAccess
 from meshtoll.server.admin_sinks import answer_sink_path, is_sink_path
+from meshtoll.server.dashboard import Dashboard, serves
+from meshtoll.server.dashboard_data import policy_document
 from meshtoll.server.tenant_api import TenantApi
 from meshtoll.sinks.state import SinkStateStore
 from meshtoll.telemetry.metrics import Metrics
@@ -91,9 +93,11 @@ class AdminHandler:
         tenants: TenantApi | None = None,
         tenants_loaded: Callable[[], bool] = lambda: True,
         sink_state: SinkStateStore | None = None,
+        dashboard: Dashboard | None = None,
     ) -> None:
         """`tenants`: the run-time tenants' API; `tenants_loaded`: whether they are in place
-        (the instance is not ready before); `sink_state`: the billing sinks' quarantine."""
+        (the instance is not ready before); `sink_state`: the billing sinks' quarantine;
+        `dashboard`: the pages on `/` and their JSON API."""
         self.access = access
         self.metrics = metrics
         self.policy = policy
@@ -103,16 +107,21 @@ class AdminHandler:
         self.tenants = tenants
         self.tenants_loaded = tenants_loaded
         self.sink_state = sink_state
+        self.dashboard = dashboard
 
     def __call__(
         self, method: str, target: str, headers: dict[str, str], peer: str, body: bytes = b""
     ) -> bytes | Awaitable[bytes]:
         path, _, query = target.partition("?")
+        if self.dashboard is not None and serves(path):
+            return self.dashboard(method, target, headers, peer, body)  # its own sessions
         # Deny by default: any path but the open ones, known or not, needs access first.
         if path not in OPEN_PATHS:
             caller = self.access.caller(method, headers, peer)
             if isinstance(caller, bytes):
                 return caller
+            if self.dashboard is not None and (answer := self.dashboard.api(method, path, query)) is not None:
+                return answer
             if self.tenants is not None and not _report_path(path):
                 handled = self.tenants.handle(method, path, query, headers, body, caller)
                 if handled is not None:
@@ -138,7 +147,7 @@ class AdminHandler:
         if path == "/readyz":
             return self._ready()
         if path == "/api/policy":
-            return self._policy_summary()
+            return _json(200, policy_document(self.policy))
         return _NOT_FOUND
 
     async def _quota(self, tenant: str) -> bytes:
@@ -184,20 +193,6 @@ class AdminHandler:
         if self.probe.reachable is not None:
             document["redis"] = "ok" if self.probe.reachable else "unreachable"
         return _json(200, document)
-
-    def _policy_summary(self) -> bytes:
-        current = self.policy.current.policy
-        return _json(
-            200,
-            {
-                "file": current.source,
-                "version": self.policy.version,
-                "rejected_versions": self.policy.rejected_versions,
-                "plans": len(current.plans),
-                "tenants": len(current.tenants),
-                "routes": len(current.routes),
-            },
-        )
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 503: "Service Unavailable"}

@@ -103,6 +103,22 @@ class AdminAccess:
             return _READ_ONLY
         return Caller(token.name, token.scope)
 
+    def presented(self, presented: str) -> tuple[Caller, bytes] | None:
+        """The token a login form was given, with its digest; None when it is no admin token."""
+        digest = hashlib.sha256(presented.strip().encode("utf-8")).digest()
+        token = self._token(digest)
+        return None if token is None else (Caller(token.name, token.scope), digest)
+
+    def named(self, name: str) -> tuple[Caller, bytes] | None:
+        """The current token of that name with its digest (a session names its token: one
+        removed or replaced since ends the session)."""
+        if self._environment is not None and name == ENVIRONMENT_TOKEN_NAME:
+            return Caller(name, "write"), self._environment
+        for digest, token in (self._tokens() if self._tokens is not None else {}).items():
+            if token.name == name:
+                return Caller(token.name, token.scope), digest
+        return None
+
     def _token(self, digest: bytes) -> AdminToken | None:
         # By the SHA-256 of what was presented: how long a comparison (or a dict probe) takes
         # tells nothing about how much of a guessed token was right.

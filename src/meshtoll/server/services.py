@@ -5,6 +5,7 @@ Serving them is server/app.py's job, so this wiring can be built and exercised i
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ from meshtoll.registry.store import TenantRegistry
 from meshtoll.server.admin import AdminHandler, StoreProbe
 from meshtoll.server.admin_access import AdminAccess
 from meshtoll.server.admin_tokens import AdminTokensHolder
+from meshtoll.server.dashboard import Dashboard
+from meshtoll.server.dashboard_data import DashboardData
+from meshtoll.server.dashboard_session import Sessions
 from meshtoll.server.exported import (
     Latencies,
     export_extproc,
@@ -46,11 +50,13 @@ from meshtoll.server.exported import (
 )
 from meshtoll.server.lifecycle import Work
 from meshtoll.server.tenant_api import TenantApi
+from meshtoll.server.traffic import Traffic
 from meshtoll.server.usage_sinks import UsageSinks, build_usage_sinks
 from meshtoll.settings import Settings
 from meshtoll.storage import open_counter_store, open_tenant_registry, open_usage_store
 from meshtoll.storage.redis import RedisCounterStore
 from meshtoll.telemetry.metrics import DecisionCounts, Metrics
+from meshtoll.telemetry.recent_denials import RecentDenials
 from meshtoll.telemetry.tenant_labels import parse_tenant_labels
 from meshtoll.telemetry.tracing import Tracing, tracing_from_environment
 from meshtoll.tenants.follower import RegistryFollower
@@ -162,6 +168,7 @@ async def build(settings: Settings) -> Services:
         tracing=tracing,
     )
     decisions = DecisionCounts()
+    denials = RecentDenials()
     metrics.count_by(
         "meshtoll_authz_decisions",
         "authz decisions by transport and outcome",
@@ -188,6 +195,7 @@ async def build(settings: Settings) -> Services:
         tenant_counts=tenant_counts,
         limiter=limiter,
         recorder=recorder,
+        denials=denials,
     )
     http_authorizer, grpc_authorizer = authorizer_for(transport="http"), authorizer_for(transport="grpc")
     stats = DescriptorStats()
@@ -236,14 +244,19 @@ async def build(settings: Settings) -> Services:
         background["instance heartbeat"] = tenants.reporter.run_forever
         export_tenants(metrics, tenants.installed, tenants.follower)
     restarts.update(dict.fromkeys(background, 0))  # every work's series there from the start
+    access = AdminAccess(settings.admin_token, None if tokens is None else lambda: tokens.current)
     tenant_api = TenantApi(
         holder,
         None if tenants is None else tenants.installed,
         None if tenants is None else tenants.service,
     )
     export_tenant_api(metrics, tenant_api)
+    dashboard_data = DashboardData(
+        holder, store, usage, tenant_api, denials, Traffic(metrics), lambda: probe.reachable
+    )
+    secret = (settings.dashboard_secret or secrets.token_hex(32)).encode()
     admin = AdminHandler(
-        AdminAccess(settings.admin_token, None if tokens is None else lambda: tokens.current),
+        access,
         metrics,
         holder,
         store,
@@ -252,6 +265,7 @@ async def build(settings: Settings) -> Services:
         tenants=tenant_api,
         tenants_loaded=(lambda: True) if tenants is None else tenants.follower.loaded.is_set,
         sink_state=usage_sinks.state,
+        dashboard=Dashboard(Sessions(access, secret), dashboard_data, tenant_api),
     )
     return Services(
         policy=holder,

@@ -11,8 +11,10 @@ answers for the group.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
+import secrets
 import shutil
 import signal
 import tempfile
@@ -52,6 +54,9 @@ def supervise(settings: Settings) -> int:
 
 def _supervise(settings: Settings, listeners: Listeners, metrics_dir: Path) -> int:
     context = multiprocessing.get_context("spawn")
+    if settings.dashboard_secret is None:
+        # One key for the whole group: a browser's next request may reach another worker.
+        settings = dataclasses.replace(settings, dashboard_secret=secrets.token_hex(32))
     stopping = False
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
