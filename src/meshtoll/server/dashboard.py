@@ -47,7 +47,9 @@ _SECURITY_HEADERS = (
         "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     ),
     ("x-content-type-options", "nosniff"),
-    ("referrer-policy", "no-referrer"),
+    # Not no-referrer: with it, a browser sends `Origin: null` on this dashboard's own forms,
+    # which the Origin check would then have to accept. same-origin: no other site sees a URL.
+    ("referrer-policy", "same-origin"),
 )
 _STATIC_TYPES = {"dashboard.css": "text/css; charset=utf-8", "dashboard.js": "text/javascript; charset=utf-8"}
 _REASONS = {
@@ -81,6 +83,7 @@ def _templates() -> Environment:
     )
     environment.filters["num"] = lambda value: "—" if value is None else f"{value:,}"
     environment.filters["url_part"] = lambda value: quote(str(value), safe="")
+    environment.filters["duration"] = _duration
     return environment
 
 
@@ -172,7 +175,9 @@ class Dashboard:
             except ValueError as exc:
                 return self._page(400, "message.html", session, headers, title="Bad page", text=str(exc))
             refresh = REFRESH_SECONDS
-            return self._page(200, "overview.html", session, headers, overview=overview, refresh=refresh)
+            plans = sorted(self._data.plans())
+            values = {"overview": overview, "refresh": refresh, "plans": plans}
+            return self._page(200, "overview.html", session, headers, **values)
         if path == "/policy":
             return self._page(200, "policy.html", session, headers, policy=self._data.policy())
         if path.startswith("/tenants/") and path.count("/") == 2:
@@ -309,6 +314,13 @@ def _api_change(parts: list[str], form: dict[str, str]) -> tuple[str, str, dict[
 
 def _api_path(tenant: str, *more: str) -> str:
     return "/".join(["/api/tenants", *(quote(part, safe="") for part in (tenant, *more))])
+
+
+def _duration(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
 
 
 def _form(body: bytes) -> dict[str, str]:

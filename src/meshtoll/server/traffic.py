@@ -23,7 +23,8 @@ class Traffic:
     def __init__(self, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
         self._metrics = metrics
         self._clock = clock
-        self._samples: deque[tuple[float, float]] = deque(maxlen=_SAMPLES)
+        # Built before the first decision: the first page's rate is then the rate since start.
+        self._samples: deque[tuple[float, float]] = deque([(clock(), 0.0)], maxlen=_SAMPLES)
 
     def figures(self) -> dict[str, Any]:
         by_outcome = self._decisions()
