@@ -21,7 +21,7 @@ from meshtoll.errors import StorageError
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.verdict import allowed_headers
 from meshtoll.telemetry.metrics import DecisionCounts
-from meshtoll.telemetry.recent_denials import Denial, RecentDenials
+from meshtoll.telemetry.recent_denials import RecentDenials
 from meshtoll.usage.records import Admission
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ class Authorizer:
             else f"the rate limit {name!r} is exceeded"
         )
         if self._denials is not None:
-            self._denials.add(allow.tenant, Denial(self._clock(), allow.route, limits.code, message))
+            self._denials.add(allow.tenant, self._clock(), allow.route, limits.code, message)
         return self._counted(request, Deny(429, limits.code, message, limits.headers), policy)
 
     def _counted(self, request: CheckRequest, verdict: Verdict, policy: CompiledPolicy) -> Verdict:
