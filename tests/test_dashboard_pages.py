@@ -309,3 +309,28 @@ def test_the_pages_and_the_json_api_show_the_same_numbers(
     reply = services.admin("GET", "/api/dashboard/tenants/acme", {"cookie": browser.cookie}, PEER, b"")
     raw = reply if isinstance(reply, bytes) else loop.run_until_complete(_wait(reply))
     assert raw.startswith(b"HTTP/1.1 401 ")
+
+
+def test_the_overview_pages_through_the_tenants_fifty_at_a_time(
+    served: tuple[Services, asyncio.AbstractEventLoop],
+) -> None:
+    services, loop = served
+    write = {"authorization": f"Bearer {WRITE_TOKEN}"}
+    for number in range(60):
+        body = json.dumps({"name": f"t{number:03d}", "plan": "free"}).encode()
+        reply = services.admin("POST", "/api/tenants", write, PEER, body)
+        raw = reply if isinstance(reply, bytes) else loop.run_until_complete(_wait(reply))
+        assert raw.startswith(b"HTTP/1.1 201 ")
+    browser = Browser(services, loop)
+    browser.sign_in(READ_TOKEN)
+    seen: list[str] = []
+    target = "/"
+    while target:
+        status, _, page = browser.request("GET", target)
+        assert status == 200
+        names = re.findall(r'<a href="/tenants/[^"]+">([^<]+)</a>', page)
+        assert len(names) <= 50
+        seen += names
+        following = re.search(r'id="next-page" href="([^"]+)"', page)
+        target = following.group(1).replace("&amp;", "&") if following else ""
+    assert seen == sorted(["acme", "globex", "initech", *(f"t{n:03d}" for n in range(60))])

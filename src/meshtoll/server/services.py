@@ -37,6 +37,7 @@ from meshtoll.server.dashboard import Dashboard
 from meshtoll.server.dashboard_data import DashboardData
 from meshtoll.server.dashboard_session import Sessions
 from meshtoll.server.exported import (
+    DECISION_SECONDS,
     Latencies,
     export_extproc,
     export_limits,
@@ -50,7 +51,7 @@ from meshtoll.server.exported import (
 )
 from meshtoll.server.lifecycle import Work
 from meshtoll.server.tenant_api import TenantApi
-from meshtoll.server.traffic import Traffic
+from meshtoll.server.traffic import Traffic, metrics_reading
 from meshtoll.server.usage_sinks import UsageSinks, build_usage_sinks
 from meshtoll.settings import Settings
 from meshtoll.storage import open_counter_store, open_tenant_registry, open_usage_store
@@ -252,7 +253,13 @@ async def build(settings: Settings) -> Services:
     )
     export_tenant_api(metrics, tenant_api)
     dashboard_data = DashboardData(
-        holder, store, usage, tenant_api, denials, Traffic(metrics), lambda: probe.reachable
+        holder,
+        store,
+        usage,
+        tenant_api,
+        denials,
+        Traffic(metrics_reading(metrics, DECISION_SECONDS)),
+        lambda: probe.reachable,
     )
     secret = (settings.dashboard_secret or secrets.token_hex(32)).encode()
     admin = AdminHandler(

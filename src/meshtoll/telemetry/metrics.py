@@ -105,12 +105,17 @@ class Metrics:
     def collect(self) -> list[Family]:
         return [read() for read in self._families.values()]
 
-    def exposition(self, accept: str = "") -> tuple[bytes, str]:
-        """The body and content type of /metrics for a scraper that sent `accept`: this
-        process's collection, merged with its sibling workers' when it has some."""
+    def group_collection(self) -> list[Family]:
+        """This process's collection, merged with its sibling workers' when it has some:
+        what /metrics serves (and the dashboard's overview reads)."""
         collection = self.collect()
         if self.siblings is not None:
             collection = merge([collection, *self.siblings()])
+        return collection
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The body and content type of /metrics for a scraper that sent `accept`."""
+        collection = self.group_collection()
         if self.tenant_labels.enabled:
             collection = [self.tenant_labels.select(family) for family in collection]
         return render(collection, accept)
