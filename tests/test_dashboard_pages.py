@@ -334,3 +334,24 @@ def test_the_overview_pages_through_the_tenants_fifty_at_a_time(
         following = re.search(r'id="next-page" href="([^"]+)"', page)
         target = following.group(1).replace("&amp;", "&") if following else ""
     assert seen == sorted(["acme", "globex", "initech", *(f"t{n:03d}" for n in range(60))])
+
+
+def test_a_session_is_good_on_every_instance_given_the_same_secret_and_no_other(tmp_path: Path) -> None:
+    tokens = tokens_file(tmp_path)
+    loop = asyncio.new_event_loop()
+    built = [
+        loop.run_until_complete(
+            build(Settings(policy=EXAMPLE_POLICY, admin_tokens_file=tokens, dashboard_secret=secret))
+        )
+        for secret in (SECRET, SECRET, "t" * 40)
+    ]
+    try:
+        first, same, other = (Browser(services, loop) for services in built)
+        first.sign_in(READ_TOKEN)
+        same.cookie = other.cookie = first.cookie
+        assert same.request("GET", "/policy")[0] == 200
+        assert other.request("GET", "/policy")[0] == 303
+    finally:
+        for services in built:
+            loop.run_until_complete(services.close())
+        loop.close()
