@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.resources
 import time
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlencode
 
@@ -52,19 +53,6 @@ _SECURITY_HEADERS = (
     ("referrer-policy", "same-origin"),
 )
 _STATIC_TYPES = {"dashboard.css": "text/css; charset=utf-8", "dashboard.js": "text/javascript; charset=utf-8"}
-_REASONS = {
-    200: "OK",
-    201: "Created",
-    303: "See Other",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    409: "Conflict",
-    412: "Precondition Failed",
-    503: "Service Unavailable",
-}
 REFRESH_SECONDS = 5
 
 
@@ -269,7 +257,7 @@ class Dashboard:
             .encode()
         )
         content = (("content-type", "text/html; charset=utf-8"), *_SECURITY_HEADERS)
-        return response(status, _REASONS.get(status, "Error"), content, body)
+        return response(status, HTTPStatus(status).phrase, content, body)
 
     async def _with_cookie(
         self, page: Awaitable[bytes], fresh: Session | None, headers: dict[str, str]
@@ -368,4 +356,4 @@ def _only_get(method: str) -> bytes | None:
 
 def _json(status: int, document: dict[str, Any]) -> bytes:
     content = (("content-type", "application/json"),)
-    return response(status, _REASONS.get(status, "Error"), content, orjson.dumps(document))
+    return response(status, HTTPStatus(status).phrase, content, orjson.dumps(document))
