@@ -120,7 +120,10 @@ class AdminHandler:
             caller = self.access.caller(method, headers, peer)
             if isinstance(caller, bytes):
                 return caller
-            if self.dashboard is not None and (answer := self.dashboard.api(method, path, query)) is not None:
+            if (
+                self.dashboard is not None
+                and (answer := self.dashboard.api(method, path, query, caller)) is not None
+            ):
                 return answer
             if self.tenants is not None and not _report_path(path):
                 handled = self.tenants.handle(method, path, query, headers, body, caller)

@@ -91,15 +91,14 @@ class Dashboard:
 
     # The JSON API (behind AdminAccess, like the rest of /api)
 
-    def api(self, method: str, path: str, query: str) -> Awaitable[bytes] | bytes | None:
+    def api(self, method: str, path: str, query: str, caller: Caller) -> Awaitable[bytes] | bytes | None:
         """The answer for one of the dashboard's JSON endpoints, or None for another path."""
         parts = [unquote(part) for part in path.removeprefix("/api/").split("/")]
-        reader = Caller("api", "read")
         match parts:
             case ["dashboard", "overview"]:
-                return _only_get(method) or self._json_overview(_first(query, "cursor"), reader)
+                return _only_get(method) or self._json_overview(_first(query, "cursor"), caller)
             case ["dashboard", "tenants", tenant]:
-                return _only_get(method) or self._json_tenant(tenant, reader)
+                return _only_get(method) or self._json_tenant(tenant, caller)
             case ["dashboard", "policy"]:
                 return _only_get(method) or _json(200, self._data.policy())
             case ["tenants", tenant, "denials"]:
