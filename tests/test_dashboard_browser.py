@@ -137,6 +137,7 @@ def test_the_pages_show_the_traffic_sent_through_envoy_and_the_cli_invoice(
     eventually(lambda: int(page.inner_text("#allowed").replace(",", "")), lambda now: now > allowed,
                timeout=APPLIED_SECONDS, message="the overview to refresh its figures")  # fmt: skip
     assert page.inner_text("#rps") != "—"
+    assert page.inner_text("#latency").endswith(" µs")  # from the decision latency histogram
 
     page.click("#tenants a:text-is('filed')")
     page.wait_for_selector("#invoice-total")
