@@ -262,14 +262,16 @@ class RedisUsageStore:
     async def _pending_admissions(
         self, requests: Sequence[tuple[str, Sequence[str | bytes]]]
     ) -> PendingAdmissions:
-        """The admissions and reported units of each tenant's request ids, in one round trip."""
+        """The admissions and reported units of each tenant's request ids, in one round trip
+        (packed by hiredis on a standalone Redis: the meter asks this for every access-log
+        entry, and redis-py's packing of two arguments per entry was a third of its cost)."""
         if not requests:
             return {}
-        async with self._client.pipeline(transaction=False) as pipe:
-            for tenant, ids in requests:
-                pipe.hmget(admissions_key(tenant), ids)
-                pipe.hmget(reported_units_key(tenant), ids)
-            replies = await pipe.execute()
+        commands: list[tuple[Any, ...]] = []
+        for tenant, ids in requests:
+            commands.append(("HMGET", admissions_key(tenant), *ids))
+            commands.append(("HMGET", reported_units_key(tenant), *ids))
+        replies = await self._pipeline(commands)
         found: PendingAdmissions = {}
         for (tenant, _), texts, reported in zip(requests, replies[::2], replies[1::2], strict=True):
             for text, units in zip(texts, reported, strict=True):
