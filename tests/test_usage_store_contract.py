@@ -8,10 +8,11 @@ import time
 from datetime import UTC, datetime
 from typing import cast
 
+import orjson
 import pytest
 import redis.asyncio
 
-from meshtoll.keys import admitted_tenants_key, ledger_key
+from meshtoll.keys import admissions_key, admitted_tenants_key, ledger_key
 from meshtoll.storage import MemoryUsageStore
 from meshtoll.storage.usage_redis import (
     ADMITTED_TENANTS_BUCKET_SECONDS,
@@ -266,3 +267,23 @@ async def test_a_position_before_a_moment_starts_a_reader_at_what_was_appended_s
     (entry,) = await usage_store.ledger_after(tenant, LEDGER_START, 10)
     assert await usage_store.ledger_after(tenant, position_before(entry.appended), 10) == [entry]
     assert await usage_store.ledger_after(tenant, position_before(entry.appended + 0.001), 10) == []
+
+
+@pytest.mark.integration
+async def test_a_pending_admission_reads_back_with_every_field_also_as_an_earlier_version_wrote_it(
+    redis_url: str,
+) -> None:
+    tenant = f"usage{next(_tenants)}"
+    store = RedisUsageStore(redis_url)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        admitted = Admission("r-new", T, tenant, "consumer-1", "pro", "chat", "POST", 7, awaits_report=True)
+        await store.admit([admitted])
+        # An object with the field names: what versions before the JSON array stored.
+        earlier = Admission("r-old", T + 1, tenant, "consumer-2", "free", "v1", "GET", 3)
+        await client.hset(admissions_key(tenant), "r-old", orjson.dumps(earlier))
+        found = await store.pending([(tenant, "r-new"), (tenant, "r-old")])
+        assert found == {(tenant, "r-new"): (admitted, None), (tenant, "r-old"): (earlier, None)}
+    finally:
+        await client.aclose()
+        await store.close()

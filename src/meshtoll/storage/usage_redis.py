@@ -159,9 +159,7 @@ class RedisUsageStore:
         # second's worth of requests.
         commands: list[tuple[Any, ...]] = []
         for tenant, batch in by_tenant.items():
-            # orjson, not json.dumps(asdict()): with those, the flush took a fifth of the
-            # fused path's CPU (bench/fused_decision.py --profile).
-            documents = chain.from_iterable((a.request_id, orjson.dumps(a)) for a in batch)
+            documents = chain.from_iterable((a.request_id, admission_document(a)) for a in batch)
             commands.append(("HSET", admissions_key(tenant), *documents))
             due = chain.from_iterable((a.due(), a.request_id) for a in batch)
             commands.append(("ZADD", pending_key(tenant), *due))
@@ -276,7 +274,7 @@ class RedisUsageStore:
         for (tenant, _), texts, reported in zip(requests, replies[::2], replies[1::2], strict=True):
             for text, units in zip(texts, reported, strict=True):
                 if text is not None:
-                    admission = Admission(**orjson.loads(text))
+                    admission = admission_from_document(text)
                     found[tenant, admission.request_id] = (admission, None if units is None else int(units))
         return found
 
@@ -326,6 +324,24 @@ class RedisUsageStore:
         await self._client.aclose()
         for sentinel in self._sentinels:
             await sentinel.aclose()
+
+
+def admission_document(admission: Admission) -> bytes:
+    """How the admissions hash keeps an admission: its fields as a JSON array, in the
+    dataclass's order. orjson writes a tuple in a quarter of the time it takes for the
+    dataclass itself (an object with names), and the meter reads the array back in a third
+    of the time (Admission(*fields) against Admission(**fields)): authz flushes one per
+    admitted request and the meter reads one per access-log entry."""
+    a = admission
+    fields = (a.request_id, a.time, a.tenant, a.consumer, a.plan, a.route, a.method, a.units, a.awaits_report)
+    return orjson.dumps(fields)
+
+
+def admission_from_document(text: bytes) -> Admission:
+    """An admission as admission_document wrote it, or as an object with the field names,
+    as versions before it wrote them (admissions still pending across an upgrade)."""
+    fields = orjson.loads(text)
+    return Admission(*fields) if isinstance(fields, list) else Admission(**fields)
 
 
 def ledger_entry_records(fields: dict[bytes, bytes]) -> list[UsageRecord]:
