@@ -78,8 +78,8 @@ class SettledSignal(Settlement):
     """A Settlement that says when it has settled a batch: the gRPC access log's stream has
     no answer per message to wait for."""
 
-    def __init__(self, store: UsageStore, clock: Callable[[], float]) -> None:
-        super().__init__(store, clock=clock)
+    def __init__(self, store: UsageStore, clock: Callable[[], float], recorder: AdmissionRecorder) -> None:
+        super().__init__(store, clock=clock, recorder=recorder)
         self.batches: asyncio.Queue[int] = asyncio.Queue()
 
     async def settle(self, observations: Sequence[Observation]) -> None:
@@ -102,7 +102,7 @@ async def meter_many(
     schedule = Schedule()
     usage = RedisUsageStore(redis_url)
     recorder = AdmissionRecorder(usage)
-    settlement = SettledSignal(usage, schedule)
+    settlement = SettledSignal(usage, schedule, recorder)  # as meshtoll serve wires them
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((OtlpLogsReceiver(settlement).handler(),))
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(settlement), server)

@@ -18,7 +18,8 @@ from meshtoll.errors import StorageUnavailable
 from meshtoll.meter.als import AccessLogServicer, observation_from_envoy
 from meshtoll.meter.settle import Settlement
 from meshtoll.storage import MemoryUsageStore
-from meshtoll.usage.records import Admission, ReportedUnits
+from meshtoll.usage.recorder import AdmissionRecorder
+from meshtoll.usage.records import Admission, Observation, ReportedUnits, UsageRecord
 from meshtoll.usage.store import PendingAdmissions, UsageStore
 
 START = 1_795_618_437  # 2026-11-25T10:53:57Z
@@ -280,3 +281,81 @@ async def test_entries_wait_anew_after_the_store_was_unavailable(tenant: str) ->
     await store.admit([admitted(tenant, "r1")])
     await settlement.retry_waiting()
     assert (settlement.outcomes["billed"], settlement.outcomes["unmatched"]) == (1, 0)
+
+
+class RecordFailsOnce(MemoryUsageStore):
+    """A store whose first record call fails, as in a Redis outage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    async def record(self, records: Sequence[UsageRecord]) -> int:
+        if self.failures:
+            self.failures -= 1
+            raise StorageUnavailable("Redis is away")
+        return await super().record(records)
+
+
+def observed(tenant: str, request_id: str) -> Observation:
+    seen = observation_from_envoy(entry(request_id, headers={"x-meshtoll-tenant": tenant}))
+    assert seen is not None
+    return seen
+
+
+async def test_an_entry_whose_admission_is_not_flushed_yet_settles_it_at_once_and_it_is_never_stored(
+    usage_store: UsageStore, tenant: str
+) -> None:
+    recorder = AdmissionRecorder(usage_store)
+    observed_admissions: list[str] = []
+
+    async def observe(admissions: Sequence[Admission]) -> None:
+        observed_admissions.extend(admission.request_id for admission in admissions)
+
+    recorder.on_stored(observe)
+    settlement = Settlement(usage_store, clock=Clock(), recorder=recorder)
+    recorder.admit(admitted(tenant, "r1"))
+    recorder.admit(admitted(tenant, "r2"))
+    await settlement.settle([observed(tenant, "r1")])
+    assert (settlement.outcomes["billed"], settlement.waiting) == (1, 0)
+    await recorder.flush()
+    assert await usage_store.pending([(tenant, "r1"), (tenant, "r2")]) == {
+        (tenant, "r2"): (admitted(tenant, "r2"), None)
+    }
+    assert sorted(observed_admissions) == ["r1", "r2"]  # key use sees both admitted requests
+    usage = await usage_store.usage(tenant, "2026-11")
+    assert (usage.requests, usage.units, usage.unreconciled) == (1, 5, 0)
+    # The same entry again, now that nothing is buffered: counted before, never twice.
+    await settlement.settle([observed(tenant, "r1")])
+    await settlement.retry_waiting()
+    assert (await usage_store.usage(tenant, "2026-11")).requests == 1
+
+
+async def test_a_buffered_admission_is_not_settled_by_an_entry_naming_another_tenant_or_awaiting_units(
+    usage_store: UsageStore, tenant: str
+) -> None:
+    recorder = AdmissionRecorder(usage_store)
+    settlement = Settlement(usage_store, clock=Clock(), recorder=recorder)
+    recorder.admit(admitted(tenant, "r1"))
+    recorder.admit(admitted(tenant, "chat", awaits_report=True))
+    await settlement.settle([observed(f"{tenant}-other", "r1"), observed(tenant, "chat")])
+    assert (settlement.outcomes["billed"], settlement.waiting) == (0, 2)
+    await recorder.flush()
+    found = await usage_store.pending([(tenant, "r1"), (tenant, "chat")])
+    assert sorted(request_id for _, request_id in found) == ["chat", "r1"]
+
+
+async def test_a_buffered_admission_whose_record_was_not_stored_is_flushed_and_its_entry_settles_it_later(
+    tenant: str,
+) -> None:
+    store = RecordFailsOnce()
+    recorder = AdmissionRecorder(store)
+    settlement = Settlement(store, clock=Clock(), recorder=recorder)
+    recorder.admit(admitted(tenant, "r1"))
+    await settlement.settle([observed(tenant, "r1")])  # the store fails: the entry waits
+    assert (settlement.outcomes["unavailable"], settlement.waiting) == (1, 1)
+    await recorder.flush()
+    assert list(await store.pending([(tenant, "r1")])) == [(tenant, "r1")]
+    await settlement.retry_waiting()
+    assert (settlement.outcomes["billed"], settlement.waiting) == (1, 0)
+    assert (await store.usage(tenant, "2026-11")).requests == 1

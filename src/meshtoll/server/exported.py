@@ -219,7 +219,8 @@ def export_meter(
         "access-log entries by outcome: billed, unmatched (no admission: never billed), "
         "anonymous (no tenant, and no admission of its request id), resolved (no tenant, its "
         "admission found by request id), malformed (not a meter line), replayed, waited, overflow, "
-        "unavailable",
+        "unavailable, buffered (settled from admissions this instance had not flushed yet: part "
+        "of billed and replayed)",
         settlement.outcomes,
     )
     metrics.gauge(

@@ -167,6 +167,7 @@ async def build(settings: Settings) -> Services:
         latency=latencies.meter,
         ledger_writes=latencies.ledger_writes,
         tracing=tracing,
+        recorder=recorder,
     )
     decisions = DecisionCounts()
     denials = RecentDenials()

@@ -1,6 +1,7 @@
 """Authz remembers every request it admits, and ext_proc the units a body hook read: both
-cost the request path a list append, and a background task hands them to the usage store
-in batches (meter/reconcile.py bills what no access-log record settles)."""
+cost the request path a dict or list insert, and a background task hands them to the usage
+store in batches (meter/reconcile.py bills what no access-log record settles). The meter
+settles an admission still buffered here directly (meter/settle.py)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,14 @@ class AdmissionRecorder:
 
     def __init__(self, store: UsageStore) -> None:
         self._store = store
-        self._buffer: list[Admission] = []
+        # By (tenant, request id): the meter takes an admission out while it is still here
+        # (claim), so that an access-log entry that comes before the flush settles it at
+        # once, and the admission is never written.
+        self._buffer: dict[tuple[str, str], Admission] = {}
         self._reports: list[ReportedUnits] = []
+        # Admissions the meter settled from the buffer: never stored, but the flush's
+        # observers see them all the same (they were admitted).
+        self._settled: list[Admission] = []
         self.dropped = 0
         self._observers: list[Callable[[Sequence[Admission]], Awaitable[None]]] = []
 
@@ -39,9 +46,28 @@ class AdmissionRecorder:
 
     def admit(self, admission: Admission) -> None:
         if len(self._buffer) < MAX_BUFFERED:
-            self._buffer.append(admission)
+            self._buffer[admission.tenant, admission.request_id] = admission
         else:
             self.dropped += 1
+
+    def claim(self, tenant: str, request_id: str) -> Admission | None:
+        """The admission of this tenant's request if it waits here for the next flush and
+        bills without waiting for reported units, taken out: whoever claims it must either
+        store its usage record and call `settled`, or give it back with `unclaim`."""
+        key = tenant, request_id
+        admission = self._buffer.get(key)
+        if admission is None or admission.awaits_report:
+            return None
+        del self._buffer[key]
+        return admission
+
+    def unclaim(self, admissions: Sequence[Admission]) -> None:
+        """Claimed admissions whose records were not stored: flushed with the others."""
+        self._buffer.update(((a.tenant, a.request_id), a) for a in admissions)
+
+    def settled(self, admissions: Sequence[Admission]) -> None:
+        """Claimed admissions whose usage records are stored: the next flush's observers see them."""
+        self._settled.extend(admissions)
 
     def report_units(self, report: ReportedUnits) -> None:
         if len(self._reports) < MAX_BUFFERED:
@@ -50,19 +76,25 @@ class AdmissionRecorder:
             self.dropped += 1
 
     async def flush(self) -> None:
-        batch, self._buffer = self._buffer, []
+        buffered, self._buffer = self._buffer, {}
+        batch = list(buffered.values())
         reports, self._reports = self._reports, []
         try:
             if batch:
                 await self._store.admit(batch)
                 stored, batch = batch, []
+            else:
+                stored = []
+            settled, self._settled = self._settled, []
+            if stored or settled:
+                seen = stored + settled if settled else stored
                 for observe in self._observers:
-                    await observe(stored)
+                    await observe(seen)
             if reports:
                 await self._store.report_units(reports)
         except StorageError as exc:
             # Kept, oldest first, for the next flush.
-            self._buffer[:0] = batch
+            self._buffer = {(a.tenant, a.request_id): a for a in batch} | self._buffer
             self._reports[:0] = reports
             waiting = len(self._buffer) + len(self._reports)
             log.warning("admissions not stored yet (%d waiting): %s", waiting, exc)
