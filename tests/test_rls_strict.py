@@ -368,3 +368,32 @@ async def test_an_unlimited_descriptor_reports_max_remaining_and_counts_nothing(
     strict = service()
     answer = await ask(strict, load_descriptor_configs(tmp_path), "u", [d(("free", "x")), d(("paid", "x"))])
     assert [view(s) for s in answer.statuses] == [(False, None, 2**32 - 1, 0), (False, 1, 0, 26)]
+
+
+async def test_a_reloaded_configuration_answers_with_its_own_limits_for_descriptors_seen_before(
+    tmp_path: Path,
+) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    for directory, requests in ((first, 5), (second, 1)):
+        directory.mkdir()
+        (directory / "r.yaml").write_text(
+            f"domain: r\ndescriptors:\n  - key: api_key\n    rate_limit: {{unit: minute, requests_per_unit: {requests}}}\n"
+        )
+    strict = service()
+    before = await ask(strict, load_descriptor_configs(first), "r", [d(("api_key", "k1"))])
+    after = await ask(strict, load_descriptor_configs(second), "r", [d(("api_key", "k1"))])
+    assert [view(answer.statuses[0]) for answer in (before, after)] == [(False, 5, 4, 26), (True, 1, 0, 26)]
+
+
+async def test_many_distinct_descriptor_values_keep_their_own_counters(tmp_path: Path) -> None:
+    # More values than the lookups remembered: each still counts under its own key.
+    (tmp_path / "r.yaml").write_text(
+        "domain: r\ndescriptors:\n  - key: api_key\n    rate_limit: {unit: minute, requests_per_unit: 1}\n"
+    )
+    configs, store = load_descriptor_configs(tmp_path), MemoryCounterStore()
+    strict = service(store)
+    values = [f"k{n}" for n in range(10_050)]
+    for value in values:
+        assert not (await ask(strict, configs, "r", [d(("api_key", value))])).over_limit
+    assert (await ask(strict, configs, "r", [d(("api_key", "k0"))])).over_limit
+    assert (await ask(strict, configs, "r", [d(("api_key", "k10049"))])).over_limit

@@ -47,6 +47,10 @@ UNIT_SECONDS: dict[str, int] = {
     "year": 365 * 86400,
 }
 _LOCAL_CACHE_LIMIT = 100_000
+# Descriptors whose lookup is remembered: a domain's descriptors are a handful of shapes
+# with values from the requests (an API key, a path), so those seen recently repeat. Past
+# this many, the cache starts again (a flood of new values costs what no cache would).
+_MATCH_CACHE_LIMIT = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +92,11 @@ class StrictLimiter:
         self.stats = stats or DescriptorStats()
         self._jitter = jitter or random.Random()
         self._over_until: dict[str, float] = {}  # the local cache: window key -> window end
+        # (domain, entries) -> its lookup and the limit names it replaces, for the
+        # configuration `_matched_for` (a new one starts an empty cache): matching walks the
+        # tree and builds keys, the second most costly step of a call after the Redis one.
+        self._matched: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[_Lookup, frozenset[str]]] = {}
+        self._matched_for: DescriptorConfigs | None = None
 
     async def decide(
         self,
@@ -102,7 +111,9 @@ class StrictLimiter:
             raise InvalidRateLimitRequest("rate limit domain must not be empty")
         if not descriptors:
             raise InvalidRateLimitRequest("rate limit descriptor list must not be empty")
-        lookups = _lookups(configs, domain, descriptors)
+        if configs is not self._matched_for:
+            self._matched, self._matched_for = {}, configs
+        lookups = _lookups(configs, domain, descriptors, self._matched)
         now = self.limiter.now()
         hits = [d.hits(hits_addend or 1) for d in descriptors]  # proto3: unset (0) means 1
         statuses = await self._statuses(lookups, hits, now)
@@ -195,9 +206,13 @@ _UNLIMITED = DescriptorStatus(False, None, UNLIMITED_REMAINING, 0)
 
 
 def _lookups(
-    configs: DescriptorConfigs | None, domain: str, descriptors: Sequence[Descriptor]
+    configs: DescriptorConfigs | None,
+    domain: str,
+    descriptors: Sequence[Descriptor],
+    matched: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[_Lookup, frozenset[str]]],
 ) -> list[_Lookup]:
-    """Each descriptor's limit, as envoyproxy/ratelimit's GetLimit and its `replaces`."""
+    """Each descriptor's limit, as envoyproxy/ratelimit's GetLimit and its `replaces`;
+    `matched` remembers the lookups of `configs`."""
     if configs is None or domain not in configs.domains:
         return [_NOTHING] * len(descriptors)  # an unknown domain: no limit, overrides too
     lookups = []
@@ -212,12 +227,18 @@ def _lookups(
                 )
             )
             continue
-        match = configs.match(domain, descriptor.entries)
-        if match is None:
-            lookups.append(_NOTHING)
-            continue
-        replaced |= match.replaces
-        lookups.append(_from_match(match))
+        key = domain, descriptor.entries
+        found = matched.get(key)
+        if found is None:
+            match = configs.match(domain, descriptor.entries)
+            found = (_NOTHING, frozenset()) if match is None else (_from_match(match), match.replaces)
+            if len(matched) >= _MATCH_CACHE_LIMIT:
+                matched.clear()
+            matched[key] = found
+        lookup, replaces = found
+        if replaces:
+            replaced |= replaces
+        lookups.append(lookup)
     if not replaced:
         return lookups
     return [
