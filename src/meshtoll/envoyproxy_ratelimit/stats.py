@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import Counter
 
 from meshtoll.telemetry.families import Labels
 from meshtoll.telemetry.metrics import Metrics
@@ -22,12 +21,32 @@ STATS = (
     "over_limit_with_local_cache",
 )
 _MAX_KEYS = 100_000  # value_to_metric keys grow with the values clients send
+(
+    _TOTAL_HITS,
+    _OVER_LIMIT,
+    _NEAR_LIMIT,
+    _WITHIN_LIMIT,
+    _SHADOW_MODE,
+    _OVER_LIMIT_WITH_LOCAL_CACHE,
+) = range(len(STATS))
 
 
 class DescriptorStats:
     def __init__(self, near_limit_ratio: float = 0.8) -> None:
         self.near_limit_ratio = near_limit_ratio  # NEAR_LIMIT_RATIO
-        self.counts: Counter[tuple[str, str]] = Counter()
+        # metric key -> its counts in STATS order: one dict lookup per counted descriptor and
+        # list slots after, where a Counter keyed (key, stat) built a tuple per stat.
+        self._rows: dict[str, list[int]] = {}
+
+    @property
+    def counts(self) -> dict[tuple[str, str], int]:
+        """(metric key, stat) -> count, for every stat a key has counted (total_hits always)."""
+        return {
+            (key, stat): value
+            for key, row in self._rows.items()
+            for stat, value in zip(STATS, row, strict=True)
+            if value or stat == "total_hits"
+        }
 
     def record(
         self,
@@ -41,27 +60,29 @@ class DescriptorStats:
     ) -> None:
         """One counted descriptor: its count after the hits (unused when the local cache
         answered), as envoyproxy/ratelimit's GetResponseDescriptorStatus counts it."""
-        if len(self.counts) >= _MAX_KEYS and (key, "total_hits") not in self.counts:
-            return
-        counts = self.counts
-        counts[key, "total_hits"] += hits
+        row = self._rows.get(key)
+        if row is None:
+            if len(self._rows) >= _MAX_KEYS:
+                return
+            row = self._rows[key] = [0] * len(STATS)
+        row[_TOTAL_HITS] += hits
         before = after - hits
-        near = math.floor(limit * self.near_limit_ratio)
         if from_local_cache:
-            counts[key, "over_limit"] += hits
-            counts[key, "over_limit_with_local_cache"] += hits
+            row[_OVER_LIMIT] += hits
+            row[_OVER_LIMIT_WITH_LOCAL_CACHE] += hits
         elif after > limit:
             if before >= limit:
-                counts[key, "over_limit"] += hits
+                row[_OVER_LIMIT] += hits
             else:
-                counts[key, "over_limit"] += after - limit
-                counts[key, "near_limit"] += limit - max(near, before)
+                row[_OVER_LIMIT] += after - limit
+                row[_NEAR_LIMIT] += limit - max(math.floor(limit * self.near_limit_ratio), before)
         else:
+            near = math.floor(limit * self.near_limit_ratio)
             if after > near:
-                counts[key, "near_limit"] += hits if before >= near else after - near
-            counts[key, "within_limit"] += hits
+                row[_NEAR_LIMIT] += hits if before >= near else after - near
+            row[_WITHIN_LIMIT] += hits
         if shadow and (from_local_cache or after > limit):
-            counts[key, "shadow_mode"] += hits if from_local_cache or before >= limit else after - limit
+            row[_SHADOW_MODE] += hits if from_local_cache or before >= limit else after - limit
 
     def samples(self, stat: str) -> dict[Labels, float]:
         """One statistic's counts, labelled as the peer's Prometheus mapping labels them."""
