@@ -100,7 +100,13 @@ async def meter_many(
 ) -> float:
     """µs of this process's CPU per request, over `decisions` requests admitted (and metered)."""
     schedule = Schedule()
-    usage = RedisUsageStore(redis_url)
+    # Redis's answers are waited for as long as it takes, not the store's 1 s default, which
+    # is wall-clock time: under valgrind (bench/instructions.py) this process runs some 50
+    # times slower, more on a loaded machine, so a usage call could time out with Redis
+    # answering in time. Every entry of the batch then waits again (an outage restarts the
+    # wait), and `drain` retried them for as long as calls kept timing out: the run did not
+    # end (natively with a 2 ms timeout it never did).
+    usage = RedisUsageStore(redis_url, timeout_ms=600_000)
     recorder = AdmissionRecorder(usage)
     settlement = SettledSignal(usage, schedule, recorder)  # as meshtoll serve wires them
     server = grpc.aio.server()
