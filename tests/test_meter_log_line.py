@@ -61,7 +61,10 @@ def test_a_space_in_the_tenant_stays_in_the_tenant_and_moves_no_field() -> None:
         LINE.replace(" 200 200 ", " OK 200 ", 1),
         LINE.replace(" 200 200 ", " -200 200 ", 1),
         LINE.replace(" 200 200 ", " 1000 200 ", 1),
+        LINE.replace(" 200 40 ", " -200 40 ", 1),  # each size is checked on its own
         LINE.replace(" 40 ", " -40 ", 1),
+        LINE.replace(" 90 ", " -90 ", 1),
+        LINE.replace(" 300 ", " -300 ", 1),
         LINE.replace(" 12345 ", " -1 ", 1),
         LINE.replace("1795618437.250", "nan", 1),
         LINE.replace("1795618437.250", "inf", 1),
