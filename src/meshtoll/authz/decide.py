@@ -215,7 +215,7 @@ def authorize(request: CheckRequest, policy: CompiledPolicy, identity: Identity,
         ROUTE_KEY: route,
     }
     return Allow(
-        tenant.name, tenant.plan, identity.consumer, route, headers, removed, metadata, (), removed_params
+        tenant.name, tenant.plan, identity.consumer, route, headers, removed, metadata, None, removed_params
     )
 
 

@@ -14,6 +14,7 @@ from google.rpc import code_pb2, status_pb2
 
 from meshtoll.authz.authorizer import Authorizer
 from meshtoll.authz.verdict import Allow, CheckRequest, Deny, Headers, decision_attributes
+from meshtoll.ratelimit.verdict import rate_limit_pairs
 from meshtoll.telemetry.histogram import Histogram
 from meshtoll.telemetry.tracing import Tracing, end_span, trace_carrier
 
@@ -62,11 +63,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
     def _answer(self, verdict: Allow | Deny, request_id: str) -> external_auth_pb2.CheckResponse:
         if isinstance(verdict, Deny):
             return denied_response(verdict, request_id)
-        if verdict.response_headers:
+        if verdict.rate_limit is not None:
             # Per-request RateLimit-* values: copied onto the shared response, never into it.
             answer = external_auth_pb2.CheckResponse()
             answer.CopyFrom(self._allow(verdict))
-            answer.ok_response.response_headers_to_add.extend(_header_options(verdict.response_headers))
+            answer.ok_response.response_headers_to_add.extend(
+                _header_options(rate_limit_pairs(verdict.rate_limit))
+            )
             return answer
         return self._allow(verdict)
 

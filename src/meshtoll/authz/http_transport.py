@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 
 from meshtoll.authz.authorizer import Authorizer
 from meshtoll.authz.verdict import Allow, CheckRequest, Deny, decision_attributes
+from meshtoll.ratelimit.verdict import rate_limit_lines
 from meshtoll.telemetry.histogram import Histogram
 from meshtoll.telemetry.tracing import Tracing, end_span
-from meshtoll.transport.http_server import EMPTY_BODY, header_lines, response, response_head
+from meshtoll.transport.http_server import EMPTY_BODY, response, response_head
 from meshtoll.wire import PEER_ADDRESS_HEADER
 
 _REASONS = {
@@ -101,13 +102,13 @@ class HttpAuthzHandler:
                 verdict.remove_query_params[0],
             )
         key = (verdict.headers, verdict.remove_headers)
-        if verdict.response_headers:
+        if verdict.rate_limit is not None:
             # Per-request RateLimit-* values: Envoy adds these to the client's response
             # (allowed_client_headers_on_success), so they follow the head built once.
             head = self._allow_heads.get(key)
             if head is None:
                 head = _cached(self._allow_heads, key, response_head(200, "OK", self._allow_headers(verdict)))
-            return head + header_lines(verdict.response_headers).encode("latin-1") + EMPTY_BODY
+            return head + rate_limit_lines(verdict.rate_limit) + EMPTY_BODY
         cached = self._allow_responses.get(key)
         if cached is None:
             cached = _cached(self._allow_responses, key, response(200, "OK", self._allow_headers(verdict)))

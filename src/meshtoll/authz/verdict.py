@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from meshtoll.ratelimit.verdict import RateLimitState
 from meshtoll.wire import REQUEST_ID_HEADER
 
 Headers = tuple[tuple[str, str], ...]
@@ -41,7 +42,9 @@ class Allow(NamedTuple):
     # set, and the header that carried the API key
     remove_headers: tuple[str, ...]
     metadata: Mapping[str, str]  # dynamic metadata for rate-limit descriptors and access logs
-    response_headers: Headers = ()  # added to the client's response (RateLimit-*)
+    # The RateLimit headers added to the client's response (None: none); each transport
+    # writes them in its own form.
+    rate_limit: RateLimitState | None = None
     # Query parameters removed from the upstream request (an API key sent as one); only the
     # gRPC transport can ask Envoy for that (see authz/http_transport.py).
     remove_query_params: tuple[str, ...] = ()

@@ -70,23 +70,42 @@ def rate_limit_headers(check: Check, result: CheckResult, *, refused: bool) -> H
     )
 
 
-def allowed_headers(
+# What the RateLimit headers of an admitted request say: its most restrictive limit's
+# capacity, what is left, whole seconds to its reset. Numbers in a plain tuple (a named
+# tuple's constructor is a Python call, about 2 µs a decision on the loaded machine): the
+# HTTP transport writes them as bytes in one formatting step (`rate_limit_lines`), the
+# gRPC one as header pairs (`rate_limit_pairs`).
+RateLimitState = tuple[int, int, int]
+_RATE_LIMIT_LINES = b"ratelimit-limit: %d\r\nratelimit-remaining: %d\r\nratelimit-reset: %d\r\n"
+
+
+def rate_limit_pairs(state: RateLimitState) -> Headers:
+    limit, remaining, reset = state
+    return (
+        ("ratelimit-limit", str(limit)),
+        ("ratelimit-remaining", str(remaining)),
+        ("ratelimit-reset", str(reset)),
+    )
+
+
+def rate_limit_lines(state: RateLimitState) -> bytes:
+    """The header lines of an HTTP/1.1 head, as `rate_limit_pairs` would be written."""
+    return _RATE_LIMIT_LINES % state
+
+
+def allowed_state(
     when: RateLimitHeaders, limit: RateLimit, remaining: int, reset_seconds: float
-) -> Headers:
+) -> RateLimitState | None:
     """The RateLimit headers of an admitted request whose most restrictive limit is `limit`,
     as the policy's `ratelimit.headers` asks: on every one, when a tenth of the limit or
     less is left (the response is then the same for every request far from its limit, built
-    once, and Envoy copies no header), or never."""
+    once, and Envoy copies no header), or never (None)."""
     if when == "always" or (when == "near_limit" and remaining * 10 <= limit.capacity):
-        return admitted_headers(limit, remaining, reset_seconds)
-    return ()
+        return (limit.capacity, remaining, math.ceil(reset_seconds))
+    return None
 
 
 def admitted_headers(limit: RateLimit, remaining: int, reset_seconds: float) -> Headers:
     """The RateLimit header fields of an admitted request whose most restrictive limit is
     `limit`; what a decision served from leases answers (LeaseBook.serve)."""
-    return (
-        ("ratelimit-limit", str(limit.capacity)),
-        ("ratelimit-remaining", str(remaining)),
-        ("ratelimit-reset", str(math.ceil(reset_seconds))),
-    )
+    return rate_limit_pairs((limit.capacity, remaining, math.ceil(reset_seconds)))
