@@ -119,6 +119,28 @@ async def test_a_decision_served_partly_from_a_lease_takes_nothing_when_another_
     assert dict(verdict.headers)["ratelimit-remaining"] == str(1000 - 4)
 
 
+async def test_a_window_lease_running_low_is_topped_up_in_the_round_trip_another_limit_makes() -> None:
+    store = CountingStore()
+    clock = Clock()
+    limiter = Limiter(store, lease_max=4, clock=clock)
+    minute = Check(key(), RateLimit(1000, "minute"))
+    hour = Check(key(), RateLimit(10_000, "hour"))
+    for _ in range(2):
+        assert (await limiter.check([minute, hour])).admitted  # one call: each lease 3, then 2
+    clock.now += 60  # the minute's window and its lease end; the hour's keeps 2 hits
+    store.calls = 0
+    for _ in range(12):
+        assert (await limiter.check([minute, hour])).admitted
+    # The minute's call tops the hour's lease up too, so both run out together: a call per
+    # 4 decisions, not one for each lease in turn (6).
+    assert store.calls == 3
+    # Never more than L - 1 held: the top-up asked for 1 to join the hour's 2 left.
+    assert limiter.lease_hits["granted"] == 4 * 6 - 2
+    await limiter.release_leases()
+    looked = await store.check([Check(c.key, c.limit, cost=0) for c in (minute, hour)], clock.now)
+    assert [result.used for result in looked] == [12, 14]  # every hit admitted or given back
+
+
 async def test_a_decision_leases_serve_alone_is_answered_without_a_coroutine() -> None:
     limiter = Limiter(MemoryCounterStore(), lease_max=16, clock=Clock())
     roomy = Check(key(), RateLimit(1000, "minute"))

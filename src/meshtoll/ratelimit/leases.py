@@ -32,7 +32,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from meshtoll.counting.algorithms import bucket_interval_ms
+from meshtoll.counting.algorithms import LEASE_SHARE, bucket_interval_ms
 from meshtoll.counting.limits import Check, CheckResult, RateLimit, Unused
 from meshtoll.counting.periods import QUOTA_PERIODS
 
@@ -164,12 +164,27 @@ class LeaseBook:
     def asking(self, checks: Sequence[Check], taken: Taken, wait: GrantWait | None = None) -> list[Check]:
         """The checks the store must answer: those not served from a lease, each asking for
         a grant when it may be leased and no other request for its counter is in flight (or
-        when the counter was reserved for `wait`)."""
+        when the counter was reserved for `wait`).
+
+        A window lease running low (less than half a grant left, far from its limit) is
+        topped up in the same round trip: its hit is put back (`taken` no longer holds it)
+        and the store is asked for the decision's cost and enough to fill it to L - 1 again.
+        Without it a decision's leases, granted together, drift apart (a second's ends with
+        its window, a day's does not) and each runs out on a decision of its own: about
+        one store call in 10 decisions instead of one in 15 with two limits at L = 16."""
         asked = []
-        for check, served in zip(checks, taken.results, strict=True):
-            if served is not None:
-                continue
+        for index, (check, served) in enumerate(zip(checks, taken.results, strict=True)):
             key = check.key
+            if served is not None:
+                low = self._running_low(check)
+                if low is not None:
+                    low.put_back(check.cost)  # the store serves this check instead
+                    taken.leases = [(held, cost) for held, cost in taken.leases if held is not low]
+                    taken.results[index] = None
+                    self._asking[key] = None
+                    fill = (self.lease_max - 1) * check.cost - low.hits
+                    asked.append(Check(key, check.limit, check.cost, fill))
+                continue
             if self._leasable(check) and (
                 key not in self._asking or (wait is not None and key in wait.reserved)
             ):
@@ -253,6 +268,18 @@ class LeaseBook:
         ]
         self._leases.clear()
         return found
+
+    def _running_low(self, check: Check) -> Lease | None:
+        """This served check's lease, if it is a window lease worth topping up now. Far from
+        its limit only (what the store had left at the grant is 8 grants or more): near it,
+        asking could be refused for a decision the lease would have served."""
+        lease = self._leases.get(check.key)
+        if lease is None or lease.step_ms != 0 or check.key in self._asking or not self._leasable(check):
+            return None
+        full = (self.lease_max - 1) * check.cost
+        if 2 * lease.hits >= full or lease.remaining < LEASE_SHARE * full:
+            return None
+        return lease
 
     def _leasable(self, check: Check) -> bool:
         limit = check.limit
