@@ -223,9 +223,11 @@ def _merged(taken: Taken, asked: Sequence[Check], answers: Sequence[CheckResult]
         if served is None:
             _, answer = next(found)
             if answer.leased:
-                answer = dataclasses.replace(
-                    answer, used=answer.used - answer.leased, remaining=answer.remaining + answer.leased
-                )
+                # Built directly: dataclasses.replace reads the fields' list on every call.
+                answer = CheckResult(
+                    answer.allowed, answer.used - answer.leased, answer.remaining + answer.leased,
+                    answer.reset_seconds, answer.retry_after, answer.leased,
+                )  # fmt: skip
             served = answer
         results.append(served)
     return results
