@@ -5,7 +5,7 @@ compatibility is chosen for all those domains, and may be chosen otherwise for s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from meshtoll.counting.limits import Check
 from meshtoll.counting.store import Compat
@@ -39,16 +39,17 @@ class ConfiguredDomains:
         self._compat = compat
         self._compat_domains = dict(compat_domains or {})
 
-    async def decide(
+    def decide(
         self, domain: str, descriptors: Sequence[Descriptor], hits_addend: int
-    ) -> RateLimitDecision:
+    ) -> Awaitable[RateLimitDecision]:
         """Raises StorageUnavailable only under the "closed" failure policy, and
-        InvalidRateLimitRequest where envoyproxy/ratelimit answers with an error (strict)."""
+        InvalidRateLimitRequest where envoyproxy/ratelimit answers with an error (strict).
+        Not a coroutine, as RateLimitService.decide."""
         if self._compat_domains.get(domain, self._compat) == "strict":
-            return await self._strict.decide(self._configs(), domain, descriptors, hits_addend)
+            return self._strict.decide(self._configs(), domain, descriptors, hits_addend)
         hits_addend = hits_addend or 1  # proto3 cannot tell an unset hits_addend from 0: unset means 1
         # The strict limiter's own: one limiter (one failure policy, one shadow mode) for both.
-        return await decide_planned(self._strict.limiter, self._plan(domain, descriptors, hits_addend))
+        return decide_planned(self._strict.limiter, self._plan(domain, descriptors, hits_addend))
 
     def _plan(self, domain: str, descriptors: Sequence[Descriptor], hits_addend: int) -> list[Planned]:
         configs = self._configs()

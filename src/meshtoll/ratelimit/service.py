@@ -11,7 +11,7 @@ envoyproxy/ratelimit configuration files (meshtoll.envoyproxy_ratelimit.domains)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
 from meshtoll.counting.limits import Check
@@ -24,9 +24,9 @@ from meshtoll.wire import CHARGE_KEY, CHARGE_UNITS
 
 
 class Domains(Protocol):
-    async def decide(
+    def decide(
         self, domain: str, descriptors: Sequence[Descriptor], hits_addend: int
-    ) -> RateLimitDecision:
+    ) -> Awaitable[RateLimitDecision]:
         """Raises StorageUnavailable under the "closed" failure policy, and
         InvalidRateLimitRequest for a request it will not answer."""
         ...
@@ -39,18 +39,21 @@ class RateLimitService:
         self._limiter = limiter
         self._other_domains = other_domains
 
-    async def decide(
+    def decide(
         self, domain: str, descriptors: Sequence[Descriptor], hits_addend: int
-    ) -> RateLimitDecision:
+    ) -> Awaitable[RateLimitDecision]:
         """Raises StorageUnavailable only under the "closed" failure policy, and
-        InvalidRateLimitRequest where envoyproxy/ratelimit answers with an error."""
+        InvalidRateLimitRequest where envoyproxy/ratelimit answers with an error.
+
+        Not a coroutine: it hands on the awaitable of the decision it picks, so that no
+        frame of its own waits for the Redis reply and is resumed by it."""
         current = None if self._policy is None else self._policy.current  # one version per decision
         if current is None or domain != current.policy.ratelimit.domain:
-            return await self._other_domains.decide(domain, descriptors, hits_addend)
+            return self._other_domains.decide(domain, descriptors, hits_addend)
         hits_addend = hits_addend or 1  # proto3 cannot tell an unset hits_addend from 0: unset means 1
         limits = current.limits
         planned = [_planned(limits, descriptor, descriptor.hits(hits_addend)) for descriptor in descriptors]
-        return await decide_planned(self._limiter, planned)
+        return decide_planned(self._limiter, planned)
 
 
 def _planned(limits: PolicyLimits, descriptor: Descriptor, hits: int) -> Planned:
