@@ -115,14 +115,14 @@ class StrictLimiter:
             self._matched, self._matched_for = {}, configs
         lookups = _lookups(configs, domain, descriptors, self._matched)
         now = self.limiter.now()
-        hits = [d.hits(hits_addend or 1) for d in descriptors]  # proto3: unset (0) means 1
+        request_hits = hits_addend or 1  # proto3: unset (0) means 1
+        hits = [request_hits if d.hits_addend is None else d.hits_addend for d in descriptors]
         statuses = await self._statuses(lookups, hits, now)
-        # None: an unlimited descriptor, which is neither a quota nor a rate limit.
-        quota = [None if each.unlimited else self.options.quota_mode or each.quota for each in lookups]
-        over = _overall(quota, statuses)
-        if self.limiter.shadow:
-            over = False  # global shadow mode: every descriptor's own code stays as it is
         options = self.options
+        # None: an unlimited descriptor, which is neither a quota nor a rate limit.
+        quota = [None if each.unlimited else options.quota_mode or each.quota for each in lookups]
+        # Global shadow mode: every descriptor's own code stays as it is, the answer is OK.
+        over = False if self.limiter.shadow else _overall(quota, statuses)
         return RateLimitDecision(
             over,
             tuple(statuses),
@@ -135,45 +135,59 @@ class StrictLimiter:
         )
 
     async def _statuses(self, lookups: list[_Lookup], hits: list[int], now: float) -> list[DescriptorStatus]:
-        windows: dict[int, str] = {}
+        # Built for the common call (a descriptor or two, no local cache): plain lists by
+        # descriptor, no per-call set or dict unless a counter is held by the local cache.
+        options = self.options
+        whole_seconds = int(now)
+        windows: list[str] = []  # by descriptor, "" for one without a limit
         increments: list[Increment] = []
         cached: set[int] = set()
         for index, lookup in enumerate(lookups):
-            if lookup.limit is None:
+            limit = lookup.limit
+            if limit is None:
+                windows.append("")
                 continue
-            seconds = UNIT_SECONDS[lookup.limit.period]
-            key = f"{self.options.key_prefix}{lookup.key}_{int(now) // seconds * seconds}"
-            windows[index] = key
-            if self._remembered_over(key, now):
+            seconds = UNIT_SECONDS[limit.period]
+            key = f"{options.key_prefix}{lookup.key}_{whole_seconds // seconds * seconds}"
+            windows.append(key)
+            if self._over_until and self._remembered_over(key, now):
                 cached.add(index)
                 continue
-            increments.append(Increment(key, hits[index], lookup.limit.requests, self._expiry(seconds)))
-        if cached and self.options.stop_when_over:
+            increments.append(Increment(key, hits[index], limit.requests, self._expiry(seconds)))
+        if cached and options.stop_when_over:
             # A counter the local cache holds over its limit stops every other from growing.
             increments = [Increment(each.key, 0, each.limit, each.expire_seconds) for each in increments]
-        counts = await self.limiter.counts(increments, now, stop_when_over=self.options.stop_when_over)
-        by_key = {} if counts is None else dict(zip((i.key for i in increments), counts, strict=True))
+        counts = await self.limiter.counts(increments, now, stop_when_over=options.stop_when_over)
+        # A key counted twice in one call answers both descriptors with its last count.
+        by_key = (
+            {}
+            if counts is None
+            else {each.key: count for each, count in zip(increments, counts, strict=True)}
+        )
         statuses = []
+        record = self.stats.record
         for index, lookup in enumerate(lookups):
             limit = lookup.limit
             if limit is None:
                 statuses.append(_UNLIMITED if lookup.unlimited else _NO_LIMIT)
                 continue
-            reset = _reset(limit, now)
+            seconds = UNIT_SECONDS[limit.period]
+            reset = seconds - whole_seconds % seconds
             key = windows[index]
-            if index in cached:
+            from_cache = index in cached if cached else False
+            if from_cache:
                 over = True
             elif counts is None:  # the store is down and the failure policy is "open"
                 statuses.append(_NO_LIMIT)
                 continue
             else:
                 over = by_key[key] > limit.requests
-            self.stats.record(
+            record(
                 lookup.stats_key,
                 limit.requests,
                 by_key.get(key, 0),
                 hits[index],
-                from_local_cache=index in cached,
+                from_local_cache=from_cache,
                 shadow=limit.shadow,
             )
             if over:
@@ -186,7 +200,9 @@ class StrictLimiter:
 
     def _expiry(self, seconds: int) -> int:
         jitter = self.options.expiration_jitter_seconds
-        return seconds + (self._jitter.randrange(jitter) if jitter > 0 else 0)
+        # random() * jitter, not randrange(jitter): one call into C instead of three in Python,
+        # the same uniform choice of 0 .. jitter - 1 seconds.
+        return seconds + int(self._jitter.random() * jitter) if jitter > 0 else seconds
 
     def _remembered_over(self, key: str, now: float) -> bool:
         until = self._over_until.get(key)
@@ -259,10 +275,16 @@ def _from_match(match: DescriptorMatch) -> _Lookup:
 
 def _overall(quota: Sequence[bool | None], statuses: Sequence[DescriptorStatus]) -> bool:
     """OVER_LIMIT when a rate-limit descriptor is over, or every quota descriptor is."""
-    pairs = list(zip(quota, statuses, strict=True))
-    quotas = [status.over_limit for is_quota, status in pairs if is_quota is True]
-    limits = [status.over_limit for is_quota, status in pairs if is_quota is False]
-    return any(limits) or (bool(quotas) and all(quotas))
+    quotas = quotas_over = 0
+    for is_quota, status in zip(quota, statuses, strict=True):
+        if is_quota is None:
+            continue
+        if is_quota:
+            quotas += 1
+            quotas_over += status.over_limit
+        elif status.over_limit:
+            return True
+    return quotas > 0 and quotas_over == quotas
 
 
 def _passed_metadata(
