@@ -29,6 +29,7 @@ _OVER_LIMIT = _Response.OVER_LIMIT
 _LENGTH_DELIMITED = 2
 _VARINT = 0
 _CACHE_LIMIT = 10_000
+_ONE_BYTE = tuple(bytes((value,)) for value in range(0x80))
 
 
 def answer_message(decision: RateLimitDecision) -> rls_pb2.RateLimitResponse:
@@ -66,38 +67,44 @@ class AnswerEncoder:
         self._statuses_tag = _tag(_Response, "statuses", _LENGTH_DELIMITED)
         self._remaining_tag = _tag(_Status, "limit_remaining", _VARINT)
         self._reset_tag = _tag(_Status, "duration_until_reset", _LENGTH_DELIMITED)
-        self._heads: dict[tuple[bool, RateLimit | None], bytes] = {}
+        # (over, id of the limit) -> the limit and its head: keyed by identity, not by the
+        # limit's value (a dataclass hash, a Python call per answer); the entry holds the
+        # limit, so its id cannot be another's while it is remembered.
+        self._heads: dict[tuple[bool, int], tuple[RateLimit | None, bytes]] = {}
         self._resets: dict[int, bytes] = {}
 
     def encode(self, decision: RateLimitDecision) -> bytes:
         if decision.headers or decision.dynamic_metadata is not None:
             encoded: bytes = answer_message(decision).SerializeToString()
             return encoded
+        statuses_tag = self._statuses_tag
         parts = [self._overall[decision.over_limit]]
         for status in decision.statuses:
             body = self._status(status)
-            parts += (self._statuses_tag, _varint(len(body)), body)
+            parts += (statuses_tag, _varint(len(body)), body)
         return b"".join(parts)
 
     def _status(self, status: DescriptorStatus) -> bytes:
-        key = (status.over_limit, status.limit)
-        head = self._heads.get(key)
-        if head is None:
-            head = self._remember_head(key)
+        limit = status.limit
+        found = self._heads.get((status.over_limit, id(limit)))
+        head = (
+            self._remember_head(status.over_limit, limit)
+            if found is None or found[0] is not limit
+            else found[1]
+        )
         remaining = self._remaining_tag + _varint(status.remaining) if status.remaining else b""
-        if status.limit is None:
+        if limit is None:
             return head + remaining
         return head + remaining + self._reset(math.ceil(status.reset_seconds))
 
-    def _remember_head(self, key: tuple[bool, RateLimit | None]) -> bytes:
-        over, limit = key
+    def _remember_head(self, over: bool, limit: RateLimit | None) -> bytes:
         head = _Status(code=_OVER_LIMIT if over else _OK)
         if limit is not None:
             head.current_limit.CopyFrom(_limit_message(limit))
         if len(self._heads) >= _CACHE_LIMIT:
             self._heads.clear()  # limits come from configuration and Envoy's overrides: few
         encoded: bytes = head.SerializeToString()
-        self._heads[key] = encoded
+        self._heads[(over, id(limit))] = (limit, encoded)
         return encoded
 
     def _reset(self, seconds: int) -> bytes:
@@ -131,6 +138,8 @@ def _tag(message: Any, field: str, wire_type: int) -> bytes:
 
 def _varint(value: int) -> bytes:
     """A non-negative integer as a protobuf base-128 varint."""
+    if value < 0x80:
+        return _ONE_BYTE[value]  # a status's length, small counts: most varints of an answer
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
