@@ -1,0 +1,141 @@
+"""`meshtoll ratelimit` (strict, envoyproxy/ratelimit's configuration) behind a real Envoy's
+ratelimit filter, on a real Redis: benchmark row (i)'s setup. Each client's key is a
+descriptor value, and each key is counted on its own counter, however often the same request
+bytes come back (meshtoll remembers a request's parse by its bytes and a descriptor's match by
+its entries): a request never takes another's parse, match or answer."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from meshtoll.local.envoy_process import EnvoyProcess
+from tests.client import fetch
+from tests.conftest import RunningRls, StartRls
+
+pytestmark = pytest.mark.integration
+
+CONFIG = """\
+domain: alone
+descriptors:
+  - key: api_key
+    rate_limit: {unit: minute, requests_per_unit: 3}
+  - key: api_key
+    value: unlimited-key
+    rate_limit: {unlimited: true}
+"""
+
+# The ratelimit filter acts only on routes to a cluster: the upstream is meshtoll
+# ratelimit's own HTTP port, whose /healthcheck answers 200 while it serves.
+ENVOY = """\
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+static_resources:
+  listeners:
+  - name: alone
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: alone
+          http_filters:
+          - name: envoy.filters.http.ratelimit
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit
+              domain: alone
+              failure_mode_deny: true
+              timeout: 5s
+              rate_limit_service:
+                transport_api_version: V3
+                grpc_service: {{envoy_grpc: {{cluster_name: rls}}}}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+          route_config:
+            virtual_hosts:
+            - name: direct
+              domains: ["*"]
+              routes:
+              - match: {{path: /items}}
+                route:
+                  cluster: upstream
+                  prefix_rewrite: /healthcheck
+                  rate_limits:
+                  - actions:
+                    - request_headers: {{header_name: x-api-key, descriptor_key: api_key}}
+  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 5s
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {http}}}}}}}
+  - name: rls
+    type: STATIC
+    connect_timeout: 5s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: rls
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {grpc}}}}}}}
+"""
+
+
+@dataclass(frozen=True)
+class Gateway:
+    url: str
+    rls: RunningRls
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    start_rls: StartRls, envoy_binary: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    root = tmp_path_factory.mktemp("rls-alone")
+    (root / "ratelimit" / "config").mkdir(parents=True)
+    (root / "ratelimit" / "config" / "alone.yaml").write_text(CONFIG)
+    rls = start_rls(root)
+    bootstrap = ENVOY.format(http=rls.port, grpc=rls.grpc_port)
+    envoy = EnvoyProcess("rls-alone-envoy", bootstrap, tmp_path_factory.mktemp("envoy"), binary=envoy_binary)
+    try:
+        envoy.wait_ready(30)
+        yield Gateway(f"http://127.0.0.1:{envoy.listener_ports()['alone']}/items", rls)
+    finally:
+        envoy.stop()
+
+
+def statuses(gateway: Gateway, key: str, count: int) -> list[int]:
+    return [fetch(gateway.url, headers={"x-api-key": key}).status for _ in range(count)]
+
+
+def test_each_key_is_counted_on_its_own_however_often_its_request_repeats(gateway: Gateway) -> None:
+    # Keys of this run only: the session's Redis keeps other runs' counters for the minute.
+    first, second = (f"key-{uuid.uuid4().hex}" for _ in range(2))
+    assert statuses(gateway, first, 5) == [200, 200, 200, 429, 429]
+    # The same request bytes but for the key: its own counter, from its first hit.
+    assert statuses(gateway, second, 4) == [200, 200, 200, 429]
+    assert statuses(gateway, first, 1) == [429]
+
+
+def test_a_configured_value_keeps_its_own_limit_next_to_the_keys_counted(gateway: Gateway) -> None:
+    counted = f"key-{uuid.uuid4().hex}"
+    assert statuses(gateway, counted, 4) == [200, 200, 200, 429]
+    assert statuses(gateway, "unlimited-key", 6) == [200] * 6
+    assert statuses(gateway, counted, 1) == [429]
+
+
+def test_a_request_without_the_key_gets_no_descriptor_and_passes(gateway: Gateway) -> None:
+    # Envoy sends no descriptor (no x-api-key): nothing to limit, the filter lets it through.
+    assert [fetch(gateway.url).status for _ in range(5)] == [200] * 5
