@@ -117,8 +117,11 @@ class StrictLimiter:
         now = self.limiter.now()
         request_hits = hits_addend or 1  # proto3: unset (0) means 1
         hits = [request_hits if d.hits_addend is None else d.hits_addend for d in descriptors]
-        statuses = await self._statuses(lookups, hits, now)
         options = self.options
+        windows, increments, cached = self._increments(lookups, hits, now)
+        # Awaited here, not in a coroutine of its own: one frame less to resume on the reply.
+        counts = await self.limiter.counts(increments, now, stop_when_over=options.stop_when_over)
+        statuses = self._statuses(lookups, hits, now, windows, increments, counts, cached)
         # None: an unlimited descriptor, which is neither a quota nor a rate limit.
         quota = [None if each.unlimited else options.quota_mode or each.quota for each in lookups]
         # Global shadow mode: every descriptor's own code stays as it is, the answer is OK.
@@ -134,9 +137,12 @@ class StrictLimiter:
             else None,
         )
 
-    async def _statuses(self, lookups: list[_Lookup], hits: list[int], now: float) -> list[DescriptorStatus]:
-        # Built for the common call (a descriptor or two, no local cache): plain lists by
-        # descriptor, no per-call set or dict unless a counter is held by the local cache.
+    def _increments(
+        self, lookups: list[_Lookup], hits: list[int], now: float
+    ) -> tuple[list[str], list[Increment], set[int]]:
+        """Each descriptor's window key ("" without a limit), the counters to increment, and
+        the descriptors the local cache answers. Built for the common call (a descriptor or
+        two, no local cache): plain lists, the local cache asked only when it holds a counter."""
         options = self.options
         whole_seconds = int(now)
         windows: list[str] = []  # by descriptor, "" for one without a limit
@@ -157,13 +163,27 @@ class StrictLimiter:
         if cached and options.stop_when_over:
             # A counter the local cache holds over its limit stops every other from growing.
             increments = [Increment(each.key, 0, each.limit, each.expire_seconds) for each in increments]
-        counts = await self.limiter.counts(increments, now, stop_when_over=options.stop_when_over)
+        return windows, increments, cached
+
+    def _statuses(
+        self,
+        lookups: list[_Lookup],
+        hits: list[int],
+        now: float,
+        windows: list[str],
+        increments: list[Increment],
+        counts: list[int] | None,
+        cached: set[int],
+    ) -> list[DescriptorStatus]:
+        """`counts`: each increment's count after it; None when the store is down and the
+        failure policy is "open"."""
         # A key counted twice in one call answers both descriptors with its last count.
         by_key = (
             {}
             if counts is None
             else {each.key: count for each, count in zip(increments, counts, strict=True)}
         )
+        whole_seconds = int(now)
         statuses = []
         record = self.stats.record
         for index, lookup in enumerate(lookups):
