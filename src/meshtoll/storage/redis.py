@@ -17,7 +17,6 @@ import itertools
 import secrets
 from collections import Counter
 from collections.abc import Awaitable, Coroutine, Sequence
-from contextlib import nullcontext
 from time import perf_counter
 from typing import Any
 
@@ -43,7 +42,6 @@ from meshtoll.storage.resp import encode
 from meshtoll.storage.urls import RedisTarget, parse_redis_url
 from meshtoll.telemetry.histogram import Histogram
 
-_UNBOUNDED = nullcontext()
 _NO_ANSWER = RedisFailures("Redis did not answer")
 
 
@@ -91,22 +89,23 @@ class RedisCounterStore:
         envoyproxy/ratelimit's own pipeline, a call redis-py resends may count twice."""
         if not increments:
             return []
-        groups = (
-            _by_slot([each.key for each in increments]) if self._cluster else [list(range(len(increments)))]
-        )
-        calls = (
-            self._runner.increment(
-                [increments[i].key for i in group],
-                [int(stop_when_over), *(v for i in group for v in _increment_arguments(increments[i]))],
-            )
-            for group in groups
-        )
+        if not self._cluster:
+            (reply,) = await self._guarded(self._increment(increments, stop_when_over))
+            return [int(count) for count in reply]
+        groups = _by_slot([each.key for each in increments])
+        calls = (self._increment([increments[i] for i in group], stop_when_over) for group in groups)
         replies = await self._guarded(*calls)
         counts = [0] * len(increments)
         for group, reply in zip(groups, replies, strict=True):
             for n, i in enumerate(group):
                 counts[i] = int(reply[n])
         return counts
+
+    def _increment(self, increments: Sequence[Increment], stop_when_over: bool) -> Awaitable[list[Any]]:
+        arguments = [int(stop_when_over)]
+        for each in increments:
+            arguments += (each.hits, each.limit, each.expire_seconds)
+        return self._runner.increment([each.key for each in increments], arguments)
 
     async def release(self, unused: Sequence[Unused], now: float) -> int:
         """One EVALSHA of storage/lua/release.lua (per Cluster slot), with a marker: given
@@ -153,9 +152,18 @@ class RedisCounterStore:
         try:
             # redis-py's socket timeouts bound each read; this bounds its whole call, connection
             # set-up and retries included. The lean client bounds its calls itself.
+            one = len(calls) == 1
+            waiting = calls[0] if one else asyncio.gather(*calls)
             with _NO_ANSWER:
-                async with asyncio.timeout(self.timeout * 2) if not self._runner.bounded else _UNBOUNDED:
-                    replies = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
+                if self._runner.bounded:
+                    # No async context manager around the call: even a null one is two more
+                    # coroutines to create and run per Redis call.
+                    replies = await waiting
+                else:
+                    async with asyncio.timeout(self.timeout * 2):
+                        replies = await waiting
+            if one:
+                replies = [replies]
         except StorageUnavailable as exc:
             self.breaker.failed()
             # RedisFailures keeps what Redis or the network raised as the context.
@@ -212,10 +220,6 @@ def _by_slot(keys: list[str]) -> list[list[int]]:
     for index, key in enumerate(keys):
         groups.setdefault(key_slot(key.encode()), []).append(index)
     return list(groups.values())
-
-
-def _increment_arguments(increment: Increment) -> tuple[int, int, int]:
-    return increment.hits, increment.limit, increment.expire_seconds
 
 
 class _LeanRunner:
