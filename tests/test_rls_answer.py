@@ -19,7 +19,21 @@ LIMITS = [
     RateLimit(1_000_000_000, "day", name="daily"),
     RateLimit(5, "minute", algorithm="token_bucket", burst=300, name="burst"),
 ]
-REMAINING = [0, 1, 127, 128, 16_383, 16_384, 999_999_999, UNLIMITED_REMAINING]
+# Each varint length of a uint32, at its edges (one to five bytes).
+REMAINING = [
+    0,
+    1,
+    127,
+    128,
+    16_383,
+    16_384,
+    2**21 - 1,
+    2**21,
+    2**28 - 1,
+    2**28,
+    999_999_999,
+    UNLIMITED_REMAINING,
+]
 RESETS = [0.0, 0.2, 1.0, 59.5, 86_400.0]
 
 STATUSES = [

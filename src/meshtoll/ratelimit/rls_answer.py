@@ -138,8 +138,26 @@ def _tag(message: Any, field: str, wire_type: int) -> bytes:
 
 def _varint(value: int) -> bytes:
     """A non-negative integer as a protobuf base-128 varint."""
+    # The common sizes in one expression each, not a loop per byte: a status's length and
+    # small counts fit one byte; remaining counts of large limits, up to five.
     if value < 0x80:
-        return _ONE_BYTE[value]  # a status's length, small counts: most varints of an answer
+        return _ONE_BYTE[value]
+    if value < 0x4000:
+        return bytes((value & 0x7F | 0x80, value >> 7))
+    if value < 0x200000:
+        return bytes((value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14))
+    if value < 0x10000000:
+        return bytes((value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14 & 0x7F | 0x80, value >> 21))
+    if value < 0x800000000:  # every uint32 (limit_remaining is one)
+        return bytes(
+            (
+                value & 0x7F | 0x80,
+                value >> 7 & 0x7F | 0x80,
+                value >> 14 & 0x7F | 0x80,
+                value >> 21 & 0x7F | 0x80,
+                value >> 28,
+            )
+        )
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
