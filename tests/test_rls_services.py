@@ -11,12 +11,16 @@ from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2
 
 from meshtoll.envoyproxy_ratelimit.environment import RlsSettings
 from meshtoll.errors import PolicyError
+from meshtoll.ratelimit.rls import REMEMBERED_REQUEST_BYTES
 from meshtoll.server.rls_services import RlsServices, build_rls
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ratelimit"
+OK, OVER_LIMIT = rls_pb2.RateLimitResponse.OK, rls_pb2.RateLimitResponse.OVER_LIMIT
 
 
 async def http(services: RlsServices, path: str, body: bytes = b"") -> bytes:
@@ -55,3 +59,31 @@ async def test_an_invalid_configuration_fails_the_build_with_its_problems_locate
     settings = RlsSettings(config_directory=tmp_path / "config", redis_url="redis://127.0.0.1:1/0")
     with pytest.raises(PolicyError, match=r"replaces_self.yaml:10"):
         await build_rls(settings)
+
+
+@pytest.mark.integration
+async def test_large_requests_are_answered_and_counted_but_not_remembered(
+    tmp_path: Path, redis_url: str
+) -> None:
+    shutil.copytree(FIXTURES / "integration" / "config", tmp_path / "config")
+    services = await build_rls(RlsSettings(config_directory=tmp_path / "config", redis_url=redis_url))
+    servicer = services.ratelimit
+
+    async def call(value: str) -> int:
+        entry = ratelimit_pb2.RateLimitDescriptor.Entry(key="one_per_minute", value=value)
+        request = rls_pb2.RateLimitRequest(
+            domain="basic", descriptors=[ratelimit_pb2.RateLimitDescriptor(entries=[entry])]
+        )
+        answer = await servicer.should_rate_limit(request.SerializeToString(), None)
+        code: int = rls_pb2.RateLimitResponse.FromString(answer).overall_code
+        return code
+
+    try:
+        large = uuid.uuid4().hex * (REMEMBERED_REQUEST_BYTES // 32 + 1)
+        assert [await call(large) for _ in range(2)] == [OK, OVER_LIMIT]
+        assert servicer.remembered_requests == 0
+        small = uuid.uuid4().hex
+        assert [await call(small) for _ in range(2)] == [OK, OVER_LIMIT]
+        assert servicer.remembered_requests == 1
+    finally:
+        await services.close()

@@ -183,6 +183,18 @@ async def test_unknown_descriptors_and_unlimited_ones_count_nothing(another: Des
     assert view(answer.statuses[0]) == (False, None, 0, 0)
 
 
+async def test_long_entries_are_matched_and_counted_each_time_but_not_remembered(
+    another: DescriptorConfigs,
+) -> None:
+    strict = service()
+    long = d(("key2", "v" * 4096))
+    answers = [await ask(strict, another, "another", [long]) for _ in range(2)]
+    assert [view(a.statuses[0])[1:3] for a in answers] == [(20, 19), (20, 18)]
+    assert strict.remembered_matches == 0
+    await ask(strict, another, "another", [d(("key2", "short"))])
+    assert strict.remembered_matches == 1
+
+
 async def test_the_local_cache_answers_an_over_limit_counter_without_counting(
     another: DescriptorConfigs,
 ) -> None:

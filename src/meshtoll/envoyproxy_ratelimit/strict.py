@@ -51,6 +51,8 @@ _LOCAL_CACHE_LIMIT = 100_000
 # with values from the requests (an API key, a path), so those seen recently repeat. Past
 # this many, the cache starts again (a flood of new values costs what no cache would).
 _MATCH_CACHE_LIMIT = 10_000
+# The longest entries remembered (keys and values together): a client may send megabytes.
+_MATCH_ENTRIES_CHARACTERS = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,10 @@ class StrictLimiter:
         # tree and builds keys, the second most costly step of a call after the Redis one.
         self._matched: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[_Lookup, frozenset[str]]] = {}
         self._matched_for: DescriptorConfigs | None = None
+
+    @property
+    def remembered_matches(self) -> int:
+        return len(self._matched)
 
     async def decide(
         self,
@@ -268,9 +274,10 @@ def _lookups(
         if found is None:
             match = configs.match(domain, descriptor.entries)
             found = (_NOTHING, frozenset()) if match is None else (_from_match(match), match.replaces)
-            if len(matched) >= _MATCH_CACHE_LIMIT:
-                matched.clear()
-            matched[key] = found
+            if sum(len(name) + len(value) for name, value in descriptor.entries) <= _MATCH_ENTRIES_CHARACTERS:
+                if len(matched) >= _MATCH_CACHE_LIMIT:
+                    matched.clear()
+                matched[key] = found
         lookup, replaces = found
         if replaces:
             replaced |= replaces

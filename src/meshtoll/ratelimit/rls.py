@@ -30,8 +30,10 @@ _UNITS = {
 }
 
 
-# Distinct requests whose parse is remembered (see RateLimitServicer._requests).
+# Distinct requests whose parse is remembered (see RateLimitServicer._requests), and the
+# largest remembered: Envoy's are a few hundred bytes, and a client may send megabytes.
 _REQUEST_CACHE_LIMIT = 10_000
+REMEMBERED_REQUEST_BYTES = 2048
 
 RLS_SERVICE = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
 
@@ -105,10 +107,16 @@ class RateLimitServicer:
             tuple(descriptor_from_envoy(descriptor) for descriptor in message.descriptors),
             message.hits_addend,
         )
+        if len(request) > REMEMBERED_REQUEST_BYTES:
+            return parsed
         if len(self._requests) >= _REQUEST_CACHE_LIMIT:
             self._requests.clear()  # a flood of distinct requests costs what no cache would
         self._requests[request] = parsed
         return parsed
+
+    @property
+    def remembered_requests(self) -> int:
+        return len(self._requests)
 
 
 @dataclass(frozen=True, slots=True)
