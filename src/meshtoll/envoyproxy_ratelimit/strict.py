@@ -198,7 +198,7 @@ class StrictLimiter:
                 statuses.append(_UNLIMITED if lookup.unlimited else _NO_LIMIT)
                 continue
             seconds = UNIT_SECONDS[limit.period]
-            reset = seconds - whole_seconds % seconds
+            reset = seconds - whole_seconds % seconds  # whole seconds to the window's end
             key = windows[index]
             from_cache = index in cached if cached else False
             if from_cache:
@@ -217,7 +217,7 @@ class StrictLimiter:
                 shadow=limit.shadow,
             )
             if over:
-                self._remember_over(key, limit, now)
+                self._remember_over(key, reset, now)
                 # A shadow limit reports its refusal as OK, remaining 0.
                 statuses.append(DescriptorStatus(not limit.shadow, limit, 0, reset))
             else:
@@ -234,13 +234,13 @@ class StrictLimiter:
         until = self._over_until.get(key)
         return until is not None and until > now
 
-    def _remember_over(self, key: str, limit: RateLimit, now: float) -> None:
+    def _remember_over(self, key: str, reset: int, now: float) -> None:
         if not self.options.local_cache:
             return
         if len(self._over_until) >= _LOCAL_CACHE_LIMIT:
             self._over_until = {k: t for k, t in self._over_until.items() if t > now}
         # Until the window ends: the next window has another key anyway.
-        self._over_until[key] = now + _reset(limit, now)
+        self._over_until[key] = now + reset
 
 
 _NO_LIMIT = DescriptorStatus(False, None, 0, 0)
@@ -322,8 +322,3 @@ def _passed_metadata(
         for lookup, status in zip(lookups, statuses, strict=True)
         if lookup.metadata is not None and not lookup.unlimited and not status.over_limit
     ]
-
-
-def _reset(limit: RateLimit, now: float) -> int:
-    seconds = UNIT_SECONDS[limit.period]
-    return seconds - int(now) % seconds
