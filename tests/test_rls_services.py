@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import pytest
@@ -28,29 +28,33 @@ async def http(services: RlsServices, path: str, body: bytes = b"") -> bytes:
     return await reply if isinstance(reply, Awaitable) else reply
 
 
-@pytest.mark.integration
-async def test_built_rls_answers_and_reports_its_configuration_without_serving(
-    tmp_path: Path, redis_url: str
-) -> None:
+@pytest.fixture
+async def services(tmp_path: Path, redis_url: str) -> AsyncIterator[RlsServices]:
+    """Built on envoyproxy/ratelimit's integration configuration and the session's Redis."""
     shutil.copytree(FIXTURES / "integration" / "config", tmp_path / "config")
-    services = await build_rls(RlsSettings(config_directory=tmp_path / "config", redis_url=redis_url))
+    built = await build_rls(RlsSettings(config_directory=tmp_path / "config", redis_url=redis_url))
     try:
-        rlconfig = services.debug("GET", "/rlconfig", {}, "127.0.0.1")
-        assert rlconfig.endswith(b"\r\n\r\nanother\nbasic\nshare-threshold-test\n")
-        # Redis has not been asked yet: unhealthy until serving asks it once.
-        assert (await http(services, "/healthcheck")).startswith(b"HTTP/1.1 500 ")
-        await services.health.set("redis", await services.store.ping())
-        assert (await http(services, "/healthcheck")).startswith(b"HTTP/1.1 200 ")
-        descriptor = {"entries": [{"key": "one_per_minute", "value": uuid.uuid4().hex}]}
-        request = json.dumps({"domain": "basic", "descriptors": [descriptor]}).encode()
-        first, second = [await http(services, "/json", request) for _ in range(2)]
-        assert first.startswith(b"HTTP/1.1 200 ")
-        assert second.startswith(b"HTTP/1.1 429 ")
-        metrics = services.debug("GET", "/metrics", {}, "127.0.0.1")
-        assert b'ratelimit_service_rate_limit_over_limit{domain="basic",key1="one_per_minute"} 1' in metrics
-        assert set(services.background) == {"rate-limit config watcher", "Redis probe"}
+        yield built
     finally:
-        await services.close()
+        await built.close()
+
+
+@pytest.mark.integration
+async def test_built_rls_answers_and_reports_its_configuration_without_serving(services: RlsServices) -> None:
+    rlconfig = services.debug("GET", "/rlconfig", {}, "127.0.0.1")
+    assert rlconfig.endswith(b"\r\n\r\nanother\nbasic\nshare-threshold-test\n")
+    # Redis has not been asked yet: unhealthy until serving asks it once.
+    assert (await http(services, "/healthcheck")).startswith(b"HTTP/1.1 500 ")
+    await services.health.set("redis", await services.store.ping())
+    assert (await http(services, "/healthcheck")).startswith(b"HTTP/1.1 200 ")
+    descriptor = {"entries": [{"key": "one_per_minute", "value": uuid.uuid4().hex}]}
+    request = json.dumps({"domain": "basic", "descriptors": [descriptor]}).encode()
+    first, second = [await http(services, "/json", request) for _ in range(2)]
+    assert first.startswith(b"HTTP/1.1 200 ")
+    assert second.startswith(b"HTTP/1.1 429 ")
+    metrics = services.debug("GET", "/metrics", {}, "127.0.0.1")
+    assert b'ratelimit_service_rate_limit_over_limit{domain="basic",key1="one_per_minute"} 1' in metrics
+    assert set(services.background) == {"rate-limit config watcher", "Redis probe"}
 
 
 async def test_an_invalid_configuration_fails_the_build_with_its_problems_located(tmp_path: Path) -> None:
@@ -62,11 +66,7 @@ async def test_an_invalid_configuration_fails_the_build_with_its_problems_locate
 
 
 @pytest.mark.integration
-async def test_large_requests_are_answered_and_counted_but_not_remembered(
-    tmp_path: Path, redis_url: str
-) -> None:
-    shutil.copytree(FIXTURES / "integration" / "config", tmp_path / "config")
-    services = await build_rls(RlsSettings(config_directory=tmp_path / "config", redis_url=redis_url))
+async def test_large_requests_are_answered_and_counted_but_not_remembered(services: RlsServices) -> None:
     servicer = services.ratelimit
 
     async def call(value: str) -> int:
@@ -78,12 +78,9 @@ async def test_large_requests_are_answered_and_counted_but_not_remembered(
         code: int = rls_pb2.RateLimitResponse.FromString(answer).overall_code
         return code
 
-    try:
-        large = uuid.uuid4().hex * (REMEMBERED_REQUEST_BYTES // 32 + 1)
-        assert [await call(large) for _ in range(2)] == [OK, OVER_LIMIT]
-        assert servicer.remembered_requests == 0
-        small = uuid.uuid4().hex
-        assert [await call(small) for _ in range(2)] == [OK, OVER_LIMIT]
-        assert servicer.remembered_requests == 1
-    finally:
-        await services.close()
+    large = uuid.uuid4().hex * (REMEMBERED_REQUEST_BYTES // 32 + 1)
+    assert [await call(large) for _ in range(2)] == [OK, OVER_LIMIT]
+    assert servicer.remembered_requests == 0
+    small = uuid.uuid4().hex
+    assert [await call(small) for _ in range(2)] == [OK, OVER_LIMIT]
+    assert servicer.remembered_requests == 1
