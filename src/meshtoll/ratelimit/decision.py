@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from meshtoll.counting.limits import RateLimit
 
@@ -19,16 +19,17 @@ class Descriptor:
         return request_hits if self.hits_addend is None else self.hits_addend
 
 
-@dataclass(frozen=True, slots=True)
-class DescriptorStatus:
+class DescriptorStatus(NamedTuple):
+    """A named tuple, not a frozen dataclass, as RateLimitDecision: one or two are built per
+    RLS call, and a frozen dataclass sets each field through object.__setattr__."""
+
     over_limit: bool
     limit: RateLimit | None  # the most restrictive limit that applied; None: no limit
     remaining: int
     reset_seconds: float
 
 
-@dataclass(frozen=True, slots=True)
-class RateLimitDecision:
+class RateLimitDecision(NamedTuple):
     over_limit: bool
     statuses: tuple[DescriptorStatus, ...]
     headers: tuple[tuple[str, str], ...] = ()  # for Envoy to add to the client's response
