@@ -80,6 +80,9 @@ async def test_large_requests_are_answered_and_counted_but_not_remembered(servic
 
     large = uuid.uuid4().hex * (REMEMBERED_REQUEST_BYTES // 32 + 1)
     assert [await call(large) for _ in range(2)] == [OK, OVER_LIMIT]
+    # A flood of distinct large requests: each answered, none kept.
+    flood = [await call(uuid.uuid4().hex * (REMEMBERED_REQUEST_BYTES // 32 + 1)) for _ in range(50)]
+    assert flood == [OK] * 50
     assert servicer.remembered_requests == 0
     small = uuid.uuid4().hex
     assert [await call(small) for _ in range(2)] == [OK, OVER_LIMIT]
