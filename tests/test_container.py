@@ -212,10 +212,18 @@ def locked_runtime_packages() -> set[str]:
     # A pin under an environment marker this Python does not meet is not installed (Windows'
     # colorama; the OpenTelemetry packages the lock resolves apart for Python 3.14).
     return {
-        pin.strip().lower().replace("_", "-")
+        normalized_requirement(pin)
         for pin, _, marker in (line.partition(";") for line in exported.splitlines() if "==" in line)
         if not marker.strip() or Marker(marker.strip()).evaluate()
     }
+
+
+def normalized_requirement(line: str) -> str:
+    """A `name==version` or `name @ url` line with its name normalised as pip and uv compare
+    names (case, `_` for `-`), and its URL left as written: a checkout's path may hold
+    capitals or underscores (a clone in `mktemp -d`'s `/tmp/tmp.yehfQ5OvEL`)."""
+    name, at, url = line.strip().partition(" @ ")
+    return name.strip().lower().replace("_", "-") + (f" @ {url.strip()}" if at else "")
 
 
 @pytest.mark.integration
@@ -226,7 +234,7 @@ def test_the_image_environment_holds_exactly_the_locked_runtime_packages(image_r
         text=True,
         check=True,
     ).stdout
-    installed = {line.strip().lower().replace("_", "-") for line in listed.splitlines() if line.strip()}
+    installed = {normalized_requirement(line) for line in listed.splitlines() if line.strip()}
     # meshtoll itself as a built wheel from this checkout, not an editable link to it.
     assert f"meshtoll @ {ROOT.as_uri()}" in installed
     assert installed - {f"meshtoll @ {ROOT.as_uri()}"} == locked_runtime_packages()
