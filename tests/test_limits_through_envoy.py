@@ -190,4 +190,4 @@ def test_two_worker_processes_on_one_redis_never_overshoot(
     # Never more than the limit; fewer by at most what each worker's lease holds unused
     # (README, Token leases: P x min(L - 1, floor((limit - 1) / 8)) = 2 x 2).
     assert 20 - already - 2 * 2 <= statuses[200] <= 20 - already
-    assert statuses[429] == 80 - statuses[200]
+    assert statuses[429] == 80 - statuses[200], statuses
