@@ -15,11 +15,13 @@ import dataclasses
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
+
+import yaml
 
 from meshtoll.errors import ProcessStartError
 from meshtoll.local.envoy_config import (
@@ -179,6 +181,9 @@ class StackConfig:
     # when `meshtoll_environment` names it with OTEL_EXPORTER_OTLP_ENDPOINT).
     traces_port: int | None = None
     meshtoll_environment: tuple[tuple[str, str], ...] = ()  # more variables for meshtoll serve
+    # The last change to Envoy's bootstrap before it starts (each time it starts): the tests
+    # give their calls to meshtoll more time than the shipped timeouts (tests/envoy_harness.py).
+    edit_envoy_bootstrap: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,6 +357,9 @@ class LocalStack:
             config.api_key_query_param,
             config.traces_port,
         )
+        if config.edit_envoy_bootstrap is not None:
+            edited = config.edit_envoy_bootstrap(yaml.safe_load(bootstrap))
+            bootstrap = yaml.safe_dump(edited, sort_keys=False)
         envoy = self._envoy("envoy", bootstrap)
         envoy.wait_ready(START_TIMEOUT_SECONDS)
         bound = {f"listen_{name}_port": port for name, port in envoy.listener_ports().items()}
