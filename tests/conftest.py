@@ -30,6 +30,7 @@ from meshtoll.storage import MemoryUsageStore
 from meshtoll.storage.usage_redis import RedisUsageStore
 from meshtoll.usage.store import UsageStore
 from tests.certs import TestPki, make_pki
+from tests.envoy_harness import local_stack
 
 ENVOY_OVERRIDE = "MESHTOLL_TEST_ENVOY"
 
@@ -38,10 +39,11 @@ ENVOY_OVERRIDE = "MESHTOLL_TEST_ENVOY"
 PROCESS_FIXTURES = frozenset({"envoy_binary", "redis_url", "start_stack", "start_rls"})
 # A store fixture's Redis variant, which reaches the session's Redis through getfixturevalue.
 ON_REDIS = pytest.param("redis", marks=pytest.mark.integration)
-# Every stack's meshtoll waits on Redis longer than Envoy waits on meshtoll (its ext_authz
-# timeout is 0.25 s): under load a round trip past the 50 ms default made the open failure
-# policy admit uncounted, and a test about counting saw an extra 200. A test about timeouts
-# gives its own, which is then left alone.
+# Every stack's meshtoll waits on Redis up to 1 s, not the 50 ms default: under load a round
+# trip past 50 ms made the open failure policy admit uncounted, and a test about counting saw
+# an extra 200. Still inside the time Envoy gives meshtoll in tests (envoy_harness.py), so
+# meshtoll's failure policy answers before Envoy gives up. A test about timeouts gives its
+# own, which is then left alone.
 REDIS_TIMEOUT_FLAG = "--redis-timeout-ms"
 STACK_REDIS_TIMEOUT_MS = "1000"
 
@@ -74,12 +76,14 @@ class StartStack(Protocol):
         api_key_query_param: str | None = None,
         traces_port: int | None = None,
         meshtoll_environment: tuple[tuple[str, str], ...] = (),
+        shipped_timeouts: bool = False,
     ) -> LocalStack:
         """A running stack; `policy=None` runs no meshtoll, `redis=False` its in-memory store;
         `redis_url` another Redis than the session's; `serve_args` more serve flags;
         `api_key_query_param` the policy's, for Envoy to remove after HTTP ext_authz;
         `traces_port` an OTLP/HTTP collector Envoy traces to; `meshtoll_environment` more
-        variables for meshtoll serve."""
+        variables for meshtoll serve; `shipped_timeouts` Envoy's calls to meshtoll timed out
+        as shipped rather than with test timeouts (tests/envoy_harness.py)."""
         ...
 
 
@@ -130,6 +134,7 @@ def start_stack(
             api_key_query_param: str | None = None,
             traces_port: int | None = None,
             meshtoll_environment: tuple[tuple[str, str], ...] = (),
+            shipped_timeouts: bool = False,
         ) -> LocalStack:
             key = (
                 policy,
@@ -142,6 +147,7 @@ def start_stack(
                 api_key_query_param,
                 traces_port,
                 meshtoll_environment,
+                shipped_timeouts,
             )
             if key not in running:
                 config = StackConfig(
@@ -159,7 +165,7 @@ def start_stack(
                     traces_port=traces_port,
                     meshtoll_environment=meshtoll_environment,
                 )
-                running[key] = cleanup.enter_context(LocalStack(config))
+                running[key] = cleanup.enter_context(local_stack(config, shipped_timeouts=shipped_timeouts))
             return running[key]
 
         yield start

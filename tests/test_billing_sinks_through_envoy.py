@@ -18,6 +18,7 @@ from meshtoll.local.devstack import LocalStack, RedisServer, StackConfig
 from meshtoll.storage import usage_store
 from tests.billing_receivers import Receiver, Scripted, running_receiver
 from tests.client import fetch
+from tests.envoy_harness import local_stack
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -70,7 +71,7 @@ def stack(
             envoy_binary=envoy_binary,
             work_dir=tmp_path_factory.mktemp("sinks-stack"),
         )
-        with LocalStack(config) as running:
+        with local_stack(config) as running:
             yield running
 
 

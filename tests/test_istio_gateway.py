@@ -13,9 +13,9 @@ import yaml
 
 from meshtoll.local.dev import DEMO_ACME_KEY, EXAMPLE_POLICY
 from meshtoll.local.devstack import LocalStack
-from meshtoll.local.envoy_process import EnvoyProcess
 from tests.client import fetch
 from tests.conftest import StartStack
+from tests.envoy_harness import envoy_process
 from tests.envoy_validate import assert_envoy_accepts
 from tests.istiod_gateway import cluster_name, gateway_bootstrap, provider
 from tests.waiting import eventually
@@ -59,9 +59,7 @@ def gateway(stack: LocalStack, envoy_binary: Path, tmp_path_factory: pytest.Temp
     # Admin and listener on ports of Envoy's own choice, read back once it runs.
     bootstrap = gateway_bootstrap(0, 0, stack.ports.envoy.upstream_port, meshtoll_ports(stack))
     work = tmp_path_factory.mktemp("gateway")
-    envoy = EnvoyProcess(
-        "gateway-envoy", yaml.safe_dump(bootstrap, sort_keys=False), work, binary=envoy_binary
-    )
+    envoy = envoy_process("gateway-envoy", bootstrap, work, binary=envoy_binary)
     try:
         envoy.wait_ready(timeout=30)
         (listen,) = envoy.listener_ports().values()

@@ -100,10 +100,17 @@ async def test_an_overdue_admission_bills_the_units_its_body_hook_reported(
 
 
 def priced_stack(
-    start_stack: StartStack, directory: Path, tenant: str, key: str, routes: str = "[]", grace: float = 1.0
+    start_stack: StartStack,
+    directory: Path,
+    tenant: str,
+    key: str,
+    routes: str = "[]",
+    grace: float = 1.0,
+    *,
+    shipped_timeouts: bool = False,
 ) -> LocalStack:
     """A stack whose one tenant is on a priced plan (admissions are recorded for it) and
-    whose admissions are billed after `grace` seconds."""
+    whose admissions are billed after `grace` seconds; `shipped_timeouts` as start_stack's."""
     digest = hashlib.sha256(key.encode()).hexdigest()
     policy = directory / "policy.yaml"
     policy.write_text(
@@ -111,7 +118,8 @@ def priced_stack(
         f"tenants: {{{tenant}: {{plan: pro, api_keys: [{{id: k, sha256: {digest}}}]}}}}\n"
         f"routes: {routes}\n"
     )
-    return start_stack(policy, serve_args=("--reconcile-grace-seconds", str(grace)))
+    serve_args = ("--reconcile-grace-seconds", str(grace))
+    return start_stack(policy, serve_args=serve_args, shipped_timeouts=shipped_timeouts)
 
 
 @pytest.mark.integration
@@ -189,7 +197,8 @@ def test_a_request_authz_allowed_after_envoys_timeout_is_billed_as_envoys_503(
     # them all the same. Admitted, and logged by Envoy without authz's tenant header, they
     # are settled by request id: 5xx requests of the tenant, 0 units, none unreconciled.
     key, tenant = "k-late", listener.split("_")[-2]  # full, als
-    stack = priced_stack(start_stack, tmp_path, tenant, key, grace=30)
+    # Envoy's shipped ext_authz timeout: giving up on a paused meshtoll is this test's subject.
+    stack = priced_stack(start_stack, tmp_path, tenant, key, grace=30, shipped_timeouts=True)
     url = stack.url(listener, "/v1/items")
     statuses: Counter[int] = Counter()
     stop = threading.Event()

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
-from meshtoll.local.envoy_process import EnvoyProcess
 from tests.client import fetch
 from tests.conftest import RunningRls, StartRls
+from tests.envoy_harness import envoy_process
 
 pytestmark = pytest.mark.integration
 
@@ -108,7 +109,8 @@ def gateway(
     (root / "ratelimit" / "config" / "alone.yaml").write_text(CONFIG)
     rls = start_rls(root)
     bootstrap = ENVOY.format(http=rls.port, grpc=rls.grpc_port)
-    envoy = EnvoyProcess("rls-alone-envoy", bootstrap, tmp_path_factory.mktemp("envoy"), binary=envoy_binary)
+    work = tmp_path_factory.mktemp("envoy")
+    envoy = envoy_process("rls-alone-envoy", yaml.safe_load(bootstrap), work, binary=envoy_binary)
     try:
         envoy.wait_ready(30)
         yield Gateway(f"http://127.0.0.1:{envoy.listener_ports()['alone']}/items", rls)

@@ -21,6 +21,7 @@ from meshtoll.server.tls import load_service_tls
 from meshtoll.settings import Settings
 from tests.certs import ClientCert, TestPki
 from tests.client import fetch
+from tests.envoy_harness import local_stack
 from tests.serve import EXAMPLE_POLICY, Serving, running_serve
 
 ACME = {"x-api-key": DEMO_ACME_KEY}
@@ -140,7 +141,7 @@ def tls_stack(tmp_path: Path, envoy_binary: Path, files: MeshtollTlsFiles, *serv
         work_dir=tmp_path,
         serve_args=serve_args,
     )
-    return LocalStack(config)
+    return local_stack(config)
 
 
 @pytest.mark.integration

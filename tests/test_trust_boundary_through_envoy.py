@@ -23,10 +23,10 @@ import yaml
 
 from meshtoll.local.devstack import LocalStack
 from meshtoll.local.envoy_config import EnvoyPorts, render_bootstrap
-from meshtoll.local.envoy_process import EnvoyProcess
 from tests.certs import BOT_SPIFFE_ID, ClientCert, TestPki
 from tests.client import Reply, fetch
 from tests.conftest import StartStack
+from tests.envoy_harness import envoy_process
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -101,7 +101,7 @@ class LoggedEnvoy:
 LOGGED_HEADERS = sorted(SPOOFED)
 
 
-def with_file_access_logs(document: dict[str, Any], log: Path) -> str:
+def with_file_access_logs(document: dict[str, Any], log: Path) -> dict[str, Any]:
     for listener in document["static_resources"]["listeners"]:
         manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
         record = {"listener": listener["name"], "path": "%REQ(:PATH)%", "status": "%RESPONSE_CODE%"}
@@ -115,7 +115,7 @@ def with_file_access_logs(document: dict[str, Any], log: Path) -> str:
             },
         }
         manager["access_log"] = [*manager.get("access_log", []), file_logger]
-    return yaml.safe_dump(document, sort_keys=False)
+    return document
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def logged(
     ports = dataclasses.replace(stack.ports.envoy, admin_port=0, **dict.fromkeys(own, 0))
     bootstrap = yaml.safe_load(render_bootstrap(ports, pki.server))
     log = work / "access.log"
-    process = EnvoyProcess(
+    process = envoy_process(
         "logged-envoy",
         with_file_access_logs(bootstrap, log),
         work,

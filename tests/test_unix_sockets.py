@@ -15,14 +15,14 @@ import yaml
 
 from meshtoll.errors import ConfigError
 from meshtoll.local.dev import DEMO_ACME_KEY, EXAMPLE_POLICY
-from meshtoll.local.devstack import LocalStack, StackConfig
-from meshtoll.local.envoy_process import EnvoyProcess
+from meshtoll.local.devstack import StackConfig
 from meshtoll.local.processes import Child, announced_ports, http_ok, read_ports
 from meshtoll.render.envoy import bootstrap
 from meshtoll.render.params import DeployParams
 from meshtoll.server.listeners import unix_listening_socket
 from meshtoll.settings import Settings
 from tests.client import fetch
+from tests.envoy_harness import envoy_process, local_stack
 from tests.envoy_validate import assert_envoy_accepts
 from tests.serve import start_serve
 
@@ -94,7 +94,7 @@ def gateway(
         text = yaml.safe_dump(config, sort_keys=False)
         (work / "checked.yaml").write_text(text)
         assert_envoy_accepts(envoy_binary, work / "checked.yaml")
-        envoy = EnvoyProcess("sidecar-envoy", text, work, binary=envoy_binary)
+        envoy = envoy_process("sidecar-envoy", config, work, binary=envoy_binary)
         children.append(envoy.child)
         envoy.wait_ready(timeout=30)
         ports = envoy.listener_ports()
@@ -141,7 +141,7 @@ def test_the_local_stack_can_reach_meshtoll_through_its_unix_sockets(
     directory = sockets / "stack"
     directory.mkdir()
     config = StackConfig(policy=EXAMPLE_POLICY, envoy_binary=envoy_binary, meshtoll_sockets=directory)
-    with LocalStack(config) as stack:
+    with local_stack(config) as stack:
         for listener in ("listen_http_authz_port", "listen_grpc_authz_port"):
             reply = fetch(stack.url(listener, "/v1/items"), headers={"x-api-key": DEMO_ACME_KEY})
             assert reply.status == 200, (listener, reply)
