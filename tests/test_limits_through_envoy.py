@@ -173,7 +173,6 @@ def test_two_worker_processes_on_one_redis_never_overshoot(
 ) -> None:
     stack = start_stack(policy, workers=2)
     already = fetch(f"{stack.meshtoll_admin_url}/api/tenants/{tenant}/quota").json()["limits"][0]["used"]
-    errors_before = envoy_authz_errors(stack)
     statuses: Counter[int] = Counter()
     lock = threading.Lock()
 
@@ -188,22 +187,9 @@ def test_two_worker_processes_on_one_redis_never_overshoot(
         thread.start()
     for thread in threads:
         thread.join()
-    # Envoy answers 503 itself when an authz call outlasts the shipped 0.25 s timeout
-    # (envoy/local.yaml), which a loaded 2-core machine sometimes makes one do; Envoy counts
-    # it as an ext_authz error, where a 503 meshtoll sent would count as denied. Such a
-    # request may have spent a hit.
-    gave_up = envoy_authz_errors(stack) - errors_before
-    assert statuses[503] == gave_up, statuses
+    # Every answer is meshtoll's: Envoy's test timeouts (tests/envoy_harness.py) leave no
+    # authz call for it to give up on with a 503 of its own.
+    assert set(statuses) <= {200, 429}, statuses
     # Never more than the limit; fewer by at most what each worker's lease holds unused
     # (README, Token leases: P x min(L - 1, floor((limit - 1) / 8)) = 2 x 2).
-    assert 20 - already - 2 * 2 - gave_up <= statuses[200] <= 20 - already
-    assert statuses[429] == 80 - statuses[200] - gave_up, statuses
-
-
-def envoy_authz_errors(stack: LocalStack) -> int:
-    """Envoy's `ext_authz.error` counters, every listener's: calls it gave up on (its
-    authz cluster counts each once more, under `cluster.`)."""
-    text = fetch(f"{stack.envoy_admin_url}/stats?filter=^http\\..*\\.ext_authz\\.error$").body.decode()
-    counts = [int(line.rsplit(":", 1)[1]) for line in text.splitlines() if line.strip()]
-    assert counts, "Envoy reports no ext_authz.error counter"
-    return sum(counts)
+    assert 20 - already - 2 * 2 <= statuses[200] <= 20 - already, statuses
