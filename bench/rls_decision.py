@@ -5,6 +5,11 @@ gRPC machinery, the decision, the Redis call) and moves only with meshtoll's own
 Row (i) of bench/run.py measures the same service through Envoy.
 
     python bench/rls_decision.py [--decisions N] [--concurrency C] [--repeat R] [--profile FILE]
+                                 [--floor grpc-aio|h2]
+
+`--floor` measures a server's own per-call machinery: no decision, no Redis, the same
+constant answer to every call, served by grpc.aio (a generic handler) or by meshtoll's
+h2c server (transport/h2_server.py).
 
 Each call is one descriptor `(api_key, <key>)` of domain `bench` (bench/rls_alone.py's
 configuration), never over its limit. Under bench/instructions.py only this process is
@@ -16,9 +21,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import socket
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from rls_alone import CONFIG
@@ -27,6 +34,7 @@ from meshtoll.envoyproxy_ratelimit.environment import rls_settings_from
 from meshtoll.local.devstack import RedisServer, rls_environment
 from meshtoll.server.event_loop import run_on_event_loop
 from meshtoll.server.rls_app import RlsApp
+from meshtoll.transport.h2_server import CallContext, serve_grpc
 
 # The client: `calls` ShouldRateLimit calls, `concurrency` at a time, on one channel (as
 # Envoy's one worker keeps one HTTP/2 connection to the service), then it exits.
@@ -57,11 +65,69 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
 """
 
 
+SHOULD_RATE_LIMIT = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
+
+
+def constant_answer() -> bytes:
+    from envoy.service.ratelimit.v3 import rls_pb2
+
+    ok = rls_pb2.RateLimitResponse.OK
+    answer = rls_pb2.RateLimitResponse(
+        overall_code=ok, statuses=[rls_pb2.RateLimitResponse.DescriptorStatus(code=ok, limit_remaining=99)]
+    )
+    encoded: bytes = answer.SerializeToString()
+    return encoded
+
+
+class FloorServer:
+    """A server answering every ShouldRateLimit with the same bytes: its own cost alone."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.ports: dict[str, int] = {}
+        self._stop: Callable[[], Awaitable[None]] | None = None
+
+    async def start(self) -> None:
+        answer = constant_answer()
+        if self.kind == "grpc-aio":
+            import grpc
+
+            async def constant(request: bytes, context: object) -> bytes:
+                return answer
+
+            method = grpc.unary_unary_rpc_method_handler(constant)
+            server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            service, name = SHOULD_RATE_LIMIT[1:].split("/")
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {name: method}),))
+            self.ports["grpc_port"] = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            self._stop = lambda: server.stop(None)
+            return
+
+        def constant_h2(request: bytes, context: CallContext) -> bytes:
+            return answer
+
+        sock = socket.create_server(("127.0.0.1", 0))
+        listener = serve_grpc({SHOULD_RATE_LIMIT: constant_h2}, sock)
+        self.ports["grpc_port"] = sock.getsockname()[1]
+
+        async def stop() -> None:
+            listener.close()
+            await listener.wait_closed()
+
+        self._stop = stop
+
+    async def stop(self) -> None:
+        if self._stop is not None:
+            await self._stop()
+
+
 async def serve_and_call(
-    work: Path, redis_url: str, decisions: int, concurrency: int, profile: Path | None
+    work: Path, redis_url: str, decisions: int, concurrency: int, profile: Path | None, floor: str | None
 ) -> float:
     """µs of this process's CPU per call, over `decisions` calls `concurrency` at a time."""
-    app = RlsApp(rls_settings_from(rls_environment(work, redis_url)))  # every port its own choice
+    # Every port of the RlsApp its own choice.
+    app = RlsApp(rls_settings_from(rls_environment(work, redis_url))) if floor is None else FloorServer(floor)
     await app.start()
     target = f"127.0.0.1:{app.ports['grpc_port']}"
 
@@ -97,13 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--event-loop", default="uvloop", choices=("uvloop", "asyncio"))
     parser.add_argument("--repeat", type=int, default=3, help="runs, each reported")
     parser.add_argument("--profile", type=Path, default=None, help="write cProfile stats of one run here")
+    parser.add_argument(
+        "--floor", choices=("grpc-aio", "h2"), default=None, help="a constant answer from this server alone"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="meshtoll-rls-") as directory, RedisServer() as redis:
         work = Path(directory)
         (work / "ratelimit" / "config").mkdir(parents=True)
         (work / "ratelimit" / "config" / "bench.yaml").write_text(CONFIG)
         for _ in range(1 if args.profile else args.repeat):
-            calling = serve_and_call(work, redis.url, args.decisions, args.concurrency, args.profile)
+            calling = serve_and_call(
+                work, redis.url, args.decisions, args.concurrency, args.profile, args.floor
+            )
             spent = run_on_event_loop(calling, args.event_loop)
             print(f"{spent:.1f} µs CPU per RLS call ({args.event_loop})")
     return 0

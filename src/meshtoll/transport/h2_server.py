@@ -1,0 +1,802 @@
+"""A lean h2c server for unary gRPC calls (HTTP/2 with prior knowledge, no TLS), on the
+event loop's own transports, as http_server.py is for HTTP/1.1.
+
+grpc.aio's per-call machinery (its Cython layer, the poller thread handing completions to
+the event loop, a call object and a Task per call) cost about 226,000 instructions a call
+before the handler ran (README, Benchmark, round 4). Here the frames are parsed from the
+bytes received, a method's handler is called with the request message's bytes and
+returns the answer's bytes, or an awaitable of them (then, and only then, it runs in a
+Task), and the answer goes out as HEADERS + DATA + trailing HEADERS in one write, its
+header blocks built once (static-table and literal-without-indexing encodings, which need
+no encoder state).
+
+What a peer may rely on (RFC 9113): the connection preface, SETTINGS acknowledged both
+ways, PING answered, flow control both ways (this side's windows replenished as the
+handlers take what arrived, so a peer's sends never stall; answers wait for the peer's
+windows), CONTINUATION, padding, PRIORITY (ignored), RST_STREAM (the call cancelled),
+GOAWAY on shutdown with the calls in flight answered. What a peer may hold is bounded per
+connection: frame size, concurrent streams, a header block's size, the bytes buffered
+for requests (the connection window), control frames not paid for by calls, the time a
+frame or header block may take to arrive; past a bound the connection ends with GOAWAY
+and the error code RFC 9113 names.
+
+Unary calls only: no server streaming, no compression (not advertised, so a client does
+not compress); gRPC status and message go in the trailers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from enum import IntEnum
+from typing import Any, cast
+from urllib.parse import quote
+
+from meshtoll.transport.hpack_decoder import HeaderBlockDecoder, HeaderBlockError, Headers
+from meshtoll.transport.http_listener import Connection, HttpLimits, HttpListener
+
+log = logging.getLogger("meshtoll.grpc")
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class Frame(IntEnum):
+    DATA = 0x0
+    HEADERS = 0x1
+    PRIORITY = 0x2
+    RST_STREAM = 0x3
+    SETTINGS = 0x4
+    PUSH_PROMISE = 0x5
+    PING = 0x6
+    GOAWAY = 0x7
+    WINDOW_UPDATE = 0x8
+    CONTINUATION = 0x9
+
+
+class ErrorCode(IntEnum):
+    NO_ERROR = 0x0
+    PROTOCOL_ERROR = 0x1
+    INTERNAL_ERROR = 0x2
+    FLOW_CONTROL_ERROR = 0x3
+    STREAM_CLOSED = 0x5
+    FRAME_SIZE_ERROR = 0x6
+    REFUSED_STREAM = 0x7
+    CANCEL = 0x8
+    COMPRESSION_ERROR = 0x9
+    ENHANCE_YOUR_CALM = 0xB
+
+
+class Setting(IntEnum):
+    HEADER_TABLE_SIZE = 0x1
+    ENABLE_PUSH = 0x2
+    MAX_CONCURRENT_STREAMS = 0x3
+    INITIAL_WINDOW_SIZE = 0x4
+    MAX_FRAME_SIZE = 0x5
+    MAX_HEADER_LIST_SIZE = 0x6
+
+
+END_STREAM = 0x1
+ACK = 0x1
+END_HEADERS = 0x4
+PADDED = 0x8
+PRIORITY_FLAG = 0x20
+
+DEFAULT_WINDOW = 65_535
+MAX_WINDOW = 2**31 - 1
+DEFAULT_FRAME_SIZE = 16_384  # also the largest this side accepts (it advertises no other)
+MAX_FRAME_SIZE_SETTING = 2**24 - 1
+# gRPC's default largest message (grpcio's and grpc-go's receive limit).
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# The request bytes a connection may buffer, as its window: every stream's share of it.
+CONNECTION_WINDOW = MAX_MESSAGE_BYTES + 5 + 1024
+MAX_CONCURRENT_STREAMS = 1000
+MAX_HEADER_LIST_BYTES = 64 * 1024
+# A header block's encoded bytes (HEADERS + CONTINUATIONs) before it must have ended.
+MAX_HEADER_BLOCK_BYTES = 64 * 1024
+# Frames that cost this side work but carry no call (PING, SETTINGS, PRIORITY, RST_STREAM,
+# WINDOW_UPDATE, empty DATA, unknown types, refused streams): a connection may send this
+# many before any call, and each call answered buys a few more, up to this many again.
+CONTROL_FRAME_ALLOWANCE = 1000
+CONTROL_FRAMES_PER_CALL = 10
+# Streams this side reset whose late frames are ignored, not an error (RFC 9113 5.4.2).
+_RESET_REMEMBERED = 64
+
+SERVER_SETTINGS: tuple[tuple[Setting, int], ...] = (
+    (Setting.ENABLE_PUSH, 0),
+    (Setting.MAX_CONCURRENT_STREAMS, MAX_CONCURRENT_STREAMS),
+    (Setting.INITIAL_WINDOW_SIZE, MAX_MESSAGE_BYTES + 5),  # one whole request per stream
+    (Setting.MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST_BYTES),
+)
+
+
+class StatusCode(IntEnum):
+    """gRPC status codes (the ones this server or its handlers send)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    RESOURCE_EXHAUSTED = 8
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+
+
+class CallAborted(Exception):
+    """Raised by CallContext.abort: the call ends with this status and message."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+
+class CallContext:
+    """What a handler may ask of its call: the request's metadata, and abort. Shaped as
+    grpc.aio's ServicerContext for what meshtoll's servicers use of it, so one servicer
+    serves on either server; `abort` takes a grpc.StatusCode or a number."""
+
+    __slots__ = ("_headers",)
+
+    def __init__(self, headers: Headers) -> None:
+        self._headers = headers
+
+    def invocation_metadata(self) -> Headers:
+        return tuple(field for field in self._headers if not field[0].startswith(":"))
+
+    async def abort(self, code: Any, details: str = "") -> None:
+        # grpc.StatusCode's value is (number, name).
+        number = code.value[0] if isinstance(getattr(code, "value", None), tuple) else int(code)
+        raise CallAborted(number, details)
+
+
+UnaryHandler = Callable[[bytes, CallContext], bytes | Awaitable[bytes]]
+"""(request message bytes, the call) -> the answer message's bytes, or an awaitable of
+them. Raising CallAborted (CallContext.abort) ends the call with that status."""
+
+
+def _frame_head(length: int, kind: int, flags: int, stream: int) -> bytes:
+    return length.to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big")
+
+
+def _integer(value: int, prefix_bits: int, first: int) -> bytes:
+    """HPACK's prefixed integer (RFC 7541 5.1), `first` holding the prefix's pattern bits."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def literal_field(name: str, value: str) -> bytes:
+    """A header field as a literal without indexing, with a new name, no Huffman coding:
+    an encoding that needs no encoder state, so blocks of it can be built once."""
+    raw_name, raw_value = name.encode("latin-1"), value.encode("latin-1")
+    return (
+        _integer(0, 4, 0x00)
+        + _integer(len(raw_name), 7, 0)
+        + raw_name
+        + _integer(len(raw_value), 7, 0)
+        + raw_value
+    )
+
+
+# :status 200 (static index 8) and content-type (static index 31) with its value.
+RESPONSE_HEADERS = bytes((0x88,)) + _integer(31, 4, 0x00) + _integer(16, 7, 0) + b"application/grpc"
+
+
+def trailers(code: int, message: str = "") -> bytes:
+    block = literal_field("grpc-status", str(code))
+    if message:
+        # gRPC's percent-encoding of grpc-message: printable ASCII but '%' as is.
+        block += literal_field("grpc-message", quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"))
+    return block
+
+
+_OK_TRAILERS = trailers(StatusCode.OK)
+_HEADERS_HEAD = _frame_head(len(RESPONSE_HEADERS), Frame.HEADERS, END_HEADERS, 0)[:5]
+_TRAILERS_HEAD = _frame_head(len(_OK_TRAILERS), Frame.HEADERS, END_HEADERS | END_STREAM, 0)[:5]
+_DATA_KIND = bytes((Frame.DATA, 0))
+
+
+# The time a frame or a header block may take to arrive once begun, and how long a
+# connection without calls stays open: longer than Envoy's own idle timeout of an upstream
+# connection (an hour by default), so that Envoy is the one to close it.
+GRPC_LIMITS = HttpLimits(header_timeout_seconds=10.0, idle_timeout_seconds=7200.0)
+
+
+class _ConnectionError(Exception):
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class _Stream:
+    __slots__ = ("data", "headers", "received", "send_window", "task")
+
+    def __init__(self, headers: Headers, send_window: int) -> None:
+        self.headers = headers
+        self.data: list[bytes] = []
+        self.received = 0
+        self.send_window = send_window
+        self.task: asyncio.Future[bytes] | None = None
+
+
+class H2Connection(Connection):
+    """One client connection: frames in, calls dispatched, answers out."""
+
+    __slots__ = (
+        "_allowance",
+        "_block",
+        "_block_end_stream",
+        "_block_stream",
+        "_buffer",
+        "_closing",
+        "_consumed",
+        "_decoder",
+        "_goaway_sent",
+        "_handlers",
+        "_last_stream",
+        "_owner",
+        "_peer_frame_size",
+        "_peer_window",
+        "_preface",
+        "_queued",
+        "_reset",
+        "_send_window",
+        "_since",
+        "_streams",
+        "_transport",
+        "_write_paused",
+    )
+
+    def __init__(self, handlers: Mapping[str, UnaryHandler], owner: HttpListener) -> None:
+        self._handlers = handlers
+        self._owner = owner
+        self._transport: asyncio.Transport | None = None
+        self._buffer = b""
+        self._preface = True  # the client's preface is still to come
+        self._decoder = HeaderBlockDecoder(max_list_size=MAX_HEADER_LIST_BYTES)
+        self._streams: dict[int, _Stream] = {}
+        self._last_stream = 0
+        self._reset: list[int] = []
+        self._block: list[bytes] | None = None  # a header block awaiting its CONTINUATION
+        self._block_stream = 0
+        self._block_end_stream = False
+        self._consumed = 0  # request bytes taken since the connection window was last replenished
+        self._send_window = DEFAULT_WINDOW
+        self._peer_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
+        self._peer_frame_size = DEFAULT_FRAME_SIZE
+        self._queued: dict[int, bytes] = {}  # answers waiting for the peer's windows, by stream
+        self._allowance = CONTROL_FRAME_ALLOWANCE
+        self._goaway_sent = False
+        self._closing = False
+        self._write_paused = False
+        self._since = owner.now
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        settings = b"".join(
+            setting.to_bytes(2, "big") + value.to_bytes(4, "big") for setting, value in SERVER_SETTINGS
+        )
+        opening = _frame_head(len(settings), Frame.SETTINGS, 0, 0) + settings
+        grow = CONNECTION_WINDOW - DEFAULT_WINDOW
+        opening += _frame_head(4, Frame.WINDOW_UPDATE, 0, 0) + grow.to_bytes(4, "big")
+        self._transport.write(opening)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return  # after GOAWAY for an error: read and dropped until the peer closes
+        # The frame timeout runs from the first byte of a frame (or header block) that has
+        # not fully arrived: bytes that trickle in do not restart it.
+        was_waiting = bool(self._buffer) or self._block is not None or self._preface
+        buffer = self._buffer + data if self._buffer else data
+        try:
+            if self._preface:
+                if len(buffer) < len(PREFACE):
+                    if not PREFACE.startswith(buffer):
+                        raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+                    self._buffer = buffer
+                    return
+                if not buffer.startswith(PREFACE):
+                    raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+                buffer = buffer[len(PREFACE) :]
+                self._preface = False
+            position = 0
+            end = len(buffer)
+            while end - position >= 9 and not self._closing:
+                length = int.from_bytes(buffer[position : position + 3], "big")
+                if length > DEFAULT_FRAME_SIZE:
+                    raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, f"a frame of {length} bytes")
+                if end - position - 9 < length:
+                    break
+                kind = buffer[position + 3]
+                flags = buffer[position + 4]
+                stream = int.from_bytes(buffer[position + 5 : position + 9], "big") & 0x7FFFFFFF
+                payload = buffer[position + 9 : position + 9 + length]
+                position += 9 + length
+                self._frame(kind, flags, stream, payload)
+            self._buffer = buffer[position:]
+        except _ConnectionError as error:
+            self._fail(error.code, error.reason)
+            return
+        if not (was_waiting and (self._buffer or self._block is not None)):
+            self._since = self._owner.now
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        for stream in self._streams.values():
+            if stream.task is not None:
+                stream.task.cancel()
+        self._streams.clear()
+        self._owner.forget(self)
+
+    def pause_writing(self) -> None:
+        # The peer is not reading what it is sent: read nothing more from it until it does,
+        # so that what waits for it stays bounded.
+        self._write_paused = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._since = self._owner.now
+        if self._transport is not None and not self._closing:
+            self._transport.resume_reading()
+
+    # Connection (the listener's bounds)
+
+    def expire(self, now: float, limits: HttpLimits) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        waited = now - self._since
+        if self._closing or self._write_paused:
+            if waited > limits.header_timeout_seconds:
+                transport.abort()  # the peer neither closes nor reads what it was sent
+        elif self._buffer or self._block is not None or self._preface:
+            if waited > limits.header_timeout_seconds:
+                self._fail(ErrorCode.PROTOCOL_ERROR, "a frame or header block did not arrive in time")
+        elif not self._streams and waited > limits.idle_timeout_seconds:
+            self._goaway(ErrorCode.NO_ERROR, "idle")
+            self._end()
+
+    def close_when_idle(self) -> None:
+        """Shutting down: GOAWAY now (no new calls), close once the calls in flight are answered."""
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._goaway(ErrorCode.NO_ERROR, "shutting down")
+        if not self._streams:
+            self._end()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    # Frames
+
+    def _frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
+        if self._block is not None and kind != Frame.CONTINUATION:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "a header block interrupted by another frame")
+        if kind == Frame.DATA:
+            self._data(flags, stream, payload)
+        elif kind == Frame.HEADERS:
+            self._headers(flags, stream, payload)
+        elif kind == Frame.CONTINUATION:
+            self._continuation(flags, stream, payload)
+        elif kind == Frame.SETTINGS:
+            self._settings(flags, stream, payload)
+        elif kind == Frame.PING:
+            self._control()
+            if stream != 0:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "PING on a stream")
+            if len(payload) != 8:
+                raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "PING of other than 8 bytes")
+            if not flags & ACK:
+                self._write(_frame_head(8, Frame.PING, ACK, 0) + payload)
+        elif kind == Frame.WINDOW_UPDATE:
+            self._window_update(stream, payload)
+        elif kind == Frame.RST_STREAM:
+            self._rst_stream(stream, payload)
+        elif kind == Frame.PRIORITY:
+            self._control()
+            if stream == 0:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "PRIORITY on stream 0")
+            if len(payload) != 5:
+                raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "PRIORITY of other than 5 bytes")
+        elif kind == Frame.GOAWAY:
+            if stream != 0:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "GOAWAY on a stream")
+            # The peer opens no more streams; those it opened are still answered.
+        elif kind == Frame.PUSH_PROMISE:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+        else:
+            self._control()  # an unknown type: ignored (RFC 9113 4.1), but not for free
+
+    def _control(self) -> None:
+        self._allowance -= 1
+        if self._allowance < 0:
+            raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "too many frames without calls")
+
+    @staticmethod
+    def _unpad(flags: int, payload: bytes) -> bytes:
+        if not flags & PADDED:
+            return payload
+        if not payload or payload[0] >= len(payload):
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "padding as long as the frame")
+        return payload[1 : len(payload) - payload[0]]
+
+    def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id == 0:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
+        # The whole frame counts against the window, padding included; it is taken (and
+        # the window replenished) once a handler has the message or the bytes are dropped.
+        size = len(payload)
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.task is not None:
+            if stream_id in self._reset:
+                self._consumed += size
+                return
+            raise _ConnectionError(ErrorCode.STREAM_CLOSED, f"DATA on stream {stream_id}, which is closed")
+        data = self._unpad(flags, payload)
+        stream.received += size
+        if stream.received > MAX_MESSAGE_BYTES + 5:
+            raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, f"stream {stream_id} sent past its window")
+        if data:
+            stream.data.append(data)
+        elif not flags & END_STREAM:
+            self._control()
+        if flags & END_STREAM:
+            self._call(stream_id, stream)
+
+    def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id == 0:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
+        fragment = self._unpad(flags, payload)
+        if flags & PRIORITY_FLAG:
+            if len(fragment) < 5:
+                raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+            fragment = fragment[5:]
+        self._block_stream = stream_id
+        self._block_end_stream = bool(flags & END_STREAM)
+        if flags & END_HEADERS:
+            self._header_block(fragment)
+        else:
+            self._block = [fragment]
+
+    def _continuation(self, flags: int, stream_id: int, payload: bytes) -> None:
+        block = self._block
+        if block is None or stream_id != self._block_stream:
+            raise _ConnectionError(
+                ErrorCode.PROTOCOL_ERROR, "CONTINUATION without a header block to continue"
+            )
+        block.append(payload)
+        if sum(map(len, block)) > MAX_HEADER_BLOCK_BYTES:
+            raise _ConnectionError(
+                ErrorCode.ENHANCE_YOUR_CALM, f"a header block over {MAX_HEADER_BLOCK_BYTES} bytes"
+            )
+        if flags & END_HEADERS:
+            self._block = None
+            self._header_block(b"".join(block))
+
+    def _header_block(self, block: bytes) -> None:
+        stream_id = self._block_stream
+        try:
+            headers = self._decoder.decode(block)  # always: the table must follow the peer's
+        except HeaderBlockError as exc:
+            raise _ConnectionError(ErrorCode.COMPRESSION_ERROR, str(exc)) from None
+        if stream_id <= self._last_stream:
+            stream = self._streams.get(stream_id)
+            if stream is not None and stream.task is None and self._block_end_stream:
+                self._call(stream_id, stream)  # trailers end the request
+                return
+            if stream_id in self._reset:
+                return
+            raise _ConnectionError(
+                ErrorCode.STREAM_CLOSED, f"HEADERS on stream {stream_id}, which is not open"
+            )
+        if stream_id % 2 == 0:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"a client stream of even id {stream_id}")
+        self._last_stream = stream_id
+        if self._goaway_sent:
+            return  # after GOAWAY: not answered; the peer knows from its last stream id
+        if len(self._streams) >= MAX_CONCURRENT_STREAMS:
+            self._control()
+            self._reset_stream(stream_id, ErrorCode.REFUSED_STREAM)
+            return
+        stream = _Stream(headers, self._peer_window)
+        self._streams[stream_id] = stream
+        if self._block_end_stream:
+            self._call(stream_id, stream)
+
+    def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
+        self._control()
+        if stream_id != 0:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            if payload:
+                raise _ConnectionError(
+                    ErrorCode.FRAME_SIZE_ERROR, "a SETTINGS acknowledgement with a payload"
+                )
+            return
+        if len(payload) % 6:
+            raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS not a multiple of 6 bytes")
+        for offset in range(0, len(payload), 6):
+            setting = int.from_bytes(payload[offset : offset + 2], "big")
+            value = int.from_bytes(payload[offset + 2 : offset + 6], "big")
+            if setting == Setting.INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "an initial window over 2^31-1")
+                delta = value - self._peer_window
+                self._peer_window = value
+                for stream in self._streams.values():
+                    stream.send_window += delta
+            elif setting == Setting.MAX_FRAME_SIZE:
+                if not DEFAULT_FRAME_SIZE <= value <= MAX_FRAME_SIZE_SETTING:
+                    raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"a max frame size of {value}")
+                self._peer_frame_size = value
+            elif setting == Setting.ENABLE_PUSH and value > 1:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"ENABLE_PUSH of {value}")
+            # HEADER_TABLE_SIZE bounds the peer's decoder, which this side's encoding (no
+            # dynamic table) never touches; the others do not concern a server's answers.
+        self._write(_frame_head(0, Frame.SETTINGS, ACK, 0))
+        if self._queued:
+            self._send_queued()
+
+    def _window_update(self, stream_id: int, payload: bytes) -> None:
+        self._control()
+        if len(payload) != 4:
+            raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE of other than 4 bytes")
+        increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if increment == 0:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "a WINDOW_UPDATE of 0")
+        if stream_id == 0:
+            self._send_window += increment
+            if self._send_window > MAX_WINDOW:
+                raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "the connection window past 2^31-1")
+        else:
+            stream = self._streams.get(stream_id)
+            if stream is None:
+                if stream_id > self._last_stream:
+                    raise _ConnectionError(
+                        ErrorCode.PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {stream_id}"
+                    )
+                return  # a stream answered or reset meanwhile
+            stream.send_window += increment
+            if stream.send_window > MAX_WINDOW:
+                raise _ConnectionError(
+                    ErrorCode.FLOW_CONTROL_ERROR, f"stream {stream_id}'s window past 2^31-1"
+                )
+        if self._queued:
+            self._send_queued()
+
+    def _rst_stream(self, stream_id: int, payload: bytes) -> None:
+        self._control()
+        if stream_id == 0:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        if len(payload) != 4:
+            raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "RST_STREAM of other than 4 bytes")
+        if stream_id > self._last_stream:
+            raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"RST_STREAM on idle stream {stream_id}")
+        stream = self._streams.pop(stream_id, None)
+        self._queued.pop(stream_id, None)
+        if stream is None:
+            return
+        self._consumed += stream.received
+        if stream.task is not None:
+            stream.task.cancel()  # the peer gave up on the call (Envoy's timeout, a client's cancel)
+        self._finished()
+
+    # Calls
+
+    def _call(self, stream_id: int, stream: _Stream) -> None:
+        data = b"".join(stream.data) if len(stream.data) != 1 else stream.data[0]
+        stream.data = []
+        self._consumed += stream.received
+        headers = stream.headers
+        path = ""
+        for name, value in headers:
+            if name == ":path":
+                path = value
+                break
+        handler = self._handlers.get(path)
+        if handler is None:
+            self._answer_status(stream_id, StatusCode.UNIMPLEMENTED, f"method {path!r} is not served here")
+            return
+        if len(data) < 5 or data[0] != 0 or int.from_bytes(data[1:5], "big") != len(data) - 5:
+            message = (
+                "compressed messages are not accepted" if data[:1] == b"\x01" else "not one whole message"
+            )
+            self._answer_status(stream_id, StatusCode.INTERNAL, f"the request is {message}")
+            return
+        try:
+            answer = handler(data[5:], CallContext(headers))
+        except CallAborted as aborted:
+            self._answer_status(stream_id, aborted.code, aborted.message)
+            return
+        except Exception:
+            log.exception("gRPC handler of %s failed", path)
+            self._answer_status(stream_id, StatusCode.UNKNOWN, "the handler failed")
+            return
+        if isinstance(answer, bytes):
+            self._answer(stream_id, answer)
+            return
+        task = asyncio.ensure_future(answer)
+        stream.task = task
+        task.add_done_callback(lambda done: self._answered(stream_id, path, done))
+
+    def _answered(self, stream_id: int, path: str, task: asyncio.Future[bytes]) -> None:
+        if task.cancelled() or self._streams.get(stream_id) is None:
+            return  # reset by the peer, or the connection is gone
+        error = task.exception()
+        if error is None:
+            self._answer(stream_id, task.result())
+        elif isinstance(error, CallAborted):
+            self._answer_status(stream_id, error.code, error.message)
+        else:
+            log.error("gRPC handler of %s failed", path, exc_info=error)
+            self._answer_status(stream_id, StatusCode.UNKNOWN, "the handler failed")
+
+    def _answer(self, stream_id: int, message: bytes) -> None:
+        stream = self._streams[stream_id]
+        size = len(message) + 5
+        sid = stream_id.to_bytes(4, "big")
+        if (
+            size <= self._send_window
+            and size <= stream.send_window
+            and size <= self._peer_frame_size
+            and not self._queued
+        ):
+            self._send_window -= size
+            self._write(
+                b"".join(
+                    (
+                        _HEADERS_HEAD,
+                        sid,
+                        RESPONSE_HEADERS,
+                        size.to_bytes(3, "big"),
+                        _DATA_KIND,
+                        sid,
+                        b"\x00",
+                        len(message).to_bytes(4, "big"),
+                        message,
+                        _TRAILERS_HEAD,
+                        sid,
+                        _OK_TRAILERS,
+                    )
+                )
+            )
+            self._close_stream(stream_id)
+            return
+        # The peer's windows or frame size do not let the whole answer go at once.
+        self._write(_HEADERS_HEAD + sid + RESPONSE_HEADERS)
+        self._queued[stream_id] = b"\x00" + len(message).to_bytes(4, "big") + message
+        self._send_queued()
+
+    def _send_queued(self) -> None:
+        for stream_id, pending in list(self._queued.items()):
+            stream = self._streams[stream_id]
+            while pending:
+                size = min(len(pending), self._send_window, stream.send_window, self._peer_frame_size)
+                if size <= 0:
+                    break
+                self._write(_frame_head(size, Frame.DATA, 0, stream_id) + pending[:size])
+                pending = pending[size:]
+                self._send_window -= size
+                stream.send_window -= size
+            if pending:
+                self._queued[stream_id] = pending
+                continue
+            del self._queued[stream_id]
+            self._write(_TRAILERS_HEAD + stream_id.to_bytes(4, "big") + _OK_TRAILERS)
+            self._close_stream(stream_id)
+
+    def _answer_status(self, stream_id: int, code: int, message: str) -> None:
+        """A trailers-only answer: the status, no message."""
+        block = RESPONSE_HEADERS + trailers(code, message)
+        self._write(_frame_head(len(block), Frame.HEADERS, END_HEADERS | END_STREAM, stream_id) + block)
+        self._close_stream(stream_id)
+
+    def _close_stream(self, stream_id: int) -> None:
+        del self._streams[stream_id]
+        self._allowance = min(CONTROL_FRAME_ALLOWANCE, self._allowance + CONTROL_FRAMES_PER_CALL)
+        self._finished()
+
+    def _finished(self) -> None:
+        if self._consumed >= CONNECTION_WINDOW // 2:
+            self._replenish()
+        if self._goaway_sent and not self._streams:
+            self._end()
+
+    def _replenish(self) -> None:
+        consumed, self._consumed = self._consumed, 0
+        self._write(_frame_head(4, Frame.WINDOW_UPDATE, 0, 0) + consumed.to_bytes(4, "big"))
+
+    def _reset_stream(self, stream_id: int, code: ErrorCode) -> None:
+        self._write(_frame_head(4, Frame.RST_STREAM, 0, stream_id) + int(code).to_bytes(4, "big"))
+        self._reset.append(stream_id)
+        if len(self._reset) > _RESET_REMEMBERED:
+            del self._reset[0]
+
+    # The connection's end
+
+    def _goaway(self, code: ErrorCode, reason: str) -> None:
+        if self._goaway_sent:
+            return
+        self._goaway_sent = True
+        debug = reason.encode()[:256]
+        self._write(
+            _frame_head(8 + len(debug), Frame.GOAWAY, 0, 0)
+            + self._last_stream.to_bytes(4, "big")
+            + int(code).to_bytes(4, "big")
+            + debug
+        )
+
+    def _fail(self, code: ErrorCode, reason: str) -> None:
+        """A connection error: GOAWAY with its code, and the connection closed."""
+        log.info("closing an HTTP/2 connection: %s (%s)", reason, code.name)
+        self._goaway(code, reason)
+        self._buffer = b""
+        self._block = None
+        for stream in self._streams.values():
+            if stream.task is not None:
+                stream.task.cancel()
+        self._streams.clear()
+        self._queued.clear()
+        self._end()
+
+    def _end(self) -> None:
+        """Send nothing more: the end of the stream after what was written (GOAWAY last),
+        and the connection closed once the peer closes its side (what it still sends is
+        read and dropped, so that a close with unread bytes cannot reset the connection
+        and lose the GOAWAY); a peer that never closes is cut after the frame timeout."""
+        self._closing = True
+        self._since = self._owner.now
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
+
+    def _write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is not None and not self._closing and not transport.is_closing():
+            transport.write(data)
+
+
+# Over the listener's max_connections: a server preface and GOAWAY, so that a client knows
+# no call was taken and may try another connection.
+TOO_MANY_CONNECTIONS = (
+    _frame_head(0, Frame.SETTINGS, 0, 0)
+    + _frame_head(8, Frame.GOAWAY, 0, 0)
+    + (0).to_bytes(4, "big")
+    + int(ErrorCode.ENHANCE_YOUR_CALM).to_bytes(4, "big")
+)
+
+
+def serve_grpc(
+    handlers: Mapping[str, UnaryHandler], sock: socket.socket, limits: HttpLimits = GRPC_LIMITS
+) -> HttpListener:
+    """Serve unary gRPC calls on the listening `sock`, `handlers` by method path
+    ("/package.Service/Method"); any other path is answered UNIMPLEMENTED. `limits`: the
+    header timeout bounds a frame's or header block's arrival; the idle timeout, a
+    connection without calls."""
+    listener = HttpListener(
+        sock, lambda owner: H2Connection(handlers, owner), limits, None, TOO_MANY_CONNECTIONS
+    )
+    listener.start()
+    return listener

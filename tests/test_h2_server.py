@@ -1,0 +1,525 @@
+"""meshtoll's h2c server for unary gRPC calls (transport/h2_server.py), over real sockets:
+grpcio's own client for what a good client sees, and raw frames (header blocks by the
+`hpack` package's encoder, Huffman and dynamic table included) for what the protocol lets a
+peer rely on and for hostile peers, each of which must end with its connection closed and
+the server still answering a good client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import hpack
+import pytest
+
+from meshtoll.transport.h2_server import (
+    CONNECTION_WINDOW,
+    CONTROL_FRAME_ALLOWANCE,
+    MAX_CONCURRENT_STREAMS,
+    MAX_MESSAGE_BYTES,
+    PREFACE,
+    CallContext,
+    ErrorCode,
+    Frame,
+    Setting,
+    StatusCode,
+    UnaryHandler,
+    serve_grpc,
+)
+from meshtoll.transport.http_listener import HttpLimits, HttpListener, listening_socket
+
+ECHO = "/test.Echo/Echo"
+SLOW = "/test.Echo/Slow"
+FAILING = "/test.Echo/Fail"
+TIMEOUT = 5.0
+
+
+@dataclass
+class Calls:
+    """What the test handlers saw, and the gate the slow one waits at."""
+
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    metadata: list[tuple[tuple[str, str], ...]] = field(default_factory=list)
+
+    def echo(self, request: bytes, context: CallContext) -> bytes:
+        self.metadata.append(context.invocation_metadata())
+        if request.startswith(b"abort:"):
+            raise_abort(context, request)
+        if request.startswith(b"big:"):
+            return b"x" * int(request[4:])
+        return request
+
+    async def slow(self, request: bytes, context: CallContext) -> bytes:
+        self.started.set()
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        if request.startswith(b"abort:"):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "store unavailable")
+        return b"slow:" + request
+
+    def fail(self, request: bytes, context: CallContext) -> bytes:
+        raise RuntimeError("a bug")
+
+
+def raise_abort(context: CallContext, request: bytes) -> None:
+    """A synchronous handler's abort: the coroutine raises CallAborted at its first step."""
+    context.abort(StatusCode.INVALID_ARGUMENT, request[6:].decode()).send(None)
+
+
+@dataclass
+class Server:
+    port: int
+    listener: HttpListener
+    calls: Calls
+
+
+async def start(limits: HttpLimits | None = None) -> Server:
+    calls = Calls()
+    sock = listening_socket("127.0.0.1", 0)
+    handlers: dict[str, UnaryHandler] = {ECHO: calls.echo, SLOW: calls.slow, FAILING: calls.fail}
+    listener = serve_grpc(handlers, sock, limits) if limits else serve_grpc(handlers, sock)
+    return Server(sock.getsockname()[1], listener, calls)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    running = await start()
+    yield running
+    running.listener.close()
+    await running.listener.wait_closed()
+
+
+async def call(port: int, method: str, request: bytes, timeout: float = TIMEOUT) -> bytes:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        unary = channel.unary_unary(method)
+        answer: bytes = await unary(request, timeout=timeout)
+        return answer
+
+
+async def status_of(port: int, method: str, request: bytes) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await call(port, method, request)
+    return failed.value.code(), failed.value.details() or ""
+
+
+# A good client (grpcio's)
+
+
+async def test_a_call_is_answered_with_the_handlers_bytes(server: Server) -> None:
+    assert await call(server.port, ECHO, b"hello") == b"hello"
+    server.calls.gate.set()
+    assert await call(server.port, SLOW, b"x") == b"slow:x"  # an awaitable answer
+
+
+async def test_the_handler_sees_the_calls_metadata_not_the_pseudo_headers(server: Server) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        await channel.unary_unary(ECHO)(b"m", metadata=(("traceparent", "00-abc-def-01"),), timeout=TIMEOUT)
+    seen = dict(server.calls.metadata[0])
+    assert seen["traceparent"] == "00-abc-def-01"
+    assert not any(name.startswith(":") for name in seen)
+
+
+async def test_an_abort_is_the_calls_status_and_message_in_the_trailers(server: Server) -> None:
+    assert await status_of(server.port, ECHO, b"abort:no such domain 100%") == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "no such domain 100%",
+    )
+    server.calls.gate.set()
+    assert await status_of(server.port, SLOW, b"abort:") == (grpc.StatusCode.UNAVAILABLE, "store unavailable")
+
+
+async def test_an_unknown_method_is_unimplemented(server: Server) -> None:
+    code, message = await status_of(server.port, "/grpc.health.v1.Health/Watch", b"")
+    assert code == grpc.StatusCode.UNIMPLEMENTED
+    assert "Watch" in message
+
+
+async def test_a_failing_handler_is_an_unknown_error_and_the_server_goes_on(server: Server) -> None:
+    assert (await status_of(server.port, FAILING, b""))[0] == grpc.StatusCode.UNKNOWN
+    assert await call(server.port, ECHO, b"after") == b"after"
+
+
+async def test_large_requests_and_answers_flow_without_stalling(server: Server) -> None:
+    """Requests adding up to several connection windows: this side replenishes its windows
+    as the handler takes the requests; answers larger than a frame are split."""
+    request = b"r" * (MAX_MESSAGE_BYTES // 2)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        unary = channel.unary_unary(ECHO)
+        for _ in range(3 * CONNECTION_WINDOW // len(request)):
+            assert await unary(request, timeout=TIMEOUT) == request
+        assert await unary(b"big:200000", timeout=TIMEOUT) == b"x" * 200_000
+
+
+async def test_many_calls_in_flight_on_one_connection(server: Server) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        unary = channel.unary_unary(ECHO)
+        answers = await asyncio.gather(*(unary(b"%d" % n, timeout=TIMEOUT) for n in range(200)))
+    assert answers == [b"%d" % n for n in range(200)]
+
+
+# Raw frames: what the protocol lets a peer rely on
+
+
+def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload
+
+
+def settings(*pairs: tuple[int, int]) -> bytes:
+    return frame(
+        Frame.SETTINGS, 0, 0, b"".join(k.to_bytes(2, "big") + v.to_bytes(4, "big") for k, v in pairs)
+    )
+
+
+def message(body: bytes) -> bytes:
+    return b"\x00" + len(body).to_bytes(4, "big") + body
+
+
+@dataclass
+class Received:
+    kind: int
+    flags: int
+    stream: int
+    payload: bytes
+
+
+OPEN: list[asyncio.StreamWriter] = []
+
+
+@pytest.fixture(autouse=True)
+async def raw_clients_closed() -> AsyncIterator[None]:
+    yield
+    while OPEN:
+        writer = OPEN.pop()
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+class RawClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        OPEN.append(writer)
+        self.reader = reader
+        self.writer = writer
+        self.encoder = hpack.Encoder()
+        self.decoder = hpack.Decoder()
+
+    @classmethod
+    async def open(cls, port: int, preface: bytes = PREFACE + settings()) -> RawClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(preface)
+        return cls(reader, writer)
+
+    def send(self, *frames: bytes) -> None:
+        self.writer.write(b"".join(frames))
+
+    def headers_block(self, path: str = ECHO) -> bytes:
+        block: bytes = self.encoder.encode(
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", path),
+                (":authority", "meshtoll"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+                ("x-request-id", "4c7e1d52-0b1e-4f3a-9d2c-8e4f1a2b3c4d"),
+            ],
+            huffman=True,
+        )
+        return block
+
+    def request(self, stream: int, body: bytes, path: str = ECHO) -> bytes:
+        return frame(Frame.HEADERS, 0x4, stream, self.headers_block(path)) + frame(
+            Frame.DATA, 0x1, stream, message(body)
+        )
+
+    async def next_frame(self) -> Received:
+        head = await asyncio.wait_for(self.reader.readexactly(9), TIMEOUT)
+        length = int.from_bytes(head[:3], "big")
+        payload = await asyncio.wait_for(self.reader.readexactly(length), TIMEOUT)
+        return Received(head[3], head[4], int.from_bytes(head[5:9], "big"), payload)
+
+    async def until(self, kind: int, stream: int | None = None) -> Received:
+        while True:
+            received = await self.next_frame()
+            if received.kind == kind and (stream is None or received.stream == stream):
+                return received
+
+    async def answer(self, stream: int, prefix: int = 5) -> tuple[bytes, dict[str, str]]:
+        """The answer's message (after its `prefix` of bytes not yet read) and trailers on `stream`."""
+        data = b""
+        while True:
+            received = await self.next_frame()
+            if received.stream != stream:
+                continue
+            if received.kind == Frame.DATA:
+                data += received.payload
+            elif received.kind == Frame.HEADERS:
+                fields = {n.decode(): v.decode() for n, v in self.decoder.decode(received.payload, raw=True)}
+                if received.flags & 0x1:
+                    return data[prefix:], fields
+
+    async def goaway(self) -> tuple[int, ErrorCode]:
+        """The GOAWAY (last stream id, error code); the server then ends the connection."""
+        while True:
+            try:
+                received = await self.next_frame()
+            except asyncio.IncompleteReadError:
+                raise AssertionError("the connection ended without a GOAWAY") from None
+            if received.kind == Frame.GOAWAY:
+                last = int.from_bytes(received.payload[:4], "big")
+                return last, ErrorCode(int.from_bytes(received.payload[4:8], "big"))
+
+    async def closed(self) -> None:
+        """The server ends its side, and closes once this side closes."""
+        rest = await asyncio.wait_for(self.reader.read(), TIMEOUT)
+        assert Frame.GOAWAY not in rest[3:4]
+        self.writer.close()
+
+
+async def ends_with(client: RawClient, code: ErrorCode, server: Server) -> None:
+    """The connection ends with GOAWAY(code), and the server still answers a good client."""
+    assert (await client.goaway())[1] == code
+    await client.closed()
+    assert await call(server.port, ECHO, b"still here") == b"still here"
+    await wait_for_connections(server.listener, 0)
+
+
+async def wait_for_connections(listener: HttpListener, count: int) -> None:
+    async def settled() -> None:
+        while listener.connections != count:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(settled(), TIMEOUT)
+
+
+async def test_settings_are_acknowledged_both_ways_and_pings_answered(server: Server) -> None:
+    client = await RawClient.open(server.port)
+    first = await client.next_frame()
+    assert (first.kind, first.flags, first.stream) == (Frame.SETTINGS, 0, 0)
+    advertised = {
+        int.from_bytes(first.payload[i : i + 2], "big"): int.from_bytes(first.payload[i + 2 : i + 6], "big")
+        for i in range(0, len(first.payload), 6)
+    }
+    assert advertised[Setting.MAX_CONCURRENT_STREAMS] == MAX_CONCURRENT_STREAMS
+    assert (await client.until(Frame.SETTINGS)).flags == 0x1  # our SETTINGS acknowledged
+    client.send(frame(Frame.SETTINGS, 0x1, 0), frame(Frame.PING, 0, 0, b"12345678"))
+    pong = await client.until(Frame.PING)
+    assert (pong.flags, pong.payload) == (0x1, b"12345678")
+
+
+async def test_continuation_padding_and_priority_are_understood(server: Server) -> None:
+    client = await RawClient.open(server.port)
+    block = client.headers_block()
+    padded_priority = bytes((3,)) + bytes(5) + block[:4] + b"\x00" * 3  # pad length, priority
+    client.send(
+        frame(Frame.PRIORITY, 0, 1, bytes(5)),
+        frame(Frame.HEADERS, 0x8 | 0x20, 1, padded_priority),
+        frame(Frame.CONTINUATION, 0, 1, block[4:8]),
+        frame(Frame.CONTINUATION, 0x4, 1, block[8:]),
+        frame(Frame.DATA, 0x8, 1, bytes((2,)) + message(b"padded")[:4] + b"\x00\x00"),
+        frame(Frame.DATA, 0x1, 1, message(b"padded")[4:]),
+    )
+    assert await client.answer(1) == (b"padded", {"grpc-status": "0"})
+    client.send(client.request(3, b"again"))  # the same block, now from the dynamic table
+    assert (await client.answer(3))[0] == b"again"
+
+
+async def test_answers_wait_for_the_peers_windows(server: Server) -> None:
+    client = await RawClient.open(server.port, PREFACE + settings((Setting.INITIAL_WINDOW_SIZE, 10)))
+    client.send(client.request(1, b"big:100"))
+    data = await client.until(Frame.DATA, 1)
+    assert len(data.payload) == 10
+    client.send(frame(Frame.WINDOW_UPDATE, 0, 1, (200).to_bytes(4, "big")))
+    rest, trailers = await client.answer(1, prefix=0)  # the message's 5-byte prefix was in the first 10
+    assert (data.payload[5:] + rest, trailers) == (b"x" * 100, {"grpc-status": "0"})
+
+
+async def test_a_reset_stream_cancels_its_call(server: Server) -> None:
+    client = await RawClient.open(server.port)
+    client.send(client.request(1, b"wait", SLOW))
+    await asyncio.wait_for(server.calls.started.wait(), TIMEOUT)
+    client.send(frame(Frame.RST_STREAM, 0, 1, int(ErrorCode.CANCEL).to_bytes(4, "big")))
+    await asyncio.wait_for(server.calls.cancelled.wait(), TIMEOUT)
+    client.send(client.request(3, b"next"))
+    assert (await client.answer(3))[0] == b"next"
+
+
+async def test_shutting_down_sends_goaway_and_answers_the_calls_in_flight() -> None:
+    running = await start()
+    client = await RawClient.open(running.port)
+    client.send(client.request(1, b"in flight", SLOW))
+    await asyncio.wait_for(running.calls.started.wait(), TIMEOUT)
+    running.listener.close()
+    assert await client.goaway() == (1, ErrorCode.NO_ERROR)
+    running.calls.gate.set()
+    assert await client.answer(1) == (b"slow:in flight", {"grpc-status": "0"})
+    await client.closed()
+    await asyncio.wait_for(running.listener.wait_closed(), TIMEOUT)
+
+
+async def test_streams_over_the_advertised_maximum_are_refused(server: Server) -> None:
+    client = await RawClient.open(server.port)
+    opened = [
+        frame(Frame.HEADERS, 0x4, 2 * n + 1, client.headers_block(SLOW))
+        for n in range(MAX_CONCURRENT_STREAMS)
+    ]
+    over = 2 * MAX_CONCURRENT_STREAMS + 1
+    client.send(*opened, frame(Frame.HEADERS, 0x4, over, client.headers_block(SLOW)))
+    refused = await client.until(Frame.RST_STREAM)
+    assert (refused.stream, int.from_bytes(refused.payload, "big")) == (over, ErrorCode.REFUSED_STREAM)
+    client.send(frame(Frame.DATA, 0x1, 1, message(b"first")))
+    server.calls.gate.set()
+    assert await client.answer(1) == (b"slow:first", {"grpc-status": "0"})
+
+
+# Hostile peers: each connection ends, the server goes on
+
+
+async def test_a_garbage_preface_ends_the_connection(server: Server) -> None:
+    client = await RawClient.open(server.port, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    await ends_with(client, ErrorCode.PROTOCOL_ERROR, server)
+
+
+async def test_an_oversize_frame_ends_the_connection(server: Server) -> None:
+    client = await RawClient.open(server.port)
+    client.send(frame(Frame.DATA, 0, 1, b"x" * 16_385))
+    await ends_with(client, ErrorCode.FRAME_SIZE_ERROR, server)
+
+
+async def test_a_header_block_that_never_ends_ends_the_connection(server: Server) -> None:
+    client = await RawClient.open(server.port)
+    client.send(frame(Frame.HEADERS, 0, 1, client.headers_block()))
+    client.send(*(frame(Frame.CONTINUATION, 0, 1, b"\x82" * 16_384) for _ in range(5)))
+    await ends_with(client, ErrorCode.ENHANCE_YOUR_CALM, server)
+
+
+async def test_bad_hpack_ends_the_connection(server: Server) -> None:
+    client = await RawClient.open(server.port)
+    client.send(
+        frame(Frame.HEADERS, 0x4 | 0x1, 1, b"\xff\xff\xff\xff\xff\x7f")
+    )  # an index far past both tables
+    await ends_with(client, ErrorCode.COMPRESSION_ERROR, server)
+
+
+async def test_bad_huffman_ends_the_connection(server: Server) -> None:
+    client = await RawClient.open(server.port)
+    # A literal whose Huffman-coded name is all ones: EOS, which must never appear.
+    client.send(frame(Frame.HEADERS, 0x4 | 0x1, 1, b"\x00\x84\xff\xff\xff\xff\x01a"))
+    await ends_with(client, ErrorCode.COMPRESSION_ERROR, server)
+
+
+async def test_a_reused_stream_id_ends_the_connection(server: Server) -> None:
+    client = await RawClient.open(server.port)
+    client.send(client.request(1, b"one"))
+    assert (await client.answer(1))[0] == b"one"
+    client.send(client.request(1, b"again"))
+    await ends_with(client, ErrorCode.STREAM_CLOSED, server)
+
+
+async def test_a_stream_id_going_down_ends_the_connection(server: Server) -> None:
+    client = await RawClient.open(server.port)
+    client.send(client.request(5, b"five"), client.request(3, b"three"))
+    await ends_with(client, ErrorCode.STREAM_CLOSED, server)
+
+
+async def test_an_even_stream_id_ends_the_connection(server: Server) -> None:
+    client = await RawClient.open(server.port)
+    client.send(client.request(2, b"two"))
+    await ends_with(client, ErrorCode.PROTOCOL_ERROR, server)
+
+
+async def test_data_on_a_closed_stream_ends_the_connection(server: Server) -> None:
+    client = await RawClient.open(server.port)
+    client.send(client.request(1, b"one"))
+    assert (await client.answer(1))[0] == b"one"
+    client.send(frame(Frame.DATA, 0x1, 1, message(b"late")))
+    await ends_with(client, ErrorCode.STREAM_CLOSED, server)
+
+
+async def test_a_stream_sending_past_its_window_ends_the_connection(server: Server) -> None:
+    client = await RawClient.open(server.port)
+    client.send(frame(Frame.HEADERS, 0x4, 1, client.headers_block()))
+    chunk = frame(Frame.DATA, 0, 1, b"x" * 16_384)
+    client.send(*(chunk for _ in range(MAX_MESSAGE_BYTES // 16_384 + 2)))
+    await ends_with(client, ErrorCode.FLOW_CONTROL_ERROR, server)
+
+
+@pytest.mark.parametrize(
+    "flood",
+    [
+        frame(Frame.PING, 0, 0, b"12345678"),
+        settings((Setting.ENABLE_PUSH, 0)),
+        frame(Frame.PRIORITY, 0, 1, bytes(5)),
+        frame(Frame.WINDOW_UPDATE, 0, 0, (1).to_bytes(4, "big")),
+        frame(0x42, 0, 0, b"unknown"),
+    ],
+    ids=["pings", "settings", "priorities", "window-updates", "unknown-frames"],
+)
+async def test_a_flood_of_control_frames_ends_the_connection(server: Server, flood: bytes) -> None:
+    client = await RawClient.open(server.port)
+    client.send(flood * (CONTROL_FRAME_ALLOWANCE + 1))
+    await ends_with(client, ErrorCode.ENHANCE_YOUR_CALM, server)
+
+
+async def test_a_flood_of_streams_reset_at_once_ends_the_connection(server: Server) -> None:
+    client = await RawClient.open(server.port)
+    block = client.headers_block(SLOW)
+    reset = int(ErrorCode.CANCEL).to_bytes(4, "big")
+    client.send(
+        *(
+            frame(Frame.HEADERS, 0x4, 2 * n + 1, block) + frame(Frame.RST_STREAM, 0, 2 * n + 1, reset)
+            for n in range(CONTROL_FRAME_ALLOWANCE + 1)
+        )
+    )
+    await ends_with(client, ErrorCode.ENHANCE_YOUR_CALM, server)
+
+
+async def test_a_half_sent_frame_then_silence_ends_the_connection() -> None:
+    running = await start(HttpLimits(header_timeout_seconds=0.2, idle_timeout_seconds=60))
+    try:
+        client = await RawClient.open(running.port)
+        client.send(frame(Frame.DATA, 0, 1, b"x" * 100)[:50])
+        await ends_with(client, ErrorCode.PROTOCOL_ERROR, running)
+        silent = await RawClient.open(running.port, b"PRI * HTTP/2.0\r\n")  # half a preface
+        await ends_with(silent, ErrorCode.PROTOCOL_ERROR, running)
+    finally:
+        running.listener.close()
+        await running.listener.wait_closed()
+
+
+async def test_bytes_trickling_in_do_not_hold_a_frame_open_past_its_timeout() -> None:
+    running = await start(HttpLimits(header_timeout_seconds=0.5, idle_timeout_seconds=60))
+    try:
+        client = await RawClient.open(running.port)
+        head = frame(Frame.DATA, 0, 1, b"x" * 100)
+        sent = asyncio.ensure_future(trickle(client, head))
+        await ends_with(client, ErrorCode.PROTOCOL_ERROR, running)
+        sent.cancel()
+    finally:
+        running.listener.close()
+        await running.listener.wait_closed()
+
+
+async def trickle(client: RawClient, data: bytes) -> None:
+    for byte in data:
+        client.send(bytes((byte,)))
+        await asyncio.sleep(0.1)
+
+
+async def test_a_header_block_split_before_silence_ends_the_connection() -> None:
+    running = await start(HttpLimits(header_timeout_seconds=0.2, idle_timeout_seconds=60))
+    try:
+        client = await RawClient.open(running.port)
+        client.send(frame(Frame.HEADERS, 0, 1, client.headers_block()))  # no END_HEADERS, nothing after
+        await ends_with(client, ErrorCode.PROTOCOL_ERROR, running)
+    finally:
+        running.listener.close()
+        await running.listener.wait_closed()
