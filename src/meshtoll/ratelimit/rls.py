@@ -1,5 +1,7 @@
-"""`envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit` on grpc.aio: Envoy's
-protobufs in and out, the rate-limit service's decision in between."""
+"""`envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit` on raw bytes: Envoy's
+protobufs in and out, the rate-limit service's decision in between. Served by grpc.aio
+(`meshtoll serve`, `handler()`) or by meshtoll's own h2c server (`meshtoll ratelimit`,
+transport/h2_server.py, `RLS_METHOD`): the same coroutine on either."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from meshtoll.ratelimit.rls_answer import AnswerEncoder, answer_message
 from meshtoll.ratelimit.service import RateLimitService
 from meshtoll.telemetry.histogram import Histogram
 from meshtoll.telemetry.tracing import Tracing, end_span, trace_carrier
+from meshtoll.transport.h2_server import CallContext
 
 _Request = rls_pb2.RateLimitRequest
 # Envoy's RateLimitUnit numbers -> period names; UNKNOWN (0) and numbers beyond are not units.
@@ -36,6 +39,7 @@ _REQUEST_CACHE_LIMIT = 10_000
 REMEMBERED_REQUEST_BYTES = 2048
 
 RLS_SERVICE = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
+RLS_METHOD = f"/{RLS_SERVICE}/ShouldRateLimit"  # its HTTP/2 :path
 
 
 class RateLimitServicer:
@@ -65,7 +69,9 @@ class RateLimitServicer:
         method = grpc.unary_unary_rpc_method_handler(self.should_rate_limit)
         return grpc.method_handlers_generic_handler(RLS_SERVICE, {"ShouldRateLimit": method})
 
-    async def should_rate_limit(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def should_rate_limit(
+        self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes] | CallContext
+    ) -> bytes:
         # One coroutine from the request to its answer: every layer of coroutines between
         # grpcio and the Redis reply is resumed again when the reply comes.
         started = perf_counter()

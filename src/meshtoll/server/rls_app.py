@@ -15,11 +15,9 @@ import json
 import logging
 import socket
 
-import grpc
-from grpc_health.v1 import health_pb2_grpc
-
 from meshtoll.envoyproxy_ratelimit.environment import RlsSettings
 from meshtoll.errors import ConfigError
+from meshtoll.ratelimit.rls import RLS_METHOD
 from meshtoll.server.event_loop import running_loop_name
 from meshtoll.server.lifecycle import (
     Listener,
@@ -28,7 +26,9 @@ from meshtoll.server.lifecycle import (
     serve_until_signalled,
     stop_serving,
 )
-from meshtoll.server.rls_services import RlsServices, build_rls
+from meshtoll.server.rls_services import HEALTH_CHECK, RlsServices, build_rls
+from meshtoll.transport.h2_server import UnaryHandler, serve_grpc
+from meshtoll.transport.http_listener import listening_socket
 from meshtoll.transport.http_server import serve_http, serve_http_reading_bodies
 
 log = logging.getLogger("meshtoll.ratelimit")
@@ -38,7 +38,6 @@ class RlsApp:
     def __init__(self, settings: RlsSettings) -> None:
         self.settings = settings
         self.services: RlsServices | None = None
-        self._grpc: grpc.aio.Server | None = None
         self._listeners: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.ports: dict[str, int] = {}  # as bound, once started (a port of 0: the kernel's choice)
@@ -48,7 +47,7 @@ class RlsApp:
         self.services = services = await build_rls(settings)
         for name, work in services.background.items():
             self._tasks.append(asyncio.create_task(keep_running(name, work, services.restarts)))
-        self._grpc, grpc_port = await self._start_grpc(services)
+        grpc_port = self._start_grpc(services)
         await services.health.set("redis", await services.store.ping())
         http = _listening(settings.host, settings.port)
         debug = _listening(settings.debug_host, settings.debug_port)
@@ -74,22 +73,23 @@ class RlsApp:
             len(services.configs.current.domains),
         )
 
-    async def _start_grpc(self, services: RlsServices) -> tuple[grpc.aio.Server, int]:
-        # grpcio sets SO_REUSEPORT by default, which would let this server join a port that
-        # another process (a `meshtoll serve`) holds and take part of its calls: this one
-        # owns its port alone, or fails to start.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        server.add_generic_rpc_handlers((services.ratelimit.handler(),))
-        health_pb2_grpc.add_HealthServicer_to_server(services.health.servicer, server)
+    def _start_grpc(self, services: RlsServices) -> int:
+        """The gRPC port on meshtoll's own h2c server (transport/h2_server.py): unary
+        ShouldRateLimit and Health/Check. Its socket has no SO_REUSEPORT, so this process owns
+        the port alone (no other process, a `meshtoll serve` among them, can join it), or fails
+        to start."""
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
         try:
-            bound = server.add_insecure_port(address)
-        except RuntimeError:  # newer grpcio raises where older ones return 0
-            bound = 0
-        if bound == 0:
-            raise ConfigError(f"GRPC_PORT: cannot listen on {address} (in use, or not an address here)")
-        await server.start()
-        return server, bound
+            sock = listening_socket(self.settings.grpc_host, self.settings.grpc_port)
+        except OSError as exc:
+            raise ConfigError(f"GRPC_PORT: cannot listen on {address} ({exc.strerror})") from None
+        methods: dict[str, UnaryHandler] = {
+            RLS_METHOD: services.ratelimit.should_rate_limit,
+            HEALTH_CHECK: services.health.check,
+        }
+        self._listeners.append(serve_grpc(methods, sock))
+        port: int = sock.getsockname()[1]
+        return port
 
     async def draining(self) -> None:
         """SIGTERM: fail health first, so that load balancers stop sending."""
@@ -97,7 +97,7 @@ class RlsApp:
             await self.services.health.set("sigterm", False)
 
     async def stop(self) -> None:
-        await stop_serving(self._grpc, self._listeners, self._tasks)
+        await stop_serving(None, self._listeners, self._tasks)
         if self.services is not None:
             await self.services.close()
 

@@ -19,7 +19,8 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from functools import partial
 
-from grpc_health.v1 import health, health_pb2
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2
 
 from meshtoll.envoyproxy_ratelimit.config_files import DescriptorConfigHolder, DescriptorConfigs
 from meshtoll.envoyproxy_ratelimit.domains import ConfiguredDomains
@@ -34,6 +35,7 @@ from meshtoll.ratelimit.service import RateLimitService
 from meshtoll.server.lifecycle import Work
 from meshtoll.storage import CounterStore, open_counter_store
 from meshtoll.telemetry.metrics import Metrics
+from meshtoll.transport.h2_server import CallAborted, CallContext, StatusCode
 from meshtoll.transport.http_server import response
 
 log = logging.getLogger("meshtoll.ratelimit")
@@ -47,11 +49,20 @@ _FAILING = response(500, "Internal Server Error", (("content-type", "text/plain"
 _NOT_FOUND = response(404, "Not Found", (("content-type", "text/plain"),), b"404 page not found\n")
 
 
-class Health:
-    """envoyproxy/ratelimit's HealthChecker: healthy when every component is."""
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+_SERVING: bytes = health_pb2.HealthCheckResponse(
+    status=health_pb2.HealthCheckResponse.SERVING
+).SerializeToString()
+_NOT_SERVING = health_pb2.HealthCheckResponse(
+    status=health_pb2.HealthCheckResponse.NOT_SERVING
+).SerializeToString()
 
-    def __init__(self, servicer: health.aio.HealthServicer, components: dict[str, bool]) -> None:
-        self.servicer = servicer
+
+class Health:
+    """envoyproxy/ratelimit's HealthChecker: healthy when every component is. Answers
+    grpc.health.v1.Health/Check on the gRPC port (Watch is not served: UNIMPLEMENTED)."""
+
+    def __init__(self, components: dict[str, bool]) -> None:
         self.components = components
 
     @property
@@ -60,11 +71,18 @@ class Health:
 
     async def set(self, component: str, healthy: bool) -> None:
         self.components[component] = healthy
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if self.ok else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for service in HEALTH_SERVICES:
-            await self.servicer.set(service, status)
+
+    def check(self, request: bytes, context: CallContext) -> bytes:
+        """Health/Check on the request's bytes: SERVING or NOT_SERVING for the services in
+        HEALTH_SERVICES, NOT_FOUND for any other (as grpcio's health servicer answers)."""
+        try:
+            service = health_pb2.HealthCheckRequest.FromString(request).service
+        except DecodeError:
+            raise CallAborted(StatusCode.INTERNAL, "the request is not a HealthCheckRequest") from None
+        if service not in HEALTH_SERVICES:
+            raise CallAborted(StatusCode.NOT_FOUND, f"unknown service {service!r}")
+        answer: bytes = _SERVING if self.ok else _NOT_SERVING
+        return answer
 
     async def config_loaded(self, configs: DescriptorConfigs) -> None:
         """As envoyproxy/ratelimit's SetConfig: a configuration without any domain fails
@@ -156,7 +174,7 @@ async def build_rls(settings: RlsSettings) -> RlsServices:
     components = {"redis": False, "sigterm": True}
     if settings.healthy_with_at_least_one_config_loaded:
         components["config"] = bool(configs.current.domains)
-    health_state = Health(health.aio.HealthServicer(), components)
+    health_state = Health(components)
     if settings.healthy_with_at_least_one_config_loaded:
         configs.on_change(health_state.config_loaded)
     background: dict[str, Work] = {
