@@ -1,6 +1,7 @@
 """A starting `meshtoll serve` answers at once: while its policy loads, the HTTP authz port
 refuses with 503 `not_ready` rather than leaving a request queued until after Envoy's
-ext_authz timeout (when its admission would bill a request nobody served)."""
+ext_authz timeout (when its admission would bill a request nobody served). A worker of a
+group leaves the port to its siblings until it is ready."""
 
 from __future__ import annotations
 
@@ -44,6 +45,27 @@ def test_the_http_authz_port_refuses_at_once_while_the_policy_loads(tmp_path: Pa
         child.wait_ready(http_ok(f"http://127.0.0.1:{admin_port}/readyz"), timeout=60)
         allowed = fetch(f"http://127.0.0.1:{http_authz_port}/v1/items", headers={"x-api-key": "1"})
         assert allowed.status == 200
+    finally:
+        child.stop()
+
+
+def test_a_worker_still_loading_leaves_the_http_authz_port_to_the_workers_serving(tmp_path: Path) -> None:
+    """With --workers, a worker takes connections from the port the group shares only once
+    it can decide them: a restarted or slower worker refusing 503 `not_ready` while its
+    siblings serve would fail requests they could have decided. Asked while every worker
+    still loads, the request waits for the first one ready and is decided."""
+    serving = start_serve(tmp_path, "--workers", "2", policy=large_policy(tmp_path / "policy.yaml"))
+    child, http_authz_port, admin_port = serving.child, serving.http_authz_port, serving.admin_port
+    try:
+        child.wait_ready(http_ok(f"http://127.0.0.1:{admin_port}/healthz"), timeout=30)
+        assert fetch(f"http://127.0.0.1:{admin_port}/readyz").status == 503, (
+            "the policy loaded too fast to test"
+        )
+        replies = [
+            fetch(f"http://127.0.0.1:{http_authz_port}/v1/items", headers={"x-api-key": "1"}, timeout=60)
+            for _ in range(4)
+        ]
+        assert [reply.status for reply in replies] == [200] * 4, [reply.body[:200] for reply in replies]
     finally:
         child.stop()
 

@@ -24,8 +24,13 @@ from meshtoll.server.services import Services, build
 from meshtoll.server.tls import ServiceTls, load_service_tls
 from meshtoll.settings import Settings
 from meshtoll.telemetry.workers import WorkerGroup
-from meshtoll.transport.http_listener import HttpListener
-from meshtoll.transport.http_server import StartingHandler, serve_http, serve_http_reading_bodies
+from meshtoll.transport.http_listener import HttpLimits, HttpListener
+from meshtoll.transport.http_server import (
+    Handler,
+    StartingHandler,
+    serve_http,
+    serve_http_reading_bodies,
+)
 
 log = logging.getLogger("meshtoll")
 
@@ -64,14 +69,14 @@ class App:
         self._servers.append(
             await serve_http_reading_bodies(admin_port, self.listeners.admin, limits=admin_limits)
         )
-        context = None if tls is None else tls.context
-        self._servers.append(
-            await serve_http(http_authz_port, self.listeners.http_authz, context, limits=authz_limits)
-        )
-        if self.listeners.http_authz_unix is not None:
-            self._servers.append(
-                await serve_http(http_authz_port, self.listeners.http_authz_unix, limits=authz_limits)
-            )
+        # A worker shares the authz ports' queue with the group's other workers: until it can
+        # decide, it leaves the connections to those already serving (it was restarted, or
+        # started a little later) instead of refusing them 503 `not_ready`, as its gRPC port
+        # joins only once ready. At the group's first start the kernel holds them until a
+        # worker is ready; the pod is not ready before then, so Envoy sends none there.
+        starting_alone = self.metrics_dir is None
+        if starting_alone:
+            await self._serve_http_authz(http_authz_port, tls, authz_limits)
         self.services = services = await build(settings)
         if self.metrics_dir is not None:
             self.group = WorkerGroup(self.metrics_dir, services.metrics)
@@ -80,9 +85,17 @@ class App:
         for name, work in services.background.items():
             self._tasks.append(asyncio.create_task(keep_running(name, work, services.restarts)))
         http_authz_port.ready(services.http_authz)
+        if not starting_alone:
+            await self._serve_http_authz(services.http_authz, tls, authz_limits)
         self._grpc = await self._start_grpc(services, tls)
         admin_port.ready(services.admin)
         self._log_started(services, tls)
+
+    async def _serve_http_authz(self, handler: Handler, tls: ServiceTls | None, limits: HttpLimits) -> None:
+        context = None if tls is None else tls.context
+        self._servers.append(await serve_http(handler, self.listeners.http_authz, context, limits=limits))
+        if self.listeners.http_authz_unix is not None:
+            self._servers.append(await serve_http(handler, self.listeners.http_authz_unix, limits=limits))
 
     def _log_started(self, services: Services, tls: ServiceTls | None) -> None:
         settings = self.settings
