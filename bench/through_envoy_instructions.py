@@ -1,0 +1,315 @@
+"""meshtoll's instructions per request through a real Envoy, counted by valgrind's callgrind:
+the benchmark's rows (c), (f), (g), (h) as `bench/run.py` sets them up (its policy of 10,000
+tenants and a limited tenant, envoy/local.yaml, `meshtoll serve` with one worker), with
+`meshtoll serve` run under callgrind, so that the figure does not move with what else the
+machine runs.
+
+    python bench/through_envoy_instructions.py [--requests N] [--connections C] [--rows c,f,g,h]
+                                                [--lease-max L] [--ratelimit-headers always|near_limit|never]
+
+For each row a client in this process sends a warm-up, then N and then 2N requests over C
+keep-alive connections (each connection one request at a time, as wrk does), and every
+answer must be a 2xx. Callgrind's counters are zeroed before each batch and dumped after it
+(`callgrind_control`), so the difference of the two totals over N is what one more request
+costs meshtoll, whatever the batches share (a flush's fixed part, the dump itself). For the
+metered rows a batch ends once meshtoll's meter has received every one of its access-log
+entries. Only meshtoll is counted: Envoy, Redis, the upstream and the client are not.
+
+meshtoll runs some 50 times slower under valgrind, so for this driver only Envoy's HTTP
+ext_authz timeout is raised (to --authz-timeout, on the parsed bootstrap) and so is
+meshtoll's Redis timeout (--redis-timeout-ms): with the shipped 0.25 s and 50 ms, decisions
+would time out and the failure path would be measured. Nothing else differs from the
+benchmark. Start-up (the policy loaded under valgrind) takes a minute or two; each 1,000
+requests about half a minute. Interrupted (Ctrl-C, a timeout), every process it started
+stops: each runs in its own session and is stopped on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+from run import BENCH_KEY, LIMITED_KEY, write_policy
+
+from meshtoll.local import devstack
+from meshtoll.local.devstack import LocalStack, RedisServer, StackConfig
+from meshtoll.local.envoy_process import EnvoyProcess
+from meshtoll.local.processes import Child
+
+# How meshtoll serve's command is changed: run under callgrind, or under cProfile.
+Wrap = Callable[[list[str]], list[str]]
+# (listener, API key) of each row, as bench/run.py's ROWS have them.
+ROWS = {
+    "c": ("listen_http_authz_port", BENCH_KEY),
+    "f": ("listen_http_authz_port", LIMITED_KEY),
+    "g": ("listen_full_port", BENCH_KEY),
+    "h": ("listen_full_port", LIMITED_KEY),
+}
+METERED = {"g", "h"}
+PATH = "/v1/items"
+# Start-up under valgrind: Python and the 10,000-tenant policy, some 50 times slower.
+START_TIMEOUT_SECONDS = 900.0
+METER_WAIT_SECONDS = 600.0
+
+
+def raised_authz_timeout(bootstrap: str, timeout: str) -> str:
+    """`bootstrap` with every HTTP ext_authz call to meshtoll bounded by `timeout` instead of
+    the shipped value; nothing else changed. Fails when no such filter is found."""
+    document = yaml.safe_load(bootstrap)
+    raised = 0
+    for listener in document["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                for http_filter in network_filter["typed_config"].get("http_filters", []):
+                    service = http_filter["typed_config"].get("http_service")
+                    calls_meshtoll = (
+                        service is not None and service["server_uri"]["cluster"] == "meshtoll_http"
+                    )
+                    if http_filter["name"] == "envoy.filters.http.ext_authz" and calls_meshtoll:
+                        service["server_uri"]["timeout"] = timeout
+                        raised += 1
+    if raised == 0:
+        raise RuntimeError("the bootstrap has no HTTP ext_authz filter calling meshtoll_http")
+    return yaml.safe_dump(document, sort_keys=False, width=120)
+
+
+class TracedStack(LocalStack):
+    """The benchmark's stack with `meshtoll serve`'s command changed by `wrap` (run under
+    callgrind, or cProfile) and Envoy's HTTP authz timeout raised."""
+
+    def __init__(self, config: StackConfig, wrap: Wrap, authz_timeout: str) -> None:
+        super().__init__(config)
+        self.wrap = wrap
+        self.authz_timeout = authz_timeout
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        return super()._spawn(name, self.wrap(argv) if name == "meshtoll" else argv, env)
+
+    def _envoy(self, name: str, bootstrap: str) -> EnvoyProcess:
+        if name == "envoy":
+            bootstrap = raised_authz_timeout(bootstrap, self.authz_timeout)
+        return super()._envoy(name, bootstrap)
+
+
+def under_callgrind(out: Path) -> Wrap:
+    """A command run under callgrind, its output in `out` (dumps add `.1`, `.2`, ...)."""
+    return lambda argv: ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv]
+
+
+def under_cprofile(out: Path) -> Wrap:
+    """`python -m meshtoll ...` run under cProfile, its statistics written to `out` at exit."""
+
+    def wrap(argv: list[str]) -> list[str]:
+        python, module, *rest = argv
+        return [python, "-m", "cProfile", "-o", str(out), "-m", *rest] if module == "-m" else argv
+
+    return wrap
+
+
+class Counted:
+    """callgrind_control on the traced meshtoll: zero its counters, dump them, read the total."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.pid = pid
+        self.out = out
+        self.dumps = 0
+
+    def zero(self) -> None:
+        subprocess.run(["callgrind_control", "--zero", str(self.pid)], check=True, capture_output=True)
+
+    def dump(self) -> int:
+        """The instructions since the last zero."""
+        subprocess.run(["callgrind_control", "--dump", str(self.pid)], check=True, capture_output=True)
+        self.dumps += 1
+        text = Path(f"{self.out}.{self.dumps}").read_text()
+        found = re.search(r"^(?:summary|totals): (\d+)", text, re.MULTILINE)
+        if found is None:
+            raise RuntimeError(f"{self.out}.{self.dumps}: no totals line")
+        return int(found.group(1))
+
+
+async def send(port: int, key: str, requests: int, connections: int) -> dict[int, int]:
+    """`requests` GETs over `connections` keep-alive connections, each one request at a time;
+    the count of each status."""
+    request = f"GET {PATH} HTTP/1.1\r\nhost: bench\r\nx-api-key: {key}\r\n\r\n".encode()
+    statuses: dict[int, int] = {}
+    left = requests
+
+    async def connection() -> None:
+        nonlocal left
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while left > 0:
+                left -= 1
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head[9:12])
+                length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
+                if length is None:
+                    raise RuntimeError(f"an answer without content-length: {head!r}")
+                await reader.readexactly(int(length.group(1)))
+                statuses[status] = statuses.get(status, 0) + 1
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    await asyncio.gather(*(connection() for _ in range(min(connections, requests))))
+    return statuses
+
+
+def sample(admin_url: str, name: str) -> int:
+    """One sample of meshtoll's /metrics by its full name (labels included); 0 when absent."""
+    with urllib.request.urlopen(f"{admin_url}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return 0 if found is None else int(float(found.group(1)))
+
+
+def meter_entries(admin_url: str) -> int:
+    """The access-log entries meshtoll's meter has received."""
+    return sample(admin_url, "meshtoll_meter_entries_received_total")
+
+
+# What says how a fused decision was made: its store calls and those leases spared.
+STORE_CALLS = "meshtoll_redis_round_trip_seconds_count"
+FROM_LEASE = 'meshtoll_limit_decisions_total{outcome="admitted_from_lease"}'
+
+
+def batch(stack: LocalStack, row: str, requests: int, connections: int, metered: bool) -> None:
+    """`requests` requests of `row`, all answered 2xx; for a metered row, until the meter has
+    their entries."""
+    listener, key = ROWS[row]
+    port = getattr(stack.ports.envoy, listener)
+    before = meter_entries(stack.meshtoll_admin_url) if metered else 0
+    statuses = asyncio.run(send(port, key, requests, connections))
+    if set(statuses) - set(range(200, 300)):
+        raise RuntimeError(f"({row}): answers other than 2xx: {statuses}")
+    if metered:
+        deadline = time.monotonic() + METER_WAIT_SECONDS
+        while meter_entries(stack.meshtoll_admin_url) < before + requests:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"({row}): the meter did not receive {requests} entries")
+            time.sleep(0.2)
+
+
+def per_request(stack: LocalStack, counted: Counted, row: str, requests: int, connections: int) -> str:
+    """A line saying what one more request of `row` costs meshtoll: instructions (the N and
+    2N batches' totals), and over the 2N batch its counter-store calls and the share of
+    decisions token leases served."""
+    metered = row in METERED
+    admin = stack.meshtoll_admin_url
+    batch(stack, row, max(requests // 4, connections), connections, metered)  # warm-up
+    counted.zero()
+    batch(stack, row, requests, connections, metered)
+    small = counted.dump()
+    before = sample(admin, STORE_CALLS), sample(admin, FROM_LEASE)
+    counted.zero()
+    batch(stack, row, 2 * requests, connections, metered)
+    large = counted.dump()
+    calls, leased = sample(admin, STORE_CALLS) - before[0], sample(admin, FROM_LEASE) - before[1]
+    return (
+        f"({row}) {(large - small) / requests:,.0f} instructions per request "
+        f"({requests:,} requests: {small:,}; {2 * requests:,}: {large:,}); over the {2 * requests:,}: "
+        f"{calls:,} counter-store calls, {leased:,} decisions served from leases"
+    )
+
+
+@contextmanager
+def traced_stack(
+    directory: Path,
+    redis_url: str,
+    lease_max: int,
+    headers: str,
+    authz_timeout: str,
+    wrap: Wrap,
+) -> Iterator[LocalStack]:
+    config = StackConfig(
+        policy=write_policy(directory, 10_000, headers),
+        redis_url=redis_url,
+        work_dir=directory / "stack",
+        serve_args=("--redis-timeout-ms", "60000", "--lease-max", str(lease_max)),
+    )
+    # LocalStack waits this long for each child: meshtoll under valgrind needs minutes.
+    devstack.START_TIMEOUT_SECONDS = START_TIMEOUT_SECONDS
+    with TracedStack(config, wrap, authz_timeout) as stack:
+        yield stack
+
+
+def profiled(stack: LocalStack, row: str, requests: int, connections: int) -> str:
+    """One batch of `row` against a meshtoll under cProfile: what it did, as `per_request` says."""
+    admin = stack.meshtoll_admin_url
+    metered = row in METERED
+    batch(stack, row, max(requests // 4, connections), connections, metered)  # warm-up
+    before = sample(admin, STORE_CALLS), sample(admin, FROM_LEASE)
+    batch(stack, row, requests, connections, metered)
+    calls, leased = sample(admin, STORE_CALLS) - before[0], sample(admin, FROM_LEASE) - before[1]
+    return f"({row}) {requests:,} requests: {calls:,} counter-store calls, {leased:,} served from leases"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=1000, help="N (the second batch sends 2N)")
+    parser.add_argument("--connections", type=int, default=32, help="requests in flight, as wrk -c32")
+    parser.add_argument("--rows", default="c,f", help="comma-separated, of c, f, g, h")
+    parser.add_argument("--lease-max", type=int, default=16, help="meshtoll serve --lease-max (its default)")
+    parser.add_argument("--ratelimit-headers", default="always", choices=("always", "near_limit", "never"))
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="keep callgrind's dumps in this directory (callgrind.out.1, .2: the first row's N and 2N "
+        "batches, .3, .4 the next row's, ...), for callgrind_annotate",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="instead of counting instructions, run meshtoll under cProfile at native speed and write "
+        "its statistics here (one batch of N requests a row; start-up included)",
+    )
+    parser.add_argument("--authz-timeout", default="60s", help="Envoy's HTTP ext_authz timeout here")
+    args = parser.parse_args(argv)
+    rows = args.rows.split(",")
+    if set(rows) - set(ROWS):
+        parser.error(f"--rows: {args.rows!r} names rows other than {', '.join(ROWS)}")
+    # Hash randomisation moves dict layouts from run to run; one seed for meshtoll's process.
+    os.environ["PYTHONHASHSEED"] = "0"
+    # A timeout's SIGTERM unwinds like Ctrl-C: the stack and Redis are stopped on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with tempfile.TemporaryDirectory(prefix="meshtoll-envoy-callgrind-") as directory:
+        out = (args.keep or Path(directory)) / "callgrind.out"
+        wrap = under_callgrind(out) if args.profile is None else under_cprofile(args.profile)
+        with (
+            RedisServer() as redis,
+            traced_stack(
+                Path(directory), redis.url, args.lease_max, args.ratelimit_headers, args.authz_timeout, wrap
+            ) as stack,
+        ):
+            print(f"{args.connections} connections, --lease-max {args.lease_max}", flush=True)
+            counted = Counted(stack.children["meshtoll"].pid, out)
+            for row in rows:
+                if args.profile is None:
+                    print(per_request(stack, counted, row, args.requests, args.connections), flush=True)
+                else:
+                    print(profiled(stack, row, args.requests, args.connections), flush=True)
+        if args.profile is not None:
+            print(f"cProfile statistics of meshtoll serve (start-up included): {args.profile}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""bench/through_envoy_instructions.py runs meshtoll under callgrind behind the benchmark's own
+Envoy configuration, changed in one way only: the HTTP ext_authz calls to meshtoll may take
+as long as valgrind needs; and it says so loudly when the configuration has no such call."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import fields
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+from meshtoll.local.envoy_config import EnvoyPorts, render_bootstrap
+
+PORTS = EnvoyPorts(*range(20000, 20000 + len(fields(EnvoyPorts))))
+BENCH = Path(__file__).parent.parent / "bench"
+
+
+@pytest.fixture
+def driver(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(BENCH))  # the bench scripts import each other by name
+    return importlib.import_module("through_envoy_instructions")
+
+
+def authz_timeouts(document: dict[str, Any]) -> list[tuple[str, str]]:
+    """(cluster, timeout) of every HTTP ext_authz filter, in order."""
+    found = []
+    for listener in document["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                for http_filter in network_filter["typed_config"].get("http_filters", []):
+                    service = http_filter["typed_config"].get("http_service")
+                    if http_filter["name"] == "envoy.filters.http.ext_authz" and service is not None:
+                        found.append((service["server_uri"]["cluster"], service["server_uri"]["timeout"]))
+    return found
+
+
+def test_only_the_http_authz_calls_to_meshtoll_get_the_raised_timeout(driver: ModuleType) -> None:
+    shipped = yaml.safe_load(render_bootstrap(PORTS))
+    raised = yaml.safe_load(driver.raised_authz_timeout(render_bootstrap(PORTS), "60s"))
+    before, after = authz_timeouts(shipped), authz_timeouts(raised)
+    assert ("meshtoll_http", "0.25s") in before
+    assert ("authz_stub", "0.25s") in before
+    assert after == [
+        (cluster, "60s" if cluster == "meshtoll_http" else timeout) for cluster, timeout in before
+    ]
+    # Nothing else differs: with the shipped timeouts put back, the documents are equal.
+    restored = yaml.safe_load(driver.raised_authz_timeout(render_bootstrap(PORTS), "0.25s"))
+    assert restored == shipped
+
+
+def test_a_configuration_without_an_http_authz_call_to_meshtoll_is_refused(driver: ModuleType) -> None:
+    document = yaml.safe_load(render_bootstrap(PORTS))
+    for cluster in document["static_resources"]["clusters"]:
+        if cluster["name"] == "meshtoll_http":
+            cluster["name"] = "renamed"
+    text = yaml.safe_dump(document).replace("cluster: meshtoll_http", "cluster: renamed")
+    with pytest.raises(RuntimeError, match="no HTTP ext_authz filter calling meshtoll_http"):
+        driver.raised_authz_timeout(text, "60s")
