@@ -227,9 +227,13 @@ class LeaseBook:
         if not self._waiting:
             return
         waiting, self._waiting = self._waiting, deque()
+        now_ms = int(now * 1000)
         for wait in waiting:
             if wait.future.done():
                 continue  # its decision was cancelled
+            if not store_failed and self._still_waiting(wait.checks, now_ms):
+                self._waiting.append(wait)
+                continue
             taken = self.take(wait.checks, now)
             if taken.complete:
                 wait.future.set_result(taken.results)  # type: ignore[arg-type]  # complete: none is None
@@ -245,6 +249,29 @@ class LeaseBook:
                         self._asking[check.key] = wait
                         wait.reserved.add(check.key)
             wait.future.set_result(None)
+
+    def _still_waiting(self, checks: Sequence[Check], now_ms: int) -> bool:
+        """Whether a waiting decision must go on waiting: some check's lease cannot serve it,
+        and each such check has a grant in flight. Found without taking a hit (what `take`
+        and `_missing_in_flight` would say, without the results and put-backs): behind a
+        grant in flight the queue is long (every decision of 32 connections waits at L = 16),
+        and each grant's arrival runs through all of it."""
+        leases = self._leases
+        asking = self._asking
+        lacking = False
+        for check in checks:
+            lease = leases.get(check.key)
+            if (
+                lease is not None
+                and lease.hits >= check.cost
+                and now_ms < lease.deadline_ms
+                and _same(lease.limit, check.limit)
+            ):
+                continue
+            if check.key not in asking or not self._leasable(check):
+                return False
+            lacking = True
+        return lacking
 
     def _missing_in_flight(self, checks: Sequence[Check], taken: Taken) -> bool:
         """Whether every check `taken` did not serve has a grant in flight."""
