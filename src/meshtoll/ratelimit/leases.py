@@ -161,6 +161,15 @@ class LeaseBook:
         self._waiting.append(wait)
         return wait
 
+    def queue_for_grants(self, checks: Sequence[Check], now: float) -> GrantWait | None:
+        """`wait_for_grants` for a decision known not to be served from leases, found without
+        taking a hit: queued when every counter it lacks has a grant in flight, else None."""
+        if not self._still_waiting(checks, int(now * 1000)):
+            return None
+        wait = GrantWait(checks, asyncio.get_running_loop().create_future())
+        self._waiting.append(wait)
+        return wait
+
     def asking(self, checks: Sequence[Check], taken: Taken, wait: GrantWait | None = None) -> list[Check]:
         """The checks the store must answer: those not served from a lease, each asking for
         a grant when it may be leased and no other request for its counter is in flight (or

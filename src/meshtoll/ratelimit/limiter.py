@@ -57,7 +57,9 @@ class Limiter:
         failure policy; under "open" an unanswered decision is admitted."""
         if not checks:
             return ADMITTED_WITHOUT_LIMITS
-        results = await self.results(checks)
+        return self._verdict(checks, await self.results(checks))
+
+    def _verdict(self, checks: Sequence[Check], results: list[CheckResult] | None) -> LimitVerdict:
         if results is None:
             return ADMITTED_BLIND
         verdict = limit_verdict(checks, results, enforce=not self.shadow)
@@ -80,6 +82,36 @@ class Limiter:
         outcomes["admitted_from_lease"] += 1
         outcomes["admitted"] += 1
         return served  # leases serve only enforced limits
+
+    def waiting_for_grants(self, checks: Sequence[Check]) -> GrantWait | None:
+        """For a decision `check_from_leases` did not serve: queued for this process's grants
+        in flight when every counter it lacks has one (nothing taken, nothing held while it
+        waits), else None (`check` decides it). The caller awaits `wait.future`, then takes
+        `verdict_after_wait` (served) or `check_after_wait` (None: woken to ask the store),
+        and calls `done_waiting` however it ends. Every decision of 32 connections at L = 16
+        waits; awaited here, it needs no coroutine of the limiter's."""
+        leases = self._leases
+        if leases is None or not checks:
+            return None
+        now = self._clock()
+        if self._refused_until and self._cached_refusal(checks, now) is not None:
+            return None
+        return leases.queue_for_grants(checks, now)
+
+    def verdict_after_wait(self, checks: Sequence[Check], served: list[CheckResult]) -> LimitVerdict:
+        """The verdict of a decision a grant served while it waited."""
+        self.outcomes["admitted_from_lease"] += 1
+        return self._verdict(checks, served)
+
+    async def check_after_wait(self, checks: Sequence[Check], wait: GrantWait) -> LimitVerdict:
+        """The verdict of a decision woken to ask the store itself."""
+        leases = self._leases
+        assert leases is not None  # only a lease book queues decisions
+        return self._verdict(checks, await self._woken_to_ask(checks, leases, wait))
+
+    def done_waiting(self, wait: GrantWait) -> None:
+        if self._leases is not None:
+            self._leases.done_waiting(wait, self._clock())
 
     async def results(self, checks: Sequence[Check]) -> list[CheckResult] | None:
         """Each check's result, in one store round trip or none at all when a refused
@@ -134,15 +166,19 @@ class Limiter:
             if served is not None:
                 self.outcomes["admitted_from_lease"] += 1
                 return served
-            # Woken to ask the store itself.
-            now = self._clock()
-            taken = leases.take(checks, now)
-            if taken.complete:
-                self.outcomes["admitted_from_lease"] += 1
-                return taken.results  # type: ignore[return-value]  # complete: none is None
-            return await self._ask_store(checks, leases, taken, wait, now)
+            return await self._woken_to_ask(checks, leases, wait)
         finally:
             leases.done_waiting(wait, self._clock())
+
+    async def _woken_to_ask(
+        self, checks: Sequence[Check], leases: LeaseBook, wait: GrantWait
+    ) -> list[CheckResult] | None:
+        now = self._clock()
+        taken = leases.take(checks, now)
+        if taken.complete:
+            self.outcomes["admitted_from_lease"] += 1
+            return taken.results  # type: ignore[return-value]  # complete: none is None
+        return await self._ask_store(checks, leases, taken, wait, now)
 
     async def _ask_store(
         self, checks: Sequence[Check], leases: LeaseBook, taken: Taken, wait: GrantWait | None, now: float

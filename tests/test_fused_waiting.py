@@ -1,0 +1,134 @@
+"""The fused authz decision that waits for this process's grant in flight (every decision does,
+at 32 connections and L = 16): served from the grant in arrival order, one store call per
+grant, woken to ask the store when the grant cannot serve it, and, cancelled while it waits
+(Envoy gave up on the call), neither admitted nor charged. Memory store behind a gate that
+stands for a Redis round trip; the clock injected."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from meshtoll.authz.authorizer import Authorizer
+from meshtoll.authz.jwks import JwksCache
+from meshtoll.authz.verdict import Allow, CheckRequest, Verdict
+from meshtoll.counting.limits import Check, CheckResult
+from meshtoll.policy.reload import PolicyHolder
+from meshtoll.ratelimit.limiter import Limiter
+from meshtoll.storage import MemoryCounterStore, MemoryUsageStore
+from meshtoll.usage.recorder import AdmissionRecorder
+
+T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC).timestamp()
+KEY = "k-fused-waiting"
+
+
+class GatedStore(MemoryCounterStore):
+    """Answers once the test opens the gate, a loop turn later: decisions pile up behind a
+    grant in flight as they do behind a Redis round trip under load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.calls = 0
+
+    async def check(self, checks: Sequence[Check], now: float) -> list[CheckResult]:
+        self.calls += 1
+        await self.gate.wait()
+        await asyncio.sleep(0)
+        return await super().check(checks, now)
+
+
+class Fused:
+    def __init__(self, directory: Path, lease_max: int) -> None:
+        policy = directory / "policy.yaml"
+        digest = hashlib.sha256(KEY.encode()).hexdigest()
+        policy.write_text(
+            "plans: {metered: {limits: [{requests: 1000, per: minute}, "
+            "{requests: 100000, per: day, name: daily}]}}\n"
+            f"tenants: {{acme: {{plan: metered, api_keys: [{{id: ci, sha256: {digest}}}]}}}}\n"
+            "routes: [{prefix: /v1/, name: v1}]\n"
+        )
+        self.store = GatedStore()
+        self.usage = MemoryUsageStore()
+        self.recorder = AdmissionRecorder(self.usage)
+        self.limiter = Limiter(self.store, lease_max=lease_max, clock=lambda: T0)
+        self.policy = PolicyHolder.from_file(policy)
+        self.authorizer = Authorizer(
+            self.policy, JwksCache(), limiter=self.limiter, recorder=self.recorder, clock=lambda: T0
+        )
+
+    async def decide_after_one_asks(self, count: int) -> list[asyncio.Future[Verdict]]:
+        """`count` decisions: the first started until it asks the store, then the others,
+        which find its grant in flight (so they wait for it from the start)."""
+        first = self.decide("r0")
+        await asyncio.sleep(0)
+        assert self.store.calls == 1
+        return [first, *(self.decide(f"r{n}") for n in range(1, count))]
+
+    def decide(self, request_id: str) -> asyncio.Future[Verdict]:
+        request = CheckRequest("GET", "/v1/items", {"x-api-key": KEY, "x-request-id": request_id}, "10.0.0.1")
+        verdict = self.authorizer.check(request)
+        assert isinstance(verdict, Awaitable), "a decision without a lease awaits the store or a grant"
+        return asyncio.ensure_future(verdict)
+
+    async def admitted_ids(self) -> set[str]:
+        await self.recorder.flush()
+        found = await self.usage.pending([("acme", f"r{n}") for n in range(20)])
+        return {request_id for _, request_id in found}
+
+    async def used(self) -> list[int]:
+        """Each limit's hits in the store once every unused leased hit went back."""
+        await self.limiter.release_leases()
+        checks = self.policy.current.limits.checks("acme", "v1", where="authz")
+        looked = await self.store.check([Check(c.key, c.limit, cost=0) for c in checks], T0)
+        return [result.used for result in looked]
+
+
+def remaining(verdict: Verdict) -> int:
+    assert isinstance(verdict, Allow)
+    assert verdict.rate_limit is not None
+    return verdict.rate_limit[1]
+
+
+async def test_waiting_decisions_are_served_from_the_grant_in_order_one_store_call_per_grant(
+    tmp_path: Path,
+) -> None:
+    fused = Fused(tmp_path, lease_max=4)
+    decisions = await fused.decide_after_one_asks(12)
+    fused.store.gate.set()
+    verdicts = await asyncio.gather(*decisions)
+    assert all(isinstance(verdict, Allow) for verdict in verdicts)
+    # Each grant covers 3 decisions beyond its asker's: 12 decisions, 3 store calls.
+    assert fused.store.calls == 3
+    assert [remaining(verdict) for verdict in verdicts] == list(range(999, 987, -1))
+    assert fused.limiter.outcomes["admitted"] == 12
+    assert fused.limiter.outcomes["admitted_from_lease"] == 9
+    assert await fused.admitted_ids() == {f"r{n}" for n in range(12)}
+    assert await fused.used() == [12, 12]
+
+
+async def test_a_decision_cancelled_while_it_waits_is_neither_admitted_nor_charged(tmp_path: Path) -> None:
+    fused = Fused(tmp_path, lease_max=4)
+    asking, gave_up, served = await fused.decide_after_one_asks(3)
+    await asyncio.sleep(0)  # both wait for the grant
+    gave_up.cancel()  # Envoy's call timed out, or its connection closed
+    fused.store.gate.set()
+    assert isinstance(await asking, Allow)
+    assert isinstance(await served, Allow)
+    assert remaining(await served) == 998  # the cancelled decision took no hit
+    assert await fused.admitted_ids() == {"r0", "r2"}
+    assert await fused.used() == [2, 2]
+
+
+async def test_a_waiting_decision_the_grant_cannot_serve_asks_the_store_itself(tmp_path: Path) -> None:
+    fused = Fused(tmp_path, lease_max=2)  # a grant of one decision beyond its asker's
+    decisions = await fused.decide_after_one_asks(5)
+    fused.store.gate.set()
+    verdicts = await asyncio.gather(*decisions)
+    assert [remaining(verdict) for verdict in verdicts] == [999, 998, 997, 996, 995]
+    assert fused.store.calls == 3  # r0 asks, r1 is served; r2 is woken to ask, r3 served; r4
+    assert await fused.admitted_ids() == {f"r{n}" for n in range(5)}
+    assert await fused.used() == [5, 5]
