@@ -12,12 +12,16 @@ from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from meshtoll.authz.authorizer import Authorizer
 from meshtoll.authz.jwks import JwksCache
 from meshtoll.authz.verdict import Allow, CheckRequest, Verdict
-from meshtoll.counting.limits import Check, CheckResult
+from meshtoll.counting.limits import Check, CheckResult, RateLimit
 from meshtoll.policy.reload import PolicyHolder
+from meshtoll.ratelimit.leases import served_answer
 from meshtoll.ratelimit.limiter import Limiter
+from meshtoll.ratelimit.verdict import admitted_headers, limit_verdict
 from meshtoll.storage import MemoryCounterStore, MemoryUsageStore
 from meshtoll.usage.recorder import AdmissionRecorder
 
@@ -132,3 +136,18 @@ async def test_a_waiting_decision_the_grant_cannot_serve_asks_the_store_itself(t
     assert fused.store.calls == 3  # r0 asks, r1 is served; r2 is woken to ask, r3 served; r4
     assert await fused.admitted_ids() == {f"r{n}" for n in range(5)}
     assert await fused.used() == [5, 5]
+
+
+@pytest.mark.parametrize(
+    "answers", [[(5, 10.0), (7, 1.0)], [(7, 1.0), (5, 10.0)], [(5, 1.0), (5, 30.0)], [(9, 2.0)]]
+)
+def test_a_served_waiters_answer_is_the_general_verdicts(answers: list[tuple[int, float]]) -> None:
+    """A waiting decision a grant served reports the limit, remaining and reset the general
+    verdict would for the same results."""
+    checks = [Check(f"waiting_{{t}}_{n}", RateLimit(10 + n, "minute")) for n in range(len(answers))]
+    results = [CheckResult(True, 10 - left, left, reset, 0.0) for left, reset in answers]
+    general = limit_verdict(checks, results)
+    limit, left, reset = served_answer(checks, results)
+    assert admitted_headers(limit, left, reset) == general.headers
+    assert general.deciding is not None
+    assert limit == general.deciding[0].limit

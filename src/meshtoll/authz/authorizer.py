@@ -106,15 +106,16 @@ class Authorizer:
         to resume rather than the limiter's four (each waiter is resumed once)."""
         try:
             served = await wait.future
-            if served is not None:
-                limits = limiter.verdict_after_wait(checks, served)
-            else:
+            if served is None:
                 limits = await limiter.check_after_wait(checks, wait)
+                return self._answer(request, allow, limits, policy)
         except StorageError:
             return self._counted(request, LIMITS_UNAVAILABLE, policy)
         finally:
             limiter.done_waiting(wait)
-        return self._answer(request, allow, limits, policy)
+        # Served from the grant: answered as a decision leases serve at once is.
+        state = allowed_state(policy.policy.ratelimit.headers, *limiter.served_after_wait(checks, served))
+        return self._counted(request, _with_headers(allow, state), policy)
 
     async def _limited(
         self,

@@ -134,7 +134,7 @@ class LeaseBook:
                 return None
             remaining = lease.remaining + lease.hits
             reset = lease.reset_at - now
-            if best is None or remaining < best[1] or (remaining == best[1] and reset > best[2]):
+            if best is None or _speaks_before(remaining, reset, best):
                 best = (lease.limit, remaining, reset if reset > 0.0 else 0.0)
         return best
 
@@ -327,6 +327,23 @@ class LeaseBook:
         if old is not None and same_window and _same(old.limit, lease.limit):
             lease.hits += old.hits  # the old lease's last hits stay usable
         self._leases[check.key] = lease
+
+
+def served_answer(checks: Sequence[Check], served: Sequence[CheckResult]) -> tuple[RateLimit, int, float]:
+    """What `serve` answers, from the results `take` gave a decision leases served (a
+    waiting one): the limit that speaks for it as (limit, remaining, seconds to its reset),
+    without a verdict object or header strings. Leases serve only enforced limits."""
+    best: tuple[RateLimit, int, float] | None = None
+    for check, result in zip(checks, served, strict=True):
+        if best is None or _speaks_before(result.remaining, result.reset_seconds, best):
+            best = (check.limit, result.remaining, result.reset_seconds)
+    assert best is not None  # a decision with limits has a check
+    return best
+
+
+def _speaks_before(remaining: int, reset: float, best: tuple[RateLimit, int, float]) -> bool:
+    """`most_restrictive`'s order among admitting limits: fewest left, on a tie the later reset."""
+    return remaining < best[1] or (remaining == best[1] and reset > best[2])
 
 
 def _same(a: RateLimit, b: RateLimit) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from meshtoll.counting.limits import Check, CheckResult, Increment, RateLimit
 from meshtoll.counting.store import CounterStore, FailureMode
 from meshtoll.errors import StorageError
-from meshtoll.ratelimit.leases import GrantWait, LeaseBook, Taken
+from meshtoll.ratelimit.leases import GrantWait, LeaseBook, Taken, served_answer
 from meshtoll.ratelimit.verdict import ADMITTED_WITHOUT_LIMITS, LimitVerdict, limit_verdict
 
 log = logging.getLogger("meshtoll.ratelimit")
@@ -87,9 +87,9 @@ class Limiter:
         """For a decision `check_from_leases` did not serve: queued for this process's grants
         in flight when every counter it lacks has one (nothing taken, nothing held while it
         waits), else None (`check` decides it). The caller awaits `wait.future`, then takes
-        `verdict_after_wait` (served) or `check_after_wait` (None: woken to ask the store),
+        `served_after_wait` (served) or `check_after_wait` (None: woken to ask the store),
         and calls `done_waiting` however it ends. Every decision of 32 connections at L = 16
-        waits; awaited here, it needs no coroutine of the limiter's."""
+        waits; awaited by the caller, it needs no coroutine of the limiter's."""
         leases = self._leases
         if leases is None or not checks:
             return None
@@ -98,10 +98,15 @@ class Limiter:
             return None
         return leases.queue_for_grants(checks, now)
 
-    def verdict_after_wait(self, checks: Sequence[Check], served: list[CheckResult]) -> LimitVerdict:
-        """The verdict of a decision a grant served while it waited."""
-        self.outcomes["admitted_from_lease"] += 1
-        return self._verdict(checks, served)
+    def served_after_wait(
+        self, checks: Sequence[Check], served: list[CheckResult]
+    ) -> tuple[RateLimit, int, float]:
+        """A decision a grant served while it waited, as `check_from_leases` answers one
+        (its most restrictive limit, remaining, seconds to its reset): no verdict object."""
+        outcomes = self.outcomes
+        outcomes["admitted_from_lease"] += 1
+        outcomes["admitted"] += 1
+        return served_answer(checks, served)
 
     async def check_after_wait(self, checks: Sequence[Check], wait: GrantWait) -> LimitVerdict:
         """The verdict of a decision woken to ask the store itself."""
