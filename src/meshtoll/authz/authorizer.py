@@ -114,7 +114,8 @@ class Authorizer:
         finally:
             limiter.done_waiting(wait)
         # Served from the grant: answered as a decision leases serve at once is.
-        state = allowed_state(policy.policy.ratelimit.headers, *limiter.served_after_wait(checks, served))
+        assert isinstance(served, tuple)  # `waiting_for_grants` queues for `serve`'s answer
+        state = allowed_state(policy.policy.ratelimit.headers, *limiter.served_after_wait(served))
         return self._counted(request, _with_headers(allow, state), policy)
 
     async def _limited(

@@ -92,15 +92,23 @@ class Taken:
         return len(self.leases) == len(self.results)
 
 
+# What `LeaseBook.serve` answers for a decision leases serve: the limit that speaks for it,
+# what it has left and the seconds to its reset.
+Served = tuple[RateLimit, int, float]
+
+
 @dataclass(slots=True, eq=False)
 class GrantWait:
     """A decision waiting for grants in flight. Its future is resolved with the decision's
     results, served from the grants (their hits taken), or with None: ask the store, for the
-    counters reserved for it (`reserved`) and whatever else it lacks."""
+    counters reserved for it (`reserved`) and whatever else it lacks. With `alone`, served
+    is `serve`'s answer instead of a result per check (no CheckResult, a frozen dataclass,
+    per limit)."""
 
     checks: Sequence[Check]
-    future: asyncio.Future[list[CheckResult] | None]
+    future: asyncio.Future[list[CheckResult] | Served | None]
     reserved: set[str] = field(default_factory=set)
+    alone: bool = False
 
 
 class LeaseBook:
@@ -118,14 +126,14 @@ class LeaseBook:
         self._asking: dict[str, GrantWait | None] = {}
         self._waiting: deque[GrantWait] = deque()
 
-    def serve(self, checks: Sequence[Check], now: float) -> tuple[RateLimit, int, float] | None:
+    def serve(self, checks: Sequence[Check], now: float) -> Served | None:
         """When leases serve every check: their hits taken, and the limit that speaks for the
         decision as (limit, remaining, seconds to its reset), the one `most_restrictive`
         picks (fewest left; on a tie the later reset); otherwise None and nothing taken. The
         fast path of `take`: no result object per check."""
         now_ms = int(now * 1000)
         leases = self._leases
-        best: tuple[RateLimit, int, float] | None = None
+        best: Served | None = None
         for index, check in enumerate(checks):
             lease = leases.get(check.key)
             if lease is None or not _same(lease.limit, check.limit) or not lease.take(check.cost, now_ms):
@@ -166,7 +174,7 @@ class LeaseBook:
         taking a hit: queued when every counter it lacks has a grant in flight, else None."""
         if not self._still_waiting(checks, int(now * 1000)):
             return None
-        wait = GrantWait(checks, asyncio.get_running_loop().create_future())
+        wait = GrantWait(checks, asyncio.get_running_loop().create_future(), alone=True)
         self._waiting.append(wait)
         return wait
 
@@ -243,9 +251,15 @@ class LeaseBook:
             if not store_failed and self._still_waiting(wait.checks, now_ms):
                 self._waiting.append(wait)
                 continue
+            if wait.alone:
+                answer = self.serve(wait.checks, now)
+                if answer is not None:
+                    wait.future.set_result(answer)
+                    continue
             taken = self.take(wait.checks, now)
             if taken.complete:
-                wait.future.set_result(taken.results)  # type: ignore[arg-type]  # complete: none is None
+                results: list[CheckResult] = taken.results  # type: ignore[assignment]  # complete: none is None
+                wait.future.set_result(served_answer(wait.checks, results) if wait.alone else results)
                 continue
             if not store_failed and self._missing_in_flight(wait.checks, taken):
                 self.put_back(taken)
@@ -329,11 +343,11 @@ class LeaseBook:
         self._leases[check.key] = lease
 
 
-def served_answer(checks: Sequence[Check], served: Sequence[CheckResult]) -> tuple[RateLimit, int, float]:
+def served_answer(checks: Sequence[Check], served: Sequence[CheckResult]) -> Served:
     """What `serve` answers, from the results `take` gave a decision leases served (a
     waiting one): the limit that speaks for it as (limit, remaining, seconds to its reset),
     without a verdict object or header strings. Leases serve only enforced limits."""
-    best: tuple[RateLimit, int, float] | None = None
+    best: Served | None = None
     for check, result in zip(checks, served, strict=True):
         if best is None or _speaks_before(result.remaining, result.reset_seconds, best):
             best = (check.limit, result.remaining, result.reset_seconds)
@@ -341,7 +355,7 @@ def served_answer(checks: Sequence[Check], served: Sequence[CheckResult]) -> tup
     return best
 
 
-def _speaks_before(remaining: int, reset: float, best: tuple[RateLimit, int, float]) -> bool:
+def _speaks_before(remaining: int, reset: float, best: Served) -> bool:
     """`most_restrictive`'s order among admitting limits: fewest left, on a tie the later reset."""
     return remaining < best[1] or (remaining == best[1] and reset > best[2])
 

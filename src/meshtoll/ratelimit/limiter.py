@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from meshtoll.counting.limits import Check, CheckResult, Increment, RateLimit
 from meshtoll.counting.store import CounterStore, FailureMode
 from meshtoll.errors import StorageError
-from meshtoll.ratelimit.leases import GrantWait, LeaseBook, Taken, served_answer
+from meshtoll.ratelimit.leases import GrantWait, LeaseBook, Served, Taken
 from meshtoll.ratelimit.verdict import ADMITTED_WITHOUT_LIMITS, LimitVerdict, limit_verdict
 
 log = logging.getLogger("meshtoll.ratelimit")
@@ -66,7 +66,7 @@ class Limiter:
         self.outcomes["admitted" if verdict.admitted else verdict.code] += 1
         return verdict
 
-    def check_from_leases(self, checks: Sequence[Check]) -> tuple[RateLimit, int, float] | None:
+    def check_from_leases(self, checks: Sequence[Check]) -> Served | None:
         """The most restrictive limit of a decision this process's leases alone admit, as
         (limit, remaining, seconds to its reset), without a coroutine or a verdict object
         (the common case with leases); None when `check` must be awaited."""
@@ -98,15 +98,14 @@ class Limiter:
             return None
         return leases.queue_for_grants(checks, now)
 
-    def served_after_wait(
-        self, checks: Sequence[Check], served: list[CheckResult]
-    ) -> tuple[RateLimit, int, float]:
-        """A decision a grant served while it waited, as `check_from_leases` answers one
-        (its most restrictive limit, remaining, seconds to its reset): no verdict object."""
+    def served_after_wait(self, served: Served) -> Served:
+        """A decision a grant served while it waited (`waiting_for_grants`), counted; its
+        answer is `check_from_leases`'s (most restrictive limit, remaining, seconds to its
+        reset): no verdict object."""
         outcomes = self.outcomes
         outcomes["admitted_from_lease"] += 1
         outcomes["admitted"] += 1
-        return served_answer(checks, served)
+        return served
 
     async def check_after_wait(self, checks: Sequence[Check], wait: GrantWait) -> LimitVerdict:
         """The verdict of a decision woken to ask the store itself."""
@@ -169,6 +168,7 @@ class Limiter:
         try:
             served = await wait.future
             if served is not None:
+                assert isinstance(served, list)  # `wait_for_grants` queues for a result per check
                 self.outcomes["admitted_from_lease"] += 1
                 return served
             return await self._woken_to_ask(checks, leases, wait)
