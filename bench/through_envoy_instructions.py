@@ -11,9 +11,13 @@ For each row a client in this process sends a warm-up, then N and then 2N reques
 keep-alive connections (each connection one request at a time, as wrk does), and every
 answer must be a 2xx. Callgrind's counters are zeroed before each batch and dumped after it
 (`callgrind_control`), so the difference of the two totals over N is what one more request
-costs meshtoll, whatever the batches share (a flush's fixed part, the dump itself). For the
-metered rows a batch ends once meshtoll's meter has received every one of its access-log
-entries. Only meshtoll is counted: Envoy, Redis, the upstream and the client are not.
+costs meshtoll, whatever the batches share (a flush's fixed part, the dump itself). What
+meshtoll spends whatever it does (its timers, gRPC's threads) grows with the wall time a
+batch takes, so an idle stretch is counted first, and each row says how much of its figure
+that rate over the extra batch's wall time makes (an estimate: a busy loop ticks
+differently). For the metered rows a batch ends once meshtoll's meter has received every
+one of its access-log entries. Only meshtoll is counted: Envoy, Redis, the upstream and the
+client are not.
 
 meshtoll runs some 50 times slower under valgrind, so for this driver only Envoy's HTTP
 ext_authz timeout is raised (to --authz-timeout, on the parsed bootstrap) and so is
@@ -62,6 +66,7 @@ PATH = "/v1/items"
 # Start-up under valgrind: Python and the 10,000-tenant policy, some 50 times slower.
 START_TIMEOUT_SECONDS = 900.0
 METER_WAIT_SECONDS = 600.0
+IDLE_SECONDS = 10.0
 
 
 def raised_authz_timeout(bootstrap: str, timeout: str) -> str:
@@ -204,26 +209,40 @@ def batch(stack: LocalStack, row: str, requests: int, connections: int, metered:
             time.sleep(0.2)
 
 
-def per_request(stack: LocalStack, counted: Counted, row: str, requests: int, connections: int) -> str:
+def per_request(
+    stack: LocalStack, counted: Counted, row: str, requests: int, connections: int, idle: float
+) -> str:
     """A line saying what one more request of `row` costs meshtoll: instructions (the N and
-    2N batches' totals), and over the 2N batch its counter-store calls and the share of
-    decisions token leases served."""
+    2N batches' totals), the share of them an idle meshtoll would have spent in the extra
+    batch's wall time (`idle` instructions a second: its timers and threads), and over the
+    2N batch its counter-store calls and the decisions token leases served."""
     metered = row in METERED
     admin = stack.meshtoll_admin_url
     batch(stack, row, max(requests // 4, connections), connections, metered)  # warm-up
-    counted.zero()
-    batch(stack, row, requests, connections, metered)
-    small = counted.dump()
-    before = sample(admin, STORE_CALLS), sample(admin, FROM_LEASE)
-    counted.zero()
-    batch(stack, row, 2 * requests, connections, metered)
-    large = counted.dump()
+    totals, seconds = [], []
+    for size in (requests, 2 * requests):
+        before = sample(admin, STORE_CALLS), sample(admin, FROM_LEASE)
+        counted.zero()
+        started = time.monotonic()
+        batch(stack, row, size, connections, metered)
+        seconds.append(time.monotonic() - started)
+        totals.append(counted.dump())
     calls, leased = sample(admin, STORE_CALLS) - before[0], sample(admin, FROM_LEASE) - before[1]
+    small, large = totals
+    idle_share = idle * (seconds[1] - seconds[0]) / requests
     return (
         f"({row}) {(large - small) / requests:,.0f} instructions per request "
-        f"({requests:,} requests: {small:,}; {2 * requests:,}: {large:,}); over the {2 * requests:,}: "
-        f"{calls:,} counter-store calls, {leased:,} decisions served from leases"
+        f"({requests:,} requests: {small:,}; {2 * requests:,}: {large:,}), of which idle-time work "
+        f"~{idle_share:,.0f} ({(seconds[1] - seconds[0]) / requests * 1000:.1f} ms a request); over the "
+        f"{2 * requests:,}: {calls:,} counter-store calls, {leased:,} decisions served from leases"
     )
+
+
+def idle_rate(counted: Counted, seconds: float = IDLE_SECONDS) -> float:
+    """Instructions a second meshtoll spends with no request: its timers and threads."""
+    counted.zero()
+    time.sleep(seconds)  # what is measured is this stretch of wall time, not a state
+    return counted.dump() / seconds
 
 
 @contextmanager
@@ -301,9 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         ):
             print(f"{args.connections} connections, --lease-max {args.lease_max}", flush=True)
             counted = Counted(stack.children["meshtoll"].pid, out)
+            idle = 0.0 if args.profile is not None else idle_rate(counted)
+            if args.profile is None:
+                print(f"idle meshtoll: {idle:,.0f} instructions a second", flush=True)
             for row in rows:
                 if args.profile is None:
-                    print(per_request(stack, counted, row, args.requests, args.connections), flush=True)
+                    print(per_request(stack, counted, row, args.requests, args.connections, idle), flush=True)
                 else:
                     print(profiled(stack, row, args.requests, args.connections), flush=True)
         if args.profile is not None:
