@@ -12,12 +12,14 @@ keep-alive connections (each connection one request at a time, as wrk does), and
 answer must be a 2xx. Callgrind's counters are zeroed before each batch and dumped after it
 (`callgrind_control`), so the difference of the two totals over N is what one more request
 costs meshtoll, whatever the batches share (a flush's fixed part, the dump itself). What
-meshtoll spends whatever it does (its timers, gRPC's threads) grows with the wall time a
-batch takes, so an idle stretch is counted first, and each row says how much of its figure
-that rate over the extra batch's wall time makes (an estimate: a busy loop ticks
-differently). For the metered rows a batch ends once meshtoll's meter has received every
-one of its access-log entries. Only meshtoll is counted: Envoy, Redis, the upstream and the
-client are not.
+meshtoll spends whatever it does (its periodic tasks on the event loop: flushes, watchers,
+probes) grows with the wall time a batch takes, and under valgrind a request takes some 50
+times longer, so that work weighs 50 times more on each than natively (about 1.5 million
+instructions a second, a request's worth every 0.1 s): an idle stretch is counted first,
+and each row's figure is what it counted less that rate over the extra batch's wall time.
+For the metered rows a batch ends once meshtoll's meter has received every one of its
+access-log entries. Only meshtoll is counted: Envoy, Redis, the upstream and the client are
+not.
 
 meshtoll runs some 50 times slower under valgrind, so for this driver only Envoy's HTTP
 ext_authz timeout is raised (to --authz-timeout, on the parsed bootstrap) and so is
@@ -229,12 +231,13 @@ def per_request(
         totals.append(counted.dump())
     calls, leased = sample(admin, STORE_CALLS) - before[0], sample(admin, FROM_LEASE) - before[1]
     small, large = totals
+    spent = (large - small) / requests
     idle_share = idle * (seconds[1] - seconds[0]) / requests
     return (
-        f"({row}) {(large - small) / requests:,.0f} instructions per request "
-        f"({requests:,} requests: {small:,}; {2 * requests:,}: {large:,}), of which idle-time work "
-        f"~{idle_share:,.0f} ({(seconds[1] - seconds[0]) / requests * 1000:.1f} ms a request); over the "
-        f"{2 * requests:,}: {calls:,} counter-store calls, {leased:,} decisions served from leases"
+        f"({row}) {spent - idle_share:,.0f} instructions per request, idle-time work taken out "
+        f"({spent:,.0f} counted: {requests:,} requests {small:,}, {2 * requests:,} {large:,}; idle-time "
+        f"work ~{idle_share:,.0f} at {(seconds[1] - seconds[0]) / requests * 1000:.1f} ms a request); over "
+        f"the {2 * requests:,}: {calls:,} counter-store calls, {leased:,} decisions served from leases"
     )
 
 
