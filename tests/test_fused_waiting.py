@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from meshtoll.authz.authorizer import Authorizer
-from meshtoll.authz.http_transport import HttpAuthzHandler
 from meshtoll.authz.jwks import JwksCache
 from meshtoll.authz.verdict import Allow, CheckRequest, Verdict
 from meshtoll.counting.limits import Check, CheckResult, RateLimit
@@ -152,43 +151,3 @@ def test_a_served_waiters_answer_is_the_general_verdicts(answers: list[tuple[int
     assert admitted_headers(limit, left, reset) == general.headers
     assert general.deciding is not None
     assert limit == general.deciding[0].limit
-
-
-async def test_a_waiting_decision_that_fails_hands_the_failure_to_its_caller(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Decided in a callback, a failure still reaches whoever awaits the decision (the HTTP
-    server answers 500), rather than the event loop's log with the request left hanging."""
-    fused = Fused(tmp_path, lease_max=4)
-    decisions = await fused.decide_after_one_asks(3)
-
-    def broken(admission: object) -> None:
-        raise RuntimeError("the admission could not be recorded")
-
-    monkeypatch.setattr(fused.recorder, "admit", broken)
-    fused.store.gate.set()
-    for decision in decisions:
-        with pytest.raises(RuntimeError, match="could not be recorded"):
-            await decision
-
-
-async def test_the_http_answer_of_a_waiting_decision_and_its_cancellation(tmp_path: Path) -> None:
-    fused = Fused(tmp_path, lease_max=4)
-    handler = HttpAuthzHandler(fused.authorizer)
-
-    def call(request_id: str) -> asyncio.Future[bytes]:
-        headers = {"x-api-key": KEY, "x-request-id": request_id}
-        reply = handler("GET", "/v1/items", headers, "10.0.0.1")
-        assert not isinstance(reply, bytes)
-        return asyncio.ensure_future(reply)
-
-    asking = call("r0")
-    await asyncio.sleep(0)
-    served, gave_up = call("r1"), call("r2")
-    gave_up.cancel()  # the HTTP server cancels a pending answer when Envoy's connection goes
-    fused.store.gate.set()
-    for reply, left in ((await asking, 999), (await served, 998)):
-        assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
-        assert f"ratelimit-remaining: {left}\r\n".encode() in reply
-    assert await fused.admitted_ids() == {"r0", "r1"}
-    assert await fused.used() == [2, 2]

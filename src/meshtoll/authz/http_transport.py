@@ -14,13 +14,12 @@ with_hidden_query_key), and a process logs once that it happened.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from meshtoll.authz.authorizer import Authorizer, decide_then
+from meshtoll.authz.authorizer import Authorizer
 from meshtoll.authz.verdict import Allow, CheckRequest, Deny, decision_attributes
 from meshtoll.ratelimit.verdict import rate_limit_lines
 from meshtoll.telemetry.histogram import Histogram
@@ -72,8 +71,6 @@ class HttpAuthzHandler:
         )
         verdict = self._authorizer.check(request)
         if not isinstance(verdict, Allow | Deny):
-            if isinstance(verdict, asyncio.Future):  # decided in a callback: answered in one
-                return self._respond_when_decided(verdict, request.request_id, started, span)
             return self._respond_later(verdict, request.request_id, started, span)
         # The common path, answered at once: observed here rather than through one more call.
         answer = self._response(verdict, request.request_id)
@@ -85,30 +82,7 @@ class HttpAuthzHandler:
     async def _respond_later(
         self, pending: Awaitable[Allow | Deny], request_id: str, started: float, span: Span | None
     ) -> bytes:
-        return self._answered(await pending, request_id, started, span)
-
-    def _respond_when_decided(
-        self, decided: asyncio.Future[Allow | Deny], request_id: str, started: float, span: Span | None
-    ) -> asyncio.Future[bytes]:
-        """`_respond_later` without a coroutine, for a verdict made in a callback (a decision
-        that waited for a lease grant): the HTTP server needs no Task for it either."""
-        answer: asyncio.Future[bytes] = decided.get_loop().create_future()
-
-        def respond(done: asyncio.Future[Allow | Deny]) -> None:
-            if answer.done():
-                return
-            if done.cancelled():
-                answer.cancel()
-            elif (error := done.exception()) is not None:
-                answer.set_exception(error)
-            else:
-                decide_then(answer, self._answered, done.result(), request_id, started, span)
-
-        decided.add_done_callback(respond)
-        answer.add_done_callback(lambda finished: decided.cancel() if finished.cancelled() else None)
-        return answer
-
-    def _answered(self, verdict: Allow | Deny, request_id: str, started: float, span: Span | None) -> bytes:
+        verdict = await pending
         answer = self._response(verdict, request_id)
         self._latency.observe(perf_counter() - started)
         if span is not None:
