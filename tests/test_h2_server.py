@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -523,3 +524,25 @@ async def test_a_header_block_split_before_silence_ends_the_connection() -> None
     finally:
         running.listener.close()
         await running.listener.wait_closed()
+
+
+async def test_a_half_close_the_kernel_refuses_drops_the_connection_and_the_close_goes_on(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer's reset that lands between the GOAWAY's write and the half-close after it (a
+    client closing from another thread, as grpcio's do) makes shutdown(SHUT_WR) fail with
+    ENOTCONN: that connection is dropped, and closing the server neither raises out of a
+    shutdown nor leaves the other connections open."""
+    clients = [await RawClient.open(server.port) for _ in range(2)]
+    for client in clients:
+        await client.next_frame()  # the server's SETTINGS: the connection is taken
+
+    def refused(transport: asyncio.Transport) -> None:
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+
+    transport_class = type(clients[0].writer.transport)  # the loop's socket transport
+    monkeypatch.setattr(transport_class, "write_eof", refused)
+    server.listener.close()
+    await asyncio.wait_for(server.listener.wait_closed(), TIMEOUT)
+    for client in clients:
+        await asyncio.wait_for(client.reader.read(), TIMEOUT)  # ended: the stream's end arrives

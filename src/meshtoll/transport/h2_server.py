@@ -767,10 +767,13 @@ class H2Connection(Connection):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        if transport.can_write_eof():
-            transport.write_eof()
-        else:
+        if not transport.can_write_eof():
             transport.close()
+            return
+        try:
+            transport.write_eof()
+        except OSError:  # the peer reset the connection before the loop saw it: it is gone
+            transport.abort()
 
     def _write(self, data: bytes) -> None:
         transport = self._transport
