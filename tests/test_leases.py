@@ -219,8 +219,10 @@ class GatedStore(CountingStore):
     def __init__(self) -> None:
         super().__init__()
         self.gate = asyncio.Event()
+        self.asked: list[list[Check]] = []  # each call's checks, as it arrives
 
     async def check(self, checks: Sequence[Check], now: float) -> list[CheckResult]:
+        self.asked.append(list(checks))
         await self.gate.wait()
         await asyncio.sleep(0)  # a round trip: other decisions run before the answer
         return await super().check(checks, now)
@@ -263,6 +265,103 @@ async def test_a_waiter_woken_to_ask_that_gives_up_hands_the_turn_to_the_next() 
     assert [c.lease for c in book.asking([check], book.take([check], T0), third)] == [1]
 
 
+async def settled() -> None:
+    """Until every Task the test started has run as far as it can (a gate stops it)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_lease_at_its_refill_mark_asks_for_the_next_grant_and_goes_on_serving() -> None:
+    store = GatedStore()
+    store.gate.set()
+    limiter = Limiter(store, lease_max=16, clock=Clock())
+    check = Check(key(), RateLimit(10_000, "minute"))
+    assert (await limiter.check([check])).admitted  # its cost and a grant of 15
+    store.gate.clear()
+    for _ in range(12):  # down to 3 hits, the mark: a quarter of a grant, rounded down
+        assert limiter.check_from_leases([check]) is not None
+    await settled()
+    # Asked in the background, no decision waiting for it: the cost and 14 more, a grant's
+    # 15 hits all the lease's (no decision spends the cost).
+    assert [[(c.cost, c.lease) for c in asked] for asked in store.asked[1:]] == [[(1, 14)]]
+    for _ in range(3):  # the lease's last hits go on serving while the refill is in flight
+        assert limiter.check_from_leases([check]) is not None
+    assert limiter.check_from_leases([check]) is None
+    waiting = limiter.waiting_for_grants([check])
+    assert waiting is not None  # found empty: waits for the refill, asks nothing itself
+    store.gate.set()
+    served = await waiting.future
+    assert served == (check.limit, 10_000 - 17, 60.0)  # 17 admitted, remaining exact
+    limiter.done_waiting(waiting)
+    assert len(store.asked) == 2
+    assert limiter.lease_hits["granted"] == 15 + 15
+
+
+@pytest.mark.parametrize("cost", [1, 3])
+async def test_a_process_holds_at_most_its_lease_at_the_refill_mark_and_the_next_grant(cost: int) -> None:
+    """README, Token leases: per counter at most c x (L - 1 + m) hits reserved and unspent,
+    m = (L - 1) // 4 (3 at L = 16): reached when the refill lands before a decision spends
+    from the lease's last m. Every hit is spent or given back."""
+    store = GatedStore()
+    store.gate.set()
+    clock = Clock()
+    limiter = Limiter(store, lease_max=16, clock=clock)
+    check = Check(key(), RateLimit(100_000, "minute", "fixed_window"), cost=cost)
+    bound = cost * (15 + 3)
+
+    async def unspent(admitted: int) -> int:
+        (looked,) = await store.check([Check(check.key, check.limit, cost=0)], clock.now)
+        return looked.used - admitted * cost
+
+    admitted = 1
+    assert (await limiter.check([check])).admitted
+    store.gate.clear()
+    for _ in range(12):
+        assert limiter.check_from_leases([check]) is not None
+        admitted += 1
+    await settled()  # the refill is asked for and held at the gate
+    store.gate.set()
+    await settled()  # and lands: the lease's last 3 decisions' hits and the new grant
+    assert await unspent(admitted) == bound
+    for n in range(200):  # decisions from leases, refills landing in between, never more held
+        if n % 7 == 0:
+            await settled()
+        if limiter.check_from_leases([check]) is None:
+            assert (await limiter.check([check])).admitted
+        admitted += 1
+        assert await unspent(admitted) <= bound
+    await settled()
+    held = await unspent(admitted)
+    assert await limiter.release_leases() == held
+    assert await unspent(admitted) == 0
+
+
+async def test_a_refilled_token_bucket_lease_spends_its_old_tokens_first_none_past_its_slot() -> None:
+    store = GatedStore()
+    store.gate.set()
+    clock = Clock()
+    limiter = Limiter(store, lease_max=16, clock=clock)
+    other = Limiter(store, clock=clock)  # another process, no lease
+    check = Check(key(), RateLimit(60, "minute", "token_bucket", burst=1000))  # a token a second
+    assert (await limiter.check([check])).admitted  # TAT 16 s ahead: the cost and 15 leased
+    store.gate.clear()
+    for _ in range(12):
+        assert limiter.check_from_leases([check]) is not None
+    await settled()  # the refill is asked for, held
+    # Another process takes a token: the refill's tokens' slots come one interval later.
+    store.gate.set()
+    assert (await other.check([check])).admitted
+    await settled()
+    # The old lease's 3 tokens may be used until 13, 14 and 15 s, the refill's 15 (after
+    # the other process's token) until 17 s, 18 s, ...: spent in order, each at the last
+    # moment the merged lease allows, none later than its own slot.
+    for second in (13.0, 14.0, 15.0, 16.0):
+        clock.now = T0 + second
+        assert limiter.check_from_leases([check]) is not None
+    clock.now = T0 + 17.5  # the next token's own slot would allow it; the merged lease's
+    assert limiter.check_from_leases([check]) is None  # earlier timing refuses: lost, never late
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("algorithm", ["fixed_window", "sliding_window", "token_bucket"])
 async def test_several_leasing_limiters_on_one_redis_never_overshoot(redis_url: str, algorithm: str) -> None:
@@ -295,11 +394,78 @@ async def test_several_leasing_limiters_on_one_redis_never_overshoot(redis_url: 
             await store.close()
     admitted = sum(counts)
     # Never past the limit; short of it by at most the four limiters' unused leases,
-    # P x min(L - 1, (limit - 1) // 8) = 4 x 15, which go back when they stop.
-    assert limit - 4 * 15 <= admitted <= limit
+    # P x (min(L - 1, (limit - 1) // 8) + (L - 1) // 4) = 4 x 18, which go back when they stop.
+    assert limit - 4 * (15 + 3) <= admitted <= limit
     assert counted.used <= limit
     # Demand was four times the limit, so every lease of the first limit was spent; the
     # second's unspent leases all went back (its counter is the decisions admitted).
+    assert [result.used for result in looked] == [admitted, admitted]
+
+
+class RefillCountingStore(RedisCounterStore):
+    """Counts the calls that are refills: a lease asked for with no decision's cost beside
+    it, L - 2 more than the cost (a decision asks for L - 1)."""
+
+    refills = 0
+
+    async def check(self, checks: Sequence[Check], now: float) -> list[CheckResult]:
+        if any(check.lease == 14 * check.cost for check in checks):
+            self.refills += 1
+        return await super().check(checks, now)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("algorithm", ["fixed_window", "sliding_window", "token_bucket"])
+async def test_leasing_limiters_with_refills_in_flight_never_overshoot(
+    redis_url: str, algorithm: str
+) -> None:
+    """As above, decided as the authorizer decides (from the leases at once, else waiting
+    for a grant in flight, else asking), with a limit far enough from its grants that
+    leases are refilled early all the way to the last eight grants: the refills of four
+    processes in flight together while decisions spend what their leases have left."""
+    clock = Clock(T0 + 5)
+    stores = [RefillCountingStore(redis_url, timeout_ms=2000) for _ in range(4)]
+    limiters = [Limiter(store, lease_max=16, clock=clock) for store in stores]
+    limit = 2000
+    checks = [
+        Check(key(), RateLimit(limit, "minute", algorithm)),  # type: ignore[arg-type]
+        Check(key(), RateLimit(10 * limit, "hour")),
+    ]
+
+    async def decided(limiter: Limiter) -> bool:
+        if limiter.check_from_leases(checks) is not None:
+            return True
+        wait = limiter.waiting_for_grants(checks)
+        if wait is None:
+            return (await limiter.check(checks)).admitted
+        try:
+            if await wait.future is not None:
+                return True
+            return (await limiter.check_after_wait(checks, wait)).admitted
+        finally:
+            limiter.done_waiting(wait)
+
+    async def client(limiter: Limiter) -> int:
+        admitted = 0
+        for _ in range(300):
+            admitted += await decided(limiter)
+            await asyncio.sleep(0)
+        return admitted
+
+    try:
+        counts = await asyncio.gather(*(client(limiters[n % 4]) for n in range(8)))
+        (counted,) = await stores[0].check(checks[:1], clock.now)
+        for each in limiters:
+            await each.release_leases()
+        looked = await stores[0].check([Check(c.key, c.limit, cost=0) for c in checks], clock.now)
+    finally:
+        for store in stores:
+            await store.close()
+    assert all(store.refills > 5 for store in stores)
+    admitted = sum(counts)
+    # README, Token leases: at most P x (min(L - 1, (limit - 1) // 8) + (L - 1) // 4) short.
+    assert limit - 4 * (15 + 3) <= admitted <= limit
+    assert counted.used <= limit
     assert [result.used for result in looked] == [admitted, admitted]
 
 

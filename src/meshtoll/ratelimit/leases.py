@@ -3,23 +3,37 @@
 A lease is granted with an admitted decision (`Check.lease`, `CheckResult.leased`): the
 store consumed the grant with the cost, only if it fitted under the limit, so spending it
 here never lets a limit overshoot. Each counter has at most one lease, and at most one
-request for a new grant is in flight per counter, so a process holds at most one grant of
-L - 1 decisions per counter. A decision that finds the grants it needs in flight waits for
-them rather than asking the store itself (with 32 connections at L = 16, asking instead
-saved only a third of the round trips, measured). Waiting decisions queue in arrival order
-and a grant's arrival serves them from it, each woken once with its results; the first one
-the grants in flight cannot serve is woken to ask the store itself, the counters it lacks
-reserved for it, so that those behind it wait for its grant instead of all asking at once.
-(Waking every waiter to race for each grant cost about three wake-ups per decision at 32
-connections.) A decision is served from leases alone
-when every one of its checks has a lease with hits for it; otherwise the checks without
-one go to the store, and the hits of the others are set aside first and put back when the
-store refuses: a decision still takes from every limit or from none.
+request for a new grant is in flight per counter.
+
+A lease is refilled before it runs out: far from its limit (8 grants or more left at its
+grant), a decision that leaves it at its refill mark (a quarter of a grant, rounded down)
+starts the next grant's request in the background, and decisions go on being served from
+what is left while it is in flight. No decision needs the store then, so the request asks
+for a check's cost and L - 2 more and keeps all of it: the store's check takes the cost and
+the grant under the limit as for a decision (no script of its own, the same grant rule),
+and the cost, which no decision spends, is a lease hit too. So a process holds at most a
+lease at its mark plus one grant of L - 1 decisions per counter. Near the limit a lease is
+not refilled early, so that what a process holds back there stays one grant at most.
+
+A decision that finds the grants it needs in flight waits for them rather than asking the
+store itself (with 32 connections at L = 16, asking instead saved only a third of the round
+trips, measured). Waiting decisions queue in arrival order and a grant's arrival serves
+them from it, each woken once with its results; the first one the grants in flight cannot
+serve is woken to ask the store itself, the counters it lacks reserved for it, so that those
+behind it wait for its grant instead of all asking at once. (Waking every waiter to race
+for each grant cost about three wake-ups per decision at 32 connections.) A decision is
+served from leases alone when every one of its checks has a lease with hits for it;
+otherwise the checks without one go to the store, and the hits of the others are set aside
+first and put back when the store refuses: a decision still takes from every limit or from
+none. (A refill is no decision: the store takes all of its checks or none, and nothing is
+admitted or refused on its answer.)
 
 A window's lease ends with its window (its hits expire with the counter). A token bucket's
 lease is spent token by token, each no later than the moment the bucket would have
 admitted it had it been taken one by one, its "slot": a token used later than its slot
 would let a burst pass the bucket's capacity, so an unused lease past its slot is dropped.
+A grant that lands while the lease still has tokens puts them in front of its own, each
+kept no later than its slot.
 
 Not for month and year quotas: a crashed process would hold a month's hits until the month
 ends, and quota and invoice views should show exactly what was admitted.
@@ -29,7 +43,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from meshtoll.counting.algorithms import LEASE_SHARE, bucket_interval_ms
@@ -46,19 +60,24 @@ class Lease:
     remaining: int  # what the store said the limit had left at the grant, the grant counted as used
     reset_at: float  # when the window ends (a bucket: when it would be full), as of the grant
     bucket_tat_ms: int  # a token bucket's TAT after the grant, for an exact return; 0
+    # A decision leaving `hits` at or below this starts the next grant's request; -1: none.
+    refill_at: int = -1
 
     @classmethod
-    def granted(cls, check: Check, result: CheckResult, now: float) -> Lease:
+    def granted(cls, check: Check, result: CheckResult, now: float, *, spare: int = 0) -> Lease:
+        """The lease of `result.leased` hits, plus `spare` hits of the cost the store took
+        that no decision spends (a refill's: see `LeaseBook.refilled`)."""
         now_ms = int(now * 1000)
         ends_ms = now_ms + round(result.reset_seconds * 1000)
         reset_at = now + result.reset_seconds
+        hits = result.leased + spare
         if check.limit.algorithm != "token_bucket":
-            return cls(check.limit, result.leased, ends_ms, 0, result.remaining, reset_at, 0)
+            return cls(check.limit, hits, ends_ms, 0, result.remaining, reset_at, 0)
         interval = bucket_interval_ms(check.limit)
         # ends_ms is the TAT after cost + grant, the last leased token's slot; the first one's
-        # is `leased - 1` intervals before, and it may be used until one interval before it.
-        deadline = ends_ms - result.leased * interval + 1
-        return cls(check.limit, result.leased, deadline, interval, result.remaining, reset_at, ends_ms)
+        # is `hits - 1` intervals before, and it may be used until one interval before it.
+        deadline = ends_ms - hits * interval + 1
+        return cls(check.limit, hits, deadline, interval, result.remaining, reset_at, ends_ms)
 
     def take(self, cost: int, now_ms: int) -> bool:
         if self.hits < cost or now_ms >= self.deadline_ms:
@@ -115,8 +134,21 @@ class LeaseBook:
     """The leases of one process, per counter key. `lease_max` is L: a grant covers at most
     L - 1 decisions beyond the one that asked for it."""
 
-    def __init__(self, lease_max: int) -> None:
+    def __init__(
+        self,
+        lease_max: int,
+        *,
+        refill: Callable[[list[Check]], None] | None = None,
+        refill_mark: int | None = None,
+    ) -> None:
+        """`refill` is called with the checks of a grant request to make in the background
+        (a lease ran low, no decision needs the store), whose answer goes to `refilled`;
+        without it a lease is refilled only when a decision finds it empty. A lease is
+        refilled once a decision leaves it at `refill_mark` decisions' hits or fewer (by
+        default a quarter of a grant, rounded down; 0, as below L = 5: only when empty)."""
         self.lease_max = lease_max
+        self._refill = refill
+        self._refill_mark = (lease_max - 1) // 4 if refill_mark is None else refill_mark
         # For /metrics: hits "granted" by the store and "returned" to it by a stopping process
         # (the decisions leases served are the limiter's admitted_from_lease).
         self.hits: Counter[str] = Counter()
@@ -134,28 +166,40 @@ class LeaseBook:
         now_ms = int(now * 1000)
         leases = self._leases
         best: Served | None = None
+        low = False
         for index, check in enumerate(checks):
             lease = leases.get(check.key)
             if lease is None or not _same(lease.limit, check.limit) or not lease.take(check.cost, now_ms):
                 for done in checks[:index]:
                     leases[done.key].put_back(done.cost)
                 return None
+            if lease.hits <= lease.refill_at:
+                low = True
             remaining = lease.remaining + lease.hits
             reset = lease.reset_at - now
             if best is None or _speaks_before(remaining, reset, best):
                 best = (lease.limit, remaining, reset if reset > 0.0 else 0.0)
+        if low:
+            self._start_refill(checks)
         return best
 
     def take(self, checks: Sequence[Check], now: float) -> Taken:
+        """Each check's hits from its lease where it has them. A decision `take` serves
+        completely may start refills, as one `serve` serves does."""
         now_ms = int(now * 1000)
         taken = Taken([], [])
+        low = False
         for check in checks:
             lease = self._leases.get(check.key)
             if lease is not None and _same(lease.limit, check.limit) and lease.take(check.cost, now_ms):
                 taken.leases.append((lease, check.cost))
                 taken.results.append(lease.result(now))
+                if lease.hits <= lease.refill_at:
+                    low = True
             else:
                 taken.results.append(None)
+        if low and taken.complete:
+            self._start_refill(checks)
         return taken
 
     def wait_for_grants(self, checks: Sequence[Check], taken: Taken) -> GrantWait | None:
@@ -222,8 +266,39 @@ class LeaseBook:
             for check, result in zip(asked, results, strict=True):
                 if result.leased > 0:
                     self.hits["granted"] += result.leased
-                    self._keep(check, Lease.granted(check, result, now))
+                    self._keep(check, Lease.granted(check, result, now), now)
         self._serve_waiting(now, store_failed=results is None)
+
+    def refilled(self, asked: Sequence[Check], results: Sequence[CheckResult] | None, now: float) -> None:
+        """The store's answer to a refill (`refill`'s checks; None: no answer). The store took
+        every check's cost and grant or, one of them refusing, nothing: each check's cost is
+        then a lease hit too (no decision spent it), joined to what is left of its lease."""
+        for check in asked:
+            self._asking.pop(check.key, None)
+        if results is not None and all(result.allowed for result in results):
+            for check, result in zip(asked, results, strict=True):
+                self.hits["granted"] += result.leased + check.cost
+                self._keep(check, Lease.granted(check, result, now, spare=check.cost), now)
+        self._serve_waiting(now, store_failed=results is None)
+
+    def _start_refill(self, checks: Sequence[Check]) -> None:
+        """Ask, in the background, for the next grant of each of these checks whose lease a
+        served decision left at its refill mark, unless a grant for it is already in flight:
+        one request for all of them, each for L - 1 decisions' hits (the cost and L - 2
+        more). Each lease asks once; the lease the grant makes sets its own mark."""
+        assert self._refill is not None  # no refill mark is set without it
+        asked = []
+        for check in checks:
+            lease = self._leases[check.key]
+            if lease.hits > lease.refill_at:
+                continue
+            lease.refill_at = -1
+            if check.key in self._asking:
+                continue
+            self._asking[check.key] = None
+            asked.append(Check(check.key, check.limit, check.cost, (self.lease_max - 2) * check.cost))
+        if asked:
+            self._refill(asked)
 
     def done_waiting(self, wait: GrantWait, now: float) -> None:
         """The decision that waited is done (answered, failed or cancelled): the counters
@@ -335,11 +410,27 @@ class LeaseBook:
         limit = check.limit
         return check.cost > 0 and not limit.shadow and limit.period not in QUOTA_PERIODS
 
-    def _keep(self, check: Check, lease: Lease) -> None:
+    def _keep(self, check: Check, lease: Lease, now: float) -> None:
+        """`lease` replaces the counter's lease and takes over its last usable hits: a
+        window's in the same window; a token bucket's in front of its own tokens, the first
+        deadline the earlier of the old lease's and the one that keeps the new tokens' slots
+        (token i may be used until deadline + i steps, never later than its own slot: the
+        old tokens' slots come before the new ones'). A lease far from its limit (8 grants
+        or more left) gets a refill mark when refills are on."""
         old = self._leases.get(check.key)
-        same_window = old is not None and old.step_ms == 0 and old.deadline_ms == lease.deadline_ms
-        if old is not None and same_window and _same(old.limit, lease.limit):
-            lease.hits += old.hits  # the old lease's last hits stay usable
+        if old is not None and old.hits > 0 and _same(old.limit, lease.limit):
+            if old.step_ms == 0:
+                if old.deadline_ms == lease.deadline_ms:
+                    lease.hits += old.hits  # the old lease's last hits stay usable
+            elif int(now * 1000) < old.deadline_ms:
+                lease.deadline_ms = min(old.deadline_ms, lease.deadline_ms - old.hits * lease.step_ms)
+                lease.hits += old.hits
+        if (
+            self._refill is not None
+            and self._refill_mark > 0
+            and lease.remaining >= LEASE_SHARE * (self.lease_max - 1) * check.cost
+        ):
+            lease.refill_at = self._refill_mark * check.cost
         self._leases[check.key] = lease
 
 

@@ -3,6 +3,7 @@ refusals remembered locally, and the configured failure policy when the store ca
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
@@ -45,7 +46,8 @@ class Limiter:
         self._refused_until: dict[tuple[str, RateLimit], float] = {}
         self.outcomes: Counter[str] = Counter()
         self._last_failure_log = 0.0
-        self._leases = LeaseBook(lease_max) if lease_max > 1 and not shadow else None
+        self._leases = LeaseBook(lease_max, refill=self._refill) if lease_max > 1 and not shadow else None
+        self._refills: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak references
 
     @property
     def lease_hits(self) -> Counter[str]:
@@ -143,6 +145,8 @@ class Limiter:
         given back. Never raises: a lease not given back only under-admits."""
         if self._leases is None:
             return 0
+        while self._refills:  # their grants are this process's too
+            await asyncio.wait(set(self._refills))
         now = self._clock()
         unused = self._leases.unused(now)
         try:
@@ -152,6 +156,27 @@ class Limiter:
             return 0
         self._leases.hits["returned"] += returned
         return returned
+
+    def _refill(self, asked: list[Check]) -> None:
+        """The lease book's grant request for leases running low: made by a Task of its own,
+        so that no decision waits for it."""
+        task = asyncio.get_running_loop().create_task(self._refilled(asked))
+        self._refills.add(task)
+        task.add_done_callback(self._refills.discard)
+
+    async def _refilled(self, asked: list[Check]) -> None:
+        leases = self._leases
+        assert leases is not None  # only a lease book asks for refills
+        now = self._clock()
+        results = None
+        try:
+            results = await self.store.check(asked, now)
+        except StorageError as exc:
+            # No decision is refused or admitted on it: the failure policy is for those
+            # that find the lease empty and ask the store themselves.
+            self._log_failure(exc, now)
+        finally:
+            leases.refilled(asked, results, now)
 
     async def _leased_results(
         self, checks: Sequence[Check], leases: LeaseBook, now: float
@@ -243,11 +268,14 @@ class Limiter:
 
     def _store_failed(self, exc: StorageError, now: float) -> None:
         self.outcomes[f"store_unavailable_{self.failure_mode}"] += 1
+        self._log_failure(exc, now)
+        if self.failure_mode == "closed":
+            raise exc
+
+    def _log_failure(self, exc: StorageError, now: float) -> None:
         if now - self._last_failure_log >= _FAILURE_LOG_INTERVAL_SECONDS:
             self._last_failure_log = now
             log.warning("rate-limit store unavailable (failure policy %s): %s", self.failure_mode, exc)
-        if self.failure_mode == "closed":
-            raise exc
 
 
 def _admitted(checks: Sequence[Check], results: Sequence[CheckResult]) -> bool:
