@@ -283,20 +283,28 @@ class LeaseBook:
 
     def _start_refill(self, checks: Sequence[Check]) -> None:
         """Ask, in the background, for the next grant of each of these checks whose lease a
-        served decision left at its refill mark, unless a grant for it is already in flight:
-        one request for all of them, each for L - 1 decisions' hits (the cost and L - 2
-        more). Each lease asks once; the lease the grant makes sets its own mark."""
+        served decision left at its refill mark, and of those within half a grant of their
+        mark (a decision's leases, refilled together, run out together: a second's lease
+        that began with its window otherwise drifts from a day's, and each then costs a
+        request of its own), unless a grant for it is already in flight. One request for
+        all of them, each lease asked up to L - 1 + m decisions' hits (m the mark: L - 1
+        for a lease at its mark), the cost included. Each lease asks once; the lease the
+        grant makes sets its own mark."""
         assert self._refill is not None  # no refill mark is set without it
+        grant = self.lease_max - 1
+        full = grant + self._refill_mark
         asked = []
         for check in checks:
             lease = self._leases[check.key]
-            if lease.hits > lease.refill_at:
+            if lease.refill_at < 0 or 2 * (lease.hits - lease.refill_at) > grant * check.cost:
                 continue
             lease.refill_at = -1
             if check.key in self._asking:
                 continue
             self._asking[check.key] = None
-            asked.append(Check(check.key, check.limit, check.cost, (self.lease_max - 2) * check.cost))
+            asked.append(
+                Check(check.key, check.limit, check.cost, full * check.cost - lease.hits - check.cost)
+            )
         if asked:
             self._refill(asked)
 
