@@ -297,6 +297,28 @@ async def test_a_lease_at_its_refill_mark_asks_for_the_next_grant_and_goes_on_se
     assert limiter.lease_hits["granted"] == 15 + 15
 
 
+async def test_a_refill_takes_the_decisions_other_low_leases_along_so_they_run_out_together() -> None:
+    store = GatedStore()
+    store.gate.set()
+    clock = Clock()
+    limiter = Limiter(store, lease_max=16, clock=clock)
+    second = Check(key(), RateLimit(10**6, "second"))
+    day = Check(key(), RateLimit(10**8, "day"))
+    assert (await limiter.check([second, day])).admitted  # a grant of 15 each
+    for _ in range(5):
+        assert limiter.check_from_leases([second, day]) is not None
+    clock.now += 1  # the second's window ends with its lease; the day's has 10 hits
+    # A new second's lease only; the day's lease served it (9 left, over half a grant).
+    assert (await limiter.check([second, day])).admitted
+    for _ in range(6):  # the day's lease at its mark (3), the second's at 9
+        assert limiter.check_from_leases([second, day]) is not None
+    await settled()
+    # One request for both, each up to L - 1 + m = 18 hits: the day's 15, the second's 9.
+    assert [[(c.key, c.cost + c.lease) for c in asked] for asked in store.asked[2:]] == [
+        [(second.key, 9), (day.key, 15)]
+    ]
+
+
 @pytest.mark.parametrize("cost", [1, 3])
 async def test_a_process_holds_at_most_its_lease_at_the_refill_mark_and_the_next_grant(cost: int) -> None:
     """README, Token leases: per counter at most c x (L - 1 + m) hits reserved and unspent,
