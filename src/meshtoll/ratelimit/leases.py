@@ -308,6 +308,21 @@ class LeaseBook:
         if asked:
             self._refill(asked)
 
+    def refill_asked(self, asked: Sequence[Check]) -> list[Check]:
+        """`asked` (a refill `refill` was called with) as it is sent: each lease asked up to
+        L - 1 + m decisions' hits from what it has now. Decisions spent from it between
+        (32 connections spend a grant within a turn of the loop) are asked for too, so the
+        grant keeps up with them; never more held than L - 1 + m decisions' hits."""
+        full = self.lease_max - 1 + self._refill_mark
+        sent = []
+        for check in asked:
+            lease = self._leases.get(check.key)
+            hits = 0 if lease is None else lease.hits
+            sent.append(
+                Check(check.key, check.limit, check.cost, max(0, full * check.cost - hits - check.cost))
+            )
+        return sent
+
     def done_waiting(self, wait: GrantWait, now: float) -> None:
         """The decision that waited is done (answered, failed or cancelled): the counters
         still reserved for it go to the next waiter."""

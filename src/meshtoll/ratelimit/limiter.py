@@ -167,6 +167,7 @@ class Limiter:
     async def _refilled(self, asked: list[Check]) -> None:
         leases = self._leases
         assert leases is not None  # only a lease book asks for refills
+        asked = leases.refill_asked(asked)
         now = self._clock()
         results = None
         try:
