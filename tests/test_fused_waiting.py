@@ -58,7 +58,9 @@ class Fused:
         self.store = GatedStore()
         self.usage = MemoryUsageStore()
         self.recorder = AdmissionRecorder(self.usage)
-        self.limiter = Limiter(self.store, lease_max=lease_max, clock=lambda: T0)
+        # Refilled only once empty: these tests count the grants that waiting decisions are
+        # served from, which a refill started at the mark (tests/test_leases.py) would add to.
+        self.limiter = Limiter(self.store, lease_max=lease_max, refill_mark=0, clock=lambda: T0)
         self.policy = PolicyHolder.from_file(policy)
         self.authorizer = Authorizer(
             self.policy, JwksCache(), limiter=self.limiter, recorder=self.recorder, clock=lambda: T0

@@ -122,7 +122,7 @@ async def test_a_decision_served_partly_from_a_lease_takes_nothing_when_another_
 async def test_a_window_lease_running_low_is_topped_up_in_the_round_trip_another_limit_makes() -> None:
     store = CountingStore()
     clock = Clock()
-    limiter = Limiter(store, lease_max=4, clock=clock)
+    limiter = Limiter(store, lease_max=4, refill_mark=0, clock=clock)  # refilled only once empty
     minute = Check(key(), RateLimit(1000, "minute"))
     hour = Check(key(), RateLimit(10_000, "hour"))
     for _ in range(2):
@@ -191,7 +191,7 @@ async def test_month_and_year_quotas_and_looks_are_never_leased() -> None:
 async def test_unused_leases_go_back_to_the_store_on_release() -> None:
     store = CountingStore()
     clock = Clock()
-    limiter = Limiter(store, lease_max=16, clock=clock)
+    limiter = Limiter(store, lease_max=16, refill_mark=0, clock=clock)  # no refill in flight
     window = Check(key(), RateLimit(1000, "minute"))
     bucket = Check(key(), RateLimit(1000, "minute", "token_bucket"))
     for _ in range(3):
@@ -230,7 +230,7 @@ class GatedStore(CountingStore):
 
 async def test_decisions_waiting_for_a_grant_are_served_from_it_in_order_one_store_call_per_grant() -> None:
     store = GatedStore()
-    limiter = Limiter(store, lease_max=4, clock=Clock())
+    limiter = Limiter(store, lease_max=4, refill_mark=0, clock=Clock())  # waits, as when refilled too late
     checks = [Check(key(), RateLimit(1000, "minute")), Check(key(), RateLimit(100_000, "day"))]
     decisions = [asyncio.ensure_future(limiter.check(checks)) for _ in range(12)]
     await asyncio.sleep(0)  # every decision has started: the first asks, the rest wait
@@ -278,13 +278,13 @@ async def test_a_lease_at_its_refill_mark_asks_for_the_next_grant_and_goes_on_se
     check = Check(key(), RateLimit(10_000, "minute"))
     assert (await limiter.check([check])).admitted  # its cost and a grant of 15
     store.gate.clear()
-    for _ in range(12):  # down to 3 hits, the mark: a quarter of a grant, rounded down
-        assert limiter.check_from_leases([check]) is not None
+    # One decision leaves the lease at 14, under its mark (a grant's worth, L - 1 = 15).
+    assert limiter.check_from_leases([check]) is not None
     await settled()
-    # Asked in the background, no decision waiting for it: the cost and 14 more, a grant's
-    # 15 hits all the lease's (no decision spends the cost).
-    assert [[(c.cost, c.lease) for c in asked] for asked in store.asked[1:]] == [[(1, 14)]]
-    for _ in range(3):  # the lease's last hits go on serving while the refill is in flight
+    # Asked in the background, no decision waiting for it: what the lease lacks to hold
+    # L - 1 + m = 30, the cost included (no decision spends it).
+    assert [[(c.cost, c.lease) for c in asked] for asked in store.asked[1:]] == [[(1, 15)]]
+    for _ in range(14):  # the lease's last hits go on serving while the refill is in flight
         assert limiter.check_from_leases([check]) is not None
     assert limiter.check_from_leases([check]) is None
     waiting = limiter.waiting_for_grants([check])
@@ -293,8 +293,8 @@ async def test_a_lease_at_its_refill_mark_asks_for_the_next_grant_and_goes_on_se
     served = await waiting.future
     assert served == (check.limit, 10_000 - 17, 60.0)  # 17 admitted, remaining exact
     limiter.done_waiting(waiting)
-    assert len(store.asked) == 2
-    assert limiter.lease_hits["granted"] == 15 + 15
+    await settled()
+    assert limiter.lease_hits["granted"] == 15 + 16 + 15  # the refill, then the next
 
 
 async def test_a_refill_takes_the_decisions_other_low_leases_along_so_they_run_out_together() -> None:
@@ -305,31 +305,36 @@ async def test_a_refill_takes_the_decisions_other_low_leases_along_so_they_run_o
     second = Check(key(), RateLimit(10**6, "second"))
     day = Check(key(), RateLimit(10**8, "day"))
     assert (await limiter.check([second, day])).admitted  # a grant of 15 each
-    for _ in range(5):
+    assert limiter.check_from_leases([second, day]) is not None
+    await settled()  # refilled together: 30 each
+    for _ in range(10):
         assert limiter.check_from_leases([second, day]) is not None
-    clock.now += 1  # the second's window ends with its lease; the day's has 10 hits
-    # A new second's lease only; the day's lease served it (9 left, over half a grant).
+    clock.now += 1  # the second's window ends with its lease; the day's has 20 hits
+    # A new second's lease only; the day's lease served it (19 left, over its mark of 15).
     assert (await limiter.check([second, day])).admitted
-    for _ in range(6):  # the day's lease at its mark (3), the second's at 9
-        assert limiter.check_from_leases([second, day]) is not None
+    store.gate.clear()
+    assert limiter.check_from_leases([second, day]) is not None  # the second's at 14, the day's 18
     await settled()
-    # One request for both, each up to L - 1 + m = 18 hits: the day's 15, the second's 9.
-    assert [[(c.key, c.cost + c.lease) for c in asked] for asked in store.asked[2:]] == [
-        [(second.key, 9), (day.key, 15)]
+    # One request for both (the day's lease within half a grant of its mark), each up to
+    # L - 1 + m = 30 hits: the second's 16, the day's 12.
+    assert [[(c.key, c.cost + c.lease) for c in asked] for asked in store.asked[3:]] == [
+        [(second.key, 16), (day.key, 12)]
     ]
+    store.gate.set()
+    await settled()
 
 
 @pytest.mark.parametrize("cost", [1, 3])
 async def test_a_process_holds_at_most_its_lease_at_the_refill_mark_and_the_next_grant(cost: int) -> None:
     """README, Token leases: per counter at most c x (L - 1 + m) hits reserved and unspent,
-    m = (L - 1) // 4 (3 at L = 16): reached when the refill lands before a decision spends
-    from the lease's last m. Every hit is spent or given back."""
+    m = L - 1 by default: a lease and a grant, reached when the refill lands before a
+    decision spends from the lease. Every hit is spent or given back."""
     store = GatedStore()
     store.gate.set()
     clock = Clock()
     limiter = Limiter(store, lease_max=16, clock=clock)
     check = Check(key(), RateLimit(100_000, "minute", "fixed_window"), cost=cost)
-    bound = cost * (15 + 3)
+    bound = cost * (15 + 15)
 
     async def unspent(admitted: int) -> int:
         (looked,) = await store.check([Check(check.key, check.limit, cost=0)], clock.now)
@@ -338,12 +343,11 @@ async def test_a_process_holds_at_most_its_lease_at_the_refill_mark_and_the_next
     admitted = 1
     assert (await limiter.check([check])).admitted
     store.gate.clear()
-    for _ in range(12):
-        assert limiter.check_from_leases([check]) is not None
-        admitted += 1
+    assert limiter.check_from_leases([check]) is not None
+    admitted += 1
     await settled()  # the refill is asked for and held at the gate
     store.gate.set()
-    await settled()  # and lands: the lease's last 3 decisions' hits and the new grant
+    await settled()  # and lands: the lease's 14 decisions' hits and the new 16
     assert await unspent(admitted) == bound
     for n in range(200):  # decisions from leases, refills landing in between, never more held
         if n % 7 == 0:
@@ -367,21 +371,21 @@ async def test_a_refilled_token_bucket_lease_spends_its_old_tokens_first_none_pa
     check = Check(key(), RateLimit(60, "minute", "token_bucket", burst=1000))  # a token a second
     assert (await limiter.check([check])).admitted  # TAT 16 s ahead: the cost and 15 leased
     store.gate.clear()
-    for _ in range(12):
-        assert limiter.check_from_leases([check]) is not None
-    await settled()  # the refill is asked for, held
+    assert limiter.check_from_leases([check]) is not None  # 14 left: the refill is asked for
+    await settled()  # and held
     # Another process takes a token: the refill's tokens' slots come one interval later.
     store.gate.set()
     assert (await other.check([check])).admitted
     await settled()
-    # The old lease's 3 tokens may be used until 13, 14 and 15 s, the refill's 15 (after
+    # The old lease's 14 tokens may be used until 2, 3, ... 15 s, the refill's 16 (after
     # the other process's token) until 17 s, 18 s, ...: spent in order, each at the last
     # moment the merged lease allows, none later than its own slot.
-    for second in (13.0, 14.0, 15.0, 16.0):
+    for second in range(2, 17):
         clock.now = T0 + second
         assert limiter.check_from_leases([check]) is not None
     clock.now = T0 + 17.5  # the next token's own slot would allow it; the merged lease's
     assert limiter.check_from_leases([check]) is None  # earlier timing refuses: lost, never late
+    await settled()
 
 
 @pytest.mark.integration
@@ -416,8 +420,8 @@ async def test_several_leasing_limiters_on_one_redis_never_overshoot(redis_url: 
             await store.close()
     admitted = sum(counts)
     # Never past the limit; short of it by at most the four limiters' unused leases,
-    # P x (min(L - 1, (limit - 1) // 8) + (L - 1) // 4) = 4 x 18, which go back when they stop.
-    assert limit - 4 * (15 + 3) <= admitted <= limit
+    # P x (min(L - 1, (limit - 1) // 8) + m) = 4 x (15 + 15), which go back when they stop.
+    assert limit - 4 * (15 + 15) <= admitted <= limit
     assert counted.used <= limit
     # Demand was four times the limit, so every lease of the first limit was spent; the
     # second's unspent leases all went back (its counter is the decisions admitted).
@@ -486,8 +490,8 @@ async def test_leasing_limiters_with_refills_in_flight_never_overshoot(
             await store.close()
     assert all(store.refills > 5 for store in stores)
     admitted = sum(counts)
-    # README, Token leases: at most P x (min(L - 1, (limit - 1) // 8) + (L - 1) // 4) short.
-    assert limit - 4 * (15 + 3) <= admitted <= limit
+    # README, Token leases: at most P x (min(L - 1, (limit - 1) // 8) + m) short, m = L - 1.
+    assert limit - 4 * (15 + 15) <= admitted <= limit
     assert counted.used <= limit
     assert [result.used for result in looked] == [admitted, admitted]
 
@@ -508,7 +512,9 @@ def test_a_stopping_serve_gives_its_unused_leases_back_to_redis(redis_url: str, 
             assert reply.status == 200
         while_serving = quota_used(serve.admin_url)
         serve.child.stop()
-    assert while_serving == {"1000/hour": 5 + 11, "daily": 5 + 11}  # one grant of 15, 4 spent
+    # One grant of 15, 4 spent, and the refill the second request started in the background
+    # (16: 30 held with the 14 left), if it has landed.
+    assert while_serving in ({"1000/hour": 5 + 11, "daily": 5 + 11}, {"1000/hour": 5 + 27, "daily": 5 + 27})
     assert asyncio.run(counted(redis_url, policy)) == [5, 5]
 
 

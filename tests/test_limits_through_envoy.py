@@ -101,9 +101,9 @@ def test_decisions_served_from_token_leases_report_exact_remaining_through_envoy
     assert remaining[1:] == [left - 1 for left in remaining[:-1]]
     quota = fetch(f"{stack.meshtoll_admin_url}/api/tenants/leased/quota").json()
     # Redis counts the hits leased to the process and not yet spent as used: at most
-    # L - 1 + (L - 1) // 4, a lease at its refill mark and the next grant.
+    # L - 1 + m = 30, a lease at its refill mark and the next grant.
     used = {entry["name"]: entry["used"] for entry in quota["limits"]}
-    assert 20 < used["daily"] <= 20 + 15 + 3
+    assert 20 < used["daily"] <= 20 + 30
 
 
 def test_a_monthly_quota_answers_quota_exceeded(stack: LocalStack) -> None:
@@ -178,9 +178,9 @@ def test_quota_api_reports_each_limit(stack: LocalStack) -> None:
         ("shared", 20, 10, 2 * 2),
         ("shared-bucket", 20, 10, 2 * 2),
         # ... and, far enough from the limit for leases to be refilled before they run
-        # out, P x (L - 1 + (L - 1) // 4) = 2 x 18: the refills are in flight while the
+        # out, P x (L - 1 + m) = 2 x 30 (m = L - 1): the refills are in flight while the
         # decisions of eight clients spend what is left.
-        ("shared-roomy", 400, 60, 2 * 18),
+        ("shared-roomy", 400, 60, 2 * 30),
     ],
 )
 def test_two_worker_processes_on_one_redis_never_overshoot(

@@ -6,14 +6,15 @@ here never lets a limit overshoot. Each counter has at most one lease, and at mo
 request for a new grant is in flight per counter.
 
 A lease is refilled before it runs out: far from its limit (8 grants or more left at its
-grant), a decision that leaves it at its refill mark (a quarter of a grant, rounded down)
-starts the next grant's request in the background, and decisions go on being served from
-what is left while it is in flight. No decision needs the store then, so the request asks
-for a check's cost and L - 2 more and keeps all of it: the store's check takes the cost and
-the grant under the limit as for a decision (no script of its own, the same grant rule),
-and the cost, which no decision spends, is a lease hit too. So a process holds at most a
-lease at its mark plus one grant of L - 1 decisions per counter. Near the limit a lease is
-not refilled early, so that what a process holds back there stays one grant at most.
+grant), a decision that leaves it at its refill mark m (by default a grant's worth, L - 1
+decisions' hits) starts the next grant's request in the background, and decisions go on
+being served from what is left while it is in flight. No decision needs the store then, so
+the request asks for a check's cost and more and keeps all of it: the store's check takes
+the cost and the grant under the limit as for a decision (no script of its own, the same
+grant rule), and the cost, which no decision spends, is a lease hit too. It asks, when it
+is sent, for what the lease lacks to hold L - 1 + m decisions' hits, so a process holds at
+most that per counter: with the default mark, a lease plus a grant. Near the limit a lease
+is not refilled early, so that what a process holds back there stays one grant at most.
 
 A decision that finds the grants it needs in flight waits for them rather than asking the
 store itself (with 32 connections at L = 16, asking instead saved only a third of the round
@@ -144,11 +145,13 @@ class LeaseBook:
         """`refill` is called with the checks of a grant request to make in the background
         (a lease ran low, no decision needs the store), whose answer goes to `refilled`;
         without it a lease is refilled only when a decision finds it empty. A lease is
-        refilled once a decision leaves it at `refill_mark` decisions' hits or fewer (by
-        default a quarter of a grant, rounded down; 0, as below L = 5: only when empty)."""
+        refilled once a decision leaves it at `refill_mark` decisions' hits or fewer: by
+        default a grant's, L - 1 (measured against a quarter and a half of it: through
+        Envoy at 32 connections, the fewest decisions waiting and store calls; 0: only
+        when empty)."""
         self.lease_max = lease_max
         self._refill = refill
-        self._refill_mark = (lease_max - 1) // 4 if refill_mark is None else refill_mark
+        self._refill_mark = lease_max - 1 if refill_mark is None else refill_mark
         # For /metrics: hits "granted" by the store and "returned" to it by a stopping process
         # (the decisions leases served are the limiter's admitted_from_lease).
         self.hits: Counter[str] = Counter()
@@ -302,9 +305,8 @@ class LeaseBook:
             if check.key in self._asking:
                 continue
             self._asking[check.key] = None
-            asked.append(
-                Check(check.key, check.limit, check.cost, full * check.cost - lease.hits - check.cost)
-            )
+            lacking = max(0, full * check.cost - lease.hits - check.cost)
+            asked.append(Check(check.key, check.limit, check.cost, lacking))
         if asked:
             self._refill(asked)
 

@@ -33,10 +33,12 @@ class Limiter:
         failure_mode: FailureMode = "open",
         shadow: bool = False,
         lease_max: int = 1,
+        refill_mark: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`lease_max` is L, the decisions one token lease covers (ratelimit/leases.py);
-        1 asks the store on every decision. No leases in global shadow mode."""
+        1 asks the store on every decision. No leases in global shadow mode. `refill_mark`:
+        LeaseBook's (None: its default; 0: a lease is refilled only once found empty)."""
         self.store = store
         self.failure_mode = failure_mode
         self.shadow = shadow  # global shadow mode: evaluate and count, never refuse
@@ -46,7 +48,11 @@ class Limiter:
         self._refused_until: dict[tuple[str, RateLimit], float] = {}
         self.outcomes: Counter[str] = Counter()
         self._last_failure_log = 0.0
-        self._leases = LeaseBook(lease_max, refill=self._refill) if lease_max > 1 and not shadow else None
+        self._leases = (
+            LeaseBook(lease_max, refill=self._refill, refill_mark=refill_mark)
+            if lease_max > 1 and not shadow
+            else None
+        )
         self._refills: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak references
 
     @property
