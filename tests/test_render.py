@@ -179,7 +179,7 @@ def test_the_kubernetes_stream_is_what_kustomize_builds_of_the_base(
 ) -> None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        pytest.skip("kubectl is not installed (it renders kustomizations offline)")
+        pytest.fail("kubectl is missing: scripts/test installs it (apt-get install kubernetes-client)")
     monkeypatch.chdir(tmp_path)
     assert main(["render", "k8s"]) == 0
     streamed = [document for document in yaml.safe_load_all(capsys.readouterr().out) if document]
