@@ -16,17 +16,7 @@ from meshtoll.storage.redis import RedisCounterStore
 from meshtoll.storage.urls import parse_redis_url
 from meshtoll.storage.usage_redis import RedisUsageStore
 from meshtoll.usage.records import Admission, ReportedUnits, UsageRecord
-
-# How long a test holds Redis still (CLIENT PAUSE: every other client's commands wait, and
-# the command returns once the pause is in force, so there is no moment to guess): twenty
-# times the stores' 50 ms timeout, so that a call that fails before it ends gave up on its
-# own rather than waited for Redis.
-PAUSE_SECONDS = 1.0
-
-
-async def pause(client: redis.asyncio.Redis) -> None:
-    await client.client_pause(int(PAUSE_SECONDS * 1000), all=True)
-
+from tests.redis_stall import HANG_SECONDS, stalled
 
 CHECK = Check("meshtoll_{slow}_tenant_x", RateLimit(100, "minute"))
 
@@ -37,12 +27,11 @@ async def test_a_stalled_redis_fails_the_call_within_the_timeout(redis_url: str)
     blocker = redis.asyncio.Redis.from_url(redis_url)
     try:
         await store.check([CHECK], time.time())  # connected and the script loaded
-        await pause(blocker)
-        started = time.monotonic()
-        with pytest.raises(StorageUnavailable):
-            await store.check([CHECK], time.time())
-        assert time.monotonic() - started < PAUSE_SECONDS
-        await blocker.ping()  # answered once the pause is over
+        async with stalled(blocker):
+            # Failed while Redis was still stalled: the store gave up on its own timeout.
+            with pytest.raises(StorageUnavailable):
+                async with asyncio.timeout(HANG_SECONDS):
+                    await store.check([CHECK], time.time())
         (result,) = await store.check([CHECK], time.time())  # reconnects by itself
         assert result.allowed
     finally:
@@ -148,14 +137,11 @@ async def test_decisions_queued_behind_a_stalled_connection_set_up_fail_within_t
     store = RedisCounterStore(redis_url.removesuffix("/0") + "/1", timeout_ms=50)
     blocker = redis.asyncio.Redis.from_url(redis_url)
     try:
-        await pause(blocker)
-        started = time.monotonic()
-        calls = [store.check([CHECK], time.time()) for _ in range(10)]
-        outcomes = await asyncio.gather(*calls, return_exceptions=True)
-        assert time.monotonic() - started < PAUSE_SECONDS
+        async with stalled(blocker), asyncio.timeout(HANG_SECONDS):
+            calls = [store.check([CHECK], time.time()) for _ in range(10)]
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
         assert all(isinstance(outcome, StorageUnavailable) for outcome in outcomes), outcomes
         assert store.breaker.is_open
-        await blocker.ping()  # answered once the pause is over
     finally:
         await store.close()
         await blocker.aclose()
