@@ -23,6 +23,7 @@ from meshtoll.usage.records import UsageRecord
 from tests.client import fetch
 from tests.conftest import StartStack
 from tests.redis_stall import HANG_SECONDS, stalled
+from tests.test_store_failures import TIMEOUT_MS
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ async def test_counters_over_the_socket_are_the_counters_over_tcp(server: RedisS
 @pytest.mark.integration
 async def test_a_stalled_redis_fails_a_socket_call_within_the_timeout(server: RedisServer) -> None:
     check = Check("meshtoll_{unix}_tenant_slow", RateLimit(100, "minute"))
-    store = RedisCounterStore(server.unix_url, timeout_ms=50)
+    store = RedisCounterStore(server.unix_url, timeout_ms=TIMEOUT_MS)
     blocker = redis.asyncio.Redis.from_url(server.unix_url)
     try:
         await store.check([check], time.time())  # connected and the script loaded

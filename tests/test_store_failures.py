@@ -19,11 +19,15 @@ from meshtoll.usage.records import Admission, ReportedUnits, UsageRecord
 from tests.redis_stall import HANG_SECONDS, stalled
 
 CHECK = Check("meshtoll_{slow}_tenant_x", RateLimit(100, "minute"))
+# The stores' timeout in these tests: a stalled Redis makes them use all of it, so its size
+# changes no outcome, and the calls that must succeed get a wait no loaded machine reaches
+# (the 50 ms default made them fail by chance). HANG_SECONDS is 15 of it.
+TIMEOUT_MS = 1000
 
 
 @pytest.mark.integration
 async def test_a_stalled_redis_fails_the_call_within_the_timeout(redis_url: str) -> None:
-    store = RedisCounterStore(redis_url, timeout_ms=50)
+    store = RedisCounterStore(redis_url, timeout_ms=TIMEOUT_MS)
     blocker = redis.asyncio.Redis.from_url(redis_url)
     try:
         await store.check([CHECK], time.time())  # connected and the script loaded
@@ -100,7 +104,7 @@ def test_bad_redis_urls_say_what_is_wrong(url: str, message: str) -> None:
 
 @pytest.mark.integration
 async def test_cancelled_calls_are_not_redis_failures(redis_url: str) -> None:
-    store = RedisCounterStore(redis_url, timeout_ms=50)
+    store = RedisCounterStore(redis_url, timeout_ms=TIMEOUT_MS)
     try:
         await store.check([CHECK], time.time())  # connected and the script loaded
         for _ in range(store.breaker.threshold + 2):
@@ -131,14 +135,14 @@ def test_a_cancelled_probe_lets_the_next_call_probe() -> None:
 async def test_decisions_queued_behind_a_stalled_connection_set_up_fail_within_the_timeout(
     redis_url: str,
 ) -> None:
-    # A fresh store's first calls all wait for one connection, whose SELECT a busy Redis
-    # does not answer: each fails within its own timeout, none waits out the others', and
-    # the breaker counts them.
-    store = RedisCounterStore(redis_url.removesuffix("/0") + "/1", timeout_ms=50)
+    # A fresh store's first calls all wait for one connection, whose SELECT a stalled Redis
+    # does not answer: each fails within its own timeout, none waits out the others' (20
+    # calls in turn would take 20 timeouts, past HANG_SECONDS), and the breaker counts them.
+    store = RedisCounterStore(redis_url.removesuffix("/0") + "/1", timeout_ms=TIMEOUT_MS)
     blocker = redis.asyncio.Redis.from_url(redis_url)
     try:
         async with stalled(blocker), asyncio.timeout(HANG_SECONDS):
-            calls = [store.check([CHECK], time.time()) for _ in range(10)]
+            calls = [store.check([CHECK], time.time()) for _ in range(20)]
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
         assert all(isinstance(outcome, StorageUnavailable) for outcome in outcomes), outcomes
         assert store.breaker.is_open
