@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 import redis.asyncio
@@ -21,6 +21,12 @@ from meshtoll.storage.registry_redis import RedisTenantRegistry
 from tests.redis_topologies import redis_cluster, redis_sentinel
 
 NOW = 1_796_000_000.0
+# The Redis registries' socket timeout here: a blocked read may wait half of it (30 s), past
+# HANG_SECONDS, so a reader that was not woken shows as a hang, never as a slow answer.
+TIMEOUT_SECONDS = 60.0
+READER_WAIT_SECONDS = 30.0
+# A bound on a hang, never a measurement: a woken reader answers in milliseconds.
+HANG_SECONDS = 15.0
 
 
 @pytest.fixture(scope="module")
@@ -61,18 +67,50 @@ async def registry(request: pytest.FixtureRequest) -> AsyncIterator[TenantRegist
     elif request.param == "redis":
         redis: RedisServer = request.getfixturevalue("standalone")
         flush(redis.port)
-        store = RedisTenantRegistry(redis.url)
+        store = RedisTenantRegistry(redis.url, timeout_seconds=TIMEOUT_SECONDS)
     elif request.param == "sentinel":
         master, watcher = request.getfixturevalue("sentinel")
         flush(master)
-        store = RedisTenantRegistry(f"redis+sentinel://127.0.0.1:{watcher}/meshtoll")
+        store = RedisTenantRegistry(
+            f"redis+sentinel://127.0.0.1:{watcher}/meshtoll", timeout_seconds=TIMEOUT_SECONDS
+        )
     else:
         ports: list[int] = request.getfixturevalue("cluster")
         for port in ports:
             flush(port)
-        store = RedisTenantRegistry("redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in ports))
+        nodes = ",".join(f"127.0.0.1:{port}" for port in ports)
+        store = RedisTenantRegistry(f"redis+cluster://{nodes}", timeout_seconds=TIMEOUT_SECONDS)
     yield store
     await store.close()
+
+
+@pytest.fixture
+def waiting_readers(request: pytest.FixtureRequest, registry: TenantRegistry) -> Callable[[], Awaitable[int]]:
+    """How many readers wait in `registry.changes` now: the memory registry's waiters on its
+    condition, or the blocked clients of every Redis node the registry reaches."""
+    backend = request.node.callspec.params["registry"]
+    if isinstance(registry, MemoryTenantRegistry):
+        condition = registry._changed
+
+        async def waiters() -> int:
+            return len(condition._waiters)
+
+        return waiters
+    if backend == "redis":
+        ports = [request.getfixturevalue("standalone").port]
+    elif backend == "sentinel":
+        ports = [request.getfixturevalue("sentinel")[0]]
+    else:
+        ports = request.getfixturevalue("cluster")
+
+    async def blocked() -> int:
+        total = 0
+        for port in ports:
+            async with redis.asyncio.Redis(host="127.0.0.1", port=port) as node:
+                total += int((await node.info("clients"))["blocked_clients"])
+        return total
+
+    return blocked
 
 
 def digest(text: str) -> str:
@@ -147,20 +185,21 @@ async def test_a_key_hash_belongs_to_one_tenant_until_it_lets_go(registry: Tenan
 
 
 async def test_the_change_log_names_each_change_once_in_order_and_wakes_a_waiting_reader(
-    registry: TenantRegistry,
+    registry: TenantRegistry, waiting_readers: Callable[[], Awaitable[int]]
 ) -> None:
     await registry.commit(create("acme"))
     seen = await registry.changes("", 0)
     assert [(change.version, change.tenant) for change in seen] == [(1, "acme")]
     assert await registry.changes(seen[-1].cursor, 0) == []
 
-    async def later() -> None:
-        await asyncio.sleep(0.05)
+    # The reader would wait 30 s, past the hang bound: only the commit's wake-up ends its wait
+    # in time. The commit comes once the reader is seen waiting, not after a guessed pause.
+    async with asyncio.timeout(HANG_SECONDS):
+        reader = asyncio.create_task(registry.changes(seen[-1].cursor, wait_seconds=READER_WAIT_SECONDS))
+        while not await waiting_readers():
+            await asyncio.sleep(0.01)
         await registry.commit(create("globex"))
-
-    writer = asyncio.create_task(later())
-    woken = await registry.changes(seen[-1].cursor, wait_seconds=2.0)
-    await writer
+        woken = await reader
     assert [(change.version, change.tenant) for change in woken] == [(2, "globex")]
 
 
