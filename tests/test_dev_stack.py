@@ -64,7 +64,7 @@ def test_meshtoll_dev_on_a_given_redis_shares_usage_with_the_cli(
         eventually(
             chat_units,
             lambda units: units == before + 321,
-            timeout=2,
+            timeout=30,  # a deadline, not an expectation: Envoy's log flush and the meter's
             message="the request's usage never reached the CLI",
         )
 

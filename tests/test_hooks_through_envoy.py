@@ -86,7 +86,7 @@ def usage_of(stack: LocalStack, tenant: str, requests: int) -> dict[str, object]
     found: dict[str, object] = eventually(
         lambda: fetch(f"{stack.meshtoll_admin_url}/api/tenants/{tenant}/usage").json(),
         lambda document: document["requests"] == requests,
-        timeout=5,
+        timeout=30,  # a deadline, not an expectation: Envoy flushes its access log every 0.5 s
         message=f"{tenant}'s {requests} requests were not all billed",
     )
     return found

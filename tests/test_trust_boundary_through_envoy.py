@@ -93,7 +93,7 @@ class LoggedEnvoy:
                         return entry
             return None
 
-        found = eventually(logged, timeout=5, interval=0.05, message=f"no access-log record for {probe}")
+        found = eventually(logged, timeout=30, interval=0.05, message=f"no access-log record for {probe}")
         assert found is not None
         return found
 
