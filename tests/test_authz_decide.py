@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import jwt
 import pytest
@@ -207,20 +208,22 @@ def test_a_valid_jwt_identifies_tenant_and_subject(policy: CompiledPolicy) -> No
     assert (verdict.tenant, verdict.consumer) == ("acme", "robot-7")
 
 
+# Made when the test runs, not when the module is imported: a whole suite on a loaded machine
+# ran this test more than the 30 s leeway + 90 s after the import, and the nbf had passed.
 @pytest.mark.parametrize(
     ("claims", "code"),
     [
-        ({"exp": int(time.time()) - 120}, "token_expired"),
-        ({"nbf": int(time.time()) + 120}, "token_not_yet_valid"),
-        ({"aud": "other"}, "invalid_audience"),
-        ({"iss": "https://evil.test"}, "invalid_issuer"),
-        ({"exp": None}, "invalid_token"),
+        (lambda: {"exp": int(time.time()) - 120}, "token_expired"),
+        (lambda: {"nbf": int(time.time()) + 120}, "token_not_yet_valid"),
+        (lambda: {"aud": "other"}, "invalid_audience"),
+        (lambda: {"iss": "https://evil.test"}, "invalid_issuer"),
+        (lambda: {"exp": None}, "invalid_token"),
     ],
 )
 def test_jwt_claim_failures_are_401_invalid_token(
-    policy: CompiledPolicy, claims: dict[str, object], code: str
+    policy: CompiledPolicy, claims: Callable[[], dict[str, object]], code: str
 ) -> None:
-    verdict = check(policy, headers=bearer(signing_key().token(**claims)))
+    verdict = check(policy, headers=bearer(signing_key().token(**claims())))
     assert denied(verdict) == (401, code)
     assert isinstance(verdict, Deny)
     assert 'error="invalid_token"' in dict(verdict.headers)["www-authenticate"]
