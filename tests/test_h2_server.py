@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
+import tracemalloc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -19,6 +21,7 @@ import pytest
 from meshtoll.transport.h2_server import (
     CONNECTION_WINDOW,
     CONTROL_FRAME_ALLOWANCE,
+    HEADER_BYTES_PER_CONTROL_FRAME,
     MAX_CONCURRENT_STREAMS,
     MAX_MESSAGE_BYTES,
     PREFACE,
@@ -221,7 +224,7 @@ class RawClient:
     def send(self, *frames: bytes) -> None:
         self.writer.write(b"".join(frames))
 
-    def headers_block(self, path: str = ECHO) -> bytes:
+    def headers_block(self, path: str = ECHO, *extra: tuple[str, str]) -> bytes:
         block: bytes = self.encoder.encode(
             [
                 (":method", "POST"),
@@ -231,6 +234,7 @@ class RawClient:
                 ("content-type", "application/grpc"),
                 ("te", "trailers"),
                 ("x-request-id", "4c7e1d52-0b1e-4f3a-9d2c-8e4f1a2b3c4d"),
+                *extra,
             ],
             huffman=True,
         )
@@ -241,15 +245,15 @@ class RawClient:
             Frame.DATA, 0x1, stream, message(body)
         )
 
-    async def next_frame(self) -> Received:
-        head = await asyncio.wait_for(self.reader.readexactly(9), TIMEOUT)
+    async def next_frame(self, timeout: float = TIMEOUT) -> Received:
+        head = await asyncio.wait_for(self.reader.readexactly(9), timeout)
         length = int.from_bytes(head[:3], "big")
-        payload = await asyncio.wait_for(self.reader.readexactly(length), TIMEOUT)
+        payload = await asyncio.wait_for(self.reader.readexactly(length), timeout)
         return Received(head[3], head[4], int.from_bytes(head[5:9], "big"), payload)
 
-    async def until(self, kind: int, stream: int | None = None) -> Received:
+    async def until(self, kind: int, stream: int | None = None, timeout: float = TIMEOUT) -> Received:
         while True:
-            received = await self.next_frame()
+            received = await self.next_frame(timeout)
             if received.kind == kind and (stream is None or received.stream == stream):
                 return received
 
@@ -461,8 +465,9 @@ async def test_a_stream_sending_past_its_window_ends_the_connection(server: Serv
         frame(Frame.PRIORITY, 0, 1, bytes(5)),
         frame(Frame.WINDOW_UPDATE, 0, 0, (1).to_bytes(4, "big")),
         frame(0x42, 0, 0, b"unknown"),
+        frame(Frame.GOAWAY, 0, 0, bytes(8)),
     ],
-    ids=["pings", "settings", "priorities", "window-updates", "unknown-frames"],
+    ids=["pings", "settings", "priorities", "window-updates", "unknown-frames", "goaways"],
 )
 async def test_a_flood_of_control_frames_ends_the_connection(server: Server, flood: bytes) -> None:
     client = await RawClient.open(server.port)
@@ -546,3 +551,241 @@ async def test_a_half_close_the_kernel_refuses_drops_the_connection_and_the_clos
     await asyncio.wait_for(server.listener.wait_closed(), TIMEOUT)
     for client in clients:
         await asyncio.wait_for(client.reader.read(), TIMEOUT)  # ended: the stream's end arrives
+
+
+# Found in round 5's review, each a test first: what a peer sends, and what the server must
+# not do with it (drop a drain, spend unpaid work, hold memory or streams without end)
+
+
+async def test_a_stream_opened_after_goaway_is_dropped_and_the_calls_in_flight_answered() -> None:
+    """Envoy may open a stream (HEADERS, then DATA) before it reads the GOAWAY of a server
+    shutting down: its frames are dropped (RFC 9113 6.8), not a connection error that
+    would cancel the calls the GOAWAY promised to answer."""
+    running = await start()
+    client = await RawClient.open(running.port)
+    client.send(client.request(1, b"in flight", SLOW))
+    await asyncio.wait_for(running.calls.started.wait(), TIMEOUT)
+    running.listener.close()
+    assert await client.goaway() == (1, ErrorCode.NO_ERROR)
+    client.send(
+        frame(Frame.HEADERS, 0x4, 3, client.headers_block()),
+        frame(Frame.DATA, 0x1, 3, message(b"too late")),
+        frame(Frame.PING, 0, 0, b"12345678"),
+    )
+    await client.until(Frame.PING)  # the late stream's frames were read
+    running.calls.gate.set()
+    assert await client.answer(1) == (b"slow:in flight", {"grpc-status": "0"})
+    await client.closed()
+    await asyncio.wait_for(running.listener.wait_closed(), TIMEOUT)
+
+
+async def test_a_flood_of_continuation_frames_ends_the_connection(server: Server) -> None:
+    """Empty CONTINUATIONs never grow a header block past its bound (CVE-2024-27316's flood)."""
+    client = await RawClient.open(server.port)
+    client.send(frame(Frame.HEADERS, 0, 1, client.headers_block()[:4]))
+    client.send(frame(Frame.CONTINUATION, 0, 1) * (CONTROL_FRAME_ALLOWANCE + 1))
+    await ends_with(client, ErrorCode.ENHANCE_YOUR_CALM, server)
+
+
+async def test_each_setting_of_a_settings_frame_is_paid_for(server: Server) -> None:
+    """A SETTINGS frame holds up to 2,730 settings, each one work for this side."""
+    client = await RawClient.open(server.port)
+    client.send(settings(*((Setting.INITIAL_WINDOW_SIZE, n) for n in range(CONTROL_FRAME_ALLOWANCE + 1))))
+    await ends_with(client, ErrorCode.ENHANCE_YOUR_CALM, server)
+
+
+async def test_a_new_initial_window_applies_to_the_streams_already_open(server: Server) -> None:
+    client = await RawClient.open(server.port, PREFACE + settings((Setting.INITIAL_WINDOW_SIZE, 10)))
+    client.send(client.request(1, b"big:100"))
+    data = await client.until(Frame.DATA, 1)
+    assert len(data.payload) == 10
+    client.send(settings((Setting.INITIAL_WINDOW_SIZE, 110)))  # RFC 9113 6.9.2: +100 for stream 1
+    rest, trailers = await client.answer(1, prefix=0)
+    assert (data.payload[5:] + rest, trailers) == (b"x" * 100, {"grpc-status": "0"})
+
+
+async def test_answers_the_peer_gives_no_window_to_end_the_connection() -> None:
+    """A peer that never opens its windows would keep its answers here for ever."""
+    running = await start(HttpLimits(header_timeout_seconds=0.2, idle_timeout_seconds=60))
+    try:
+        client = await RawClient.open(running.port, PREFACE + settings((Setting.INITIAL_WINDOW_SIZE, 0)))
+        client.send(client.request(1, b"big:100"))
+        await ends_with(client, ErrorCode.ENHANCE_YOUR_CALM, running)
+    finally:
+        running.listener.close()
+        await running.listener.wait_closed()
+
+
+async def test_a_request_that_does_not_arrive_whole_in_time_is_reset() -> None:
+    """A stream whose request never ends (no END_STREAM) would hold its headers, its bytes
+    and one of the connection's streams for ever."""
+    running = await start(HttpLimits(header_timeout_seconds=0.2, idle_timeout_seconds=60))
+    try:
+        client = await RawClient.open(running.port)
+        client.send(
+            frame(Frame.HEADERS, 0x4, 1, client.headers_block()),
+            frame(Frame.DATA, 0, 1, message(b"never")[:3]),
+        )
+        reset = await client.until(Frame.RST_STREAM)
+        assert (reset.stream, int.from_bytes(reset.payload, "big")) == (1, ErrorCode.CANCEL)
+        client.send(client.request(3, b"next"))
+        assert (await client.answer(3))[0] == b"next"
+    finally:
+        running.listener.close()
+        await running.listener.wait_closed()
+
+
+@pytest.mark.parametrize("late", ["headers", "empty-data"])
+async def test_frames_on_a_refused_stream_are_paid_for(server: Server, late: str) -> None:
+    client = await RawClient.open(server.port)
+    opened = [
+        frame(Frame.HEADERS, 0x4, 2 * n + 1, client.headers_block(SLOW))
+        for n in range(MAX_CONCURRENT_STREAMS)
+    ]
+    over = 2 * MAX_CONCURRENT_STREAMS + 1
+    client.send(*opened, frame(Frame.HEADERS, 0x4, over, client.headers_block(SLOW)))
+    assert (await client.until(Frame.RST_STREAM)).stream == over
+    repeated = frame(Frame.HEADERS, 0x4, over, client.headers_block(SLOW)) if late == "headers" else b""
+    repeated = repeated or frame(Frame.DATA, 0, over)
+    client.send(repeated * (CONTROL_FRAME_ALLOWANCE + 1))
+    await ends_with(client, ErrorCode.ENHANCE_YOUR_CALM, server)
+
+
+async def test_data_after_the_request_ended_is_refused_while_its_answer_waits(server: Server) -> None:
+    """The call was made and its answer waits for the peer's window: more DATA on the stream
+    is a second request on it, not one more call."""
+    client = await RawClient.open(server.port, PREFACE + settings((Setting.INITIAL_WINDOW_SIZE, 0)))
+    client.send(client.request(1, b"big:100"))
+    await client.until(Frame.HEADERS, 1)  # the answer's HEADERS; its message waits for a window
+    client.send(frame(Frame.DATA, 0x1, 1, message(b"again")))
+    await ends_with(client, ErrorCode.STREAM_CLOSED, server)
+
+
+async def test_a_message_in_one_byte_frames_holds_about_its_own_size(server: Server) -> None:
+    """The window bounds the bytes a peer may send, not the frames they come in: a message
+    of one-byte DATA frames must not cost tens of bytes of objects per byte."""
+    client = await RawClient.open(server.port)
+    body = message(b"x" * 10_000)  # a list of frames' bytes held 40 times this
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        client.send(
+            frame(Frame.HEADERS, 0x4, 1, client.headers_block()),
+            *(frame(Frame.DATA, 0, 1, body[i : i + 1]) for i in range(len(body))),
+            frame(Frame.PING, 0, 0, b"12345678"),
+        )
+        await client.until(Frame.PING, timeout=60)  # every frame before it was read
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 5 * len(body)
+
+
+async def test_header_blocks_are_paid_for_by_their_size(server: Server) -> None:
+    """Decoding a header block costs about a microsecond a byte (Huffman): calls with big
+    blocks buy less than they cost."""
+    client = await RawClient.open(server.port)
+    filler = "".join(chr(ord("a") + n % 26) for n in range(9_000))
+    block_bytes = len(client.headers_block(ECHO, ("x-filler", filler)))
+    assert block_bytes // HEADER_BYTES_PER_CONTROL_FRAME > 20
+    calls = 2 * CONTROL_FRAME_ALLOWANCE * HEADER_BYTES_PER_CONTROL_FRAME // block_bytes
+    client.send(
+        *(
+            frame(Frame.HEADERS, 0x4, 2 * n + 1, client.headers_block(ECHO, ("x-filler", f"{n}{filler}")))
+            + frame(Frame.DATA, 0x1, 2 * n + 1, message(b"x"))
+            for n in range(calls)
+        )
+    )
+    await ends_with(client, ErrorCode.ENHANCE_YOUR_CALM, server)
+
+
+# grpc-timeout (gRPC over HTTP/2: up to 8 digits and a unit)
+
+
+async def test_a_call_past_its_grpc_timeout_is_answered_deadline_exceeded_and_cancelled() -> None:
+    running = await start(HttpLimits(header_timeout_seconds=0.4, idle_timeout_seconds=60))  # sweeps of 0.1 s
+    try:
+        client = await RawClient.open(running.port)
+        client.send(
+            frame(Frame.HEADERS, 0x4, 1, client.headers_block(SLOW, ("grpc-timeout", "50m"))),
+            frame(Frame.DATA, 0x1, 1, message(b"wait")),
+        )
+        _, trailers = await client.answer(1)
+        assert (trailers["grpc-status"], trailers["grpc-message"]) == ("4", "the call's deadline passed")
+        await asyncio.wait_for(running.calls.cancelled.wait(), TIMEOUT)
+        client.send(client.request(3, b"next"))
+        assert (await client.answer(3))[0] == b"next"
+    finally:
+        running.listener.close()
+        await running.listener.wait_closed()
+
+
+async def test_a_call_within_its_grpc_timeout_is_answered(server: Server) -> None:
+    client = await RawClient.open(server.port)
+    client.send(
+        frame(Frame.HEADERS, 0x4, 1, client.headers_block(SLOW, ("grpc-timeout", "99999999H"))),
+        frame(Frame.DATA, 0x1, 1, message(b"in time")),
+    )
+    await asyncio.wait_for(server.calls.started.wait(), TIMEOUT)
+    server.calls.gate.set()
+    assert await client.answer(1) == (b"slow:in time", {"grpc-status": "0"})
+
+
+@pytest.mark.parametrize("value", ["1x", "123456789m", "m", "", "-5S", "1.5S", "+1S", "\u0663S", "5 S"])
+async def test_a_malformed_grpc_timeout_is_an_internal_error_and_no_call(server: Server, value: str) -> None:
+    """As grpc-go answers it: INTERNAL, the handler never called."""
+    client = await RawClient.open(server.port)
+    client.send(
+        frame(Frame.HEADERS, 0x4, 1, client.headers_block(ECHO, ("grpc-timeout", value))),
+        frame(Frame.DATA, 0x1, 1, message(b"m")),
+    )
+    _, trailers = await client.answer(1)
+    assert (trailers["grpc-status"], trailers["grpc-message"]) == ("13", "malformed grpc-timeout")
+    assert server.calls.metadata == []
+
+
+async def test_a_grpc_timeout_of_zero_has_passed_already(server: Server) -> None:
+    client = await RawClient.open(server.port)
+    client.send(
+        frame(Frame.HEADERS, 0x4, 1, client.headers_block(ECHO, ("grpc-timeout", "0n"))),
+        frame(Frame.DATA, 0x1, 1, message(b"m")),
+    )
+    assert (await client.answer(1))[1]["grpc-status"] == "4"
+    assert server.calls.metadata == []
+
+
+async def test_frames_arriving_without_pause_keep_the_connection_whatever_the_reads_cut() -> None:
+    """The frame timeout runs from the first byte of the frame still incomplete: a peer
+    whose every read ends inside a frame (a busy Envoy, a server behind on its reads) for
+    longer than the timeout is sending, not stalling."""
+    running = await start(HttpLimits(header_timeout_seconds=1.0, idle_timeout_seconds=60))
+    try:
+        client = await RawClient.open(running.port)
+        calls = 35
+        frames = [
+            piece
+            for n in range(calls)
+            for piece in (
+                frame(Frame.HEADERS, 0x4, 2 * n + 1, client.headers_block()),
+                frame(Frame.DATA, 0x1, 2 * n + 1, message(b"%d" % n)),
+            )
+        ]
+        sent = b"".join(frames)
+        cut = 0
+        for end_of_frame in itertools.accumulate(map(len, frames[:-1])):
+            client.send(sent[cut : end_of_frame + 3])  # every write ends 3 bytes into a frame
+            cut = end_of_frame + 3
+            await asyncio.sleep(0.05)  # pacing: 69 writes over three times the timeout
+        client.send(sent[cut:])
+        answers: dict[int, bytes] = {}
+        ended: set[int] = set()
+        while len(ended) < calls:
+            received = await client.next_frame()
+            if received.kind == Frame.DATA:
+                answers[received.stream] = answers.get(received.stream, b"") + received.payload
+            elif received.kind == Frame.HEADERS and received.flags & 0x1:
+                ended.add(received.stream)
+        assert [answers[2 * n + 1][5:] for n in range(calls)] == [b"%d" % n for n in range(calls)]
+    finally:
+        running.listener.close()
+        await running.listener.wait_closed()

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -17,6 +18,8 @@ import yaml
 from tests.client import fetch
 from tests.conftest import RunningRls, StartRls
 from tests.envoy_harness import envoy_process
+from tests.test_h2_server import TIMEOUT
+from tests.test_rls_grpc_port import HeldRoadToRedis
 
 pytestmark = pytest.mark.integration
 
@@ -141,3 +144,44 @@ def test_a_configured_value_keeps_its_own_limit_next_to_the_keys_counted(gateway
 def test_a_request_without_the_key_gets_no_descriptor_and_passes(gateway: Gateway) -> None:
     # Envoy sends no descriptor (no x-api-key): nothing to limit, the filter lets it through.
     assert [fetch(gateway.url).status for _ in range(5)] == [200] * 5
+
+
+def test_a_call_past_its_grpc_timeout_is_answered_deadline_exceeded_through_envoy(
+    start_rls: StartRls, envoy_binary: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Envoy's ratelimit filter sends grpc-timeout on every call. Here the call's metadata
+    asks for 200 ms while Envoy's own timeout stays at the test's 5 s, and the call's Redis
+    reply is held back: meshtoll answers DEADLINE_EXCEEDED (an answered stream, not one
+    Envoy timed out and reset), Envoy applies its failure mode, and the next call, its Redis
+    reply released, is decided."""
+    root = tmp_path_factory.mktemp("rls-deadline")
+    (root / "ratelimit" / "config").mkdir(parents=True)
+    (root / "ratelimit" / "config" / "alone.yaml").write_text(CONFIG)
+    with HeldRoadToRedis(urlsplit(redis_url).port or 0) as road:
+        rls = start_rls(root, REDIS_URL=f"127.0.0.1:{road.port}/0")
+        bootstrap = yaml.safe_load(ENVOY.format(http=rls.port, grpc=rls.grpc_port))
+        filters = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+        ratelimit = filters[0]["typed_config"]["http_filters"][0]["typed_config"]
+        ratelimit["rate_limit_service"]["grpc_service"]["initial_metadata"] = [
+            {"key": "grpc-timeout", "value": "200m"}
+        ]
+        envoy = envoy_process(
+            "rls-deadline-envoy", bootstrap, tmp_path_factory.mktemp("envoy"), binary=envoy_binary
+        )
+        try:
+            envoy.wait_ready(30)
+            url = f"http://127.0.0.1:{envoy.listener_ports()['alone']}/items"
+            road.hold(b"EVALSHA")
+            key = f"key-{uuid.uuid4().hex}"
+            assert (
+                fetch(url, headers={"x-api-key": key}, timeout=2 * TIMEOUT).status == 500
+            )  # failure_mode_deny
+            assert road.held.is_set()
+            stats = fetch(f"{envoy.admin_url}/stats?filter=^cluster\\.rls\\.upstream_rq_").body.decode()
+            counters = dict(line.split(": ") for line in stats.splitlines())
+            assert counters.get("cluster.rls.upstream_rq_timeout", "0") == "0", stats
+            assert counters["cluster.rls.upstream_rq_200"] == "1", stats  # answered, with grpc-status 4
+            road.release()
+            assert fetch(url, headers={"x-api-key": key}).status == 200
+        finally:
+            envoy.stop()

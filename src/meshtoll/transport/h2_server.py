@@ -14,11 +14,15 @@ What a peer may rely on (RFC 9113): the connection preface, SETTINGS acknowledge
 ways, PING answered, flow control both ways (this side's windows replenished as the
 handlers take what arrived, so a peer's sends never stall; answers wait for the peer's
 windows), CONTINUATION, padding, PRIORITY (ignored), RST_STREAM (the call cancelled),
-GOAWAY on shutdown with the calls in flight answered. What a peer may hold is bounded per
-connection: frame size, concurrent streams, a header block's size, the bytes buffered
-for requests (the connection window), control frames not paid for by calls, the time a
-frame or header block may take to arrive; past a bound the connection ends with GOAWAY
-and the error code RFC 9113 names.
+GOAWAY on shutdown with the calls in flight answered (streams opened after it dropped),
+grpc-timeout (a call past it answered DEADLINE_EXCEEDED and its task cancelled). What a
+peer may hold is bounded per connection: frame size, concurrent streams, a header block's
+size, the bytes buffered for requests (the connection window, in one buffer per message),
+work not paid for by calls (control frames, settings, CONTINUATIONs, header bytes), the
+time a frame or header block may take to arrive, a request to arrive whole and answers to
+find a window; past a bound the connection ends with GOAWAY and the error code RFC 9113
+names (a request that does not arrive whole is reset alone). The timeouts and deadlines
+are judged by the listener's sweep, never by a timer per call.
 
 Unary calls only: no server streaming, no compression (not advertised, so a client does
 not compress); gRPC status and message go in the trailers.
@@ -92,16 +96,30 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # The request bytes a connection may buffer, as its window: every stream's share of it.
 CONNECTION_WINDOW = MAX_MESSAGE_BYTES + 5 + 1024
 MAX_CONCURRENT_STREAMS = 1000
-MAX_HEADER_LIST_BYTES = 64 * 1024
+# A header list's decoded bytes (RFC 7541's count): grpc core's hard limit. Envoy's calls to
+# a rate limit service carry a few hundred.
+MAX_HEADER_LIST_BYTES = 16 * 1024
 # A header block's encoded bytes (HEADERS + CONTINUATIONs) before it must have ended.
-MAX_HEADER_BLOCK_BYTES = 64 * 1024
-# Frames that cost this side work but carry no call (PING, SETTINGS, PRIORITY, RST_STREAM,
-# WINDOW_UPDATE, empty DATA, unknown types, refused streams): a connection may send this
-# many before any call, and each call answered buys a few more, up to this many again.
+MAX_HEADER_BLOCK_BYTES = 16 * 1024
+# Frames that cost this side work but carry no call (PING, SETTINGS entries, PRIORITY,
+# RST_STREAM, WINDOW_UPDATE, CONTINUATION, GOAWAY, empty DATA, unknown types, refused
+# streams, frames on streams this side reset or will not serve): a connection may send
+# this many before any call, and each call answered buys a few more, up to this many again.
 CONTROL_FRAME_ALLOWANCE = 1000
 CONTROL_FRAMES_PER_CALL = 10
+# Header blocks are paid for by their size as well: decoding costs about a microsecond a
+# byte (Huffman), so every this many bytes of a block count as one control frame. A call's
+# block from Envoy is a few dozen bytes once its encoder's table holds the fields.
+HEADER_BYTES_PER_CONTROL_FRAME = 128
 # Streams this side reset whose late frames are ignored, not an error (RFC 9113 5.4.2).
 _RESET_REMEMBERED = 64
+# Calls whose method and deadline are remembered by their header list (the decoder hands
+# back the same tuple for a block it remembers), and the largest block remembered so.
+_HEADS_REMEMBERED = 64
+_HEAD_BLOCK_BYTES = 512
+# grpc-timeout's units (gRPC over HTTP/2: "H" / "M" / "S" / "m" / "u" / "n"), in seconds.
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+MALFORMED_TIMEOUT = -1.0
 
 SERVER_SETTINGS: tuple[tuple[Setting, int], ...] = (
     (Setting.ENABLE_PUSH, 0),
@@ -221,14 +239,47 @@ class _ConnectionError(Exception):
         self.reason = reason
 
 
-class _Stream:
-    __slots__ = ("data", "headers", "received", "send_window", "task")
+def grpc_timeout(value: str) -> float:
+    """A grpc-timeout value in seconds: up to 8 digits and a unit (gRPC over HTTP/2);
+    MALFORMED_TIMEOUT for anything else."""
+    unit = _TIMEOUT_UNITS.get(value[-1:])
+    digits = value[:-1]
+    if unit is None or not 0 < len(digits) <= 8 or not (digits.isascii() and digits.isdigit()):
+        return MALFORMED_TIMEOUT
+    return int(digits) * unit
 
-    def __init__(self, headers: Headers, send_window: int) -> None:
-        self.headers = headers
-        self.data: list[bytes] = []
+
+# A call's header list, its method's path and its timeout in seconds (None: no deadline).
+_Head = tuple[Headers, str, float | None]
+
+
+def _head_of(headers: Headers) -> _Head:
+    path = ""
+    timeout: float | None = None
+    for name, value in headers:
+        if name == ":path":
+            path = value
+        elif name == "grpc-timeout":
+            timeout = grpc_timeout(value)
+    return headers, path, timeout
+
+
+_NO_DEADLINE = float("inf")
+
+
+class _Stream:
+    __slots__ = ("credit", "data", "deadline", "ended", "head", "opened", "received", "task")
+
+    def __init__(self, head: _Head, opened: float) -> None:
+        self.head = head
+        self.data: bytes | bytearray = b""
         self.received = 0
-        self.send_window = send_window
+        # The peer's WINDOW_UPDATEs for the stream less what was sent on it: its window is
+        # the peer's initial window plus this, so a new initial window applies at once.
+        self.credit = 0
+        self.opened = opened  # the coarse clock when its HEADERS arrived
+        self.ended = False  # the request arrived whole (END_STREAM) and the call was made
+        self.deadline = _NO_DEADLINE  # when an awaited call is answered DEADLINE_EXCEEDED
         self.task: asyncio.Future[bytes] | None = None
 
 
@@ -239,13 +290,18 @@ class H2Connection(Connection):
         "_allowance",
         "_block",
         "_block_end_stream",
+        "_block_size",
         "_block_stream",
+        "_blocked_since",
         "_buffer",
+        "_clock",
         "_closing",
         "_consumed",
         "_decoder",
+        "_goaway_last",
         "_goaway_sent",
         "_handlers",
+        "_heads",
         "_last_stream",
         "_owner",
         "_peer_frame_size",
@@ -263,6 +319,9 @@ class H2Connection(Connection):
     def __init__(self, handlers: Mapping[str, UnaryHandler], owner: HttpListener) -> None:
         self._handlers = handlers
         self._owner = owner
+        # The loop's own clock, for deadlines: the listener's coarse one lags by more than a
+        # sweep when the loop itself lags, which would answer a call before its deadline.
+        self._clock = asyncio.get_running_loop().time
         self._transport: asyncio.Transport | None = None
         self._buffer = b""
         self._preface = True  # the client's preface is still to come
@@ -273,6 +332,8 @@ class H2Connection(Connection):
         self._block: list[bytes] | None = None  # a header block awaiting its CONTINUATION
         self._block_stream = 0
         self._block_end_stream = False
+        self._block_size = 0
+        self._heads: dict[int, _Head] = {}  # by the header list's id; the entry holds the list
         self._consumed = 0  # request bytes taken since the connection window was last replenished
         self._send_window = DEFAULT_WINDOW
         self._peer_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
@@ -280,9 +341,11 @@ class H2Connection(Connection):
         self._queued: dict[int, bytes] = {}  # answers waiting for the peer's windows, by stream
         self._allowance = CONTROL_FRAME_ALLOWANCE
         self._goaway_sent = False
+        self._goaway_last = MAX_WINDOW  # the last stream id a GOAWAY sent promised to serve
         self._closing = False
         self._write_paused = False
         self._since = owner.now
+        self._blocked_since = owner.now  # when answers waiting for windows last moved
 
     # asyncio.Protocol
 
@@ -300,8 +363,10 @@ class H2Connection(Connection):
         if self._closing:
             return  # after GOAWAY for an error: read and dropped until the peer closes
         # The frame timeout runs from the first byte of a frame (or header block) that has
-        # not fully arrived: bytes that trickle in do not restart it.
-        was_waiting = bool(self._buffer) or self._block is not None or self._preface
+        # not fully arrived: bytes that trickle in do not restart it, a frame completed does
+        # (the next one began in this read), but not a header block's CONTINUATION.
+        in_block = self._block is not None
+        was_waiting = bool(self._buffer) or in_block or self._preface
         buffer = self._buffer + data if self._buffer else data
         try:
             if self._preface:
@@ -314,6 +379,7 @@ class H2Connection(Connection):
                     raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 connection preface")
                 buffer = buffer[len(PREFACE) :]
                 self._preface = False
+                in_block = was_waiting = False  # what is left began in this read
             position = 0
             end = len(buffer)
             while end - position >= 9 and not self._closing:
@@ -332,7 +398,10 @@ class H2Connection(Connection):
         except _ConnectionError as error:
             self._fail(error.code, error.reason)
             return
-        if not (was_waiting and (self._buffer or self._block is not None)):
+        if self._block is not None:
+            if not in_block:
+                self._since = self._owner.now
+        elif not (was_waiting and self._buffer and not position):
             self._since = self._owner.now
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -369,9 +438,37 @@ class H2Connection(Connection):
         elif self._buffer or self._block is not None or self._preface:
             if waited > limits.header_timeout_seconds:
                 self._fail(ErrorCode.PROTOCOL_ERROR, "a frame or header block did not arrive in time")
-        elif not self._streams and waited > limits.idle_timeout_seconds:
+        elif self._streams:
+            self._expire_calls(now, limits.header_timeout_seconds)
+        elif waited > limits.idle_timeout_seconds:
             self._goaway(ErrorCode.NO_ERROR, "idle")
             self._end()
+
+    def _expire_calls(self, now: float, frame_timeout: float) -> None:
+        """The sweep's look at the streams (at most MAX_CONCURRENT_STREAMS, once a second):
+        answers the peer gives no window to and requests that do not arrive whole (on the
+        listener's coarse clock, as the other timeouts), calls past their grpc-timeout (on
+        the loop's, so within a sweep after the deadline, never before)."""
+        if self._queued and now - self._blocked_since > frame_timeout:
+            self._fail(ErrorCode.ENHANCE_YOUR_CALM, "answers waited for the peer's windows too long")
+            return
+        late = now - frame_timeout
+        clock = self._clock()
+        for stream_id, stream in tuple(self._streams.items()):
+            if stream_id in self._queued:
+                continue
+            if stream.ended:
+                if stream.deadline <= clock:
+                    # The answer first: the task's own end then finds the stream closed.
+                    self._answer_status(stream_id, StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
+                    if stream.task is not None:
+                        stream.task.cancel()
+            elif stream.opened < late:
+                # A request that did not arrive whole in time: reset, and what it held freed.
+                del self._streams[stream_id]
+                self._consumed += stream.received
+                self._reset_stream(stream_id, ErrorCode.CANCEL)
+                self._finished()
 
     def close_when_idle(self) -> None:
         """Shutting down: GOAWAY now (no new calls), close once the calls in flight are answered."""
@@ -417,16 +514,19 @@ class H2Connection(Connection):
             if len(payload) != 5:
                 raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "PRIORITY of other than 5 bytes")
         elif kind == Frame.GOAWAY:
+            self._control()
             if stream != 0:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "GOAWAY on a stream")
+            if len(payload) < 8:
+                raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "GOAWAY of fewer than 8 bytes")
             # The peer opens no more streams; those it opened are still answered.
         elif kind == Frame.PUSH_PROMISE:
             raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
         else:
             self._control()  # an unknown type: ignored (RFC 9113 4.1), but not for free
 
-    def _control(self) -> None:
-        self._allowance -= 1
+    def _control(self, frames: int = 1) -> None:
+        self._allowance -= frames
         if self._allowance < 0:
             raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM, "too many frames without calls")
 
@@ -445,17 +545,29 @@ class H2Connection(Connection):
         # the window replenished) once a handler has the message or the bytes are dropped.
         size = len(payload)
         stream = self._streams.get(stream_id)
-        if stream is None or stream.task is not None:
-            if stream_id in self._reset:
+        if stream is None or stream.ended:
+            if stream is None and self._ignored(stream_id):
                 self._consumed += size
+                if not size:
+                    self._control()
                 return
+            if stream_id > self._last_stream:
+                raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
             raise _ConnectionError(ErrorCode.STREAM_CLOSED, f"DATA on stream {stream_id}, which is closed")
         data = self._unpad(flags, payload)
         stream.received += size
         if stream.received > MAX_MESSAGE_BYTES + 5:
             raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, f"stream {stream_id} sent past its window")
         if data:
-            stream.data.append(data)
+            held = stream.data
+            if not held:
+                stream.data = data
+            elif type(held) is bytearray:
+                held += data
+            else:
+                # One buffer for a message in many frames: a list of a frame's bytes each
+                # would hold ~40 bytes of objects for a DATA frame of one byte.
+                stream.data = bytearray(held) + data
         elif not flags & END_STREAM:
             self._control()
         if flags & END_STREAM:
@@ -471,6 +583,7 @@ class H2Connection(Connection):
             fragment = fragment[5:]
         self._block_stream = stream_id
         self._block_end_stream = bool(flags & END_STREAM)
+        self._block_size = len(fragment)
         if flags & END_HEADERS:
             self._header_block(fragment)
         else:
@@ -482,8 +595,10 @@ class H2Connection(Connection):
             raise _ConnectionError(
                 ErrorCode.PROTOCOL_ERROR, "CONTINUATION without a header block to continue"
             )
+        self._control()  # a block needs none when it fits a frame, as Envoy's calls do
         block.append(payload)
-        if sum(map(len, block)) > MAX_HEADER_BLOCK_BYTES:
+        self._block_size += len(payload)
+        if self._block_size > MAX_HEADER_BLOCK_BYTES:
             raise _ConnectionError(
                 ErrorCode.ENHANCE_YOUR_CALM, f"a header block over {MAX_HEADER_BLOCK_BYTES} bytes"
             )
@@ -493,16 +608,20 @@ class H2Connection(Connection):
 
     def _header_block(self, block: bytes) -> None:
         stream_id = self._block_stream
+        if len(block) >= HEADER_BYTES_PER_CONTROL_FRAME:
+            self._control(len(block) // HEADER_BYTES_PER_CONTROL_FRAME)
         try:
             headers = self._decoder.decode(block)  # always: the table must follow the peer's
         except HeaderBlockError as exc:
             raise _ConnectionError(ErrorCode.COMPRESSION_ERROR, str(exc)) from None
         if stream_id <= self._last_stream:
             stream = self._streams.get(stream_id)
-            if stream is not None and stream.task is None and self._block_end_stream:
-                self._call(stream_id, stream)  # trailers end the request
-                return
-            if stream_id in self._reset:
+            if stream is not None:
+                if not stream.ended and self._block_end_stream:
+                    self._call(stream_id, stream)  # trailers end the request
+                    return
+            elif self._ignored(stream_id):
+                self._control()
                 return
             raise _ConnectionError(
                 ErrorCode.STREAM_CLOSED, f"HEADERS on stream {stream_id}, which is not open"
@@ -511,18 +630,26 @@ class H2Connection(Connection):
             raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"a client stream of even id {stream_id}")
         self._last_stream = stream_id
         if self._goaway_sent:
+            self._control()
             return  # after GOAWAY: not answered; the peer knows from its last stream id
         if len(self._streams) >= MAX_CONCURRENT_STREAMS:
             self._control()
             self._reset_stream(stream_id, ErrorCode.REFUSED_STREAM)
             return
-        stream = _Stream(headers, self._peer_window)
+        head = self._heads.get(id(headers))
+        if head is None or head[0] is not headers:
+            head = _head_of(headers)
+            if len(block) <= _HEAD_BLOCK_BYTES:
+                if len(self._heads) >= _HEADS_REMEMBERED:
+                    self._heads.clear()
+                self._heads[id(headers)] = head  # the entry holds the list: its id stays its own
+        stream = _Stream(head, self._owner.now)
         self._streams[stream_id] = stream
         if self._block_end_stream:
             self._call(stream_id, stream)
 
     def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
-        self._control()
+        self._control(1 + len(payload) // 6)  # each setting is work, and a frame holds 2,730
         if stream_id != 0:
             raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & ACK:
@@ -539,10 +666,7 @@ class H2Connection(Connection):
             if setting == Setting.INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "an initial window over 2^31-1")
-                delta = value - self._peer_window
-                self._peer_window = value
-                for stream in self._streams.values():
-                    stream.send_window += delta
+                self._peer_window = value  # every stream's window follows (_Stream.credit)
             elif setting == Setting.MAX_FRAME_SIZE:
                 if not DEFAULT_FRAME_SIZE <= value <= MAX_FRAME_SIZE_SETTING:
                     raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"a max frame size of {value}")
@@ -574,8 +698,8 @@ class H2Connection(Connection):
                         ErrorCode.PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {stream_id}"
                     )
                 return  # a stream answered or reset meanwhile
-            stream.send_window += increment
-            if stream.send_window > MAX_WINDOW:
+            stream.credit += increment
+            if self._peer_window + stream.credit > MAX_WINDOW:
                 raise _ConnectionError(
                     ErrorCode.FLOW_CONTROL_ERROR, f"stream {stream_id}'s window past 2^31-1"
                 )
@@ -602,18 +726,21 @@ class H2Connection(Connection):
     # Calls
 
     def _call(self, stream_id: int, stream: _Stream) -> None:
-        data = b"".join(stream.data) if len(stream.data) != 1 else stream.data[0]
-        stream.data = []
+        stream.ended = True
+        held = stream.data
+        data = held if type(held) is bytes else bytes(held)
+        stream.data = b""
         self._consumed += stream.received
-        headers = stream.headers
-        path = ""
-        for name, value in headers:
-            if name == ":path":
-                path = value
-                break
+        headers, path, timeout = stream.head
         handler = self._handlers.get(path)
         if handler is None:
             self._answer_status(stream_id, StatusCode.UNIMPLEMENTED, f"method {path!r} is not served here")
+            return
+        if timeout is not None and timeout <= 0:
+            if timeout == MALFORMED_TIMEOUT:  # as grpc-go answers it
+                self._answer_status(stream_id, StatusCode.INTERNAL, "malformed grpc-timeout")
+            else:
+                self._answer_status(stream_id, StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
             return
         if len(data) < 5 or data[0] != 0 or int.from_bytes(data[1:5], "big") != len(data) - 5:
             message = (
@@ -635,6 +762,9 @@ class H2Connection(Connection):
             return
         task = asyncio.ensure_future(answer)
         stream.task = task
+        if timeout is not None:
+            # Judged by the connection's sweep (no timer per call).
+            stream.deadline = self._clock() + timeout
         task.add_done_callback(lambda done: self._answered(stream_id, path, done))
 
     def _answered(self, stream_id: int, path: str, task: asyncio.Future[bytes]) -> None:
@@ -655,7 +785,7 @@ class H2Connection(Connection):
         sid = stream_id.to_bytes(4, "big")
         if (
             size <= self._send_window
-            and size <= stream.send_window
+            and size <= self._peer_window + stream.credit
             and size <= self._peer_frame_size
             and not self._queued
         ):
@@ -682,6 +812,8 @@ class H2Connection(Connection):
             return
         # The peer's windows or frame size do not let the whole answer go at once.
         self._write(_HEADERS_HEAD + sid + RESPONSE_HEADERS)
+        if not self._queued:
+            self._blocked_since = self._owner.now
         self._queued[stream_id] = b"\x00" + len(message).to_bytes(4, "big") + message
         self._send_queued()
 
@@ -689,13 +821,16 @@ class H2Connection(Connection):
         for stream_id, pending in list(self._queued.items()):
             stream = self._streams[stream_id]
             while pending:
-                size = min(len(pending), self._send_window, stream.send_window, self._peer_frame_size)
+                size = min(
+                    len(pending), self._send_window, self._peer_window + stream.credit, self._peer_frame_size
+                )
                 if size <= 0:
                     break
                 self._write(_frame_head(size, Frame.DATA, 0, stream_id) + pending[:size])
                 pending = pending[size:]
                 self._send_window -= size
-                stream.send_window -= size
+                stream.credit -= size
+                self._blocked_since = self._owner.now
             if pending:
                 self._queued[stream_id] = pending
                 continue
@@ -724,6 +859,11 @@ class H2Connection(Connection):
         consumed, self._consumed = self._consumed, 0
         self._write(_frame_head(4, Frame.WINDOW_UPDATE, 0, 0) + consumed.to_bytes(4, "big"))
 
+    def _ignored(self, stream_id: int) -> bool:
+        """A stream whose late frames are dropped: reset by this side, or opened after the
+        GOAWAY this side sent (RFC 9113 6.8: not served, and no error)."""
+        return stream_id in self._reset or stream_id > self._goaway_last
+
     def _reset_stream(self, stream_id: int, code: ErrorCode) -> None:
         self._write(_frame_head(4, Frame.RST_STREAM, 0, stream_id) + int(code).to_bytes(4, "big"))
         self._reset.append(stream_id)
@@ -736,6 +876,7 @@ class H2Connection(Connection):
         if self._goaway_sent:
             return
         self._goaway_sent = True
+        self._goaway_last = self._last_stream
         debug = reason.encode()[:256]
         self._write(
             _frame_head(8 + len(debug), Frame.GOAWAY, 0, 0)
