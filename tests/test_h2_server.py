@@ -789,3 +789,72 @@ async def test_frames_arriving_without_pause_keep_the_connection_whatever_the_re
     finally:
         running.listener.close()
         await running.listener.wait_closed()
+
+
+# What held in round 5's review, kept so: values out of range and requests that lie
+
+
+@pytest.mark.parametrize(
+    ("sent", "code"),
+    [
+        (settings((Setting.INITIAL_WINDOW_SIZE, 2**31)), ErrorCode.FLOW_CONTROL_ERROR),
+        (settings((Setting.MAX_FRAME_SIZE, 16_383)), ErrorCode.PROTOCOL_ERROR),
+        (settings((Setting.MAX_FRAME_SIZE, 2**24)), ErrorCode.PROTOCOL_ERROR),
+        (settings((Setting.ENABLE_PUSH, 2)), ErrorCode.PROTOCOL_ERROR),
+        (frame(Frame.WINDOW_UPDATE, 0, 0, (0).to_bytes(4, "big")), ErrorCode.PROTOCOL_ERROR),
+        (frame(Frame.WINDOW_UPDATE, 0, 0, (2**31 - 1).to_bytes(4, "big")), ErrorCode.FLOW_CONTROL_ERROR),
+        (frame(Frame.WINDOW_UPDATE, 0, 7, (1).to_bytes(4, "big")), ErrorCode.PROTOCOL_ERROR),
+        (frame(Frame.RST_STREAM, 0, 7, bytes(4)), ErrorCode.PROTOCOL_ERROR),
+        (frame(Frame.DATA, 0x1, 7, message(b"x")), ErrorCode.PROTOCOL_ERROR),
+        (frame(Frame.PUSH_PROMISE, 0x4, 1, bytes(4)), ErrorCode.PROTOCOL_ERROR),
+        (frame(Frame.GOAWAY, 0, 0, bytes(4)), ErrorCode.FRAME_SIZE_ERROR),
+    ],
+    ids=[
+        "initial-window-2^31",
+        "max-frame-size-below-16384",
+        "max-frame-size-2^24",
+        "enable-push-2",
+        "window-update-0",
+        "connection-window-past-2^31-1",
+        "window-update-on-idle-stream",
+        "rst-stream-on-idle-stream",
+        "data-on-idle-stream",
+        "push-promise",
+        "short-goaway",
+    ],
+)
+async def test_a_value_out_of_range_ends_the_connection(server: Server, sent: bytes, code: ErrorCode) -> None:
+    client = await RawClient.open(server.port)
+    client.send(sent)
+    await ends_with(client, code, server)
+
+
+async def test_a_stream_window_past_2_31_ends_the_connection(server: Server) -> None:
+    client = await RawClient.open(server.port)
+    client.send(
+        frame(Frame.HEADERS, 0x4, 1, client.headers_block()),
+        frame(Frame.WINDOW_UPDATE, 0, 1, (2**31 - 1).to_bytes(4, "big")),
+    )
+    await ends_with(client, ErrorCode.FLOW_CONTROL_ERROR, server)
+
+
+@pytest.mark.parametrize(
+    ("body", "message_text"),
+    [
+        (b"\x00" + (100).to_bytes(4, "big") + b"abc", "the request is not one whole message"),
+        (message(b"one") + message(b"two"), "the request is not one whole message"),
+        (b"", "the request is not one whole message"),
+        (b"\x01" + (3).to_bytes(4, "big") + b"abc", "compressed messages are not accepted"),
+    ],
+    ids=["length-prefix-lies", "two-messages", "half-closed-at-once", "compressed"],
+)
+async def test_a_request_that_is_not_one_plain_message_is_an_internal_error(
+    server: Server, body: bytes, message_text: str
+) -> None:
+    client = await RawClient.open(server.port)
+    client.send(frame(Frame.HEADERS, 0x4, 1, client.headers_block()), frame(Frame.DATA, 0x1, 1, body))
+    _, trailers = await client.answer(1)
+    assert (trailers["grpc-status"], trailers["grpc-message"]) == ("13", message_text)
+    assert server.calls.metadata == []
+    client.send(client.request(3, b"next"))
+    assert (await client.answer(3))[0] == b"next"

@@ -744,9 +744,11 @@ class H2Connection(Connection):
             return
         if len(data) < 5 or data[0] != 0 or int.from_bytes(data[1:5], "big") != len(data) - 5:
             message = (
-                "compressed messages are not accepted" if data[:1] == b"\x01" else "not one whole message"
+                "compressed messages are not accepted"
+                if data[:1] == b"\x01"
+                else "the request is not one whole message"
             )
-            self._answer_status(stream_id, StatusCode.INTERNAL, f"the request is {message}")
+            self._answer_status(stream_id, StatusCode.INTERNAL, message)
             return
         try:
             answer = handler(data[5:], CallContext(headers))
