@@ -56,7 +56,10 @@ async def main(target, calls, concurrency):
 
         async def caller(count):
             for _ in range(count):
-                answer = await stub.ShouldRateLimit(request)
+                # A deadline on every call, as Envoy's ratelimit filter sends grpc-timeout on
+                # every call (grpc core rounds it, so the header block stays the same); far
+                # off, as a call under callgrind on a loaded machine may take seconds.
+                answer = await stub.ShouldRateLimit(request, timeout=120)
                 assert answer.overall_code == rls_pb2.RateLimitResponse.OK, answer
 
         await asyncio.gather(*(caller(calls // concurrency) for _ in range(concurrency)))
