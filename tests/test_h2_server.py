@@ -38,7 +38,9 @@ from meshtoll.transport.http_listener import HttpLimits, HttpListener, listening
 ECHO = "/test.Echo/Echo"
 SLOW = "/test.Echo/Slow"
 FAILING = "/test.Echo/Fail"
-TIMEOUT = 5.0
+# How long a test waits for what must come (a frame, a call, a close): a bound on a hang, never
+# a measurement, so far past any load (5 s failed a drain's exit at a load of 18).
+TIMEOUT = 30.0
 
 
 @dataclass
