@@ -133,7 +133,7 @@ async def meter_many(
             if meter and (n + 1) % per_export == 0:
                 await send(n + 1 - per_export, per_export)
             if (n + 1) % flush_every == 0:
-                await recorder.flush()
+                await recorder.flush(held=True)
             if (n + 1 + retry_every // 2) % retry_every == 0:
                 await settlement.retry_waiting()
         admitted += count

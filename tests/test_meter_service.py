@@ -18,6 +18,7 @@ from meshtoll.errors import StorageUnavailable
 from meshtoll.meter.als import AccessLogServicer, observation_from_envoy
 from meshtoll.meter.settle import Settlement
 from meshtoll.storage import MemoryUsageStore
+from meshtoll.storage.usage_redis import RedisUsageStore
 from meshtoll.usage.recorder import AdmissionRecorder
 from meshtoll.usage.records import Admission, Observation, ReportedUnits, UsageRecord
 from meshtoll.usage.store import PendingAdmissions, UsageStore
@@ -297,6 +298,18 @@ class RecordFailsOnce(MemoryUsageStore):
         return await super().record(records)
 
 
+class AdmitFailsOnce(MemoryUsageStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    async def admit(self, admissions: Sequence[Admission]) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise StorageUnavailable("Redis is away")
+        await super().admit(admissions)
+
+
 def observed(tenant: str, request_id: str) -> Observation:
     seen = observation_from_envoy(entry(request_id, headers={"x-meshtoll-tenant": tenant}))
     assert seen is not None
@@ -329,6 +342,64 @@ async def test_an_entry_whose_admission_is_not_flushed_yet_settles_it_at_once_an
     await settlement.settle([observed(tenant, "r1")])
     await settlement.retry_waiting()
     assert (await usage_store.usage(tenant, "2026-11")).requests == 1
+
+
+async def test_an_admission_is_held_one_round_and_written_at_the_next_so_a_late_entry_still_settles_it_unwritten(
+    usage_store: UsageStore, tenant: str
+) -> None:
+    recorder = AdmissionRecorder(usage_store)
+    settlement = Settlement(usage_store, clock=Clock(), recorder=recorder)
+    recorder.admit(admitted(tenant, "r1"))
+    recorder.admit(admitted(tenant, "r2"))
+    await recorder.flush(held=True)  # the round they were admitted in: held, not written
+    assert await usage_store.pending([(tenant, "r1"), (tenant, "r2")]) == {}
+    recorder.admit(admitted(tenant, "r3"))
+    await settlement.settle([observed(tenant, "r1")])  # an entry a round later: settled from memory
+    assert (settlement.outcomes["billed"], settlement.outcomes["buffered"], settlement.waiting) == (1, 1, 0)
+    await recorder.flush(held=True)  # r2's second round: written; r3 held
+    assert set(await usage_store.pending([(tenant, "r1"), (tenant, "r2"), (tenant, "r3")])) == {
+        (tenant, "r2")
+    }
+    await recorder.flush()  # everything (shutdown)
+    assert set(await usage_store.pending([(tenant, "r2"), (tenant, "r3")])) == {
+        (tenant, "r2"),
+        (tenant, "r3"),
+    }
+    await settlement.settle([observed(tenant, "r2"), observed(tenant, "r3")])
+    assert (settlement.outcomes["billed"], settlement.waiting) == (3, 0)
+    assert (await usage_store.usage(tenant, "2026-11")).requests == 3
+
+
+async def test_a_held_admission_whose_write_failed_is_written_first_at_the_next_round(tenant: str) -> None:
+    store = AdmitFailsOnce()
+    recorder = AdmissionRecorder(store)
+    recorder.admit(admitted(tenant, "r1"))
+    await recorder.flush(held=True)
+    recorder.admit(admitted(tenant, "r2"))
+    await recorder.flush(held=True)  # r1's write fails: kept
+    assert await store.pending([(tenant, "r1")]) == {}
+    await recorder.flush(held=True)  # r1 and r2, held since the round before
+    assert set(await store.pending([(tenant, "r1"), (tenant, "r2")])) == {(tenant, "r1"), (tenant, "r2")}
+
+
+@pytest.mark.integration
+async def test_units_reported_in_the_round_of_their_admission_are_written_after_it_and_make_it_due(
+    redis_url: str, tenant: str
+) -> None:
+    # Redis moves a pending admission's due time when its units are reported, and only an
+    # admission already there: a report written before its admission would leave it due an
+    # hour after its request (the streaming grace) instead of the grace from the report.
+    store = RedisUsageStore(redis_url, clock=lambda: START + 10)
+    try:
+        recorder = AdmissionRecorder(store)
+        recorder.admit(admitted(tenant, "chat", awaits_report=True))
+        recorder.report_units(ReportedUnits(tenant, "chat", 77))
+        await recorder.flush(held=True)
+        await recorder.flush(held=True)
+        overdue = await store.overdue(START + 100)
+        assert [(a.request_id, a.units) for a in overdue if a.tenant == tenant] == [("chat", 77)]
+    finally:
+        await store.close()
 
 
 async def test_a_buffered_admission_is_not_settled_by_an_entry_naming_another_tenant_or_awaiting_units(

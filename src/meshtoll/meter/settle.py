@@ -36,8 +36,8 @@ from meshtoll.wire import is_billable_status
 
 log = logging.getLogger("meshtoll.meter")
 
-# Admissions and reported units reach the store within AdmissionRecorder's flush interval
-# (0.5 s) of the request; an entry waits up to ten times that for them.
+# Admissions and reported units reach the store within two of AdmissionRecorder's flush
+# intervals (1 s) of the request; an entry waits up to five times that for them.
 WAIT_SECONDS = 5.0
 RETRY_SECONDS = 0.5
 # Entries held while they wait: at 20,000 metered requests a second, a few seconds' worth.
@@ -113,12 +113,13 @@ class Settlement:
     ) -> Sequence[Observation]:
         """Settle the entries whose admissions this process's recorder still buffers; return
         the others. Envoy flushes its access log more often than authz its admissions (a
-        full 64 KiB buffer every 70 ms at 10,000 requests a second against every 0.5 s), so
-        with one instance most entries come before their admission is stored: settled here,
-        an entry costs no read of its admission and no wait, and the admission is never
-        written (its record's usage.lua call marks the request id counted, as for any
-        record). Should the record not be stored, the admissions go back to the recorder
-        and the entries wait for them like any: billed == admitted either way."""
+        full 64 KiB buffer every 70 ms at 10,000 requests a second), and the recorder holds an
+        admission 0.5 to 1 s before writing it, so with one instance nearly every entry comes
+        before its admission is stored: settled here, an entry costs no read of its
+        admission and no wait, and the admission is never written (its record's usage.lua
+        call marks the request id counted, as for any record). Should the record not be
+        stored, the admissions go back to the recorder and the entries wait for them like
+        any: billed == admitted either way."""
         records: list[UsageRecord] = []
         claimed: list[Admission] = []
         entries: list[Observation] = []

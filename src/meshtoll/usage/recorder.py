@@ -23,15 +23,26 @@ MAX_BUFFERED = 1_000_000  # admissions kept in memory while the store is away
 
 class AdmissionRecorder:
     """Admissions (from authz) and the units body hooks reported for them (from ext_proc),
-    buffered and handed to the store together."""
+    buffered and handed to the store together.
+
+    Each round of `flush_forever` writes the admissions of the round before (`flush(held=
+    True)`): an admission stays here one to two rounds, so that the access-log entry of a
+    metered request, which Envoy flushes every half second (or every 64 KiB), nearly always
+    finds it here and settles it with no write of the admission, no read back and no delete
+    (meter/settle.py). `flush()` writes everything (shutdown, tests)."""
 
     def __init__(self, store: UsageStore) -> None:
         self._store = store
         # By (tenant, request id): the meter takes an admission out while it is still here
         # (claim), so that an access-log entry that comes before the flush settles it at
-        # once, and the admission is never written.
+        # once, and the admission is never written. `_held` is the previous round's, written
+        # at the next one; `_buffer` the current round's.
         self._buffer: dict[tuple[str, str], Admission] = {}
+        self._held: dict[tuple[str, str], Admission] = {}
         self._reports: list[ReportedUnits] = []
+        # Reports are held a round too: one written before its admission would not move the
+        # admission's due time (the store's report_units updates pending admissions only).
+        self._held_reports: list[ReportedUnits] = []
         # Admissions the meter settled from the buffer: never stored, but the flush's
         # observers see them all the same (they were admitted).
         self._settled: list[Admission] = []
@@ -45,7 +56,7 @@ class AdmissionRecorder:
         self._observers.append(observer)
 
     def admit(self, admission: Admission) -> None:
-        if len(self._buffer) < MAX_BUFFERED:
+        if len(self._buffer) + len(self._held) < MAX_BUFFERED:
             self._buffer[admission.tenant, admission.request_id] = admission
         else:
             self.dropped += 1
@@ -55,30 +66,43 @@ class AdmissionRecorder:
         bills without waiting for reported units, taken out: whoever claims it must either
         store its usage record and call `settled`, or give it back with `unclaim`."""
         key = tenant, request_id
-        admission = self._buffer.get(key)
-        if admission is None or admission.awaits_report:
+        buffer = self._buffer
+        admission = buffer.get(key)
+        if admission is None:
+            buffer = self._held
+            admission = buffer.get(key)
+            if admission is None:
+                return None
+        if admission.awaits_report:
             return None
-        del self._buffer[key]
+        del buffer[key]
         return admission
 
     def unclaim(self, admissions: Sequence[Admission]) -> None:
-        """Claimed admissions whose records were not stored: flushed with the others."""
-        self._buffer.update(((a.tenant, a.request_id), a) for a in admissions)
+        """Claimed admissions whose records were not stored: written at the next flush."""
+        self._held.update(((a.tenant, a.request_id), a) for a in admissions)
 
     def settled(self, admissions: Sequence[Admission]) -> None:
         """Claimed admissions whose usage records are stored: the next flush's observers see them."""
         self._settled.extend(admissions)
 
     def report_units(self, report: ReportedUnits) -> None:
-        if len(self._reports) < MAX_BUFFERED:
+        if len(self._reports) + len(self._held_reports) < MAX_BUFFERED:
             self._reports.append(report)
         else:
             self.dropped += 1
 
-    async def flush(self) -> None:
-        buffered, self._buffer = self._buffer, {}
+    async def flush(self, *, held: bool = False) -> None:
+        """Hand the buffered admissions and reports to the store: all of them, or with `held`
+        only those held since the last such flush (the newer ones are held now)."""
+        if held:
+            buffered, self._held, self._buffer = self._held, self._buffer, {}
+            reports, self._held_reports, self._reports = self._held_reports, self._reports, []
+        else:
+            buffered = self._held | self._buffer if self._held else self._buffer
+            reports = self._held_reports + self._reports
+            self._held, self._buffer, self._held_reports, self._reports = {}, {}, [], []
         batch = list(buffered.values())
-        reports, self._reports = self._reports, []
         try:
             if batch:
                 await self._store.admit(batch)
@@ -94,16 +118,16 @@ class AdmissionRecorder:
                 await self._store.report_units(reports)
         except StorageError as exc:
             # Kept, oldest first, for the next flush.
-            self._buffer = {(a.tenant, a.request_id): a for a in batch} | self._buffer
-            self._reports[:0] = reports
-            waiting = len(self._buffer) + len(self._reports)
+            self._held = {(a.tenant, a.request_id): a for a in batch} | self._held
+            self._held_reports[:0] = reports
+            waiting = len(self._held) + len(self._buffer) + len(self._held_reports) + len(self._reports)
             log.warning("admissions not stored yet (%d waiting): %s", waiting, exc)
 
     async def flush_forever(self) -> None:
         try:
             while True:
                 await asyncio.sleep(FLUSH_SECONDS)
-                await self.flush()
+                await self.flush(held=True)
         finally:
             # On shutdown, what is buffered still goes out: these are billable requests.
             await self.flush()
