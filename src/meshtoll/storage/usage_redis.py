@@ -94,8 +94,10 @@ class RedisUsageStore:
             return 0
         with _BATCH_NOT_TAKEN:
             # Indexed before its records are written: a tenant is never missing from exports,
-            # at worst listed with nothing in a period.
-            await self._client.sadd(USAGE_TENANTS_KEY, *by_tenant)
+            # at worst listed with nothing in a period. Through the pipelining client where it
+            # serves: redis-py's call was most of a small batch's cost (Envoy sends one every
+            # half second whatever the traffic).
+            await self._pipeline([("SADD", USAGE_TENANTS_KEY, *by_tenant)])
             for tenant, unique in by_tenant.items():
                 batch = list(unique.values())
                 for start in range(0, len(batch), MAX_RECORDS_PER_CALL):
