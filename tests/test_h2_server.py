@@ -99,6 +99,9 @@ async def start(limits: HttpLimits | None = None) -> Server:
 async def server() -> AsyncIterator[Server]:
     running = await start()
     yield running
+    # The test's raw clients first: a server closing with peers still connected waits its
+    # drain bound (5 s) for them to leave after its GOAWAY, which is not what ends a test.
+    await close_raw_clients()
     running.listener.close()
     await running.listener.wait_closed()
 
@@ -202,6 +205,10 @@ OPEN: list[asyncio.StreamWriter] = []
 @pytest.fixture(autouse=True)
 async def raw_clients_closed() -> AsyncIterator[None]:
     yield
+    await close_raw_clients()
+
+
+async def close_raw_clients() -> None:
     while OPEN:
         writer = OPEN.pop()
         writer.close()
