@@ -8,7 +8,7 @@ import asyncio
 import hashlib
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -402,23 +402,10 @@ async def test_several_leasing_limiters_on_one_redis_never_overshoot(redis_url: 
         Check(key(), RateLimit(10 * limit, "hour")),
     ]
 
-    async def client(limiter: Limiter) -> int:
-        admitted = 0
-        for _ in range(150):
-            admitted += (await limiter.check(checks)).admitted
-            await asyncio.sleep(0)
-        return admitted
+    async def checked(limiter: Limiter) -> bool:
+        return (await limiter.check(checks)).admitted
 
-    try:
-        counts = await asyncio.gather(*(client(limiters[n % 4]) for n in range(8)))
-        (counted,) = await stores[0].check(checks[:1], clock.now)
-        for each in limiters:
-            await each.release_leases()
-        looked = await stores[0].check([Check(c.key, c.limit, cost=0) for c in checks], clock.now)
-    finally:
-        for store in stores:
-            await store.close()
-    admitted = sum(counts)
+    admitted, counted, looked = await race(stores, limiters, checks, clock, checked, rounds=150)
     # Never past the limit; short of it by at most the four limiters' unused leases,
     # P x (min(L - 1, (limit - 1) // 8) + m) = 4 x (15 + 15), which go back when they stop.
     assert limit - 4 * (15 + 15) <= admitted <= limit
@@ -426,6 +413,37 @@ async def test_several_leasing_limiters_on_one_redis_never_overshoot(redis_url: 
     # Demand was four times the limit, so every lease of the first limit was spent; the
     # second's unspent leases all went back (its counter is the decisions admitted).
     assert [result.used for result in looked] == [admitted, admitted]
+
+
+async def race(
+    stores: Sequence[RedisCounterStore],
+    limiters: Sequence[Limiter],
+    checks: Sequence[Check],
+    clock: Clock,
+    decide: Callable[[Limiter], Awaitable[bool]],
+    rounds: int,
+) -> tuple[int, CheckResult, list[CheckResult]]:
+    """Eight clients, two for each limiter, each deciding `rounds` times: the decisions
+    admitted, what Redis counted for the first check at the end, and what it holds for each
+    check once every limiter has given its unused leases back (the stores closed after)."""
+
+    async def client(limiter: Limiter) -> int:
+        admitted = 0
+        for _ in range(rounds):
+            admitted += await decide(limiter)
+            await asyncio.sleep(0)
+        return admitted
+
+    try:
+        counts = await asyncio.gather(*(client(limiters[n % len(limiters)]) for n in range(8)))
+        (counted,) = await stores[0].check(checks[:1], clock.now)
+        for each in limiters:
+            await each.release_leases()
+        looked = await stores[0].check([Check(c.key, c.limit, cost=0) for c in checks], clock.now)
+    finally:
+        for store in stores:
+            await store.close()
+    return sum(counts), counted, looked
 
 
 class RefillCountingStore(RedisCounterStore):
@@ -472,24 +490,8 @@ async def test_leasing_limiters_with_refills_in_flight_never_overshoot(
         finally:
             limiter.done_waiting(wait)
 
-    async def client(limiter: Limiter) -> int:
-        admitted = 0
-        for _ in range(300):
-            admitted += await decided(limiter)
-            await asyncio.sleep(0)
-        return admitted
-
-    try:
-        counts = await asyncio.gather(*(client(limiters[n % 4]) for n in range(8)))
-        (counted,) = await stores[0].check(checks[:1], clock.now)
-        for each in limiters:
-            await each.release_leases()
-        looked = await stores[0].check([Check(c.key, c.limit, cost=0) for c in checks], clock.now)
-    finally:
-        for store in stores:
-            await store.close()
+    admitted, counted, looked = await race(stores, limiters, checks, clock, decided, rounds=300)
     assert all(store.refills > 5 for store in stores)
-    admitted = sum(counts)
     # README, Token leases: at most P x (min(L - 1, (limit - 1) // 8) + m) short, m = L - 1.
     assert limit - 4 * (15 + 15) <= admitted <= limit
     assert counted.used <= limit
