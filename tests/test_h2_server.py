@@ -847,6 +847,37 @@ async def test_a_stream_window_past_2_31_ends_the_connection(server: Server) -> 
     await ends_with(client, ErrorCode.FLOW_CONTROL_ERROR, server)
 
 
+async def test_a_new_initial_window_that_takes_a_streams_window_past_2_31_ends_the_connection(
+    server: Server,
+) -> None:
+    """RFC 9113 6.9.2: FLOW_CONTROL_ERROR, though the setting itself is in range."""
+    client = await RawClient.open(server.port)
+    credit = 2**31 - 1 - 65_535  # stream 1's window at 2^31-1 under the default initial window
+    client.send(
+        frame(Frame.HEADERS, 0x4, 1, client.headers_block()),
+        frame(Frame.WINDOW_UPDATE, 0, 1, credit.to_bytes(4, "big")),
+        settings((Setting.INITIAL_WINDOW_SIZE, 65_535)),  # no change: accepted
+        frame(Frame.PING, 0, 0, b"12345678"),
+    )
+    assert (await client.until(Frame.PING)).payload == b"12345678"
+    client.send(settings((Setting.INITIAL_WINDOW_SIZE, 65_536)))
+    await ends_with(client, ErrorCode.FLOW_CONTROL_ERROR, server)
+
+
+async def test_a_new_initial_window_within_every_streams_bound_is_accepted(server: Server) -> None:
+    """The credit a stream was given counts only while it is open."""
+    client = await RawClient.open(server.port)
+    credit = 2**31 - 1 - 65_535
+    client.send(
+        frame(Frame.HEADERS, 0x4, 1, client.headers_block()),
+        frame(Frame.WINDOW_UPDATE, 0, 1, credit.to_bytes(4, "big")),
+        frame(Frame.DATA, 0x1, 1, message(b"first")),
+    )
+    assert await client.answer(1) == (b"first", {"grpc-status": "0"})
+    client.send(settings((Setting.INITIAL_WINDOW_SIZE, 2**31 - 1)), client.request(3, b"second"))
+    assert await client.answer(3) == (b"second", {"grpc-status": "0"})
+
+
 @pytest.mark.parametrize(
     ("body", "message_text"),
     [

@@ -111,6 +111,9 @@ CONTROL_FRAMES_PER_CALL = 10
 # byte (Huffman), so every this many bytes of a block count as one control frame. A call's
 # block from Envoy is a few dozen bytes once its encoder's table holds the fields.
 HEADER_BYTES_PER_CONTROL_FRAME = 128
+# A new initial window that may take a stream's window past 2^31-1 walks the open streams
+# (only then): every this many walked count as one control frame.
+STREAMS_WALKED_PER_CONTROL_FRAME = 100
 # Streams this side reset whose late frames are ignored, not an error (RFC 9113 5.4.2).
 _RESET_REMEMBERED = 64
 # Calls whose method and deadline are remembered by their header list (the decoder hands
@@ -297,6 +300,7 @@ class H2Connection(Connection):
         "_clock",
         "_closing",
         "_consumed",
+        "_credit_bound",
         "_decoder",
         "_goaway_last",
         "_goaway_sent",
@@ -337,6 +341,9 @@ class H2Connection(Connection):
         self._consumed = 0  # request bytes taken since the connection window was last replenished
         self._send_window = DEFAULT_WINDOW
         self._peer_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
+        # At least every open stream's credit (_Stream.credit): a new initial window is
+        # checked against it, and the streams walked only when it says one may pass 2^31-1.
+        self._credit_bound = 0
         self._peer_frame_size = DEFAULT_FRAME_SIZE
         self._queued: dict[int, bytes] = {}  # answers waiting for the peer's windows, by stream
         self._allowance = CONTROL_FRAME_ALLOWANCE
@@ -666,6 +673,8 @@ class H2Connection(Connection):
             if setting == Setting.INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "an initial window over 2^31-1")
+                if value + self._credit_bound > MAX_WINDOW:
+                    self._check_stream_windows(value)
                 self._peer_window = value  # every stream's window follows (_Stream.credit)
             elif setting == Setting.MAX_FRAME_SIZE:
                 if not DEFAULT_FRAME_SIZE <= value <= MAX_FRAME_SIZE_SETTING:
@@ -678,6 +687,17 @@ class H2Connection(Connection):
         self._write(_frame_head(0, Frame.SETTINGS, ACK, 0))
         if self._queued:
             self._send_queued()
+
+    def _check_stream_windows(self, initial: int) -> None:
+        """RFC 9113 6.9.2: a new initial window that takes an open stream's window past
+        2^31-1 is a connection error. The streams' credits are walked (and the bound made
+        exact) only when the bound says one may pass, and the walk is paid for."""
+        self._control(len(self._streams) // STREAMS_WALKED_PER_CONTROL_FRAME)
+        self._credit_bound = max((stream.credit for stream in self._streams.values()), default=0)
+        if initial + self._credit_bound > MAX_WINDOW:
+            raise _ConnectionError(
+                ErrorCode.FLOW_CONTROL_ERROR, "an initial window that takes a stream's window past 2^31-1"
+            )
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
         self._control()
@@ -703,6 +723,8 @@ class H2Connection(Connection):
                 raise _ConnectionError(
                     ErrorCode.FLOW_CONTROL_ERROR, f"stream {stream_id}'s window past 2^31-1"
                 )
+            if stream.credit > self._credit_bound:
+                self._credit_bound = stream.credit
         if self._queued:
             self._send_queued()
 
