@@ -1,10 +1,10 @@
 """meshtoll's (or Envoy's) instructions per request through a real Envoy, counted by valgrind's
-callgrind: the benchmark's rows (b2), (c), (f), (g), (h) as `bench/run.py` sets them up (its
+callgrind: the benchmark's rows (b2), (c), (f), (g), (g-als), (h) as `bench/run.py` sets them up (its
 policy of 10,000 tenants and a limited tenant, envoy/local.yaml, `meshtoll serve` with one
 worker, Envoy with one worker thread), with `meshtoll serve` (or, with `--count envoy`, Envoy)
 run under callgrind, so that the figure does not move with what else the machine runs.
 
-    python bench/through_envoy_instructions.py [--requests N] [--connections C] [--rows b2,c,f,g,h]
+    python bench/through_envoy_instructions.py [--requests N] [--connections C] [--rows b2,c,f,g,g-als,h]
                                                 [--count meshtoll|envoy] [--lease-max L]
                                                 [--ratelimit-headers always|near_limit|never]
 
@@ -77,9 +77,10 @@ ROWS = {
     "c": ("listen_http_authz_port", BENCH_KEY),
     "f": ("listen_http_authz_port", LIMITED_KEY),
     "g": ("listen_full_port", BENCH_KEY),
+    "g-als": ("listen_full_als_port", BENCH_KEY),
     "h": ("listen_full_port", LIMITED_KEY),
 }
-METERED = {"g", "h"}
+METERED = {"g", "g-als", "h"}
 # The HTTP authz clusters whose timeout is raised: meshtoll's when meshtoll is counted (it is
 # the slow one), and nginx's too when Envoy is.
 SLOW_CLUSTERS = {"meshtoll": ("meshtoll_http",), "envoy": ("meshtoll_http", "authz_stub")}
@@ -359,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--requests", type=int, default=1000, help="N (the second batch sends 2N)")
     parser.add_argument("--connections", type=int, default=32, help="requests in flight, as wrk -c32")
-    parser.add_argument("--rows", default="c,f", help="comma-separated, of b2, c, f, g, h ((b2) needs nginx)")
+    parser.add_argument(
+        "--rows", default="c,f", help="comma-separated, of b2, c, f, g, g-als, h ((b2) needs nginx)"
+    )
     parser.add_argument(
         "--count",
         default="meshtoll",

@@ -94,3 +94,25 @@ def test_envoy_is_counted_as_its_own_binary_not_the_python_script_that_execs_it(
 def test_envoy_under_cprofile_is_refused(driver: ModuleType, tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         driver.main(["--count", "envoy", "--profile", str(tmp_path / "stats")])
+
+
+def test_the_metered_rows_are_the_listeners_that_log_to_the_meter_and_g_als_logs_over_grpc(
+    driver: ModuleType,
+) -> None:
+    """A metered row's batch waits for the meter's entries: a row counted as metered whose
+    listener logs nothing would wait for ever, and one not counted as metered would be
+    counted before its entries arrive."""
+    document = yaml.safe_load(render_bootstrap(PORTS))
+    loggers = {
+        listener["address"]["socket_address"]["port_value"]: [
+            logger["name"]
+            for chain in listener["filter_chains"]
+            for network_filter in chain["filters"]
+            for logger in network_filter["typed_config"].get("access_log", [])
+        ]
+        for listener in document["static_resources"]["listeners"]
+    }
+    for row, (listener, _) in driver.ROWS.items():
+        assert bool(loggers[getattr(PORTS, listener)]) == (row in driver.METERED), row
+    assert loggers[getattr(PORTS, driver.ROWS["g-als"][0])] == ["envoy.access_loggers.http_grpc"]
+    assert loggers[getattr(PORTS, driver.ROWS["g"][0])] == ["envoy.access_loggers.open_telemetry"]
