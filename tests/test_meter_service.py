@@ -68,8 +68,8 @@ def admitted(tenant: str, request_id: str, *, units: int = 5, awaits_report: boo
 def test_an_entry_becomes_an_observation_with_every_field() -> None:
     seen = observation_from_envoy(entry("r1"))
     assert seen is not None
-    assert (seen.request_id, seen.tenant, seen.time, seen.status) == ("r1", "acme", START + 0.25, 200)
-    assert (seen.request_bytes, seen.response_bytes, seen.duration_ms) == (240, 390, 12.0)
+    # (request id, tenant, status, request bytes, response bytes, duration ms)
+    assert seen == ("r1", "acme", 200, 240, 390, 12.0)
 
 
 def test_the_tenant_comes_from_ext_authz_metadata_when_the_headers_are_absent() -> None:
@@ -78,14 +78,14 @@ def test_the_tenant_comes_from_ext_authz_metadata_when_the_headers_are_absent() 
     authz.update({"tenant": "acme"})
     seen = observation_from_envoy(logged)
     assert seen is not None
-    assert seen.tenant == "acme"
+    assert seen[1] == "acme"
 
 
 def test_a_request_envoy_failed_itself_is_observed_by_its_request_id_and_a_refused_one_is_not() -> None:
     for status in (503, 0):  # Envoy's status_on_error; the client left first
         seen = observation_from_envoy(entry("r4", headers={}, status=status))
         assert seen is not None
-        assert (seen.request_id, seen.tenant, seen.status) == ("r4", "", status)
+        assert seen[:3] == ("r4", "", status)
     assert observation_from_envoy(entry("r4", headers={}, status=401)) is None  # authz refused it
     assert observation_from_envoy(entry("")) is None
 

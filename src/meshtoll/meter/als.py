@@ -51,12 +51,10 @@ def observation_from_envoy(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observati
     status = response.response_code.value
     if not tenant and not is_envoys_own_failure(status):
         return None
-    start = common.start_time
     took = common.time_to_last_downstream_tx_byte
-    return Observation(
+    return (
         request_id,
         tenant,
-        start.seconds + start.nanos // 1_000_000 / 1000,
         status,
         request.request_headers_bytes + request.request_body_bytes,
         response.response_headers_bytes + response.response_body_bytes,

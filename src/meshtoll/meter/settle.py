@@ -45,6 +45,10 @@ RETRY_SECONDS = 0.5
 MAX_WAITING = 200_000
 
 
+# Entries are Observation tuples (usage/records.py): seen[0] the request id, seen[1] the
+# tenant ("" when the entry names none), seen[2] the status.
+
+
 class Settlement:
     def __init__(
         self,
@@ -101,11 +105,10 @@ class Settlement:
             if not observations:
                 return
         give_up_at = self._clock() + self._wait
-        batch = [(give_up_at, seen) for seen in observations if seen.tenant]
-        anonymous: list[Observation] = []
-        if len(batch) < len(observations):
-            anonymous = [seen for seen in observations if not seen.tenant]
-            batch += [(give_up_at, seen) for seen in anonymous]
+        batch = [(give_up_at, seen) for seen in observations if seen[1]]
+        anonymous = len(batch) < len(observations)
+        if anonymous:
+            batch += [(give_up_at, seen) for seen in observations if not seen[1]]
         await self._settle(batch, anonymous)
 
     async def _settle_buffered(
@@ -124,8 +127,10 @@ class Settlement:
         claimed: list[Admission] = []
         entries: list[Observation] = []
         others: list[Observation] = []
+        claim = recorder.claim
         for seen in observations:
-            admission = recorder.claim(seen.tenant, seen.request_id) if seen.tenant else None
+            request_id, tenant = seen[0], seen[1]
+            admission = claim(tenant, request_id) if tenant else None
             if admission is None:
                 others.append(seen)
             else:
@@ -161,20 +166,20 @@ class Settlement:
         if self._waiting:
             batch = list(self._waiting)
             self._waiting.clear()
-            await self._settle(batch, [seen for _, seen in batch if not seen.tenant])
+            await self._settle(batch, not all(seen[1] for _, seen in batch))
 
     async def retry_forever(self) -> None:
         while True:
             await asyncio.sleep(RETRY_SECONDS)
             await self.retry_waiting()
 
-    async def _settle(self, batch: list[tuple[float, Observation]], anonymous: list[Observation]) -> None:
-        """Settle `batch`, whose entries without a tenant, `anonymous`, are first given the
-        tenant of their request id's admission, if any."""
+    async def _settle(self, batch: list[tuple[float, Observation]], anonymous: bool) -> None:
+        """Settle `batch`; with `anonymous`, some of its entries name no tenant and are first
+        given the tenant of their request id's admission, if any."""
         try:
             if anonymous:
-                await self._resolve(anonymous)
-            requests = [(seen.tenant, seen.request_id) for _, seen in batch if seen.tenant]
+                batch = await self._resolve(batch)
+            requests = [(seen[1], seen[0]) for _, seen in batch if seen[1]]
             found = await self._store.pending(requests)
         except StorageError as exc:
             # The wait starts again: an outage must not turn genuine entries into unmatched
@@ -188,18 +193,18 @@ class Settlement:
         records: list[UsageRecord] = []
         still_waiting: list[tuple[float, Observation]] = []
         for give_up_at, seen in batch:
-            pending = found.get((seen.tenant, seen.request_id))
+            pending = found.get((seen[1], seen[0]))
             if pending is None:
                 if now < give_up_at:
                     still_waiting.append((give_up_at, seen))
                 else:
-                    self.outcomes["unmatched" if seen.tenant else "anonymous"] += 1
+                    self.outcomes["unmatched" if seen[1] else "anonymous"] += 1
                 continue
             admission, reported = pending
             if (
                 reported is None
                 and admission.awaits_report
-                and is_billable_status(seen.status)
+                and is_billable_status(seen[2])
                 and now < give_up_at
             ):
                 still_waiting.append((give_up_at, seen))
@@ -209,15 +214,19 @@ class Settlement:
         if records:
             await self._record(records)
 
-    async def _resolve(self, anonymous: list[Observation]) -> None:
-        """Give entries without a tenant the tenant their request id was admitted for, if
-        any (the entry's own word is still only which admission it settles)."""
-        tenants = await self._store.admitted_tenants([seen.request_id for seen in anonymous])
-        for seen in anonymous:
-            tenant = tenants.get(seen.request_id)
-            if tenant is not None:
-                seen.tenant = tenant
+    async def _resolve(self, batch: list[tuple[float, Observation]]) -> list[tuple[float, Observation]]:
+        """`batch` with its entries that name no tenant given the tenant their request id was
+        admitted for, if any (the entry's own word is still only which admission it settles)."""
+        request_ids = [seen[0] for _, seen in batch if not seen[1]]
+        tenants = await self._store.admitted_tenants(request_ids)
+        resolved: list[tuple[float, Observation]] = []
+        for give_up_at, seen in batch:
+            tenant = seen[1] or tenants.get(seen[0])
+            if tenant and not seen[1]:
+                seen = (seen[0], tenant, *seen[2:])
                 self.outcomes["resolved"] += 1
+            resolved.append((give_up_at, seen))
+        return resolved
 
     async def _record(self, records: list[UsageRecord]) -> None:
         started = perf_counter()

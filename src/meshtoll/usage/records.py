@@ -79,6 +79,17 @@ def periods_of_hour(hour: int) -> tuple[str, str, str]:
     return moment.strftime("%Y-%m"), moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m-%dT%H")
 
 
+# What an access-log entry says about a request: (request id, tenant, status, request bytes,
+# response bytes, duration in ms). Anything that can reach the meter's port can send one, so
+# it decides nothing: it settles the admission of the same tenant and request id, or is
+# dropped. The tenant is where to look for the admission, no more; "" when the entry names
+# none (then its request id alone finds it, meter/settle.py). A plain tuple, read by
+# unpacking: the meter makes one per request, and a slotted dataclass cost four times as
+# much to build (0.99 µs against 0.24 on this host). The entry's own start time is not
+# kept: a record is billed at its admission's time.
+Observation = tuple[str, str, int, int, int, float]
+
+
 @dataclass(slots=True)  # not frozen, as UsageRecord: authz builds one per admitted request
 class Admission:
     """What authz knows of a request it let through: enough to bill it if its access-log
@@ -108,11 +119,12 @@ class Admission:
         """The record of this admitted request, now that its access-log entry told how it
         went: who, which route and how many units are authz's and ext_proc's word, never
         the log's."""
-        units = (self.units if reported is None else reported) if is_billable_status(seen.status) else 0
+        _, _, status, request_bytes, response_bytes, duration_ms = seen
+        units = (self.units if reported is None else reported) if is_billable_status(status) else 0
         # Billed in the period authz admitted it: the entry's own clock could move it.
         return UsageRecord(
             self.request_id, self.time, self.tenant, self.consumer, self.plan, self.route, self.method,
-            seen.status, seen.request_bytes, seen.response_bytes, seen.duration_ms, units,
+            status, request_bytes, response_bytes, duration_ms, units,
         )  # fmt: skip
 
     def due(self) -> float:
@@ -120,23 +132,6 @@ class Admission:
         body-metered response can stream for minutes (an LLM's tokens), and its units are
         reported only at its end: its admission waits an hour more."""
         return self.time + (STREAMING_GRACE_SECONDS if self.awaits_report else 0.0)
-
-
-@dataclass(slots=True)
-class Observation:
-    """What an access-log entry says about a request. Anything that can reach the meter's
-    port can send one, so it decides nothing: it settles the admission of the same tenant
-    and request id, or is dropped."""
-
-    request_id: str
-    # where to look for the admission, no more; "" when the entry names none (then its
-    # request id alone finds it, meter/settle.py)
-    tenant: str
-    time: float
-    status: int
-    request_bytes: int
-    response_bytes: int
-    duration_ms: float
 
 
 @dataclass(slots=True)
