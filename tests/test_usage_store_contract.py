@@ -287,3 +287,27 @@ async def test_a_pending_admission_reads_back_with_every_field_also_as_an_earlie
     finally:
         await client.aclose()
         await store.close()
+
+
+@pytest.mark.integration
+async def test_ledger_records_read_back_with_every_field_also_as_an_earlier_version_wrote_them(
+    redis_url: str,
+) -> None:
+    tenant = f"usage{next(_tenants)}"
+    store = RedisUsageStore(redis_url)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        # Objects with the field names (and the derived status_class): what versions before
+        # the JSON arrays appended.
+        earlier = record(tenant, "r-old", route="v1", status=404, units=0, source="admission")
+        await client.xadd(ledger_key(tenant), {"records": orjson.dumps([earlier.as_document()]), "last": 1})
+        written = record(tenant, "r-new", status=201, at=T + 1)
+        await store.record([written])
+        assert await store.ledger(tenant, 0, T + 2) == [earlier, written]
+        (_, fields), _ = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(ledger_key(tenant)))
+        assert b"status_class" in fields[b"records"]
+        entries = await store.ledger_after(tenant, LEDGER_START, 10)
+        assert [entry.records for entry in entries] == [(earlier,), (written,)]
+    finally:
+        await client.aclose()
+        await store.close()
