@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import fields as fields_of
 from datetime import UTC, datetime
 from typing import cast
 
@@ -16,6 +17,7 @@ from meshtoll.keys import admissions_key, admitted_tenants_key, ledger_key
 from meshtoll.storage import MemoryUsageStore
 from meshtoll.storage.usage_redis import (
     ADMITTED_TENANTS_BUCKET_SECONDS,
+    LEDGER_FIELDS,
     MAX_RECORDS_PER_CALL,
     RedisUsageStore,
 )
@@ -311,3 +313,14 @@ async def test_ledger_records_read_back_with_every_field_also_as_an_earlier_vers
     finally:
         await client.aclose()
         await store.close()
+
+
+def test_a_ledger_records_array_is_usage_records_fields_in_a_stored_order() -> None:
+    # A stored format (entries live 400 days): this literal changes only on purpose, with a
+    # reader for what was written before.
+    assert LEDGER_FIELDS == (
+        "request_id", "time", "tenant", "consumer", "plan", "route", "method", "status",
+        "request_bytes", "response_bytes", "duration_ms", "units", "source",
+    )  # fmt: skip
+    # Read back by position: UsageRecord's own order must be the stored one.
+    assert tuple(field.name for field in fields_of(UsageRecord)) == LEDGER_FIELDS
