@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import AsyncIterator
 from dataclasses import fields as fields_of
 from datetime import UTC, datetime
 from typing import cast
@@ -42,6 +43,18 @@ def record(
     return UsageRecord(
         request_id, at, tenant, "ci", "pro", route, "GET", status, 100, 2000, 3.5, units, source
     )
+
+
+@pytest.fixture
+async def redis_store(redis_url: str) -> AsyncIterator[tuple[RedisUsageStore, redis.asyncio.Redis]]:
+    """A Redis usage store and a plain client beside it, to plant what earlier versions wrote."""
+    store = RedisUsageStore(redis_url)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        yield store, client
+    finally:
+        await client.aclose()
+        await store.close()
 
 
 async def test_records_count_by_route_status_and_period(usage_store: UsageStore) -> None:
@@ -273,46 +286,36 @@ async def test_a_position_before_a_moment_starts_a_reader_at_what_was_appended_s
 
 @pytest.mark.integration
 async def test_a_pending_admission_reads_back_with_every_field_also_as_an_earlier_version_wrote_it(
-    redis_url: str,
+    redis_store: tuple[RedisUsageStore, redis.asyncio.Redis],
 ) -> None:
+    store, client = redis_store
     tenant = f"usage{next(_tenants)}"
-    store = RedisUsageStore(redis_url)
-    client = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        admitted = Admission("r-new", T, tenant, "consumer-1", "pro", "chat", "POST", 7, awaits_report=True)
-        await store.admit([admitted])
-        # An object with the field names: what versions before the JSON array stored.
-        earlier = Admission("r-old", T + 1, tenant, "consumer-2", "free", "v1", "GET", 3)
-        await client.hset(admissions_key(tenant), "r-old", orjson.dumps(earlier))
-        found = await store.pending([(tenant, "r-new"), (tenant, "r-old")])
-        assert found == {(tenant, "r-new"): (admitted, None), (tenant, "r-old"): (earlier, None)}
-    finally:
-        await client.aclose()
-        await store.close()
+    admitted = Admission("r-new", T, tenant, "consumer-1", "pro", "chat", "POST", 7, awaits_report=True)
+    await store.admit([admitted])
+    # An object with the field names: what versions before the JSON array stored.
+    earlier = Admission("r-old", T + 1, tenant, "consumer-2", "free", "v1", "GET", 3)
+    await client.hset(admissions_key(tenant), "r-old", orjson.dumps(earlier))
+    found = await store.pending([(tenant, "r-new"), (tenant, "r-old")])
+    assert found == {(tenant, "r-new"): (admitted, None), (tenant, "r-old"): (earlier, None)}
 
 
 @pytest.mark.integration
 async def test_ledger_records_read_back_with_every_field_also_as_an_earlier_version_wrote_them(
-    redis_url: str,
+    redis_store: tuple[RedisUsageStore, redis.asyncio.Redis],
 ) -> None:
+    store, client = redis_store
     tenant = f"usage{next(_tenants)}"
-    store = RedisUsageStore(redis_url)
-    client = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        # Objects with the field names (and the derived status_class): what versions before
-        # the JSON arrays appended.
-        earlier = record(tenant, "r-old", route="v1", status=404, units=0, source="admission")
-        await client.xadd(ledger_key(tenant), {"records": orjson.dumps([earlier.as_document()]), "last": 1})
-        written = record(tenant, "r-new", status=201, at=T + 1)
-        await store.record([written])
-        assert await store.ledger(tenant, 0, T + 2) == [earlier, written]
-        (_, fields), _ = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(ledger_key(tenant)))
-        assert b"status_class" in fields[b"records"]
-        entries = await store.ledger_after(tenant, LEDGER_START, 10)
-        assert [entry.records for entry in entries] == [(earlier,), (written,)]
-    finally:
-        await client.aclose()
-        await store.close()
+    # Objects with the field names (and the derived status_class): what versions before
+    # the JSON arrays appended.
+    earlier = record(tenant, "r-old", route="v1", status=404, units=0, source="admission")
+    await client.xadd(ledger_key(tenant), {"records": orjson.dumps([earlier.as_document()]), "last": 1})
+    written = record(tenant, "r-new", status=201, at=T + 1)
+    await store.record([written])
+    assert await store.ledger(tenant, 0, T + 2) == [earlier, written]
+    (_, fields), _ = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(ledger_key(tenant)))
+    assert b"status_class" in fields[b"records"]
+    entries = await store.ledger_after(tenant, LEDGER_START, 10)
+    assert [entry.records for entry in entries] == [(earlier,), (written,)]
 
 
 def test_a_ledger_records_array_is_usage_records_fields_in_a_stored_order() -> None:
