@@ -143,7 +143,8 @@ class LeaseBook:
         refill_mark: int | None = None,
     ) -> None:
         """`refill` is called with the checks of a grant request to make in the background
-        (a lease ran low, no decision needs the store), whose answer goes to `refilled`;
+        (a lease ran low, no decision needs the store), sized by `refill_asked` when it is
+        sent, whose answer goes to `refilled`;
         without it a lease is refilled only when a decision finds it empty. A lease is
         refilled once a decision leaves it at `refill_mark` decisions' hits or fewer: by
         default a grant's, L - 1 (measured against a quarter and a half of it: through
@@ -290,12 +291,10 @@ class LeaseBook:
         mark (a decision's leases, refilled together, run out together: a second's lease
         that began with its window otherwise drifts from a day's, and each then costs a
         request of its own), unless a grant for it is already in flight. One request for
-        all of them, each lease asked up to L - 1 + m decisions' hits (m the mark: L - 1
-        for a lease at its mark), the cost included. Each lease asks once; the lease the
-        grant makes sets its own mark."""
+        all of them, the decision's own checks: `refill_asked` sizes each when the request
+        is sent. Each lease asks once; the lease the grant makes sets its own mark."""
         assert self._refill is not None  # no refill mark is set without it
         grant = self.lease_max - 1
-        full = grant + self._refill_mark
         asked = []
         for check in checks:
             lease = self._leases[check.key]
@@ -305,16 +304,16 @@ class LeaseBook:
             if check.key in self._asking:
                 continue
             self._asking[check.key] = None
-            lacking = max(0, full * check.cost - lease.hits - check.cost)
-            asked.append(Check(check.key, check.limit, check.cost, lacking))
+            asked.append(check)
         if asked:
             self._refill(asked)
 
     def refill_asked(self, asked: Sequence[Check]) -> list[Check]:
-        """`asked` (a refill `refill` was called with) as it is sent: each lease asked up to
-        L - 1 + m decisions' hits from what it has now. Decisions spent from it between
-        (32 connections spend a grant within a turn of the loop) are asked for too, so the
-        grant keeps up with them; never more held than L - 1 + m decisions' hits."""
+        """`asked` (a refill `refill` was called with) as it is sent, the only place it is
+        sized: each lease asked up to L - 1 + m decisions' hits (m the mark: L - 1 for a
+        lease at its mark) from what it has now, the cost included. Decisions spent from it
+        between (32 connections spend a grant within a turn of the loop) are asked for too,
+        so the grant keeps up with them; never more held than L - 1 + m decisions' hits."""
         full = self.lease_max - 1 + self._refill_mark
         sent = []
         for check in asked:
