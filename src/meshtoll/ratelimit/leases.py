@@ -173,15 +173,27 @@ class LeaseBook:
         low = False
         for index, check in enumerate(checks):
             lease = leases.get(check.key)
-            if lease is None or not _same(lease.limit, check.limit) or not lease.take(check.cost, now_ms):
+            cost = check.cost
+            # `Lease.take` and `_same` written out: two calls fewer per check on the path
+            # every leased decision takes.
+            if (
+                lease is None
+                or (lease.limit is not check.limit and lease.limit != check.limit)
+                or lease.hits < cost
+                or now_ms >= lease.deadline_ms
+            ):
                 for done in checks[:index]:
                     leases[done.key].put_back(done.cost)
                 return None
-            if lease.hits <= lease.refill_at:
+            hits = lease.hits = lease.hits - cost
+            if lease.step_ms:
+                lease.deadline_ms += cost * lease.step_ms
+            if hits <= lease.refill_at:
                 low = True
-            remaining = lease.remaining + lease.hits
+            remaining = lease.remaining + hits
             reset = lease.reset_at - now
-            if best is None or _speaks_before(remaining, reset, best):
+            # `most_restrictive`'s order among admitting limits: fewest left, on a tie the later reset.
+            if best is None or remaining < best[1] or (remaining == best[1] and reset > best[2]):
                 best = (lease.limit, remaining, reset if reset > 0.0 else 0.0)
         if low:
             self._start_refill(checks)
