@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from meshtoll.usage.recorder import AdmissionRecorder
 
 log = logging.getLogger("meshtoll.authz")
+_new_tuple = tuple.__new__
 
 SHUTTING_DOWN = Deny(503, "shutting_down", "this meshtoll process is stopping; retry")
 LIMITS_UNAVAILABLE = Deny(
@@ -192,8 +193,9 @@ def _with_headers(allow: Allow, state: RateLimitState | None) -> Allow:
     """`allow` with the RateLimit headers for the client, if any."""
     if state is None:
         return allow
-    # Built directly: _replace goes through a dict of the fields.
-    return Allow(
-        allow.tenant, allow.plan, allow.consumer, allow.route, allow.headers, allow.remove_headers,
-        allow.metadata, state, allow.remove_query_params,
-    )  # fmt: skip
+    # Built by tuple.__new__ itself: _replace goes through a dict of the fields, and a named
+    # tuple's constructor is a Python function around the same call.
+    tenant, plan, consumer, route, headers, remove_headers, metadata, _, remove_query_params = allow
+    return _new_tuple(
+        Allow, (tenant, plan, consumer, route, headers, remove_headers, metadata, state, remove_query_params)
+    )

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from meshtoll.authz.authorizer import Authorizer
 from meshtoll.authz.verdict import Allow, CheckRequest, Deny, decision_attributes
-from meshtoll.ratelimit.verdict import rate_limit_lines
+from meshtoll.ratelimit.verdict import RATE_LIMIT_LINES
 from meshtoll.telemetry.histogram import Histogram
 from meshtoll.telemetry.tracing import Tracing, end_span
 from meshtoll.transport.http_server import EMPTY_BODY, response, response_head
@@ -37,6 +37,9 @@ _REASONS = {
 _JSON = ("content-type", "application/json")
 log = logging.getLogger("meshtoll.authz")
 _ALLOW_CACHE_LIMIT = 50_000
+# What follows an allow's head built once: its RateLimit lines and the end of the head,
+# formatted in one step.
+_RATE_LIMIT_END = RATE_LIMIT_LINES + EMPTY_BODY
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -108,7 +111,7 @@ class HttpAuthzHandler:
             head = self._allow_heads.get(key)
             if head is None:
                 head = _cached(self._allow_heads, key, response_head(200, "OK", self._allow_headers(verdict)))
-            return head + rate_limit_lines(verdict.rate_limit) + EMPTY_BODY
+            return head + _RATE_LIMIT_END % verdict.rate_limit
         cached = self._allow_responses.get(key)
         if cached is None:
             cached = _cached(self._allow_responses, key, response(200, "OK", self._allow_headers(verdict)))

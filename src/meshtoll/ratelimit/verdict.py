@@ -73,10 +73,12 @@ def rate_limit_headers(check: Check, result: CheckResult, *, refused: bool) -> H
 # What the RateLimit headers of an admitted request say: its most restrictive limit's
 # capacity, what is left, whole seconds to its reset. Numbers in a plain tuple (a named
 # tuple's constructor is a Python call, about 2 µs a decision on the loaded machine): the
-# HTTP transport writes them as bytes in one formatting step (`rate_limit_lines`), the
-# gRPC one as header pairs (`rate_limit_pairs`).
+# HTTP transport writes them as bytes in one formatting step (`RATE_LIMIT_LINES % state`),
+# the gRPC one as header pairs (`rate_limit_pairs`).
 RateLimitState = tuple[int, int, int]
-_RATE_LIMIT_LINES = b"ratelimit-limit: %d\r\nratelimit-remaining: %d\r\nratelimit-reset: %d\r\n"
+# The header lines of an HTTP/1.1 head, as `rate_limit_pairs` would be written: a format, so
+# that a transport can append the rest of its head to it once and format both in one step.
+RATE_LIMIT_LINES = b"ratelimit-limit: %d\r\nratelimit-remaining: %d\r\nratelimit-reset: %d\r\n"
 
 
 def rate_limit_pairs(state: RateLimitState) -> Headers:
@@ -86,11 +88,6 @@ def rate_limit_pairs(state: RateLimitState) -> Headers:
         ("ratelimit-remaining", str(remaining)),
         ("ratelimit-reset", str(reset)),
     )
-
-
-def rate_limit_lines(state: RateLimitState) -> bytes:
-    """The header lines of an HTTP/1.1 head, as `rate_limit_pairs` would be written."""
-    return _RATE_LIMIT_LINES % state
 
 
 def allowed_state(
