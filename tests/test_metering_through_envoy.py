@@ -11,7 +11,7 @@ import json
 import re
 import time
 from dataclasses import asdict, fields
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -29,8 +29,21 @@ pytestmark = pytest.mark.integration
 KEY = "k-metered"
 
 
+def wait_out_a_month_end(margin: float = 120) -> None:
+    """Usage and invoices default to the current UTC month, and the module reads them across
+    tests: a run that would start in a month's last `margin` seconds waits for the next."""
+    now = datetime.now(UTC)
+    next_month = (now.replace(day=1) + timedelta(days=32)).replace(
+        day=1, hour=0, minute=0, second=0, microsecond=0
+    )
+    left = (next_month - now).total_seconds()
+    if left < margin:
+        time.sleep(left + 1)
+
+
 @pytest.fixture(scope="module")
 def stack(start_stack: StartStack, tmp_path_factory: pytest.TempPathFactory) -> LocalStack:
+    wait_out_a_month_end()
     path = tmp_path_factory.mktemp("metering") / "policy.yaml"
     digest = hashlib.sha256(KEY.encode()).hexdigest()
     path.write_text(
@@ -204,11 +217,12 @@ def test_the_invoice_prices_metered_units_by_tier(
 
 
 def exported(stack: LocalStack, redis_url: str, capsys: pytest.CaptureFixture[str], form: str) -> str:
-    """Today's export of the metered tenant, once its ten requests are counted."""
+    """The export of the metered tenant's last day, once its ten requests are counted: from
+    yesterday (UTC) so that requests made just before midnight are in it whenever it runs."""
     assert usage(stack, 10)["requests"] == 10
-    today = time.strftime("%Y-%m-%d", time.gmtime())
+    yesterday = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
     tomorrow = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 86400))
-    arguments = ["usage", "export", "--since", today, "--until", tomorrow, "--format", form]
+    arguments = ["usage", "export", "--since", yesterday, "--until", tomorrow, "--format", form]
     assert main([*arguments, "--tenant", "metered", "--redis-url", redis_url]) == 0
     return capsys.readouterr().out
 
