@@ -767,10 +767,12 @@ async def test_frames_arriving_without_pause_keep_the_connection_whatever_the_re
     """The frame timeout runs from the first byte of the frame still incomplete: a peer
     whose every read ends inside a frame (a busy Envoy, a server behind on its reads) for
     longer than the timeout is sending, not stalling."""
-    running = await start(HttpLimits(header_timeout_seconds=1.0, idle_timeout_seconds=60))
+    # A frame is incomplete for one pacing step (50 ms), forty times less than the timeout,
+    # and the whole exchange outlasts the timeout twice over.
+    running = await start(HttpLimits(header_timeout_seconds=2.0, idle_timeout_seconds=60))
     try:
         client = await RawClient.open(running.port)
-        calls = 35
+        calls = 45
         frames = [
             piece
             for n in range(calls)
@@ -784,7 +786,7 @@ async def test_frames_arriving_without_pause_keep_the_connection_whatever_the_re
         for end_of_frame in itertools.accumulate(map(len, frames[:-1])):
             client.send(sent[cut : end_of_frame + 3])  # every write ends 3 bytes into a frame
             cut = end_of_frame + 3
-            await asyncio.sleep(0.05)  # pacing: 69 writes over three times the timeout
+            await asyncio.sleep(0.05)  # pacing: 89 writes over more than twice the timeout
         client.send(sent[cut:])
         answers: dict[int, bytes] = {}
         ended: set[int] = set()
