@@ -18,6 +18,7 @@ from typing import Protocol
 import pytest
 
 from meshtoll.local.devstack import (
+    START_TIMEOUT_SECONDS,
     LocalStack,
     RedisServer,
     StackConfig,
@@ -216,9 +217,11 @@ def start_rls(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Itera
             argv = [sys.executable, "-m", "meshtoll", "ratelimit"]
             child = Child("meshtoll ratelimit", argv, work / "ratelimit.log", env)
             cleanup.callback(child.stop)
-            child.wait_ready(announced_ports(ports_file), timeout=30)
+            child.wait_ready(announced_ports(ports_file), timeout=START_TIMEOUT_SECONDS)
             ports = read_ports(ports_file)
-            child.wait_ready(http_ok(f"http://127.0.0.1:{ports['port']}/healthcheck"), timeout=30)
+            child.wait_ready(
+                http_ok(f"http://127.0.0.1:{ports['port']}/healthcheck"), timeout=START_TIMEOUT_SECONDS
+            )
             return RunningRls(ports["grpc_port"], ports["port"], ports["debug_port"], child)
 
         yield start

@@ -46,7 +46,9 @@ from meshtoll.local.processes import (
 from meshtoll.settings import Settings
 from meshtoll.storage.urls import parse_redis_url
 
-START_TIMEOUT_SECONDS = 30.0
+# A bound on a process becoming ready, not a wait: a `meshtoll serve --workers 2` starting on
+# a 2-core machine at a load of 15 took longer than 30 s.
+START_TIMEOUT_SECONDS = 60.0
 # Where Envoy's clusters point when their server is not running (no meshtoll, no stub): a
 # privileged port nothing here listens on, so that a call is refused at once.
 NOTHING_LISTENS = 1
