@@ -114,7 +114,7 @@ def test_envoy_rejects_oversized_and_underscored_headers_itself(start_stack: Sta
 def test_no_shipped_http_authz_files_its_headers_again_as_dynamic_metadata(pki: TestPki) -> None:
     """Nothing meshtoll ships reads ext_authz metadata on the HTTP transport (the limits, the
     meter and the hooks read the x-meshtoll-* request headers), and filing every header of
-    the allow again cost Envoy about 1.5% of row (c)'s request (README, Round 6)."""
+    the allow again cost Envoy about 1.5% of row (c)'s request (bench/README.md, Round 6)."""
     shipped = {name: yaml.safe_load(text) for name, text in variants(pki).items()}
     root = Path(__file__).parent.parent
     for path in ("deploy/envoy/envoy.yaml", "deploy/k8s/overlays/gateway-sidecar/envoy.yaml"):

@@ -8,7 +8,7 @@ redis://host:port?cluster=true                          cluster too
 unix://[[user:]password@]/path/to/redis.sock[?db=N]     standalone on a Unix socket (redis-py's form)
 
 A Unix socket is for a Redis on the same host (a sidecar in meshtoll's pod): no port to
-reach. It saves no CPU that the benchmark could measure (README, Benchmark).
+reach. It saves no CPU that the benchmark could measure (bench/README.md, "uvloop, Unix sockets").
 """
 
 from __future__ import annotations

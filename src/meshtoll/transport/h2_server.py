@@ -3,7 +3,7 @@ event loop's own transports, as http_server.py is for HTTP/1.1.
 
 grpc.aio's per-call machinery (its Cython layer, the poller thread handing completions to
 the event loop, a call object and a Task per call) cost about 226,000 instructions a call
-before the handler ran (README, Benchmark, round 4). Here the frames are parsed from the
+before the handler ran (bench/README.md, round 4). Here the frames are parsed from the
 bytes received, a method's handler is called with the request message's bytes and
 returns the answer's bytes, or an awaitable of them (then, and only then, it runs in a
 Task), and the answer goes out as HEADERS + DATA + trailing HEADERS in one write, its
