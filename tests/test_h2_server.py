@@ -366,17 +366,27 @@ async def test_a_reset_stream_cancels_its_call(server: Server) -> None:
     assert (await client.answer(3))[0] == b"next"
 
 
-async def test_shutting_down_sends_goaway_and_answers_the_calls_in_flight() -> None:
+async def shutting_down_with_a_call_in_flight() -> tuple[Server, RawClient]:
+    """A server closed while stream 1's slow call runs, its GOAWAY (last stream 1) read."""
     running = await start()
     client = await RawClient.open(running.port)
     client.send(client.request(1, b"in flight", SLOW))
     await asyncio.wait_for(running.calls.started.wait(), TIMEOUT)
     running.listener.close()
     assert await client.goaway() == (1, ErrorCode.NO_ERROR)
+    return running, client
+
+
+async def the_call_in_flight_is_answered_and_the_server_closes(running: Server, client: RawClient) -> None:
     running.calls.gate.set()
     assert await client.answer(1) == (b"slow:in flight", {"grpc-status": "0"})
     await client.closed()
     await asyncio.wait_for(running.listener.wait_closed(), TIMEOUT)
+
+
+async def test_shutting_down_sends_goaway_and_answers_the_calls_in_flight() -> None:
+    running, client = await shutting_down_with_a_call_in_flight()
+    await the_call_in_flight_is_answered_and_the_server_closes(running, client)
 
 
 async def test_streams_over_the_advertised_maximum_are_refused(server: Server) -> None:
@@ -570,22 +580,14 @@ async def test_a_stream_opened_after_goaway_is_dropped_and_the_calls_in_flight_a
     """Envoy may open a stream (HEADERS, then DATA) before it reads the GOAWAY of a server
     shutting down: its frames are dropped (RFC 9113 6.8), not a connection error that
     would cancel the calls the GOAWAY promised to answer."""
-    running = await start()
-    client = await RawClient.open(running.port)
-    client.send(client.request(1, b"in flight", SLOW))
-    await asyncio.wait_for(running.calls.started.wait(), TIMEOUT)
-    running.listener.close()
-    assert await client.goaway() == (1, ErrorCode.NO_ERROR)
+    running, client = await shutting_down_with_a_call_in_flight()
     client.send(
         frame(Frame.HEADERS, 0x4, 3, client.headers_block()),
         frame(Frame.DATA, 0x1, 3, message(b"too late")),
         frame(Frame.PING, 0, 0, b"12345678"),
     )
     await client.until(Frame.PING)  # the late stream's frames were read
-    running.calls.gate.set()
-    assert await client.answer(1) == (b"slow:in flight", {"grpc-status": "0"})
-    await client.closed()
-    await asyncio.wait_for(running.listener.wait_closed(), TIMEOUT)
+    await the_call_in_flight_is_answered_and_the_server_closes(running, client)
 
 
 async def test_a_flood_of_continuation_frames_ends_the_connection(server: Server) -> None:
