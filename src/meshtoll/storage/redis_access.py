@@ -7,6 +7,7 @@ script Redis refuses is StorageRefused (permanent), everything else StorageUnava
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from importlib import resources
 from types import TracebackType
 from typing import Any
@@ -20,7 +21,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from meshtoll.errors import ConnectionLost, StorageRefused, StorageUnavailable
-from meshtoll.storage.resp import LeanRedis, encode
+from meshtoll.storage.resp import BulkStrings, LeanRedis, encode
 from meshtoll.storage.urls import RedisTarget
 
 # What a call to Redis raises when it fails, from either client: redis-py's errors, the
@@ -78,23 +79,38 @@ def redis_py_client(target: RedisTarget, timeout: float) -> tuple[Any, list[Any]
     return RedisCluster(startup_nodes=nodes, ssl=target.tls, **options), []
 
 
+# EVALSHA heads kept per script: one per number of keys and arguments (a decision of one
+# check, of two, ...).
+_SHAPES_KEPT = 64
+
+
 class LeanScript:
-    """A Lua script as the lean client sends it: EVALSHA built as one text."""
+    """A Lua script as the lean client sends it: EVALSHA built as one text from parts built
+    once (the command's head per number of keys and arguments, each repeating item's RESP
+    frame)."""
 
     def __init__(self, text: str, what: str) -> None:
         self.what = what  # for errors: "the decision script"
         self.text = text.encode()
         self.sha = hashlib.sha1(self.text).hexdigest()
-        self._head = f"$7\r\nEVALSHA\r\n$40\r\n{self.sha}\r\n"
+        self._heads: dict[tuple[int, int], str] = {}
+        self._frames = BulkStrings()
 
-    def evalsha(self, keys: list[str], arguments: list[int]) -> bytes:
-        # The hot path's one allocation-heavy step, so built as one text: the fixed head
-        # once, each key and number as a RESP bulk string, encoded in a single call.
-        items = [*keys, *map(str, arguments)]
-        body = "".join([f"${len(item)}\r\n{item}\r\n" for item in items])
-        if not body.isascii():  # a key with non-ASCII text: lengths must count bytes
-            return encode(["EVALSHA", self.sha, len(keys), *keys, *arguments])
-        return f"*{len(items) + 3}\r\n{self._head}${len(str(len(keys)))}\r\n{len(keys)}\r\n{body}".encode()
+    def evalsha(self, keys: Sequence[str], arguments: Sequence[int]) -> bytes:
+        # The hot path's one allocation-heavy step: remembered frames joined, one encode.
+        head = self._heads.get((len(keys), len(arguments))) or self._head(len(keys), len(arguments))
+        get, frame = self._frames.get, self._frames.frame
+        return "".join(
+            [head, *[get(key) or frame(key) for key in keys], *[get(n) or frame(n) for n in arguments]]
+        ).encode()
+
+    def _head(self, keys: int, arguments: int) -> str:
+        count = f"${len(str(keys))}\r\n{keys}\r\n"
+        head = f"*{3 + keys + arguments}\r\n$7\r\nEVALSHA\r\n$40\r\n{self.sha}\r\n{count}"
+        if len(self._heads) >= _SHAPES_KEPT:
+            self._heads.clear()  # a client's request may name any number of descriptors
+        self._heads[keys, arguments] = head
+        return head
 
     async def call(self, redis: LeanRedis, command: bytes) -> Any:
         """Send `command` (an EVALSHA of this script); its reply, or StorageRefused."""

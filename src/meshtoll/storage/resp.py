@@ -42,6 +42,38 @@ def encode(arguments: Sequence[Argument]) -> bytes:
     return b"".join(parts)
 
 
+# Items framed once and remembered (BulkStrings), at most this many, none longer than this:
+# a key may carry a client's header value (a descriptor's), up to Envoy's header limit.
+FRAMES_KEPT = 4096
+_LONGEST_FRAMED_KEPT = 256
+
+
+class BulkStrings:
+    """Items as RESP bulk strings (`$<bytes>\\r\\n<item>\\r\\n`), each framed once: a hot
+    command's keys and numbers repeat (a window's counter, a limit, an expiry), and looking a
+    frame up costs a fraction of formatting an int and its length. Text, to be encoded with
+    the rest of its command in one step; a frame's length counts UTF-8 bytes."""
+
+    __slots__ = ("_frames", "get")
+
+    def __init__(self) -> None:
+        self._frames: dict[str | int, str] = {}
+        self.get = self._frames.get  # a frame, None when not remembered
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def frame(self, item: str | int) -> str:
+        """`item`'s frame, remembered when it is short (the caller's miss path)."""
+        text = item if isinstance(item, str) else str(item)
+        framed = f"${len(text.encode())}\r\n{text}\r\n"
+        if len(text) <= _LONGEST_FRAMED_KEPT:
+            if len(self._frames) >= FRAMES_KEPT:
+                self._frames.clear()  # values that change (a time, an expiry) fill it slowly
+            self._frames[item] = framed
+        return framed
+
+
 class RespProtocol(asyncio.Protocol):
     def __init__(self) -> None:
         self._reader = hiredis.Reader()
