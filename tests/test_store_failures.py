@@ -10,9 +10,10 @@ import pytest
 import redis.asyncio
 
 from meshtoll.counting.limits import Check, RateLimit
-from meshtoll.errors import ConfigError, StorageUnavailable
+from meshtoll.errors import ConfigError, StorageRefused, StorageUnavailable
 from meshtoll.storage.breaker import CircuitBreaker
 from meshtoll.storage.redis import RedisCounterStore
+from meshtoll.storage.redis_access import lua_script
 from meshtoll.storage.urls import parse_redis_url
 from meshtoll.storage.usage_redis import RedisUsageStore
 from meshtoll.usage.records import Admission, ReportedUnits, UsageRecord
@@ -166,6 +167,34 @@ async def test_a_redis_that_forgot_its_scripts_loads_them_again_and_counts_once(
         assert not (await store.check([check], time.time()))[0].allowed
     finally:
         await store.close()
+        await admin.aclose()
+
+
+@pytest.mark.integration
+async def test_a_script_redis_will_not_load_fails_as_refused_after_one_more_try(redis_url: str) -> None:
+    # A user who may run scripts but not load them: after a flush the call's NOSCRIPT makes
+    # the client load the script (refused) and send the call once more (NOSCRIPT again). The
+    # decision fails as refused, with no third try, having counted nothing; the connection's
+    # replies stay in order, so once the script is loaded the next call is answered.
+    user = f"noload{time.time_ns()}"
+    check = Check(f"meshtoll_{{{user}}}_tenant_a", RateLimit(2, "hour"))
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    await admin.acl_setuser(
+        user, enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all", "-script|load"]
+    )
+    store = RedisCounterStore(redis_url.replace("redis://", f"redis://{user}:secret@"), timeout_ms=TIMEOUT_MS)
+    try:
+        await admin.script_flush()
+        with pytest.raises(StorageRefused, match=r"^Redis refused the decision script: NOSCRIPT"):
+            async with asyncio.timeout(HANG_SECONDS):  # a client that retried forever would hang
+                await store.check([check], time.time())
+        assert store.errors["refused"] == 1
+        await admin.script_load(lua_script("check.lua"))
+        (result,) = await store.check([check], time.time())
+        assert (result.allowed, result.remaining) == (True, 1)
+    finally:
+        await store.close()
+        await admin.acl_deluser(user)
         await admin.aclose()
 
 

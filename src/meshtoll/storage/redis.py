@@ -16,9 +16,9 @@ import functools
 import itertools
 import secrets
 from collections import Counter
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from time import perf_counter
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
@@ -67,39 +67,44 @@ class RedisCounterStore:
         else:
             self._runner = _RedisPyRunner(self.target, self.timeout)
 
-    async def check(self, checks: Sequence[Check], now: float) -> list[CheckResult]:
+    # check, increment and release are not coroutines: each returns the guard's (`_guarded`),
+    # the one frame between its caller and the reply's future, which decodes the reply.
+
+    def check(self, checks: Sequence[Check], now: float) -> Coroutine[Any, Any, list[CheckResult]]:
         if not checks:
-            return []
+            return _nothing([])
         now_ms = int(now * 1000)
         plans = [algorithms.plan(check, now_ms) for check in checks]
         groups = _by_slot([p.keys[0] for p in plans]) if self._cluster else [list(range(len(plans)))]
-        replies = await self._guarded(*(self._run(plans, group, now_ms) for group in groups))
-        results: list[CheckResult] = [None] * len(plans)  # type: ignore[list-item]
-        for group, reply in zip(groups, replies, strict=True):
-            for n, i in enumerate(group):
-                allowed, first, second, grant = (int(value) for value in reply[4 * n : 4 * n + 4])
-                results[i] = algorithms.result(plans[i], first, second, bool(allowed), now_ms, grant)
-        return results
+        return self._guarded(self._check_calls, _check_results, (plans, groups, now_ms))
 
-    async def increment(
+    def _check_calls(self, request: _CheckRequest) -> list[Awaitable[list[Any]]]:
+        plans, groups, now_ms = request
+        calls = []
+        for group in groups:
+            keys = [key for i in group for key in plans[i].keys]
+            if self._runner.retries:
+                keys.append(decision_marker(keys[0]))
+            arguments = [now_ms, *(value for i in group for value in plans[i].arguments())]
+            calls.append(self._runner.run(keys, arguments))
+        return calls
+
+    def increment(
         self, increments: Sequence[Increment], now: float, *, stop_when_over: bool = False
-    ) -> list[int]:
+    ) -> Coroutine[Any, Any, list[int]]:
         """One EVALSHA of storage/lua/increment.lua (per Cluster slot: the rule that stops
         at the limit then holds per slot). Sent without a decision marker: like
         envoyproxy/ratelimit's own pipeline, a call redis-py resends may count twice."""
         if not increments:
-            return []
-        if not self._cluster:
-            (reply,) = await self._guarded(self._increment(increments, stop_when_over))
-            return [int(count) for count in reply]
-        groups = _by_slot([each.key for each in increments])
-        calls = (self._increment([increments[i] for i in group], stop_when_over) for group in groups)
-        replies = await self._guarded(*calls)
-        counts = [0] * len(increments)
-        for group, reply in zip(groups, replies, strict=True):
-            for n, i in enumerate(group):
-                counts[i] = int(reply[n])
-        return counts
+            return _nothing([])
+        groups = _by_slot([each.key for each in increments]) if self._cluster else None
+        return self._guarded(self._increment_calls, _increment_counts, (increments, groups, stop_when_over))
+
+    def _increment_calls(self, request: _IncrementRequest) -> list[Awaitable[list[Any]]]:
+        increments, groups, stop_when_over = request
+        if groups is None:
+            return [self._increment(increments, stop_when_over)]
+        return [self._increment([increments[i] for i in group], stop_when_over) for group in groups]
 
     def _increment(self, increments: Sequence[Increment], stop_when_over: bool) -> Awaitable[list[Any]]:
         arguments = [int(stop_when_over)]
@@ -107,23 +112,25 @@ class RedisCounterStore:
             arguments += (each.hits, each.limit, each.expire_seconds)
         return self._runner.increment([each.key for each in increments], arguments)
 
-    async def release(self, unused: Sequence[Unused], now: float) -> int:
+    def release(self, unused: Sequence[Unused], now: float) -> Coroutine[Any, Any, int]:
         """One EVALSHA of storage/lua/release.lua (per Cluster slot), with a marker: given
         back twice, a window's hits would free other processes' hits, an overshoot."""
         if not unused:
-            return 0
-        now_ms = int(now * 1000)
+            return _nothing(0)
+        return self._guarded(self._release_calls, _released, (unused, int(now * 1000)))
+
+    def _release_calls(self, request: tuple[Sequence[Unused], int]) -> list[Awaitable[Any]]:
+        unused, now_ms = request
         plans = [algorithms.plan(each.check, now_ms) for each in unused]
         keys = [p.keys[0] for p in plans]
         groups = _by_slot(keys) if self._cluster else [list(range(len(keys)))]
-        calls = (
+        return [
             self._runner.release(
                 [*(keys[i] for i in group), decision_marker(keys[group[0]])],
                 [v for i in group for v in algorithms.release_arguments(plans[i], unused[i])],
             )
             for group in groups
-        )
-        return sum(int(reply) for reply in await self._guarded(*calls))
+        ]
 
     async def ping(self) -> bool:
         try:
@@ -135,40 +142,38 @@ class RedisCounterStore:
     async def close(self) -> None:
         await self._runner.close()
 
-    def _run(self, plans: list[algorithms.Plan], group: list[int], now_ms: int) -> Awaitable[list[Any]]:
-        keys = [key for i in group for key in plans[i].keys]
-        if self._runner.retries:
-            keys.append(decision_marker(keys[0]))
-        arguments = [now_ms, *(value for i in group for value in plans[i].arguments())]
-        return self._runner.run(keys, arguments)
-
-    async def _guarded(self, *calls: Any) -> list[Any]:
+    async def _guarded(
+        self,
+        calls: Callable[[_Request], list[Awaitable[Any]]],
+        decode: Callable[[_Request, list[Any]], _T],
+        request: _Request,
+    ) -> _T:
+        """`decode(request, replies)` of the calls `calls(request)` makes (a Cluster
+        decision's, one per slot), made only if the circuit breaker allows, bounded in time,
+        their failures counted and translated (StorageUnavailable, or what Redis refused)."""
         if not self.breaker.allows():
-            for call in calls:
-                call.close()
             self.errors["breaker_open"] += 1
             raise StorageUnavailable("Redis is failing: the circuit breaker is open")
-        started = perf_counter()
         try:
-            # redis-py's socket timeouts bound each read; this bounds its whole call, connection
-            # set-up and retries included. The lean client bounds its calls itself.
-            one = len(calls) == 1
-            waiting = calls[0] if one else asyncio.gather(*calls)
-            with _NO_ANSWER:
-                if self._runner.bounded:
-                    # No async context manager around the call: even a null one is two more
-                    # coroutines to create and run per Redis call.
+            sent = calls(request)
+            started = perf_counter()
+            one = len(sent) == 1
+            waiting = sent[0] if one else asyncio.gather(*sent)
+            if self._runner.bounded:
+                # No async context manager around the call: even a null one is two more
+                # coroutines to create and run per Redis call. The lean client bounds its
+                # calls itself.
+                replies = await waiting
+            else:
+                # redis-py's socket timeouts bound each read; this bounds its whole call,
+                # connection set-up and retries included.
+                async with asyncio.timeout(self.timeout * 2):
                     replies = await waiting
-                else:
-                    async with asyncio.timeout(self.timeout * 2):
-                        replies = await waiting
-            if one:
-                replies = [replies]
-        except StorageUnavailable as exc:
+            replies = [replies] if one else list(replies)
+        except REDIS_FAILURES as exc:
             self.breaker.failed()
-            # RedisFailures keeps what Redis or the network raised as the context.
-            self.errors[error_kind(exc.__context__ or exc)] += 1
-            raise
+            self.errors[error_kind(exc)] += 1
+            raise _NO_ANSWER.unavailable(exc) from None  # what Redis or the network raised stays the context
         except asyncio.CancelledError:
             # Envoy closed the connection or a gRPC deadline passed: the caller left, Redis did
             # nothing wrong. Counted as a failure, three such would open the breaker and fail
@@ -181,7 +186,46 @@ class RedisCounterStore:
             raise
         self.round_trips.observe(perf_counter() - started)
         self.breaker.succeeded()
-        return list(replies)
+        return decode(request, replies)
+
+
+_T = TypeVar("_T")
+_Request = TypeVar("_Request")
+_CheckRequest = tuple[list[algorithms.Plan], list[list[int]], int]  # plans, slot groups, now in ms
+_IncrementRequest = tuple[Sequence[Increment], list[list[int]] | None, bool]  # groups None: one call
+
+
+async def _nothing(answer: _T) -> _T:
+    return answer
+
+
+def _check_results(request: _CheckRequest, replies: list[Any]) -> list[CheckResult]:
+    plans, groups, now_ms = request
+    if len(groups) == 1 and len(plans) == 1:
+        allowed, first, second, grant = replies[0]  # check.lua answers integers
+        return [algorithms.result(plans[0], first, second, bool(allowed), now_ms, grant)]
+    results: list[CheckResult] = [None] * len(plans)  # type: ignore[list-item]
+    for group, reply in zip(groups, replies, strict=True):
+        for n, i in enumerate(group):
+            allowed, first, second, grant = reply[4 * n : 4 * n + 4]
+            results[i] = algorithms.result(plans[i], first, second, bool(allowed), now_ms, grant)
+    return results
+
+
+def _increment_counts(request: _IncrementRequest, replies: list[Any]) -> list[int]:
+    increments, groups, _ = request
+    if groups is None:
+        counts: list[int] = replies[0]  # increment.lua answers its INCRBYs' integers
+        return counts
+    counts = [0] * len(increments)
+    for group, reply in zip(groups, replies, strict=True):
+        for n, i in enumerate(group):
+            counts[i] = reply[n]
+    return counts
+
+
+def _released(request: tuple[Sequence[Unused], int], replies: list[Any]) -> int:
+    return sum(int(reply) for reply in replies)
 
 
 def error_kind(exc: BaseException) -> str:
@@ -229,8 +273,8 @@ class _LeanRunner:
     # so its calls need no decision marker.
     retries = False
     # Its watchdog fails a call Redis leaves unanswered for the timeout, and connecting has
-    # a bound of its own (storage/resp.py): no timer per call on top (a NOSCRIPT reload, three
-    # calls, may take up to three timeouts).
+    # a bound of its own (storage/resp.py): no timer per call on top (a call sent again after
+    # NOSCRIPT may take up to two timeouts).
     bounded = True
 
     def __init__(self, target: RedisTarget, timeout: float) -> None:
@@ -239,18 +283,17 @@ class _LeanRunner:
         self._increment = LeanScript(INCREMENT_SCRIPT(), "the increment script")
         self._release = LeanScript(RELEASE_SCRIPT(), "the release script")
 
-    def run(self, keys: list[str], arguments: list[int]) -> Coroutine[Any, Any, list[Any]]:
-        return self._call(self._check, keys, arguments)
+    # Not coroutines: the reply's future, sent at once (the store calls these only once the
+    # circuit breaker allows).
 
-    def increment(self, keys: list[str], arguments: list[int]) -> Coroutine[Any, Any, list[Any]]:
-        return self._call(self._increment, keys, arguments)
+    def run(self, keys: list[str], arguments: list[int]) -> Awaitable[list[Any]]:
+        return self._check.call(self._redis, self._check.evalsha(keys, arguments))
 
-    def release(self, keys: list[str], arguments: list[int]) -> Coroutine[Any, Any, Any]:
-        return self._call(self._release, keys, arguments)
+    def increment(self, keys: list[str], arguments: list[int]) -> Awaitable[list[Any]]:
+        return self._increment.call(self._redis, self._increment.evalsha(keys, arguments))
 
-    def _call(self, script: LeanScript, keys: list[str], arguments: list[int]) -> Coroutine[Any, Any, Any]:
-        # The script's own call, not a coroutine around it: one layer less per decision.
-        return script.call(self._redis, script.evalsha(keys, arguments))
+    def release(self, keys: list[str], arguments: list[int]) -> Awaitable[Any]:
+        return self._release.call(self._redis, self._release.evalsha(keys, arguments))
 
     async def ping(self) -> bool:
         return await self._redis.call(encode(["PING"])) == b"PONG"

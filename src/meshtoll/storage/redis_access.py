@@ -7,12 +7,11 @@ script Redis refuses is StorageRefused (permanent), everything else StorageUnava
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from importlib import resources
 from types import TracebackType
 from typing import Any
 
-import hiredis
 import redis.asyncio
 import redis.exceptions
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -20,8 +19,8 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
-from meshtoll.errors import ConnectionLost, StorageRefused, StorageUnavailable
-from meshtoll.storage.resp import BulkStrings, LeanRedis, encode
+from meshtoll.errors import ConnectionLost, StorageUnavailable
+from meshtoll.storage.resp import BulkStrings, LeanRedis, ScriptErrors, encode
 from meshtoll.storage.urls import RedisTarget
 
 # What a call to Redis raises when it fails, from either client: redis-py's errors, the
@@ -46,7 +45,12 @@ class RedisFailures:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         if isinstance(error, REDIS_FAILURES):
-            raise StorageUnavailable(f"{self._what}: {type(error).__name__}: {error}") from None
+            raise self.unavailable(error) from None
+
+    def unavailable(self, error: BaseException) -> StorageUnavailable:
+        """The StorageUnavailable a Redis or network failure becomes (for a caller that
+        catches REDIS_FAILURES itself, with no `with` block's two calls on its hot path)."""
+        return StorageUnavailable(f"{self._what}: {type(error).__name__}: {error}")
 
 
 def lua_script(name: str) -> str:
@@ -93,6 +97,7 @@ class LeanScript:
         self.what = what  # for errors: "the decision script"
         self.text = text.encode()
         self.sha = hashlib.sha1(self.text).hexdigest()
+        self.errors = ScriptErrors(what, encode(["SCRIPT", "LOAD", self.text]))
         self._heads: dict[tuple[int, int], str] = {}
         self._frames = BulkStrings()
 
@@ -112,14 +117,8 @@ class LeanScript:
         self._heads[keys, arguments] = head
         return head
 
-    async def call(self, redis: LeanRedis, command: bytes) -> Any:
-        """Send `command` (an EVALSHA of this script); its reply, or StorageRefused."""
-        reply = await redis.call(command)
-        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-            # A restarted or flushed Redis forgot the script. NOSCRIPT means it did not run,
-            # so the second attempt cannot count twice.
-            await redis.call(encode(["SCRIPT", "LOAD", self.text]))
-            reply = await redis.call(command)
-        if isinstance(reply, hiredis.ReplyError):
-            raise StorageRefused(f"Redis refused {self.what}: {reply}")
-        return reply
+    def call(self, redis: LeanRedis, command: bytes) -> Awaitable[Any]:
+        """Send `command` (an EVALSHA of this script); its reply, or StorageRefused. After
+        NOSCRIPT the connection loads the script and sends the call again (RespProtocol).
+        Not a coroutine: the reply's future itself, one frame less to resume."""
+        return redis.call(command, self.errors)

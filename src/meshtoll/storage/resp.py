@@ -14,11 +14,11 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Sequence
-from typing import cast
+from typing import NamedTuple, cast
 
 import hiredis
 
-from meshtoll.errors import ConnectionLost
+from meshtoll.errors import ConnectionLost, StorageRefused
 from meshtoll.storage.urls import RedisTarget
 
 Argument = bytes | str | int
@@ -74,11 +74,24 @@ class BulkStrings:
         return framed
 
 
+class ScriptErrors(NamedTuple):
+    """What the connection does with an error reply to a script's call: `load`, the script's
+    SCRIPT LOAD, is sent before the call goes again after NOSCRIPT (None: the call's second
+    try); any other error reply fails the call with StorageRefused naming `what`."""
+
+    what: str  # "the decision script"
+    load: bytes | None
+
+
+# What a pending request holds: the future its reply resolves (None: nobody waits for it),
+# when it was sent, its command and, for a script's call, what to do with an error reply.
+_Pending = tuple[asyncio.Future[object] | None, float, bytes, ScriptErrors | None]
+
+
 class RespProtocol(asyncio.Protocol):
     def __init__(self) -> None:
         self._reader = hiredis.Reader()
-        self._pending: deque[asyncio.Future[object]] = deque()
-        self._sent_at: deque[float] = deque()  # when each pending request was sent
+        self._pending: deque[_Pending] = deque()
         self._outgoing: list[bytes] = []
         self._transport: asyncio.Transport | None = None
         self.closed = False
@@ -89,28 +102,56 @@ class RespProtocol(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        # Where a reply lands it is settled: a script's error reply too, so that the caller
+        # awaits this future alone, with no coroutine of the client's between.
         self._reader.feed(data)
         while (reply := self._reader.gets()) is not False:
-            future = self._pending.popleft()
-            self._sent_at.popleft()
-            if not future.done():
+            future, _, command, script = self._pending.popleft()
+            if future is None or future.done():
+                continue
+            if script is not None and reply.__class__ is hiredis.ReplyError:
+                self._script_failed(future, command, script, reply)
+            else:
                 future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(ConnectionLost(f"connection to Redis lost: {exc or 'closed by the server'}"))
 
-    def send(self, command: bytes) -> asyncio.Future[object]:
+    def send(self, command: bytes, script: ScriptErrors | None = None) -> asyncio.Future[object]:
+        """The future of `command`'s reply: a hiredis.ReplyError for an error reply, except
+        to a script's call (`script`), which StorageRefused fails."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[object] = loop.create_future()
         if self.closed:
             future.set_exception(ConnectionLost("connection to Redis closed"))
             return future
-        self._pending.append(future)
-        self._sent_at.append(loop.time())
+        self._queue(loop, future, command, script)
+        return future
+
+    def _queue(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[object] | None,
+        command: bytes,
+        script: ScriptErrors | None,
+    ) -> None:
+        self._pending.append((future, loop.time(), command, script))
         if not self._outgoing:
             loop.call_soon(self._flush)
         self._outgoing.append(command)
-        return future
+
+    def _script_failed(
+        self, future: asyncio.Future[object], command: bytes, script: ScriptErrors, reply: hiredis.ReplyError
+    ) -> None:
+        if script.load is not None and str(reply).startswith("NOSCRIPT"):
+            # A restarted or flushed Redis forgot the script. NOSCRIPT means it did not run, so
+            # the second try cannot count twice; the load's own reply is not awaited (a failed
+            # load fails the second try). Replies come in order: both go after every pending one.
+            loop = asyncio.get_running_loop()
+            self._queue(loop, None, script.load, None)
+            self._queue(loop, future, command, script._replace(load=None))
+            return
+        future.set_exception(StorageRefused(f"Redis refused {script.what}: {reply}"))
 
     @property
     def pending(self) -> int:
@@ -118,14 +159,13 @@ class RespProtocol(asyncio.Protocol):
 
     def oldest_wait(self, now: float) -> float:
         """How long the oldest unanswered request has been waiting."""
-        return now - self._sent_at[0] if self._sent_at else 0.0
+        return now - self._pending[0][1] if self._pending else 0.0
 
     def fail(self, error: Exception) -> None:
         self.closed = True
-        self._sent_at.clear()
         while self._pending:
-            future = self._pending.popleft()
-            if not future.done():
+            future = self._pending.popleft()[0]
+            if future is not None and not future.done():
                 future.set_exception(error)
         if self._transport is not None:
             self._transport.close()
@@ -154,8 +194,9 @@ class LeanRedis:
         self._connecting: asyncio.Lock | None = None
         self._watchdog: asyncio.TimerHandle | None = None
 
-    def call(self, command: bytes) -> Awaitable[object]:
-        """Send one encoded command; its reply (a hiredis.ReplyError for an error reply).
+    def call(self, command: bytes, script: ScriptErrors | None = None) -> Awaitable[object]:
+        """Send one encoded command; its reply (a hiredis.ReplyError for an error reply, but
+        see RespProtocol.send for a script's call).
 
         Bounded by the timeout without a timer of its own: the watchdog fails a request left
         unanswered, and setting up a connection (waiting for another caller's set-up
@@ -163,14 +204,14 @@ class LeanRedis:
         future itself, one frame less for every decision to resume."""
         protocol = self._protocol
         if protocol is None or protocol.closed:
-            return self._connect_then_call(command)
+            return self._connect_then_call(command, script)
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().call_later(self._timeout / 4, self._watch)
-        return protocol.send(command)
+        return protocol.send(command, script)
 
-    async def _connect_then_call(self, command: bytes) -> object:
+    async def _connect_then_call(self, command: bytes, script: ScriptErrors | None) -> object:
         await self._connect()
-        return await self.call(command)
+        return await self.call(command, script)
 
     async def close(self) -> None:
         if self._watchdog is not None:
