@@ -178,14 +178,32 @@ def test_spoofed_identity_headers_are_replaced_or_removed(policy: CompiledPolicy
             "x-api-key": ACME_KEY,
             "x-meshtoll-tenant": "evil",
             "x-meshtoll-route": "/x",
+            "x-meshtoll-extproc": "closed",
             "x-meshtoll-extra": "1",
         },
     )
     assert isinstance(verdict, Allow)
     assert dict(verdict.headers)["x-meshtoll-tenant"] == "acme"
     assert "x-meshtoll-route" not in dict(verdict.headers)
-    # ... and the API key's header goes too (hide credentials, tested on its own below).
-    assert set(verdict.remove_headers) == {"x-meshtoll-route", "x-meshtoll-extra", "x-api-key"}
+    # No route matched, so none has hooks: the client's route and ext_proc marks go, and so
+    # does the API key's header (hide credentials, tested on its own below).
+    assert set(verdict.remove_headers) == {
+        "x-meshtoll-route",
+        "x-meshtoll-extproc",
+        "x-meshtoll-extra",
+        "x-api-key",
+    }
+
+
+def test_a_client_ext_proc_mark_goes_on_a_route_without_hooks(policy: CompiledPolicy) -> None:
+    verdict = check(
+        policy,
+        headers={"x-api-key": ACME_KEY, "x-meshtoll-route": "/x", "x-meshtoll-extproc": "closed"},
+    )
+    assert isinstance(verdict, Allow)
+    # The route matched: its header is meshtoll's and replaces the client's, not removed.
+    assert dict(verdict.headers)["x-meshtoll-route"] == "/v1/search"
+    assert set(verdict.remove_headers) == {"x-meshtoll-extproc", "x-api-key"}
 
 
 def test_spiffe_identity_from_the_client_certificate(policy: CompiledPolicy) -> None:

@@ -56,6 +56,18 @@ IP_NOT_ALLOWED = Deny(403, "ip_not_allowed", "the client address is not allowed 
 ROUTE_NOT_ALLOWED = Deny(403, "route_not_allowed", "the tenant may not call this route")
 METHOD_NOT_ALLOWED = Deny(403, "method_not_allowed", "the tenant may not use this method on this route")
 DOUBLE_ENCODED_PATH = Deny(400, "bad_path", DOUBLE_ENCODED.message)
+# The x-meshtoll-* headers an allow sets, by (a route matched, the route has hooks): a
+# client's value of any other is named for removal.
+_SET_HEADERS = {
+    (with_route, with_hooks): frozenset(
+        name
+        for name in IDENTITY_HEADERS
+        if (with_route or name != ROUTE_HEADER) and (with_hooks or name != EXTPROC_HEADER)
+    )
+    for with_route in (False, True)
+    for with_hooks in (False, True)
+}
+_new_tuple = tuple.__new__
 
 
 class Identity:
@@ -200,13 +212,13 @@ def authorize(request: CheckRequest, policy: CompiledPolicy, identity: Identity,
         removed_params = (identity.key_param,)
     # Headers meshtoll sets replace the client's value; any other x-meshtoll-* the client
     # sent is removed, so upstreams can trust every x-meshtoll-* header they see.
+    kept = _SET_HEADERS[bool(route), hooks is not None]
     removed = tuple(
-        name
-        for name in request.headers
-        if name == hidden
-        or (name.startswith(HEADER_PREFIX) and name not in IDENTITY_HEADERS)
-        or (name == ROUTE_HEADER and not route)
-        or (name == EXTPROC_HEADER and hooks is None)
+        [
+            name
+            for name in request.headers
+            if name == hidden or (name.startswith(HEADER_PREFIX) and name not in kept)
+        ]
     )
     metadata = {
         TENANT_KEY: tenant.name,
@@ -214,8 +226,20 @@ def authorize(request: CheckRequest, policy: CompiledPolicy, identity: Identity,
         CONSUMER_KEY: identity.consumer,
         ROUTE_KEY: route,
     }
-    return Allow(
-        tenant.name, tenant.plan, identity.consumer, route, headers, removed, metadata, None, removed_params
+    # Built by tuple.__new__: the named tuple's constructor is a Python function around it.
+    return _new_tuple(
+        Allow,
+        (
+            tenant.name,
+            tenant.plan,
+            identity.consumer,
+            route,
+            headers,
+            removed,
+            metadata,
+            None,
+            removed_params,
+        ),
     )
 
 

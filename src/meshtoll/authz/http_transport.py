@@ -40,6 +40,8 @@ _ALLOW_CACHE_LIMIT = 50_000
 # What follows an allow's head built once: its RateLimit lines and the end of the head,
 # formatted in one step.
 _RATE_LIMIT_END = RATE_LIMIT_LINES + EMPTY_BODY
+_DECIDED = (Allow, Deny)  # built once: `Allow | Deny` in a call makes a new union each time
+_new_tuple = tuple.__new__
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -65,36 +67,41 @@ class HttpAuthzHandler:
     ) -> bytes | Awaitable[bytes]:
         started = perf_counter()
         span = None if self._tracing is None else self._tracing.start("authz check", headers)
-        request = CheckRequest(
-            method=method,
-            path=target,
-            headers=headers,
-            source_address=headers.get(PEER_ADDRESS_HEADER, peer),
-            peer_uri_sans=uri_sans_from_xfcc(headers.get("x-forwarded-client-cert", "")),
+        xfcc = headers.get("x-forwarded-client-cert")
+        # Built by tuple.__new__: the named tuple's constructor is a Python function around it.
+        request = _new_tuple(
+            CheckRequest,
+            (
+                method,
+                target,
+                headers,
+                headers.get(PEER_ADDRESS_HEADER, peer),
+                uri_sans_from_xfcc(xfcc) if xfcc else (),
+            ),
         )
         verdict = self._authorizer.check(request)
-        if not isinstance(verdict, Allow | Deny):
-            return self._respond_later(verdict, request.request_id, started, span)
+        if not isinstance(verdict, _DECIDED):
+            return self._respond_later(verdict, request, started, span)
         # The common path, answered at once: observed here rather than through one more call.
-        answer = self._response(verdict, request.request_id)
+        answer = self._response(verdict, request)
         self._latency.observe(perf_counter() - started)
         if span is not None:
             end_span(span, decision_attributes(verdict, request.request_id))
         return answer
 
     async def _respond_later(
-        self, pending: Awaitable[Allow | Deny], request_id: str, started: float, span: Span | None
+        self, pending: Awaitable[Allow | Deny], request: CheckRequest, started: float, span: Span | None
     ) -> bytes:
         verdict = await pending
-        answer = self._response(verdict, request_id)
+        answer = self._response(verdict, request)
         self._latency.observe(perf_counter() - started)
         if span is not None:
-            end_span(span, decision_attributes(verdict, request_id))
+            end_span(span, decision_attributes(verdict, request.request_id))
         return answer
 
-    def _response(self, verdict: Allow | Deny, request_id: str) -> bytes:
+    def _response(self, verdict: Allow | Deny, request: CheckRequest) -> bytes:
         if isinstance(verdict, Deny):
-            return self._deny(verdict, request_id)
+            return self._deny(verdict, request.request_id)  # an allow's answer has no request id
         if verdict.remove_query_params and not self._warned_query_key:
             self._warned_query_key = True
             log.warning(
