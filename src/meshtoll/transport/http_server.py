@@ -261,7 +261,11 @@ class HttpProtocol(Connection):
         self._count_header_bytes(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_header_bytes(len(name) + len(value))
+        # _count_header_bytes written out: this runs for every header of every request
+        # (on_url, once a request, calls it).
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise _Refused(HEADERS_TOO_LARGE)
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         previous = self._headers.get(key)
@@ -283,7 +287,12 @@ class HttpProtocol(Connection):
         reply = self._handler(method, self._url.decode("latin-1"), self._headers, self._peer)
         keep_alive = self._parser.should_keep_alive()
         if isinstance(reply, bytes) and not self._pending:
-            self._send(reply, keep_alive)
+            # _send written out: the answer of nearly every request leaves here.
+            transport = self._transport
+            if transport is not None and not transport.is_closing():
+                transport.write(reply)
+                if not keep_alive:
+                    transport.close()
             return
         future = asyncio.ensure_future(reply) if not isinstance(reply, bytes) else _done(reply)
         self._pending.append((future, keep_alive))
