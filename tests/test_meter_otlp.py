@@ -113,7 +113,7 @@ async def test_hostile_records_are_counted_and_dropped_and_the_rest_of_the_expor
     hostile: list[str | int] = [
         "",
         7,  # not a text body
-        "mt1 nan 200 0 0 0 0 0 r t",
+        "mt1 0 200 nan 0 0 0 0 r t",
         line(f"{tenant}-ok", tenant).replace(" 200 ", " 20O ", 1),
         "\x00" * 10_000,
         "mt1 " + "1 " * 20_000,
