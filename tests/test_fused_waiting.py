@@ -140,6 +140,29 @@ async def test_a_waiting_decision_the_grant_cannot_serve_asks_the_store_itself(t
     assert await fused.used() == [5, 5]
 
 
+async def test_a_decision_cancelled_once_woken_to_ask_hands_its_turn_to_the_next(tmp_path: Path) -> None:
+    """Woken to ask the store, the counters reserved for it, and cancelled before it runs
+    again (Envoy gave up just then): the next waiter gets the turn instead of waiting on."""
+    fused = Fused(tmp_path, lease_max=2)
+    asking, served, gives_up, next_one = await fused.decide_after_one_asks(4)
+    # Queued by `check` itself; their Tasks have not run yet. Cancelled from the callback
+    # that runs as it is woken, before its Task resumes (that Task's callback comes later).
+    book = fused.limiter._leases  # the queue, to reach that moment
+    assert book is not None
+    woken = list(book._waiting)[1]
+    woken.future.add_done_callback(lambda _: gives_up.cancel())
+    fused.store.gate.set()
+    assert isinstance(await asking, Allow)
+    assert isinstance(await served, Allow)
+    for _ in range(20):  # loop turns, enough for the next one to ask the store and be answered
+        await asyncio.sleep(0)
+    assert gives_up.cancelled()
+    assert next_one.done(), "the next waiter still waits for a grant nobody asks for"
+    assert remaining(next_one.result()) == 997  # r0 999, r1 998; nothing taken for r2
+    assert await fused.admitted_ids() == {"r0", "r1", "r3"}
+    assert await fused.used() == [3, 3]
+
+
 @pytest.mark.parametrize(
     "answers", [[(5, 10.0), (7, 1.0)], [(7, 1.0), (5, 10.0)], [(5, 1.0), (5, 30.0)], [(9, 2.0)]]
 )

@@ -104,16 +104,22 @@ class Authorizer:
         wait: GrantWait,
     ) -> Verdict:
         """A decision waiting for this process's grants in flight: awaited here, one frame
-        to resume rather than the limiter's four (each waiter is resumed once)."""
+        to resume rather than the limiter's four (each waiter is resumed once). Served, it
+        has nothing left to give back (`done_waiting` is for one woken to ask the store, or
+        cancelled once woken: it may hold counters reserved for it)."""
         try:
             served = await wait.future
-            if served is None:
-                limits = await limiter.check_after_wait(checks, wait)
-                return self._answer(request, allow, limits, policy)
-        except StorageError:
-            return self._counted(request, LIMITS_UNAVAILABLE, policy)
-        finally:
+        except BaseException:
             limiter.done_waiting(wait)
+            raise
+        if served is None:
+            try:
+                limits = await limiter.check_after_wait(checks, wait)
+            except StorageError:
+                return self._counted(request, LIMITS_UNAVAILABLE, policy)
+            finally:
+                limiter.done_waiting(wait)
+            return self._answer(request, allow, limits, policy)
         # Served from the grant: answered as a decision leases serve at once is.
         assert isinstance(served, tuple)  # `waiting_for_grants` queues for `serve`'s answer
         state = allowed_state(policy.policy.ratelimit.headers, *limiter.served_after_wait(served))
