@@ -13,6 +13,7 @@ import pytest
 from meshtoll.local.devstack import LocalStack
 from tests.client import Reply, fetch
 from tests.conftest import StartStack
+from tests.waiting import wait_out_a_window_end
 
 pytestmark = pytest.mark.integration
 
@@ -36,6 +37,15 @@ TENANTS = {
     "sliding": ("sliding-three", "k-sliding"),
     "leased": ("per-minute-and-daily", "k-leased"),
 }
+
+
+@pytest.fixture(autouse=True)
+def one_window_per_test() -> None:
+    """Every test here counts in fixed windows (a minute's, an hour's, a day's, a month's)
+    and asserts exact counts: none starts close enough to a window's end for it to turn
+    mid-test (the two-worker test takes the longest, seconds at a load of 20)."""
+    wait_out_a_window_end(60, margin=15)
+    wait_out_a_window_end(3600, margin=120)
 
 
 @pytest.fixture(scope="module")

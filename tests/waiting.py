@@ -57,6 +57,17 @@ async def eventually_async(
         await asyncio.sleep(interval)
 
 
+def wait_out_a_window_end(length_seconds: int, margin: float) -> None:
+    """A test that counts in fixed windows of `length_seconds` (aligned as meshtoll aligns
+    them, `now - now % length`, so an hour's ends a day's and a month's too) and that would
+    start within `margin` seconds of the window's end waits for the next window: a window
+    that turns mid-test starts its count again, and the test would see more admitted than
+    the limit. A wait for the clock, not for a state another process reaches."""
+    left = length_seconds - time.time() % length_seconds
+    if left < margin:
+        time.sleep(left + 0.5)
+
+
 def _never(message: str, timeout: float, seen: object) -> NoReturn:
     # A False from a yes/no probe says nothing more than the message does.
     last = "" if isinstance(seen, bool) else f"; last seen: {seen!r}"
