@@ -19,7 +19,7 @@ from tests.client import Reply, fetch
 from tests.conftest import StartStack
 from tests.scraped import scrape, value
 from tests.tcp_proxy import TcpProxy
-from tests.waiting import eventually
+from tests.waiting import eventually, wait_out_a_window_end
 
 pytestmark = pytest.mark.integration
 
@@ -223,6 +223,9 @@ def test_suspending_a_tenant_refuses_it_with_403_until_it_is_active_again(
 
 def test_a_plan_change_brings_the_new_plans_limits(stacks: tuple[LocalStack, LocalStack]) -> None:
     a, b = stacks
+    # free's two a minute, counted exactly from the first call served to the refusal, which
+    # may come the propagation's deadline after the start.
+    wait_out_a_window_end(60, margin=15 + APPLIED_SECONDS)
     create(a, "upgrader", plan="free")
     key = new_key(a, "upgrader")["key"]
     eventually(
