@@ -44,8 +44,8 @@ def one_window_per_test() -> None:
     """Every test here counts in fixed windows (a minute's, an hour's, a day's, a month's)
     and asserts exact counts: none starts close enough to a window's end for it to turn
     mid-test (the two-worker test takes the longest, seconds at a load of 20)."""
-    wait_out_a_window_end(60, margin=15)
-    wait_out_a_window_end(3600, margin=120)
+    wait_out_a_window_end("minute", margin=15)
+    wait_out_a_window_end("hour", margin=120)
 
 
 @pytest.fixture(scope="module")

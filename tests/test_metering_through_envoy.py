@@ -11,7 +11,7 @@ import json
 import re
 import time
 from dataclasses import asdict, fields
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 
 import pytest
@@ -22,28 +22,18 @@ from meshtoll.storage import usage_store as opened_usage_store
 from meshtoll.usage.records import UsageRecord
 from tests.client import fetch
 from tests.conftest import StartStack
-from tests.waiting import eventually
+from tests.waiting import eventually, wait_out_a_window_end
 
 pytestmark = pytest.mark.integration
 
 KEY = "k-metered"
 
 
-def wait_out_a_month_end(margin: float = 120) -> None:
-    """Usage and invoices default to the current UTC month, and the module reads them across
-    tests: a run that would start in a month's last `margin` seconds waits for the next."""
-    now = datetime.now(UTC)
-    next_month = (now.replace(day=1) + timedelta(days=32)).replace(
-        day=1, hour=0, minute=0, second=0, microsecond=0
-    )
-    left = (next_month - now).total_seconds()
-    if left < margin:
-        time.sleep(left + 1)
-
-
 @pytest.fixture(scope="module")
 def stack(start_stack: StartStack, tmp_path_factory: pytest.TempPathFactory) -> LocalStack:
-    wait_out_a_month_end()
+    # Usage and invoices default to the current UTC month, and the module reads them across
+    # tests: a run that would start in a month's last two minutes waits for the next.
+    wait_out_a_window_end("month", margin=120)
     path = tmp_path_factory.mktemp("metering") / "policy.yaml"
     digest = hashlib.sha256(KEY.encode()).hexdigest()
     path.write_text(

@@ -41,7 +41,7 @@ tenants:
 def test_near_limit_sends_the_ratelimit_headers_only_for_the_last_tenth(
     stack: LocalStack, listener: str
 ) -> None:
-    wait_out_a_window_end(60, margin=15)  # twenty a minute, counted exactly
+    wait_out_a_window_end("minute", margin=15)  # twenty a minute, counted exactly
     replies = [
         fetch(stack.url(listener, "/v1/items"), headers={"x-api-key": KEYS[listener]}) for _ in range(22)
     ]

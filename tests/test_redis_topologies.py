@@ -116,7 +116,7 @@ def test_fused_limits_through_envoy_on_the_cluster(
         f"tenants: {{acme: {{plan: four, api_keys: [{{id: k, sha256: {hashlib.sha256(key.encode()).hexdigest()}}}]}}}}\n"
     )
     stack = start_stack(path, redis_url=cluster_url(cluster))
-    wait_out_a_window_end(3600, margin=60)  # four an hour, counted exactly
+    wait_out_a_window_end("hour", margin=60)  # four an hour, counted exactly
     statuses = [
         fetch(stack.url("listen_http_authz_port", "/x"), headers={"x-api-key": key}).status for _ in range(6)
     ]

@@ -146,7 +146,7 @@ tenants:
     api_keys: [{{id: sidecar-key, sha256: {hashlib.sha256(key.encode()).hexdigest()}}}]
 """)
     stack = start_stack(policy, redis_url=server.unix_url)
-    wait_out_a_window_end(3600, margin=60)  # two an hour, counted exactly
+    wait_out_a_window_end("hour", margin=60)  # two an hour, counted exactly
     statuses = [
         fetch(stack.url("listen_http_authz_port", "/v1/items"), headers={"x-api-key": key}).status
         for _ in range(3)

@@ -129,7 +129,7 @@ def statuses(gateway: Gateway, key: str, count: int) -> list[int]:
 def test_each_key_is_counted_on_its_own_however_often_its_request_repeats(gateway: Gateway) -> None:
     # Keys of this run only: the session's Redis keeps other runs' counters for the minute.
     first, second = (f"key-{uuid.uuid4().hex}" for _ in range(2))
-    wait_out_a_window_end(60, margin=15)  # three a minute, counted exactly
+    wait_out_a_window_end("minute", margin=15)  # three a minute, counted exactly
     assert statuses(gateway, first, 5) == [200, 200, 200, 429, 429]
     # The same request bytes but for the key: its own counter, from its first hit.
     assert statuses(gateway, second, 4) == [200, 200, 200, 429]
@@ -138,7 +138,7 @@ def test_each_key_is_counted_on_its_own_however_often_its_request_repeats(gatewa
 
 def test_a_configured_value_keeps_its_own_limit_next_to_the_keys_counted(gateway: Gateway) -> None:
     counted = f"key-{uuid.uuid4().hex}"
-    wait_out_a_window_end(60, margin=15)
+    wait_out_a_window_end("minute", margin=15)
     assert statuses(gateway, counted, 4) == [200, 200, 200, 429]
     assert statuses(gateway, "unlimited-key", 6) == [200] * 6
     assert statuses(gateway, counted, 1) == [429]

@@ -225,7 +225,7 @@ def test_a_plan_change_brings_the_new_plans_limits(stacks: tuple[LocalStack, Loc
     a, b = stacks
     # free's two a minute, counted exactly from the first call served to the refusal, which
     # may come the propagation's deadline after the start.
-    wait_out_a_window_end(60, margin=15 + APPLIED_SECONDS)
+    wait_out_a_window_end("minute", margin=15 + APPLIED_SECONDS)
     create(a, "upgrader", plan="free")
     key = new_key(a, "upgrader")["key"]
     eventually(

@@ -25,7 +25,7 @@ def test_a_test_starting_close_to_an_hours_end_waits_for_the_next_hour(
     monkeypatch: pytest.MonkeyPatch, slept: list[float]
 ) -> None:
     at(monkeypatch, 1_796_000_400 - 10)  # ten seconds before an hour's end (UTC)
-    waiting.wait_out_a_window_end(3600, margin=120)
+    waiting.wait_out_a_window_end("hour", margin=120)
     assert slept == [10.5]
 
 
@@ -33,7 +33,13 @@ def test_a_test_with_time_enough_before_the_end_does_not_wait(
     monkeypatch: pytest.MonkeyPatch, slept: list[float]
 ) -> None:
     at(monkeypatch, 1_796_000_400 - 121)
-    waiting.wait_out_a_window_end(3600, margin=120)
+    waiting.wait_out_a_window_end("hour", margin=120)
     at(monkeypatch, 1_796_000_400 + 1)  # just after the hour turned: a whole hour ahead
-    waiting.wait_out_a_window_end(3600, margin=120)
+    waiting.wait_out_a_window_end("hour", margin=120)
     assert slept == []
+
+
+def test_a_months_end_is_the_calendar_months(monkeypatch: pytest.MonkeyPatch, slept: list[float]) -> None:
+    at(monkeypatch, 1_798_761_600 - 30)  # 2026-12-31 23:59:30 UTC
+    waiting.wait_out_a_window_end("month", margin=120)
+    assert slept == [30.5]

@@ -16,6 +16,8 @@ from typing import NoReturn, TypeVar
 
 import pytest
 
+from meshtoll.counting.periods import window
+
 Seen = TypeVar("Seen")
 
 
@@ -57,13 +59,14 @@ async def eventually_async(
         await asyncio.sleep(interval)
 
 
-def wait_out_a_window_end(length_seconds: int, margin: float) -> None:
-    """A test that counts in fixed windows of `length_seconds` (aligned as meshtoll aligns
-    them, `now - now % length`, so an hour's ends a day's and a month's too) and that would
-    start within `margin` seconds of the window's end waits for the next window: a window
-    that turns mid-test starts its count again, and the test would see more admitted than
-    the limit. A wait for the clock, not for a state another process reaches."""
-    left = length_seconds - time.time() % length_seconds
+def wait_out_a_window_end(period: str, margin: float) -> None:
+    """A test that counts in windows of `period` (meshtoll's own windows, counting/periods.py:
+    a minute's, an hour's, a calendar month's) and that would start within `margin` seconds
+    of the window's end waits for the next window: a window that turns mid-test starts its
+    count again, and the test would see more admitted than the limit, or a month's usage
+    split. A wait for the clock, not for a state another process reaches."""
+    now = time.time()
+    left = window(period, now)[1] - now
     if left < margin:
         time.sleep(left + 0.5)
 
