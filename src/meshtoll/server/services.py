@@ -50,6 +50,7 @@ from meshtoll.server.exported import (
     export_tenants,
 )
 from meshtoll.server.lifecycle import Work
+from meshtoll.server.long_lived import keep_built
 from meshtoll.server.tenant_api import TenantApi
 from meshtoll.server.traffic import Traffic, metrics_reading
 from meshtoll.server.usage_sinks import UsageSinks, build_usage_sinks
@@ -126,7 +127,9 @@ async def runtime_tenants(settings: Settings, holder: PolicyHolder) -> RuntimeTe
         return None
     registry = open_tenant_registry(settings.redis_url)
     installed = InstalledTenants(holder)
-    follower = RegistryFollower(registry, installed)
+    # A snapshot loaded later (a reload, or the first one when Redis was not reachable at
+    # start) is frozen like the start's.
+    follower = RegistryFollower(registry, installed, loaded_all=keep_built)
     await follower.load_first()
     reporter = InstanceReporter(registry, installed)
     service = TenantService(registry, lambda: holder.current, committed=installed.apply_own)
@@ -137,6 +140,7 @@ async def build(settings: Settings) -> Services:
     """Raises PolicyError (every problem located) for an invalid policy or rate-limit
     directory. Both are loaded in a thread: a large policy takes seconds to compile."""
     holder = await asyncio.to_thread(PolicyHolder.from_file, settings.policy)
+    holder.on_change(lambda _: keep_built())  # a new version of the file, run-time tenants installed
     configs = None
     if settings.ratelimit_config is not None:
         configs = await asyncio.to_thread(DescriptorConfigHolder, settings.ratelimit_config)
@@ -275,6 +279,7 @@ async def build(settings: Settings) -> Services:
         sink_state=usage_sinks.state,
         dashboard=Dashboard(Sessions(access, secret), dashboard_data, tenant_api),
     )
+    keep_built(at_start=True)  # the policy and the run-time tenants, before any decision
     return Services(
         policy=holder,
         configs=configs,

@@ -40,6 +40,7 @@ class RegistryFollower:
         resync_seconds: float = RESYNC_SECONDS,
         retry_seconds: float = RETRY_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        loaded_all: Callable[[], None] = lambda: None,
     ) -> None:
         self._registry = registry
         self._installed = installed
@@ -47,6 +48,8 @@ class RegistryFollower:
         self._resync = resync_seconds
         self._retry = retry_seconds
         self._clock = clock
+        # After each snapshot installed but one load_first installs: the start has its own.
+        self._loaded_all = loaded_all
         self.loaded = asyncio.Event()  # the first snapshot is installed
         self.reloads = 0  # snapshots loaded after the first (gaps, resets)
         self.changes_applied = 0  # changes read from the registry's log and installed
@@ -64,7 +67,7 @@ class RegistryFollower:
         """The first snapshot, while the instance starts; when the registry cannot be reached,
         `run_forever` goes on trying (and the instance is not ready until it succeeds)."""
         try:
-            await self._load()
+            await self._load(starting=True)
         except StorageError as exc:
             log.warning("tenant registry unreachable at start, trying again: %s", exc)
             self._failing = True
@@ -87,12 +90,14 @@ class RegistryFollower:
                 log.info("tenant registry reachable again at version %d", self._installed.version)
                 self._failing = False
 
-    async def _load(self) -> None:
+    async def _load(self, *, starting: bool = False) -> None:
         started = time.monotonic()
         snapshot = await self._registry.snapshot()
         for name, why in snapshot.unreadable:
             log.error("tenant registry record %r cannot be read, not served: %s", name, why)
         await self._installed.replace_all(snapshot.records, snapshot.version, snapshot.cursor)
+        if not starting:
+            self._loaded_all()
         if self.loaded.is_set():
             self.reloads += 1
         self.loaded.set()

@@ -1,0 +1,116 @@
+"""What an instance builds to keep, its compiled policy and its run-time tenants, is out of
+the garbage collector's full collections from the start and after each reload
+(server/long_lived.py): with 100,000 tenants a full collection walking them stopped decisions
+for longer than Envoy's ext_authz timeout, and every decision in flight failed with a 503.
+gc.get_objects() lists what a collection walks, frozen objects left out."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshtoll.api_keys import generate_key, key_hint, key_sha256
+from meshtoll.policy import load_policy
+from meshtoll.policy.reload import PolicyHolder
+from meshtoll.registry.records import KeyRecord, TenantRecord
+from meshtoll.server import services as services_module
+from meshtoll.server.services import build
+from meshtoll.settings import Settings
+from meshtoll.storage.registry_memory import MemoryTenantRegistry
+from meshtoll.tenants.installed import SLICE, InstalledTenants
+from tests.tenant_policy import POLICY
+from tests.waiting import eventually_async
+
+
+@pytest.fixture(autouse=True)
+def nothing_frozen() -> Iterator[None]:
+    """Each test starts with nothing frozen and leaves nothing frozen to the next."""
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+
+
+def walked(*objects: object) -> list[object]:
+    """Those of `objects` a full collection would walk (each one the collector tracks, so
+    that an object it never walks anyway cannot pass for frozen)."""
+    assert all(gc.is_tracked(found) for found in objects)
+    tracked = {id(found) for found in gc.get_objects()}
+    return [found for found in objects if id(found) in tracked]
+
+
+def policy_file(tmp_path: Path, text: str = POLICY) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    return path
+
+
+def runtime_record(name: str, version: int = 1) -> TenantRecord:
+    key = generate_key()
+    now = time.time()
+    key_record = KeyRecord("k1", key_sha256(key).hex(), key_hint(key, "mt_live"), now)
+    return TenantRecord(name, {"plan": "free"}, (key_record,), now, now, version)
+
+
+async def test_the_policy_an_instance_starts_with_is_not_walked(tmp_path: Path) -> None:
+    services = await build(Settings(policy=policy_file(tmp_path)))
+    compiled = services.policy.current
+    assert walked(compiled, compiled.tenants["acme"]) == []
+
+
+async def test_a_new_version_of_the_policy_file_is_not_walked(tmp_path: Path) -> None:
+    path = policy_file(tmp_path)
+    services = await build(Settings(policy=path))
+    path.write_text(POLICY.replace("routes:", "  initech: {plan: free}\nroutes:"))
+    # What the policy watcher does with a version that loads.
+    await services.policy.replace(load_policy(path))
+    compiled = services.policy.current
+    assert walked(compiled, compiled.tenants["acme"], compiled.tenants["initech"]) == []
+
+
+async def test_run_time_tenants_loaded_again_from_the_registry_are_not_walked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A change log of one: three changes made while the follower does not run leave a gap,
+    # and it loads every tenant again, as after a trimmed log or a registry started anew.
+    monkeypatch.setattr(
+        services_module, "open_tenant_registry", lambda url: MemoryTenantRegistry(change_log_length=1)
+    )
+    services = await build(Settings(policy=policy_file(tmp_path)))
+    tenants = services.tenants
+    assert tenants is not None
+    for name in ("globex", "hooli", "initech"):
+        await tenants.service.create({"name": name, "plan": "free"}, "test")
+    following = asyncio.create_task(tenants.follower.run_forever())
+    try:
+        await eventually_async(
+            lambda: tenants.follower.reloads, lambda n: n == 1, timeout=5, message="reload"
+        )
+    finally:
+        following.cancel()
+    records = tenants.installed.records
+    compiled = services.policy.current.tenants
+    assert walked(*records.values(), *(compiled[name] for name in records)) == []
+
+
+async def test_a_replaced_version_is_freed_without_the_collector(tmp_path: Path) -> None:
+    """So that freezing again after a reload keeps nothing of the version it replaced: the
+    old policy, records and compiled tenants hold no reference cycles, and go as soon as
+    nothing refers to them, frozen or not."""
+    path = policy_file(tmp_path)
+    holder = PolicyHolder.from_file(path)
+    installed = InstalledTenants(holder)
+    names = [f"rt{n}" for n in range(2 * SLICE)]  # more than one slice: the yields between them too
+    await installed.replace_all([runtime_record(name) for name in names], 1, "1-0")
+    gc.collect()
+    gc.disable()
+    try:
+        await installed.replace_all([runtime_record(name, version=2) for name in names], 2, "2-0")
+        await holder.replace(load_policy(path))
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
