@@ -160,8 +160,16 @@ def local_stack(config: StackConfig, *, shipped_timeouts: bool = False) -> Local
 
 
 def envoy_process(
-    name: str, bootstrap: dict[str, Any], work_dir: Path, *, binary: Path, more_args: Sequence[str] = ()
+    name: str,
+    bootstrap: dict[str, Any],
+    work_dir: Path,
+    *,
+    binary: Path,
+    more_args: Sequence[str] = (),
+    shipped_timeouts: bool = False,
 ) -> EnvoyProcess:
-    """An Envoy running `bootstrap` with test timeouts (see EnvoyProcess)."""
-    text = yaml.safe_dump(with_test_timeouts(bootstrap), sort_keys=False)
+    """An Envoy running `bootstrap` with test timeouts (see EnvoyProcess), unless
+    `shipped_timeouts` (also for a bootstrap whose one call to meshtoll is an access logger:
+    it has no deadline to raise)."""
+    text = yaml.safe_dump(bootstrap if shipped_timeouts else with_test_timeouts(bootstrap), sort_keys=False)
     return EnvoyProcess(name, text, work_dir, binary=binary, more_args=more_args)

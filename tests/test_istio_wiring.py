@@ -163,7 +163,7 @@ def test_the_meter_provider_logs_what_the_local_envoy_logs() -> None:
     ]
     otel = providers["meshtoll-meter"]["envoyOtelAls"]
     local = local_connection_manager("full")["access_log"][0]["typed_config"]
-    assert otel["logName"] == local["log_name"]
+    assert otel["logName"] == local["common_config"]["log_name"]
     assert otel["logFormat"] == {"text": LOG_LINE_FORMAT} == {"text": local["body"]["string_value"]}
     # The gRPC access log stays available as a second provider, as the local full_als logs.
     als = providers["meshtoll-meter-als"]["envoyHttpAls"]

@@ -94,7 +94,7 @@ def providers(params: DeployParams, local: LocalFilters) -> list[dict[str, Any]]
             "envoyOtelAls": {
                 "service": params.service_fqdn,
                 "port": params.grpc_port,
-                "logName": meter["log_name"],
+                "logName": meter["common_config"]["log_name"],
                 "logFormat": {"text": meter["body"]["string_value"]},
             },
         },
