@@ -7,6 +7,7 @@ run under callgrind, so that the figure does not move with what else the machine
     python bench/through_envoy_instructions.py [--requests N] [--connections C] [--rows b2,c,f,g,g-als,h]
                                                 [--count meshtoll|envoy] [--lease-max L]
                                                 [--ratelimit-headers always|near_limit|never]
+                                                [--native | --profile FILE]
 
 For each row a client in this process sends a warm-up, then N and then 2N requests over C
 keep-alive connections (each connection one request at a time, as wrk does), and every
@@ -30,6 +31,11 @@ answer and its latency cost Envoy. Envoy under valgrind takes a minute or two to
 its timers (stats flushes, the access log's half-second flush) tick through each batch's
 wall time as meshtoll's do, so the same idle-rate correction applies; the access log's
 flushes carry fewer entries each than natively, which weighs on (g) and (h) alike in A and B.
+
+`--native` runs meshtoll natively and prints its CPU a request (from /proc: a wall-clock
+figure, to be read over pairs alternating A and B) and, for a metered row, how many batches
+Envoy's access logger sent: what the buffer's size decides, which callgrind cannot show,
+since at valgrind's pace every batch is the few entries of one flush interval.
 
 meshtoll runs some 50 times slower under valgrind, so for this driver only Envoy's HTTP
 ext_authz timeout is raised (to --authz-timeout, on the parsed bootstrap; with `--count envoy`
@@ -354,6 +360,31 @@ def profiled(stack: LocalStack, row: str, requests: int, connections: int) -> st
     return f"({row}) {requests:,} requests: {calls:,} counter-store calls, {leased:,} served from leases"
 
 
+METER_BATCHES = 'meshtoll_decision_duration_seconds_count{service="meter",transport="grpc"}'
+
+
+def cpu_seconds(pid: int) -> float:
+    """The user and system CPU time `pid` has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def native(stack: LocalStack, row: str, requests: int, connections: int) -> str:
+    """One batch of `row` against a native meshtoll: its CPU a request and, for a metered
+    row, how many batches Envoy's access logger sent (the buffer's size decides, natively
+    only: under valgrind meshtoll's pace keeps every batch to the flush interval's few)."""
+    admin = stack.meshtoll_admin_url
+    metered = row in METERED
+    pid = stack.children["meshtoll"].pid
+    prime(stack, row, connections)
+    batch(stack, row, max(requests // 4, connections), connections, metered)  # warm-up
+    batches, spent = sample(admin, METER_BATCHES), cpu_seconds(pid)
+    batch(stack, row, requests, connections, metered)
+    spent, batches = cpu_seconds(pid) - spent, sample(admin, METER_BATCHES) - batches
+    logged = f", {batches:,} access-log batches" if metered else ""
+    return f"({row}) {requests:,} requests: {spent / requests * 1e6:.1f} µs of meshtoll CPU a request{logged}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -385,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of counting instructions, run meshtoll under cProfile at native speed and write "
         "its statistics here (one batch of N requests a row; start-up included)",
     )
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="instead of counting instructions, run meshtoll natively and print its CPU a request "
+        "(/proc, wall-clock dependent) and the access-log batches of the metered rows",
+    )
     parser.add_argument("--authz-timeout", default="60s", help="Envoy's HTTP ext_authz timeout here")
     args = parser.parse_args(argv)
     rows = args.rows.split(",")
@@ -392,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rows: {args.rows!r} names rows other than {', '.join(ROWS)}")
     if args.count == "envoy" and args.profile is not None:
         parser.error("--profile runs meshtoll under cProfile: not with --count envoy")
+    if args.native and (args.count == "envoy" or args.profile is not None):
+        parser.error("--native runs meshtoll natively: not with --count envoy or --profile")
     # Hash randomisation moves dict layouts from run to run; one seed for meshtoll's process.
     os.environ["PYTHONHASHSEED"] = "0"
     # A timeout's SIGTERM unwinds like Ctrl-C: the stack and Redis are stopped on the way out.
@@ -404,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             envoy_binary = envoy_under_callgrind(out, Path(directory))
         else:
             wrap = under_callgrind(out) if args.profile is None else under_cprofile(args.profile)
+            if args.native:
+                wrap = lambda argv: argv  # noqa: E731
         with (
             RedisServer() as redis,
             traced_stack(
@@ -422,6 +463,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.connections} connections, --lease-max {args.lease_max}, counting {args.count}",
                 flush=True,
             )
+            if args.native:
+                for row in rows:
+                    print(native(stack, row, args.requests, args.connections), flush=True)
+                return 0
             counted = Counted(stack.children[args.count].pid, out)
             idle = 0.0 if args.profile is not None else idle_rate(counted)
             if args.profile is None:
