@@ -68,11 +68,12 @@ def test_a_renamed_deadline_field_fails_the_harness_loudly() -> None:
 
 def test_a_hook_without_its_message_timeout_fails_the_harness_loudly() -> None:
     bootstrap = local_bootstrap()
-    hooks = http_filters(bootstrap, "full")["meshtoll.hooks.open"]
-    del hooks["typed_config"]["extension_config"]["typed_config"]["message_timeout"]
+    hooks = http_filters(bootstrap, "full")["meshtoll.hooks"]
+    actions = hooks["typed_config"]["xds_matcher"]["matcher_tree"]["exact_match_map"]["map"]
+    del actions["open"]["action"]["typed_config"]["typed_config"]["typed_config"]["message_timeout"]
     with pytest.raises(
         UnexpectedEnvoyConfig,
-        match=r"http_filters\[meshtoll.hooks.open\].*ext_proc has no deadline for its call at message_timeout",
+        match=r"http_filters\[meshtoll.hooks\].*\.open\..*ext_proc has no deadline for its call at message_timeout",
     ):
         with_test_timeouts(bootstrap)
 

@@ -47,6 +47,9 @@ routes:
         remove: [x-api-key]
       response_headers:
         set: {x-served-for: "{tenant}"}
+  - prefix: /v1/metered
+    name: metered
+    hooks: {usage_from_body: usage.total_tokens}
   - prefix: /v1/small
     name: small
     cost: 3
@@ -127,15 +130,18 @@ def test_routes_without_hooks_never_reach_the_ext_proc_service(stack: LocalStack
 def test_units_from_the_response_body_are_billed(stack: LocalStack) -> None:
     for tokens in (250, 1000, 7):
         assert call(stack, f"/v1/chat/completions?tokens={tokens}", key=COUNTED_KEY).status == 200
+    # A metering-only route: its hook is the other ext_proc instance (failure mode open).
+    assert call(stack, "/v1/metered?tokens=40", key=COUNTED_KEY).status == 200
     # Over the route's 64-byte body cap: the route's cost stands in, whether the upstream
     # announced the length or sent the body chunked.
     assert call(stack, "/v1/small?tokens=500", key=COUNTED_KEY).status == 200
     chunked = call(stack, "/v1/small?tokens=500&chunked=1", key=COUNTED_KEY)
     assert chunked.status == 200
     assert "content-length" not in chunked.headers
-    found = usage_of(stack, "counted", 5)
+    found = usage_of(stack, "counted", 6)
     assert found["by_route"] == [
         {"route": "chat", "requests": 3, "units": 250 + 1000 + 7},
+        {"route": "metered", "requests": 1, "units": 40},
         {"route": "small", "requests": 2, "units": 3 + 3},
     ]
 

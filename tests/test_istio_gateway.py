@@ -24,8 +24,7 @@ pytestmark = pytest.mark.integration
 
 ORDER = [
     "envoy.filters.http.ext_authz",
-    "meshtoll.hooks.open",
-    "meshtoll.hooks.closed",
+    "meshtoll.hooks",
     "envoy.filters.http.ratelimit",
     "envoy.filters.http.router",
 ]

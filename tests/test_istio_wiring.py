@@ -16,6 +16,7 @@ import yaml
 
 from meshtoll.local.envoy_config import EnvoyPorts, render_bootstrap
 from meshtoll.meter.log_line import LOG_LINE_FORMAT
+from meshtoll.render.local_filters import with_grpc_cluster
 
 ROOT = Path(__file__).parent.parent
 ISTIO = ROOT / "deploy" / "istio"
@@ -132,22 +133,27 @@ def test_hooks_envoyfilter_is_valid_and_matches_the_local_envoy() -> None:
     bootstrap = yaml.safe_load(render_bootstrap(ANY_PORTS))
     listener = next(item for item in bootstrap["static_resources"]["listeners"] if item["name"] == "full")
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    local = [item for item in manager["http_filters"] if item["name"].startswith("meshtoll.hooks.")]
+    local = [item for item in manager["http_filters"] if item["name"].startswith("meshtoll.hooks")]
     istio = [patch["patch"]["value"] for patch in document["spec"]["configPatches"]]
-    assert (
-        [item["name"] for item in istio]
-        == [item["name"] for item in local]
-        == [
-            "meshtoll.hooks.open",
-            "meshtoll.hooks.closed",
-        ]
-    )
-    for istio_filter, local_filter in zip(istio, local, strict=True):
-        istio_processor = istio_filter["typed_config"]["extension_config"]["typed_config"]
-        local_processor = local_filter["typed_config"]["extension_config"]["typed_config"]
-        assert istio_processor.pop("grpc_service") != local_processor.pop("grpc_service")
-        assert istio_processor == local_processor
-        assert istio_filter["typed_config"]["xds_matcher"] == local_filter["typed_config"]["xds_matcher"]
+    assert [item["name"] for item in istio] == [item["name"] for item in local] == ["meshtoll.hooks"]
+    # One composite filter whose matcher builds the ext_proc filter of each failure mode, the
+    # same as the local Envoy's but for the cluster its calls go to (istiod's for meshtoll).
+    (istio_filter,), (local_filter,) = istio, local
+    processors = {
+        mode: action["action"]["typed_config"]["typed_config"]["typed_config"]
+        for mode, action in istio_filter["typed_config"]["xds_matcher"]["matcher_tree"]["exact_match_map"][
+            "map"
+        ].items()
+    }
+    assert {mode: processor["failure_mode_allow"] for mode, processor in processors.items()} == {
+        "open": True,
+        "closed": False,
+    }
+    (cluster,) = {
+        processor["grpc_service"]["envoy_grpc"]["cluster_name"] for processor in processors.values()
+    }
+    assert cluster != "meshtoll_grpc"
+    assert istio_filter == with_grpc_cluster(local_filter, cluster)
 
 
 def test_the_meter_provider_logs_what_the_local_envoy_logs() -> None:
@@ -268,7 +274,7 @@ def load_envoy_extensions() -> None:
         "envoy.extensions.http.early_header_mutation.header_mutation.v3.header_mutation_pb2",
         "envoy.extensions.common.matching.v3.extension_matcher_pb2",
         "envoy.type.matcher.v3.http_inputs_pb2",
-        "envoy.extensions.filters.common.matcher.action.v3.skip_action_pb2",
+        "envoy.extensions.filters.http.composite.v3.composite_pb2",
         "envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2",
         "envoy.extensions.filters.http.ratelimit.v3.rate_limit_pb2",
         "envoy.extensions.access_loggers.filters.cel.v3.cel_pb2",

@@ -285,9 +285,9 @@ def hooks_envoyfilter(params: DeployParams, local: LocalFilters) -> str:
     patches = [_before_router(with_grpc_cluster(item, cluster)) for item in local.hooks()]
     return yaml_file(
         f"""
-meshtoll's ext_proc hooks on the ingress gateway: two ext_proc filters, each only for the
-requests meshtoll's ext_authz marked with x-meshtoll-extproc (routes whose policy has
-hooks), one per failure mode; routes without hooks never reach them. Inserted after
+meshtoll's ext_proc hooks on the ingress gateway: one composite filter that builds an
+ext_proc filter only for the requests meshtoll's ext_authz marked with x-meshtoll-extproc
+(routes whose policy has hooks), one per failure mode; routes without hooks never reach it. Inserted after
 Istio's ext_authz and before the ratelimit filter (priority {PRIORITY["meshtoll-hooks"]} < \
 {PRIORITY["meshtoll-ratelimit"]}). The cluster
   {cluster}

@@ -61,7 +61,7 @@ class LocalFilters:
         return [
             item
             for item in self.connection_manager("full")["http_filters"]
-            if item["name"].startswith("meshtoll.hooks.")
+            if item["name"] == "meshtoll.hooks"
         ]
 
     def ratelimit(self) -> dict[str, Any]:
