@@ -94,7 +94,7 @@ class CallDeadline:
 def call_deadlines(document: object) -> list[CallDeadline]:
     """Every deadline of a call to meshtoll in `document` (a bootstrap, an EnvoyFilter or a
     fragment of either), wherever the filter sits: in a connection manager's http_filters,
-    inside an ExtensionWithMatcher, in an EnvoyFilter's patch."""
+    inside an ExtensionWithMatcher or a composite filter's action, in an EnvoyFilter's patch."""
     return list(_deadlines(document, ""))
 
 

@@ -287,9 +287,9 @@ def hooks_envoyfilter(params: DeployParams, local: LocalFilters) -> str:
         f"""
 meshtoll's ext_proc hooks on the ingress gateway: one composite filter that builds an
 ext_proc filter only for the requests meshtoll's ext_authz marked with x-meshtoll-extproc
-(routes whose policy has hooks), one per failure mode; routes without hooks never reach it. Inserted after
-Istio's ext_authz and before the ratelimit filter (priority {PRIORITY["meshtoll-hooks"]} < \
-{PRIORITY["meshtoll-ratelimit"]}). The cluster
+(routes whose policy has hooks), one per failure mode; routes without hooks never reach
+an ext_proc filter. Inserted after Istio's ext_authz and before the ratelimit filter
+(priority {PRIORITY["meshtoll-hooks"]} < {PRIORITY["meshtoll-ratelimit"]}). The cluster
   {cluster}
 is the one istiod builds for meshtoll's Service port; it speaks HTTP/2 because the port is
 declared gRPC (appProtocol: grpc, deploy/k8s/base/service.yaml).
