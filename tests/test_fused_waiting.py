@@ -1,8 +1,10 @@
 """The fused authz decision that waits for this process's grant in flight (every decision does,
 at 32 connections and L = 16): served from the grant in arrival order, one store call per
 grant, woken to ask the store when the grant cannot serve it, and, cancelled while it waits
-(Envoy gave up on the call), neither admitted nor charged. Memory store behind a gate that
-stands for a Redis round trip; the clock injected."""
+(Envoy gave up on the call), neither admitted nor charged. Through the HTTP transport the
+same, answered from the lease book's call instead of a Task, and an answer that fails there
+is its client's failure answer alone. Memory store behind a gate that stands for a Redis
+round trip; the clock injected."""
 
 from __future__ import annotations
 
@@ -15,14 +17,17 @@ from pathlib import Path
 import pytest
 
 from meshtoll.authz.authorizer import Authorizer
+from meshtoll.authz.http_transport import HttpAuthzHandler
 from meshtoll.authz.jwks import JwksCache
-from meshtoll.authz.verdict import Allow, CheckRequest, Verdict
+from meshtoll.authz.verdict import Allow, CheckRequest, Deny, Verdict
 from meshtoll.counting.limits import Check, CheckResult, RateLimit
 from meshtoll.policy.reload import PolicyHolder
-from meshtoll.ratelimit.leases import served_answer
+from meshtoll.ratelimit.leases import Woken, served_answer
 from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.ratelimit.verdict import admitted_headers, limit_verdict
 from meshtoll.storage import MemoryCounterStore, MemoryUsageStore
+from meshtoll.transport.http_listener import listening_socket
+from meshtoll.transport.http_server import serve_http
 from meshtoll.usage.recorder import AdmissionRecorder
 
 T0 = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC).timestamp()
@@ -176,3 +181,140 @@ def test_a_served_waiters_answer_is_the_general_verdicts(answers: list[tuple[int
     assert admitted_headers(limit, left, reset) == general.headers
     assert general.deciding is not None
     assert limit == general.deciding[0].limit
+
+
+class Answering(HttpAuthzHandler):
+    """The HTTP transport; its answer to `failing` (a request id) fails as it is built."""
+
+    failing = ""
+
+    def _response(self, verdict: Allow | Deny, request: CheckRequest) -> bytes:
+        if request.request_id == self.failing:
+            raise RuntimeError("the answer could not be built")
+        return super()._response(verdict, request)
+
+
+def http_decide(fused: Fused, handler: HttpAuthzHandler, request_id: str) -> asyncio.Future[bytes]:
+    reply = handler("GET", "/v1/items", {"x-api-key": KEY, "x-request-id": request_id}, "10.0.0.1")
+    assert not isinstance(reply, bytes), "a decision without a lease awaits the store or a grant"
+    return asyncio.ensure_future(reply)
+
+
+async def http_after_one_asks(
+    fused: Fused, handler: HttpAuthzHandler, count: int
+) -> list[asyncio.Future[bytes]]:
+    first = http_decide(fused, handler, "r0")
+    await asyncio.sleep(0)
+    assert fused.store.calls == 1
+    return [first, *(http_decide(fused, handler, f"r{n}") for n in range(1, count))]
+
+
+def http_remaining(answer: bytes) -> int:
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    return int(answer.split(b"ratelimit-remaining: ")[1].split(b"\r\n")[0])
+
+
+async def test_over_http_a_waiting_decision_is_answered_from_the_grant_without_a_task(tmp_path: Path) -> None:
+    fused = Fused(tmp_path, lease_max=4)
+    decisions = await http_after_one_asks(fused, Answering(fused.authorizer), 12)
+    # What the server is handed for a decision waiting for the grant: a future the lease
+    # book's call settles, not a Task running coroutines.
+    assert not any(isinstance(decision, asyncio.Task) for decision in decisions[1:])
+    fused.store.gate.set()
+    answers = await asyncio.wait_for(asyncio.gather(*decisions), 5)
+    assert [http_remaining(answer) for answer in answers] == list(range(999, 987, -1))
+    assert fused.store.calls == 3
+    assert await fused.admitted_ids() == {f"r{n}" for n in range(12)}
+    assert await fused.used() == [12, 12]
+
+
+async def test_over_http_a_decision_whose_connection_closes_while_it_waits_is_neither_admitted_nor_charged(
+    tmp_path: Path,
+) -> None:
+    fused = Fused(tmp_path, lease_max=4)
+    asking, gave_up, served = await http_after_one_asks(fused, Answering(fused.authorizer), 3)
+    gave_up.cancel()  # as the server does when the connection closes
+    fused.store.gate.set()
+    assert http_remaining(await asking) == 999
+    assert http_remaining(await served) == 998  # the cancelled decision took no hit
+    assert await fused.admitted_ids() == {"r0", "r2"}
+    assert await fused.used() == [2, 2]
+
+
+async def test_over_http_a_decision_woken_to_ask_whose_connection_closes_hands_its_turn_on(
+    tmp_path: Path,
+) -> None:
+    """Woken to ask the store, the counters reserved for it, and its connection closed at
+    once: its Task stops before it asks, and the next waiter gets the turn."""
+    fused = Fused(tmp_path, lease_max=2)
+    handler = Answering(fused.authorizer)
+    asking, served, gives_up, next_one = await http_after_one_asks(fused, handler, 4)
+    book = fused.limiter._leases  # the queue, to reach that moment
+    assert book is not None
+    woken = list(book._waiting)[1]
+    wake = woken.then
+    assert wake is not None  # the transport answers from the lease book's call
+
+    def closes_as_woken(answer: Woken) -> None:
+        wake(answer)
+        gives_up.cancel()
+
+    woken.then = closes_as_woken
+    fused.store.gate.set()
+    assert http_remaining(await asking) == 999
+    assert http_remaining(await served) == 998
+    assert http_remaining(await asyncio.wait_for(next_one, 5)) == 997  # nothing taken for r2
+    assert gives_up.cancelled()
+    assert await fused.admitted_ids() == {"r0", "r1", "r3"}
+    assert await fused.used() == [3, 3]
+
+
+async def test_over_http_an_answer_that_fails_in_the_lease_books_call_answers_its_client_and_no_other(
+    tmp_path: Path,
+) -> None:
+    """The answer built in the lease book's call (the grant's arrival, in the asking
+    decision's Task) fails for one waiter: the server gets the failure for that one (its
+    500), and the asker and the waiters after it are answered."""
+    fused = Fused(tmp_path, lease_max=4)
+    handler = Answering(fused.authorizer)
+    handler.failing = "r2"
+    decisions = await http_after_one_asks(fused, handler, 6)
+    fused.store.gate.set()
+    answers = await asyncio.wait_for(asyncio.gather(*decisions, return_exceptions=True), 5)
+    assert isinstance(answers[2], RuntimeError)
+    assert [http_remaining(a) for a in answers if isinstance(a, bytes)] == [999, 998, 996, 995, 994]
+
+
+async def test_through_the_server_a_failed_answer_is_its_500_and_the_server_serves_on(tmp_path: Path) -> None:
+    fused = Fused(tmp_path, lease_max=4)
+    handler = Answering(fused.authorizer)
+    handler.failing = "r1"
+    sock = listening_socket("127.0.0.1", 0)
+    server = await serve_http(handler, sock)
+    port = sock.getsockname()[1]
+
+    async def ask(request_id: str) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"GET /v1/items HTTP/1.1\r\nx-api-key: {KEY}\r\nx-request-id: {request_id}\r\n\r\n".encode()
+        )
+        try:
+            return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        finally:
+            writer.close()
+
+    try:
+        first = asyncio.ensure_future(ask("r0"))
+        while fused.store.calls < 1:
+            await asyncio.sleep(0.001)
+        waiting = [asyncio.ensure_future(ask(f"r{n}")) for n in (1, 2)]
+        while len(fused.limiter._leases._waiting) < 2:  # type: ignore[union-attr]  # leases are on
+            await asyncio.sleep(0.001)
+        fused.store.gate.set()
+        assert (await first).startswith(b"HTTP/1.1 200 ")
+        assert (await waiting[0]).startswith(b"HTTP/1.1 500 ")
+        assert (await waiting[1]).startswith(b"HTTP/1.1 200 ")
+        assert (await ask("r3")).startswith(b"HTTP/1.1 200 ")
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -265,6 +265,27 @@ async def test_a_waiter_woken_to_ask_that_gives_up_hands_the_turn_to_the_next() 
     assert [c.lease for c in book.asking([check], book.take([check], T0), third)] == [1]
 
 
+async def test_a_waiter_whose_call_fails_as_it_is_woken_to_ask_hands_the_turn_to_the_next() -> None:
+    """A waiter answered by a call (`then`, the HTTP transport's) that raises as it is woken
+    to ask the store: the failure is its answer, the counter reserved for it goes to the next
+    waiter, and the grant's arrival that woke it (another decision's store call) goes on."""
+    book = LeaseBook(2)
+    check = Check(key(), RateLimit(1000, "minute"))
+    asked = book.asking([check], book.take([check], T0))
+    waits = [book.queue_for_grants([check], T0) for _ in range(3)]
+    first, second, third = [wait for wait in waits if wait is not None]
+
+    def fails(answer: object) -> None:
+        raise RuntimeError("no Task could be started")
+
+    second.then = fails
+    book.answered(asked, [CheckResult(True, 2, 998, 30.0, 0.0, leased=1)], T0)
+    assert first.future.result() is not None  # served from the grant of one
+    assert isinstance(second.future.exception(), RuntimeError)
+    assert third.future.result() is None  # woken to ask in its place
+    assert third.reserved == {check.key}
+
+
 async def settled() -> None:
     """Until every Task the test started has run as far as it can (a gate stops it)."""
     for _ in range(5):

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable
+from functools import partial
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from meshtoll.authz.authorizer import Authorizer
-from meshtoll.authz.verdict import Allow, CheckRequest, Deny, decision_attributes
+from meshtoll.authz.authorizer import Authorizer, PendingDecision
+from meshtoll.authz.verdict import Allow, CheckRequest, Deny, Verdict, decision_attributes
 from meshtoll.ratelimit.verdict import RATE_LIMIT_LINES
 from meshtoll.telemetry.histogram import Histogram
 from meshtoll.telemetry.tracing import Tracing, end_span
@@ -81,6 +82,10 @@ class HttpAuthzHandler:
         )
         verdict = self._authorizer.check(request)
         if not isinstance(verdict, _DECIDED):
+            if type(verdict) is PendingDecision:
+                # Waiting for a grant in flight: answered from the lease book's call, the
+                # future handed to the server as it is (no Task).
+                return verdict.answered(partial(self._finished, request, started, span))
             return self._respond_later(verdict, request, started, span)
         # The common path, answered at once: observed here rather than through one more call.
         answer = self._response(verdict, request)
@@ -92,7 +97,10 @@ class HttpAuthzHandler:
     async def _respond_later(
         self, pending: Awaitable[Allow | Deny], request: CheckRequest, started: float, span: Span | None
     ) -> bytes:
-        verdict = await pending
+        return self._finished(request, started, span, await pending)
+
+    def _finished(self, request: CheckRequest, started: float, span: Span | None, verdict: Verdict) -> bytes:
+        """The answer to a decision that was not made at once, observed."""
         answer = self._response(verdict, request)
         self._latency.observe(perf_counter() - started)
         if span is not None:

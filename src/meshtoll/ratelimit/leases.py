@@ -46,6 +46,7 @@ import asyncio
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from meshtoll.counting.algorithms import LEASE_SHARE, bucket_interval_ms
 from meshtoll.counting.limits import Check, CheckResult, RateLimit, Unused
@@ -117,18 +118,29 @@ class Taken:
 Served = tuple[RateLimit, int, float]
 
 
+# What a waiting decision is woken with: its results, served from the grants (their hits
+# taken), or None: ask the store.
+Woken = list[CheckResult] | Served | None
+
+
 @dataclass(slots=True, eq=False)
 class GrantWait:
     """A decision waiting for grants in flight. Its future is resolved with the decision's
     results, served from the grants (their hits taken), or with None: ask the store, for the
     counters reserved for it (`reserved`) and whatever else it lacks. With `alone`, served
     is `serve`'s answer instead of a result per check (no CheckResult, a frozen dataclass,
-    per limit)."""
+    per limit).
+
+    With `then`, the answer goes to `then` instead, called as the decision is woken, and the
+    future is the caller's, which `then` (or what it starts) settles with its own result:
+    a transport answers from the lease book's call, without a Task to await the future.
+    Either way the future done while the decision is queued means it was cancelled."""
 
     checks: Sequence[Check]
-    future: asyncio.Future[list[CheckResult] | Served | None]
+    future: asyncio.Future[Any]  # of `Woken`; with `then`, of what the caller answers
     reserved: set[str] = field(default_factory=set)
     alone: bool = False
+    then: Callable[[Woken], None] | None = None
 
 
 class LeaseBook:
@@ -231,7 +243,8 @@ class LeaseBook:
 
     def queue_for_grants(self, checks: Sequence[Check], now: float) -> GrantWait | None:
         """`wait_for_grants` for a decision known not to be served from leases, found without
-        taking a hit: queued when every counter it lacks has a grant in flight, else None."""
+        taking a hit: queued when every counter it lacks has a grant in flight, else None.
+        Its `then` may be set once it is returned: no decision is woken before the loop turns."""
         if not self._still_waiting(checks, int(now * 1000)):
             return None
         wait = GrantWait(checks, asyncio.get_running_loop().create_future(), alone=True)
@@ -339,19 +352,29 @@ class LeaseBook:
     def done_waiting(self, wait: GrantWait, now: float) -> None:
         """The decision that waited is done (answered, failed or cancelled): the counters
         still reserved for it go to the next waiter."""
-        if not wait.future.done():
+        if wait.then is None and not wait.future.done():
             wait.future.cancel()  # dropped from the queue when next served
         if wait.reserved:
-            for key in wait.reserved:
-                if self._asking.get(key) is wait:
-                    del self._asking[key]
-            wait.reserved.clear()
+            self._release(wait)
             self._serve_waiting(now, store_failed=False)
+
+    def _release(self, wait: GrantWait) -> None:
+        """The counters reserved for `wait` are no longer: the next waiter that lacks them
+        is woken to ask instead."""
+        for key in wait.reserved:
+            if self._asking.get(key) is wait:
+                del self._asking[key]
+        wait.reserved.clear()
 
     def _serve_waiting(self, now: float, *, store_failed: bool) -> None:
         """Each waiting decision in turn: served from the leases, left waiting for grants
         still in flight, or woken to ask the store (every one of them when the store did not
-        answer: each then meets the failure itself, as it would have without waiting)."""
+        answer: each then meets the failure itself, as it would have without waiting).
+
+        A woken decision's future is resolved, or its `then` called. What `then` raises
+        answers that decision (the transport's failure answer) and gives back what was
+        reserved for it: the rest of the queue is served on, and the grant or store call
+        that woke it (another decision's) is not disturbed."""
         if not self._waiting:
             return
         waiting, self._waiting = self._waiting, deque()
@@ -359,32 +382,43 @@ class LeaseBook:
         for wait in waiting:
             if wait.future.done():
                 continue  # its decision was cancelled
-            if wait.alone:
-                # Served first, where `_still_waiting` would have said it need not wait: a
-                # grant's arrival serves most of the queue, one call each instead of two.
-                answer = self.serve(wait.checks, now)
-                if answer is not None:
-                    wait.future.set_result(answer)
+            # Served first, where `_still_waiting` would have said it need not wait: a
+            # grant's arrival serves most of the queue, one call each instead of two.
+            answer: Woken = self.serve(wait.checks, now) if wait.alone else None
+            if answer is None:
+                if not store_failed and self._still_waiting(wait.checks, now_ms):
+                    self._waiting.append(wait)
                     continue
-            if not store_failed and self._still_waiting(wait.checks, now_ms):
-                self._waiting.append(wait)
+                taken = self.take(wait.checks, now)
+                if taken.complete:
+                    results: list[CheckResult] = taken.results  # type: ignore[assignment]  # complete: none is None
+                    answer = served_answer(wait.checks, results) if wait.alone else results
+                elif not store_failed and self._missing_in_flight(wait.checks, taken):
+                    self.put_back(taken)
+                    self._waiting.append(wait)
+                    continue
+                else:  # woken to ask the store (answer None)
+                    self.put_back(taken)
+                    if not store_failed:
+                        self._reserve(wait, taken)
+            then = wait.then
+            if then is None:
+                wait.future.set_result(answer)
                 continue
-            taken = self.take(wait.checks, now)
-            if taken.complete:
-                results: list[CheckResult] = taken.results  # type: ignore[assignment]  # complete: none is None
-                wait.future.set_result(served_answer(wait.checks, results) if wait.alone else results)
-                continue
-            if not store_failed and self._missing_in_flight(wait.checks, taken):
-                self.put_back(taken)
-                self._waiting.append(wait)
-                continue
-            self.put_back(taken)
-            if not store_failed:
-                for check, served in zip(wait.checks, taken.results, strict=True):
-                    if served is None and self._leasable(check) and check.key not in self._asking:
-                        self._asking[check.key] = wait
-                        wait.reserved.add(check.key)
-            wait.future.set_result(None)
+            try:
+                then(answer)
+            except Exception as exc:
+                self._release(wait)
+                if not wait.future.done():
+                    wait.future.set_exception(exc)
+
+    def _reserve(self, wait: GrantWait, taken: Taken) -> None:
+        """The counters a decision woken to ask lacks, for it alone: those behind it wait
+        for its grant instead of all asking at once."""
+        for check, served in zip(wait.checks, taken.results, strict=True):
+            if served is None and self._leasable(check) and check.key not in self._asking:
+                self._asking[check.key] = wait
+                wait.reserved.add(check.key)
 
     def _still_waiting(self, checks: Sequence[Check], now_ms: int) -> bool:
         """Whether a waiting decision must go on waiting: some check's lease cannot serve it,
