@@ -1,7 +1,8 @@
 """µs of meshtoll CPU per fused decision, in-process: the HTTP ext_authz handler, the
 Authorizer, the Limiter and the Redis counter store against a real redis-server, driven as
 the HTTP server drives them (each decision in a loop callback, a Task only for one that waits
-on Redis), without Envoy, wrk or sockets on the client side, so that the figure moves only
+on Redis; one waiting for a grant in flight answers with a future, taken as it is), without
+Envoy, wrk or sockets on the client side, so that the figure moves only
 with meshtoll's own code.
 
     python bench/fused_decision.py [--decisions N] [--concurrency C] [--event-loop uvloop|asyncio]
@@ -106,7 +107,8 @@ async def decide_many(
             if isinstance(reply, bytes):
                 answered(reply, remaining)
                 return
-            task = asyncio.ensure_future(reply)
+            # As HttpProtocol takes it: a future as it is, any other awaitable in a Task.
+            task = reply if isinstance(reply, asyncio.Future) else asyncio.ensure_future(reply)
             task.add_done_callback(lambda finished: answered(finished.result(), remaining))
 
         def answered(reply: bytes, remaining: int) -> None:

@@ -294,7 +294,14 @@ class HttpProtocol(Connection):
                 if not keep_alive:
                     transport.close()
             return
-        future = asyncio.ensure_future(reply) if not isinstance(reply, bytes) else _done(reply)
+        if isinstance(reply, bytes):
+            future = _done(reply)
+        elif isinstance(reply, asyncio.Future):
+            # Taken as it is (a fused decision waiting for a grant answers with a future):
+            # asyncio.ensure_future would make the same choice in two Python calls.
+            future = reply
+        else:
+            future = asyncio.ensure_future(reply)
         self._pending.append((future, keep_alive))
         future.add_done_callback(self._flush)
         if len(self._pending) >= MAX_PENDING and self._transport is not None:
