@@ -269,6 +269,47 @@ async def test_over_http_a_decision_woken_to_ask_whose_connection_closes_hands_i
     assert await fused.used() == [3, 3]
 
 
+class HeldStore(GatedStore):
+    """The first call as GatedStore's; each later one held until the test answers it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[asyncio.Future[list[CheckResult]], Sequence[Check], float]] = []
+
+    async def check(self, checks: Sequence[Check], now: float) -> list[CheckResult]:
+        if self.calls == 0:
+            return await super().check(checks, now)
+        self.calls += 1
+        answer: asyncio.Future[list[CheckResult]] = asyncio.get_running_loop().create_future()
+        self.held.append((answer, checks, now))
+        return await answer
+
+
+async def test_over_http_a_decision_whose_connection_closes_as_the_store_answers_it_is_neither_admitted_nor_billed(
+    tmp_path: Path,
+) -> None:
+    """Woken to ask the store, and its connection closed in the very loop turn the store's
+    answer arrives: the decision's Task is cancelled only a callback later, by which time it
+    has its answer; it must still not be admitted (Envoy never hears of it)."""
+    fused = Fused(tmp_path, lease_max=2)
+    fused.store = fused.limiter.store = store = HeldStore()
+    asking, served, gives_up = await http_after_one_asks(fused, Answering(fused.authorizer), 3)
+    store.gate.set()
+    assert http_remaining(await asking) == 999
+    assert http_remaining(await served) == 998
+    while not store.held:  # r2, woken to ask, has sent its own call
+        await asyncio.sleep(0)
+    answer, checks, now = store.held.pop()
+    answer.set_result(await MemoryCounterStore.check(store, checks, now))
+    gives_up.cancel()  # the server's connection_lost, in the same turn
+    with pytest.raises(asyncio.CancelledError):
+        await gives_up
+    for _ in range(5):  # the Task's own steps, had it gone on
+        await asyncio.sleep(0)
+    assert await fused.admitted_ids() == {"r0", "r1"}
+    assert fused.limiter.outcomes["admitted"] == 2
+
+
 async def test_over_http_an_answer_that_fails_in_the_lease_books_call_answers_its_client_and_no_other(
     tmp_path: Path,
 ) -> None:

@@ -116,10 +116,16 @@ class Limiter:
         return served
 
     async def check_after_wait(self, checks: Sequence[Check], wait: GrantWait) -> LimitVerdict:
-        """The verdict of a decision woken to ask the store itself."""
+        """The verdict of a decision woken to ask the store itself. Raises CancelledError
+        when the decision's future was cancelled as the store answered: a waiter answered
+        through `GrantWait.then` owns that future, its connection closed in that loop turn,
+        and its Task's cancellation (a callback away) would land too late to stop the verdict."""
         leases = self._leases
         assert leases is not None  # only a lease book queues decisions
-        return self._verdict(checks, await self._woken_to_ask(checks, leases, wait))
+        results = await self._woken_to_ask(checks, leases, wait)
+        if wait.future.cancelled():
+            raise asyncio.CancelledError  # neither admitted nor counted, as a cancelled Task is
+        return self._verdict(checks, results)
 
     def done_waiting(self, wait: GrantWait) -> None:
         if self._leases is not None:
