@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator, Awaitable
 
 import pytest
 
 from meshtoll.authz.http_transport import uri_sans_from_xfcc
 from meshtoll.transport.http_listener import listening_socket
-from meshtoll.transport.http_server import response, serve_http, serve_http_reading_bodies
+from meshtoll.transport.http_server import HttpProtocol, response, serve_http, serve_http_reading_bodies
+from tests.waiting import eventually_async
 
 SEEN: list[tuple[str, str, dict[str, str]]] = []
 
@@ -125,3 +127,22 @@ async def test_a_body_handler_is_still_refused_bodies_over_the_cap() -> None:
         )
     assert received.startswith(b"HTTP/1.1 413 ")
     assert seen == []
+
+
+async def test_a_closed_connection_is_freed_without_the_garbage_collector() -> None:
+    """What is alive when an instance freezes what it keeps (server/long_lived.py, at start
+    and at each reload) is never collected again: a connection open then, as Envoy's pooled
+    ones always are, must go by reference counting once it closes, so it may hold no cycle."""
+    sock = listening_socket("127.0.0.1", 0)
+    gc.collect()
+    gc.disable()
+    try:
+        async with await serve_http(echo_path, sock) as server:
+            for _ in range(5):
+                received = await exchange(sock.getsockname()[1], b"GET /a HTTP/1.1\r\n\r\n")
+                assert received.startswith(b"HTTP/1.1 200 OK")
+            await eventually_async(lambda: server.connections, lambda n: n == 0, timeout=5, message="closed")
+            left = [found for found in gc.get_objects() if type(found) is HttpProtocol]
+    finally:
+        gc.enable()
+    assert left == []

@@ -10,9 +10,10 @@ failures, one per connection). Frozen once built, they are no longer walked.
 An object frozen is still freed by reference counting when nothing holds it any more; only
 reference cycles among frozen objects would stay. The policy and the tenant records hold none
 (tests/test_long_lived.py), so freezing again after each reload keeps nothing of the version
-it replaced. What a reload freezes besides is the cyclic garbage the oldest generation gathered
-since its last full collection (the young ones are collected first): bounded, and reloads are
-rare.
+it replaced; nor may anything else alive at a freeze end in a cycle when it goes, such as
+the connections open then (an HTTP connection drops its parser when it closes). What a
+reload freezes besides is the cyclic garbage the oldest generation gathered since its last
+full collection (the young ones are collected first): bounded, and reloads are rare.
 """
 
 from __future__ import annotations

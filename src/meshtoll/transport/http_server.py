@@ -183,6 +183,10 @@ class HttpProtocol(Connection):
             future.cancel()
         self._pending.clear()
         self._owner.forget(self)
+        # The parser calls back into this protocol: a cycle, which only the garbage collector
+        # would free, and never for a connection open when the instance froze what it keeps
+        # (server/long_lived.py). Nothing is fed to it after the connection is lost.
+        del self._parser
 
     def pause_writing(self) -> None:
         # The client is not reading its answers: read no more requests until it does, so
