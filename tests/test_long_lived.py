@@ -17,8 +17,9 @@ import pytest
 from meshtoll.api_keys import generate_key, key_hint, key_sha256
 from meshtoll.policy import load_policy
 from meshtoll.policy.reload import PolicyHolder
-from meshtoll.registry.records import KeyRecord, TenantRecord
+from meshtoll.registry.records import KeyRecord, Snapshot, TenantRecord
 from meshtoll.server import services as services_module
+from meshtoll.server.long_lived import NEVER, building
 from meshtoll.server.services import build
 from meshtoll.settings import Settings
 from meshtoll.storage.registry_memory import MemoryTenantRegistry
@@ -121,3 +122,110 @@ async def test_a_replaced_version_is_freed_without_the_collector(tmp_path: Path)
         gc.garbage.clear()
         gc.enable()
     assert ours == []
+
+
+class Thresholds:
+    """gc.get_threshold() as seen from inside a reload, each time it is asked."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, int]] = []
+
+    def note(self, *_: object) -> None:
+        self.seen.append(gc.get_threshold())
+
+
+class RegistryNoting(MemoryTenantRegistry):
+    """Notes the collector's thresholds whenever the follower reads a snapshot."""
+
+    def __init__(self, thresholds: Thresholds) -> None:
+        super().__init__(change_log_length=1)
+        self._thresholds = thresholds
+
+    async def snapshot(self) -> Snapshot:
+        self._thresholds.note()
+        return await super().snapshot()
+
+
+@pytest.fixture
+def thresholds_kept() -> Iterator[tuple[int, int, int]]:
+    """The thresholds before the test, put back after it whatever it did."""
+    before = gc.get_threshold()
+    yield before
+    gc.set_threshold(*before)
+
+
+def test_overlapping_builds_hold_full_collections_until_the_last_one_ends(
+    thresholds_kept: tuple[int, int, int],
+) -> None:
+    young, middle, _ = thresholds_kept
+    with building():
+        assert gc.get_threshold() == (young, middle, NEVER)
+        with building():  # a registry reload while a file version compiles
+            pass
+        assert gc.get_threshold() == (young, middle, NEVER)  # the file's build is not over
+    assert gc.get_threshold() == thresholds_kept
+
+
+def test_a_build_that_fails_restores_full_collections(thresholds_kept: tuple[int, int, int]) -> None:
+    with pytest.raises(RuntimeError), building():
+        raise RuntimeError("the version could not be built")
+    assert gc.get_threshold() == thresholds_kept
+
+
+async def test_a_registry_reload_is_built_with_full_collections_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thresholds_kept: tuple[int, int, int]
+) -> None:
+    thresholds = Thresholds()
+    # A change log of one: changes made while the follower does not run leave a gap, and it
+    # loads every tenant again (as in the registry test above).
+    monkeypatch.setattr(services_module, "open_tenant_registry", lambda url: RegistryNoting(thresholds))
+    services = await build(Settings(policy=policy_file(tmp_path)))
+    tenants = services.tenants
+    assert tenants is not None
+    for name in ("globex", "hooli", "initech"):
+        await tenants.service.create({"name": name, "plan": "free"}, "test")
+    thresholds.seen.clear()  # the start's snapshot
+    following = asyncio.create_task(tenants.follower.run_forever())
+    try:
+        await eventually_async(
+            lambda: tenants.follower.reloads, lambda n: n == 1, timeout=5, message="reload"
+        )
+    finally:
+        following.cancel()
+    young, middle, _ = thresholds_kept
+    assert thresholds.seen == [(young, middle, NEVER)]
+    assert gc.get_threshold() == thresholds_kept
+
+
+async def test_a_new_version_of_the_policy_file_is_built_with_full_collections_held(
+    tmp_path: Path, thresholds_kept: tuple[int, int, int]
+) -> None:
+    path = policy_file(tmp_path)
+    services = await build(Settings(policy=path))
+    thresholds = Thresholds()
+    services.policy.on_change(thresholds.note)
+    path.write_text(POLICY.replace("routes:", "  initech: {plan: free}\nroutes:"))
+    watching = asyncio.create_task(services.policy.watch(0.01))
+    try:
+        await eventually_async(lambda: services.policy.version, lambda n: n == 2, timeout=5, message="reload")
+    finally:
+        watching.cancel()
+    young, middle, _ = thresholds_kept
+    assert thresholds.seen == [(young, middle, NEVER)]
+    assert gc.get_threshold() == thresholds_kept
+
+
+async def test_a_rejected_version_of_the_policy_file_restores_full_collections(
+    tmp_path: Path, thresholds_kept: tuple[int, int, int]
+) -> None:
+    path = policy_file(tmp_path)
+    services = await build(Settings(policy=path))
+    path.write_text("tenants: [not, a, mapping]\n")
+    watching = asyncio.create_task(services.policy.watch(0.01))
+    try:
+        await eventually_async(
+            lambda: services.policy.rejected_versions, lambda n: n == 1, timeout=5, message="rejection"
+        )
+    finally:
+        watching.cancel()
+    assert gc.get_threshold() == thresholds_kept

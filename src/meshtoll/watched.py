@@ -12,11 +12,13 @@ for the dashboard's policy page), and changes nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -68,6 +70,7 @@ class Watched(Generic[Loaded]):
         self.last_rejection: Rejection | None = None
         self._listeners: list[Listener[Loaded]] = []
         self._preparers: list[Callable[[Loaded], Awaitable[None]]] = []
+        self._building: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
 
     def on_change(self, listener: Listener[Loaded]) -> None:
         """`listener` is called (awaited, if it is a coroutine) with each new version."""
@@ -77,6 +80,12 @@ class Watched(Generic[Loaded]):
         """`prepare` completes each new version before it becomes `current` (the policy's
         run-time tenants are installed into it); what it raises rejects the version."""
         self._preparers.append(prepare)
+
+    def while_building(self, building: Callable[[], AbstractContextManager[object]]) -> None:
+        """Each reload the watcher makes runs inside `building()`, from the load to the last
+        listener, whether the version is put in place or rejected (the policy's: no full
+        garbage collection walks a half-built version)."""
+        self._building = building
 
     async def replace(self, value: Loaded) -> None:
         for prepare in self._preparers:
@@ -102,22 +111,26 @@ class Watched(Generic[Loaded]):
             if current is None or current == self.loaded:
                 continue
             self.loaded = current
-            value = await load_off_loop(self._load, self.path, self._log, self._rejected)
-            if value is None:
-                self.rejected_versions += 1
-                continue
-            try:
-                await self.replace(value)
-            except Exception:
-                # The version could not be completed: the one in use stays, as for a version
-                # that does not load, and the watcher goes on.
-                self.rejected_versions += 1
-                self._rejected(())
-                self._log.exception(
-                    "%s: new version could not be put in place, the previous one stays", self.path
-                )
-                continue
-            self._log.info("%s reloaded: version %d, %s", self.path, self.version, self._describe(value))
+            with self._building():
+                await self._reload()
+
+    async def _reload(self) -> None:
+        value = await load_off_loop(self._load, self.path, self._log, self._rejected)
+        if value is None:
+            self.rejected_versions += 1
+            return
+        try:
+            await self.replace(value)
+        except Exception:
+            # The version could not be completed: the one in use stays, as for a version
+            # that does not load, and the watcher goes on.
+            self.rejected_versions += 1
+            self._rejected(())
+            self._log.exception(
+                "%s: new version could not be put in place, the previous one stays", self.path
+            )
+            return
+        self._log.info("%s reloaded: version %d, %s", self.path, self.version, self._describe(value))
 
     def _rejected(self, problems: Sequence[PolicyProblem]) -> None:
         self.last_rejection = Rejection(time.time(), tuple(problems))

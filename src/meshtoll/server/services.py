@@ -50,7 +50,7 @@ from meshtoll.server.exported import (
     export_tenants,
 )
 from meshtoll.server.lifecycle import Work
-from meshtoll.server.long_lived import keep_built
+from meshtoll.server.long_lived import building, keep_built
 from meshtoll.server.tenant_api import TenantApi
 from meshtoll.server.traffic import Traffic, metrics_reading
 from meshtoll.server.usage_sinks import UsageSinks, build_usage_sinks
@@ -129,7 +129,7 @@ async def runtime_tenants(settings: Settings, holder: PolicyHolder) -> RuntimeTe
     installed = InstalledTenants(holder)
     # A snapshot loaded later (a reload, or the first one when Redis was not reachable at
     # start) is frozen like the start's.
-    follower = RegistryFollower(registry, installed, loaded_all=keep_built)
+    follower = RegistryFollower(registry, installed, loaded_all=keep_built, building=building)
     await follower.load_first()
     reporter = InstanceReporter(registry, installed)
     service = TenantService(registry, lambda: holder.current, committed=installed.apply_own)
@@ -141,6 +141,7 @@ async def build(settings: Settings) -> Services:
     directory. Both are loaded in a thread: a large policy takes seconds to compile."""
     holder = await asyncio.to_thread(PolicyHolder.from_file, settings.policy)
     holder.on_change(lambda _: keep_built())  # a new version of the file, run-time tenants installed
+    holder.while_building(building)
     configs = None
     if settings.ratelimit_config is not None:
         configs = await asyncio.to_thread(DescriptorConfigHolder, settings.ratelimit_config)

@@ -12,9 +12,11 @@ too. While Redis cannot be reached, the instance serves the tenants it has.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from meshtoll.errors import StorageError
 from meshtoll.registry.records import Change
@@ -41,6 +43,7 @@ class RegistryFollower:
         retry_seconds: float = RETRY_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         loaded_all: Callable[[], None] = lambda: None,
+        building: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
     ) -> None:
         self._registry = registry
         self._installed = installed
@@ -50,6 +53,9 @@ class RegistryFollower:
         self._clock = clock
         # After each snapshot installed but one load_first installs: the start has its own.
         self._loaded_all = loaded_all
+        # Around each snapshot, from its records decoded to `loaded_all` (no full garbage
+        # collection walks a half-installed snapshot).
+        self._building = building
         self.loaded = asyncio.Event()  # the first snapshot is installed
         self.reloads = 0  # snapshots loaded after the first (gaps, resets)
         self.changes_applied = 0  # changes read from the registry's log and installed
@@ -91,6 +97,10 @@ class RegistryFollower:
                 self._failing = False
 
     async def _load(self, *, starting: bool = False) -> None:
+        with self._building():
+            await self._load_all(starting)
+
+    async def _load_all(self, starting: bool) -> None:
         started = time.monotonic()
         snapshot = await self._registry.snapshot()
         for name, why in snapshot.unreadable:
