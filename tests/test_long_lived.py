@@ -229,3 +229,21 @@ async def test_a_rejected_version_of_the_policy_file_restores_full_collections(
     finally:
         watching.cancel()
     assert gc.get_threshold() == thresholds_kept
+
+
+def young() -> set[int]:
+    return {id(found) for generation in (0, 1) for found in gc.get_objects(generation)}
+
+
+async def test_an_install_of_every_tenant_leaves_no_whole_set_to_one_young_collection(tmp_path: Path) -> None:
+    """Installing a tenant frees about what it allocates (the replaced tenant's objects), so
+    the count that starts young collections barely moves: without a collection between slices
+    the young generation kept the whole new set, 500,000 objects at 100,000 tenants, for the
+    next young collection to walk at once (100-280 ms with the event loop stopped)."""
+    holder = PolicyHolder.from_file(policy_file(tmp_path))
+    installed = InstalledTenants(holder)
+    names = [f"rt{n}" for n in range(4 * SLICE)]
+    await installed.replace_all([runtime_record(name) for name in names], 1, "1-0")
+    await installed.replace_all([runtime_record(name, version=2) for name in names], 2, "2-0")
+    first = holder.current.tenants[names[0]]  # installed in the first slice
+    assert id(first) not in young()
