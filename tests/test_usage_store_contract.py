@@ -76,6 +76,26 @@ async def test_records_count_by_route_status_and_period(usage_store: UsageStore)
     assert (await usage_store.usage(tenant, "2026-10")).requests == 0
 
 
+async def test_statuses_of_one_class_and_records_of_interleaved_hours_add_up(usage_store: UsageStore) -> None:
+    # The Redis store sums a batch by status and hour before it names their class and hash.
+    tenant = f"usage{next(_tenants)}"
+    batch = [
+        record(tenant, "a", status=200),
+        record(tenant, "b", status=503, units=0, at=T + 3600),
+        record(tenant, "c", status=201, units=2),
+        record(tenant, "d", status=500, units=0),
+        record(tenant, "e", status=204, units=1, at=T + 3600),
+        record(tenant, "f", status=99, units=0),
+    ]
+    assert await usage_store.record(batch) == 6
+    november = await usage_store.usage(tenant, "2026-11-30T23")
+    assert (november.requests, november.units) == (4, 7)
+    assert november.by_status == {"2xx": 2, "5xx": 1, "unknown": 1}
+    december = await usage_store.usage(tenant, "2026-12-01T00")
+    assert (december.requests, december.units) == (2, 1)
+    assert december.by_status == {"2xx": 1, "5xx": 1}
+
+
 async def test_a_replayed_or_duplicated_batch_never_counts_twice(usage_store: UsageStore) -> None:
     tenant = f"usage{next(_tenants)}"
     batch = [record(tenant, "a"), record(tenant, "b")]

@@ -37,6 +37,7 @@ from meshtoll.usage.records import (
     Source,
     UsageRecord,
     periods_of_hour,
+    status_class,
     with_reported_units,
 )
 from meshtoll.usage.store import ADMITTED_TENANTS_SECONDS, DEFAULT_LEDGER_RETENTION_SECONDS, PendingAdmissions
@@ -394,26 +395,32 @@ def usage_script_call(
     keys = [admissions_key(tenant), pending_key(tenant), ledger_key(tenant)]
     keys += (seen_key(tenant, this_week), seen_key(tenant, this_week - 1), reported_units_key(tenant))
     keys.append(ledger_appended_key(tenant))
-    groups: dict[int, int] = {}  # hour since the epoch -> hour group (1-based)
-    # (group, route, status class, source) -> [requests, units]: a batch's records share
-    # a handful of these, so the counter fields are spelled out once per kind, not per record.
-    kinds: dict[tuple[int, str, str, str, Source], list[int]] = {}
+    # (hour since the epoch, route, plan, status, source) -> [requests, units]: a batch's
+    # records share a handful of these, so the counter fields are spelled out once per kind,
+    # not per record. Keyed by the hour and the status themselves: their group and status
+    # class are worked out once per kind below, not per record (a property call and a dict
+    # lookup, 30% of this loop; the meter runs it for every metered request). Kinds keep the
+    # order of their first record, so groups, keys and increments come in the order the
+    # records name them, as when they were worked out per record.
+    kinds: dict[tuple[float, str, str, int, Source], list[int]] = {}
     for record in batch:
-        hour = int(record.time // 3600)
-        group = groups.get(hour)
-        if group is None:
-            group = groups[hour] = len(groups) + 1
-            keys += (usage_key(tenant, period) for period in periods_of_hour(hour))
-        kind = (group, record.route, record.plan, record.status_class, record.source)
+        # The hour as the float floor division gives it: int() once per kind, not per record.
+        kind = (record.time // 3600, record.route, record.plan, record.status, record.source)
         sums = kinds.get(kind)
         if sums is None:
             kinds[kind] = [1, record.units]
         else:
             sums[0] += 1
             sums[1] += record.units
+    groups: dict[int, int] = {}  # hour since the epoch -> hour group (1-based)
     amounts: dict[tuple[int, str], int] = {}
-    for (group, route, plan, status_class, source), (requests, units) in kinds.items():
-        for name, amount in counter_increments(route, plan, status_class, source, requests, units):
+    for (floor, route, plan, status, source), (requests, units) in kinds.items():
+        hour = int(floor)
+        group = groups.get(hour)
+        if group is None:
+            group = groups[hour] = len(groups) + 1
+            keys += (usage_key(tenant, period) for period in periods_of_hour(hour))
+        for name, amount in counter_increments(route, plan, status_class(status), source, requests, units):
             amounts[group, name] = amounts.get((group, name), 0) + amount
     ledger_entry = ledger_entry_document(batch)
     # Ledger ids are insertion times in ms: entries older than the retention are trimmed.

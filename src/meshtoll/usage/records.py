@@ -37,7 +37,7 @@ class UsageRecord:
 
     @property
     def status_class(self) -> str:
-        return _STATUS_CLASSES[self.status // 100] if 100 <= self.status < 600 else "unknown"
+        return status_class(self.status)
 
     def periods(self) -> tuple[str, str, str]:
         """The month, day and hour (UTC) this record counts in."""
@@ -69,6 +69,11 @@ class UsageRecord:
         fields = dict(document)
         fields.pop("status_class", None)
         return cls(**fields)
+
+
+def status_class(status: int) -> str:
+    """The counter a status counts in: "2xx" for 200 to 299, "unknown" outside 100 to 599."""
+    return _STATUS_CLASSES[status // 100] if 100 <= status < 600 else "unknown"
 
 
 @functools.lru_cache(maxsize=256)
