@@ -72,6 +72,20 @@ def test_an_entry_becomes_an_observation_with_every_field() -> None:
     assert seen == ("r1", "acme", 200, 240, 390, 12.0)
 
 
+@pytest.mark.parametrize(
+    ("status", "reported", "units"), [(200, None, 5), (302, 9, 9), (404, 9, 0), (503, None, 0)]
+)
+def test_a_settled_record_is_the_one_usage_record_would_build_field_for_field(
+    status: int, reported: int | None, units: int
+) -> None:
+    # settled_by sets each field itself, not through UsageRecord's __init__: a field it
+    # leaves unset would make the two differ (or raise on comparison).
+    record = admitted("t1", "r1").settled_by(("r1", "t1", status, 120, 3400, 7.5), reported)
+    assert record == UsageRecord(
+        "r1", START, "t1", "ci", "pro", "search", "POST", status, 120, 3400, 7.5, units
+    )
+
+
 def test_the_tenant_comes_from_ext_authz_metadata_when_the_headers_are_absent() -> None:
     logged = entry("r3", headers={})
     authz = logged.common_properties.metadata.filter_metadata["envoy.filters.http.ext_authz"]
