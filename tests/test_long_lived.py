@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,6 +43,17 @@ def walked(*objects: object) -> list[object]:
     assert all(gc.is_tracked(found) for found in objects)
     tracked = {id(found) for found in gc.get_objects()}
     return [found for found in objects if id(found) in tracked]
+
+
+async def run_until(
+    work: Coroutine[Any, Any, object], probe: Callable[[], int], reached: int, message: str
+) -> None:
+    """Run `work` (a watcher's or follower's loop) until `probe()` reaches `reached`."""
+    running = asyncio.create_task(work)
+    try:
+        await eventually_async(probe, lambda n: n == reached, timeout=5, message=message)
+    finally:
+        running.cancel()
 
 
 def policy_file(tmp_path: Path, text: str = POLICY) -> Path:
@@ -86,13 +98,7 @@ async def test_run_time_tenants_loaded_again_from_the_registry_are_not_walked(
     assert tenants is not None
     for name in ("globex", "hooli", "initech"):
         await tenants.service.create({"name": name, "plan": "free"}, "test")
-    following = asyncio.create_task(tenants.follower.run_forever())
-    try:
-        await eventually_async(
-            lambda: tenants.follower.reloads, lambda n: n == 1, timeout=5, message="reload"
-        )
-    finally:
-        following.cancel()
+    await run_until(tenants.follower.run_forever(), lambda: tenants.follower.reloads, 1, "reload")
     records = tenants.installed.records
     compiled = services.policy.current.tenants
     assert walked(*records.values(), *(compiled[name] for name in records)) == []
@@ -185,13 +191,7 @@ async def test_a_registry_reload_is_built_with_full_collections_held(
     for name in ("globex", "hooli", "initech"):
         await tenants.service.create({"name": name, "plan": "free"}, "test")
     thresholds.seen.clear()  # the start's snapshot
-    following = asyncio.create_task(tenants.follower.run_forever())
-    try:
-        await eventually_async(
-            lambda: tenants.follower.reloads, lambda n: n == 1, timeout=5, message="reload"
-        )
-    finally:
-        following.cancel()
+    await run_until(tenants.follower.run_forever(), lambda: tenants.follower.reloads, 1, "reload")
     young, middle, _ = thresholds_kept
     assert thresholds.seen == [(young, middle, NEVER)]
     assert gc.get_threshold() == thresholds_kept
@@ -205,11 +205,7 @@ async def test_a_new_version_of_the_policy_file_is_built_with_full_collections_h
     thresholds = Thresholds()
     services.policy.on_change(thresholds.note)
     path.write_text(POLICY.replace("routes:", "  initech: {plan: free}\nroutes:"))
-    watching = asyncio.create_task(services.policy.watch(0.01))
-    try:
-        await eventually_async(lambda: services.policy.version, lambda n: n == 2, timeout=5, message="reload")
-    finally:
-        watching.cancel()
+    await run_until(services.policy.watch(0.01), lambda: services.policy.version, 2, "reload")
     young, middle, _ = thresholds_kept
     assert thresholds.seen == [(young, middle, NEVER)]
     assert gc.get_threshold() == thresholds_kept
@@ -221,13 +217,7 @@ async def test_a_rejected_version_of_the_policy_file_restores_full_collections(
     path = policy_file(tmp_path)
     services = await build(Settings(policy=path))
     path.write_text("tenants: [not, a, mapping]\n")
-    watching = asyncio.create_task(services.policy.watch(0.01))
-    try:
-        await eventually_async(
-            lambda: services.policy.rejected_versions, lambda n: n == 1, timeout=5, message="rejection"
-        )
-    finally:
-        watching.cancel()
+    await run_until(services.policy.watch(0.01), lambda: services.policy.rejected_versions, 1, "rejection")
     assert gc.get_threshold() == thresholds_kept
 
 
