@@ -6,14 +6,18 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from google.protobuf import json_format
 
 from meshtoll.authz.authorizer import Authorizer
-from meshtoll.authz.grpc_transport import AuthorizationServicer
+from meshtoll.authz.grpc_transport import AllowAnswer, AuthorizationServicer, allowed_response
 from meshtoll.authz.jwks import JwksCache
+from meshtoll.authz.verdict import Allow
 from meshtoll.policy.reload import PolicyHolder
+from meshtoll.ratelimit.verdict import rate_limit_pairs
+from meshtoll.transport.h2_server import CallAborted, CallContext, StatusCode
 
 KEY = "grpc-test-key"
 
@@ -76,3 +80,78 @@ async def test_deny_carries_http_status_json_body_and_grpc_code(tmp_path: Path) 
 async def test_spiffe_principal_of_a_verified_peer_identifies_the_tenant(tmp_path: Path) -> None:
     answer = await servicer(tmp_path).Check(check_request({}, principal="spiffe://acme.test/bot"), None)
     assert answer.status.code == 0
+
+
+def bytes_context() -> CallContext:
+    return CallContext((("content-type", "application/grpc"),))
+
+
+async def check_bytes(servicer: AuthorizationServicer, request: bytes) -> bytes:
+    answer = servicer.check(request, bytes_context())
+    return answer if isinstance(answer, bytes) else await answer
+
+
+async def test_check_on_bytes_answers_the_bytes_the_message_servicer_would(tmp_path: Path) -> None:
+    served = servicer(tmp_path)
+    for request in (
+        check_request({"x-api-key": KEY, "x-meshtoll-shadow": "1"}),
+        check_request({"x-api-key": "wrong"}),
+        check_request({}, principal="spiffe://acme.test/bot"),
+    ):
+        # The same bytes to both: a protobuf map (the request's headers) keeps no order
+        # across a serialisation, and the headers to remove follow it.
+        sent = request.SerializeToString()
+        expected = await served.Check(external_auth_pb2.CheckRequest.FromString(sent), None)
+        assert await check_bytes(served, sent) == expected.SerializeToString()
+
+
+ALLOW = Allow(
+    tenant="acme",
+    plan="pro",
+    consumer="ci",
+    route="v1",
+    headers=(("x-meshtoll-tenant", "acme"), ("x-meshtoll-route", "v1")),
+    remove_headers=("x-api-key",),
+    metadata={"tenant": "acme", "plan": "pro"},
+)
+
+
+@pytest.mark.parametrize("query_params", [(), ("api_key",)])
+def test_an_allow_with_ratelimit_values_is_the_message_with_its_headers_added(
+    query_params: tuple[str, ...],
+) -> None:
+    allow = ALLOW._replace(remove_query_params=query_params)
+    cached = AllowAnswer(allowed_response(allow))
+    for state in ((100, 7, 30), (100, 6, 29)):
+        expected = allowed_response(allow)
+        expected.ok_response.response_headers_to_add.extend(
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=name, value=value),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+            for name, value in rate_limit_pairs(state)
+        )
+        assert cached.encode(allow._replace(rate_limit=state)) == expected.SerializeToString()
+
+
+def test_the_cached_allow_answer_never_carries_one_requests_ratelimit_values_into_another() -> None:
+    cached = AllowAnswer(allowed_response(ALLOW))
+    plain = cached.encode(ALLOW)
+    first = external_auth_pb2.CheckResponse.FromString(cached.encode(ALLOW._replace(rate_limit=(100, 7, 30))))
+    second = external_auth_pb2.CheckResponse.FromString(
+        cached.encode(ALLOW._replace(rate_limit=(100, 6, 29)))
+    )
+    assert [(o.header.key, o.header.value) for o in second.ok_response.response_headers_to_add] == [
+        ("ratelimit-limit", "100"),
+        ("ratelimit-remaining", "6"),
+        ("ratelimit-reset", "29"),
+    ]
+    assert len(first.ok_response.response_headers_to_add) == 3
+    assert cached.encode(ALLOW) == plain
+    assert not external_auth_pb2.CheckResponse.FromString(plain).ok_response.response_headers_to_add
+
+
+def test_check_on_bytes_that_are_not_a_check_request_ends_the_call_internal(tmp_path: Path) -> None:
+    with pytest.raises(CallAborted) as aborted:
+        servicer(tmp_path).check(b"\xff\xff\xff", bytes_context())
+    assert aborted.value.code == StatusCode.INTERNAL
