@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import grpc
 import pytest
@@ -15,8 +16,10 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceResponse,
 )
 
-from meshtoll.meter.otlp import LOGS_SERVICE, OtlpLogsReceiver
+from meshtoll.meter.otlp import EXPORT_METHOD, LOGS_SERVICE, OtlpLogsReceiver
 from meshtoll.meter.settle import Settlement
+from meshtoll.transport.h2_server import CallAborted, CallContext, StatusCode, serve_grpc
+from meshtoll.transport.http_listener import listening_socket
 from meshtoll.usage.records import Admission
 from meshtoll.usage.store import UsageStore
 
@@ -62,23 +65,40 @@ class Clock:
         return float(START)
 
 
-@pytest.fixture
-async def receiver(usage_store: UsageStore) -> AsyncIterator[tuple[Settlement, Export]]:
-    settlement = Settlement(usage_store, clock=Clock(), wait_seconds=0)
+@asynccontextmanager
+async def grpc_aio_port(receiver: OtlpLogsReceiver) -> AsyncIterator[int]:
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((OtlpLogsReceiver(settlement).handler(),))
+    server.add_generic_rpc_handlers((receiver.handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            export = channel.unary_unary(
-                f"/{LOGS_SERVICE}/Export",
-                request_serializer=ExportLogsServiceRequest.SerializeToString,
-                response_deserializer=ExportLogsServiceResponse.FromString,
-            )
-            yield settlement, export
+        yield port
     finally:
         await server.stop(None)
+
+
+@asynccontextmanager
+async def h2c_port(receiver: OtlpLogsReceiver) -> AsyncIterator[int]:
+    sock = listening_socket("127.0.0.1", 0)
+    async with serve_grpc({EXPORT_METHOD: receiver.export_bytes}, sock):
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture(params=[grpc_aio_port, h2c_port], ids=["grpc.aio", "h2c"])
+async def receiver(
+    request: pytest.FixtureRequest, usage_store: UsageStore
+) -> AsyncIterator[tuple[Settlement, Export]]:
+    settlement = Settlement(usage_store, clock=Clock(), wait_seconds=0)
+    async with (
+        request.param(OtlpLogsReceiver(settlement)) as port,
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+    ):
+        export = channel.unary_unary(
+            f"/{LOGS_SERVICE}/Export",
+            request_serializer=ExportLogsServiceRequest.SerializeToString,
+            response_deserializer=ExportLogsServiceResponse.FromString,
+        )
+        yield settlement, export
 
 
 async def test_an_export_sent_twice_bills_each_request_once(
@@ -132,3 +152,17 @@ async def test_a_well_formed_record_without_an_admission_bills_nothing(
     await settlement.retry_waiting()
     assert settlement.outcomes["unmatched"] == 1
     assert (await usage_store.usage(tenant, "2026-11")).requests == 0
+
+
+async def test_an_export_on_bytes_without_meter_lines_is_answered_at_once_and_garbage_ends_internal(
+    usage_store: UsageStore,
+) -> None:
+    settlement = Settlement(usage_store, clock=Clock(), wait_seconds=0)
+    receiver = OtlpLogsReceiver(settlement)
+    context = CallContext(())
+    answer = receiver.export_bytes(export_of(line("r-refused", "-", status=401)).SerializeToString(), context)
+    assert answer == ExportLogsServiceResponse().SerializeToString()
+    assert settlement.outcomes["anonymous"] == 1
+    with pytest.raises(CallAborted) as aborted:
+        receiver.export_bytes(b"\x0a\xff", context)
+    assert aborted.value.code == StatusCode.INTERNAL

@@ -1,7 +1,8 @@
 """`opentelemetry.proto.collector.logs.v1.LogsService/Export`: Envoy's OpenTelemetry access
 logger in, one meter line (meter/log_line.py) per logged request, settled against authz's
 admissions like the gRPC access log's entries (meter/als.py). Each flush of Envoy's buffer
-is one unary call.
+is one unary call: `export_bytes` on meshtoll's own h2c server (transport/h2_server.py),
+`export` on grpc.aio.
 
 xds-protos ships the OTLP messages but no gRPC stub for them, so the service is
 registered as a generic handler around the messages' own (de)serialisers. Its copy of
@@ -12,9 +13,10 @@ numbers, same wire format; the names are looked up once, whichever copy is insta
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceRequest,
     ExportLogsServiceResponse,
@@ -24,9 +26,12 @@ from opentelemetry.proto.logs.v1 import logs_pb2
 from meshtoll.errors import MalformedLine
 from meshtoll.meter.log_line import parse_log_line
 from meshtoll.meter.settle import Settlement
+from meshtoll.transport.h2_server import CallAborted, CallContext, StatusCode
 from meshtoll.usage.records import Observation
 
 LOGS_SERVICE = "opentelemetry.proto.collector.logs.v1.LogsService"
+EXPORT_METHOD = f"/{LOGS_SERVICE}/Export"  # its HTTP/2 :path
+_EXPORTED: bytes = ExportLogsServiceResponse().SerializeToString()
 
 
 class OtlpLogsReceiver:
@@ -44,9 +49,32 @@ class OtlpLogsReceiver:
         )
         return grpc.method_handlers_generic_handler(LOGS_SERVICE, {"Export": export})
 
+    def export_bytes(self, request: bytes, context: CallContext) -> bytes | Awaitable[bytes]:
+        """Export on the call's bytes: answered at once when no entry is to be settled."""
+        try:
+            message = ExportLogsServiceRequest.FromString(request)
+        except DecodeError:
+            # What grpcio answers when its own deserialiser fails.
+            raise CallAborted(StatusCode.INTERNAL, "the request is not an ExportLogsServiceRequest") from None
+        observations = self._observations(message)
+        if not observations:
+            return _EXPORTED
+        return self._settled(observations)
+
+    async def _settled(self, observations: list[Observation]) -> bytes:
+        await self._settlement.settle(observations)
+        return _EXPORTED
+
     async def export(
         self, request: ExportLogsServiceRequest, context: grpc.aio.ServicerContext
     ) -> ExportLogsServiceResponse:
+        observations = self._observations(request)
+        if observations:
+            await self._settlement.settle(observations)
+        return ExportLogsServiceResponse()
+
+    def _observations(self, request: ExportLogsServiceRequest) -> list[Observation]:
+        """The request's meter lines, its other entries counted by outcome."""
         observations: list[Observation] = []
         anonymous = malformed = 0
         for body in self.bodies(request):
@@ -65,9 +93,7 @@ class OtlpLogsReceiver:
         outcomes["anonymous"] += anonymous
         # Not meter lines (another log format, or forged): dropped, never billed.
         outcomes["malformed"] += malformed
-        if observations:
-            await self._settlement.settle(observations)
-        return ExportLogsServiceResponse()
+        return observations
 
     def bodies(self, request: ExportLogsServiceRequest) -> Iterator[str]:
         """The text body of every log record in the request ("" for a body of another kind)."""
