@@ -19,6 +19,7 @@ from meshtoll.envoyproxy_ratelimit.environment import RlsSettings
 from meshtoll.errors import ConfigError
 from meshtoll.ratelimit.rls import RLS_METHOD
 from meshtoll.server.event_loop import running_loop_name
+from meshtoll.server.grpc_health import HEALTH_CHECK
 from meshtoll.server.lifecycle import (
     Listener,
     announce_ports,
@@ -26,7 +27,7 @@ from meshtoll.server.lifecycle import (
     serve_until_signalled,
     stop_serving,
 )
-from meshtoll.server.rls_services import HEALTH_CHECK, RlsServices, build_rls
+from meshtoll.server.rls_services import RlsServices, build_rls
 from meshtoll.transport.h2_server import UnaryHandler, serve_grpc
 from meshtoll.transport.http_listener import listening_socket
 from meshtoll.transport.http_server import serve_http, serve_http_reading_bodies

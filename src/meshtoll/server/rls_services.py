@@ -19,9 +19,6 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from functools import partial
 
-from google.protobuf.message import DecodeError
-from grpc_health.v1 import health_pb2
-
 from meshtoll.envoyproxy_ratelimit.config_files import DescriptorConfigHolder, DescriptorConfigs
 from meshtoll.envoyproxy_ratelimit.domains import ConfiguredDomains
 from meshtoll.envoyproxy_ratelimit.environment import RlsSettings
@@ -32,6 +29,7 @@ from meshtoll.envoyproxy_ratelimit.strict import StrictLimiter, StrictOptions
 from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.ratelimit.rls import RateLimitServicer
 from meshtoll.ratelimit.service import RateLimitService
+from meshtoll.server.grpc_health import NOT_SERVING, SERVING, requested_service
 from meshtoll.server.lifecycle import Work
 from meshtoll.storage import CounterStore, open_counter_store
 from meshtoll.telemetry.metrics import Metrics
@@ -47,15 +45,6 @@ CONFIG_POLL_SECONDS = 1.0
 _OK = response(200, "OK", (("content-type", "text/plain"),), b"OK")
 _FAILING = response(500, "Internal Server Error", (("content-type", "text/plain"),), b"")
 _NOT_FOUND = response(404, "Not Found", (("content-type", "text/plain"),), b"404 page not found\n")
-
-
-HEALTH_CHECK = "/grpc.health.v1.Health/Check"
-_SERVING: bytes = health_pb2.HealthCheckResponse(
-    status=health_pb2.HealthCheckResponse.SERVING
-).SerializeToString()
-_NOT_SERVING = health_pb2.HealthCheckResponse(
-    status=health_pb2.HealthCheckResponse.NOT_SERVING
-).SerializeToString()
 
 
 class Health:
@@ -75,14 +64,10 @@ class Health:
     def check(self, request: bytes, context: CallContext) -> bytes:
         """Health/Check on the request's bytes: SERVING or NOT_SERVING for the services in
         HEALTH_SERVICES, NOT_FOUND for any other (as grpcio's health servicer answers)."""
-        try:
-            service = health_pb2.HealthCheckRequest.FromString(request).service
-        except DecodeError:
-            raise CallAborted(StatusCode.INTERNAL, "the request is not a HealthCheckRequest") from None
+        service = requested_service(request)
         if service not in HEALTH_SERVICES:
             raise CallAborted(StatusCode.NOT_FOUND, f"unknown service {service!r}")
-        answer: bytes = _SERVING if self.ok else _NOT_SERVING
-        return answer
+        return SERVING if self.ok else NOT_SERVING
 
     async def config_loaded(self, configs: DescriptorConfigs) -> None:
         """As envoyproxy/ratelimit's SetConfig: a configuration without any domain fails
