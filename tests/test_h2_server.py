@@ -18,6 +18,8 @@ import grpc
 import hpack
 import pytest
 
+from meshtoll.server.tls import load_service_tls
+from meshtoll.settings import Settings
 from meshtoll.transport.h2_server import (
     CONNECTION_WINDOW,
     CONTROL_FRAME_ALLOWANCE,
@@ -34,6 +36,7 @@ from meshtoll.transport.h2_server import (
     serve_grpc,
 )
 from meshtoll.transport.http_listener import HttpLimits, HttpListener, listening_socket
+from tests.certs import TestPki
 
 ECHO = "/test.Echo/Echo"
 SLOW = "/test.Echo/Slow"
@@ -902,3 +905,36 @@ async def test_a_request_that_is_not_one_plain_message_is_an_internal_error(
     assert server.calls.metadata == []
     client.send(client.request(3, b"next"))
     assert (await client.answer(3))[0] == b"next"
+
+
+# TLS
+
+
+@pytest.mark.parametrize("client", ["trusted", "none", "untrusted"])
+async def test_over_mutual_tls_a_trusted_client_is_answered_and_others_refused_at_the_handshake(
+    pki: TestPki, client: str
+) -> None:
+    tls = load_service_tls(
+        Settings(
+            tls_cert=pki.server.server_cert, tls_key=pki.server.server_key, tls_client_ca=pki.server.ca_cert
+        )
+    )
+    assert tls is not None
+    sock = listening_socket("127.0.0.1", 0)
+    cert = {"trusted": pki.bot, "none": None, "untrusted": pki.untrusted}[client]
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=pki.server.ca_cert.read_bytes(),
+        private_key=None if cert is None else cert.key.read_bytes(),
+        certificate_chain=None if cert is None else cert.cert.read_bytes(),
+    )
+    async with (
+        serve_grpc({ECHO: Calls().echo}, sock, tls=tls.grpc_context),
+        grpc.aio.secure_channel(f"127.0.0.1:{sock.getsockname()[1]}", credentials) as channel,
+    ):
+        unary = channel.unary_unary(ECHO)
+        if cert is pki.bot:
+            assert await unary(b"over tls", timeout=TIMEOUT) == b"over tls"
+        else:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await unary(b"over tls", timeout=TIMEOUT)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE

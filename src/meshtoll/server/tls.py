@@ -26,6 +26,7 @@ class ServiceTls:
     private_key: bytes
     client_ca: bytes | None  # None: any client may connect; else it must present a certificate
     context: ssl.SSLContext  # for the HTTP authz port, built (and so checked) at load
+    grpc_context: ssl.SSLContext  # for the gRPC port: the same, but for ALPN h2
 
     @property
     def mutual(self) -> bool:
@@ -49,7 +50,9 @@ def load_service_tls(settings: Settings) -> ServiceTls | None:
         cert_chain=_read(settings.tls_cert, "tls_cert"),
         private_key=_read(settings.tls_key, "tls_key"),
         client_ca=None if ca is None else _read(ca, "tls_client_ca"),
-        context=_ssl_context(settings.tls_cert, settings.tls_key, ca),
+        context=_ssl_context(settings.tls_cert, settings.tls_key, ca, "http/1.1"),
+        # gRPC over TLS needs h2 negotiated by ALPN (grpc core refuses a server without it).
+        grpc_context=_ssl_context(settings.tls_cert, settings.tls_key, ca, "h2"),
     )
 
 
@@ -60,11 +63,12 @@ def _read(path: Path, setting: str) -> bytes:
         raise ConfigError(f"{setting}: cannot read {path} ({exc.strerror})") from None
 
 
-def _ssl_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:
+def _ssl_context(cert: Path, key: Path, client_ca: Path | None, protocol: str) -> ssl.SSLContext:
+    """`protocol`: the one ALPN protocol the port speaks (Envoy's HTTP ext_authz client
+    speaks HTTP/1.1, its gRPC clients h2)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    # Envoy's HTTP ext_authz client speaks HTTP/1.1; say so to clients that ask (ALPN).
-    context.set_alpn_protocols(["http/1.1"])
+    context.set_alpn_protocols([protocol])
     try:
         context.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as exc:

@@ -1,5 +1,5 @@
-"""A lean h2c server for unary gRPC calls (HTTP/2 with prior knowledge, no TLS), on the
-event loop's own transports, as http_server.py is for HTTP/1.1.
+"""A lean HTTP/2 server for unary gRPC calls (h2c with prior knowledge, or over TLS with
+ALPN `h2`), on the event loop's own transports, as http_server.py is for HTTP/1.1.
 
 grpc.aio's per-call machinery (its Cython layer, the poller thread handing completions to
 the event loop, a call object and a Task per call) cost about 226,000 instructions a call
@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from enum import IntEnum
 from typing import Any, cast
@@ -995,14 +996,18 @@ TOO_MANY_CONNECTIONS = (
 
 
 def serve_grpc(
-    handlers: Mapping[str, UnaryHandler], sock: socket.socket, limits: HttpLimits = GRPC_LIMITS
+    handlers: Mapping[str, UnaryHandler],
+    sock: socket.socket,
+    limits: HttpLimits = GRPC_LIMITS,
+    tls: ssl.SSLContext | None = None,
 ) -> HttpListener:
     """Serve unary gRPC calls on the listening `sock`, `handlers` by method path
     ("/package.Service/Method"); any other path is answered UNIMPLEMENTED. `limits`: the
-    header timeout bounds a frame's or header block's arrival; the idle timeout, a
-    connection without calls."""
+    header timeout bounds a frame's or header block's arrival (and a TLS handshake's); the
+    idle timeout, a connection without calls. `tls`: a context that offers ALPN `h2` (gRPC
+    clients require it), None for h2c."""
     listener = HttpListener(
-        sock, lambda owner: H2Connection(handlers, owner), limits, None, TOO_MANY_CONNECTIONS
+        sock, lambda owner: H2Connection(handlers, owner), limits, tls, TOO_MANY_CONNECTIONS
     )
     listener.start()
     return listener
