@@ -1,4 +1,4 @@
-"""A lean HTTP/2 server for unary gRPC calls (h2c with prior knowledge, or over TLS with
+"""A lean HTTP/2 server for gRPC calls (h2c with prior knowledge, or over TLS with
 ALPN `h2`), on the event loop's own transports, as http_server.py is for HTTP/1.1.
 
 grpc.aio's per-call machinery (its Cython layer, the poller thread handing completions to
@@ -24,8 +24,19 @@ find a window; past a bound the connection ends with GOAWAY and the error code R
 names (a request that does not arrive whole is reset alone). The timeouts and deadlines
 are judged by the listener's sweep, never by a timer per call.
 
-Unary calls only: no server streaming, no compression (not advertised, so a client does
-not compress); gRPC status and message go in the trailers.
+Streaming calls (serve_grpc's `streams`; h2_streams.py): the handler takes the request
+messages from an async iterator and yields its answers, each sent once the peer's windows let
+it. The same bounds hold, but for the ones a long-lived stream cannot keep: a request stream
+need not arrive whole (each message must, within the frame timeout, or the call ends
+INTERNAL), and a connection with a stream open is never idle. A stream's receive window is
+returned to the peer only as its handler takes messages, so what a connection holds for its
+streams stays within the connection window (a handler that never takes holds its share of
+it, and its peer's other streams wait; as for any HTTP/2 server with bounded buffers).
+grpc-timeout is honoured; on shutdown the open streams get STREAM_STOP_GRACE_SECONDS, then
+end UNAVAILABLE and are cancelled, so an access-log stream that never ends holds no shutdown.
+
+No compression (not advertised, so a client does not compress); gRPC status and message go
+in the trailers.
 """
 
 from __future__ import annotations
@@ -34,11 +45,13 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from enum import IntEnum
 from typing import Any, cast
 from urllib.parse import quote
 
+from meshtoll.transport.h2_streams import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
+from meshtoll.transport.h2_streams import PREFIX_BYTES, RequestMessages, StreamFailed
 from meshtoll.transport.hpack_decoder import HeaderBlockDecoder, HeaderBlockError, Headers
 from meshtoll.transport.http_listener import Connection, HttpLimits, HttpListener
 
@@ -107,8 +120,8 @@ DEFAULT_WINDOW = 65_535
 MAX_WINDOW = 2**31 - 1
 DEFAULT_FRAME_SIZE = 16_384  # also the largest this side accepts (it advertises no other)
 MAX_FRAME_SIZE_SETTING = 2**24 - 1
-# gRPC's default largest message (grpcio's and grpc-go's receive limit).
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# A stream's receive window: one whole request of the largest size.
+STREAM_WINDOW = MAX_MESSAGE_BYTES + PREFIX_BYTES
 # The request bytes a connection may buffer, as its window: every stream's share of it.
 CONNECTION_WINDOW = MAX_MESSAGE_BYTES + 5 + 1024
 MAX_CONCURRENT_STREAMS = 1000
@@ -139,11 +152,15 @@ _HEAD_BLOCK_BYTES = 512
 # grpc-timeout's units (gRPC over HTTP/2: "H" / "M" / "S" / "m" / "u" / "n"), in seconds.
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 MALFORMED_TIMEOUT = -1.0
+# How long the open streams may go on once shutting down: unary calls finish within Envoy's
+# 0.25-0.5 s timeouts, and an access-log stream never ends by itself, so a longer grace would
+# only delay every shutdown by all of it.
+STREAM_STOP_GRACE_SECONDS = 1.0
 
 SERVER_SETTINGS: tuple[tuple[Setting, int], ...] = (
     (Setting.ENABLE_PUSH, 0),
     (Setting.MAX_CONCURRENT_STREAMS, MAX_CONCURRENT_STREAMS),
-    (Setting.INITIAL_WINDOW_SIZE, MAX_MESSAGE_BYTES + 5),  # one whole request per stream
+    (Setting.INITIAL_WINDOW_SIZE, STREAM_WINDOW),
     (Setting.MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST_BYTES),
 )
 
@@ -194,6 +211,13 @@ class CallContext:
 UnaryHandler = Callable[[bytes, CallContext], bytes | Awaitable[bytes]]
 """(request message bytes, the call) -> the answer message's bytes, or an awaitable of
 them. Raising CallAborted (CallContext.abort) ends the call with that status."""
+
+StreamHandler = Callable[[AsyncIterator[bytes], CallContext], AsyncIterator[bytes]]
+"""(the request messages' bytes, the call) -> the answers' bytes, for client, server and
+bidirectional streaming alike. The requests end at the peer's END_STREAM; the call ends OK
+when the handler's iterator ends, with the status of a CallAborted it raises, INTERNAL (and
+logged) for any other exception. The peer's RST_STREAM, the connection's loss or the end of
+the shutdown's grace cancels it."""
 
 
 def _frame_head(length: int, kind: int, flags: int, stream: int) -> bytes:
@@ -286,8 +310,30 @@ def _head_of(headers: Headers) -> _Head:
 _NO_DEADLINE = float("inf")
 
 
+class _StreamCall:
+    """A streaming call's state beside its _Stream's."""
+
+    __slots__ = ("closed", "drained", "headers_sent", "requests", "taken")
+
+    def __init__(self, requests: RequestMessages) -> None:
+        self.requests = requests
+        self.headers_sent = False
+        self.closed = False  # answered (or reset): nothing more is sent or credited
+        # Request bytes the handler took whose stream window is not yet returned to the peer.
+        self.taken = 0
+        # Set while the handler's last answer waits for the peer's windows.
+        self.drained: asyncio.Future[None] | None = None
+
+    def sent(self) -> None:
+        drained = self.drained
+        if drained is not None:
+            self.drained = None
+            if not drained.done():
+                drained.set_result(None)
+
+
 class _Stream:
-    __slots__ = ("credit", "data", "deadline", "ended", "head", "opened", "received", "task")
+    __slots__ = ("call", "credit", "data", "deadline", "ended", "head", "opened", "received", "task")
 
     def __init__(self, head: _Head, opened: float) -> None:
         self.head = head
@@ -299,7 +345,8 @@ class _Stream:
         self.opened = opened  # the coarse clock when its HEADERS arrived
         self.ended = False  # the request arrived whole (END_STREAM) and the call was made
         self.deadline = _NO_DEADLINE  # when an awaited call is answered DEADLINE_EXCEEDED
-        self.task: asyncio.Future[bytes] | None = None
+        self.task: asyncio.Future[Any] | None = None
+        self.call: _StreamCall | None = None  # a streaming call's own state
 
 
 class H2Connection(Connection):
@@ -320,6 +367,7 @@ class H2Connection(Connection):
         "_decoder",
         "_goaway_last",
         "_goaway_sent",
+        "_grace",
         "_handlers",
         "_heads",
         "_last_stream",
@@ -333,13 +381,25 @@ class H2Connection(Connection):
         "_reset",
         "_send_window",
         "_since",
+        "_stream_grace",
+        "_stream_handlers",
         "_streams",
         "_transport",
+        "_window_left",
         "_write_paused",
     )
 
-    def __init__(self, handlers: Mapping[str, UnaryHandler], owner: HttpListener) -> None:
+    def __init__(
+        self,
+        handlers: Mapping[str, UnaryHandler],
+        owner: HttpListener,
+        stream_handlers: Mapping[str, StreamHandler] | None = None,
+        stream_grace: float = STREAM_STOP_GRACE_SECONDS,
+    ) -> None:
         self._handlers = handlers
+        self._stream_handlers = stream_handlers or {}
+        self._stream_grace = stream_grace
+        self._grace: asyncio.TimerHandle | None = None
         self._owner = owner
         # The loop's own clock, for deadlines: the listener's coarse one lags by more than a
         # sweep when the loop itself lags, which would answer a call before its deadline.
@@ -360,6 +420,7 @@ class H2Connection(Connection):
         self._block_size = 0
         self._heads: dict[int, _Head] = {}  # by the header list's id; the entry holds the list
         self._consumed = 0  # request bytes taken since the connection window was last replenished
+        self._window_left = CONNECTION_WINDOW  # the request bytes the peer may still send
         self._send_window = DEFAULT_WINDOW
         self._peer_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
         # At least every open stream's credit (_Stream.credit): a new initial window is
@@ -435,6 +496,8 @@ class H2Connection(Connection):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._outgoing.clear()
+        if self._grace is not None:
+            self._grace.cancel()
         for stream in self._streams.values():
             if stream.task is not None:
                 stream.task.cancel()
@@ -484,6 +547,21 @@ class H2Connection(Connection):
         late = now - frame_timeout
         clock = self._clock()
         for stream_id, stream in tuple(self._streams.items()):
+            call = stream.call
+            if call is not None:
+                if stream.deadline <= clock:
+                    self._end_call(
+                        stream_id, stream, StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed"
+                    )
+                elif (begun := call.requests.partial_since) is not None and begun < late:
+                    # As a unary request must arrive whole: what a partial message holds is freed.
+                    self._end_call(
+                        stream_id,
+                        stream,
+                        StatusCode.INTERNAL,
+                        "a request message did not arrive whole in time",
+                    )
+                continue
             if stream_id in self._queued:
                 continue
             if stream.ended:
@@ -506,6 +584,15 @@ class H2Connection(Connection):
         self._goaway(ErrorCode.NO_ERROR, "shutting down")
         if not self._streams:
             self._end()
+        elif self._grace is None and any(stream.call is not None for stream in self._streams.values()):
+            self._grace = self._loop.call_later(self._stream_grace, self._grace_over)
+
+    def _grace_over(self) -> None:
+        """The shutdown's grace for the open streams has passed: they end UNAVAILABLE (a client
+        may try another instance) and their handlers are cancelled."""
+        for stream_id, stream in tuple(self._streams.items()):
+            if stream.call is not None:
+                self._end_call(stream_id, stream, StatusCode.UNAVAILABLE, "the server is shutting down")
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -573,6 +660,9 @@ class H2Connection(Connection):
         # The whole frame counts against the window, padding included; it is taken (and
         # the window replenished) once a handler has the message or the bytes are dropped.
         size = len(payload)
+        self._window_left -= size
+        if self._window_left < 0:
+            raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "DATA past the connection's window")
         stream = self._streams.get(stream_id)
         if stream is None or stream.ended:
             if stream is None and self._ignored(stream_id):
@@ -585,8 +675,12 @@ class H2Connection(Connection):
             raise _ConnectionError(ErrorCode.STREAM_CLOSED, f"DATA on stream {stream_id}, which is closed")
         data = self._unpad(flags, payload)
         stream.received += size
-        if stream.received > MAX_MESSAGE_BYTES + 5:
+        if stream.received > STREAM_WINDOW:
             raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, f"stream {stream_id} sent past its window")
+        call = stream.call
+        if call is not None:
+            self._stream_data(stream_id, stream, call, size, data, flags & END_STREAM)
+            return
         if data:
             held = stream.data
             if not held:
@@ -647,7 +741,11 @@ class H2Connection(Connection):
             stream = self._streams.get(stream_id)
             if stream is not None:
                 if not stream.ended and self._block_end_stream:
-                    self._call(stream_id, stream)  # trailers end the request
+                    # trailers end the request
+                    if stream.call is not None:
+                        self._requests_ended(stream_id, stream, stream.call)
+                    else:
+                        self._call(stream_id, stream)
                     return
             elif self._ignored(stream_id):
                 self._control()
@@ -674,7 +772,10 @@ class H2Connection(Connection):
                 self._heads[id(headers)] = head  # the entry holds the list: its id stays its own
         stream = _Stream(head, self._owner.now)
         self._streams[stream_id] = stream
-        if self._block_end_stream:
+        streaming = self._stream_handlers.get(head[1]) if self._stream_handlers else None
+        if streaming is not None:
+            self._open_call(stream_id, stream, streaming)
+        elif self._block_end_stream:
             self._call(stream_id, stream)
 
     def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
@@ -762,7 +863,12 @@ class H2Connection(Connection):
         self._queued.pop(stream_id, None)
         if stream is None:
             return
-        self._consumed += stream.received
+        call = stream.call
+        if call is None:
+            self._consumed += stream.received
+        else:
+            call.closed = True
+            self._consumed += call.requests.held  # what it took is counted already
         if stream.task is not None:
             stream.task.cancel()  # the peer gave up on the call (Envoy's timeout, a client's cancel)
         self._finished()
@@ -775,6 +881,7 @@ class H2Connection(Connection):
         data = held if type(held) is bytes else bytes(held)
         stream.data = b""
         self._consumed += stream.received
+        stream.received = 0  # counted: a reset while its answer is awaited must not count it again
         headers, path, timeout = stream.head
         handler = self._handlers.get(path)
         if handler is None:
@@ -881,6 +988,9 @@ class H2Connection(Connection):
                 self._queued[stream_id] = pending
                 continue
             del self._queued[stream_id]
+            if stream.call is not None:
+                stream.call.sent()  # the handler's next step may go
+                continue
             self._write(_TRAILERS_HEAD + stream_id.to_bytes(4, "big") + _OK_TRAILERS)
             self._close_stream(stream_id)
 
@@ -888,6 +998,171 @@ class H2Connection(Connection):
         """A trailers-only answer: the status, no message."""
         block = RESPONSE_HEADERS + trailers(code, message)
         self._write(_frame_head(len(block), Frame.HEADERS, END_HEADERS | END_STREAM, stream_id) + block)
+        self._close_stream(stream_id)
+
+    # Streaming calls
+
+    def _open_call(self, stream_id: int, stream: _Stream, handler: StreamHandler) -> None:
+        """A streaming call starts at its HEADERS: its handler runs in a Task from now on,
+        taking the request messages as they arrive."""
+        headers, path, timeout = stream.head
+        call = _StreamCall(
+            RequestMessages(
+                lambda size: self._took(stream_id, stream, size), lambda: self._hungry(stream_id, stream)
+            )
+        )
+        stream.call = call
+        if self._block_end_stream:
+            stream.ended = True
+            call.requests.end()
+        if timeout is not None and timeout <= 0:
+            if timeout == MALFORMED_TIMEOUT:
+                self._end_call(stream_id, stream, StatusCode.INTERNAL, "malformed grpc-timeout")
+            else:
+                self._end_call(stream_id, stream, StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
+            return
+        if timeout is not None:
+            stream.deadline = self._clock() + timeout  # judged by the sweep, as a unary call's
+        stream.task = self._loop.create_task(self._run_call(stream_id, stream, call, handler, headers, path))
+
+    async def _run_call(
+        self,
+        stream_id: int,
+        stream: _Stream,
+        call: _StreamCall,
+        handler: StreamHandler,
+        headers: Headers,
+        path: str,
+    ) -> None:
+        try:
+            async for answer in handler(call.requests, CallContext(headers)):
+                if not self._send_message(stream_id, stream, call, answer):
+                    # A queue of one: the handler's next step waits for this answer to leave.
+                    call.drained = self._loop.create_future()
+                    await call.drained
+        except CallAborted as aborted:
+            self._end_call(stream_id, stream, aborted.code, aborted.message)
+        except Exception:
+            log.exception("gRPC stream handler of %s failed", path)
+            self._end_call(stream_id, stream, StatusCode.INTERNAL, "the handler failed")
+        else:
+            self._end_call(stream_id, stream, StatusCode.OK, "")
+
+    def _stream_data(
+        self, stream_id: int, stream: _Stream, call: _StreamCall, size: int, data: bytes, end: int
+    ) -> None:
+        self._consumed += size - len(data)  # padding: never held
+        requests = call.requests
+        try:
+            if data:
+                requests.feed(data, self._owner.now)
+            elif not end:
+                self._control()
+            if end:
+                stream.ended = True
+                requests.end()
+        except StreamFailed as failed:
+            self._end_call(stream_id, stream, failed.code, failed.message)
+            return
+        if requests.waiting:
+            self._give_back(stream_id, stream, call)
+
+    def _requests_ended(self, stream_id: int, stream: _Stream, call: _StreamCall) -> None:
+        stream.ended = True
+        try:
+            call.requests.end()
+        except StreamFailed as failed:
+            self._end_call(stream_id, stream, failed.code, failed.message)
+
+    def _took(self, stream_id: int, stream: _Stream, size: int) -> None:
+        """The handler took a request message of `size` bytes on the wire."""
+        call = stream.call
+        if call is None or call.closed:
+            return  # its bytes were counted as the stream closed
+        self._consumed += size
+        call.taken += size
+        # A message taken buys control frames as a call does: a long-lived stream is many calls.
+        self._allowance = min(CONTROL_FRAME_ALLOWANCE, self._allowance + CONTROL_FRAMES_PER_CALL)
+        self._give_back(stream_id, stream, call)
+
+    def _hungry(self, stream_id: int, stream: _Stream) -> None:
+        call = stream.call
+        if call is not None and not call.closed:
+            self._give_back(stream_id, stream, call)
+
+    def _give_back(self, stream_id: int, stream: _Stream, call: _StreamCall) -> None:
+        """Return to the peer the windows of the request bytes handlers took, in batches:
+        a stream's once more than half of its window is used (a handler waiting for a
+        message the peer cannot finish sending must not wait forever), the connection's
+        once half of it is taken or less than half is left."""
+        taken = call.taken
+        if taken and stream.received > STREAM_WINDOW // 2:
+            call.taken = 0
+            stream.received -= taken
+            self._write(_frame_head(4, Frame.WINDOW_UPDATE, 0, stream_id) + taken.to_bytes(4, "big"))
+        consumed = self._consumed
+        if consumed and (consumed >= CONNECTION_WINDOW // 2 or self._window_left < CONNECTION_WINDOW // 2):
+            self._replenish()
+
+    def _send_message(self, stream_id: int, stream: _Stream, call: _StreamCall, message: bytes) -> bool:
+        """Send one of a stream's answers, or as much of it as the peer's windows let: True
+        when it is all sent."""
+        if call.closed:
+            return True  # the call ended meanwhile (reset, deadline): the answer goes nowhere
+        sid = stream_id.to_bytes(4, "big")
+        head = b"" if call.headers_sent else _HEADERS_HEAD + sid + RESPONSE_HEADERS
+        call.headers_sent = True
+        size = len(message) + PREFIX_BYTES
+        if (
+            size <= self._send_window
+            and size <= self._peer_window + stream.credit
+            and size <= self._peer_frame_size
+            and not self._queued
+        ):
+            self._send_window -= size
+            stream.credit -= size
+            self._write(
+                b"".join(
+                    (
+                        head,
+                        size.to_bytes(3, "big"),
+                        _DATA_KIND,
+                        sid,
+                        b"\x00",
+                        len(message).to_bytes(4, "big"),
+                        message,
+                    )
+                )
+            )
+            return True
+        if head:
+            self._write(head)
+        if not self._queued:
+            self._blocked_since = self._owner.now
+        self._queued[stream_id] = b"\x00" + len(message).to_bytes(4, "big") + message
+        self._send_queued()
+        return stream_id not in self._queued
+
+    def _end_call(self, stream_id: int, stream: _Stream, code: int, message: str) -> None:
+        """End a streaming call with `code`: its trailers (trailers only when nothing was
+        sent), a reset when the peer is still sending (RFC 9113 8.1: the rest of the
+        request is not wanted), what it held counted as taken, and its handler cancelled."""
+        call = stream.call
+        if call is None or call.closed or self._streams.get(stream_id) is not stream:
+            return
+        call.closed = True
+        self._queued.pop(stream_id, None)
+        if call.headers_sent:
+            block = _OK_TRAILERS if code == StatusCode.OK else trailers(code, message)
+        else:
+            block = RESPONSE_HEADERS + trailers(code, message)
+        self._write(_frame_head(len(block), Frame.HEADERS, END_HEADERS | END_STREAM, stream_id) + block)
+        if not stream.ended:
+            self._reset_stream(stream_id, ErrorCode.NO_ERROR)
+        self._consumed += call.requests.held
+        task = stream.task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
         self._close_stream(stream_id)
 
     def _close_stream(self, stream_id: int) -> None:
@@ -903,6 +1178,7 @@ class H2Connection(Connection):
 
     def _replenish(self) -> None:
         consumed, self._consumed = self._consumed, 0
+        self._window_left += consumed
         self._write(_frame_head(4, Frame.WINDOW_UPDATE, 0, 0) + consumed.to_bytes(4, "big"))
 
     def _ignored(self, stream_id: int) -> bool:
@@ -999,15 +1275,24 @@ def serve_grpc(
     handlers: Mapping[str, UnaryHandler],
     sock: socket.socket,
     limits: HttpLimits = GRPC_LIMITS,
+    *,
+    streams: Mapping[str, StreamHandler] | None = None,
+    stream_grace_seconds: float = STREAM_STOP_GRACE_SECONDS,
     tls: ssl.SSLContext | None = None,
 ) -> HttpListener:
-    """Serve unary gRPC calls on the listening `sock`, `handlers` by method path
-    ("/package.Service/Method"); any other path is answered UNIMPLEMENTED. `limits`: the
-    header timeout bounds a frame's or header block's arrival (and a TLS handshake's); the
-    idle timeout, a connection without calls. `tls`: a context that offers ALPN `h2` (gRPC
-    clients require it), None for h2c."""
+    """Serve gRPC calls on the listening `sock`: unary ones by `handlers`, streaming ones by
+    `streams`, each by method path ("/package.Service/Method"); any other path is answered
+    UNIMPLEMENTED. `limits`: the header timeout bounds a frame's or header block's arrival
+    (and a stream's message's, and a TLS handshake's); the idle timeout, a connection without
+    calls or streams. `stream_grace_seconds`: how long open streams go on once the listener
+    closes. `tls`: a context that offers ALPN `h2` (gRPC clients require it), None for h2c."""
+    streaming = dict(streams or {})
     listener = HttpListener(
-        sock, lambda owner: H2Connection(handlers, owner), limits, tls, TOO_MANY_CONNECTIONS
+        sock,
+        lambda owner: H2Connection(handlers, owner, streaming, stream_grace_seconds),
+        limits,
+        tls,
+        TOO_MANY_CONNECTIONS,
     )
     listener.start()
     return listener
