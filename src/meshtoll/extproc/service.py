@@ -43,6 +43,7 @@ from meshtoll.policy.model import Hooks
 from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.telemetry.histogram import Histogram
 from meshtoll.telemetry.tracing import Tracing, end_span, trace_carrier
+from meshtoll.transport.h2_server import CallContext
 from meshtoll.usage.recorder import AdmissionRecorder
 from meshtoll.usage.records import ReportedUnits
 from meshtoll.wire import (
@@ -102,7 +103,9 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         self.body_bytes = 0  # response body bytes read for units
 
     async def Process(
-        self, requests: AsyncIterator[ext_proc_pb2.ProcessingRequest], context: grpc.aio.ServicerContext
+        self,
+        requests: AsyncIterator[ext_proc_pb2.ProcessingRequest],
+        context: grpc.aio.ServicerContext | CallContext,
     ) -> AsyncIterator[ext_proc_pb2.ProcessingResponse]:
         stream: _Stream | None = None
         span = None

@@ -12,6 +12,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from meshtoll.meter.settle import Settlement
+from meshtoll.transport.h2_server import CallContext
 from meshtoll.usage.records import Observation
 from meshtoll.wire import AUTHZ_METADATA_NAMESPACE, TENANT_HEADER, TENANT_KEY, is_envoys_own_failure
 
@@ -21,7 +22,9 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         self._settlement = settlement
 
     async def StreamAccessLogs(
-        self, requests: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
+        self,
+        requests: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+        context: grpc.aio.ServicerContext | CallContext,
     ) -> als_pb2.StreamAccessLogsResponse:
         async for message in requests:
             entries = message.http_logs.log_entry

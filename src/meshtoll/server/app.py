@@ -8,22 +8,24 @@ import asyncio
 import logging
 from pathlib import Path
 
-import grpc
-from envoy.service.accesslog.v3 import als_pb2_grpc
-from envoy.service.auth.v3 import external_auth_pb2_grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_pb2_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from envoy.service.accesslog.v3 import als_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 
-from meshtoll.meter.otlp import LOGS_SERVICE
+from meshtoll.authz.grpc_transport import CHECK_METHOD
+from meshtoll.meter.otlp import EXPORT_METHOD, LOGS_SERVICE
+from meshtoll.ratelimit.rls import RLS_METHOD
 from meshtoll.server.admin import AdminPort
 from meshtoll.server.admin_access import is_loopback
 from meshtoll.server.event_loop import running_loop_name
+from meshtoll.server.grpc_health import HEALTH_CHECK, ServeHealth
 from meshtoll.server.lifecycle import announce_ports, keep_running, serve_until_signalled, stop_serving
-from meshtoll.server.listeners import UDS_GRPC, Listeners, bind_listeners, port_limits
+from meshtoll.server.listeners import Listeners, bind_listeners, port_limits
 from meshtoll.server.services import Services, build
 from meshtoll.server.tls import ServiceTls, load_service_tls
 from meshtoll.settings import Settings
 from meshtoll.telemetry.workers import WorkerGroup
+from meshtoll.transport.grpc_messages import bidirectional, client_streaming
+from meshtoll.transport.h2_server import StreamHandler, UnaryHandler, serve_grpc
 from meshtoll.transport.http_listener import HttpLimits, HttpListener
 from meshtoll.transport.http_server import (
     Handler,
@@ -42,6 +44,8 @@ SERVICES = (
     LOGS_SERVICE,
     "envoy.service.ext_proc.v3.ExternalProcessor",
 )
+ALS_METHOD = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
+EXTPROC_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 
 
 class App:
@@ -54,7 +58,7 @@ class App:
         self.group: WorkerGroup | None = None
         self.services: Services | None = None
         self._servers: list[HttpListener] = []
-        self._grpc: grpc.aio.Server | None = None
+        self._health = ServeHealth(SERVICES)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -87,7 +91,8 @@ class App:
         http_authz_port.ready(services.http_authz)
         if not starting_alone:
             await self._serve_http_authz(services.http_authz, tls, authz_limits)
-        self._grpc = await self._start_grpc(services, tls)
+        # First in the list: on stop the gRPC port closes (its streams' grace) before the others.
+        self._servers[:0] = self._start_grpc(services, tls)
         admin_port.ready(services.admin)
         self._log_started(services, tls)
 
@@ -128,41 +133,42 @@ class App:
                 settings.host,
             )
 
-    async def _start_grpc(self, services: Services, tls: ServiceTls | None) -> grpc.aio.Server:
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(services.grpc_authz, server)
-        server.add_generic_rpc_handlers((services.ratelimit.handler(),))
-        # The meter listens to both of Envoy's access loggers: OpenTelemetry (the default,
-        # cheaper for Envoy and for meshtoll) and the gRPC access log service.
-        als_pb2_grpc.add_AccessLogServiceServicer_to_server(services.meter, server)
-        server.add_generic_rpc_handlers((services.otlp_meter.handler(),))
-        ext_proc_pb2_grpc.add_ExternalProcessorServicer_to_server(services.hooks, server)
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        # SO_REUSEPORT joins the port the owner holds (see server/listeners.py), and nobody else's.
-        address = f"{self.settings.host}:{self.listeners.grpc_port}"
-        if tls is None:
-            bound = server.add_insecure_port(address)
-        else:
-            bound = server.add_secure_port(address, tls.grpc_credentials())
-        if bound == 0:
-            raise OSError(f"cannot listen for gRPC on {address}")
-        if self.settings.uds_dir is not None:
+    def _start_grpc(self, services: Services, tls: ServiceTls | None) -> list[HttpListener]:
+        """Every gRPC service on meshtoll's own HTTP/2 server (transport/h2_server.py), on
+        the socket the owner bound (see server/listeners.py) and on the Unix socket."""
+        unary: dict[str, UnaryHandler] = {
+            CHECK_METHOD: services.grpc_authz.check,
+            RLS_METHOD: services.ratelimit.should_rate_limit,
+            # The meter listens to both of Envoy's access loggers: OpenTelemetry (the default,
+            # cheaper for Envoy and for meshtoll) and the gRPC access log service.
+            EXPORT_METHOD: services.otlp_meter.export_bytes,
+            HEALTH_CHECK: self._health.check,
+        }
+        streams: dict[str, StreamHandler] = {
+            ALS_METHOD: client_streaming(
+                services.meter.StreamAccessLogs,
+                als_pb2.StreamAccessLogsMessage.FromString,
+                "StreamAccessLogsMessage",
+            ),
+            EXTPROC_METHOD: bidirectional(
+                services.hooks.Process, ext_proc_pb2.ProcessingRequest.FromString, "ProcessingRequest"
+            ),
+        }
+        context = None if tls is None else tls.grpc_context
+        servers = [serve_grpc(unary, self.listeners.grpc, streams=streams, tls=context)]
+        if self.listeners.grpc_unix is not None:
             # Plain: the socket file's permissions, not TLS, keep others out of a pod.
-            unix = f"unix:{self.settings.uds_dir / UDS_GRPC}"
-            if server.add_insecure_port(unix) == 0:
-                raise OSError(f"cannot listen for gRPC on {unix}")
-        await server.start()
-        for service in ("", *SERVICES):
-            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        return server
+            servers.append(serve_grpc(unary, self.listeners.grpc_unix, streams=streams))
+        return servers
 
     async def stop(self) -> None:
         # Refuse first, then stop serving, then let the background work (the last flush of
         # admissions among it) finish: every admitted request reaches the store.
         if self.services is not None:
             self.services.stop_admitting()
-        await stop_serving(self._grpc, self._servers, self._tasks)
+        # Health says so while the calls in flight finish.
+        self._health.stopping = True
+        await stop_serving(self._servers, self._tasks)
         if self.services is not None:
             await self.services.close()
         if self.group is not None:

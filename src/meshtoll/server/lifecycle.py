@@ -14,13 +14,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-import grpc
-
 log = logging.getLogger("meshtoll")
 
-# Unary calls (authz, RLS) finish within Envoy's 0.25-0.5 s timeouts; the access-log stream
-# never ends by itself, so a longer grace would only delay every shutdown by all of it.
-GRPC_STOP_GRACE_SECONDS = 1.0
 BACKGROUND_RESTART_SECONDS = 1.0
 # Background work: a watcher, a flush, reconciliation; runs until cancelled.
 Work = Callable[[], Coroutine[Any, Any, None]]
@@ -59,15 +54,10 @@ async def keep_running(name: str, work: Work, restarts: Counter[str]) -> None:
             await asyncio.sleep(BACKGROUND_RESTART_SECONDS)
 
 
-async def stop_serving(
-    grpc_server: grpc.aio.Server | None,
-    listeners: Sequence[Listener],
-    tasks: Sequence[asyncio.Task[None]],
-) -> None:
-    """Stop serving, letting calls in flight finish, then end the background work (whose
-    own clean-up, a last flush among it, runs as it is cancelled)."""
-    if grpc_server is not None:
-        await grpc_server.stop(GRPC_STOP_GRACE_SECONDS)
+async def stop_serving(listeners: Sequence[Listener], tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Stop serving, letting calls in flight finish (a gRPC port's streams get their grace,
+    transport/h2_server.py), one listener after the other in their order, then end the
+    background work (whose own clean-up, a last flush among it, runs as it is cancelled)."""
     for listener in listeners:
         listener.close()
         await listener.wait_closed()

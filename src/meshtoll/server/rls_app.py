@@ -98,7 +98,7 @@ class RlsApp:
             await self.services.health.set("sigterm", False)
 
     async def stop(self) -> None:
-        await stop_serving(None, self._listeners, self._tasks)
+        await stop_serving(self._listeners, self._tasks)
         if self.services is not None:
             await self.services.close()
 

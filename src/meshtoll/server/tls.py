@@ -14,8 +14,6 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from meshtoll.errors import ConfigError
 from meshtoll.settings import Settings
 
@@ -31,14 +29,6 @@ class ServiceTls:
     @property
     def mutual(self) -> bool:
         return self.client_ca is not None
-
-    def grpc_credentials(self) -> grpc.ServerCredentials:
-        # gRPC's TLS stack (BoringSSL) accepts TLS 1.2 and 1.3 only, like the HTTP port's context.
-        return grpc.ssl_server_credentials(
-            [(self.private_key, self.cert_chain)],
-            root_certificates=self.client_ca,
-            require_client_auth=self.mutual,
-        )
 
 
 def load_service_tls(settings: Settings) -> ServiceTls | None:

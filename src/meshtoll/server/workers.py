@@ -2,7 +2,7 @@
 
 The parent binds the ports before any worker starts (server/listeners.py), so a port taken by
 someone else is one clear error rather than a restart loop, and no stranger can join them;
-each worker inherits the HTTP listening sockets and joins the gRPC port the parent holds.
+each worker inherits the listening sockets (gRPC, HTTP, and the Unix sockets) and accepts from them.
 Then the parent only supervises: it restarts a worker that dies, and passes SIGTERM/SIGINT
 on so that each worker drains its servers. The workers share their metrics through a
 directory it makes and removes (telemetry/workers.py): a scrape reaching any of them
@@ -68,9 +68,7 @@ def _supervise(settings: Settings, listeners: Listeners, metrics_dir: Path) -> i
 
     def start() -> BaseProcess:
         # multiprocessing passes the sockets' descriptors on to the spawned child.
-        process = context.Process(
-            target=serve_worker, args=(settings, listeners.for_worker(), metrics_dir), daemon=False
-        )
+        process = context.Process(target=serve_worker, args=(settings, listeners, metrics_dir), daemon=False)
         process.start()
         return process
 
