@@ -1,10 +1,12 @@
 """meshtoll's (or Envoy's) instructions per request through a real Envoy, counted by valgrind's
-callgrind: the benchmark's rows (b2), (c), (f), (g), (g-als), (h) as `bench/run.py` sets them up (its
-policy of 10,000 tenants and a limited tenant, envoy/local.yaml, `meshtoll serve` with one
-worker, Envoy with one worker thread), with `meshtoll serve` (or, with `--count envoy`, Envoy)
-run under callgrind, so that the figure does not move with what else the machine runs.
+callgrind: the benchmark's rows (b2), (c), (d), (e), (e2), (f), (g), (g-als), (h) as
+`bench/run.py` sets them up (its policy of 10,000 tenants and a limited tenant,
+envoy/local.yaml, `meshtoll serve` with one worker, Envoy with one worker thread), with
+`meshtoll serve` (or, with `--count envoy`, Envoy) run under callgrind, so that the figure
+does not move with what else the machine runs.
 
-    python bench/through_envoy_instructions.py [--requests N] [--connections C] [--rows b2,c,f,g,g-als,h]
+    python bench/through_envoy_instructions.py [--requests N] [--connections C]
+                                                [--rows b2,c,d,e,e2,f,g,g-als,h]
                                                 [--count meshtoll|envoy] [--lease-max L]
                                                 [--ratelimit-headers always|near_limit|never]
                                                 [--native | --profile FILE]
@@ -37,9 +39,10 @@ figure, to be read over pairs alternating A and B) and, for a metered row, how m
 Envoy's access logger sent: what the buffer's size decides, which callgrind cannot show,
 since at valgrind's pace every batch is the few entries of one flush interval.
 
-meshtoll runs some 50 times slower under valgrind, so for this driver only Envoy's HTTP
-ext_authz timeout is raised (to --authz-timeout, on the parsed bootstrap; with `--count envoy`
-that of the call to nginx too, since Envoy is the slow one then) and so is meshtoll's Redis
+meshtoll runs some 50 times slower under valgrind, so for this driver only Envoy's timeouts of
+its calls to meshtoll are raised (HTTP and gRPC ext_authz, the rate-limit filter's; to
+--authz-timeout, on the parsed bootstrap; with `--count envoy` that of the call to nginx too,
+since Envoy is the slow one then) and so is meshtoll's Redis
 timeout (--redis-timeout-ms): with the shipped 0.25 s and 50 ms, decisions would time out and
 the failure path would be measured. Nothing else differs from the
 benchmark. Start-up (the policy loaded under valgrind) takes a minute or two; each 1,000
@@ -76,21 +79,25 @@ from meshtoll.local.processes import Child
 
 # How meshtoll serve's command is changed: run under callgrind, or under cProfile.
 Wrap = Callable[[list[str]], list[str]]
-# (listener, API key) of each row, as bench/run.py's ROWS have them ((b2): the stub's
+PATH = "/v1/items"
+RLS_PATH = "/rls/items"
+# (listener, API key, path) of each row, as bench/run.py's ROWS have them ((b2): the stub's
 # listener with its authz cluster pointed at nginx, which ignores the key).
 ROWS = {
-    "b2": ("listen_stub_authz_port", BENCH_KEY),
-    "c": ("listen_http_authz_port", BENCH_KEY),
-    "f": ("listen_http_authz_port", LIMITED_KEY),
-    "g": ("listen_full_port", BENCH_KEY),
-    "g-als": ("listen_full_als_port", BENCH_KEY),
-    "h": ("listen_full_port", LIMITED_KEY),
+    "b2": ("listen_stub_authz_port", BENCH_KEY, PATH),
+    "c": ("listen_http_authz_port", BENCH_KEY, PATH),
+    "d": ("listen_grpc_authz_port", BENCH_KEY, PATH),
+    "e": ("listen_rls_port", LIMITED_KEY, RLS_PATH),
+    "e2": ("listen_rls_http_authz_port", LIMITED_KEY, RLS_PATH),
+    "f": ("listen_http_authz_port", LIMITED_KEY, PATH),
+    "g": ("listen_full_port", BENCH_KEY, PATH),
+    "g-als": ("listen_full_als_port", BENCH_KEY, PATH),
+    "h": ("listen_full_port", LIMITED_KEY, PATH),
 }
 METERED = {"g", "g-als", "h"}
 # The HTTP authz clusters whose timeout is raised: meshtoll's when meshtoll is counted (it is
 # the slow one), and nginx's too when Envoy is.
 SLOW_CLUSTERS = {"meshtoll": ("meshtoll_http",), "envoy": ("meshtoll_http", "authz_stub")}
-PATH = "/v1/items"
 # Start-up under valgrind: Python and the 10,000-tenant policy, some 50 times slower.
 START_TIMEOUT_SECONDS = 900.0
 METER_WAIT_SECONDS = 600.0
@@ -98,20 +105,26 @@ IDLE_SECONDS = 10.0
 
 
 def raised_authz_timeout(bootstrap: str, timeout: str, clusters: tuple[str, ...] = ("meshtoll_http",)) -> str:
-    """`bootstrap` with every HTTP ext_authz call to meshtoll (and to the other `clusters`)
-    bounded by `timeout` instead of the shipped value; nothing else changed. Fails when no
-    such filter calls meshtoll."""
+    """`bootstrap` with every HTTP ext_authz call to meshtoll (and to the other `clusters`),
+    every gRPC ext_authz call to meshtoll and the rate-limit filter's calls to it bounded by
+    `timeout` instead of the shipped value; nothing else changed. Fails when no HTTP
+    ext_authz filter calls meshtoll."""
     document = yaml.safe_load(bootstrap)
     raised = 0
     for listener in document["static_resources"]["listeners"]:
         for chain in listener["filter_chains"]:
             for network_filter in chain["filters"]:
                 for http_filter in network_filter["typed_config"].get("http_filters", []):
-                    service = http_filter["typed_config"].get("http_service")
+                    config = http_filter["typed_config"]
+                    service = config.get("http_service")
                     cluster = None if service is None else service["server_uri"]["cluster"]
                     if http_filter["name"] == "envoy.filters.http.ext_authz" and cluster in clusters:
                         service["server_uri"]["timeout"] = timeout
                         raised += cluster == "meshtoll_http"
+                    elif http_filter["name"] == "envoy.filters.http.ext_authz" and "grpc_service" in config:
+                        config["grpc_service"]["timeout"] = timeout
+                    elif http_filter["name"] == "envoy.filters.http.ratelimit":
+                        config["timeout"] = timeout
     if raised == 0:
         raise RuntimeError("the bootstrap has no HTTP ext_authz filter calling meshtoll_http")
     return yaml.safe_dump(document, sort_keys=False, width=120)
@@ -196,10 +209,10 @@ class Counted:
         return int(found.group(1))
 
 
-async def send(port: int, key: str, requests: int, connections: int) -> dict[int, int]:
-    """`requests` GETs over `connections` keep-alive connections, each one request at a time;
-    the count of each status."""
-    request = f"GET {PATH} HTTP/1.1\r\nhost: bench\r\nx-api-key: {key}\r\n\r\n".encode()
+async def send(port: int, key: str, requests: int, connections: int, path: str = PATH) -> dict[int, int]:
+    """`requests` GETs of `path` over `connections` keep-alive connections, each one request at
+    a time; the count of each status."""
+    request = f"GET {path} HTTP/1.1\r\nhost: bench\r\nx-api-key: {key}\r\n\r\n".encode()
     statuses: dict[int, int] = {}
     left = requests
 
@@ -246,10 +259,10 @@ FROM_LEASE = 'meshtoll_limit_decisions_total{outcome="admitted_from_lease"}'
 def batch(stack: LocalStack, row: str, requests: int, connections: int, metered: bool) -> None:
     """`requests` requests of `row`, all answered 2xx; for a metered row, until the meter has
     their entries."""
-    listener, key = ROWS[row]
+    listener, key, path = ROWS[row]
     port = getattr(stack.ports.envoy, listener)
     before = meter_entries(stack.meshtoll_admin_url) if metered else 0
-    statuses = asyncio.run(send(port, key, requests, connections))
+    statuses = asyncio.run(send(port, key, requests, connections, path))
     if set(statuses) - set(range(200, 300)):
         raise RuntimeError(f"({row}): answers other than 2xx: {statuses}")
     if metered:
@@ -268,8 +281,8 @@ def prime(stack: LocalStack, row: str, connections: int) -> None:
     run code valgrind has not translated yet, which under a loaded machine can take longer
     than the route's 15 s timeout when 32 arrive at once (504s, then 503s and 408s, seen on
     a metered row with Envoy counted). The warm-up after them must be all 2xx."""
-    listener, key = ROWS[row]
-    asyncio.run(send(getattr(stack.ports.envoy, listener), key, PRIMING_REQUESTS, 1))
+    listener, key, path = ROWS[row]
+    asyncio.run(send(getattr(stack.ports.envoy, listener), key, PRIMING_REQUESTS, 1, path))
 
 
 def per_request(
@@ -392,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1000, help="N (the second batch sends 2N)")
     parser.add_argument("--connections", type=int, default=32, help="requests in flight, as wrk -c32")
     parser.add_argument(
-        "--rows", default="c,f", help="comma-separated, of b2, c, f, g, g-als, h ((b2) needs nginx)"
+        "--rows", default="c,f", help="comma-separated, of b2, c, d, e, e2, f, g, g-als, h ((b2) needs nginx)"
     )
     parser.add_argument(
         "--count",

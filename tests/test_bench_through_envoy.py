@@ -28,31 +28,48 @@ def driver(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return importlib.import_module("through_envoy_instructions")
 
 
-def authz_timeouts(document: dict[str, Any]) -> list[tuple[str, str]]:
-    """(cluster, timeout) of every HTTP ext_authz filter, in order."""
+def call_timeouts(document: dict[str, Any]) -> list[tuple[dict[str, Any], str, str]]:
+    """(the dict holding it, its key, the cluster called) of the timeout of every HTTP and gRPC
+    ext_authz filter and every rate-limit filter, in order."""
     found = []
     for listener in document["static_resources"]["listeners"]:
         for chain in listener["filter_chains"]:
             for network_filter in chain["filters"]:
                 for http_filter in network_filter["typed_config"].get("http_filters", []):
-                    service = http_filter["typed_config"].get("http_service")
-                    if http_filter["name"] == "envoy.filters.http.ext_authz" and service is not None:
-                        found.append((service["server_uri"]["cluster"], service["server_uri"]["timeout"]))
+                    config = http_filter["typed_config"]
+                    if http_filter["name"] == "envoy.filters.http.ext_authz":
+                        if "http_service" in config:
+                            uri = config["http_service"]["server_uri"]
+                            found.append((uri, "timeout", uri["cluster"]))
+                        else:
+                            grpc = config["grpc_service"]
+                            found.append((grpc, "timeout", grpc["envoy_grpc"]["cluster_name"]))
+                    elif http_filter["name"] == "envoy.filters.http.ratelimit":
+                        cluster = config["rate_limit_service"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+                        found.append((config, "timeout", cluster))
     return found
 
 
-def test_only_the_http_authz_calls_to_meshtoll_get_the_raised_timeout(driver: ModuleType) -> None:
+def authz_timeouts(document: dict[str, Any]) -> list[tuple[str, str]]:
+    """(cluster, timeout) of every call to an authz or rate-limit service, in order."""
+    return [(cluster, holder[key]) for holder, key, cluster in call_timeouts(document)]
+
+
+def test_only_the_calls_to_meshtoll_get_the_raised_timeout(driver: ModuleType) -> None:
     shipped = yaml.safe_load(render_bootstrap(PORTS))
     raised = yaml.safe_load(driver.raised_authz_timeout(render_bootstrap(PORTS), "60s"))
     before, after = authz_timeouts(shipped), authz_timeouts(raised)
     assert ("meshtoll_http", "0.25s") in before
+    assert ("meshtoll_grpc", "0.5s") in before  # gRPC ext_authz
+    assert ("meshtoll_grpc", "0.25s") in before  # the rate-limit filter
     assert ("authz_stub", "0.25s") in before
     assert after == [
-        (cluster, "60s" if cluster == "meshtoll_http" else timeout) for cluster, timeout in before
+        (cluster, "60s" if cluster.startswith("meshtoll_") else timeout) for cluster, timeout in before
     ]
     # Nothing else differs: with the shipped timeouts put back, the documents are equal.
-    restored = yaml.safe_load(driver.raised_authz_timeout(render_bootstrap(PORTS), "0.25s"))
-    assert restored == shipped
+    for (holder, key, _), (_, timeout) in zip(call_timeouts(raised), before, strict=True):
+        holder[key] = timeout
+    assert raised == shipped
 
 
 def test_a_configuration_without_an_http_authz_call_to_meshtoll_is_refused(driver: ModuleType) -> None:
@@ -70,6 +87,7 @@ def test_counting_envoy_raises_the_timeout_of_its_call_to_nginx_as_well(driver: 
     raised = yaml.safe_load(driver.raised_authz_timeout(render_bootstrap(PORTS), "60s", slow))
     assert {cluster: timeout for cluster, timeout in authz_timeouts(raised)} == {
         "meshtoll_http": "60s",
+        "meshtoll_grpc": "60s",
         "authz_stub": "60s",
     }
 
@@ -112,7 +130,7 @@ def test_the_metered_rows_are_the_listeners_that_log_to_the_meter_and_g_als_logs
         ]
         for listener in document["static_resources"]["listeners"]
     }
-    for row, (listener, _) in driver.ROWS.items():
+    for row, (listener, _, _) in driver.ROWS.items():
         assert bool(loggers[getattr(PORTS, listener)]) == (row in driver.METERED), row
     assert loggers[getattr(PORTS, driver.ROWS["g-als"][0])] == ["envoy.access_loggers.http_grpc"]
     assert loggers[getattr(PORTS, driver.ROWS["g"][0])] == ["envoy.access_loggers.open_telemetry"]
