@@ -17,7 +17,7 @@ from meshtoll.ratelimit.rls import RLS_METHOD
 from meshtoll.server.admin import AdminPort
 from meshtoll.server.admin_access import is_loopback
 from meshtoll.server.event_loop import running_loop_name
-from meshtoll.server.grpc_health import HEALTH_CHECK, ServeHealth
+from meshtoll.server.grpc_health import HEALTH_CHECK, HEALTH_WATCH, ServeHealth
 from meshtoll.server.lifecycle import announce_ports, keep_running, serve_until_signalled, stop_serving
 from meshtoll.server.listeners import Listeners, bind_listeners, port_limits
 from meshtoll.server.services import Services, build
@@ -153,6 +153,7 @@ class App:
             EXTPROC_METHOD: bidirectional(
                 services.hooks.Process, ext_proc_pb2.ProcessingRequest.FromString, "ProcessingRequest"
             ),
+            HEALTH_WATCH: self._health.watch,
         }
         context = None if tls is None else tls.grpc_context
         servers = [serve_grpc(unary, self.listeners.grpc, streams=streams, tls=context)]
@@ -167,7 +168,7 @@ class App:
         if self.services is not None:
             self.services.stop_admitting()
         # Health says so while the calls in flight finish.
-        self._health.stopping = True
+        self._health.stop()
         await stop_serving(self._servers, self._tasks)
         if self.services is not None:
             await self.services.close()

@@ -1,10 +1,11 @@
-"""grpc.health.v1.Health/Check on meshtoll's own h2c server (transport/h2_server.py), on the
-call's bytes: the answers both servers' health services give, and `meshtoll serve`'s.
-Watch is not served (UNIMPLEMENTED): Envoy's and Kubernetes' gRPC probes call Check."""
+"""grpc.health.v1.Health on meshtoll's own HTTP/2 server (transport/h2_server.py), on the
+call's bytes: the answers both servers' health services give, and `meshtoll serve`'s Check
+and Watch (`meshtoll ratelimit` serves Check alone, as envoyproxy/ratelimit does)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+from collections.abc import AsyncIterator, Iterable
 
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
@@ -12,11 +13,15 @@ from grpc_health.v1 import health_pb2
 from meshtoll.transport.h2_server import CallAborted, CallContext, StatusCode
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"  # its HTTP/2 :path
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 SERVING: bytes = health_pb2.HealthCheckResponse(
     status=health_pb2.HealthCheckResponse.SERVING
 ).SerializeToString()
 NOT_SERVING: bytes = health_pb2.HealthCheckResponse(
     status=health_pb2.HealthCheckResponse.NOT_SERVING
+).SerializeToString()
+SERVICE_UNKNOWN: bytes = health_pb2.HealthCheckResponse(
+    status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 ).SerializeToString()
 
 
@@ -34,15 +39,40 @@ class ServeHealth:
     """`meshtoll serve`'s health: its gRPC port opens once the services are built, so it
     answers SERVING for "" (the whole server) and each service it serves from the start, and
     NOT_SERVING from the moment it stops (draining: the admissions are refused, calls in flight
-    finish), so that a gRPC health check stops sending before the port closes. Any other name
-    is NOT_FOUND, as grpcio's health servicer answers."""
+    finish), so that a gRPC health check stops sending before the port closes. Check answers
+    any other name NOT_FOUND, as grpcio's health servicer does; Watch, SERVICE_UNKNOWN, and
+    holds the call, as health.proto says."""
 
     def __init__(self, services: Iterable[str]) -> None:
         self._services = frozenset(("", *services))
-        self.stopping = False
+        self._stopping = asyncio.Event()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def stop(self) -> None:
+        """From now on NOT_SERVING; every Watch is told."""
+        self._stopping.set()
 
     def check(self, request: bytes, context: CallContext) -> bytes:
         service = requested_service(request)
         if service not in self._services:
             raise CallAborted(StatusCode.NOT_FOUND, f"unknown service {service!r}")
         return NOT_SERVING if self.stopping else SERVING
+
+    async def watch(self, requests: AsyncIterator[bytes], context: CallContext) -> AsyncIterator[bytes]:
+        """The status now, then each change (there is one: to NOT_SERVING when stopping); the
+        call stays open until the client ends it or the server's shutdown does."""
+        request = await anext(requests, None)
+        if request is None:
+            raise CallAborted(StatusCode.INTERNAL, "no HealthCheckRequest was sent")
+        service = requested_service(request)
+        if service not in self._services:
+            yield SERVICE_UNKNOWN
+        else:
+            if not self.stopping:
+                yield SERVING
+                await self._stopping.wait()
+            yield NOT_SERVING
+        await asyncio.Future()  # held: nothing changes any more
