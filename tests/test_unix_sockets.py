@@ -5,13 +5,16 @@ carries real traffic to it through them, the hooks and the meter included."""
 from __future__ import annotations
 
 import re
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
+import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshtoll.errors import ConfigError
 from meshtoll.local.dev import DEMO_ACME_KEY, EXAMPLE_POLICY
@@ -20,16 +23,34 @@ from meshtoll.local.processes import Child, announced_ports, http_ok, read_ports
 from meshtoll.render.envoy import bootstrap
 from meshtoll.render.params import DeployParams
 from meshtoll.server.listeners import unix_listening_socket
-from meshtoll.settings import Settings
 from tests.client import fetch
 from tests.envoy_harness import envoy_process, local_stack
 from tests.envoy_validate import assert_envoy_accepts
 from tests.serve import start_serve
 
 
-def test_unix_sockets_need_a_single_worker() -> None:
-    with pytest.raises(ConfigError, match="uds_dir needs workers 1"):
-        Settings(uds_dir=Path("/run/meshtoll"), workers=2)
+@pytest.mark.integration
+def test_the_workers_share_the_unix_sockets_the_supervisor_bound(tmp_path: Path) -> None:
+    """Both sockets are bound once and inherited, as the TCP ports are: with two workers
+    each answers on them (grpcio bound a socket path in each worker, which took it over
+    from the other, so this needed one worker)."""
+    with tempfile.TemporaryDirectory(prefix="mt-uds-") as directory:
+        serve = start_serve(tmp_path, "--uds-dir", directory, "--workers", "2")
+        try:
+            serve.child.wait_ready(http_ok(f"{serve.admin_url}/readyz"), timeout=60)
+            for _ in range(20):  # fresh connections: the kernel hands them to either worker
+                with grpc.insecure_channel(f"unix:{directory}/grpc.sock") as channel:
+                    answer = health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=30
+                    )
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(30)
+                    sock.connect(f"{directory}/authz.sock")
+                    sock.sendall(b"GET /v1/search HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                    assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
+        finally:
+            serve.child.stop()
 
 
 def test_a_live_socket_is_not_taken_over_but_a_stale_one_is(tmp_path: Path) -> None:

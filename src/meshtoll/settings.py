@@ -262,12 +262,6 @@ class Settings:
         self._check_tls()
         self._check_http_limits()
         self._check_usage_sinks()
-        if self.uds_dir is not None and self.workers != 1:
-            # grpcio binds a Unix socket by its path in each worker; a second worker would
-            # take the path over from the first rather than share it.
-            raise ConfigError(
-                f"uds_dir needs workers 1 (given {self.workers}): a socket path cannot be shared"
-            )
 
     def _check_compat_domains(self) -> None:
         # A flag repeated arrives as a list; the frozen Settings keeps a tuple.
