@@ -1,8 +1,8 @@
 """`opentelemetry.proto.collector.logs.v1.LogsService/Export`: Envoy's OpenTelemetry access
 logger in, one meter line (meter/log_line.py) per logged request, settled against authz's
 admissions like the gRPC access log's entries (meter/als.py). Each flush of Envoy's buffer
-is one unary call: `export_bytes` on meshtoll's own h2c server (transport/h2_server.py),
-`export` on grpc.aio.
+is one unary call: `export_bytes` on meshtoll's own HTTP/2 server (transport/h2_server.py,
+`meshtoll serve`'s gRPC port), `export` on grpc.aio (the tests compare the two).
 
 xds-protos ships the OTLP messages but no gRPC stub for them, so the service is
 registered as a generic handler around the messages' own (de)serialisers. Its copy of

@@ -1,7 +1,8 @@
 """`envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit` on raw bytes: Envoy's
-protobufs in and out, the rate-limit service's decision in between. Served by grpc.aio
-(`meshtoll serve`, `handler()`) or by meshtoll's own h2c server (`meshtoll ratelimit`,
-transport/h2_server.py, `RLS_METHOD`): the same coroutine on either."""
+protobufs in and out, the rate-limit service's decision in between. Served by meshtoll's
+own HTTP/2 server (`meshtoll serve` and `meshtoll ratelimit`, transport/h2_server.py,
+`RLS_METHOD`) or by grpc.aio (`handler()`, for the tests and bench/rls_decision.py): the
+same coroutine on either."""
 
 from __future__ import annotations
 
