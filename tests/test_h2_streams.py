@@ -213,6 +213,17 @@ async def test_large_messages_cross_many_frames_both_ways(server: Server) -> Non
     assert answers == [big, b"x" * MAX_MESSAGE_BYTES, big]
 
 
+async def test_a_message_larger_than_the_window_left_is_not_stalled_by_one_taken_before(
+    server: Server,
+) -> None:
+    """The handler took 1 MiB, too little to return at once; the next message needs all of
+    the stream's window, so the handler waiting for it gets the 1 MiB returned."""
+    first, second = b"a" * (1024 * 1024), b"b" * MAX_MESSAGE_BYTES
+    async with channel(server.port) as open_channel:
+        total = await open_channel.stream_unary(SUM)(messages(first, second), timeout=TIMEOUT)
+    assert total == str(len(first) + len(second)).encode()
+
+
 async def test_more_request_bytes_than_the_windows_hold_flow_through_a_slow_handler(server: Server) -> None:
     """The handler takes one message and waits: the peer sends what the stream's window lets it
     and then waits too; the server holds no more than that window. Once the handler goes on,
