@@ -16,11 +16,12 @@ from typing import Any, Protocol
 
 import grpc
 
+from meshtoll.transport.h2_server import STREAM_STOP_GRACE_SECONDS
+
 log = logging.getLogger("meshtoll")
 
-# Unary calls (authz, RLS) finish within Envoy's 0.25-0.5 s timeouts; the access-log stream
-# never ends by itself, so a longer grace would only delay every shutdown by all of it.
-GRPC_STOP_GRACE_SECONDS = 1.0
+# The same grace on either gRPC server (transport/h2_server.py says why it is what it is).
+GRPC_STOP_GRACE_SECONDS = STREAM_STOP_GRACE_SECONDS
 BACKGROUND_RESTART_SECONDS = 1.0
 # Background work: a watcher, a flush, reconciliation; runs until cancelled.
 Work = Callable[[], Coroutine[Any, Any, None]]
