@@ -44,6 +44,7 @@ FOREVER = "/test.Streams/Forever"  # takes messages and never answers
 FAILING = "/test.Streams/Fail"
 THREE = "/test.Streams/Three"  # yields three answers of 80 bytes, counting its steps
 UNARY = "/test.Streams/Unary"
+CLEANING = "/test.Streams/Cleaning"  # yields one answer, noting its clean-up
 
 
 @dataclass
@@ -96,6 +97,13 @@ class Handlers:
             raise RuntimeError("a bug")
         yield b""
 
+    async def cleaning(self, requests: AsyncIterator[bytes], context: CallContext) -> AsyncIterator[bytes]:
+        try:
+            yield b"an answer"
+            yield b"another"
+        finally:
+            self.cancelled.set()
+
     async def three(self, requests: AsyncIterator[bytes], context: CallContext) -> AsyncIterator[bytes]:
         for _ in range(3):
             self.steps += 1
@@ -118,6 +126,7 @@ async def start(limits: HttpLimits | None = None, grace: float = 1.0) -> Server:
         FOREVER: handlers.forever,
         FAILING: handlers.fail,
         THREE: handlers.three,
+        CLEANING: handlers.cleaning,
     }
     sock = listening_socket("127.0.0.1", 0)
     unary = {UNARY: lambda request, context: request}
@@ -265,6 +274,16 @@ async def test_a_clients_cancel_reaches_the_handler(server: Server) -> None:
         await asyncio.wait_for(server.handlers.started.wait(), TIMEOUT)
         call.cancel()
         await asyncio.wait_for(server.handlers.cancelled.wait(), TIMEOUT)
+
+
+async def test_a_handler_held_at_its_answer_is_closed_when_its_stream_is_reset(server: Server) -> None:
+    """The peer gives no window and resets the stream: the handler, held at its yield while
+    its answer waits, runs its clean-up at once."""
+    client = await RawClient.open(server.port, PREFACE + settings((Setting.INITIAL_WINDOW_SIZE, 0)))
+    client.send(open_stream(client, 1, CLEANING, end=True))
+    await client.until(Frame.HEADERS, 1)  # the answer's HEADERS; its message waits for a window
+    client.send(frame(Frame.RST_STREAM, 0, 1, int(ErrorCode.CANCEL).to_bytes(4, "big")))
+    await asyncio.wait_for(server.handlers.cancelled.wait(), TIMEOUT)
 
 
 async def test_a_failing_handler_is_internal_and_the_other_streams_go_on(server: Server) -> None:
