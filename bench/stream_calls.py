@@ -6,13 +6,16 @@ process's CPU is the server's alone.
 
     python bench/stream_calls.py --service extproc|als [--server h2|grpc-aio]
                                  [--decisions N] [--concurrency C] [--entries E] [--repeat R]
+                                 [--floor]
 
 extproc: a decision is one stream as Envoy opens it for a route whose hooks change request
 headers: one ProcessingRequest (its request headers) in, one ProcessingResponse out, the
 stream ended. als: a decision is one StreamAccessLogsMessage of E entries (requests authz
 refused: read, not settled, so the settlement's store stays out of the figure), on
-`concurrency` streams that stay open for the whole run. Under bench/instructions.py only
-this process is counted.
+`concurrency` streams that stay open for the whole run. `--floor` measures a server's own
+per-stream machinery: each message answered with the same bytes (ext_proc: a
+ProcessingResponse; als: the empty response at the end), no service behind it. Under
+bench/instructions.py only this process is counted.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import asyncio
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from meshtoll.extproc.service import ExternalProcessorServicer
 from meshtoll.meter.als import AccessLogServicer
@@ -105,11 +108,36 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), i
 """
 
 
-async def serve(server: str) -> tuple[int, Callable[[], Awaitable[None]]]:
+async def constant(requests: AsyncIterator[bytes], context: object) -> AsyncIterator[bytes]:
+    """The floor's handler of either service: a constant answer to every message."""
+    async for _ in requests:
+        yield CONSTANT
+
+
+CONSTANT = b"\x0a\x02\x0a\x00"  # a ProcessingResponse: request_headers, an empty CommonResponse in it
+
+
+async def serve(server: str, floor: bool) -> tuple[int, Callable[[], Awaitable[None]]]:
     """The two services on `server`; its port and how to stop it."""
     policy = load_policy_text(POLICY, "policy.yaml")
     hooks = ExternalProcessorServicer(lambda: policy)
     meter = AccessLogServicer(Settlement(MemoryUsageStore(), clock=time.time))
+    if server == "grpc-aio" and floor:
+        import grpc
+
+        aio = grpc.aio.server()
+        handlers = {
+            path.rsplit("/", 1)[1]: grpc.stream_stream_rpc_method_handler(constant)
+            for path in (PROCESS, ACCESS_LOGS)
+        }
+        for path in (PROCESS, ACCESS_LOGS):
+            service, name = path[1:].split("/")
+            aio.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(service, {name: handlers[name]}),)
+            )
+        port = aio.add_insecure_port("127.0.0.1:0")
+        await aio.start()
+        return port, lambda: aio.stop(None)
     if server == "grpc-aio":
         import grpc
         from envoy.service.accesslog.v3 import als_pb2_grpc
@@ -126,7 +154,11 @@ async def serve(server: str) -> tuple[int, Callable[[], Awaitable[None]]]:
     from meshtoll.transport.h2_server import StreamHandler, serve_grpc
 
     sock = socket.create_server(("127.0.0.1", 0))
-    streams: dict[str, StreamHandler] = {PROCESS: hooks.process_stream, ACCESS_LOGS: meter.stream_access_logs}
+    streams: dict[str, StreamHandler] = (
+        {PROCESS: constant, ACCESS_LOGS: constant}
+        if floor
+        else {PROCESS: hooks.process_stream, ACCESS_LOGS: meter.stream_access_logs}
+    )
     listener = serve_grpc({}, sock, streams=streams)
 
     async def stop() -> None:
@@ -136,9 +168,11 @@ async def serve(server: str) -> tuple[int, Callable[[], Awaitable[None]]]:
     return sock.getsockname()[1], stop
 
 
-async def serve_and_call(server: str, service: str, decisions: int, concurrency: int, entries: int) -> float:
+async def serve_and_call(
+    server: str, service: str, decisions: int, concurrency: int, entries: int, floor: bool
+) -> float:
     """µs of this process's CPU per decision."""
-    port, stop = await serve(server)
+    port, stop = await serve(server, floor)
 
     async def client(calls: int) -> None:
         child = await asyncio.create_subprocess_exec(
@@ -174,11 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decisions", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=32, help="streams at once")
     parser.add_argument("--entries", type=int, default=1, help="entries in each access-log message")
+    parser.add_argument("--floor", action="store_true", help="a constant answer, no service")
     parser.add_argument("--event-loop", default="uvloop", choices=("uvloop", "asyncio"))
     parser.add_argument("--repeat", type=int, default=3, help="runs, each reported")
     args = parser.parse_args(argv)
     for _ in range(args.repeat):
-        calling = serve_and_call(args.server, args.service, args.decisions, args.concurrency, args.entries)
+        calling = serve_and_call(
+            args.server, args.service, args.decisions, args.concurrency, args.entries, args.floor
+        )
         spent = run_on_event_loop(calling, args.event_loop)
         print(f"{spent:.1f} µs CPU per {args.service} {'stream' if args.service == 'extproc' else 'message'}")
     return 0
