@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import grpc
 import pytest
@@ -19,6 +20,8 @@ from meshtoll.meter.als import AccessLogServicer, observation_from_envoy
 from meshtoll.meter.settle import Settlement
 from meshtoll.storage import MemoryUsageStore
 from meshtoll.storage.usage_redis import RedisUsageStore
+from meshtoll.transport.h2_server import serve_grpc
+from meshtoll.transport.http_listener import listening_socket
 from meshtoll.usage.recorder import AdmissionRecorder
 from meshtoll.usage.records import Admission, Observation, ReportedUnits, UsageRecord
 from meshtoll.usage.store import PendingAdmissions, UsageStore
@@ -214,6 +217,41 @@ async def test_a_batch_sent_twice_over_the_access_log_stream_counts_once(
         assert len(await usage_store.ledger(tenant, START, START + 1)) == 5
     finally:
         await server.stop(None)
+
+
+async def test_a_batch_sent_twice_over_the_stream_on_meshtolls_own_server_counts_once(
+    usage_store: UsageStore, tenant: str
+) -> None:
+    """The same as above, through `stream_access_logs` on the h2c server (transport/h2_server.py)."""
+    headers = {"x-meshtoll-tenant": tenant}
+    await usage_store.admit([admitted(tenant, f"{tenant}-{n}") for n in range(5)])
+    batch = als_pb2.StreamAccessLogsMessage()
+    batch.http_logs.log_entry.extend(entry(f"{tenant}-{n}", headers=headers) for n in range(5))
+    settlement = Settlement(usage_store, clock=Clock())
+    sock = listening_socket("127.0.0.1", 0)
+    path = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
+    listener = serve_grpc({}, sock, streams={path: AccessLogServicer(settlement).stream_access_logs})
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{sock.getsockname()[1]}") as channel:
+            stub = als_pb2_grpc.AccessLogServiceStub(channel)
+            assert await stub.StreamAccessLogs(sent(batch, batch)) == als_pb2.StreamAccessLogsResponse()
+            await stub.StreamAccessLogs(sent(batch))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await channel.stream_unary(path)(sent(b"\xff not a message"))
+        usage = await usage_store.usage(tenant, "2026-11")
+        assert (usage.requests, usage.units, settlement.outcomes["billed"]) == (5, 25, 5)
+        assert (refused.value.code(), refused.value.details()) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "not a StreamAccessLogsMessage",
+        )
+    finally:
+        listener.close()
+        await listener.wait_closed()
+
+
+async def sent(*messages: Any) -> AsyncIterator[Any]:
+    for message in messages:
+        yield message
 
 
 async def test_an_entry_cannot_move_its_request_to_another_period(

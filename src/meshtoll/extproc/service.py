@@ -27,6 +27,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_pb2_grpc
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 
 from meshtoll.errors import StorageError
 from meshtoll.extproc.hooks import (
@@ -43,7 +44,7 @@ from meshtoll.policy.model import Hooks
 from meshtoll.ratelimit.limiter import Limiter
 from meshtoll.telemetry.histogram import Histogram
 from meshtoll.telemetry.tracing import Tracing, end_span, trace_carrier
-from meshtoll.transport.h2_server import CallContext
+from meshtoll.transport.h2_server import CallAborted, CallContext, StatusCode
 from meshtoll.usage.recorder import AdmissionRecorder
 from meshtoll.usage.records import ReportedUnits
 from meshtoll.wire import (
@@ -101,6 +102,14 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         # Outcomes by name: "units_from_body", "fallback_<reason>", "charge_failed", ...
         self.outcomes: Counter[str] = Counter()
         self.body_bytes = 0  # response body bytes read for units
+
+    async def process_stream(
+        self, requests: AsyncIterator[bytes], context: CallContext
+    ) -> AsyncIterator[bytes]:
+        """Process on meshtoll's own h2c server (transport/h2_server.py): each
+        ProcessingRequest's bytes in, its answer's bytes out, in order."""
+        async for answer in self.Process(_processing_requests(requests), context):
+            yield answer.SerializeToString()
 
     async def Process(
         self,
@@ -238,6 +247,18 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
                 exc,
                 extra={"request_id": stream.request_id},
             )
+
+
+async def _processing_requests(
+    requests: AsyncIterator[bytes],
+) -> AsyncIterator[ext_proc_pb2.ProcessingRequest]:
+    parse = ext_proc_pb2.ProcessingRequest.FromString
+    async for raw in requests:
+        try:
+            message = parse(raw)
+        except DecodeError:
+            raise CallAborted(StatusCode.INVALID_ARGUMENT, "not a ProcessingRequest") from None
+        yield message
 
 
 def _stream_attributes(stream: _Stream | None) -> dict[str, str]:

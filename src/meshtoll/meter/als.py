@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from google.protobuf.message import DecodeError
 
 from meshtoll.meter.settle import Settlement
-from meshtoll.transport.h2_server import CallContext
+from meshtoll.transport.h2_server import CallAborted, CallContext, StatusCode
 from meshtoll.usage.records import Observation
 from meshtoll.wire import AUTHZ_METADATA_NAMESPACE, TENANT_HEADER, TENANT_KEY, is_envoys_own_failure
 
@@ -27,14 +28,34 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         context: grpc.aio.ServicerContext | CallContext,
     ) -> als_pb2.StreamAccessLogsResponse:
         async for message in requests:
-            entries = message.http_logs.log_entry
-            observations = [seen for entry in entries if (seen := observation_from_envoy(entry)) is not None]
-            # Requests that never went through authz (no request id), or that authz refused
-            # (no tenant, not failed by Envoy itself): not metered.
-            self._settlement.outcomes["anonymous"] += len(entries) - len(observations)
-            if observations:
-                await self._settlement.settle(observations)
+            await self._settle(message)
         return als_pb2.StreamAccessLogsResponse()
+
+    async def stream_access_logs(
+        self, requests: AsyncIterator[bytes], context: CallContext
+    ) -> AsyncIterator[bytes]:
+        """StreamAccessLogs on meshtoll's own h2c server (transport/h2_server.py): the
+        messages' bytes in, the empty response's bytes out once Envoy ends the stream."""
+        parse = als_pb2.StreamAccessLogsMessage.FromString
+        async for raw in requests:
+            try:
+                message = parse(raw)
+            except DecodeError:
+                raise CallAborted(StatusCode.INVALID_ARGUMENT, "not a StreamAccessLogsMessage") from None
+            await self._settle(message)
+        yield _EMPTY_RESPONSE
+
+    async def _settle(self, message: als_pb2.StreamAccessLogsMessage) -> None:
+        entries = message.http_logs.log_entry
+        observations = [seen for entry in entries if (seen := observation_from_envoy(entry)) is not None]
+        # Requests that never went through authz (no request id), or that authz refused
+        # (no tenant, not failed by Envoy itself): not metered.
+        self._settlement.outcomes["anonymous"] += len(entries) - len(observations)
+        if observations:
+            await self._settlement.settle(observations)
+
+
+_EMPTY_RESPONSE = als_pb2.StreamAccessLogsResponse().SerializeToString()
 
 
 def observation_from_envoy(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation | None:

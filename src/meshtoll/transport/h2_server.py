@@ -45,7 +45,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from enum import IntEnum
 from typing import Any, cast
 from urllib.parse import quote
@@ -1034,12 +1034,20 @@ class H2Connection(Connection):
         headers: Headers,
         path: str,
     ) -> None:
+        answers = handler(call.requests, CallContext(headers))
         try:
-            async for answer in handler(call.requests, CallContext(headers)):
+            async for answer in answers:
                 if not self._send_message(stream_id, stream, call, answer):
                     # A queue of one: the handler's next step waits for this answer to leave.
                     call.drained = self._loop.create_future()
-                    await call.drained
+                    try:
+                        await call.drained
+                    except asyncio.CancelledError:
+                        # Cancelled here, the handler is held at its yield: closed now, so
+                        # that its own clean-up (a span's end) runs at once, not at collection.
+                        if isinstance(answers, AsyncGenerator):
+                            await answers.aclose()
+                        raise
         except CallAborted as aborted:
             self._end_call(stream_id, stream, aborted.code, aborted.message)
         except Exception:
