@@ -8,9 +8,6 @@ import asyncio
 import logging
 from pathlib import Path
 
-from envoy.service.accesslog.v3 import als_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
-
 from meshtoll.authz.grpc_transport import CHECK_METHOD
 from meshtoll.meter.otlp import EXPORT_METHOD, LOGS_SERVICE
 from meshtoll.ratelimit.rls import RLS_METHOD
@@ -24,7 +21,6 @@ from meshtoll.server.services import Services, build
 from meshtoll.server.tls import ServiceTls, load_service_tls
 from meshtoll.settings import Settings
 from meshtoll.telemetry.workers import WorkerGroup
-from meshtoll.transport.grpc_messages import bidirectional, client_streaming
 from meshtoll.transport.h2_server import StreamHandler, UnaryHandler, serve_grpc
 from meshtoll.transport.http_listener import HttpLimits, HttpListener
 from meshtoll.transport.http_server import (
@@ -145,14 +141,8 @@ class App:
             HEALTH_CHECK: self._health.check,
         }
         streams: dict[str, StreamHandler] = {
-            ALS_METHOD: client_streaming(
-                services.meter.StreamAccessLogs,
-                als_pb2.StreamAccessLogsMessage.FromString,
-                "StreamAccessLogsMessage",
-            ),
-            EXTPROC_METHOD: bidirectional(
-                services.hooks.Process, ext_proc_pb2.ProcessingRequest.FromString, "ProcessingRequest"
-            ),
+            ALS_METHOD: services.meter.stream_access_logs,
+            EXTPROC_METHOD: services.hooks.process_stream,
             HEALTH_WATCH: self._health.watch,
         }
         context = None if tls is None else tls.grpc_context
