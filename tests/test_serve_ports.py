@@ -107,6 +107,20 @@ def test_a_second_serve_on_a_taken_port_exits_naming_the_port(
     assert http_status(ports[2]) == b"HTTP/1.1 200 OK"
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_no_socket_joins_a_port_even_with_so_reuseport(serve: Serve, workers: str) -> None:
+    """Each port is bound once, without SO_REUSEPORT, by the process that serves (the
+    supervisor, with workers): a stranger that asks for SO_REUSEPORT cannot take part of its
+    connections, the gRPC port's included (grpcio's needed a SO_REUSEPORT group)."""
+    _, ports = serve("--workers", workers)
+    for port in ports:
+        joining = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        joining.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with joining, pytest.raises(OSError, match="in use"):
+            joining.bind(("127.0.0.1", port))
+    assert grpc_serving(ports[0])
+
+
 def test_two_workers_share_every_port_and_survive_the_loss_of_one(
     serve: Serve,
 ) -> None:
@@ -118,7 +132,7 @@ def test_two_workers_share_every_port_and_survive_the_loss_of_one(
         message="the supervisor never started its two workers",
     )
     assert len(workers) == 2
-    # Every worker has every port: the inherited HTTP sockets and a gRPC listener of its own.
+    # Every worker has every port: the sockets the supervisor bound, inherited.
     eventually(
         lambda: [_listening_ports(worker) for worker in workers],
         lambda listening: all(found >= set(ports) for found in listening),
@@ -132,9 +146,9 @@ def test_two_workers_share_every_port_and_survive_the_loss_of_one(
     os.kill(supervisor.pid, signal.SIGSTOP)
     try:
         os.kill(workers[0], signal.SIGKILL)
-        # Gone once the kernel holds a single gRPC listener: a new connection handed to the
-        # dead worker's closing SO_REUSEPORT socket would be reset (seen on loaded runs),
-        # while the HTTP ports, one inherited socket, never have more than one.
+        # One gRPC listener, as for the HTTP ports: the one socket the workers inherited (when
+        # each worker's grpcio had its own SO_REUSEPORT socket, a new connection handed to
+        # the dead worker's closing one would be reset, seen on loaded runs).
         eventually(
             lambda: len(listening_inodes(ports[0])),
             lambda listeners: listeners == 1,
