@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from time import perf_counter
+from typing import TypeVar
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -62,6 +63,12 @@ from meshtoll.wire import (
 
 log = logging.getLogger("meshtoll.extproc")
 
+# A stream's messages as the server hands them over and takes them: protobuf messages on
+# grpc.aio, their bytes on the h2c server.
+_Received = TypeVar("_Received")
+_Sent = TypeVar("_Sent")
+_Same = TypeVar("_Same")
+
 _Mode = processing_mode_pb2.ProcessingMode
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
@@ -103,23 +110,31 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         self.outcomes: Counter[str] = Counter()
         self.body_bytes = 0  # response body bytes read for units
 
-    async def process_stream(
-        self, requests: AsyncIterator[bytes], context: CallContext
-    ) -> AsyncIterator[bytes]:
+    def process_stream(self, requests: AsyncIterator[bytes], context: CallContext) -> AsyncIterator[bytes]:
         """Process on meshtoll's own h2c server (transport/h2_server.py): each
-        ProcessingRequest's bytes in, its answer's bytes out, in order."""
-        async for answer in self.Process(_processing_requests(requests), context):
-            yield answer.SerializeToString()
+        ProcessingRequest's bytes in, its answer's bytes out, in order. The parse and the
+        serialization happen in the stream's one generator: one more generator on each side
+        cost 27,000 instructions a stream, 7% (bench/README.md, round 9)."""
+        return self._exchange(requests, _parse_processing_request, _serialize, context)
 
     async def Process(
-        self,
-        requests: AsyncIterator[ext_proc_pb2.ProcessingRequest],
-        context: grpc.aio.ServicerContext | CallContext,
+        self, requests: AsyncIterator[ext_proc_pb2.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ext_proc_pb2.ProcessingResponse]:
+        async for answer in self._exchange(requests, _same, _same, context):
+            yield answer
+
+    async def _exchange(
+        self,
+        requests: AsyncIterator[_Received],
+        parse: Callable[[_Received], ext_proc_pb2.ProcessingRequest],
+        serialize: Callable[[ext_proc_pb2.ProcessingResponse], _Sent],
+        context: grpc.aio.ServicerContext | CallContext,
+    ) -> AsyncIterator[_Sent]:
         stream: _Stream | None = None
         span = None
         try:
-            async for message in requests:
+            async for received in requests:
+                message = parse(received)
                 started = perf_counter()
                 kind = message.WhichOneof("request")
                 if kind == "request_headers":
@@ -132,7 +147,7 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
                     answer = await self._answer(kind, stream, message)
                 self._latency.observe(perf_counter() - started)
                 if answer is not None:
-                    yield answer
+                    yield serialize(answer)
         finally:
             if span is not None:
                 end_span(span, _stream_attributes(stream))
@@ -249,16 +264,20 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
             )
 
 
-async def _processing_requests(
-    requests: AsyncIterator[bytes],
-) -> AsyncIterator[ext_proc_pb2.ProcessingRequest]:
-    parse = ext_proc_pb2.ProcessingRequest.FromString
-    async for raw in requests:
-        try:
-            message = parse(raw)
-        except DecodeError:
-            raise CallAborted(StatusCode.INVALID_ARGUMENT, "not a ProcessingRequest") from None
-        yield message
+def _parse_processing_request(raw: bytes) -> ext_proc_pb2.ProcessingRequest:
+    try:
+        return ext_proc_pb2.ProcessingRequest.FromString(raw)
+    except DecodeError:
+        raise CallAborted(StatusCode.INVALID_ARGUMENT, "not a ProcessingRequest") from None
+
+
+def _serialize(answer: ext_proc_pb2.ProcessingResponse) -> bytes:
+    encoded: bytes = answer.SerializeToString()
+    return encoded
+
+
+def _same(message: _Same) -> _Same:
+    return message
 
 
 def _stream_attributes(stream: _Stream | None) -> dict[str, str]:
