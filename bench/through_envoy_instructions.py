@@ -67,7 +67,7 @@ from typing import Any
 
 import yaml
 from nginx_authz import nginx_allow_all
-from run import BENCH_KEY, LIMITED_KEY, write_policy
+from run import BENCH_KEY, LIMITED_KEY, SERVE_ARGS, write_policy
 
 from meshtoll.local import devstack
 from meshtoll.local.devstack import LocalStack, RedisServer, StackConfig
@@ -338,7 +338,14 @@ def traced_stack(
             policy=write_policy(directory, 10_000, headers),
             redis_url=redis_url,
             work_dir=directory / "stack",
-            serve_args=("--redis-timeout-ms", "60000", "--lease-max", str(lease_max), *serve_args),
+            serve_args=(
+                *SERVE_ARGS,
+                "--redis-timeout-ms",
+                "60000",
+                "--lease-max",
+                str(lease_max),
+                *serve_args,
+            ),
             envoy_binary=envoy_binary,
             fixed_ports=fixed,
             edit_envoy_bootstrap=edit_envoy_bootstrap,
