@@ -70,7 +70,7 @@ from typing import Any
 
 import yaml
 from nginx_authz import nginx_allow_all
-from run import BENCH_KEY, LIMITED_KEY, write_policy
+from run import BENCH_KEY, LIMITED_KEY, SERVE_ARGS, write_policy
 
 from meshtoll.local import devstack
 from meshtoll.local.devstack import LocalStack, RedisServer, StackConfig
@@ -253,6 +253,9 @@ def meter_entries(admin_url: str) -> int:
 
 # What says how a fused decision was made: its store calls and those leases spared.
 STORE_CALLS = "meshtoll_redis_round_trip_seconds_count"
+# Admissions reconciliation billed: none inside a batch while the grace outlasts the run
+# (run.SERVE_ARGS); any would be another row's work counted in this one.
+RECONCILED = "meshtoll_reconcile_billed_total"
 FROM_LEASE = 'meshtoll_limit_decisions_total{outcome="admitted_from_lease"}'
 
 
@@ -297,6 +300,7 @@ def per_request(
     prime(stack, row, connections)
     batch(stack, row, max(requests // 4, connections), connections, metered)  # warm-up
     totals, seconds = [], []
+    reconciled = sample(admin, RECONCILED)
     for size in (requests, 2 * requests):
         before = sample(admin, STORE_CALLS), sample(admin, FROM_LEASE)
         counted.zero()
@@ -305,6 +309,7 @@ def per_request(
         seconds.append(time.monotonic() - started)
         totals.append(counted.dump())
     calls, leased = sample(admin, STORE_CALLS) - before[0], sample(admin, FROM_LEASE) - before[1]
+    reconciled = sample(admin, RECONCILED) - reconciled
     small, large = totals
     spent = (large - small) / requests
     idle_share = idle * (seconds[1] - seconds[0]) / requests
@@ -312,7 +317,8 @@ def per_request(
         f"({row}) {spent - idle_share:,.0f} instructions per request, idle-time work taken out "
         f"({spent:,.0f} counted: {requests:,} requests {small:,}, {2 * requests:,} {large:,}; idle-time "
         f"work ~{idle_share:,.0f} at {(seconds[1] - seconds[0]) / requests * 1000:.1f} ms a request); over "
-        f"the {2 * requests:,}: {calls:,} counter-store calls, {leased:,} decisions served from leases"
+        f"the {2 * requests:,}: {calls:,} counter-store calls, {leased:,} decisions served from leases; "
+        f"{reconciled:,} admissions billed by reconciliation over both batches"
     )
 
 
@@ -351,7 +357,14 @@ def traced_stack(
             policy=write_policy(directory, 10_000, headers),
             redis_url=redis_url,
             work_dir=directory / "stack",
-            serve_args=("--redis-timeout-ms", "60000", "--lease-max", str(lease_max), *serve_args),
+            serve_args=(
+                *SERVE_ARGS,
+                "--redis-timeout-ms",
+                "60000",
+                "--lease-max",
+                str(lease_max),
+                *serve_args,
+            ),
             envoy_binary=envoy_binary,
             fixed_ports=fixed,
             edit_envoy_bootstrap=edit_envoy_bootstrap,
@@ -391,11 +404,15 @@ def native(stack: LocalStack, row: str, requests: int, connections: int) -> str:
     pid = stack.children["meshtoll"].pid
     prime(stack, row, connections)
     batch(stack, row, max(requests // 4, connections), connections, metered)  # warm-up
-    batches, spent = sample(admin, METER_BATCHES), cpu_seconds(pid)
+    batches, spent, reconciled = sample(admin, METER_BATCHES), cpu_seconds(pid), sample(admin, RECONCILED)
     batch(stack, row, requests, connections, metered)
     spent, batches = cpu_seconds(pid) - spent, sample(admin, METER_BATCHES) - batches
+    reconciled = sample(admin, RECONCILED) - reconciled
     logged = f", {batches:,} access-log batches" if metered else ""
-    return f"({row}) {requests:,} requests: {spent / requests * 1e6:.1f} µs of meshtoll CPU a request{logged}"
+    return (
+        f"({row}) {requests:,} requests: {spent / requests * 1e6:.1f} µs of meshtoll CPU a request{logged}, "
+        f"{reconciled:,} admissions billed by reconciliation meanwhile"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,16 @@ def logged(tenant: str, request_id: str) -> UsageRecord:
     return replace(admission(tenant, request_id).as_record(), status=200, source="access_log")
 
 
+def test_an_unreconciled_record_is_the_one_usage_record_would_build_field_for_field() -> None:
+    # as_record sets each field itself, not through UsageRecord's __init__: a field it leaves
+    # unset would make the two differ (or raise on comparison).
+    record = Admission("r1", T, "acme", "ci", "pro", "search", "GET", 7, awaits_report=True).as_record()
+    assert record == UsageRecord(
+        "r1", T, "acme", "ci", "pro", "search", "GET", status=0, request_bytes=0, response_bytes=0,
+        duration_ms=0.0, units=7, source="admission",
+    )  # fmt: skip
+
+
 async def test_overdue_admissions_are_billed_once_and_marked_unreconciled(
     usage_store: UsageStore, tenant: str
 ) -> None:

@@ -14,7 +14,7 @@ import orjson
 import pytest
 import redis.asyncio
 
-from meshtoll.keys import admissions_key, admitted_tenants_key, ledger_key
+from meshtoll.keys import admissions_key, admitted_tenants_key, ledger_key, pending_key
 from meshtoll.storage import MemoryUsageStore
 from meshtoll.storage.usage_redis import (
     ADMITTED_TENANTS_BUCKET_SECONDS,
@@ -317,6 +317,23 @@ async def test_a_pending_admission_reads_back_with_every_field_also_as_an_earlie
     await client.hset(admissions_key(tenant), "r-old", orjson.dumps(earlier))
     found = await store.pending([(tenant, "r-new"), (tenant, "r-old")])
     assert found == {(tenant, "r-new"): (admitted, None), (tenant, "r-old"): (earlier, None)}
+
+
+@pytest.mark.integration
+async def test_an_overdue_id_whose_admission_is_gone_leaves_the_pending_set_and_the_others_stay(
+    redis_store: tuple[RedisUsageStore, redis.asyncio.Redis],
+) -> None:
+    store, client = redis_store
+    tenant = f"usage{next(_tenants)}"
+    kept = Admission("r-kept", T, tenant, "ci", "pro", "search", "GET", 5)
+    await store.admit([kept, Admission("r-gone", T, tenant, "ci", "pro", "search", "GET", 5)])
+    # Settled between overdue's read of the pending set and its read of the admissions.
+    await client.hdel(admissions_key(tenant), "r-gone")
+    assert [a for a in await store.overdue(T + 60) if a.tenant == tenant] == [kept]
+    assert await client.zrange(pending_key(tenant), 0, -1) == [b"r-kept"]
+    # With nothing gone, nothing leaves: reading is not settling.
+    assert [a for a in await store.overdue(T + 60) if a.tenant == tenant] == [kept]
+    assert await client.zrange(pending_key(tenant), 0, -1) == [b"r-kept"]
 
 
 @pytest.mark.integration

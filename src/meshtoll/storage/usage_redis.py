@@ -243,9 +243,16 @@ class RedisUsageStore:
                 elif ids:
                     due.append((tenant, ids))
             found = await self._pending_admissions(due)
-            await self._drop_orphans(due, found)
-        overdue = [with_reported_units(admission, units) for admission, units in found.values()]
-        return sorted(overdue, key=lambda admission: admission.time)
+            # Each id read names one admission: as many found as asked, none is gone. The
+            # usual case, and then no id is decoded and looked up again.
+            if len(found) < sum(len(ids) for _, ids in due):
+                await self._drop_orphans(due, found)
+        overdue = [
+            admission if units is None else with_reported_units(admission, units)
+            for admission, units in found.values()
+        ]
+        overdue.sort(key=_admission_time)
+        return overdue
 
     async def _drop_orphans(self, due: list[tuple[str, list[bytes]]], found: PendingAdmissions) -> None:
         """Pending ids whose admission is gone (settled since the read): out of the pending
@@ -331,6 +338,9 @@ class RedisUsageStore:
         await self._client.aclose()
         for sentinel in self._sentinels:
             await sentinel.aclose()
+
+
+_admission_time = operator.attrgetter("time")
 
 
 def admission_document(admission: Admission) -> bytes:

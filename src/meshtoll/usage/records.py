@@ -116,12 +116,25 @@ class Admission:
     awaits_report: bool = False
 
     def as_record(self) -> UsageRecord:
-        # Status, bytes and duration are what the access log would have told: unknown here.
-        return UsageRecord(
-            self.request_id, self.time, self.tenant, self.consumer, self.plan, self.route, self.method,
-            status=0, request_bytes=0, response_bytes=0, duration_ms=0.0,
-            units=self.units, source="admission",
-        )  # fmt: skip
+        """The record reconciliation bills when no access-log entry came: status, bytes and
+        duration are what the entry would have told, unknown here. Built as `settled_by`
+        builds its record (without the class's `__init__`, which was most of this method's
+        cost): reconciliation runs it for every admitted request of an unmetered listener."""
+        record = _new_record(UsageRecord)
+        record.request_id = self.request_id
+        record.time = self.time
+        record.tenant = self.tenant
+        record.consumer = self.consumer
+        record.plan = self.plan
+        record.route = self.route
+        record.method = self.method
+        record.status = 0
+        record.request_bytes = 0
+        record.response_bytes = 0
+        record.duration_ms = 0.0
+        record.units = self.units
+        record.source = "admission"
+        return record
 
     def settled_by(self, seen: Observation, reported: int | None) -> UsageRecord:
         """The record of this admitted request, now that its access-log entry told how it
