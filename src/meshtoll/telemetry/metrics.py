@@ -52,7 +52,7 @@ class Metrics:
             name, lambda: Family(name, "counter", help, dict(read()), combine=combine, legacy_counter=legacy)
         )
 
-    def count_outcomes(self, name: str, description: str, outcomes: Counter[str]) -> None:
+    def count_outcomes(self, name: str, description: str, outcomes: Mapping[str, int]) -> None:
         """Export a service's outcome counter (as the service keeps it) as `name_total{outcome}`."""
         self.count_by(name, description, outcomes, "outcome")
 
