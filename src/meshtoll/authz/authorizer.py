@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, MutableMapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -53,7 +52,7 @@ class Authorizer:
         *,
         transport: str = "direct",
         counts: DecisionCounts | None = None,
-        tenant_counts: Counter[tuple[str, str]] | None = None,
+        tenant_counts: MutableMapping[tuple[str, str], int] | None = None,
         limiter: Limiter | None = None,
         recorder: AdmissionRecorder | None = None,
         denials: RecentDenials | None = None,
@@ -66,6 +65,7 @@ class Authorizer:
         self._jwks = jwks
         self._transport = transport
         self._counts = (counts or DecisionCounts()).counts
+        self._allowed = (transport, "allow")  # its key in `_counts`, built once
         self._tenant_counts = tenant_counts
         self._limiter = limiter
         self._recorder = recorder
@@ -188,7 +188,7 @@ class Authorizer:
         if isinstance(verdict, Deny):
             self._counts[(self._transport, verdict.code)] += 1
             return verdict
-        self._counts[(self._transport, "allow")] += 1
+        self._counts[self._allowed] += 1
         if self._tenant_counts is not None:
             self._tenant_counts[(verdict.tenant, "allow")] += 1
         if self._recorder is not None:

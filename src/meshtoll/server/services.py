@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import partial
 
@@ -183,9 +183,9 @@ async def build(settings: Settings) -> Services:
         "transport",
         "outcome",
     )
-    tenant_counts: Counter[tuple[str, str]] | None = None
+    tenant_counts: defaultdict[tuple[str, str], int] | None = None
     if metrics.tenant_labels.enabled:
-        tenant_counts = Counter()
+        tenant_counts = defaultdict(int)
         metrics.count_by(
             "meshtoll_tenant_decisions",
             "authz decisions by tenant (those --metrics-tenant-labels selects) and outcome: allow, "

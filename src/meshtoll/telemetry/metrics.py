@@ -11,7 +11,7 @@ one process group merge (telemetry/workers.py) and telemetry/exposition.py rende
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -29,7 +29,9 @@ class DecisionCounts:
     """Authz decisions by transport and outcome ("allow" or the denial's error code)."""
 
     def __init__(self) -> None:
-        self.counts: Counter[tuple[str, str]] = Counter()
+        # Not a Counter, whose item assignment is a Python-level slot (it defines
+        # __delitem__): every decision counts itself here.
+        self.counts: defaultdict[tuple[str, str], int] = defaultdict(int)
 
 
 class Metrics:
