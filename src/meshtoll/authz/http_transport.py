@@ -38,8 +38,7 @@ _REASONS = {
 _JSON = ("content-type", "application/json")
 log = logging.getLogger("meshtoll.authz")
 _ALLOW_CACHE_LIMIT = 50_000
-# What follows an allow's head built once: its RateLimit lines and the end of the head,
-# formatted in one step.
+# What follows an allow's head: its RateLimit lines and the end of the head.
 _RATE_LIMIT_END = RATE_LIMIT_LINES + EMPTY_BODY
 _DECIDED = (Allow, Deny)  # built once: `Allow | Deny` in a call makes a new union each time
 _new_tuple = tuple.__new__
@@ -58,9 +57,9 @@ class HttpAuthzHandler:
         self._latency = latency or Histogram()
         self._tracing = tracing
         # An allow response depends only on its headers, so each distinct one is built once,
-        # and the head of one that carries RateLimit headers too.
+        # and for one that carries RateLimit headers, the format of its whole head.
         self._allow_responses: dict[tuple[object, ...], bytes] = {}
-        self._allow_heads: dict[tuple[object, ...], bytes] = {}
+        self._allow_formats: dict[tuple[object, ...], bytes] = {}
         self._warned_query_key = False
 
     def __call__(
@@ -122,15 +121,21 @@ class HttpAuthzHandler:
         key = (verdict.headers, verdict.remove_headers)
         if verdict.rate_limit is not None:
             # Per-request RateLimit-* values: Envoy adds these to the client's response
-            # (allowed_client_headers_on_success), so they follow the head built once.
-            head = self._allow_heads.get(key)
-            if head is None:
-                head = _cached(self._allow_heads, key, response_head(200, "OK", self._allow_headers(verdict)))
-            return head + _RATE_LIMIT_END % verdict.rate_limit
+            # (allowed_client_headers_on_success). The head built once is the format they
+            # are written into: one step, no concatenation after it.
+            head_format = self._allow_formats.get(key)
+            if head_format is None:
+                head_format = _cached(self._allow_formats, key, self._allow_format(verdict))
+            return head_format % verdict.rate_limit
         cached = self._allow_responses.get(key)
         if cached is None:
             cached = _cached(self._allow_responses, key, response(200, "OK", self._allow_headers(verdict)))
         return cached
+
+    def _allow_format(self, allow: Allow) -> bytes:
+        """The head of an allow with RateLimit headers, as a format of their three values:
+        a `%` the head's own headers carry is written as itself."""
+        return response_head(200, "OK", self._allow_headers(allow)).replace(b"%", b"%%") + _RATE_LIMIT_END
 
     @staticmethod
     def _allow_headers(allow: Allow) -> tuple[tuple[str, str], ...]:
