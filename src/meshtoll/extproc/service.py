@@ -16,7 +16,7 @@ find them; for limits enforced in the authz call, this service charges them itse
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from time import perf_counter
@@ -107,7 +107,9 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         self._latency = latency or Histogram()
         self._tracing = tracing
         # Outcomes by name: "units_from_body", "fallback_<reason>", "charge_failed", ...
-        self.outcomes: Counter[str] = Counter()
+        # Not a Counter: storing a Counter's item goes through a Python-level slot (it
+        # defines __delitem__), and every hooked stream counts itself.
+        self.outcomes: defaultdict[str, int] = defaultdict(int)
         self.body_bytes = 0  # response body bytes read for units
 
     def process_stream(self, requests: AsyncIterator[bytes], context: CallContext) -> AsyncIterator[bytes]:
