@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter, deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from time import perf_counter
 
@@ -81,8 +81,9 @@ class Settlement:
         # anonymous (no tenant, and none found by its request id: a request authz refused),
         # resolved (no tenant, found by its request id: then billed, replayed or unmatched),
         # buffered (settled from the admissions this process had not flushed yet: also
-        # counted as billed or replayed)
-        self.outcomes: Counter[str] = Counter()
+        # counted as billed or replayed). Not a Counter: storing a Counter's item goes
+        # through a Python-level slot (it defines __delitem__), and every batch counts.
+        self.outcomes: defaultdict[str, int] = defaultdict(int)
 
     @property
     def waiting(self) -> int:
