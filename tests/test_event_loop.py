@@ -1,5 +1,5 @@
-"""meshtoll's servers run on uvloop unless told otherwise or uvloop is missing, and grpc.aio
-serves and calls on it."""
+"""meshtoll's servers run on uvloop unless told otherwise or uvloop is missing, and its h2c
+gRPC server answers a grpc.aio client's calls on it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2
 
 from meshtoll.authz.authorizer import Authorizer
-from meshtoll.authz.grpc_transport import AuthorizationServicer
+from meshtoll.authz.grpc_transport import CHECK_METHOD, AuthorizationServicer
 from meshtoll.authz.jwks import JwksCache
 from meshtoll.envoyproxy_ratelimit.environment import rls_settings_from
 from meshtoll.errors import ConfigError
@@ -22,6 +22,8 @@ from meshtoll.local.dev import DEMO_ACME_KEY
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.server.event_loop import run_on_event_loop, running_loop_name
 from meshtoll.settings import Settings, settings_from
+from meshtoll.transport.h2_server import serve_grpc
+from meshtoll.transport.http_listener import listening_socket
 from tests.serve import EXAMPLE_POLICY, running_serve
 
 
@@ -62,29 +64,27 @@ def test_the_event_loop_is_a_setting_of_both_servers() -> None:
         rls_settings_from(peer | {"MESHTOLL_EVENT_LOOP": "trio"})
 
 
-def test_grpc_aio_serves_ext_authz_checks_on_uvloop() -> None:
+def test_the_h2c_server_answers_grpc_aio_ext_authz_checks_on_uvloop() -> None:
     answers: list[int] = []
 
     async def serve_and_call() -> None:
         authorizer = Authorizer(PolicyHolder.from_file(EXAMPLE_POLICY), JwksCache())
-        server = grpc.aio.server()
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(authorizer), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                check = external_auth_pb2_grpc.AuthorizationStub(channel).Check
-                for key in (DEMO_ACME_KEY, "not-a-key") * 50:
-                    request = external_auth_pb2.CheckRequest()
-                    http = request.attributes.request.http
-                    http.method, http.path, http.headers["x-api-key"] = "GET", "/v1/search", key
-                    request.attributes.source.address.socket_address.address = "127.0.0.1"
-                    answers.append((await check(request, timeout=5)).status.code)
-                # Concurrent calls as well: grpc.aio's completion queue against uvloop's poller.
-                replies = await asyncio.gather(*(check(request, timeout=5) for _ in range(100)))
-                answers.extend(reply.status.code for reply in replies)
-        finally:
-            await server.stop(None)
+        sock = listening_socket("127.0.0.1", 0)
+        async with (
+            serve_grpc({CHECK_METHOD: AuthorizationServicer(authorizer).check}, sock),
+            grpc.aio.insecure_channel(f"127.0.0.1:{sock.getsockname()[1]}") as channel,
+        ):
+            check = external_auth_pb2_grpc.AuthorizationStub(channel).Check
+            for key in (DEMO_ACME_KEY, "not-a-key") * 50:
+                request = external_auth_pb2.CheckRequest()
+                http = request.attributes.request.http
+                http.method, http.path, http.headers["x-api-key"] = "GET", "/v1/search", key
+                request.attributes.source.address.socket_address.address = "127.0.0.1"
+                answers.append((await check(request, timeout=5)).status.code)
+            # Concurrent calls as well: one connection's streams, and grpc.aio's completion
+            # queue, against uvloop's poller.
+            replies = await asyncio.gather(*(check(request, timeout=5) for _ in range(100)))
+            answers.extend(reply.status.code for reply in replies)
         answers.append(-1 if running_loop_name() != "uvloop" else 0)
 
     run_on_event_loop(serve_and_call(), "uvloop")

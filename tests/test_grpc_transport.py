@@ -1,4 +1,5 @@
-"""The gRPC Check adapter: Envoy's protobufs in, the shared decision, protobufs out."""
+"""The gRPC Check servicer: Envoy's protobufs in, the shared decision, protobufs out, on the
+call's bytes as meshtoll serve's h2c server hands them over."""
 
 from __future__ import annotations
 
@@ -12,9 +13,15 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from google.protobuf import json_format
 
 from meshtoll.authz.authorizer import Authorizer
-from meshtoll.authz.grpc_transport import AllowAnswer, AuthorizationServicer, allowed_response
+from meshtoll.authz.grpc_transport import (
+    AllowAnswer,
+    AuthorizationServicer,
+    allowed_response,
+    check_request_from_envoy,
+    denied_response,
+)
 from meshtoll.authz.jwks import JwksCache
-from meshtoll.authz.verdict import Allow
+from meshtoll.authz.verdict import Allow, Deny
 from meshtoll.policy.reload import PolicyHolder
 from meshtoll.ratelimit.verdict import rate_limit_pairs
 from meshtoll.transport.h2_server import CallAborted, CallContext, StatusCode
@@ -22,7 +29,7 @@ from meshtoll.transport.h2_server import CallAborted, CallContext, StatusCode
 KEY = "grpc-test-key"
 
 
-def servicer(tmp_path: Path) -> AuthorizationServicer:
+def authorizer(tmp_path: Path) -> Authorizer:
     digest = hashlib.sha256(KEY.encode()).hexdigest()
     path = tmp_path / "policy.yaml"
     path.write_text(
@@ -31,7 +38,11 @@ def servicer(tmp_path: Path) -> AuthorizationServicer:
         ' mtls: {spiffe_ids: ["spiffe://acme.test/bot"]}}}\n'
         "routes: [{prefix: /v1/, name: v1}]\n"
     )
-    return AuthorizationServicer(Authorizer(PolicyHolder.from_file(path), JwksCache()))
+    return Authorizer(PolicyHolder.from_file(path), JwksCache())
+
+
+def servicer(tmp_path: Path) -> AuthorizationServicer:
+    return AuthorizationServicer(authorizer(tmp_path))
 
 
 def check_request(headers: dict[str, str], principal: str = "") -> external_auth_pb2.CheckRequest:
@@ -44,9 +55,27 @@ def check_request(headers: dict[str, str], principal: str = "") -> external_auth
     return external_auth_pb2.CheckRequest(attributes=attributes)
 
 
+def bytes_context() -> CallContext:
+    return CallContext((("content-type", "application/grpc"),))
+
+
+async def check_bytes(servicer: AuthorizationServicer, request: bytes) -> bytes:
+    answer = servicer.check(request, bytes_context())
+    return answer if isinstance(answer, bytes) else await answer
+
+
+async def checked(
+    servicer: AuthorizationServicer, request: external_auth_pb2.CheckRequest
+) -> external_auth_pb2.CheckResponse:
+    """The servicer's answer to `request`, as serve's port would send it, parsed."""
+    return external_auth_pb2.CheckResponse.FromString(
+        await check_bytes(servicer, request.SerializeToString())
+    )
+
+
 async def test_allow_sets_identity_headers_removes_spoofed_ones_and_emits_metadata(tmp_path: Path) -> None:
     request = check_request({"x-api-key": KEY, "x-meshtoll-shadow": "1"})
-    answer = await servicer(tmp_path).Check(request, None)
+    answer = await checked(servicer(tmp_path), request)
     assert answer.status.code == 0
     headers = {option.header.key: option for option in answer.ok_response.headers}
     assert headers["x-meshtoll-tenant"].header.value == "acme"
@@ -67,7 +96,7 @@ async def test_allow_sets_identity_headers_removes_spoofed_ones_and_emits_metada
 
 
 async def test_deny_carries_http_status_json_body_and_grpc_code(tmp_path: Path) -> None:
-    answer = await servicer(tmp_path).Check(check_request({"x-api-key": "wrong"}), None)
+    answer = await checked(servicer(tmp_path), check_request({"x-api-key": "wrong"}))
     assert answer.status.code == 16  # UNAUTHENTICATED
     assert answer.denied_response.status.code == 401
     assert json.loads(answer.denied_response.body) == {
@@ -78,21 +107,13 @@ async def test_deny_carries_http_status_json_body_and_grpc_code(tmp_path: Path) 
 
 
 async def test_spiffe_principal_of_a_verified_peer_identifies_the_tenant(tmp_path: Path) -> None:
-    answer = await servicer(tmp_path).Check(check_request({}, principal="spiffe://acme.test/bot"), None)
+    answer = await checked(servicer(tmp_path), check_request({}, principal="spiffe://acme.test/bot"))
     assert answer.status.code == 0
 
 
-def bytes_context() -> CallContext:
-    return CallContext((("content-type", "application/grpc"),))
-
-
-async def check_bytes(servicer: AuthorizationServicer, request: bytes) -> bytes:
-    answer = servicer.check(request, bytes_context())
-    return answer if isinstance(answer, bytes) else await answer
-
-
-async def test_check_on_bytes_answers_the_bytes_the_message_servicer_would(tmp_path: Path) -> None:
-    served = servicer(tmp_path)
+async def test_check_answers_the_serialised_response_of_the_decision(tmp_path: Path) -> None:
+    deciding = authorizer(tmp_path)
+    served = AuthorizationServicer(deciding)
     for request in (
         check_request({"x-api-key": KEY, "x-meshtoll-shadow": "1"}),
         check_request({"x-api-key": "wrong"}),
@@ -101,7 +122,14 @@ async def test_check_on_bytes_answers_the_bytes_the_message_servicer_would(tmp_p
         # The same bytes to both: a protobuf map (the request's headers) keeps no order
         # across a serialisation, and the headers to remove follow it.
         sent = request.SerializeToString()
-        expected = await served.Check(external_auth_pb2.CheckRequest.FromString(sent), None)
+        verdict = deciding.check(
+            check_request_from_envoy(external_auth_pb2.CheckRequest.FromString(sent).attributes)
+        )
+        if not isinstance(verdict, Allow | Deny):
+            verdict = await verdict
+        expected = (
+            denied_response(verdict, "rid-7") if isinstance(verdict, Deny) else allowed_response(verdict)
+        )
         assert await check_bytes(served, sent) == expected.SerializeToString()
 
 

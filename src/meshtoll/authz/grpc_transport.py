@@ -1,15 +1,14 @@
 """`envoy.service.auth.v3.Authorization/Check`: Envoy's protobufs in and out, the shared
-decision in between. `check` serves it on meshtoll's own h2c server (transport/h2_server.py)
-on the call's bytes; `Check` is the same decision on messages, grpc.aio's servicer shape."""
+decision in between, served by meshtoll's own h2c server (transport/h2_server.py) on the
+call's bytes (`check`)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable
 from time import perf_counter
-from typing import Any
 
 from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
@@ -35,7 +34,7 @@ _GRPC_CODES = {
 }
 
 
-class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+class AuthorizationServicer:
     def __init__(
         self, authorizer: Authorizer, *, latency: Histogram | None = None, tracing: Tracing | None = None
     ) -> None:
@@ -77,23 +76,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             end_span(span, decision_attributes(verdict, request_id))
         return answer
 
-    async def Check(
-        self, request: external_auth_pb2.CheckRequest, context: Any
-    ) -> external_auth_pb2.CheckResponse:
-        """The same decision on messages (grpc.aio's servicer shape)."""
-        started = perf_counter()
-        check, span = self._begin(request, context)
-        verdict = self._authorizer.check(check)
-        if not isinstance(verdict, Allow | Deny):
-            verdict = await verdict
-        answer = self._answer(verdict, check.request_id)
-        self._latency.observe(perf_counter() - started)
-        if span is not None:
-            end_span(span, decision_attributes(verdict, check.request_id))
-        return answer
-
     def _begin(
-        self, request: external_auth_pb2.CheckRequest, context: Any
+        self, request: external_auth_pb2.CheckRequest, context: CallContext
     ) -> tuple[CheckRequest, Span | None]:
         check = check_request_from_envoy(request.attributes)
         span = None
@@ -102,20 +86,6 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             # client's traceparent among the request headers Envoy lets through.
             span = self._tracing.start("authz check", trace_carrier(context, check.headers))
         return check, span
-
-    def _answer(self, verdict: Allow | Deny, request_id: str) -> external_auth_pb2.CheckResponse:
-        if isinstance(verdict, Deny):
-            return denied_response(verdict, request_id)
-        cached = self._allow(verdict).message
-        if verdict.rate_limit is not None:
-            # Per-request RateLimit-* values: copied onto the shared response, never into it.
-            answer = external_auth_pb2.CheckResponse()
-            answer.CopyFrom(cached)
-            answer.ok_response.response_headers_to_add.extend(
-                _header_options(rate_limit_pairs(verdict.rate_limit))
-            )
-            return answer
-        return cached
 
     def _allow(self, allow: Allow) -> AllowAnswer:
         key = (allow.headers, allow.remove_headers, allow.route, allow.remove_query_params)

@@ -3,9 +3,10 @@ when uvloop is not installed.
 
 uvloop (libuv, in C) takes less CPU per socket event than asyncio's selector loop, and the
 HTTP ext_authz fast path is mostly socket events: see bench/README.md ("uvloop, Unix sockets") for
-what it measured. grpc.aio runs on it unchanged (tests/test_event_loop.py holds a gRPC call
-on it). Only meshtoll's own servers choose it here; the demo upstream and the benchmark's
-stubs stay on asyncio, so that baselines do not move with this setting.
+what it measured. grpc.aio's client runs on it unchanged (tests/test_event_loop.py holds gRPC
+calls on it, to serve's h2c server). Only meshtoll's own servers choose it here; the demo
+upstream and the benchmark's stubs stay on asyncio, so that baselines do not move with this
+setting.
 """
 
 from __future__ import annotations
