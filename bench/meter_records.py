@@ -2,7 +2,10 @@
 admitted (row (g) against row (c)). Admissions are recorded and flushed as authz does, and a
 client in a child process sends Envoy's access-log batches for them to meshtoll's meter
 served here (the OpenTelemetry logger's Export calls, or the gRPC access log's stream), built
-as Envoy 1.40 builds them; the meter settles them against a real redis-server.
+as Envoy 1.40 builds them; the meter settles them against a real redis-server. The meter is
+served as `meshtoll serve` serves it, on meshtoll's own h2c server (transport/h2_server.py)
+since round 9; bench/README.md's figures before round 9 served its grpc.aio forms, which are
+gone: repeating those needs main before round 9.
 
     python bench/meter_records.py [--decisions N] [--logger otlp|als] [--records-per-export B]
                                   [--rate R] [--tenants T] [--no-meter] [--repeat R]
@@ -36,10 +39,13 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 
 from meshtoll.local.devstack import RedisServer
 from meshtoll.meter.als import AccessLogServicer
-from meshtoll.meter.otlp import LOGS_SERVICE, OtlpLogsReceiver
+from meshtoll.meter.otlp import EXPORT_METHOD, LOGS_SERVICE, OtlpLogsReceiver
 from meshtoll.meter.settle import RETRY_SECONDS, Settlement
+from meshtoll.server.app import ALS_METHOD
 from meshtoll.server.event_loop import run_on_event_loop
 from meshtoll.storage.usage_redis import RedisUsageStore
+from meshtoll.transport.h2_server import serve_grpc
+from meshtoll.transport.http_listener import listening_socket
 from meshtoll.usage.recorder import FLUSH_SECONDS, AdmissionRecorder
 from meshtoll.usage.records import Admission, Observation
 from meshtoll.usage.store import UsageStore
@@ -109,11 +115,13 @@ async def meter_many(
     usage = RedisUsageStore(redis_url, timeout_ms=600_000)
     recorder = AdmissionRecorder(usage)
     settlement = SettledSignal(usage, schedule, recorder)  # as meshtoll serve wires them
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((OtlpLogsReceiver(settlement).handler(),))
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(settlement), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    sock = listening_socket("127.0.0.1", 0)
+    server = serve_grpc(
+        {EXPORT_METHOD: OtlpLogsReceiver(settlement).export_bytes},
+        sock,
+        streams={ALS_METHOD: AccessLogServicer(settlement).stream_access_logs},
+    )
+    port = sock.getsockname()[1]
     client = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--client", f"127.0.0.1:{port}", "--logger", logger,
         "--tenants", str(tenants), "--rate", str(rate), "--run", str(run), stdin=asyncio.subprocess.PIPE,
@@ -168,7 +176,8 @@ async def meter_many(
     client.stdin.close()
     if await client.wait() != 0:
         raise RuntimeError("the access-log client failed")
-    await server.stop(None)
+    server.close()
+    await server.wait_closed()
     await usage.close()
     billed = settlement.outcomes["billed"]
     if billed != (admitted if meter else 0):

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
-from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf.message import DecodeError
 
 from meshtoll.meter.settle import Settlement
@@ -18,18 +17,9 @@ from meshtoll.usage.records import Observation
 from meshtoll.wire import AUTHZ_METADATA_NAMESPACE, TENANT_HEADER, TENANT_KEY, is_envoys_own_failure
 
 
-class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+class AccessLogServicer:
     def __init__(self, settlement: Settlement) -> None:
         self._settlement = settlement
-
-    async def StreamAccessLogs(
-        self,
-        requests: AsyncIterator[als_pb2.StreamAccessLogsMessage],
-        context: grpc.aio.ServicerContext | CallContext,
-    ) -> als_pb2.StreamAccessLogsResponse:
-        async for message in requests:
-            await self._settle(message)
-        return als_pb2.StreamAccessLogsResponse()
 
     async def stream_access_logs(
         self, requests: AsyncIterator[bytes], context: CallContext
