@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 
 import grpc
 import pytest
@@ -65,33 +64,14 @@ class Clock:
         return float(START)
 
 
-@asynccontextmanager
-async def grpc_aio_port(receiver: OtlpLogsReceiver) -> AsyncIterator[int]:
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((receiver.handler(),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield port
-    finally:
-        await server.stop(None)
-
-
-@asynccontextmanager
-async def h2c_port(receiver: OtlpLogsReceiver) -> AsyncIterator[int]:
-    sock = listening_socket("127.0.0.1", 0)
-    async with serve_grpc({EXPORT_METHOD: receiver.export_bytes}, sock):
-        yield sock.getsockname()[1]
-
-
-@pytest.fixture(params=[grpc_aio_port, h2c_port], ids=["grpc.aio", "h2c"])
-async def receiver(
-    request: pytest.FixtureRequest, usage_store: UsageStore
-) -> AsyncIterator[tuple[Settlement, Export]]:
+@pytest.fixture
+async def receiver(usage_store: UsageStore) -> AsyncIterator[tuple[Settlement, Export]]:
+    """A grpcio client's Export calls to `export_bytes` on the h2c server, as serve serves it."""
     settlement = Settlement(usage_store, clock=Clock(), wait_seconds=0)
+    sock = listening_socket("127.0.0.1", 0)
     async with (
-        request.param(OtlpLogsReceiver(settlement)) as port,
-        grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+        serve_grpc({EXPORT_METHOD: OtlpLogsReceiver(settlement).export_bytes}, sock),
+        grpc.aio.insecure_channel(f"127.0.0.1:{sock.getsockname()[1]}") as channel,
     ):
         export = channel.unary_unary(
             f"/{LOGS_SERVICE}/Export",

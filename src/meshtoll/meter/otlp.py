@@ -1,21 +1,20 @@
 """`opentelemetry.proto.collector.logs.v1.LogsService/Export`: Envoy's OpenTelemetry access
 logger in, one meter line (meter/log_line.py) per logged request, settled against authz's
 admissions like the gRPC access log's entries (meter/als.py). Each flush of Envoy's buffer
-is one unary call: `export_bytes` on meshtoll's own HTTP/2 server (transport/h2_server.py,
-`meshtoll serve`'s gRPC port), `export` on grpc.aio (the tests compare the two).
+is one unary call, answered by `export_bytes` on meshtoll's own HTTP/2 server
+(transport/h2_server.py, `meshtoll serve`'s gRPC port) on the call's bytes.
 
-xds-protos ships the OTLP messages but no gRPC stub for them, so the service is
-registered as a generic handler around the messages' own (de)serialisers. Its copy of
-the logs proto predates OTLP 1.0 and names ResourceLogs' field 2 `instrumentation_library_logs`
-and that message's field 2 `logs`, where OTLP now says `scope_logs` and `log_records`: same
-numbers, same wire format; the names are looked up once, whichever copy is installed.
+xds-protos ships the OTLP messages but no gRPC stub for them: the call's bytes are parsed
+with the messages' own FromString. Its copy of the logs proto predates OTLP 1.0 and names
+ResourceLogs' field 2 `instrumentation_library_logs` and that message's field 2 `logs`, where
+OTLP now says `scope_logs` and `log_records`: same numbers, same wire format; the names are
+looked up once, whichever copy is installed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Iterator
 
-import grpc
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceRequest,
@@ -41,14 +40,6 @@ class OtlpLogsReceiver:
         self._scopes: str = scopes.name
         self._records: str = scopes.message_type.fields_by_number[2].name
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        export = grpc.unary_unary_rpc_method_handler(
-            self.export,
-            request_deserializer=ExportLogsServiceRequest.FromString,
-            response_serializer=ExportLogsServiceResponse.SerializeToString,
-        )
-        return grpc.method_handlers_generic_handler(LOGS_SERVICE, {"Export": export})
-
     def export_bytes(self, request: bytes, context: CallContext) -> bytes | Awaitable[bytes]:
         """Export on the call's bytes: answered at once when no entry is to be settled."""
         try:
@@ -64,14 +55,6 @@ class OtlpLogsReceiver:
     async def _settled(self, observations: list[Observation]) -> bytes:
         await self._settlement.settle(observations)
         return _EXPORTED
-
-    async def export(
-        self, request: ExportLogsServiceRequest, context: grpc.aio.ServicerContext
-    ) -> ExportLogsServiceResponse:
-        observations = self._observations(request)
-        if observations:
-            await self._settlement.settle(observations)
-        return ExportLogsServiceResponse()
 
     def _observations(self, request: ExportLogsServiceRequest) -> list[Observation]:
         """The request's meter lines, its other entries counted by outcome."""
