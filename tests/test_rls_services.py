@@ -18,6 +18,7 @@ from meshtoll.envoyproxy_ratelimit.environment import RlsSettings
 from meshtoll.errors import PolicyError
 from meshtoll.ratelimit.rls import REMEMBERED_REQUEST_BYTES
 from meshtoll.server.rls_services import RlsServices, build_rls
+from meshtoll.transport.h2_server import CallContext
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ratelimit"
 OK, OVER_LIMIT = rls_pb2.RateLimitResponse.OK, rls_pb2.RateLimitResponse.OVER_LIMIT
@@ -74,7 +75,7 @@ async def test_large_requests_are_answered_and_counted_but_not_remembered(servic
         request = rls_pb2.RateLimitRequest(
             domain="basic", descriptors=[ratelimit_pb2.RateLimitDescriptor(entries=[entry])]
         )
-        answer = await servicer.should_rate_limit(request.SerializeToString(), None)
+        answer = await servicer.should_rate_limit(request.SerializeToString(), CallContext(()))
         code: int = rls_pb2.RateLimitResponse.FromString(answer).overall_code
         return code
 

@@ -1,8 +1,7 @@
 """`envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit` on raw bytes: Envoy's
 protobufs in and out, the rate-limit service's decision in between. Served by meshtoll's
 own HTTP/2 server (`meshtoll serve` and `meshtoll ratelimit`, transport/h2_server.py,
-`RLS_METHOD`) or by grpc.aio (`handler()`, for the tests and bench/rls_decision.py): the
-same coroutine on either."""
+`RLS_METHOD`)."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from time import perf_counter
 
-import grpc
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
 from envoy.type.v3 import ratelimit_unit_pb2
@@ -23,7 +21,7 @@ from meshtoll.ratelimit.rls_answer import AnswerEncoder, answer_message
 from meshtoll.ratelimit.service import RateLimitService
 from meshtoll.telemetry.histogram import Histogram
 from meshtoll.telemetry.tracing import Tracing, end_span, trace_carrier
-from meshtoll.transport.h2_server import CallContext
+from meshtoll.transport.h2_server import CallContext, StatusCode
 
 _Request = rls_pb2.RateLimitRequest
 # Envoy's RateLimitUnit numbers -> period names; UNKNOWN (0) and numbers beyond are not units.
@@ -44,7 +42,7 @@ RLS_METHOD = f"/{RLS_SERVICE}/ShouldRateLimit"  # its HTTP/2 :path
 
 
 class RateLimitServicer:
-    """ShouldRateLimit as a generic handler on raw bytes: the request parsed by upb
+    """ShouldRateLimit on raw bytes: the request parsed by upb
     (FromString, as the generated stub would) once per distinct request, the answer joined
     from pieces serialised once (rls_answer.py) rather than built as messages."""
 
@@ -67,16 +65,9 @@ class RateLimitServicer:
         # defines __delitem__), and every call counts its outcome.
         self.outcomes: defaultdict[str, int] = defaultdict(int)
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        # No (de)serialisers: the method gets and returns bytes.
-        method = grpc.unary_unary_rpc_method_handler(self.should_rate_limit)
-        return grpc.method_handlers_generic_handler(RLS_SERVICE, {"ShouldRateLimit": method})
-
-    async def should_rate_limit(
-        self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes] | CallContext
-    ) -> bytes:
+    async def should_rate_limit(self, request: bytes, context: CallContext) -> bytes:
         # One coroutine from the request to its answer: every layer of coroutines between
-        # grpcio and the Redis reply is resumed again when the reply comes.
+        # the server and the Redis reply is resumed again when the reply comes.
         started = perf_counter()
         span = None if self._tracing is None else self._tracing.start("ratelimit", trace_carrier(context, {}))
         outcome, domain = "failed", ""  # as far as the call got
@@ -88,17 +79,17 @@ class RateLimitServicer:
             except DecodeError:
                 outcome = "invalid"
                 # What grpcio answers when its own deserialiser fails (grpc-go too, for the peer).
-                await context.abort(grpc.StatusCode.INTERNAL, "the request is not a RateLimitRequest")
+                await context.abort(StatusCode.INTERNAL, "the request is not a RateLimitRequest")
                 raise  # abort raises; this line only tells the type checker
             except StorageError:
                 outcome = "unavailable"
                 # The "closed" failure policy: UNAVAILABLE lets Envoy's failure_mode_deny refuse.
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "rate-limit store unavailable")
+                await context.abort(StatusCode.UNAVAILABLE, "rate-limit store unavailable")
                 raise
             except InvalidRateLimitRequest as exc:
                 outcome = "invalid"
                 # envoyproxy/ratelimit returns a plain Go error, which grpc-go sends as UNKNOWN.
-                await context.abort(grpc.StatusCode.UNKNOWN, str(exc))
+                await context.abort(StatusCode.UNKNOWN, str(exc))
                 raise
             outcome = "over_limit" if decision.over_limit else "ok"
             return self._answers.encode(decision)
