@@ -20,13 +20,10 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from time import perf_counter
-from typing import TypeVar
 
-import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_pb2_grpc
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
@@ -63,12 +60,6 @@ from meshtoll.wire import (
 
 log = logging.getLogger("meshtoll.extproc")
 
-# A stream's messages as the server hands them over and takes them: protobuf messages on
-# grpc.aio, their bytes on the h2c server.
-_Received = TypeVar("_Received")
-_Sent = TypeVar("_Sent")
-_Same = TypeVar("_Same")
-
 _Mode = processing_mode_pb2.ProcessingMode
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
@@ -89,7 +80,7 @@ class _Stream:
     request_id: str
 
 
-class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+class ExternalProcessorServicer:
     def __init__(
         self,
         policy: Callable[[], CompiledPolicy],
@@ -112,31 +103,18 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
         self.outcomes: defaultdict[str, int] = defaultdict(int)
         self.body_bytes = 0  # response body bytes read for units
 
-    def process_stream(self, requests: AsyncIterator[bytes], context: CallContext) -> AsyncIterator[bytes]:
+    async def process_stream(
+        self, requests: AsyncIterator[bytes], context: CallContext
+    ) -> AsyncIterator[bytes]:
         """Process on meshtoll's own h2c server (transport/h2_server.py): each
         ProcessingRequest's bytes in, its answer's bytes out, in order. The parse and the
         serialization happen in the stream's one generator: one more generator on each side
         cost 27,000 instructions a stream, 7% (bench/README.md, round 9)."""
-        return self._exchange(requests, _parse_processing_request, _serialize, context)
-
-    async def Process(
-        self, requests: AsyncIterator[ext_proc_pb2.ProcessingRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[ext_proc_pb2.ProcessingResponse]:
-        async for answer in self._exchange(requests, _same, _same, context):
-            yield answer
-
-    async def _exchange(
-        self,
-        requests: AsyncIterator[_Received],
-        parse: Callable[[_Received], ext_proc_pb2.ProcessingRequest],
-        serialize: Callable[[ext_proc_pb2.ProcessingResponse], _Sent],
-        context: grpc.aio.ServicerContext | CallContext,
-    ) -> AsyncIterator[_Sent]:
         stream: _Stream | None = None
         span = None
         try:
             async for received in requests:
-                message = parse(received)
+                message = _parse_processing_request(received)
                 started = perf_counter()
                 kind = message.WhichOneof("request")
                 if kind == "request_headers":
@@ -149,7 +127,7 @@ class ExternalProcessorServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):  #
                     answer = await self._answer(kind, stream, message)
                 self._latency.observe(perf_counter() - started)
                 if answer is not None:
-                    yield serialize(answer)
+                    yield answer.SerializeToString()
         finally:
             if span is not None:
                 end_span(span, _stream_attributes(stream))
@@ -271,15 +249,6 @@ def _parse_processing_request(raw: bytes) -> ext_proc_pb2.ProcessingRequest:
         return ext_proc_pb2.ProcessingRequest.FromString(raw)
     except DecodeError:
         raise CallAborted(StatusCode.INVALID_ARGUMENT, "not a ProcessingRequest") from None
-
-
-def _serialize(answer: ext_proc_pb2.ProcessingResponse) -> bytes:
-    encoded: bytes = answer.SerializeToString()
-    return encoded
-
-
-def _same(message: _Same) -> _Same:
-    return message
 
 
 def _stream_attributes(stream: _Stream | None) -> dict[str, str]:
