@@ -190,9 +190,9 @@ class CallAborted(Exception):
 
 
 class CallContext:
-    """What a handler may ask of its call: the request's metadata, and abort. Shaped as
-    grpc.aio's ServicerContext for what meshtoll's servicers use of it, so one servicer
-    serves on either server; `abort` takes a grpc.StatusCode or a number."""
+    """What a handler may ask of its call: the request's metadata, and abort, named as
+    grpc.aio's ServicerContext names them; `abort` takes a StatusCode, a grpc.StatusCode
+    or a number."""
 
     __slots__ = ("_headers",)
 
