@@ -102,7 +102,9 @@ class AllowAnswer:
     """One allow response, as a message and as bytes serialised once. A verdict with
     RateLimit values gets bytes of its own: the cached parts around its headers, in the
     order protobuf's serialiser writes the fields (ok_response's response_headers_to_add,
-    field 6, after its fields 2-5), so the answer is the bytes the message would give."""
+    field 6, after its fields 2-5), so the answer parses to the message with those headers
+    added (not always its bytes: the metadata Struct's map entries keep no order across
+    serialisations)."""
 
     __slots__ = ("_head", "_ok", "_tail", "message", "whole")
 
