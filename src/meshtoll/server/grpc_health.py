@@ -38,8 +38,11 @@ def requested_service(request: bytes) -> str:
 class ServeHealth:
     """`meshtoll serve`'s health: its gRPC port opens once the services are built, so it
     answers SERVING for "" (the whole server) and each service it serves from the start, and
-    NOT_SERVING from the moment it stops (draining: the admissions are refused, calls in flight
-    finish), so that a gRPC health check stops sending before the port closes. Check answers
+    NOT_SERVING from the moment it stops (the admissions refused, calls in flight finishing).
+    Only a Watch open at that moment sees it: the port closes in the same step (GOAWAY, new
+    connections refused), so a checker that polls with Check sees the port go instead, as
+    serve waits no drain period on any of its ports (a Kubernetes pod is taken out of its
+    Service when it begins terminating, not by this answer). Check answers
     any other name NOT_FOUND, as grpcio's health servicer does; Watch, SERVICE_UNKNOWN, and
     holds the call, as health.proto says."""
 
