@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import grpc
 import pytest
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 
 from meshtoll.local.processes import http_ok
 from tests.client import fetch
@@ -45,6 +47,43 @@ def test_the_http_authz_port_refuses_at_once_while_the_policy_loads(tmp_path: Pa
         child.wait_ready(http_ok(f"http://127.0.0.1:{admin_port}/readyz"), timeout=60)
         allowed = fetch(f"http://127.0.0.1:{http_authz_port}/v1/items", headers={"x-api-key": "1"})
         assert allowed.status == 200
+    finally:
+        child.stop()
+
+
+def test_the_grpc_port_refuses_at_once_while_the_policy_loads(tmp_path: Path) -> None:
+    """The gRPC port as the HTTP authz port: a Check held in the queue until the policy
+    loaded would be decided, and admitted, after Envoy's timeout had answered its client."""
+    serving = start_serve(tmp_path, policy=large_policy(tmp_path / "policy.yaml"))
+    child, admin_port = serving.child, serving.admin_port
+    request = external_auth_pb2.CheckRequest(
+        attributes=attribute_context_pb2.AttributeContext(
+            request=attribute_context_pb2.AttributeContext.Request(
+                http=attribute_context_pb2.AttributeContext.HttpRequest(
+                    method="GET", path="/v1/items", headers={"x-api-key": "1"}
+                )
+            )
+        )
+    )
+    try:
+        child.wait_ready(http_ok(f"http://127.0.0.1:{admin_port}/healthz"), timeout=30)
+        assert fetch(f"http://127.0.0.1:{admin_port}/readyz").status == 503, (
+            "the policy loaded too fast to test"
+        )
+        with grpc.insecure_channel(f"127.0.0.1:{serving.grpc_port}") as channel:
+            check = channel.unary_unary(
+                "/envoy.service.auth.v3.Authorization/Check",
+                request_serializer=external_auth_pb2.CheckRequest.SerializeToString,
+                response_deserializer=external_auth_pb2.CheckResponse.FromString,
+            )
+            # No wall-time bound, as above: the refusal is what must hold.
+            with pytest.raises(grpc.RpcError) as refused:
+                check(request, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "starting" in (refused.value.details() or "")
+            child.wait_ready(http_ok(f"http://127.0.0.1:{admin_port}/readyz"), timeout=60)
+            # The same connection, now decided: key "1" is tenant t1's.
+            assert check(request, timeout=30).status.code == 0
     finally:
         child.stop()
 

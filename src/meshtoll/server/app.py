@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 from meshtoll.authz.grpc_transport import CHECK_METHOD
@@ -21,7 +23,14 @@ from meshtoll.server.services import Services, build
 from meshtoll.server.tls import ServiceTls, load_service_tls
 from meshtoll.settings import Settings
 from meshtoll.telemetry.workers import WorkerGroup
-from meshtoll.transport.h2_server import StreamHandler, UnaryHandler, serve_grpc
+from meshtoll.transport.h2_server import (
+    CallAborted,
+    CallContext,
+    StatusCode,
+    StreamHandler,
+    UnaryHandler,
+    serve_grpc,
+)
 from meshtoll.transport.http_listener import HttpLimits, HttpListener
 from meshtoll.transport.http_server import (
     Handler,
@@ -42,6 +51,26 @@ SERVICES = (
 )
 ALS_METHOD = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
 EXTPROC_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+GRPC_UNARY_METHODS = (CHECK_METHOD, RLS_METHOD, EXPORT_METHOD, HEALTH_CHECK)
+GRPC_STREAM_METHODS = (ALS_METHOD, EXTPROC_METHOD, HEALTH_WATCH)
+STARTING = "meshtoll is starting: its policy is loading"
+
+
+def _refuse_starting(request: bytes, context: CallContext) -> bytes:
+    raise CallAborted(StatusCode.UNAVAILABLE, STARTING)
+
+
+def _stream_now(
+    streams: dict[str, StreamHandler], path: str, requests: AsyncIterator[bytes], context: CallContext
+) -> AsyncIterator[bytes]:
+    return streams[path](requests, context)
+
+
+async def _refuse_starting_stream(
+    requests: AsyncIterator[bytes], context: CallContext
+) -> AsyncIterator[bytes]:
+    raise CallAborted(StatusCode.UNAVAILABLE, STARTING)
+    yield b""  # a generator, as the server expects a stream handler to be
 
 
 class App:
@@ -75,8 +104,15 @@ class App:
         # joins only once ready. At the group's first start the kernel holds them until a
         # worker is ready; the pod is not ready before then, so Envoy sends none there.
         starting_alone = self.metrics_dir is None
+        # The gRPC port's methods, filled in once the services are built: until then each
+        # call is refused UNAVAILABLE at once, for the HTTP authz port's reason (a Check left
+        # in the queue would be decided, and admitted, after Envoy had given up on it).
+        unary: dict[str, UnaryHandler] = dict.fromkeys(GRPC_UNARY_METHODS, _refuse_starting)
+        streams: dict[str, StreamHandler] = dict.fromkeys(GRPC_STREAM_METHODS, _refuse_starting_stream)
         if starting_alone:
             await self._serve_http_authz(http_authz_port, tls, authz_limits)
+            # First in the list: on stop the gRPC port closes (its streams' grace) before the others.
+            self._servers[:0] = self._serve_grpc(unary, streams, tls)
         self.services = services = await build(settings)
         if self.metrics_dir is not None:
             self.group = WorkerGroup(self.metrics_dir, services.metrics)
@@ -85,10 +121,10 @@ class App:
         for name, work in services.background.items():
             self._tasks.append(asyncio.create_task(keep_running(name, work, services.restarts)))
         http_authz_port.ready(services.http_authz)
+        self._grpc_methods(services, unary, streams)
         if not starting_alone:
             await self._serve_http_authz(services.http_authz, tls, authz_limits)
-        # First in the list: on stop the gRPC port closes (its streams' grace) before the others.
-        self._servers[:0] = self._start_grpc(services, tls)
+            self._servers[:0] = self._serve_grpc(unary, streams, tls)
         admin_port.ready(services.admin)
         self._log_started(services, tls)
 
@@ -129,27 +165,42 @@ class App:
                 settings.host,
             )
 
-    def _start_grpc(self, services: Services, tls: ServiceTls | None) -> list[HttpListener]:
+    def _grpc_methods(
+        self, services: Services, unary: dict[str, UnaryHandler], streams: dict[str, StreamHandler]
+    ) -> None:
+        """Put the services behind the gRPC port's methods, in the mappings it serves from."""
+        unary.update(
+            {
+                CHECK_METHOD: services.grpc_authz.check,
+                RLS_METHOD: services.ratelimit.should_rate_limit,
+                # The meter listens to both of Envoy's access loggers: OpenTelemetry (the
+                # default, cheaper for Envoy and for meshtoll) and the gRPC access log service.
+                EXPORT_METHOD: services.otlp_meter.export_bytes,
+                HEALTH_CHECK: self._health.check,
+            }
+        )
+        streams.update(
+            {
+                ALS_METHOD: services.meter.stream_access_logs,
+                EXTPROC_METHOD: services.hooks.process_stream,
+                HEALTH_WATCH: self._health.watch,
+            }
+        )
+
+    def _serve_grpc(
+        self, unary: dict[str, UnaryHandler], streams: dict[str, StreamHandler], tls: ServiceTls | None
+    ) -> list[HttpListener]:
         """Every gRPC service on meshtoll's own HTTP/2 server (transport/h2_server.py), on
         the socket the owner bound (see server/listeners.py) and on the Unix socket."""
-        unary: dict[str, UnaryHandler] = {
-            CHECK_METHOD: services.grpc_authz.check,
-            RLS_METHOD: services.ratelimit.should_rate_limit,
-            # The meter listens to both of Envoy's access loggers: OpenTelemetry (the default,
-            # cheaper for Envoy and for meshtoll) and the gRPC access log service.
-            EXPORT_METHOD: services.otlp_meter.export_bytes,
-            HEALTH_CHECK: self._health.check,
-        }
-        streams: dict[str, StreamHandler] = {
-            ALS_METHOD: services.meter.stream_access_logs,
-            EXTPROC_METHOD: services.hooks.process_stream,
-            HEALTH_WATCH: self._health.watch,
-        }
         context = None if tls is None else tls.grpc_context
-        servers = [serve_grpc(unary, self.listeners.grpc, streams=streams, tls=context)]
+        # The server keeps the unary mapping it is given (so `unary` filled in later is
+        # seen) but copies the streams' one: each stream is started through `streams` as
+        # it is then.
+        current = {path: partial(_stream_now, streams, path) for path in streams}
+        servers = [serve_grpc(unary, self.listeners.grpc, streams=current, tls=context)]
         if self.listeners.grpc_unix is not None:
             # Plain: the socket file's permissions, not TLS, keep others out of a pod.
-            servers.append(serve_grpc(unary, self.listeners.grpc_unix, streams=streams))
+            servers.append(serve_grpc(unary, self.listeners.grpc_unix, streams=current))
         return servers
 
     async def stop(self) -> None:
