@@ -27,6 +27,8 @@ from meshtoll.transport.h2_server import (
     MAX_CONCURRENT_STREAMS,
     MAX_MESSAGE_BYTES,
     PREFACE,
+    STREAM_WINDOW,
+    UNARY_REQUEST_BYTES,
     CallContext,
     ErrorCode,
     Frame,
@@ -472,10 +474,12 @@ async def test_data_on_a_closed_stream_ends_the_connection(server: Server) -> No
 
 
 async def test_a_stream_sending_past_its_window_ends_the_connection(server: Server) -> None:
+    """A unary request's window is returned as it arrives, but only until it holds a whole
+    message of the largest size: a stream window past that is never given."""
     client = await RawClient.open(server.port)
     client.send(frame(Frame.HEADERS, 0x4, 1, client.headers_block()))
     chunk = frame(Frame.DATA, 0, 1, b"x" * 16_384)
-    client.send(*(chunk for _ in range(MAX_MESSAGE_BYTES // 16_384 + 2)))
+    client.send(*(chunk for _ in range((UNARY_REQUEST_BYTES + STREAM_WINDOW) // 16_384 + 1)))
     await ends_with(client, ErrorCode.FLOW_CONTROL_ERROR, server)
 
 

@@ -12,26 +12,29 @@ no encoder state).
 
 What a peer may rely on (RFC 9113): the connection preface, SETTINGS acknowledged both
 ways, PING answered, flow control both ways (this side's windows replenished as the
-handlers take what arrived, so a peer's sends never stall; answers wait for the peer's
-windows), CONTINUATION, padding, PRIORITY (ignored), RST_STREAM (the call cancelled),
-GOAWAY on shutdown with the calls in flight answered (streams opened after it dropped),
-grpc-timeout (a call past it answered DEADLINE_EXCEEDED and its task cancelled). What a
-peer may hold is bounded per connection: frame size, concurrent streams, a header block's
-size, the bytes buffered for requests (the connection window, in one buffer per message),
-work not paid for by calls (control frames, settings, CONTINUATIONs, header bytes), the
-time a frame or header block may take to arrive, a request to arrive whole and answers to
-find a window; past a bound the connection ends with GOAWAY and the error code RFC 9113
-names (a request that does not arrive whole is reset alone). The timeouts and deadlines
-are judged by the listener's sweep, never by a timer per call.
+handlers take what arrived, a large request's stream window as it arrives, so a peer's
+sends never stall; answers wait for the peer's windows), CONTINUATION, padding, PRIORITY
+(ignored), RST_STREAM (the call cancelled), GOAWAY on shutdown with the calls in flight
+answered (streams opened after it dropped), grpc-timeout (a call past it answered
+DEADLINE_EXCEEDED and its task cancelled). What a peer may hold is bounded per connection:
+frame size, concurrent streams, a header block's size, the bytes buffered for requests (the
+windows, in one buffer per message), work not paid for by calls (control frames, settings,
+CONTINUATIONs, header bytes), the time a frame or header block may take to arrive, a request
+to arrive whole and answers to find a window; past a bound the connection ends with GOAWAY
+and the error code RFC 9113 names (a request that does not arrive whole is reset alone).
+The timeouts and deadlines are judged by the listener's sweep, never by a timer per call.
 
 Streaming calls (serve_grpc's `streams`; h2_streams.py): the handler takes the request
 messages from an async iterator and yields its answers, each sent once the peer's windows let
 it. The same bounds hold, but for the ones a long-lived stream cannot keep: a request stream
 need not arrive whole (each message must, within the frame timeout, or the call ends
 INTERNAL), and a connection with a stream open is never idle. A stream's receive window is
-returned to the peer only as its handler takes messages, so what a connection holds for its
-streams stays within the connection window (a handler that never takes holds its share of
-it, and its peer's other streams wait; as for any HTTP/2 server with bounded buffers).
+returned to the peer only as its handler takes messages (and for a message still arriving
+while the handler waits for it, within AHEAD_BUDGET), but the connection's as the bytes
+arrive: a handler that never takes holds back its own stream alone, never the peer's other
+calls on the connection (Envoy's Check beside a slow access-log stream). What a connection
+holds is bounded all the same: CONNECTION_WINDOW for unary requests, and for the streams
+MAX_CONCURRENT_STREAMS x STREAM_WINDOW + AHEAD_BUDGET (1000 x 64 KiB + 8 MiB).
 grpc-timeout is honoured; on shutdown the open streams get STREAM_STOP_GRACE_SECONDS, then
 end UNAVAILABLE and are cancelled, so an access-log stream that never ends holds no shutdown.
 
@@ -120,10 +123,24 @@ DEFAULT_WINDOW = 65_535
 MAX_WINDOW = 2**31 - 1
 DEFAULT_FRAME_SIZE = 16_384  # also the largest this side accepts (it advertises no other)
 MAX_FRAME_SIZE_SETTING = 2**24 - 1
-# A stream's receive window: one whole request of the largest size.
-STREAM_WINDOW = MAX_MESSAGE_BYTES + PREFIX_BYTES
-# The request bytes a connection may buffer, as its window: every stream's share of it.
-CONNECTION_WINDOW = MAX_MESSAGE_BYTES + 5 + 1024
+# A stream's initial receive window: what one stream may hold beyond what this side returned.
+# Small, so that the messages a streaming handler has not taken hold back only their own
+# stream (and every stream's share stays small: MAX_CONCURRENT_STREAMS of them); a larger
+# request gets its stream's window back as it arrives (a unary one, up to a whole message;
+# a streaming one's message in part, from AHEAD_BUDGET), so a 4 MiB message still completes.
+STREAM_WINDOW = 64 * 1024
+# The largest request a unary stream's window grows to: one whole message of the largest size.
+UNARY_REQUEST_BYTES = MAX_MESSAGE_BYTES + PREFIX_BYTES
+# The connection's receive window. Unary requests hold it until they are whole (the call is
+# made), so two of the largest can arrive at once; streaming calls' bytes return it as they
+# arrive (their stream windows bound them), so a stream whose handler is slow never holds it.
+CONNECTION_WINDOW = 2 * UNARY_REQUEST_BYTES + STREAM_WINDOW
+# The stream window a connection may return for streaming messages still arriving, before
+# their handlers take them: two messages of the largest size at once.
+AHEAD_BUDGET = 2 * UNARY_REQUEST_BYTES
+# When windows are returned: once half of them is used (module globals, for the per-frame path).
+_HALF_STREAM_WINDOW = STREAM_WINDOW // 2
+_HALF_CONNECTION_WINDOW = CONNECTION_WINDOW // 2
 MAX_CONCURRENT_STREAMS = 1000
 # A header list's decoded bytes (RFC 7541's count): grpc core's hard limit. Envoy's calls to
 # a rate limit service carry a few hundred.
@@ -313,7 +330,7 @@ _NO_DEADLINE = float("inf")
 class _StreamCall:
     """A streaming call's state beside its _Stream's."""
 
-    __slots__ = ("closed", "drained", "headers_sent", "requests", "taken")
+    __slots__ = ("ahead", "closed", "drained", "headers_sent", "requests", "taken")
 
     def __init__(self, requests: RequestMessages) -> None:
         self.requests = requests
@@ -321,6 +338,9 @@ class _StreamCall:
         self.closed = False  # answered (or reset): nothing more is sent or credited
         # Request bytes the handler took whose stream window is not yet returned to the peer.
         self.taken = 0
+        # Bytes held, not yet taken, whose stream window was returned ahead (a message in
+        # part while the handler waits for it), from the connection's AHEAD_BUDGET.
+        self.ahead = 0
         # Set while the handler's last answer waits for the peer's windows.
         self.drained: asyncio.Future[None] | None = None
 
@@ -333,12 +353,26 @@ class _StreamCall:
 
 
 class _Stream:
-    __slots__ = ("call", "credit", "data", "deadline", "ended", "head", "opened", "received", "task")
+    __slots__ = (
+        "call",
+        "credit",
+        "data",
+        "deadline",
+        "ended",
+        "head",
+        "opened",
+        "received",
+        "task",
+        "window_used",
+    )
 
     def __init__(self, head: _Head, opened: float) -> None:
         self.head = head
         self.data: bytes | bytearray = b""
+        # A unary request's bytes, held against the connection window until the call is made.
         self.received = 0
+        # The bytes received on the stream whose stream window is not yet returned.
+        self.window_used = 0
         # The peer's WINDOW_UPDATEs for the stream less what was sent on it: its window is
         # the peer's initial window plus this, so a new initial window applies at once.
         self.credit = 0
@@ -353,6 +387,7 @@ class H2Connection(Connection):
     """One client connection: frames in, calls dispatched, answers out."""
 
     __slots__ = (
+        "_ahead",
         "_allowance",
         "_block",
         "_block_end_stream",
@@ -381,6 +416,7 @@ class H2Connection(Connection):
         "_reset",
         "_send_window",
         "_since",
+        "_starved",
         "_stream_grace",
         "_stream_handlers",
         "_streams",
@@ -420,6 +456,9 @@ class H2Connection(Connection):
         self._block_size = 0
         self._heads: dict[int, _Head] = {}  # by the header list's id; the entry holds the list
         self._consumed = 0  # request bytes taken since the connection window was last replenished
+        self._ahead = 0  # the streaming calls' _StreamCall.ahead, together: within AHEAD_BUDGET
+        # Streams whose handler waits for a message the budget had no window for, in turn.
+        self._starved: dict[int, _Stream] = {}
         self._window_left = CONNECTION_WINDOW  # the request bytes the peer may still send
         self._send_window = DEFAULT_WINDOW
         self._peer_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
@@ -674,13 +713,16 @@ class H2Connection(Connection):
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
             raise _ConnectionError(ErrorCode.STREAM_CLOSED, f"DATA on stream {stream_id}, which is closed")
         data = self._unpad(flags, payload)
-        stream.received += size
-        if stream.received > STREAM_WINDOW:
+        stream.window_used += size
+        if stream.window_used > STREAM_WINDOW:
             raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, f"stream {stream_id} sent past its window")
         call = stream.call
         if call is not None:
             self._stream_data(stream_id, stream, call, size, data, flags & END_STREAM)
             return
+        stream.received += size
+        if stream.window_used > _HALF_STREAM_WINDOW and not flags & END_STREAM:
+            self._unary_window(stream_id, stream)
         if data:
             held = stream.data
             if not held:
@@ -695,6 +737,14 @@ class H2Connection(Connection):
             self._control()
         if flags & END_STREAM:
             self._call(stream_id, stream)
+
+    def _unary_window(self, stream_id: int, stream: _Stream) -> None:
+        """A unary request larger than half the stream's window: its window returned as it
+        arrives, up to a whole message of the largest size (its bytes hold the connection's
+        window meanwhile, which bounds what all of them hold)."""
+        if stream.received < UNARY_REQUEST_BYTES:
+            used, stream.window_used = stream.window_used, 0
+            self._write(_frame_head(4, Frame.WINDOW_UPDATE, 0, stream_id) + used.to_bytes(4, "big"))
 
     def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0:
@@ -868,7 +918,7 @@ class H2Connection(Connection):
             self._consumed += stream.received
         else:
             call.closed = True
-            self._consumed += call.requests.held  # what it took is counted already
+            self._release_ahead(call)
         if stream.task is not None:
             stream.task.cancel()  # the peer gave up on the call (Envoy's timeout, a client's cancel)
         self._finished()
@@ -1059,7 +1109,9 @@ class H2Connection(Connection):
     def _stream_data(
         self, stream_id: int, stream: _Stream, call: _StreamCall, size: int, data: bytes, end: int
     ) -> None:
-        self._consumed += size - len(data)  # padding: never held
+        # The connection's window back at once: a stream's own window bounds what it holds.
+        self._consumed += size
+        call.taken += size - len(data)  # padding: never held, its stream window returnable
         requests = call.requests
         try:
             if data:
@@ -1074,6 +1126,10 @@ class H2Connection(Connection):
             return
         if requests.waiting:
             self._give_back(stream_id, stream, call)
+        if self._consumed and (
+            self._consumed >= _HALF_CONNECTION_WINDOW or self._window_left < _HALF_CONNECTION_WINDOW
+        ):
+            self._replenish()
 
     def _requests_ended(self, stream_id: int, stream: _Stream, call: _StreamCall) -> None:
         stream.ended = True
@@ -1087,8 +1143,11 @@ class H2Connection(Connection):
         call = stream.call
         if call is None or call.closed:
             return  # its bytes were counted as the stream closed
-        self._consumed += size
-        call.taken += size
+        ahead = min(call.ahead, size)  # its window returned as it arrived
+        call.taken += size - ahead
+        if ahead:
+            call.ahead -= ahead
+            self._free_ahead(ahead)
         # A message taken buys control frames as a call does: a long-lived stream is many calls.
         self._allowance = min(CONTROL_FRAME_ALLOWANCE, self._allowance + CONTROL_FRAMES_PER_CALL)
         self._give_back(stream_id, stream, call)
@@ -1099,18 +1158,49 @@ class H2Connection(Connection):
             self._give_back(stream_id, stream, call)
 
     def _give_back(self, stream_id: int, stream: _Stream, call: _StreamCall) -> None:
-        """Return to the peer the windows of the request bytes handlers took, in batches:
-        a stream's once more than half of its window is used (a handler waiting for a
-        message the peer cannot finish sending must not wait forever), the connection's
-        once half of it is taken or less than half is left."""
-        taken = call.taken
-        if taken and stream.received > STREAM_WINDOW // 2:
+        """Return to the peer the stream window of the request bytes its handler took, once
+        more than half of the window is used (a batch). A handler waiting for a message still
+        arriving holds nothing else: that message's bytes get their window back too (from
+        the connection's AHEAD_BUDGET, which bounds what all streams hold past their windows),
+        so a message larger than the window completes; past the budget it waits its turn
+        until others' are taken (or ends at the frame timeout)."""
+        used = stream.window_used
+        if used <= _HALF_STREAM_WINDOW:
+            return
+        back = call.taken
+        if call.requests.waiting:
+            ahead = used - back  # the message in part's bytes whose window is not returned
+            if ahead > 0:
+                if self._ahead + ahead <= AHEAD_BUDGET:
+                    self._ahead += ahead
+                    call.ahead += ahead
+                    back = used
+                else:
+                    self._starved[stream_id] = stream
+        if back:
             call.taken = 0
-            stream.received -= taken
-            self._write(_frame_head(4, Frame.WINDOW_UPDATE, 0, stream_id) + taken.to_bytes(4, "big"))
-        consumed = self._consumed
-        if consumed and (consumed >= CONNECTION_WINDOW // 2 or self._window_left < CONNECTION_WINDOW // 2):
-            self._replenish()
+            stream.window_used = used - back
+            self._write(_frame_head(4, Frame.WINDOW_UPDATE, 0, stream_id) + back.to_bytes(4, "big"))
+
+    def _release_ahead(self, call: _StreamCall) -> None:
+        ahead, call.ahead = call.ahead, 0
+        if ahead:
+            self._free_ahead(ahead)
+
+    def _free_ahead(self, size: int) -> None:
+        """AHEAD_BUDGET freed: the streams it was short for try again, in turn, until it is
+        short again."""
+        self._ahead -= size
+        starved = self._starved
+        while starved:
+            stream_id = next(iter(starved))
+            stream = starved.pop(stream_id)
+            call = stream.call
+            if call is None or call.closed or not call.requests.waiting:
+                continue
+            self._give_back(stream_id, stream, call)
+            if stream_id in starved:
+                break  # short again: it keeps its turn at the end
 
     def _send_message(self, stream_id: int, stream: _Stream, call: _StreamCall, message: bytes) -> bool:
         """Send one of a stream's answers, or as much of it as the peer's windows let: True
@@ -1167,7 +1257,7 @@ class H2Connection(Connection):
         self._write(_frame_head(len(block), Frame.HEADERS, END_HEADERS | END_STREAM, stream_id) + block)
         if not stream.ended:
             self._reset_stream(stream_id, ErrorCode.NO_ERROR)
-        self._consumed += call.requests.held
+        self._release_ahead(call)
         task = stream.task
         if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()
@@ -1179,7 +1269,7 @@ class H2Connection(Connection):
         self._finished()
 
     def _finished(self) -> None:
-        if self._consumed >= CONNECTION_WINDOW // 2:
+        if self._consumed >= _HALF_CONNECTION_WINDOW:
             self._replenish()
         if self._goaway_sent and not self._streams:
             self._end()

@@ -5,9 +5,11 @@ A streaming handler gets the request messages' bytes in order, the iterator endi
 peer's END_STREAM, and yields its answers' bytes; the connection sends each as the peer's
 windows allow and steps the handler again only once it is sent (a queue of one), so a peer
 that does not read holds one answer per stream. The other way, the bytes a stream may hold
-are its receive window: this side returns a message's bytes to the peer's windows only once
-the handler has taken the message (h2_server.H2Connection._give_back), so a slow handler
-slows its peer instead of buffering.
+are its receive window: this side returns a message's bytes to the stream's window only once
+the handler has taken the message (or, for a message larger than the window, as it arrives
+while the handler waits for it: h2_server.H2Connection._give_back), so a slow handler slows
+its own stream instead of buffering; the connection's window comes back as bytes arrive, so
+the peer's other calls on the connection go on.
 """
 
 from __future__ import annotations
