@@ -45,6 +45,8 @@ FAILING = "/test.Streams/Fail"
 THREE = "/test.Streams/Three"  # yields three answers of 80 bytes, counting its steps
 UNARY = "/test.Streams/Unary"
 CLEANING = "/test.Streams/Cleaning"  # yields one answer, noting its clean-up
+SELF_CANCELLING = "/test.Streams/SelfCancelling"  # raises CancelledError at its first message
+BROKEN = "/test.Streams/Broken"  # raises when called, before it is an iterator
 
 
 @dataclass
@@ -104,6 +106,16 @@ class Handlers:
         finally:
             self.cancelled.set()
 
+    async def self_cancelling(
+        self, requests: AsyncIterator[bytes], context: CallContext
+    ) -> AsyncIterator[bytes]:
+        async for _ in requests:
+            raise asyncio.CancelledError  # a cancel of its own (a task it awaited was cancelled)
+        yield b""
+
+    def broken(self, requests: AsyncIterator[bytes], context: CallContext) -> AsyncIterator[bytes]:
+        raise RuntimeError("a bug before the first answer")
+
     async def three(self, requests: AsyncIterator[bytes], context: CallContext) -> AsyncIterator[bytes]:
         for _ in range(3):
             self.steps += 1
@@ -127,6 +139,8 @@ async def start(limits: HttpLimits | None = None, grace: float = 1.0) -> Server:
         FAILING: handlers.fail,
         THREE: handlers.three,
         CLEANING: handlers.cleaning,
+        SELF_CANCELLING: handlers.self_cancelling,
+        BROKEN: handlers.broken,
     }
     sock = listening_socket("127.0.0.1", 0)
     unary = {UNARY: lambda request, context: request}
@@ -559,3 +573,24 @@ async def test_two_of_the_largest_messages_at_once_on_one_connection_both_comple
         )
     assert [len(answer) for answer in answers[:2]] == [MAX_MESSAGE_BYTES] * 2
     assert list(answers[2:]) == [str(MAX_MESSAGE_BYTES).encode()] * 2
+
+
+# Handlers that end their calls in ways of their own
+
+
+async def test_a_handler_that_cancels_itself_ends_its_call_cancelled(server: Server) -> None:
+    async with channel(server.port) as open_channel:
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await open_channel.stream_unary(SELF_CANCELLING)(messages(b"one"), timeout=5)
+        assert failed.value.code() == grpc.StatusCode.CANCELLED
+        assert await open_channel.unary_unary(UNARY)(b"after", timeout=TIMEOUT) == b"after"
+
+
+async def test_a_handler_that_raises_when_called_ends_its_call_internal(server: Server) -> None:
+    async with channel(server.port) as open_channel:
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await open_channel.stream_unary(BROKEN)(messages(b"one"), timeout=5)
+        assert (failed.value.code(), failed.value.details()) == (
+            grpc.StatusCode.INTERNAL,
+            "the handler failed",
+        )

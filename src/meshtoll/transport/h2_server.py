@@ -1084,8 +1084,9 @@ class H2Connection(Connection):
         headers: Headers,
         path: str,
     ) -> None:
-        answers = handler(call.requests, CallContext(headers))
+        answers: AsyncIterator[bytes] | None = None
         try:
+            answers = handler(call.requests, CallContext(headers))
             async for answer in answers:
                 if not self._send_message(stream_id, stream, call, answer):
                     # A queue of one: the handler's next step waits for this answer to leave.
@@ -1105,6 +1106,11 @@ class H2Connection(Connection):
             self._end_call(stream_id, stream, StatusCode.INTERNAL, "the handler failed")
         else:
             self._end_call(stream_id, stream, StatusCode.OK, "")
+        finally:
+            # Still open here only when the handler raised CancelledError itself (a cancel by
+            # this side closed the call first): ended CANCELLED, as grpc.aio answers it, so that
+            # no stream stays open without its task.
+            self._end_call(stream_id, stream, StatusCode.CANCELLED, "the handler was cancelled")
 
     def _stream_data(
         self, stream_id: int, stream: _Stream, call: _StreamCall, size: int, data: bytes, end: int
