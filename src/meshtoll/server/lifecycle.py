@@ -56,11 +56,13 @@ async def keep_running(name: str, work: Work, restarts: Counter[str]) -> None:
 
 async def stop_serving(listeners: Sequence[Listener], tasks: Sequence[asyncio.Task[None]]) -> None:
     """Stop serving, letting calls in flight finish (a gRPC port's streams get their grace,
-    transport/h2_server.py), one listener after the other in their order, then end the
-    background work (whose own clean-up, a last flush among it, runs as it is cancelled)."""
+    transport/h2_server.py): every listener closed first, then their calls awaited together,
+    so that none accepts during another's grace and the graces run at once, not one after the
+    other; then end the background work (whose own clean-up, a last flush among it, runs as
+    it is cancelled)."""
     for listener in listeners:
         listener.close()
-        await listener.wait_closed()
+    await asyncio.gather(*(listener.wait_closed() for listener in listeners))
     for task in tasks:
         task.cancel()
     for task in tasks:
